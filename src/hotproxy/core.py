@@ -1,0 +1,50 @@
+"""Choose the compiled core or its pure-Python twin.
+
+``HOTPROXY_NO_EXTENSIONS=1`` (read at import) or a missing extension selects
+the twin.  Code elsewhere reads ``core.impl`` when it builds something, never
+at import time, so tests can run the same code on both with ``select``.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from . import _core_py
+
+try:
+    from . import _core as _compiled  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - exercised on installs without a compiler
+    _compiled = None
+
+#: True when the compiled extension could be imported at all.
+COMPILED_AVAILABLE: bool = _compiled is not None
+
+
+def _default() -> ModuleType:
+    if os.environ.get("HOTPROXY_NO_EXTENSIONS", "") not in ("", "0") or _compiled is None:
+        return _core_py
+    return _compiled
+
+
+#: The core in use: ``hotproxy._core`` or ``hotproxy._core_py``.
+impl: ModuleType = _default()
+
+
+def select(name: str) -> ModuleType:
+    """Use the ``"compiled"`` or the ``"python"`` core from now on; return it."""
+    global impl
+    if name == "compiled":
+        if _compiled is None:
+            raise ImportError("hotproxy._core is not built (pip install . compiles it)")
+        impl = _compiled
+    elif name == "python":
+        impl = _core_py
+    else:
+        raise ValueError(f"unknown core {name!r}: expected 'compiled' or 'python'")
+    return impl
+
+
+def name() -> str:
+    """``"compiled"`` or ``"python"``: the core in use."""
+    return "python" if impl is _core_py else "compiled"

@@ -1,0 +1,103 @@
+"""hotproxy's exception family.
+
+Every error hotproxy raises derives from ``HotproxyError``.  Deployment errors
+name the site and the worker they happened on; each is one line, fit to show
+an operator as it is.  They pickle, because workers send them to the master.
+"""
+
+from __future__ import annotations
+
+
+class HotproxyError(Exception):
+    """Root of every error hotproxy raises."""
+
+
+class DeployError(HotproxyError):
+    """A command failed on one worker; the site was left exactly as it was."""
+
+    #: what kind of failure, for messages ("build service", "site not found", ...)
+    what = "deploy"
+
+    def __init__(self, site: str, detail: str = "", worker: int | None = None) -> None:
+        self.site = site
+        self.detail = detail
+        self.worker = worker
+        super().__init__(site, detail, worker)
+
+    def __str__(self) -> str:
+        where = f"site {self.site!r}"
+        if self.worker is not None:
+            where += f" on worker {self.worker}"
+        msg = f"{self.what}: {where}"
+        return f"{msg}: {self.detail}" if self.detail else msg
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.site, self.detail, self.worker))
+
+    def on_worker(self, worker: int) -> DeployError:
+        """Stamp the worker id (the executor does this) and return self."""
+        if self.worker is None:
+            self.worker = worker
+            self.args = (self.site, self.detail, worker)
+        return self
+
+
+class BuildServiceError(DeployError):
+    """The factory could not build the service."""
+
+    what = "cannot build service"
+
+
+class BuildListenerError(DeployError, OSError):
+    """The listener could not be made (bind, listen, bad address)."""
+
+    what = "cannot build listener"
+
+    def __init__(self, site: str, detail: str = "", worker: int | None = None) -> None:
+        DeployError.__init__(self, site, detail, worker)
+
+    __str__ = DeployError.__str__
+
+
+class SiteNotFoundError(DeployError, LookupError):
+    """No site by that name on this worker."""
+
+    what = "site not found"
+
+
+class NothingStagedError(DeployError):
+    """Update/Commit asked for, but nothing is precommitted."""
+
+    what = "nothing staged"
+
+
+class NothingDeployedError(DeployError):
+    """Update asked for on a site that serves nothing yet (use Commit)."""
+
+    what = "nothing deployed"
+
+
+class WorkerError(HotproxyError):
+    """A worker process is gone or its control channel broke."""
+
+    def __init__(self, worker: int, detail: str) -> None:
+        self.worker = worker
+        self.detail = detail
+        super().__init__(worker, detail)
+
+    def __str__(self) -> str:
+        return f"worker {self.worker}: {self.detail}"
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.worker, self.detail))
+
+
+class ConfigError(HotproxyError, ValueError):
+    """A configuration problem: one line naming the file, the key and what was expected."""
+
+
+class CommandGroupError(ExceptionGroup, HotproxyError):  # type: ignore[misc]
+    """The failures of one command across workers, raised together."""
+
+    def derive(self, excs):  # type: ignore[no-untyped-def, override]
+        return CommandGroupError(self.message, excs)

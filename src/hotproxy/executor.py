@@ -1,0 +1,309 @@
+"""The per-worker service table, driven by the six commands.
+
+Rules of this module:
+
+* Commands run one at a time, in the order they arrive (one lock).
+* A command changes nothing until everything it needs has been built and
+  checked; then it publishes with plain assignments that cannot fail.  So a
+  failed command leaves its site exactly as it was, and the error says why.
+* New connections read the site's slot; a connection keeps the service it
+  was accepted with, so ``Update`` never cuts one.  An old version is freed
+  when its last connection ends.
+* ``Remove`` stops accepting at once and drains in the background (bounded
+  by the drain timeout), so a long drain never holds up the next command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from typing import Any
+
+from . import core
+from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
+from .errors import (BuildListenerError, BuildServiceError, DeployError, NothingDeployedError,
+                     NothingStagedError, SiteNotFoundError)
+from .listeners import BoundListener, ListenerFactory
+from .service import MakeService, Service, maybe_await
+
+log = logging.getLogger("hotproxy.executor")
+
+
+class Site:
+    """One named site on one worker: a slot, its listener, what is staged."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.slot = core.impl.Slot()
+        self.conns = core.impl.ConnectionSet()
+        self.acceptor = core.impl.Acceptor(self.slot, self.conns)
+        self.listener: BoundListener | None = None
+        self.factory: MakeService | None = None
+        self.staged: Service | None = None
+        self.staged_factory: MakeService | None = None
+        self.staged_listener: BoundListener | None = None
+        self.generation = 0
+        self.committed_at: float | None = None
+        #: every version still alive (the serving one, and old ones that
+        #: open connections still hold); needs weak-referenceable services
+        self.versions: weakref.WeakSet[Service] = weakref.WeakSet()
+
+    @property
+    def service(self) -> Service | None:
+        """The serving version (None until the first commit)."""
+        return self.slot.current  # type: ignore[no-any-return]
+
+    def drop_staged(self) -> None:
+        self.staged = None
+        self.staged_factory = None
+        if self.staged_listener is not None:
+            self.staged_listener.close()
+            self.staged_listener = None
+
+    def status(self) -> dict[str, Any]:
+        svc = self.service
+        return {
+            "name": self.name,
+            "listen": self.listener.address if self.listener is not None else None,
+            "generation": self.generation,
+            "active": len(self.conns),
+            "staged": self.staged is not None,
+            "old_versions": max(0, len(self.versions) - (1 if svc is not None else 0)),
+            "stats": svc.stats() if svc is not None else {},
+        }
+
+
+class ServiceExecutor:
+    """The service table of one worker.  Use ``execute(command)``."""
+
+    def __init__(self, worker_id: int = 0, drain_timeout: float = 30.0) -> None:
+        self.worker_id = worker_id
+        self.drain_timeout = drain_timeout
+        self.sites: dict[str, Site] = {}
+        self._lock = asyncio.Lock()
+        self._drains: set[asyncio.Task[None]] = set()
+
+    # -- the commands ---------------------------------------------------------
+
+    async def execute(self, command: Any) -> dict[str, Any]:
+        """Run one command; return a small result dict or raise a DeployError."""
+        handler = self._handlers.get(type(command))
+        if handler is None:
+            raise TypeError(f"not a hotproxy command: {command!r}")
+        async with self._lock:
+            try:
+                return await handler(self, command)  # type: ignore[no-any-return]
+            except DeployError as exc:
+                raise exc.on_worker(self.worker_id)
+
+    def _site(self, name: str) -> Site:
+        site = self.sites.get(name)
+        if site is None:
+            raise SiteNotFoundError(name)
+        return site
+
+    async def _build(self, name: str, factory: MakeService, old: Service | None,
+                     fresh: bool = False) -> Service:
+        try:
+            if fresh:
+                svc = await maybe_await(factory.make())
+            else:
+                svc = await maybe_await(factory.make_via_ref(old))
+        except DeployError:
+            raise
+        except Exception as exc:
+            raise BuildServiceError(name, _describe(exc)) from exc
+        if not hasattr(svc, "new_connection"):
+            raise BuildServiceError(name, f"factory returned {svc!r}, which has no new_connection()")
+        return svc
+
+    async def _bind(self, name: str, lf: ListenerFactory) -> BoundListener:
+        try:
+            return await lf.make()
+        except Exception as exc:
+            raise BuildListenerError(name, f"{_address(lf)}: {_describe(exc)}") from exc
+
+    async def _serve(self, site: Site, listener: BoundListener) -> None:
+        try:
+            await listener.serve(site.acceptor)
+        except Exception as exc:
+            raise BuildListenerError(site.name, f"{listener.address}: {_describe(exc)}") from exc
+
+    async def _precommit(self, cmd: Precommit) -> dict[str, Any]:
+        site = self.sites.get(cmd.name)
+        old = site.service if site is not None else None
+        svc = await self._build(cmd.name, cmd.factory, old)
+        listener = await self._bind(cmd.name, cmd.listener_factory) if cmd.listener_factory else None
+        # -- nothing can fail below this line --
+        if site is None:
+            site = self.sites[cmd.name] = Site(cmd.name)
+        site.drop_staged()
+        site.staged, site.staged_factory, site.staged_listener = svc, cmd.factory, listener
+        return {"generation": site.generation}
+
+    async def _update(self, cmd: Update) -> dict[str, Any]:
+        site = self._site(cmd.name)
+        if site.service is None:
+            raise NothingDeployedError(cmd.name, "use Commit for a site that does not serve yet")
+        if site.staged is None:
+            raise NothingStagedError(cmd.name, "Precommit first")
+        # A listener staged with the service stays staged for a Commit.
+        self._publish(site, site.staged, site.staged_factory)
+        self._count_version(site, site.staged)
+        site.staged = site.staged_factory = None
+        return {"generation": site.generation}
+
+    async def _commit(self, cmd: Commit) -> dict[str, Any]:
+        site = self._site(cmd.name)
+        if site.staged is None:
+            raise NothingStagedError(cmd.name, "Precommit first")
+        listener = site.staged_listener
+        fresh = None
+        if cmd.listener_factory is not None and (
+                listener is None or listener.factory != cmd.listener_factory):
+            listener = fresh = await self._bind(cmd.name, cmd.listener_factory)
+        if listener is None:
+            if site.listener is None:
+                raise BuildListenerError(cmd.name, "no listener: give Commit a listener factory")
+            # re-commit on the listener already serving: an Update
+            return await self._update(Update(cmd.name))
+        # Publish the service before serving, so the first accept finds it.
+        old_svc, old_factory = site.slot.current, site.factory
+        self._publish(site, site.staged, site.staged_factory)
+        try:
+            await self._serve(site, listener)
+        except DeployError:
+            site.slot.swap(old_svc)
+            site.factory = old_factory
+            site.generation -= 1
+            if fresh is not None:
+                fresh.close()
+            raise
+        self._count_version(site, site.staged)
+        old_listener, site.listener = site.listener, listener
+        if fresh is None:
+            site.staged_listener = None
+        elif site.staged_listener is not None:
+            site.staged_listener.close()
+            site.staged_listener = None
+        site.staged = site.staged_factory = None
+        if old_listener is not None:
+            old_listener.close()   # stops accepting; its connections go on
+        return {"generation": site.generation, "listen": listener.address}
+
+    async def _prepare_and_commit(self, cmd: PrepareAndCommit) -> dict[str, Any]:
+        svc = await self._build(cmd.name, cmd.factory, None, fresh=True)
+        listener = await self._bind(cmd.name, cmd.listener_factory)
+        site = self.sites.get(cmd.name)
+        new_site = site is None
+        if site is None:
+            site = Site(cmd.name)
+        old_svc, old_factory = site.slot.current, site.factory
+        self._publish(site, svc, cmd.factory)
+        try:
+            await self._serve(site, listener)
+        except DeployError:
+            listener.close()
+            if not new_site:
+                site.slot.swap(old_svc)
+                site.factory = old_factory
+                site.generation -= 1
+            raise
+        if new_site:
+            self.sites[cmd.name] = site
+        self._count_version(site, svc)
+        site.drop_staged()
+        old_listener, site.listener = site.listener, listener
+        if old_listener is not None:
+            old_listener.close()
+        return {"generation": site.generation, "listen": listener.address}
+
+    async def _abort(self, cmd: Abort) -> dict[str, Any]:
+        site = self._site(cmd.name)
+        had = site.staged is not None or site.staged_listener is not None
+        site.drop_staged()
+        if site.service is None:
+            # created by a Precommit and never committed: back to nothing
+            del self.sites[cmd.name]
+        return {"aborted": had}
+
+    async def _remove(self, cmd: Remove) -> dict[str, Any]:
+        site = self._site(cmd.name)
+        del self.sites[cmd.name]
+        site.drop_staged()
+        if site.listener is not None:
+            site.listener.close()
+        timeout = self.drain_timeout if cmd.drain_timeout is None else cmd.drain_timeout
+        draining = len(site.conns)
+        if draining:
+            task = asyncio.get_running_loop().create_task(self._drain(site, timeout))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
+        return {"draining": draining}
+
+    async def _drain(self, site: Site, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(site.conns.wait_empty(), timeout)
+        except asyncio.TimeoutError:
+            n = site.conns.abort_all()
+            log.info("site %r: drain timeout (%.1fs), closed %d connections", site.name, timeout, n)
+
+    _handlers = {
+        Precommit: _precommit,
+        Update: _update,
+        Commit: _commit,
+        PrepareAndCommit: _prepare_and_commit,
+        Abort: _abort,
+        Remove: _remove,
+    }
+
+    # -- helpers --------------------------------------------------------------
+
+    def _publish(self, site: Site, svc: Service, factory: MakeService | None) -> None:
+        site.slot.swap(svc)   # the one assignment new connections see
+        site.factory = factory
+        site.generation += 1
+        site.committed_at = time.time()
+
+    @staticmethod
+    def _count_version(site: Site, svc: Service | None) -> None:
+        try:
+            site.versions.add(svc)  # type: ignore[arg-type]
+        except TypeError:
+            pass  # a service that is not weak-referenceable is simply not counted
+
+    def status(self) -> dict[str, Any]:
+        """Every site's status, and how many removed sites are still draining."""
+        return {
+            "worker": self.worker_id,
+            "sites": {name: site.status() for name, site in self.sites.items()},
+            "draining": len(self._drains),
+        }
+
+    async def wait_drained(self) -> None:
+        """Wait until every removed site has drained (or timed out)."""
+        while self._drains:
+            await asyncio.gather(*list(self._drains), return_exceptions=True)
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Graceful stop: stop accepting everywhere, drain (bounded), close the rest."""
+        async with self._lock:
+            for name in list(self.sites):
+                await self._remove(Remove(name, drain_timeout))
+        await self.wait_drained()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror if not exc.filename else f"{exc.strerror}: {exc.filename}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _address(lf: Any) -> str:
+    try:
+        return str(lf.address)
+    except Exception:
+        return repr(lf)

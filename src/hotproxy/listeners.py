@@ -1,0 +1,222 @@
+"""Listener factories: where a site accepts connections.
+
+A listener factory is a picklable value.  ``bind()`` makes a *bound* socket
+that is not listening yet: binding is where an address-in-use or a bad
+address shows, so the reload's prepare phase binds every new listener
+before anything is committed, and the kernel sends no connection to a
+socket that may still be thrown away.  ``BoundListener.serve`` starts
+listening and accepting.
+
+TCP listeners set ``SO_REUSEPORT`` so that every worker binds its own
+socket on the same address and the kernel spreads connections over them.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class ListenerFactory(abc.ABC):
+    """Makes a bound (not yet listening) socket for a site."""
+
+    backlog: int
+
+    @abc.abstractmethod
+    def bind(self) -> BoundListener:
+        """Bind a new socket; raise ``OSError`` (or ``ValueError``) if it cannot."""
+
+    async def make(self) -> BoundListener:
+        """``bind()``, for symmetry with service factories."""
+        return self.bind()
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """The address as an operator writes it (``127.0.0.1:80``, ``unix:/p``)."""
+
+
+class BoundListener:
+    """A bound socket, and once served, the asyncio server accepting on it."""
+
+    def __init__(self, sock: socket.socket, factory: ListenerFactory,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.sock = sock
+        self.factory = factory
+        self.server: asyncio.AbstractServer | None = None
+        self._on_close = on_close
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self.factory.address
+
+    async def serve(self, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.AbstractServer:
+        """Listen and accept with *protocol_factory*."""
+        loop = asyncio.get_running_loop()
+        self.sock.listen(self.factory.backlog)
+        self.server = await loop.create_server(
+            protocol_factory, sock=self.sock, backlog=self.factory.backlog)
+        return self.server
+
+    def close(self) -> None:
+        """Stop accepting (open connections are not touched)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.server is not None:
+            self.server.close()
+        else:
+            self.sock.close()
+        if self._on_close is not None:
+            self._on_close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("serving" if self.server else "bound")
+        return f"<BoundListener {self.address} {state}>"
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class TcpListenerFactory(ListenerFactory):
+    """A TCP listener on ``host:port`` (IPv4 or IPv6), with ``SO_REUSEPORT``."""
+
+    host: str
+    port: int
+    backlog: int = 1024
+    reuse_port: bool = True
+
+    @property
+    def address(self) -> str:
+        return format_host_port(self.host, self.port)
+
+    def bind(self) -> BoundListener:
+        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind(sockaddr)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return BoundListener(sock, self)
+
+
+@dataclass(frozen=True)
+class UnixListenerFactory(ListenerFactory):
+    """A Unix stream socket at ``path``, chmod ``mode``.
+
+    A socket file left by a dead process (nobody accepts on it) is replaced;
+    a live one, or a path that is not a socket, is an error.  The file is
+    unlinked when the listener closes, if it is still ours.
+    """
+
+    path: str
+    mode: int | None = 0o660
+    backlog: int = 1024
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.path}"
+
+    def bind(self) -> BoundListener:
+        _remove_stale_unix_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            if self.mode is not None:
+                os.chmod(self.path, self.mode)
+            st = os.stat(self.path)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        ident = (st.st_dev, st.st_ino)
+        path = self.path
+
+        def unlink_if_ours() -> None:
+            try:
+                now = os.stat(path)
+            except OSError:
+                return
+            if (now.st_dev, now.st_ino) == ident:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+        return BoundListener(sock, self, on_close=unlink_if_ours)
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        # nobody accepts on it: a leftover of a dead process
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    except OSError:
+        return  # let bind() report it
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a live listener")
+
+
+def parse_address(text: str, *, backlog: int = 1024) -> ListenerFactory:
+    """``"127.0.0.1:80"``, ``"[::1]:80"`` or ``"unix:/path"`` -> a listener factory."""
+    host, port = parse_host_port(text) if not text.startswith("unix:") else (text[5:], None)
+    if port is None:
+        if not host:
+            raise ValueError(f"bad address {text!r}: expected unix:/path")
+        return UnixListenerFactory(host, backlog=backlog)
+    return TcpListenerFactory(host, port, backlog=backlog)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port), checked."""
+    if not isinstance(text, str):
+        raise ValueError(f"bad address {text!r}: expected a string 'host:port'")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1:end + 2] != ":":
+            raise ValueError(f"bad address {text!r}: expected '[v6addr]:port'")
+        host, port_s = text[1:end], text[end + 2:]
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"bad address {text!r}: expected 'host:port'")
+        if ":" in host:
+            raise ValueError(f"bad address {text!r}: write IPv6 addresses as '[v6addr]:port'")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"bad address {text!r}: port must be a number 0-65535")
+    return host, int(port_s)
+
+

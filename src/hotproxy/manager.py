@@ -1,0 +1,422 @@
+"""The WorkerManager: worker processes, command broadcast, supervision.
+
+The manager starts N workers (``python -m hotproxy.worker``), each with a
+private control channel, and sends every command to all of them at once.
+``dispatch`` returns a ``ResultGroup`` -- one result per worker -- whose
+``raise_for_errors()`` raises every failure together.
+
+It keeps a record of what is deployed (the factories and listeners of the
+last successful commands), so that a worker that dies is restarted and
+brought back to the current deployment -- every site staged and bound
+first, then all committed -- before it answers any new command.  Commands
+and restarts are serialized by one lock, so a command issued while a
+worker is down is not lost: the restarted worker gets it from the record.
+
+``inline=True`` runs one executor in the caller's own loop, for embedding
+and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from .channel import EXIT_BOOT_FAILURE, read_message, write_message
+from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
+from .errors import CommandGroupError, HotproxyError, WorkerError
+from .executor import ServiceExecutor
+from .listeners import ListenerFactory
+from .service import MakeService
+
+log = logging.getLogger("hotproxy.manager")
+
+
+@dataclass
+class WorkerResult:
+    """The outcome of one command on one worker."""
+
+    worker: int
+    value: Any = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class ResultGroup(Sequence[WorkerResult]):
+    """One result per worker for one command."""
+
+    def __init__(self, command: Any, results: list[WorkerResult]) -> None:
+        self.command = command
+        self.results = results
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        return self.results[i]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[WorkerResult]:
+        return iter(self.results)
+
+    @property
+    def ok(self) -> bool:
+        """True if the command succeeded on every worker."""
+        return all(r.ok for r in self.results)
+
+    @property
+    def failures(self) -> list[WorkerResult]:
+        return [r for r in self.results if not r.ok]
+
+    def raise_for_errors(self) -> ResultGroup:
+        """Raise every worker's failure together (a ``CommandGroupError``); else return self."""
+        errors = [r.error for r in self.results if r.error is not None]
+        if errors:
+            name = type(self.command).__name__
+            site = getattr(self.command, "name", "?")
+            raise CommandGroupError(
+                f"{name} {site!r} failed on {len(errors)} of {len(self.results)} workers",
+                errors)  # type: ignore[arg-type]
+        return self
+
+    def __repr__(self) -> str:
+        return f"<ResultGroup {type(self.command).__name__} ok={self.ok} {self.results!r}>"
+
+
+@dataclass
+class Deployment:
+    """What a site serves: the record a restarted worker is rebuilt from."""
+
+    factory: MakeService
+    listener_factory: ListenerFactory
+
+
+@dataclass
+class _Staged:
+    factory: MakeService | None
+    listener_factory: ListenerFactory | None
+
+
+class _InlineWorker:
+    """An executor in the caller's own loop."""
+
+    def __init__(self, worker_id: int, drain_timeout: float) -> None:
+        self.id = worker_id
+        self.executor = ServiceExecutor(worker_id, drain_timeout)
+        self.pid = os.getpid()
+        self.alive = True
+
+    async def start(self) -> None:
+        pass
+
+    async def execute(self, command: Any) -> Any:
+        return await self.executor.execute(command)
+
+    async def status(self) -> dict[str, Any]:
+        return self.executor.status()
+
+    async def stop(self, graceful: bool, timeout: float | None) -> None:
+        if graceful:
+            await self.executor.shutdown(timeout)
+        self.alive = False
+
+
+class _ProcessWorker:
+    """The master's handle on one worker process."""
+
+    def __init__(self, worker_id: int, manager: WorkerManager) -> None:
+        self.id = worker_id
+        self.manager = manager
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.next_id = 0
+        self.alive = False
+        self.started_at = 0.0
+        self.restarts = 0
+        self._reader_task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        if self.manager.core == "python":
+            env["HOTPROXY_NO_EXTENSIONS"] = "1"
+        elif self.manager.core == "compiled":
+            env.pop("HOTPROXY_NO_EXTENSIONS", None)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hotproxy.worker", "--fd", str(child.fileno()), "--id", str(self.id),
+                pass_fds=(child.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            child.close()
+        self.started_at = time.monotonic()
+        reader, self.writer = await asyncio.open_connection(sock=parent)
+        ncpu = os.cpu_count() or 1
+        write_message(self.writer, {
+            "sys_path": list(sys.path),
+            "drain_timeout": self.manager.drain_timeout,
+            "log_level": logging.getLevelName(logging.getLogger("hotproxy").getEffectiveLevel()),
+            "cpu": (self.id % ncpu) if self.manager.cpu_affinity else None,
+        })
+        try:
+            msg = await asyncio.wait_for(read_message(reader), self.manager.boot_timeout)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as exc:
+            self.writer.close()
+            self._kill()
+            raise WorkerError(self.id, f"did not start ({type(exc).__name__})") from None
+        if msg[0] != "ready":
+            self._kill()
+            raise WorkerError(self.id, f"bad hello {msg!r}")
+        self.alive = True
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                kind, req_id, ok, payload = await read_message(reader)
+                fut = self.pending.pop(req_id, None)
+                if fut is None or fut.done():
+                    continue
+                if ok:
+                    fut.set_result(payload)
+                else:
+                    fut.set_exception(payload)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except Exception:  # pragma: no cover - a protocol bug
+            log.exception("worker %d: bad message on the control channel", self.id)
+        finally:
+            self.alive = False
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(WorkerError(self.id, "exited"))
+            self.pending.clear()
+
+    async def _call(self, *message: Any) -> Any:
+        if not self.alive or self.writer is None:
+            raise WorkerError(self.id, "not running")
+        req_id = self.next_id = self.next_id + 1
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[req_id] = fut
+        try:
+            write_message(self.writer, (message[0], req_id, *message[1:]))
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self.pending.pop(req_id, None)
+            raise WorkerError(self.id, f"control channel: {exc}") from None
+        return await fut
+
+    async def execute(self, command: Any) -> Any:
+        return await self._call("cmd", command)
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call("status")  # type: ignore[no-any-return]
+
+    async def stop(self, graceful: bool, timeout: float | None) -> None:
+        if self.proc is None:
+            return
+        if self.alive:
+            try:
+                await asyncio.wait_for(self._call("stop", graceful, timeout), 5.0)
+            except (WorkerError, asyncio.TimeoutError):
+                pass
+        limit = (timeout if timeout is not None else self.manager.drain_timeout) + 5.0
+        try:
+            await asyncio.wait_for(self.proc.wait(), limit if graceful else 5.0)
+        except asyncio.TimeoutError:
+            self._kill()
+            await self.proc.wait()
+        if self.writer is not None:
+            self.writer.close()
+        self.alive = False
+
+
+class WorkerManager:
+    """Runs the six commands on every worker; supervises the workers.
+
+    Use as ``async with WorkerManager(2) as m: (await m.dispatch(cmd)).raise_for_errors()``.
+    """
+
+    def __init__(self, workers: int | None = None, *, drain_timeout: float = 30.0,
+                 cpu_affinity: bool = False, inline: bool = False, core: str | None = None,
+                 boot_timeout: float = 30.0) -> None:
+        self.inline = inline
+        self.count = 1 if inline else (workers or os.cpu_count() or 1)
+        self.drain_timeout = drain_timeout
+        self.cpu_affinity = cpu_affinity
+        self.core = core
+        self.boot_timeout = boot_timeout
+        self.workers: list[Any] = []
+        self.deployments: dict[str, Deployment] = {}
+        self._staged: dict[str, _Staged] = {}
+        self._lock = asyncio.Lock()
+        self._stopping = False
+        self._supervisors: list[asyncio.Task[None]] = []
+        #: called (worker_id, exitcode) when a worker dies; for logs and tests
+        self.on_worker_exit: Any = None
+        #: successful restarts, for status
+        self.restarts = 0
+
+    async def __aenter__(self) -> WorkerManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start every worker; raise ``WorkerError`` if one cannot start."""
+        if self.inline:
+            self.workers = [_InlineWorker(0, self.drain_timeout)]
+            return
+        self.workers = [_ProcessWorker(i, self) for i in range(self.count)]
+        try:
+            await asyncio.gather(*(w.start() for w in self.workers))
+        except BaseException:
+            await asyncio.gather(*(w.stop(False, 0) for w in self.workers), return_exceptions=True)
+            raise
+        loop = asyncio.get_running_loop()
+        self._supervisors = [loop.create_task(self._supervise(w)) for w in self.workers]
+
+    # -- commands -------------------------------------------------------------
+
+    async def dispatch(self, command: Any) -> ResultGroup:
+        """Run *command* on every live worker concurrently; one result each.
+
+        A worker that is down is left out; it gets the outcome from the
+        deployment record when it is restarted.
+        """
+        async with self._lock:
+            return await self._dispatch(command)
+
+    async def _dispatch(self, command: Any) -> ResultGroup:
+        live = [w for w in self.workers if w.alive]
+        outcomes = await asyncio.gather(*(w.execute(command) for w in live), return_exceptions=True)
+        results = []
+        for w, out in zip(live, outcomes):
+            if isinstance(out, BaseException):
+                if not isinstance(out, Exception):
+                    raise out
+                results.append(WorkerResult(w.id, error=out))
+            else:
+                results.append(WorkerResult(w.id, value=out))
+        group = ResultGroup(command, results)
+        if any(r.ok for r in results):
+            self._record(command)
+        return group
+
+    def _record(self, cmd: Any) -> None:
+        name = cmd.name
+        if isinstance(cmd, Precommit):
+            self._staged[name] = _Staged(cmd.factory, cmd.listener_factory)
+        elif isinstance(cmd, Update):
+            staged = self._staged.pop(name, None)
+            if staged is not None and staged.factory is not None and name in self.deployments:
+                self.deployments[name].factory = staged.factory
+                if staged.listener_factory is not None:
+                    self._staged[name] = _Staged(None, staged.listener_factory)
+        elif isinstance(cmd, Commit):
+            staged = self._staged.pop(name, None)
+            old = self.deployments.get(name)
+            factory = staged.factory if staged and staged.factory else (old.factory if old else None)
+            lf = cmd.listener_factory or (staged.listener_factory if staged else None) or \
+                (old.listener_factory if old else None)
+            if factory is not None and lf is not None:
+                self.deployments[name] = Deployment(factory, lf)
+        elif isinstance(cmd, PrepareAndCommit):
+            self._staged.pop(name, None)
+            self.deployments[name] = Deployment(cmd.factory, cmd.listener_factory)
+        elif isinstance(cmd, Abort):
+            self._staged.pop(name, None)
+        elif isinstance(cmd, Remove):
+            self._staged.pop(name, None)
+            self.deployments.pop(name, None)
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Each worker's status (sites, generations, connections), or its error."""
+        out = []
+        for w in self.workers:
+            entry: dict[str, Any] = {"worker": w.id, "pid": w.pid, "alive": w.alive}
+            if w.alive:
+                try:
+                    entry.update(await asyncio.wait_for(w.status(), 5.0))
+                except (HotproxyError, asyncio.TimeoutError) as exc:
+                    entry["error"] = str(exc) or type(exc).__name__
+            out.append(entry)
+        return out
+
+    # -- supervision ----------------------------------------------------------
+
+    async def _supervise(self, w: _ProcessWorker) -> None:
+        delay = 0.0
+        while not self._stopping:
+            assert w.proc is not None
+            code = await w.proc.wait()
+            w.alive = False
+            if self._stopping:
+                return
+            lived = time.monotonic() - w.started_at
+            log.warning("worker %d (pid %s) exited with %s after %.1fs", w.id, w.pid, code, lived)
+            if self.on_worker_exit is not None:
+                self.on_worker_exit(w.id, code)
+            # back off a worker that keeps dying young: no restart storm
+            delay = 0.0 if lived > 10.0 else min(max(delay * 2, 0.05), 10.0)
+            if code == EXIT_BOOT_FAILURE:
+                delay = max(delay, 1.0)
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                if self._stopping:
+                    return
+                try:
+                    async with self._lock:
+                        if self._stopping:
+                            return
+                        await w.start()
+                        await self._replay(w)
+                except (HotproxyError, OSError) as exc:
+                    log.error("worker %d: restart failed: %s; retrying in %.1fs", w.id, exc, max(delay, 0.05))
+                    w._kill()
+                    if w.proc is not None:
+                        await w.proc.wait()
+                    w.alive = False
+                    delay = min(max(delay * 2, 0.05), 10.0)
+                    continue
+                w.restarts += 1
+                self.restarts += 1
+                log.info("worker %d restarted (pid %s) with %d sites", w.id, w.pid, len(self.deployments))
+                break
+
+    async def _replay(self, w: _ProcessWorker) -> None:
+        """Bring a fresh worker to the recorded deployment: bind all, then serve all."""
+        for name, dep in self.deployments.items():
+            await w.execute(Precommit(name, dep.factory, dep.listener_factory))
+        for name in self.deployments:
+            await w.execute(Commit(name))
+
+    # -- stopping -------------------------------------------------------------
+
+    async def stop(self, graceful: bool = True, timeout: float | None = None) -> None:
+        """Stop every worker: graceful drains (bounded by *timeout*), else at once."""
+        self._stopping = True
+        for task in self._supervisors:
+            task.cancel()
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        await asyncio.gather(*(w.stop(graceful, timeout) for w in self.workers), return_exceptions=True)

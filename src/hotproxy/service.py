@@ -1,0 +1,225 @@
+"""Services, the factories that build them, and layers that stack them.
+
+A **service** handles the connections of one site on one worker: for each
+accepted connection the accept path calls ``service.new_connection(conns)``
+and serves the asyncio protocol it returns.  The protocol must add itself to
+*conns* when its connection starts, discard itself when it ends, and have an
+``abort()`` method (used when a drain times out).  A connection keeps the
+service that made it for its whole life; an old version is freed when its
+last connection lets go of it.
+
+A **factory** (``MakeService``) builds a service.  ``make_via_ref(old)`` builds
+the next version from the one running now (or ``None``), carrying its state;
+``make()`` builds from nothing.  Either may be a coroutine: while it awaits,
+the worker keeps serving the old version.  Factories are plain picklable
+values, because the manager sends them to worker processes.
+
+**Layers** wrap a factory: each layer's ``make_via_ref`` hands the old *inner*
+service to the inner factory, so state flows through the whole stack.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import inspect
+from dataclasses import dataclass, replace
+from typing import Any, Awaitable, ClassVar, TypeVar, Union
+
+from . import core
+
+T = TypeVar("T")
+MaybeAwaitable = Union[T, Awaitable[T]]
+
+
+async def maybe_await(value: MaybeAwaitable[T]) -> T:
+    """Await *value* if it is awaitable, else return it."""
+    if inspect.isawaitable(value):
+        return await value  # type: ignore[no-any-return]
+    return value  # type: ignore[return-value]
+
+
+class Service(abc.ABC):
+    """One version of a site's service on one worker."""
+
+    @abc.abstractmethod
+    def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
+        """Return the protocol for one accepted connection.
+
+        The protocol adds itself to *conns* (a ``ConnectionSet``) in
+        ``connection_made`` and discards itself in ``connection_lost``.
+        """
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for status and metrics (override to add some)."""
+        return {}
+
+
+class MakeService(abc.ABC):
+    """Builds services; a plain picklable value (usually a frozen dataclass)."""
+
+    @abc.abstractmethod
+    def make_via_ref(self, old: Service | None) -> MaybeAwaitable[Service]:
+        """Build the next version from *old* (the running one, or None)."""
+
+    def make(self) -> MaybeAwaitable[Service]:
+        """Build a service from nothing (no state transfer)."""
+        return self.make_via_ref(None)
+
+
+# -- layers ------------------------------------------------------------------
+
+
+class LayerService(Service):
+    """A service that wraps an inner service."""
+
+    def __init__(self, inner: Service) -> None:
+        self.inner = inner
+
+    def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
+        return self.inner.new_connection(conns)
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+
+@dataclass(frozen=True)
+class Layer(MakeService):
+    """A factory that wraps ``inner``; subclasses set ``service_type`` and implement ``wrap``.
+
+    ``make_via_ref(old)`` unwraps *old* (if it is exactly this layer's service
+    type), builds the inner service from the old inner one, then wraps it.
+    """
+
+    inner: MakeService | None = None
+    service_type: ClassVar[type[LayerService]] = LayerService
+
+    def _inner(self) -> MakeService:
+        if self.inner is None:
+            raise TypeError(f"{type(self).__name__} has no inner factory (use stack())")
+        return self.inner
+
+    async def make_via_ref(self, old: Service | None) -> Service:
+        old_layer = old if type(old) is self.service_type else None
+        old_inner = old_layer.inner if old_layer is not None else None
+        inner = await maybe_await(self._inner().make_via_ref(old_inner))
+        return self.wrap(inner, old_layer)
+
+    async def make(self) -> Service:
+        inner = await maybe_await(self._inner().make())
+        return self.wrap(inner, None)
+
+    @abc.abstractmethod
+    def wrap(self, inner: Service, old: Any) -> Service:
+        """Wrap *inner*; *old* is this layer's previous service or None."""
+
+
+def stack(factory: MakeService, *layers: Layer) -> MakeService:
+    """Wrap *factory* in *layers*, innermost first: ``stack(f, a, b)`` is b(a(f))."""
+    for layer in layers:
+        factory = replace(layer, inner=factory)
+    return factory
+
+
+# -- two real layers ---------------------------------------------------------
+
+
+class ConnectionStats:
+    """Counters shared by every version of one site's service on a worker.
+
+    The same object passes from each version to the next, so the counts
+    survive every update.  ``conns`` holds the open connections of all
+    versions.
+    """
+
+    __slots__ = ("accepted", "refused", "conns")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused = 0
+        self.conns = core.impl.ConnectionSet()
+
+    @property
+    def active(self) -> int:
+        """Connections open now, on any version."""
+        return len(self.conns)
+
+
+class _CountingService(LayerService):
+    def __init__(self, inner: Service, state: ConnectionStats) -> None:
+        super().__init__(inner)
+        self.state = state
+
+    def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
+        state = self.state
+        mine = state.conns
+        if mine.parent is not conns:
+            # first connection on this site: chain our set into the site's
+            mine.parent = conns
+        state.accepted += 1
+        return self.inner.new_connection(mine)
+
+    def stats(self) -> dict[str, Any]:
+        out = dict(self.inner.stats())
+        out.update(accepted=self.state.accepted, active=self.state.active)
+        return out
+
+
+class _LimitService(LayerService):
+    def __init__(self, inner: Service, state: ConnectionStats, limit: int) -> None:
+        super().__init__(inner)
+        self.state = state
+        self.limit = limit
+
+    def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
+        mine = self.state.conns
+        if mine.parent is not conns:
+            mine.parent = conns
+        if len(mine) >= self.limit:
+            self.state.refused += 1
+            return _Refuse()
+        return self.inner.new_connection(mine)
+
+    def stats(self) -> dict[str, Any]:
+        out = dict(self.inner.stats())
+        out.update(limit=self.limit, limited_active=self.state.active, refused=self.state.refused)
+        return out
+
+
+class _Refuse(asyncio.Protocol):
+    """Closes a connection at once (over a connection limit)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+
+
+@dataclass(frozen=True)
+class CountConnections(Layer):
+    """Counts accepted and open connections; the counts survive every update."""
+
+    service_type: ClassVar[type[LayerService]] = _CountingService
+
+    def wrap(self, inner: Service, old: Any) -> Service:
+        state = old.state if old is not None else ConnectionStats()
+        return _CountingService(inner, state)
+
+
+@dataclass(frozen=True)
+class LimitConnections(Layer):
+    """At most ``max_connections`` open at once, counted over all versions.
+
+    A connection over the limit is closed at once and counted as refused.
+    The open count carries over updates, so a reload cannot double the limit
+    while old connections drain.
+    """
+
+    max_connections: int = 1000
+    service_type: ClassVar[type[LayerService]] = _LimitService
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 0:
+            raise ValueError("max_connections must be >= 0")
+
+    def wrap(self, inner: Service, old: Any) -> Service:
+        state = old.state if old is not None else ConnectionStats()
+        return _LimitService(inner, state, self.max_connections)

@@ -1,0 +1,152 @@
+"""A worker process: a uvloop loop, one ServiceExecutor, a control channel.
+
+Started by ``WorkerManager`` as ``python -m hotproxy.worker --fd N --id I``.
+It runs the commands the master sends, one at a time in order, answers
+status requests at once, and exits when told to, on ``SIGTERM`` (graceful:
+stop accepting, drain, exit), on ``SIGQUIT`` (at once), or when the master
+goes away (its end of the channel closes, or the parent-death signal).
+
+Exit codes: 0 normal, ``EXIT_BOOT_FAILURE`` when it could not start -- the
+master does not restart such a worker in a tight loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from .channel import EXIT_BOOT_FAILURE, read_message, write_message
+
+log = logging.getLogger("hotproxy.worker")
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM us if the master dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+class WorkerProcess:
+    """The worker's main object: owns the executor and talks to the master."""
+
+    def __init__(self, sock: socket.socket, worker_id: int) -> None:
+        self.sock = sock
+        self.worker_id = worker_id
+        self.executor: Any = None
+        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self.stop_requested: asyncio.Future[tuple[bool, float | None]] | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop_requested = loop.create_future()
+        reader, writer = await asyncio.open_connection(sock=self.sock)
+        hello = await read_message(reader)
+        # The master's import path first, so its factories unpickle here.
+        for entry in reversed(hello.get("sys_path", [])):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        logging.basicConfig(level=hello.get("log_level", "WARNING"),
+                            format=f"%(asctime)s worker[{self.worker_id}] %(levelname)s %(name)s: %(message)s")
+        if hello.get("cpu") is not None:
+            try:
+                os.sched_setaffinity(0, {hello["cpu"]})
+            except OSError as exc:
+                log.warning("cannot pin to CPU %s: %s", hello["cpu"], exc)
+        from .executor import ServiceExecutor  # after sys.path is set
+
+        self.executor = ServiceExecutor(self.worker_id, hello.get("drain_timeout", 30.0))
+        loop.add_signal_handler(signal.SIGTERM, self._request_stop, True, None)
+        loop.add_signal_handler(signal.SIGQUIT, self._request_stop, False, None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # the master decides
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+        write_message(writer, ("ready", os.getpid()))
+        runner = loop.create_task(self._run_commands(writer))
+        reading = loop.create_task(self._read(reader, writer))
+        graceful, timeout = await self.stop_requested
+        reading.cancel()
+        runner.cancel()
+        if graceful:
+            await self.executor.shutdown(timeout)
+        try:
+            writer.close()
+        except Exception:
+            pass
+        return 0
+
+    def _request_stop(self, graceful: bool, timeout: float | None) -> None:
+        if self.stop_requested is not None and not self.stop_requested.done():
+            self.stop_requested.set_result((graceful, timeout))
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                msg = await read_message(reader)
+                kind = msg[0]
+                if kind == "cmd":
+                    self.queue.put_nowait((msg[1], msg[2]))
+                elif kind == "status":
+                    write_message(writer, ("res", msg[1], True, self.executor.status()))
+                elif kind == "stop":
+                    write_message(writer, ("res", msg[1], True, None))
+                    self._request_stop(msg[2], msg[3])
+                    return
+                else:
+                    write_message(writer, ("res", msg[1], False, ValueError(f"unknown message {kind!r}")))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # the master is gone: stop serving gracefully
+            self._request_stop(True, None)
+
+    async def _run_commands(self, writer: asyncio.StreamWriter) -> None:
+        from .errors import HotproxyError, WorkerError
+
+        while True:
+            req_id, command = await self.queue.get()
+            try:
+                value = await self.executor.execute(command)
+            except HotproxyError as exc:
+                reply: tuple[Any, ...] = ("res", req_id, False, exc)
+            except Exception as exc:  # a bug or a bad command: report, keep serving
+                log.exception("command %r failed", command)
+                reply = ("res", req_id, False, WorkerError(self.worker_id, f"{type(exc).__name__}: {exc}"))
+            else:
+                reply = ("res", req_id, True, value)
+            try:
+                write_message(writer, reply)
+            except Exception as exc:  # e.g. an unpicklable error
+                write_message(writer, ("res", req_id, False, WorkerError(self.worker_id, repr(exc))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hotproxy-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--id", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    if os.getppid() == 1:
+        return EXIT_BOOT_FAILURE  # the master died before we started
+    try:
+        import uvloop
+
+        sock = socket.socket(fileno=args.fd)
+        worker = WorkerProcess(sock, args.id)
+    except Exception as exc:
+        print(f"hotproxy worker {args.id}: cannot start: {exc}", file=sys.stderr)
+        return EXIT_BOOT_FAILURE
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(worker.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
