@@ -112,6 +112,7 @@ class _InlineWorker:
         self.executor = ServiceExecutor(worker_id, drain_timeout)
         self.pid = os.getpid()
         self.alive = True
+        self.ready = True
 
     async def start(self) -> None:
         pass
@@ -139,6 +140,8 @@ class _ProcessWorker:
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.next_id = 0
         self.alive = False
+        #: brought to the current deployment; only ready workers get commands
+        self.ready = False
         self.started_at = 0.0
         self.restarts = 0
         self._reader_task: asyncio.Task[None] | None = None
@@ -150,6 +153,7 @@ class _ProcessWorker:
     async def start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
+        env["HOTPROXY_WORKER_ID"] = str(self.id)   # for logs and test-only fault injection
         if self.manager.core == "python":
             env["HOTPROXY_NO_EXTENSIONS"] = "1"
         elif self.manager.core == "compiled":
@@ -179,7 +183,7 @@ class _ProcessWorker:
             self._kill()
             raise WorkerError(self.id, f"bad hello {msg!r}")
         self.alive = True
-        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, self.writer))
 
     def _kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -188,7 +192,7 @@ class _ProcessWorker:
             except ProcessLookupError:
                 pass
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 kind, req_id, ok, payload = await read_message(reader)
@@ -204,7 +208,9 @@ class _ProcessWorker:
         except Exception:  # pragma: no cover - a protocol bug
             log.exception("worker %d: bad message on the control channel", self.id)
         finally:
-            self.alive = False
+            writer.close()   # this incarnation's end of the channel
+            if self.writer is writer:
+                self.alive = False
             for fut in self.pending.values():
                 if not fut.done():
                     fut.set_exception(WorkerError(self.id, "exited"))
@@ -290,6 +296,8 @@ class WorkerManager:
         self.workers = [_ProcessWorker(i, self) for i in range(self.count)]
         try:
             await asyncio.gather(*(w.start() for w in self.workers))
+            for w in self.workers:
+                w.ready = True
         except BaseException:
             await asyncio.gather(*(w.stop(False, 0) for w in self.workers), return_exceptions=True)
             raise
@@ -308,7 +316,7 @@ class WorkerManager:
             return await self._dispatch(command)
 
     async def _dispatch(self, command: Any) -> ResultGroup:
-        live = [w for w in self.workers if w.alive]
+        live = [w for w in self.workers if w.alive and w.ready]
         outcomes = await asyncio.gather(*(w.execute(command) for w in live), return_exceptions=True)
         results = []
         for w, out in zip(live, outcomes):
@@ -354,7 +362,7 @@ class WorkerManager:
         """Each worker's status (sites, generations, connections), or its error."""
         out = []
         for w in self.workers:
-            entry: dict[str, Any] = {"worker": w.id, "pid": w.pid, "alive": w.alive}
+            entry: dict[str, Any] = {"worker": w.id, "pid": w.pid, "alive": w.alive, "ready": w.ready}
             if w.alive:
                 try:
                     entry.update(await asyncio.wait_for(w.status(), 5.0))
@@ -370,7 +378,7 @@ class WorkerManager:
         while not self._stopping:
             assert w.proc is not None
             code = await w.proc.wait()
-            w.alive = False
+            w.alive = w.ready = False
             if self._stopping:
                 return
             lived = time.monotonic() - w.started_at
@@ -391,12 +399,13 @@ class WorkerManager:
                             return
                         await w.start()
                         await self._replay(w)
+                        w.ready = True
                 except (HotproxyError, OSError) as exc:
                     log.error("worker %d: restart failed: %s; retrying in %.1fs", w.id, exc, max(delay, 0.05))
                     w._kill()
                     if w.proc is not None:
                         await w.proc.wait()
-                    w.alive = False
+                    w.alive = w.ready = False
                     delay = min(max(delay * 2, 0.05), 10.0)
                     continue
                 w.restarts += 1
@@ -410,6 +419,10 @@ class WorkerManager:
             await w.execute(Precommit(name, dep.factory, dep.listener_factory))
         for name in self.deployments:
             await w.execute(Commit(name))
+        # a prepare phase in progress: stage what the other workers have staged
+        for name, staged in self._staged.items():
+            if staged.factory is not None:
+                await w.execute(Precommit(name, staged.factory, staged.listener_factory))
 
     # -- stopping -------------------------------------------------------------
 

@@ -1,0 +1,330 @@
+"""The six commands on one ServiceExecutor, over real loopback sockets, on both cores."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import pickle
+import socket
+import weakref
+
+import pytest
+
+from hotproxy import (Abort, BuildListenerError, BuildServiceError, Commit, CountConnections, EchoFactory,
+                      LimitConnections, NothingDeployedError, NothingStagedError, PrepareAndCommit, Precommit,
+                      Remove, ServiceExecutor, SiteNotFoundError, TcpListenerFactory, Update, stack)
+
+from conftest import echo_roundtrip, eventually, free_port, run
+from services import TaggedFactory, ask
+
+HOST = "127.0.0.1"
+
+
+def lf(port: int) -> TcpListenerFactory:
+    return TcpListenerFactory(HOST, port)
+
+
+def snapshot(ex: ServiceExecutor) -> dict:
+    """Everything a failed command must leave unchanged."""
+    return {name: (s.slot.current, s.staged, s.staged_listener, s.listener, s.generation, s.factory)
+            for name, s in ex.sites.items()}
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(HOST, port)
+
+
+async def refused(port: int) -> bool:
+    try:
+        r, w = await connect(port)
+    except ConnectionRefusedError:
+        return True
+    w.close()
+    return False
+
+
+def test_prepare_and_commit_serves(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor()
+        port = free_port()
+        res = await ex.execute(PrepareAndCommit("echo", EchoFactory(b"hi"), lf(port)))
+        assert res["generation"] == 1
+        assert await echo_roundtrip(HOST, port, b"abc", greeting=2) == b"hiabc"
+        st = ex.status()["sites"]["echo"]
+        assert st["generation"] == 1 and st["listen"] == f"{HOST}:{port}"
+        await ex.shutdown(1)
+        assert await refused(port)
+
+    run(main())
+
+
+def test_two_stage_new_site_and_update_carries_state(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor()
+        port = free_port()
+        await ex.execute(Precommit("t", stack(TaggedFactory(b"v1"), CountConnections())))
+        assert await refused(port)          # staged, not serving
+        await ex.execute(Commit("t", lf(port)))
+        for _ in range(3):
+            r, w = await connect(port)
+            assert await ask(r, w, b"x") == b"v1:x"
+            w.close()
+        await ex.execute(Precommit("t", stack(TaggedFactory(b"v2"), CountConnections())))
+        r, w = await connect(port)
+        assert await ask(r, w, b"y") == b"v1:y"   # staged is not serving yet
+        w.close()
+        res = await ex.execute(Update("t"))
+        assert res["generation"] == 2
+        r, w = await connect(port)
+        assert await ask(r, w, b"z") == b"v2:z"
+        w.close()
+        stats = ex.status()["sites"]["t"]["stats"]
+        # the counters kept counting through the update, in both layers
+        assert stats["accepted"] == 5 and stats["connections"] == 5 and stats["tag"] == "v2"
+        await ex.shutdown(1)
+
+    run(main())
+
+
+def test_open_connection_keeps_its_version(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor()
+        port = free_port()
+        await ex.execute(PrepareAndCommit("t", TaggedFactory(b"old"), lf(port)))
+        r1, w1 = await connect(port)
+        assert await ask(r1, w1, b"a") == b"old:a"
+        await ex.execute(Precommit("t", TaggedFactory(b"new")))
+        await ex.execute(Update("t"))
+        r2, w2 = await connect(port)
+        assert await ask(r2, w2, b"b") == b"new:b"
+        assert await ask(r1, w1, b"c") == b"old:c"   # never cut, still the old version
+        assert ex.status()["sites"]["t"]["old_versions"] == 1
+        old_service = weakref.ref([c for c in ex.sites["t"].conns.snapshot()
+                                   if c.service.tag == b"old"][0].service)
+        w1.close()
+        await eventually(lambda: len(ex.sites["t"].conns) == 1)
+        gc.collect()
+        assert old_service() is None                  # freed with its last connection
+        assert ex.status()["sites"]["t"]["old_versions"] == 0
+        w2.close()
+        await ex.shutdown(1)
+
+    run(main())
+
+
+def test_async_factory_old_version_serves_while_building(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor()
+        port = free_port()
+        await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v1"), lf(port)))
+        building = asyncio.create_task(ex.execute(Precommit("t", TaggedFactory(b"v2", delay=0.5))))
+        await asyncio.sleep(0.05)
+        for _ in range(5):
+            r, w = await connect(port)
+            assert await ask(r, w, b"q") == b"v1:q"
+            w.close()
+        assert not building.done()
+        await building
+        await ex.execute(Update("t"))
+        r, w = await connect(port)
+        assert await ask(r, w, b"q") == b"v2:q"
+        w.close()
+        await ex.shutdown(1)
+
+    run(main())
+
+
+def test_commit_moves_listener_without_cutting(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor()
+        p1, p2 = free_port(), free_port()
+        await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v1"), lf(p1)))
+        r, w = await connect(p1)
+        assert await ask(r, w, b"a") == b"v1:a"
+        await ex.execute(Precommit("t", TaggedFactory(b"v2"), lf(p2)))
+        assert await refused(p2)             # bound, not listening, until Commit
+        res = await ex.execute(Commit("t"))
+        assert res["listen"] == f"{HOST}:{p2}"
+        assert await refused(p1)             # the old listener stopped accepting
+        r2, w2 = await connect(p2)
+        assert await ask(r2, w2, b"b") == b"v2:b"
+        assert await ask(r, w, b"c") == b"v1:c"   # its connection goes on
+        w.close()
+        w2.close()
+        await ex.shutdown(1)
+
+    run(main())
+
+
+def test_abort_drops_staged(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor()
+        port, p2 = free_port(), free_port()
+        await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v1"), lf(port)))
+        await ex.execute(Precommit("t", TaggedFactory(b"v2"), lf(p2)))
+        assert (await ex.execute(Abort("t")))["aborted"]
+        with pytest.raises(NothingStagedError):
+            await ex.execute(Update("t"))
+        # the staged listener was released: the port can be bound again
+        with socket.socket() as s:
+            s.bind((HOST, p2))
+        r, w = await connect(port)
+        assert await ask(r, w, b"a") == b"v1:a"
+        w.close()
+        # a site that was only precommitted disappears on Abort
+        await ex.execute(Precommit("new", TaggedFactory(b"n")))
+        await ex.execute(Abort("new"))
+        assert "new" not in ex.sites
+        await ex.shutdown(1)
+
+    run(main())
+
+
+def test_remove_drains_then_closes(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor(drain_timeout=0.5)
+        port = free_port()
+        await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v1"), lf(port)))
+        r, w = await connect(port)
+        assert await ask(r, w, b"a") == b"v1:a"
+        res = await ex.execute(Remove("t"))
+        assert res == {"draining": 1}
+        assert "t" not in ex.sites
+        assert await refused(port)
+        assert await ask(r, w, b"b") == b"v1:b"   # still served while draining
+        # after the drain timeout the connection is closed
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        await ex.wait_drained()
+        w.close()
+
+    run(main())
+
+
+def test_remove_finishes_early_when_connections_end(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor(drain_timeout=30)
+        port = free_port()
+        await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v1"), lf(port)))
+        r, w = await connect(port)
+        await ask(r, w, b"a")
+        await ex.execute(Remove("t"))
+        w.close()
+        await asyncio.wait_for(ex.wait_drained(), 5)
+
+    run(main())
+
+
+# -- failures leave the site exactly as it was ---------------------------------
+
+
+def test_failures_name_the_site_and_change_nothing(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor(worker_id=7)
+        port = free_port()
+
+        async def fails(cmd, exc_type, text):  # type: ignore[no-untyped-def]
+            before = snapshot(ex)
+            with pytest.raises(exc_type) as info:
+                await ex.execute(cmd)
+            assert snapshot(ex) == before
+            msg = str(info.value)
+            assert "worker 7" in msg and repr(cmd.name) in msg and text in msg, msg
+            assert "\n" not in msg
+
+        await fails(Update("nope"), SiteNotFoundError, "site not found")
+        await fails(Commit("nope", lf(port)), SiteNotFoundError, "site not found")
+        await fails(Abort("nope"), SiteNotFoundError, "site not found")
+        await fails(Remove("nope"), SiteNotFoundError, "site not found")
+        await fails(Precommit("t", TaggedFactory(b"x", fail=True)), BuildServiceError, "refusing to build")
+        assert "t" not in ex.sites
+        await fails(PrepareAndCommit("t", TaggedFactory(b"x", fail=True), lf(port)), BuildServiceError, "refusing")
+
+        # a port held by someone else (no SO_REUSEPORT): a listener error, nothing changes
+        blocker = socket.socket()
+        blocker.bind((HOST, port))
+        blocker.listen()
+        try:
+            await fails(PrepareAndCommit("t", TaggedFactory(b"x"), lf(port)), BuildListenerError,
+                        f"{HOST}:{port}")
+            assert "t" not in ex.sites
+            await ex.execute(Precommit("t", TaggedFactory(b"x")))
+            await fails(Update("t"), NothingDeployedError, "nothing deployed")
+            await fails(Commit("t", lf(port)), BuildListenerError, "Address already in use")
+            assert ex.sites["t"].staged is not None and ex.sites["t"].service is None
+            p2 = free_port()
+            await ex.execute(Commit("t", lf(p2)))
+            await fails(Update("t"), NothingStagedError, "nothing staged")
+            await fails(Commit("t", lf(port)), NothingStagedError, "nothing staged")
+            await ex.execute(Precommit("t", TaggedFactory(b"y")))
+            await fails(Precommit("t", TaggedFactory(b"z"), lf(port)), BuildListenerError, "in use")
+            await fails(Precommit("t", TaggedFactory(b"z", fail=True)), BuildServiceError, "refusing")
+            # the good staged version survived both failures
+            await ex.execute(Update("t"))
+            r, w = await connect(p2)
+            assert await ask(r, w, b"k") == b"y:k"
+            w.close()
+        finally:
+            blocker.close()
+        await ex.shutdown(1)
+
+    run(main())
+
+
+def test_commands_run_in_order() -> None:
+    async def main() -> None:
+        ex = ServiceExecutor()
+        port = free_port()
+        await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v0"), lf(port)))
+        # a slow Precommit, then an Update sent right after: Update must wait for it
+        results = await asyncio.gather(
+            ex.execute(Precommit("t", TaggedFactory(b"v1", delay=0.3))),
+            ex.execute(Update("t")))
+        assert results[1]["generation"] == 2
+        r, w = await connect(port)
+        assert await ask(r, w, b"a") == b"v1:a"
+        w.close()
+        await ex.shutdown(1)
+
+    run(main())
+
+
+def test_limit_layer_counts_across_versions(core_name: str) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor()
+        port = free_port()
+        await ex.execute(PrepareAndCommit("t", stack(TaggedFactory(b"v1"), LimitConnections(max_connections=2)),
+                                          lf(port)))
+        held = [await connect(port) for _ in range(2)]
+        for r, w in held:
+            assert (await ask(r, w, b"a")).startswith(b"v1")
+        await ex.execute(Precommit("t", stack(TaggedFactory(b"v2"), LimitConnections(max_connections=2))))
+        await ex.execute(Update("t"))
+        # two old-version connections are still open: a third is refused
+        r, w = await connect(port)
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        assert ex.status()["sites"]["t"]["stats"]["refused"] == 1
+        held[0][1].close()
+        await eventually(lambda: ex.status()["sites"]["t"]["stats"]["limited_active"] == 1)
+        r, w = await connect(port)
+        assert await ask(r, w, b"b") == b"v2:b"
+        w.close()
+        held[1][1].close()
+        await ex.shutdown(1)
+
+    run(main())
+
+
+def test_commands_pickle() -> None:
+    cmds = [Precommit("a", stack(EchoFactory(b"g"), CountConnections(), LimitConnections(max_connections=3)),
+                      lf(9)), Update("a"), Commit("a", lf(10)), PrepareAndCommit("a", EchoFactory(), lf(11)),
+            Abort("a"), Remove("a", 1.0)]
+    for cmd in cmds:
+        assert pickle.loads(pickle.dumps(cmd)) == cmd
+
+
+def test_errors_pickle() -> None:
+    err = BuildListenerError("web", "127.0.0.1:80: Address already in use", 3)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is BuildListenerError and str(back) == str(err)
+    assert isinstance(back, OSError)
