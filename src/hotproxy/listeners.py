@@ -220,3 +220,96 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
+
+
+# -- listeners the master owns -------------------------------------------------
+#
+# A Unix socket path cannot be bound by several processes the way SO_REUSEPORT
+# lets them share a TCP port.  So in multi-process mode the master binds it once
+# and hands each worker a duplicate of the descriptor over the worker's fd
+# channel (SCM_RIGHTS); every worker accepts from the one socket.  The master
+# keeps its copy while any deployment uses the address, so a restarted worker
+# gets the same socket back and connections queued meanwhile are not refused.
+
+_received_fds: dict[int, int] = {}
+_claimed: set[int] = set()
+_fd_channel: socket.socket | None = None
+
+
+def set_fd_channel(sock: socket.socket | None) -> None:
+    """Set the socket a worker receives inherited listeners on (worker.py does this)."""
+    global _fd_channel
+    _fd_channel = sock
+
+
+def send_listener_fd(channel: socket.socket, token: int, fd: int) -> None:
+    """Master side: send *fd* with *token* (the worker claims it by token)."""
+    socket.send_fds(channel, [token.to_bytes(8, "big")], [fd])
+
+
+def _claim_fd(token: int) -> int:
+    # The master sends the descriptor before the command that names it, so
+    # it is already waiting here: these reads do not block for long.
+    _claimed.add(token)
+    while token not in _received_fds:
+        if _fd_channel is None:
+            raise OSError(errno.EBADF, "no inherited listener channel (not a worker process)")
+        msg, fds, _, _ = socket.recv_fds(_fd_channel, 8, 1)
+        if not msg or not fds:
+            raise OSError(errno.EPIPE, "inherited listener channel closed")
+        _received_fds[int.from_bytes(msg, "big")] = fds[0]
+    return _received_fds.pop(token)
+
+
+def release_inherited(token: int) -> None:
+    """Close the descriptor sent with *token* unless a listener took it.
+
+    The worker calls this after every command that carried one, so a
+    command that failed before binding leaves no descriptor behind.
+    """
+    if token in _claimed:
+        _claimed.discard(token)
+        return
+    try:
+        fd = _claim_fd(token)
+    except OSError:
+        _claimed.discard(token)
+        return
+    _claimed.discard(token)
+    os.close(fd)
+
+
+@dataclass(frozen=True)
+class InheritedListenerFactory(ListenerFactory):
+    """A listener whose socket the master bound and sent to this worker.
+
+    The manager substitutes it for listener factories that workers cannot
+    bind each on their own (Unix sockets); ``original`` is what the user gave.
+    """
+
+    original: ListenerFactory
+    token: int
+
+    @property
+    def backlog(self) -> int:  # type: ignore[override]
+        return self.original.backlog
+
+    @property
+    def address(self) -> str:
+        return self.original.address
+
+    def bind(self) -> BoundListener:
+        fd = _claim_fd(self.token)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        # the master owns the path; workers never unlink it
+        return BoundListener(sock, self)
+
+    def __eq__(self, other: object) -> bool:
+        # the same listener as the one the user asked for
+        if isinstance(other, InheritedListenerFactory):
+            return self.original == other.original
+        return self.original == other
+
+    def __hash__(self) -> int:
+        return hash(self.original)

@@ -24,14 +24,15 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 from .channel import EXIT_BOOT_FAILURE, read_message, write_message
 from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
-from .errors import CommandGroupError, HotproxyError, WorkerError
+from .errors import BuildListenerError, CommandGroupError, DeployError, HotproxyError, WorkerError
 from .executor import ServiceExecutor
-from .listeners import ListenerFactory
+from .listeners import (BoundListener, InheritedListenerFactory, ListenerFactory, UnixListenerFactory,
+                        send_listener_fd)
 from .service import MakeService
 
 log = logging.getLogger("hotproxy.manager")
@@ -144,6 +145,7 @@ class _ProcessWorker:
         self.ready = False
         self.started_at = 0.0
         self.restarts = 0
+        self.fd_channel: socket.socket | None = None
         self._reader_task: asyncio.Task[None] | None = None
 
     @property
@@ -152,6 +154,11 @@ class _ProcessWorker:
 
     async def start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd_parent.settimeout(5.0)
+        if self.fd_channel is not None:
+            self.fd_channel.close()
+        self.fd_channel = fd_parent
         env = dict(os.environ)
         env["HOTPROXY_WORKER_ID"] = str(self.id)   # for logs and test-only fault injection
         if self.manager.core == "python":
@@ -161,9 +168,11 @@ class _ProcessWorker:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "hotproxy.worker", "--fd", str(child.fileno()), "--id", str(self.id),
-                pass_fds=(child.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL)
+                "--fd-channel", str(fd_child.fileno()),
+                pass_fds=(child.fileno(), fd_child.fileno()), env=env, stdin=asyncio.subprocess.DEVNULL)
         finally:
             child.close()
+            fd_child.close()
         self.started_at = time.monotonic()
         reader, self.writer = await asyncio.open_connection(sock=parent)
         ncpu = os.cpu_count() or 1
@@ -231,7 +240,25 @@ class _ProcessWorker:
         return await fut
 
     async def execute(self, command: Any) -> Any:
+        lf = getattr(command, "listener_factory", None)
+        if lf is not None and self.manager._master_owned(lf):
+            try:
+                command = self._with_inherited(command, lf)
+            except DeployError as exc:
+                raise exc.on_worker(self.id)
         return await self._call("cmd", command)
+
+    def _with_inherited(self, command: Any, lf: ListenerFactory) -> Any:
+        """Send the master's socket for *lf*; return *command* naming it by token."""
+        bound = self.manager._shared_listener(command.name, lf)
+        token = self.manager._next_token()
+        if not self.alive or self.fd_channel is None:
+            raise WorkerError(self.id, "not running")
+        try:
+            send_listener_fd(self.fd_channel, token, bound.sock.fileno())
+        except OSError as exc:
+            raise WorkerError(self.id, f"cannot send listener {lf.address}: {exc}") from None
+        return replace(command, listener_factory=InheritedListenerFactory(lf, token))
 
     async def status(self) -> dict[str, Any]:
         return await self._call("status")  # type: ignore[no-any-return]
@@ -252,6 +279,9 @@ class _ProcessWorker:
             await self.proc.wait()
         if self.writer is not None:
             self.writer.close()
+        if self.fd_channel is not None:
+            self.fd_channel.close()
+            self.fd_channel = None
         self.alive = False
 
 
@@ -280,6 +310,9 @@ class WorkerManager:
         self.on_worker_exit: Any = None
         #: successful restarts, for status
         self.restarts = 0
+        #: listening sockets the master owns (Unix paths), by listener factory
+        self._shared: dict[ListenerFactory, BoundListener] = {}
+        self._token = 0
 
     async def __aenter__(self) -> WorkerManager:
         await self.start()
@@ -329,6 +362,7 @@ class WorkerManager:
         group = ResultGroup(command, results)
         if any(r.ok for r in results):
             self._record(command)
+        self._release_shared()
         return group
 
     def _record(self, cmd: Any) -> None:
@@ -357,6 +391,37 @@ class WorkerManager:
         elif isinstance(cmd, Remove):
             self._staged.pop(name, None)
             self.deployments.pop(name, None)
+
+    # -- listeners the master owns ---------------------------------------------
+
+    def _master_owned(self, lf: ListenerFactory) -> bool:
+        # Unix paths cannot be bound once per worker; TCP uses SO_REUSEPORT.
+        return not self.inline and isinstance(lf, UnixListenerFactory)
+
+    def _shared_listener(self, site: str, lf: ListenerFactory) -> BoundListener:
+        users = {n for n, d in self.deployments.items() if d.listener_factory == lf}
+        users |= {n for n, st in self._staged.items() if st.listener_factory == lf}
+        users.discard(site)
+        if users:
+            raise BuildListenerError(site, f"{lf.address}: in use by site {sorted(users)[0]!r}")
+        bound = self._shared.get(lf)
+        if bound is None:
+            try:
+                bound = self._shared[lf] = lf.bind()
+            except OSError as exc:
+                raise BuildListenerError(site, f"{lf.address}: {exc.strerror or exc}") from None
+        return bound
+
+    def _next_token(self) -> int:
+        self._token += 1
+        return self._token
+
+    def _release_shared(self) -> None:
+        """Close (and unlink) master-owned sockets no deployment or staging uses."""
+        used = {d.listener_factory for d in self.deployments.values()}
+        used |= {s.listener_factory for s in self._staged.values() if s.listener_factory is not None}
+        for lf in [lf for lf in self._shared if lf not in used]:
+            self._shared.pop(lf).close()
 
     async def status(self) -> list[dict[str, Any]]:
         """Each worker's status (sites, generations, connections), or its error."""
@@ -433,3 +498,6 @@ class WorkerManager:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         await asyncio.gather(*(w.stop(graceful, timeout) for w in self.workers), return_exceptions=True)
+        for bound in self._shared.values():
+            bound.close()
+        self._shared.clear()

@@ -1,6 +1,8 @@
 """A worker process: a uvloop loop, one ServiceExecutor, a control channel.
 
-Started by ``WorkerManager`` as ``python -m hotproxy.worker --fd N --id I``.
+Started by ``WorkerManager`` as ``python -m hotproxy.worker --fd N --id I
+--fd-channel M``: N is the control channel, M the socket on which the master
+sends the listening sockets it owns (see listeners.InheritedListenerFactory).
 It runs the commands the master sends, one at a time in order, answers
 status requests at once, and exits when told to, on ``SIGTERM`` (graceful:
 stop accepting, drain, exit), on ``SIGQUIT`` (at once), or when the master
@@ -23,6 +25,7 @@ import sys
 from typing import Any
 
 from .channel import EXIT_BOOT_FAILURE, read_message, write_message
+from .listeners import InheritedListenerFactory, release_inherited, set_fd_channel
 
 log = logging.getLogger("hotproxy.worker")
 
@@ -122,6 +125,10 @@ class WorkerProcess:
                 reply = ("res", req_id, False, WorkerError(self.worker_id, f"{type(exc).__name__}: {exc}"))
             else:
                 reply = ("res", req_id, True, value)
+            finally:
+                lf = getattr(command, "listener_factory", None)
+                if isinstance(lf, InheritedListenerFactory):
+                    release_inherited(lf.token)
             try:
                 write_message(writer, reply)
             except Exception as exc:  # e.g. an unpicklable error
@@ -132,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hotproxy-worker")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--id", type=int, required=True)
+    parser.add_argument("--fd-channel", type=int, default=None)
     args = parser.parse_args(argv)
     _die_with_parent()
     if os.getppid() == 1:
@@ -140,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         sock = socket.socket(fileno=args.fd)
+        if args.fd_channel is not None:
+            set_fd_channel(socket.socket(fileno=args.fd_channel))
         worker = WorkerProcess(sock, args.id)
     except Exception as exc:
         print(f"hotproxy worker {args.id}: cannot start: {exc}", file=sys.stderr)
