@@ -1,0 +1,355 @@
+"""The all-or-nothing reload: from the config that runs to the one in the file.
+
+Rules of this module (DESIGN.md, "Reload"):
+
+* **Diff** the new config against what runs: added, changed (in place, or
+  *moved* to another listener), removed, unchanged.  An unchanged service
+  gets no command at all -- its generation, connections and state are not
+  touched.
+* **Prepare**: ``Precommit`` every added and changed service on every
+  worker, carrying a listener factory when the listener is new or moved, so
+  that the listener is *bound* now and ``Commit`` cannot fail on its
+  address.  Before that the master probes each address no running service
+  holds: ``SO_REUSEPORT`` would let our workers share a port with another
+  program of the same user, so only a plain bind can tell it is taken.
+* **Any failure anywhere** -- a bad file, a busy port, a factory failing on
+  one worker, a worker dying -- and every service prepared so far is
+  ``Abort``-ed on every worker.  The old config keeps serving exactly as
+  before; the report says why, per worker.
+* Else **commit**: ``Commit`` added and moved services (the new listener
+  accepts before the old one closes, so a move refuses nobody), ``Update``
+  the changed-in-place ones, ``Remove`` the removed ones (they drain in the
+  background).
+* Reloads are serialized by one lock: one arriving during another runs
+  after it, against the config the first one left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .commands import Abort, Commit, Precommit, Remove, Update
+from .config import Config, ServiceConfig
+from .errors import ConfigError, HotproxyError, SiteNotFoundError
+from .listeners import TcpListenerFactory
+
+log = logging.getLogger("hotproxy.reload")
+
+#: runtime keys a reload cannot change (they need a restart); the others
+#: (drain_timeout, log_level) apply at once
+RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile")
+
+
+@dataclass
+class Diff:
+    """How a new config differs from the running one (lists of service names)."""
+
+    added: list[str] = field(default_factory=list)
+    #: the changed services, moved ones included
+    changed: list[str] = field(default_factory=list)
+    #: the changed services whose listener changed (address or backlog)
+    moved: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+def diff(old: Mapping[str, ServiceConfig], new: Mapping[str, ServiceConfig]) -> Diff:
+    """Compare two service tables by value (factories and listeners are frozen dataclasses)."""
+    d = Diff()
+    for name, svc in new.items():
+        before = old.get(name)
+        if before is None:
+            d.added.append(name)
+        elif before.same_as(svc):
+            d.unchanged.append(name)
+        else:
+            d.changed.append(name)
+            if before.listener != svc.listener:
+                d.moved.append(name)
+    d.removed = [name for name in old if name not in new]
+    return d
+
+
+@dataclass
+class Failure:
+    """One thing that went wrong in a reload: where, in which phase, and why."""
+
+    phase: str                 # "config", "prepare", "commit"
+    error: str                 # one line
+    service: str | None = None
+    worker: int | None = None
+
+    def __str__(self) -> str:
+        where = []
+        if self.worker is not None:
+            where.append(f"worker {self.worker}")
+        if self.service is not None:
+            where.append(f"service {self.service!r}")
+        return f"{self.phase} ({', '.join(where)}): {self.error}" if where else f"{self.phase}: {self.error}"
+
+
+@dataclass
+class ReloadReport:
+    """The outcome of one reload, as the CLI and the log show it."""
+
+    ok: bool
+    source: str = ""
+    seq: int = 0
+    trigger: str = ""
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    #: the one-line reason a reload failed (None when ok)
+    error: str | None = None
+    failures: list[Failure] = field(default_factory=list)
+    #: runtime changes that need a restart, and other things worth saying
+    notes: list[str] = field(default_factory=list)
+    #: wall-clock time the reload was asked for
+    at: float = 0.0
+    #: from the request (signal, admin command) until everything committed
+    duration_ms: float = 0.0
+    prepare_ms: float = 0.0
+    commit_ms: float = 0.0
+    #: True when a failure came after some worker committed (should not happen)
+    partial: bool = False
+
+    def summary(self) -> str:
+        """One log line: ``reload ok: added=[..] changed=[..] ... in 3.2 ms``."""
+        if self.ok:
+            moved = f" moved={_names(self.moved)}" if self.moved else ""
+            return (f"reload ok: added={_names(self.added)} changed={_names(self.changed)}{moved} "
+                    f"removed={_names(self.removed)} unchanged={_names(self.unchanged)} "
+                    f"in {self.duration_ms:.1f} ms")
+        state = "config partially applied" if self.partial else "the old config keeps serving"
+        more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
+        return f"reload failed: {self.error}{more}; {state} ({self.duration_ms:.1f} ms)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (the admin socket sends this)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReloadReport:
+        """Inverse of ``to_dict``; unknown keys are ignored (newer masters)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names}
+        kw["failures"] = [Failure(**{k: v for k, v in f.items() if k in ("phase", "error", "service", "worker")})
+                          for f in data.get("failures", [])]
+        return cls(**kw)
+
+
+def _names(names: list[str]) -> str:
+    return "[" + ",".join(names) + "]"
+
+
+class Reloader:
+    """Applies configs to a ``WorkerManager``, all or nothing, one at a time.
+
+    ``current`` is the config that runs (None before the first apply).
+    """
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+        self.current: Config | None = None
+        self.last: ReloadReport | None = None
+        self.seq = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """True while a reload runs."""
+        return self._lock.locked()
+
+    async def reload(self, load: Callable[[], Config] | Config, *, trigger: str = "",
+                     started: float | None = None) -> ReloadReport:
+        """Load (in a thread: it resolves host names) and apply a config.
+
+        *started* is the ``time.monotonic()`` of the request, so the reported
+        duration includes any wait behind another reload.  Never raises for
+        a bad config or a failed deployment: the report says what happened.
+        """
+        started = time.monotonic() if started is None else started
+        at = time.time() - (time.monotonic() - started)
+        async with self._lock:
+            self.seq += 1
+            report = ReloadReport(ok=False, seq=self.seq, trigger=trigger, at=at)
+            try:
+                config = load if isinstance(load, Config) else await asyncio.to_thread(load)
+            except ConfigError as exc:
+                report.error = str(exc)
+                report.failures.append(Failure("config", str(exc)))
+            else:
+                report.source = config.source
+                await self._apply(config, report)
+            report.duration_ms = (time.monotonic() - started) * 1000.0
+            self.last = report
+        (log.info if report.ok else log.error)("%s", report.summary())
+        for failure in report.failures[1:]:
+            log.error("reload failure: %s", failure)
+        for note in report.notes:
+            log.warning("reload: %s", note)
+        return report
+
+    # -- the phases -------------------------------------------------------------
+
+    async def _apply(self, config: Config, report: ReloadReport) -> None:
+        running = self.current.services if self.current is not None else {}
+        d = diff(running, config.services)
+        report.added, report.changed, report.moved = d.added, d.changed, d.moved
+        report.removed, report.unchanged = d.removed, d.unchanged
+        config = self._runtime(config, report)
+
+        t0 = time.monotonic()
+        failures = await asyncio.to_thread(self._probe, config, d)
+        prepared: list[str] = []
+        if not failures:
+            for name in d.added + d.changed:
+                svc = config.services[name]
+                new_listener = name in d.added or name in d.moved
+                cmd = Precommit(name, svc.factory, svc.listener if new_listener else None)
+                prepared.append(name)
+                failures = await self._dispatch(cmd, "prepare")
+                if failures:
+                    break   # no point preparing the rest: this reload is lost
+        report.prepare_ms = (time.monotonic() - t0) * 1000.0
+        if failures:
+            report.failures.extend(failures)
+            report.error = str(failures[0])
+            await self._abort(prepared)
+            return
+
+        # -- commit: nothing should fail below (listeners are bound, services built)
+        t1 = time.monotonic()
+        services = dict(running)
+        commits = [(name, Commit(name)) for name in d.added + d.moved]
+        commits += [(name, Update(name)) for name in d.changed if name not in d.moved]
+        drain = config.runtime.drain_timeout
+        commits += [(name, Remove(name, drain)) for name in d.removed]
+        for name, cmd in commits:
+            failed = await self._dispatch(cmd, "commit")
+            if failed:
+                # Workers that committed serve the new version; keep the old
+                # entry so the next reload tries this service again.
+                report.failures.extend(failed)
+                continue
+            if isinstance(cmd, Remove):
+                services.pop(name, None)
+            else:
+                services[name] = config.services[name]
+        report.commit_ms = (time.monotonic() - t1) * 1000.0
+        # keep the file's order for status tables
+        ordered = {n: services[n] for n in config.services if n in services}
+        ordered.update((n, s) for n, s in services.items() if n not in ordered)
+        self.current = dataclasses.replace(config, services=ordered)
+        if report.failures:
+            report.partial = True
+            report.error = str(report.failures[0])
+        else:
+            report.ok = True
+
+    def _runtime(self, config: Config, report: ReloadReport) -> Config:
+        """Keep the runtime keys a reload cannot change, and say so."""
+        if self.current is None:
+            return config
+        old, new = self.current.runtime, config.runtime
+        keep = {}
+        for key in RESTART_ONLY:
+            if getattr(old, key) != getattr(new, key):
+                report.notes.append(f"runtime.{key} changed ({getattr(old, key)!r} -> {getattr(new, key)!r}): "
+                                    "restart hotproxy to apply it")
+                keep[key] = getattr(old, key)
+        if old.log_level != new.log_level:
+            logging.getLogger("hotproxy").setLevel(new.log_level.upper())
+        return dataclasses.replace(config, runtime=dataclasses.replace(new, **keep)) if keep else config
+
+    def _probe(self, config: Config, d: Diff) -> list[Failure]:
+        """Bind-probe every new TCP address no running service holds.
+
+        Our workers bind with SO_REUSEPORT, which another program of the same
+        user may also have set: then the workers' binds would succeed and the
+        port's traffic would be split with a stranger.  A plain bind fails
+        on any listener, so it tells.
+        """
+        ours = set()
+        if self.current is not None:
+            for svc in self.current.services.values():
+                if isinstance(svc.listener, TcpListenerFactory):
+                    ours.update(_sockaddrs(svc.listener))
+        failures = []
+        for name in d.added + d.moved:
+            lf = config.services[name].listener
+            if not isinstance(lf, TcpListenerFactory):
+                continue
+            addrs = _sockaddrs(lf)
+            if addrs & ours:
+                continue
+            error = _probe_bind(lf)
+            if error is not None:
+                failures.append(Failure("prepare", f"cannot listen on {lf.address}: {error}", service=name))
+        return failures
+
+    async def _dispatch(self, cmd: Any, phase: str) -> list[Failure]:
+        try:
+            group = await self.manager.dispatch(cmd)
+        except HotproxyError as exc:
+            return [Failure(phase, str(exc), service=cmd.name)]
+        return [Failure(phase, _one_line(r.error), service=cmd.name, worker=r.worker)
+                for r in group.failures]
+
+    async def _abort(self, names: list[str]) -> None:
+        """Drop everything this reload staged, on every worker."""
+        for name in names:
+            try:
+                group = await self.manager.dispatch(Abort(name))
+            except HotproxyError as exc:
+                log.error("abort %r: %s", name, exc)
+                continue
+            for r in group.failures:
+                # a worker where the Precommit of a new site failed has no such site
+                if not isinstance(r.error, SiteNotFoundError):
+                    log.error("abort %r on worker %d: %s", name, r.worker, _one_line(r.error))
+
+
+def _sockaddrs(lf: TcpListenerFactory) -> set[tuple[Any, ...]]:
+    try:
+        infos = socket.getaddrinfo(lf.host, lf.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return set()
+    return {info[4][:2] for info in infos[:1]}
+
+
+def _probe_bind(lf: TcpListenerFactory) -> str | None:
+    """None if *lf*'s address can be bound without SO_REUSEPORT, else why not."""
+    try:
+        infos = socket.getaddrinfo(lf.host, lf.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR: sockets in TIME_WAIT (of a listener that just moved) are no conflict
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "address already in use"
+        return exc.strerror or str(exc)
+    return None
+
+
+def _one_line(exc: BaseException | None) -> str:
+    text = str(exc) if exc is not None else "unknown error"
+    if not text:
+        text = type(exc).__name__
+    return " ".join(text.split())
+
+
+__all__ = ["Diff", "Failure", "ReloadReport", "Reloader", "diff"]
