@@ -78,9 +78,14 @@ def test_two_stage_new_site_and_update_carries_state(core_name: str) -> None:
         r, w = await connect(port)
         assert await ask(r, w, b"z") == b"v2:z"
         w.close()
+        r, w = await connect(port)
+        assert await ask(r, w, b"z") == b"v2:z"
+        assert ex.status()["sites"]["t"]["versions"] == {2: 1}   # found through the layers
+        w.close()
+        await eventually(lambda: not ex.sites["t"].conns)
         stats = ex.status()["sites"]["t"]["stats"]
         # the counters kept counting through the update, in both layers
-        assert stats["accepted"] == 5 and stats["connections"] == 5 and stats["tag"] == "v2"
+        assert stats["accepted"] == 6 and stats["connections"] == 6 and stats["tag"] == "v2"
         await ex.shutdown(1)
 
     run(main())
@@ -99,6 +104,7 @@ def test_open_connection_keeps_its_version(core_name: str) -> None:
         assert await ask(r2, w2, b"b") == b"new:b"
         assert await ask(r1, w1, b"c") == b"old:c"   # never cut, still the old version
         assert ex.status()["sites"]["t"]["old_versions"] == 1
+        assert ex.status()["sites"]["t"]["versions"] == {1: 1, 2: 1}
         old_service = weakref.ref([c for c in ex.sites["t"].conns.snapshot()
                                    if c.service.tag == b"old"][0].service)
         w1.close()
@@ -106,6 +112,7 @@ def test_open_connection_keeps_its_version(core_name: str) -> None:
         gc.collect()
         assert old_service() is None                  # freed with its last connection
         assert ex.status()["sites"]["t"]["old_versions"] == 0
+        assert ex.status()["sites"]["t"]["versions"] == {2: 1}
         w2.close()
         await ex.shutdown(1)
 

@@ -47,8 +47,9 @@ class Site:
         self.generation = 0
         self.committed_at: float | None = None
         #: every version still alive (the serving one, and old ones that
-        #: open connections still hold); needs weak-referenceable services
-        self.versions: weakref.WeakSet[Service] = weakref.WeakSet()
+        #: open connections still hold) -> its generation; needs
+        #: weak-referenceable services
+        self.versions: weakref.WeakKeyDictionary[Service, int] = weakref.WeakKeyDictionary()
 
     @property
     def service(self) -> Service | None:
@@ -62,6 +63,26 @@ class Site:
             self.staged_listener.close()
             self.staged_listener = None
 
+    def version_connections(self) -> dict[int, int]:
+        """Generation -> open connections, for every live version.
+
+        Connections are matched to versions through their ``service``
+        attribute (the convention of hotproxy's protocols); this runs on
+        status requests only, never on the accept path.
+        """
+        by_id: dict[int, int] = {}
+        for svc, gen in self.versions.items():
+            layer: Any = svc
+            while layer is not None:   # a layered service: match any layer
+                by_id[id(layer)] = gen
+                layer = getattr(layer, "inner", None)
+        counts = dict.fromkeys(sorted(set(by_id.values())), 0)
+        for conn in self.conns.snapshot():
+            gen = by_id.get(id(getattr(conn, "service", None)))
+            if gen is not None:
+                counts[gen] += 1
+        return counts
+
     def status(self) -> dict[str, Any]:
         svc = self.service
         return {
@@ -71,6 +92,7 @@ class Site:
             "active": len(self.conns),
             "staged": self.staged is not None,
             "old_versions": max(0, len(self.versions) - (1 if svc is not None else 0)),
+            "versions": self.version_connections(),
             "stats": svc.stats() if svc is not None else {},
         }
 
@@ -270,7 +292,7 @@ class ServiceExecutor:
     @staticmethod
     def _count_version(site: Site, svc: Service | None) -> None:
         try:
-            site.versions.add(svc)  # type: ignore[arg-type]
+            site.versions[svc] = site.generation  # type: ignore[index]
         except TypeError:
             pass  # a service that is not weak-referenceable is simply not counted
 
