@@ -48,16 +48,20 @@ class TaggedService(Service):
 @dataclass(frozen=True)
 class TaggedFactory(MakeService):
     """``fail``: raise while building; ``fail_on_worker``: raise only on that worker id;
-    ``delay``: await that long while building (the old version keeps serving)."""
+    ``delay``: await that long while building (the old version keeps serving);
+    ``fail_if_exists``: raise while that file exists (to break restarts)."""
 
     tag: bytes
     fail: bool = False
     fail_on_worker: int | None = None
     delay: float = 0.0
+    fail_if_exists: str | None = None
 
     async def make_via_ref(self, old: Service | None) -> Service:
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.fail_if_exists is not None and os.path.exists(self.fail_if_exists):
+            raise RuntimeError(f"{self.fail_if_exists} exists")
         if self.fail or (self.fail_on_worker is not None
                          and os.environ.get("HOTPROXY_WORKER_ID") == str(self.fail_on_worker)):
             raise RuntimeError(f"refusing to build {self.tag!r}")

@@ -180,3 +180,62 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_worker_that_cannot_come_back_is_backed_off_not_looped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    flag = tmp_path / "broken"
+
+    async def main() -> None:
+        port = free_port()
+        async with WorkerManager(2) as m:
+            (await m.dispatch(PrepareAndCommit(
+                "t", TaggedFactory(b"v1", fail_if_exists=str(flag)), TcpListenerFactory(HOST, port)))
+             ).raise_for_errors()
+            flag.write_text("")
+            os.kill(m.workers[0].pid, signal.SIGKILL)
+            await asyncio.sleep(2.0)
+            # exponential back-off: a handful of attempts in 2 s, not hundreds
+            assert 1 <= m.failed_restarts <= 7, m.failed_restarts
+            assert not m.workers[0].ready
+            # the other worker kept serving all along
+            for _ in range(10):
+                r, w = await asyncio.open_connection(HOST, port)
+                assert await ask(r, w, b"x") == b"v1:x"
+                w.close()
+            # commands still work with a worker down: they go to the live one
+            (await m.dispatch(Precommit("t", TaggedFactory(b"v2", fail_if_exists=str(flag))))).ok
+            flag.unlink()
+            await eventually(lambda: m.workers[0].ready, timeout=20)
+            assert m.restarts == 1
+
+    run(main(), timeout=60)
+
+
+def test_kill_a_worker_under_load_loses_no_connection_on_the_others() -> None:
+    async def main() -> None:
+        port = free_port()
+        async with WorkerManager(2) as m:
+            (await m.dispatch(PrepareAndCommit("t", TaggedFactory(b"v1"), TcpListenerFactory(HOST, port)))
+             ).raise_for_errors()
+            # long connections, some on each worker
+            longs = [await asyncio.open_connection(HOST, port) for _ in range(20)]
+            for r, w in longs:
+                assert await ask(r, w, b"a") == b"v1:a"
+            by_worker = {w["worker"]: w["sites"]["t"]["active"] for w in await m.status()}
+            assert by_worker[0] > 0 and by_worker[1] > 0
+            victim = m.workers[0]
+            old_pid = victim.pid
+            os.kill(old_pid, signal.SIGKILL)
+            # the survivors (worker 1's connections) keep talking
+            alive = cut = 0
+            for r, w in longs:
+                try:
+                    assert await asyncio.wait_for(ask(r, w, b"b"), 5) == b"v1:b"
+                    alive += 1
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    cut += 1
+                w.close()
+            assert alive == by_worker[1] and cut == by_worker[0]
+            await eventually(lambda: victim.ready and victim.pid != old_pid, timeout=10)
+
+    run(main())

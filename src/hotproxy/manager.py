@@ -293,7 +293,7 @@ class WorkerManager:
 
     def __init__(self, workers: int | None = None, *, drain_timeout: float = 30.0,
                  cpu_affinity: bool = False, inline: bool = False, core: str | None = None,
-                 boot_timeout: float = 30.0) -> None:
+                 boot_timeout: float = 10.0) -> None:
         self.inline = inline
         self.count = 1 if inline else (workers or os.cpu_count() or 1)
         self.drain_timeout = drain_timeout
@@ -308,8 +308,9 @@ class WorkerManager:
         self._supervisors: list[asyncio.Task[None]] = []
         #: called (worker_id, exitcode) when a worker dies; for logs and tests
         self.on_worker_exit: Any = None
-        #: successful restarts, for status
+        #: successful restarts, and attempts that failed (backed off), for status
         self.restarts = 0
+        self.failed_restarts = 0
         #: listening sockets the master owns (Unix paths), by listener factory
         self._shared: dict[ListenerFactory, BoundListener] = {}
         self._token = 0
@@ -466,12 +467,13 @@ class WorkerManager:
                         await self._replay(w)
                         w.ready = True
                 except (HotproxyError, OSError) as exc:
-                    log.error("worker %d: restart failed: %s; retrying in %.1fs", w.id, exc, max(delay, 0.05))
                     w._kill()
                     if w.proc is not None:
                         await w.proc.wait()
                     w.alive = w.ready = False
+                    self.failed_restarts += 1
                     delay = min(max(delay * 2, 0.05), 10.0)
+                    log.error("worker %d: restart failed: %s; retrying in %.2fs", w.id, exc, delay)
                     continue
                 w.restarts += 1
                 self.restarts += 1
