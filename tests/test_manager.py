@@ -239,3 +239,16 @@ def test_kill_a_worker_under_load_loses_no_connection_on_the_others() -> None:
             await eventually(lambda: victim.ready and victim.pid != old_pid, timeout=10)
 
     run(main())
+
+
+def test_cpu_affinity_pins_each_worker() -> None:
+    ncpu = len(os.sched_getaffinity(0))
+    if ncpu < 2:
+        pytest.skip("needs 2 CPUs")
+
+    async def main() -> None:
+        async with WorkerManager(2, cpu_affinity=True) as m:
+            pinned = [os.sched_getaffinity(w.pid) for w in m.workers]
+            assert pinned == [{0}, {1}]
+
+    run(main())

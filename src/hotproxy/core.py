@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Optional
 
 from . import _core_py
 
+_compiled: Optional[ModuleType]
 try:
-    from . import _core as _compiled  # type: ignore[attr-defined]
+    from . import _core as _compiled  # type: ignore[attr-defined, no-redef]
 except ImportError:  # pragma: no cover - exercised on installs without a compiler
     _compiled = None
 

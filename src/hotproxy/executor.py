@@ -78,9 +78,9 @@ class Site:
                 layer = getattr(layer, "inner", None)
         counts = dict.fromkeys(sorted(set(by_id.values())), 0)
         for conn in self.conns.snapshot():
-            gen = by_id.get(id(getattr(conn, "service", None)))
-            if gen is not None:
-                counts[gen] += 1
+            found = by_id.get(id(getattr(conn, "service", None)))
+            if found is not None:
+                counts[found] += 1
         return counts
 
     def status(self) -> dict[str, Any]:
@@ -116,7 +116,7 @@ class ServiceExecutor:
             raise TypeError(f"not a hotproxy command: {command!r}")
         async with self._lock:
             try:
-                return await handler(self, command)  # type: ignore[no-any-return]
+                return await handler(self, command)  # type: ignore[no-any-return, operator]
             except DeployError as exc:
                 raise exc.on_worker(self.worker_id)
 

@@ -175,12 +175,12 @@ class _ProcessWorker:
             fd_child.close()
         self.started_at = time.monotonic()
         reader, self.writer = await asyncio.open_connection(sock=parent)
-        ncpu = os.cpu_count() or 1
+        cpus = sorted(os.sched_getaffinity(0))
         write_message(self.writer, {
             "sys_path": list(sys.path),
             "drain_timeout": self.manager.drain_timeout,
             "log_level": logging.getLevelName(logging.getLogger("hotproxy").getEffectiveLevel()),
-            "cpu": (self.id % ncpu) if self.manager.cpu_affinity else None,
+            "cpu": cpus[self.id % len(cpus)] if self.manager.cpu_affinity else None,
         })
         try:
             msg = await asyncio.wait_for(read_message(reader), self.manager.boot_timeout)

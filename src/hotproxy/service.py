@@ -190,7 +190,7 @@ class _Refuse(asyncio.Protocol):
     """Closes a connection at once (over a connection limit)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()
+        transport.abort()  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
