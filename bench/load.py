@@ -1,0 +1,1376 @@
+"""hotproxy under load, side by side with HAProxy, nginx and plain uvloop.
+
+Run ``python bench/load.py --quick`` for a ~1-minute smoke run, or
+``python bench/load.py --write-results bench/RESULTS.md`` for the full run
+that regenerates the results file.  ``--help`` lists the options.
+
+What it does, per round (the order of the proxies rotates every round):
+
+* starts a backend on 127.0.0.1 (nginx serving ``/small`` ~100 bytes and
+  ``/big`` 1 MiB when installed, else ``bench/backend.py``) and an iperf3
+  server when installed;
+* starts each proxy in turn -- hotproxy (compiled core and pure-Python core,
+  1 and N workers), HAProxy ``mode tcp`` 1 thread (default, and tuned with
+  64 KiB buffers and splice), nginx ``stream`` 1 worker, the plain uvloop
+  proxy ``bench/plainproxy.py``, and "direct" (no proxy) -- and drives it
+  with wrk (else ``bench/loadgen.py``): keep-alive, ``Connection: close``,
+  1 MiB responses, iperf3 one stream;
+* reads the proxy's CPU-seconds from /proc (summed over the process tree:
+  master and workers, including reaped children) and the machine's CPU use
+  from /proc/stat.
+
+Then, for the proxies that reload, the ``Connection: close`` load runs once
+steady and once while the proxy reloads every 0.5 s (and in ``--storm``
+mode faster), with configs that really differ each time (one upstream and
+round-robin, then two upstreams and least-connections).
+
+Rules of this file:
+
+* Every figure is compared with baselines measured in the same round, and
+  the table shows the median over rounds of those per-round ratios: the
+  machine is shared and noisy, ratios taken seconds apart are not.
+* Only 127.0.0.1 is ever a target; every listener port is below 32768 (the
+  ephemeral range starts there); every load run is bounded in time and in
+  count.
+* Every process started here gets its own process group and is stopped in
+  a ``finally`` (SIGTERM, then SIGKILL), also on Ctrl-C and on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+
+# Fixed ports, all below the ephemeral range (32768+).
+BACKEND_PORTS = (18080, 18081)        # two, so a reload can switch upstream lists
+IPERF_PORT = 18090
+PROXY_BASE_PORT = 18100               # proxy i listens on base+10*i (web) and +1 (iperf)
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; the tables go to stdout."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- processes ------------------------------------------------------------------
+
+
+class Proc:
+    """A child process in its own process group, stopped for sure by ``stop()``."""
+
+    live: list[Proc] = []
+
+    def __init__(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
+                 logfile: Path | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.logfile = logfile
+        out = open(logfile, "ab") if logfile is not None else subprocess.DEVNULL
+        try:
+            self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                          stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        finally:
+            if logfile is not None:
+                out.close()  # type: ignore[union-attr]
+        Proc.live.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 8.0) -> None:
+        """SIGTERM the whole group, wait, then SIGKILL what is left."""
+        if self in Proc.live:
+            Proc.live.remove(self)
+        try:
+            os.killpg(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        # the group may hold workers that outlive the leader
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.popen.wait(2.0)
+        except subprocess.TimeoutExpired:
+            log(f"warning: {self.name} (pid {self.pid}) did not exit after SIGKILL")
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for p in list(reversed(cls.live)):
+            p.stop(timeout=3.0)
+
+
+def wait_port(port: int, timeout: float = 10.0, proc: Proc | None = None) -> None:
+    """Wait until 127.0.0.1:*port* accepts a connection."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            tail = ""
+            if proc.logfile is not None and proc.logfile.exists():
+                tail = " | ".join(proc.logfile.read_text(errors="replace").strip().splitlines()[-3:])
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}: {tail}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing accepts on {HOST}:{port} after {timeout:.0f}s")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        # as the servers do: a TIME_WAIT left by the last run is not "in use"
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+# -- /proc accounting --------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: split after the last ')'
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """*root* and all its descendants alive now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = _stat_fields(int(entry))
+            if f is not None:
+                children.setdefault(int(f[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_seconds(root: int) -> float:
+    """CPU-seconds used by *root*'s process tree: utime+stime of the live
+    processes, plus cutime+cstime (children already reaped, e.g. old nginx
+    or HAProxy workers after a reload)."""
+    total = 0
+    for pid in process_tree(root):
+        f = _stat_fields(pid)
+        if f is not None:
+            # after the ')' split: index 11..14 are utime, stime, cutime, cstime
+            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return total / CLK_TCK
+
+
+def rss_bytes(root: int) -> int:
+    """Resident memory of *root*'s process tree (VmRSS summed)."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = parts[3] + parts[4]
+    return float(sum(parts) - idle), float(sum(parts))
+
+
+class Meter:
+    """CPU use of a proxy tree and of the machine over one measured interval."""
+
+    def __init__(self, root: int | None) -> None:
+        self.root = root
+        self.t0 = time.monotonic()
+        self.cpu0 = cpu_seconds(root) if root else 0.0
+        self.m0 = machine_cpu()
+
+    def done(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        busy, total = machine_cpu()
+        dbusy, dtotal = busy - self.m0[0], total - self.m0[1]
+        out = {"wall": wall, "machine_cpu_pct": 100.0 * NCPU * dbusy / dtotal if dtotal else 0.0}
+        if self.root:
+            out["proxy_cpu_s"] = cpu_seconds(self.root) - self.cpu0
+        return out
+
+
+# -- load drivers ------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """One load run, in wrk's terms (latencies in microseconds)."""
+
+    requests: int
+    duration_s: float
+    bytes: int
+    errors: dict[str, int]
+    p50_us: float
+    p99_us: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+class Driver:
+    """Runs HTTP load: wrk with ``bench/wrk_report.lua``, or ``bench/loadgen.py``."""
+
+    def __init__(self, use_wrk: bool, threads: int) -> None:
+        self.wrk = shutil.which("wrk") if use_wrk else None
+        self.threads = threads
+
+    @property
+    def name(self) -> str:
+        return "wrk" if self.wrk else "built-in loadgen (bench/loadgen.py, Python: figures compressed)"
+
+    def run(self, port: int, path: str, connections: int, duration: float,
+            close: bool = False) -> LoadResult:
+        url = f"http://{HOST}:{port}{path}"
+        if self.wrk:
+            # wrk takes whole seconds only
+            argv = [self.wrk, f"-t{self.threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
+                    "--timeout", "2s", "-s", str(HERE / "wrk_report.lua")]
+            if close:
+                argv += ["-H", "Connection: close"]
+            argv.append(url)
+        else:
+            argv = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "-c", str(connections),
+                    "-d", str(duration)] + (["--close"] if close else [])
+        # bounded: the driver stops itself after `duration`; the timeout is a backstop
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30,
+                             start_new_session=True)
+        for line in out.stdout.splitlines():
+            if line.startswith("WRKJSON "):
+                d = json.loads(line[8:])
+                break
+        else:
+            raise RuntimeError(f"load driver gave no report (exit {out.returncode}): "
+                               f"{(out.stderr or out.stdout).strip()[-300:]}")
+        dur = d.get("duration_us", 0) / 1e6
+        errors = {k: int(d.get(k, 0)) for k in ("connect", "read", "write", "status", "timeout")}
+        return LoadResult(d["requests"], dur, d["bytes"], errors, d["p50_us"], d["p99_us"])
+
+
+def run_iperf(port: int, duration: float) -> float | None:
+    """Gbit/s received, one stream through 127.0.0.1:*port*; None on failure."""
+    try:
+        out = subprocess.run(["iperf3", "-c", HOST, "-p", str(port), "-t", f"{duration:g}", "-J",
+                              "--connect-timeout", "3000"],
+                             capture_output=True, text=True, timeout=duration + 20,
+                             start_new_session=True)
+        d = json.loads(out.stdout)
+        return float(d["end"]["sum_received"]["bits_per_second"]) / 1e9
+    except (subprocess.TimeoutExpired, ValueError, KeyError) as exc:
+        log(f"iperf3 through port {port} failed: {type(exc).__name__}")
+        return None
+
+
+# -- backends --------------------------------------------------------------------------
+
+
+class Backend:
+    """The HTTP origin: nginx if installed (and wanted), else bench/backend.py."""
+
+    def __init__(self, tmp: Path, use_nginx: bool) -> None:
+        self.tmp = tmp / "backend"
+        self.tmp.mkdir()
+        self.kind = "nginx" if use_nginx else "built-in (bench/backend.py, uvloop)"
+        self.proc: Proc | None = None
+        self.use_nginx = use_nginx
+
+    def start(self) -> None:
+        if self.use_nginx:
+            www = self.tmp / "www"
+            www.mkdir()
+            (www / "small").write_bytes(b"x" * 99 + b"\n")
+            (www / "big").write_bytes(b"y" * (1 << 20))
+            # nginx workers run as "nobody": let them reach and read the files
+            for p in (self.tmp.parent, self.tmp, www, www / "small", www / "big"):
+                p.chmod(0o755)
+            listens = "\n".join(f"        listen {HOST}:{p} backlog=4096 reuseport;" for p in BACKEND_PORTS)
+            conf = f"""
+worker_processes 1;
+worker_rlimit_nofile {nofile_limit()};
+pid {self.tmp}/nginx.pid;
+error_log {self.tmp}/error.log warn;
+events {{ worker_connections {max(1024, nofile_limit() - 100)}; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    client_body_temp_path {self.tmp}/cbt;
+    proxy_temp_path {self.tmp}/pt;
+    fastcgi_temp_path {self.tmp}/ft;
+    uwsgi_temp_path {self.tmp}/ut;
+    scgi_temp_path {self.tmp}/st;
+    default_type text/plain;
+    server {{
+{listens}
+        root {www};
+    }}
+}}
+"""
+            (self.tmp / "nginx.conf").write_text(conf)
+            self.proc = Proc("backend nginx", ["nginx", "-p", str(self.tmp), "-c", str(self.tmp / "nginx.conf"),
+                                               "-g", "daemon off;"], logfile=self.tmp / "stdout.log")
+        else:
+            argv = [sys.executable, str(HERE / "backend.py")]
+            for p in BACKEND_PORTS:
+                argv += ["--port", str(p)]
+            self.proc = Proc("backend", argv, logfile=self.tmp / "stdout.log")
+        for p in BACKEND_PORTS:
+            wait_port(p, proc=self.proc)
+            for path, size in (("/small", 100), ("/big", 1 << 20)):
+                check_http(p, path, size)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def check_http(port: int, path: str, size: int) -> None:
+    """Fail early unless GET *path* answers 200 with *size* bytes (a 403 from
+    a misconfigured backend would otherwise show up as fast "requests")."""
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0]
+    if b" 200 " not in status + b" " or len(body) != size:
+        raise RuntimeError(f"backend {HOST}:{port}{path}: {status.decode(errors='replace')!r}, "
+                           f"{len(body)} bytes (expected 200 and {size})")
+
+
+def nofile_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# -- proxies -------------------------------------------------------------------------------
+
+
+def upstream_set(variant: int) -> tuple[list[int], str]:
+    """The two configs a reload alternates between: (backend ports, balance).
+
+    Variant 0 is what the steady runs use; variant 1 really differs (two
+    upstreams, least-connections) so each reload rebuilds the service.
+    """
+    return ([BACKEND_PORTS[0]], "round_robin") if variant % 2 == 0 else (list(BACKEND_PORTS), "least_conn")
+
+
+class Proxy:
+    """One proxy under test.  Subclasses write a config and start a process."""
+
+    name = "?"
+    can_reload = False
+
+    def __init__(self, index: int, tmp: Path) -> None:
+        self.port = PROXY_BASE_PORT + 10 * index
+        self.iperf_port = self.port + 1
+        self.tmp = tmp / self.name
+        self.tmp.mkdir(exist_ok=True)
+        self.proc: Proc | None = None
+        self.variant = 0
+        self.reloads = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        self.variant = 0
+        self.proc = self.launch()
+        wait_port(self.port, timeout=30.0, proc=self.proc)
+        wait_port(self.iperf_port, timeout=10.0, proc=self.proc)
+        try:
+            check_http(self.port, "/small", 100)   # a proxy that accepts but does not relay
+        except (OSError, RuntimeError) as exc:
+            raise RuntimeError(f"{self.name} does not relay a request: {exc}") from None
+
+    def launch(self) -> Proc:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def reload(self) -> None:
+        """Switch to the other config variant and signal the proxy."""
+        raise NotImplementedError
+
+
+class Direct(Proxy):
+    """No proxy: the load goes straight to the backend."""
+
+    name = "direct"
+
+    def __init__(self, index: int, tmp: Path) -> None:
+        super().__init__(index, tmp)
+        self.port, self.iperf_port = BACKEND_PORTS[0], IPERF_PORT
+
+    def start(self) -> None:
+        pass
+
+
+class PlainProxy(Proxy):
+    """``bench/plainproxy.py``: a plain uvloop Protocol-pair proxy."""
+
+    name = "plain-uvloop"
+
+    def launch(self) -> Proc:
+        return Proc(self.name, [sys.executable, str(HERE / "plainproxy.py"),
+                                "--map", f"{HOST}:{self.port}={HOST}:{BACKEND_PORTS[0]}",
+                                "--map", f"{HOST}:{self.iperf_port}={HOST}:{IPERF_PORT}"],
+                    logfile=self.tmp / "log")
+
+
+class HAProxy(Proxy):
+    """HAProxy ``mode tcp``, 1 thread, master-worker (``-W``); reload = SIGUSR2."""
+
+    can_reload = True
+
+    def __init__(self, index: int, tmp: Path, tuned: bool) -> None:
+        self.tuned = tuned
+        self.name = "haproxy-tuned" if tuned else "haproxy"
+        super().__init__(index, tmp)
+
+    def write_config(self) -> Path:
+        ports, balance = upstream_set(self.variant)
+        # Each connection takes two fds, and with splice a pipe takes two more:
+        # cap maxconn (and the pipes) so HAProxy fits in the fd limit.
+        maxpipes = 1024 if self.tuned else 0
+        maxconn = max(1000, (nofile_limit() - 300 - 2 * maxpipes) // 2)
+        tune = (f"    tune.bufsize 65536\n    maxpipes {maxpipes}\n" if self.tuned else "")
+        splice = ("    option splice-request\n    option splice-response\n" if self.tuned else "")
+        servers = "\n".join(f"    server s{p} {HOST}:{p}" for p in ports)
+        conf = f"""global
+    nbthread 1
+    maxconn {maxconn}
+    pidfile {self.tmp}/haproxy.pid
+    # lets a reload hand the listening sockets to the new worker (no refused connections)
+    stats socket {self.tmp}/admin.sock mode 600 level admin expose-fd listeners
+{tune}
+defaults
+    mode tcp
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+{splice}
+listen web
+    bind {HOST}:{self.port}
+    balance {"roundrobin" if balance == "round_robin" else "leastconn"}
+{servers}
+
+listen iperf
+    bind {HOST}:{self.iperf_port}
+    server iperf {HOST}:{IPERF_PORT}
+"""
+        path = self.tmp / "haproxy.cfg"
+        tmp = path.with_suffix(".new")
+        tmp.write_text(conf)
+        tmp.replace(path)   # atomic: a reload never reads half a file
+        return path
+
+    def launch(self) -> Proc:
+        cfg = self.write_config()
+        return Proc(self.name, ["haproxy", "-W", "-db", "-f", str(cfg)], logfile=self.tmp / "log")
+
+    def reload(self) -> None:
+        self.variant += 1
+        self.write_config()
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGUSR2)
+        self.reloads += 1
+
+
+class NginxStream(Proxy):
+    """nginx ``stream`` proxy, 1 worker; reload = SIGHUP (what ``nginx -s reload`` sends)."""
+
+    name = "nginx-stream"
+    can_reload = True
+
+    def write_config(self) -> Path:
+        ports, balance = upstream_set(self.variant)
+        servers = " ".join(f"server {HOST}:{p};" for p in ports)
+        lb = "least_conn; " if balance == "least_conn" else ""
+        conf = f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+worker_rlimit_nofile {nofile_limit()};
+pid {self.tmp}/nginx.pid;
+error_log {self.tmp}/error.log warn;
+events {{ worker_connections {max(1024, nofile_limit() - 100)}; }}
+stream {{
+    upstream web {{ {lb}{servers} }}
+    server {{ listen {HOST}:{self.port} backlog=4096; proxy_pass web; }}
+    server {{ listen {HOST}:{self.iperf_port}; proxy_pass {HOST}:{IPERF_PORT}; }}
+}}
+"""
+        path = self.tmp / "nginx.conf"
+        tmp = path.with_suffix(".new")
+        tmp.write_text(conf)
+        tmp.replace(path)
+        return path
+
+    def launch(self) -> Proc:
+        cfg = self.write_config()
+        return Proc(self.name, ["nginx", "-p", str(self.tmp), "-c", str(cfg), "-g", "daemon off;"],
+                    logfile=self.tmp / "log")
+
+    def reload(self) -> None:
+        self.variant += 1
+        self.write_config()
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGHUP)
+        self.reloads += 1
+
+
+RELOAD_OK = re.compile(r"reload ok: .* in ([0-9.]+) ms")
+RELOAD_FAILED = re.compile(r"reload failed: (.*)")
+
+
+def hotproxy_argv() -> list[str]:
+    """How to run the ``hotproxy`` program (the script if on PATH, else via Python)."""
+    exe = shutil.which("hotproxy")
+    if exe:
+        return [exe]
+    return [sys.executable, "-c", "import sys; from hotproxy.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+class Hotproxy(Proxy):
+    """``hotproxy run -c FILE``; reload = SIGHUP, latency from its ``reload ok`` log line."""
+
+    can_reload = True
+
+    def __init__(self, index: int, tmp: Path, core: str, workers: int) -> None:
+        self.core = core
+        self.workers = workers
+        self.name = f"hotproxy-{'py' if core == 'python' else 'c'}-{workers}w"
+        super().__init__(index, tmp)
+        self.logfile = self.tmp / "log"
+
+    def write_config(self) -> Path:
+        ports, balance = upstream_set(self.variant)
+        ups = ", ".join(f'"{HOST}:{p}"' for p in ports)
+        maxconn = max(1000, nofile_limit())
+        conf = f"""# written by bench/load.py (variant {self.variant})
+[runtime]
+workers = {self.workers}
+drain_timeout = 5.0
+admin_socket = "{self.tmp}/admin.sock"
+pidfile = "{self.tmp}/hotproxy.pid"
+log_level = "info"
+
+[services.web]
+kind = "proxy"
+listen = "{HOST}:{self.port}"
+upstreams = [{ups}]
+balance = "{balance}"
+backlog = 4096
+max_connections = {maxconn}
+
+[services.iperf]
+kind = "proxy"
+listen = "{HOST}:{self.iperf_port}"
+upstreams = ["{HOST}:{IPERF_PORT}"]
+"""
+        path = self.tmp / "hotproxy.toml"
+        tmp = path.with_suffix(".new")
+        tmp.write_text(conf)
+        tmp.replace(path)
+        return path
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.core == "python":
+            env["HOTPROXY_NO_EXTENSIONS"] = "1"
+        else:
+            env.pop("HOTPROXY_NO_EXTENSIONS", None)
+        return env
+
+    def launch(self) -> Proc:
+        cfg = self.write_config()
+        return Proc(self.name, hotproxy_argv() + ["run", "-c", str(cfg)], env=self.env(),
+                    logfile=self.logfile)
+
+    def reload(self) -> None:
+        self.variant += 1
+        self.write_config()
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGHUP)
+        self.reloads += 1
+
+    def reload_log(self) -> tuple[list[float], list[str]]:
+        """(latencies in ms of the ``reload ok`` lines, ``reload failed`` reasons) so far."""
+        text = self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+        return ([float(m.group(1)) for m in RELOAD_OK.finditer(text)],
+                [m.group(1) for m in RELOAD_FAILED.finditer(text)])
+
+
+def hotproxy_status(tmp: Path) -> tuple[bool, str]:
+    """Can ``hotproxy run`` serve a proxy here?  (ok, reason if not)."""
+    try:
+        import hotproxy  # noqa: F401
+    except ImportError as exc:
+        return False, f"hotproxy is not importable ({exc})"
+    probe = tmp / "probe.toml"
+    probe.write_text(f'[runtime]\nworkers = 1\n[services.web]\nkind = "proxy"\n'
+                     f'listen = "{HOST}:{PROXY_BASE_PORT - 1}"\nupstreams = ["{HOST}:{BACKEND_PORTS[0]}"]\n')
+    try:
+        out = subprocess.run(hotproxy_argv() + ["check", "-c", str(probe)], capture_output=True,
+                             text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return False, "`hotproxy check` timed out"
+    if out.returncode != 0:
+        return False, f"`hotproxy check` failed: {(out.stderr or out.stdout).strip()[-200:]}"
+    return True, ""
+
+
+# -- scenarios ---------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """What one run measures, and for how long."""
+
+    rounds: int = 3
+    duration: float = 5.0
+    reload_duration: float = 8.0
+    connections: int = 50
+    bulk_connections: int = 4
+    wrk_threads: int = 1
+    scenarios: tuple[str, ...] = ("keepalive", "close", "bulk", "iperf3")
+    reload_intervals: tuple[float, ...] = (0.5,)
+    reload_rounds: int = 3
+    idle_connections: int = 10000
+    warmup: float = 0.5
+
+
+def measure_proxy(proxy: Proxy, driver: Driver, s: Settings, have_iperf: bool) -> dict[str, float]:
+    """Every steady scenario once against a started proxy; flat dict of figures."""
+    out: dict[str, float] = {}
+    pid = proxy.pid
+    if s.warmup:
+        driver.run(proxy.port, "/small", s.connections, s.warmup)
+
+    def checked(r: LoadResult, what: str) -> LoadResult:
+        # a run where nothing completed is a broken proxy, not a slow one
+        if r.requests == 0:
+            raise RuntimeError(f"{proxy.name}: no request completed in the {what} run (errors {r.errors})")
+        return r
+    if "keepalive" in s.scenarios:
+        m = Meter(pid)
+        r = checked(driver.run(proxy.port, "/small", s.connections, s.duration), "keep-alive")
+        u = m.done()
+        out.update(ka_rps=r.rps, ka_p50_ms=r.p50_us / 1e3, ka_p99_ms=r.p99_us / 1e3,
+                   ka_errors=r.error_count, ka_machine_cpu=u["machine_cpu_pct"])
+        if "proxy_cpu_s" in u:
+            out["ka_proxy_cpu_pct"] = 100 * u["proxy_cpu_s"] / u["wall"]
+            if u["proxy_cpu_s"] > 0:
+                out["ka_per_cpu_s"] = r.requests / u["proxy_cpu_s"]
+    if "close" in s.scenarios:
+        m = Meter(pid)
+        r = checked(driver.run(proxy.port, "/small", s.connections, s.duration, close=True), "close")
+        u = m.done()
+        out.update(close_rps=r.rps, close_p99_ms=r.p99_us / 1e3, close_errors=r.error_count,
+                   close_machine_cpu=u["machine_cpu_pct"])
+        if "proxy_cpu_s" in u:
+            out["close_proxy_cpu_pct"] = 100 * u["proxy_cpu_s"] / u["wall"]
+            if u["proxy_cpu_s"] > 0:
+                out["close_per_cpu_s"] = r.requests / u["proxy_cpu_s"]
+    if "bulk" in s.scenarios:
+        m = Meter(pid)
+        r = checked(driver.run(proxy.port, "/big", s.bulk_connections, s.duration), "1 MiB")
+        u = m.done()
+        out.update(bulk_mibps=r.bytes / r.duration_s / (1 << 20) if r.duration_s else 0.0,
+                   bulk_errors=r.error_count)
+        if "proxy_cpu_s" in u and u["proxy_cpu_s"] > 0:
+            out["bulk_mib_per_cpu_s"] = r.bytes / (1 << 20) / u["proxy_cpu_s"]
+    out["errors"] = sum(out.get(k, 0) for k in ("ka_errors", "close_errors", "bulk_errors"))
+    if "iperf3" in s.scenarios and have_iperf:
+        g = run_iperf(proxy.iperf_port, s.duration)
+        if g is not None:
+            out["iperf_gbps"] = g
+    return out
+
+
+def measure_idle(proxy: Proxy, n: int) -> dict[str, float]:
+    """RSS per idle proxied connection: open *n* connections, wait, compare RSS."""
+    assert proxy.pid is not None
+    time.sleep(0.5)
+    before = rss_bytes(proxy.pid)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect((HOST, proxy.port))
+            except BlockingIOError:
+                pass
+            socks.append(s)
+            if len(socks) % 500 == 0:
+                time.sleep(0.05)   # let the proxy accept and connect upstream
+        time.sleep(2.0)
+        # count only connections the proxy still holds (not reset under us)
+        alive = 0
+        for s in socks:
+            try:
+                if s.recv(1, socket.MSG_PEEK):
+                    alive += 1          # data (unexpected, but the connection is there)
+                # b"": the proxy closed it
+            except BlockingIOError:
+                alive += 1              # open and quiet: what we want
+            except OSError:
+                pass                    # refused or reset
+        after = rss_bytes(proxy.pid)
+    finally:
+        for s in socks:
+            s.close()
+    return {"idle_conns": alive, "idle_rss_per_conn_kib": (after - before) / max(1, alive) / 1024,
+            "idle_rss_before_mib": before / (1 << 20), "idle_rss_after_mib": after / (1 << 20)}
+
+
+@dataclass
+class ReloadOutcome:
+    """One proxy, one reload interval, one round."""
+
+    steady: LoadResult
+    during: LoadResult
+    reloads: int
+    latencies_ms: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def measure_reload(proxy: Proxy, driver: Driver, s: Settings, interval: float) -> ReloadOutcome:
+    """Connection: close load, steady then with a reload every *interval* seconds."""
+    if s.warmup:
+        driver.run(proxy.port, "/small", s.connections, s.warmup, close=True)
+    steady = driver.run(proxy.port, "/small", s.connections, s.reload_duration, close=True)
+    before = proxy.reload_log() if isinstance(proxy, Hotproxy) else ([], [])
+    stop = threading.Event()
+    sent = [0]
+    # bounded in count as well as time
+    limit = int(s.reload_duration / interval) + 2
+
+    def reloader() -> None:
+        next_at = time.monotonic() + interval / 2
+        while not stop.is_set() and sent[0] < limit:
+            delay = next_at - time.monotonic()
+            if delay > 0 and stop.wait(delay):
+                break
+            proxy.reload()
+            sent[0] += 1
+            next_at += interval
+
+    t = threading.Thread(target=reloader, name="reloader", daemon=True)
+    t.start()
+    try:
+        during = driver.run(proxy.port, "/small", s.connections, s.reload_duration, close=True)
+    finally:
+        stop.set()
+        t.join(5.0)
+    out = ReloadOutcome(steady, during, sent[0])
+    if isinstance(proxy, Hotproxy):
+        time.sleep(0.5)   # the last reload's log line
+        lat, fails = proxy.reload_log()
+        out.latencies_ms = lat[len(before[0]):]
+        out.failures = fails[len(before[1]):]
+    # settle: old workers (HAProxy, nginx) finish before the next measurement
+    time.sleep(1.0)
+    return out
+
+
+# -- statistics and tables -------------------------------------------------------------
+
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt_num(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "—"
+    if unit == "k":
+        return f"{x / 1000:.1f}k"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+#: (key, column title, unit hint, higher is better)
+COLUMNS = [
+    ("ka_rps", "keep-alive req/s", "k", True),
+    ("ka_p50_ms", "k-a p50 ms", "", False),
+    ("ka_p99_ms", "k-a p99 ms", "", False),
+    ("ka_per_cpu_s", "k-a req per proxy CPU-s", "k", True),
+    ("close_rps", "close req/s", "k", True),
+    ("close_p99_ms", "close p99 ms", "", False),
+    ("close_per_cpu_s", "close conn per proxy CPU-s", "k", True),
+    ("bulk_mibps", "1 MiB resp MiB/s", "", True),
+    ("iperf_gbps", "iperf3 Gbit/s", "", True),
+    ("errors", "errors (k-a+close+bulk)", "", False),
+    ("ka_proxy_cpu_pct", "proxy CPU % (k-a)", "", True),
+    ("ka_machine_cpu", "machine CPU % (k-a)", "", True),
+]
+
+
+class Results:
+    """Per-round figures: rounds[i][proxy][metric]."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, dict[str, float]]] = []
+        self.idle: dict[str, dict[str, float]] = {}
+        self.reload: dict[tuple[str, float], list[ReloadOutcome]] = {}
+
+    def values(self, proxy: str, key: str) -> list[float]:
+        return [r[proxy][key] for r in self.rounds if proxy in r and key in r[proxy]]
+
+    def value(self, proxy: str, key: str) -> float | None:
+        return median(self.values(proxy, key))
+
+    def ratio(self, proxy: str, key: str, base: str) -> float | None:
+        """Median over rounds of proxy/base, each taken in the same round."""
+        rs = [r[proxy][key] / r[base][key] for r in self.rounds
+              if proxy in r and base in r and key in r[proxy] and r[base].get(key)]
+        return median(rs)
+
+    def spread(self, proxy: str, key: str) -> float | None:
+        """(max - min) / median over rounds, in percent: how noisy a baseline was."""
+        xs = self.values(proxy, key)
+        if len(xs) < 2:
+            return None
+        m = statistics.median(xs)
+        return 100 * (max(xs) - min(xs)) / m if m else None
+
+
+def main_table(res: Results, proxies: list[str], haproxy: str | None) -> str:
+    """The markdown table: each cell is `value · ×HAProxy · ×direct`."""
+    head = "| proxy | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    sep = "|---|" + "---|" * len(COLUMNS)
+    lines = [head, sep]
+    for p in proxies:
+        cells = []
+        for key, _, unit, _ in COLUMNS:
+            # errors: the total over all rounds, not a median -- one matters
+            v = sum(res.values(p, key)) if key == "errors" and res.values(p, key) else res.value(p, key)
+            if v is None:
+                cells.append("—")
+                continue
+            parts = [fmt_num(v, unit)]
+            if key == "errors":
+                cells.append(f"{v:.0f}")
+                continue
+            if key.endswith("_pct") or key.endswith("_cpu"):
+                cells.append(parts[0])
+                continue
+            if haproxy and p != haproxy:
+                parts.append(f"{fmt_ratio(res.ratio(p, key, haproxy))}H")
+            if p != "direct" and "direct" in proxies and not key.endswith("per_cpu_s"):
+                parts.append(f"{fmt_ratio(res.ratio(p, key, 'direct'))}D")
+            cells.append(" · ".join(parts))
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reload_table(res: Results) -> str:
+    lines = ["| proxy | reload every | reloads | errors during (steady) | req/s during ÷ steady | "
+             "p99 during ÷ steady | reload latency p50 / max ms | failed reloads |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (p, interval), outs in res.reload.items():
+        errs = sum(o.during.error_count for o in outs)
+        errs_steady = sum(o.steady.error_count for o in outs)
+        kinds: dict[str, int] = {}
+        for o in outs:
+            for k, v in o.during.errors.items():
+                if v:
+                    kinds[k] = kinds.get(k, 0) + v
+        detail = f" ({', '.join(f'{k} {v}' for k, v in kinds.items())})" if kinds else ""
+        tput = median([o.during.rps / o.steady.rps for o in outs if o.steady.rps])
+        p99 = median([o.during.p99_us / o.steady.p99_us for o in outs if o.steady.p99_us])
+        lat = [x for o in outs for x in o.latencies_ms]
+        lat_s = f"{statistics.median(lat):.1f} / {max(lat):.1f}" if lat else "—"
+        fails = sum(len(o.failures) for o in outs)
+        reloads = sum(o.reloads for o in outs)
+        lines.append(f"| {p} | {interval:g} s | {reloads} | {errs}{detail} ({errs_steady}) | "
+                     f"{fmt_ratio(tput)} | {fmt_ratio(p99)} | {lat_s} | "
+                     f"{fails if isinstance(outs[0], ReloadOutcome) and p.startswith('hotproxy') else '—'} |")
+    return "\n".join(lines)
+
+
+def idle_table(res: Results) -> str:
+    lines = ["| proxy | idle connections held | RSS before → after MiB | RSS per idle proxied connection KiB |",
+             "|---|---|---|---|"]
+    for p, d in res.idle.items():
+        lines.append(f"| {p} | {d['idle_conns']:.0f} | {d['idle_rss_before_mib']:.1f} → "
+                     f"{d['idle_rss_after_mib']:.1f} | {d['idle_rss_per_conn_kib']:.2f} |")
+    return "\n".join(lines)
+
+
+def targets(res: Results, names: list[str]) -> list[tuple[str, str, str]]:
+    """Issue 6's targets: (target, measured, status)."""
+    hp1 = "hotproxy-c-1w" if "hotproxy-c-1w" in names else None
+    hpn = next((n for n in names if n.startswith("hotproxy-c-") and n != "hotproxy-c-1w"), None)
+    hpy = "hotproxy-py-1w" if "hotproxy-py-1w" in names else None
+    out: list[tuple[str, str, str]] = []
+
+    def check(label: str, val: float | None, ok: Callable[[float], bool], fmt: str = "{:.2f}×") -> None:
+        if val is None:
+            out.append((label, "not measured", "—"))
+        else:
+            out.append((label, fmt.format(val), "met" if ok(val) else "**missed**"))
+
+    for hp in (hp1, hpn):
+        if hp is None:
+            continue
+        for key, label, lim, base in (
+                ("ka_rps", "keep-alive req/s ≥ 1.0× HAProxy (1 thread)", 1.0, "haproxy"),
+                ("ka_per_cpu_s", "keep-alive req per proxy CPU-s ≥ 1.1× HAProxy", 1.1, "haproxy"),
+                ("close_rps", "Connection: close req/s ≥ 1.0× HAProxy", 1.0, "haproxy"),
+                ("close_per_cpu_s", "Connection: close conn per proxy CPU-s ≥ 1.0× HAProxy", 1.0, "haproxy"),
+                ("iperf_gbps", "bulk iperf3 one stream ≥ 1.5× HAProxy tuned", 1.5, "haproxy-tuned"),
+                ("bulk_mibps", "bulk 1 MiB responses ≥ 1.5× HAProxy tuned", 1.5, "haproxy-tuned")):
+            if base in names:
+                check(f"{hp}: {label}", res.ratio(hp, key, base), lambda v, lim=lim: v >= lim)
+    for (p, interval), outs in res.reload.items():
+        if not p.startswith("hotproxy"):
+            continue
+        errs = sum(o.during.error_count for o in outs)
+        check(f"{p}, reload every {interval:g} s: 0 errors", float(errs), lambda v: v == 0, "{:.0f}")
+        check(f"{p}, reload every {interval:g} s: req/s ≥ 0.97× steady",
+              median([o.during.rps / o.steady.rps for o in outs if o.steady.rps]), lambda v: v >= 0.97)
+        check(f"{p}, reload every {interval:g} s: p99 ≤ 1.10× steady",
+              median([o.during.p99_us / o.steady.p99_us for o in outs if o.steady.p99_us]),
+              lambda v: v <= 1.10)
+        lat = [x for o in outs for x in o.latencies_ms]
+        check(f"{p}, reload every {interval:g} s: reload latency p50 < 10 ms",
+              statistics.median(lat) if lat else None, lambda v: v < 10, "{:.1f} ms")
+    if hp1 and hpy:
+        check("compiled core ≥ 1.3× pure-Python core on Connection: close req/s (1 worker)",
+              res.ratio(hp1, "close_rps", hpy), lambda v: v >= 1.3)
+    for p, d in res.idle.items():
+        if p.startswith("hotproxy"):
+            check(f"{p}: RSS per idle proxied connection ≤ 8 KiB ({d['idle_conns']:.0f} conns)",
+                  d["idle_rss_per_conn_kib"], lambda v: v <= 8.0, "{:.2f} KiB")
+    return out
+
+
+def tool_versions() -> dict[str, str]:
+    def first(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            text = (out.stdout or out.stderr).strip().splitlines()
+            return text[0] if text else "?"
+        except (OSError, subprocess.TimeoutExpired):
+            return "not installed"
+    import platform
+    v = {"python": platform.python_version(), "kernel": platform.release()}
+    try:
+        import uvloop
+        v["uvloop"] = uvloop.__version__
+    except ImportError:
+        v["uvloop"] = "not installed"
+    try:
+        import hotproxy
+        from hotproxy import core
+        v["hotproxy"] = f"{hotproxy.__version__} (compiled core available: {core.COMPILED_AVAILABLE})"
+    except ImportError:
+        v["hotproxy"] = "not importable"
+    try:
+        v["hotproxy git"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    for tool, argv in (("wrk", ["wrk", "--version"]), ("haproxy", ["haproxy", "-v"]),
+                       ("nginx", ["nginx", "-v"]), ("iperf3", ["iperf3", "--version"])):
+        v[tool] = first(argv) if shutil.which(tool) else "not installed"
+    return v
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def rotate(xs: list[Any], k: int) -> list[Any]:
+    k %= max(1, len(xs))
+    return xs[k:] + xs[:k]
+
+
+def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list[Proxy]:
+    """The proxies asked for that can run here; *notes* says why others are skipped."""
+    wanted = [w.strip() for w in args.proxies.split(",")] if args.proxies else None
+    have_haproxy = shutil.which("haproxy") is not None and not args.no_haproxy
+    have_nginx = (shutil.which("nginx") is not None and not args.no_nginx
+                  and Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists())
+    hp_ok, hp_why = hotproxy_status(tmp)
+    from_cores = []
+    try:
+        from hotproxy import core as hcore
+        from_cores = ["compiled", "python"] if hcore.COMPILED_AVAILABLE else ["python"]
+        if not hcore.COMPILED_AVAILABLE:
+            notes.append("hotproxy's compiled core is not built: only the pure-Python core is measured")
+    except ImportError:
+        pass
+    n = args.workers or NCPU
+    candidates: list[tuple[str, Callable[[int], Proxy] | None, str]] = [
+        ("direct", lambda i: Direct(i, tmp), ""),
+        ("haproxy", (lambda i: HAProxy(i, tmp, False)) if have_haproxy else None,
+         "HAProxy not installed (apt-get install haproxy)"),
+        ("haproxy-tuned", (lambda i: HAProxy(i, tmp, True)) if have_haproxy else None,
+         "HAProxy not installed (apt-get install haproxy)"),
+        ("nginx-stream", (lambda i: NginxStream(i, tmp)) if have_nginx else None,
+         "nginx with the stream module not installed (apt-get install nginx libnginx-mod-stream)"),
+        ("plain-uvloop", lambda i: PlainProxy(i, tmp), ""),
+    ]
+    for core_name in from_cores:
+        tag = "c" if core_name == "compiled" else "py"
+        counts = [1] if core_name == "python" else sorted({1, n})
+        for w in counts:
+            candidates.append((f"hotproxy-{tag}-{w}w",
+                               (lambda i, c=core_name, w=w: Hotproxy(i, tmp, c, w)) if hp_ok else None,
+                               f"hotproxy cannot run: {hp_why}"))
+    proxies: list[Proxy] = []
+    for i, (name, make, why) in enumerate(candidates):
+        if wanted is not None and not any(name == w or name.startswith(w) for w in wanted):
+            continue
+        if make is None:
+            notes.append(f"skipped {name}: {why}")
+            continue
+        proxies.append(make(i))
+    for p in proxies:
+        for port in {p.port, p.iperf_port}:
+            if not isinstance(p, Direct) and not port_free(port):
+                raise SystemExit(f"port {HOST}:{port} (for {p.name}) is in use: stop whatever holds it")
+    return proxies
+
+
+def run(args: argparse.Namespace, s: Settings) -> str:
+    """Run everything; return the markdown report."""
+    notes: list[str] = []
+    versions = tool_versions()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="hotproxy-bench-") as tmpname:
+        tmp = Path(tmpname)
+        use_wrk = shutil.which("wrk") is not None and not args.no_wrk
+        if not use_wrk:
+            notes.append("wrk not installed (apt-get install wrk): the built-in Python load generator "
+                         "is used, so every proxy's figures are compressed toward the generator's limit")
+        driver = Driver(use_wrk, s.wrk_threads)
+        have_nginx = shutil.which("nginx") is not None and not args.no_nginx
+        backend = Backend(tmp, use_nginx=have_nginx and not args.builtin_backend)
+        if not have_nginx:
+            notes.append("nginx not installed: the backend is bench/backend.py (uvloop)")
+        have_iperf = shutil.which("iperf3") is not None and not args.no_iperf and "iperf3" in s.scenarios
+        if shutil.which("iperf3") is None and "iperf3" in s.scenarios:
+            notes.append("iperf3 not installed (apt-get install iperf3): no iperf3 column")
+        proxies = build_proxies(args, tmp, notes)
+        for n in notes:
+            log(n)
+        res = Results()
+        iperf: Proc | None = None
+        try:
+            backend.start()
+            log(f"backend: {backend.kind} on ports {BACKEND_PORTS}; load: {driver.name}")
+            if have_iperf:
+                iperf = Proc("iperf3 server", ["iperf3", "-s", "-B", HOST, "-p", str(IPERF_PORT)],
+                             logfile=tmp / "iperf3.log")
+                wait_port(IPERF_PORT, proc=iperf)
+            steady_scen = [x for x in s.scenarios if x != "reload"]
+            if steady_scen and s.rounds > 0:
+                for rnd in range(s.rounds):
+                    figures: dict[str, dict[str, float]] = {}
+                    for proxy in rotate(proxies, rnd):
+                        log(f"round {rnd + 1}/{s.rounds}: {proxy.name}")
+                        try:
+                            proxy.start()
+                            figures[proxy.name] = measure_proxy(proxy, driver, s, have_iperf)
+                            if (rnd == 0 and s.idle_connections and "idle" in args.extra
+                                    and not isinstance(proxy, Direct)):
+                                res.idle[proxy.name] = measure_idle(proxy, idle_count(s.idle_connections))
+                        except Exception as exc:  # noqa: BLE001 - one proxy failing must not stop the run
+                            log(f"  {proxy.name} failed: {exc}")
+                            notes.append(f"round {rnd + 1}: {proxy.name} failed: {exc}")
+                        finally:
+                            proxy.stop()
+                        f = figures.get(proxy.name, {})
+                        log("  " + ", ".join(f"{k}={v:.4g}" for k, v in f.items()))
+                    res.rounds.append(figures)
+            if "reload" in s.scenarios:
+                reloadable = [p for p in proxies if p.can_reload and reload_wanted(p, args)]
+                for interval in s.reload_intervals:
+                    for rnd in range(s.reload_rounds):
+                        for proxy in rotate(reloadable, rnd):
+                            log(f"reload every {interval:g}s, round {rnd + 1}/{s.reload_rounds}: {proxy.name}")
+                            try:
+                                proxy.start()
+                                o = measure_reload(proxy, driver, s, interval)
+                                res.reload.setdefault((proxy.name, interval), []).append(o)
+                                log(f"  reloads={o.reloads} errors={o.during.errors} "
+                                    f"tput={o.during.rps / max(1.0, o.steady.rps):.3f} "
+                                    f"p99={o.during.p99_us / max(1.0, o.steady.p99_us):.2f} "
+                                    f"lat={o.latencies_ms[:5]} fails={o.failures[:2]}")
+                            except Exception as exc:  # noqa: BLE001
+                                log(f"  {proxy.name} failed: {exc}")
+                                notes.append(f"reload {interval:g}s round {rnd + 1}: {proxy.name} failed: {exc}")
+                            finally:
+                                proxy.stop()
+        finally:
+            for p in proxies:
+                p.stop()
+            if iperf is not None:
+                iperf.stop()
+            backend.stop()
+            Proc.stop_all()
+        load_after = os.getloadavg()
+    return report(args, s, res, [p.name for p in proxies], notes, versions, backend.kind,
+                  driver.name, load_before, load_after)
+
+
+def idle_count(wanted: int) -> int:
+    """Idle connections we can hold: each needs a client fd here, two in the
+    proxy (client + upstream side) and one in the backend."""
+    return max(100, min(wanted, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 300) // 2))
+
+
+def reload_wanted(p: Proxy, args: argparse.Namespace) -> bool:
+    """By default the reload scenario runs on the production set-up of each
+    proxy: hotproxy compiled with N workers, HAProxy default, nginx."""
+    if args.reload_proxies:
+        return any(p.name == w or p.name.startswith(w) for w in args.reload_proxies.split(","))
+    if isinstance(p, Hotproxy):
+        return p.core == "compiled" and p.workers == (args.workers or NCPU)
+    return p.name in ("haproxy", "nginx-stream")
+
+
+def report(args: argparse.Namespace, s: Settings, res: Results, names: list[str], notes: list[str],
+           versions: dict[str, str], backend: str, driver: str,
+           load_before: tuple[float, float, float], load_after: tuple[float, float, float]) -> str:
+    haproxy = "haproxy" if "haproxy" in names else None
+    out = []
+    out.append(f"Command: `{' '.join(['python', 'bench/load.py'] + sys.argv[1:])}`  ")
+    out.append(f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {NCPU} CPUs, "
+               f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after  ")
+    out.append(f"Backend: {backend}; load: {driver}, {s.connections} connections "
+               f"({s.bulk_connections} for 1 MiB responses), {s.wrk_threads} wrk thread; "
+               f"{s.rounds} rounds of {s.duration:g} s per scenario, medians of per-round ratios.")
+    out.append("")
+    out.append("Tools: " + "; ".join(f"{k} {v}" for k, v in versions.items()))
+    out.append("")
+    if res.rounds:
+        out.append("### Steady load")
+        out.append("")
+        out.append("Each cell: median value · ratio to HAProxy (1 thread, default settings) `H` · "
+                   "ratio to no proxy `D`.  For latency a lower ratio is better; for everything else "
+                   "higher.  CPU % is of one CPU (200 = both cores).")
+        out.append("")
+        out.append(main_table(res, names, haproxy))
+        out.append("")
+        noisy = [f"{p} keep-alive req/s {res.spread(p, 'ka_rps'):.0f}%" for p in ("direct", "haproxy")
+                 if res.spread(p, "ka_rps") is not None]
+        noisy += [f"{p} close req/s {res.spread(p, 'close_rps'):.0f}%" for p in ("direct", "haproxy")
+                  if res.spread(p, "close_rps") is not None]
+        if noisy:
+            out.append("Noise: spread (max − min) ÷ median of the baselines over the rounds: "
+                       + ", ".join(noisy) + ".")
+            out.append("")
+    if res.reload:
+        out.append("### Reload under `Connection: close` load")
+        out.append("")
+        out.append(f"Each run: {s.reload_duration:g} s steady, then {s.reload_duration:g} s with reloads, "
+                   f"{s.reload_rounds} rounds; configs alternate between one upstream with round-robin "
+                   "and two upstreams with least-connections.  Errors are wrk's socket errors plus "
+                   "non-2xx answers, summed over the rounds; latency is hotproxy's own `reload ok ... "
+                   "in X ms` (signal → every worker committed).")
+        out.append("")
+        out.append(reload_table(res))
+        out.append("")
+    if res.idle:
+        out.append("### Memory: idle proxied connections")
+        out.append("")
+        out.append(idle_table(res))
+        out.append("")
+    tg = targets(res, names)
+    if tg:
+        out.append("### Issue 6 targets")
+        out.append("")
+        out.append("| target | measured | status |")
+        out.append("|---|---|---|")
+        out.extend(f"| {a} | {b} | {c} |" for a, b, c in tg)
+        out.append("")
+    if notes:
+        out.append("### Notes")
+        out.append("")
+        out.extend(f"- {n}" for n in notes)
+        out.append("")
+    return "\n".join(out)
+
+
+RESULTS_HEADER = """# hotproxy benchmark results
+
+Generated by `bench/load.py --write-results bench/RESULTS.md` (everything
+between the markers below is rewritten by each run; edit outside them).
+"""
+BEGIN, END = "<!-- BEGIN load.py -->", "<!-- END load.py -->"
+
+
+def write_results(path: Path, body: str) -> None:
+    """Replace the generated part of *path*, keeping any hand-written text around it."""
+    text = path.read_text() if path.exists() else RESULTS_HEADER + f"\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    pre, rest = text.split(BEGIN, 1)
+    _, post = rest.split(END, 1)
+    path.write_text(f"{pre}{BEGIN}\n{body}\n{END}{post}")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
+    ap = argparse.ArgumentParser(description="hotproxy side by side with HAProxy, nginx and plain "
+                                             "uvloop, on 127.0.0.1.")
+    ap.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (1 round, short runs)")
+    ap.add_argument("--rounds", type=int, help="rounds of the steady scenarios (default 3)")
+    ap.add_argument("--duration", type=float, help="seconds per load run (default 5)")
+    ap.add_argument("--reload-duration", type=float, help="seconds steady and during reloads (default 8)")
+    ap.add_argument("--reload-rounds", type=int, help="rounds of the reload scenario (default 3)")
+    ap.add_argument("-c", "--connections", type=int, default=50)
+    ap.add_argument("--scenarios", default=None,
+                    help="comma list of keepalive,close,bulk,iperf3,reload (default: all)")
+    ap.add_argument("--proxies", default=None,
+                    help="comma list of names or prefixes: direct,haproxy,haproxy-tuned,nginx-stream,"
+                         "plain-uvloop,hotproxy-c-1w,hotproxy-c-2w,hotproxy-py-1w (default: all)")
+    ap.add_argument("--reload-proxies", default=None,
+                    help="which proxies to reload (default: hotproxy-c-Nw, haproxy, nginx-stream)")
+    ap.add_argument("--workers", type=int, default=None, help="N for hotproxy with N workers (default: CPUs)")
+    ap.add_argument("--storm", action="store_true", help="also reload every 0.05 s (a reload storm)")
+    ap.add_argument("--storm-interval", type=float, default=0.05)
+    ap.add_argument("--idle", type=int, default=None,
+                    help="also measure RSS per idle proxied connection with this many (full run: 10000)")
+    ap.add_argument("--no-wrk", action="store_true", help="use the built-in load generator")
+    ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--no-nginx", action="store_true", help="skip nginx (also as the backend)")
+    ap.add_argument("--no-iperf", action="store_true")
+    ap.add_argument("--builtin-backend", action="store_true", help="bench/backend.py even if nginx is installed")
+    ap.add_argument("--write-results", metavar="PATH", help="also write the report into PATH (RESULTS.md)")
+    args = ap.parse_args(argv)
+    s = Settings(connections=args.connections)
+    args.extra = set()
+    if args.quick:
+        s.rounds, s.duration, s.reload_duration, s.reload_rounds, s.warmup = 1, 1.0, 2.0, 1, 0.0
+        s.idle_connections = 0
+    else:
+        s.idle_connections = 10000
+        args.extra.add("idle")
+    if args.idle is not None:
+        s.idle_connections = args.idle
+        if args.idle:
+            args.extra.add("idle")
+        else:
+            args.extra.discard("idle")
+    if args.rounds is not None:
+        s.rounds = args.rounds
+    if args.duration is not None:
+        s.duration = args.duration
+    if args.reload_duration is not None:
+        s.reload_duration = args.reload_duration
+    if args.reload_rounds is not None:
+        s.reload_rounds = args.reload_rounds
+    all_scen = ("keepalive", "close", "bulk", "iperf3", "reload")
+    s.scenarios = tuple(x.strip() for x in args.scenarios.split(",")) if args.scenarios else all_scen
+    bad = [x for x in s.scenarios if x not in all_scen]
+    if bad:
+        ap.error(f"unknown scenario(s) {bad}: expected some of {','.join(all_scen)}")
+    s.reload_intervals = (0.5, args.storm_interval) if args.storm else (0.5,)
+    # hard bounds, whatever the options say
+    s.duration = min(max(s.duration, 0.5), 120.0)
+    s.reload_duration = min(max(s.reload_duration, 1.0), 120.0)
+    return args, s
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run, print the report, optionally write RESULTS.md."""
+    args, s = parse_args(argv)
+
+    # SIGTERM (and SIGHUP from a closing terminal) unwind like Ctrl-C, so the
+    # finally-blocks stop every process this run started.
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    try:
+        body = run(args, s)
+    except KeyboardInterrupt:
+        log("interrupted: stopping everything")
+        return 130
+    finally:
+        Proc.stop_all()
+    print(body)
+    if args.write_results:
+        write_results(Path(args.write_results), body)
+        log(f"wrote {args.write_results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
