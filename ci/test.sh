@@ -12,3 +12,5 @@ rm -rf "$VENV"
 python -m pip install -q --upgrade pip
 # The README's test command:
 pip install '.[test]' && pytest -m 'not slow' "$@"
+# The micro-benchmarks, once each with timing off, so they cannot rot:
+bash ci/bench.sh
