@@ -335,3 +335,38 @@ def test_errors_pickle() -> None:
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is BuildListenerError and str(back) == str(err)
     assert isinstance(back, OSError)
+
+
+def test_closing_a_listener_serves_what_the_kernel_queued(core_name: str) -> None:
+    """Connections already in the accept queue when a listener closes (Remove,
+    a moved listener) are served, not reset."""
+
+    async def main() -> None:
+        ex = ServiceExecutor(drain_timeout=10)
+        p1, p2 = free_port(), free_port()
+        await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v1"), lf(p1)))
+        await ex.execute(Precommit("t", TaggedFactory(b"v2"), lf(p2)))
+        # The loop does not run while we connect: the kernel completes the
+        # handshakes and queues them on the listener nobody accepts from yet.
+        queued = [socket.create_connection((HOST, p1)) for _ in range(5)]
+        await ex.execute(Commit("t"))          # the p1 listener closes now
+        for s in queued:
+            s.setblocking(False)
+        async def talk(s: socket.socket) -> bytes:
+            r, w = await asyncio.open_connection(sock=s)
+            try:
+                return await asyncio.wait_for(ask(r, w, b"q"), 5)
+            finally:
+                w.close()
+        answers = await asyncio.gather(*(talk(s) for s in queued))
+        assert answers == [b"v2:q"] * 5        # served by the site's new version
+        # and the same on Remove
+        queued = [socket.create_connection((HOST, p2)) for _ in range(3)]
+        await ex.execute(Remove("t"))
+        for s in queued:
+            s.setblocking(False)
+        answers = await asyncio.gather(*(talk(s) for s in queued))
+        assert answers == [b"v2:q"] * 3
+        await asyncio.wait_for(ex.wait_drained(), 10)
+
+    run(main())

@@ -16,11 +16,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
+import logging
 import os
 import socket
 import stat
 from dataclasses import dataclass
 from typing import Any, Callable
+
+log = logging.getLogger("hotproxy.listeners")
 
 
 class ListenerFactory(abc.ABC):
@@ -50,6 +53,7 @@ class BoundListener:
         self.sock = sock
         self.factory = factory
         self.server: asyncio.AbstractServer | None = None
+        self._protocol_factory: Callable[[], asyncio.BaseProtocol] | None = None
         self._on_close = on_close
         self._closed = False
 
@@ -63,23 +67,69 @@ class BoundListener:
         self.sock.listen(self.factory.backlog)
         self.server = await loop.create_server(
             protocol_factory, sock=self.sock, backlog=self.factory.backlog)
+        self._protocol_factory = protocol_factory
         return self.server
 
-    def close(self) -> None:
-        """Stop accepting (open connections are not touched)."""
+    def close(self) -> int:
+        """Stop accepting; open connections are not touched.
+
+        Connections the kernel has already queued on the socket are accepted
+        and served (not reset, as closing a listening socket would do); the
+        number of them is returned.
+        """
         if self._closed:
-            return
+            return 0
         self._closed = True
+        taken = 0
         if self.server is not None:
+            # Keep the socket open through a duplicate while the server lets
+            # go of it, then take what is queued and only then close it.
+            try:
+                spare = self.sock.dup()
+            except OSError:
+                spare = None
             self.server.close()
+            if spare is not None:
+                taken = self._take_queued(spare)
+                spare.close()
         else:
             self.sock.close()
         if self._on_close is not None:
             self._on_close()
+        return taken
+
+    def _take_queued(self, sock: socket.socket) -> int:
+        loop = asyncio.get_running_loop()
+        factory = self._protocol_factory
+        assert factory is not None
+        sock.setblocking(False)
+        taken = 0
+        while taken < 4096:   # bounded: the queue holds at most the backlog
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.warning("%s: accepting queued connections on close: %s", self.address, exc)
+                break
+            taken += 1
+            task = loop.create_task(loop.connect_accepted_socket(factory, conn))
+            _pending_accepts.add(task)
+            task.add_done_callback(_accept_done)
+        return taken
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("serving" if self.server else "bound")
         return f"<BoundListener {self.address} {state}>"
+
+
+_pending_accepts: set[asyncio.Task[Any]] = set()
+
+
+def _accept_done(task: asyncio.Task[Any]) -> None:
+    _pending_accepts.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a connection queued at close was lost: %s", task.exception())
 
 
 def format_host_port(host: str, port: int) -> str:
