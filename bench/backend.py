@@ -102,6 +102,11 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 async def serve(host: str, ports: list[int]) -> None:
     """Serve on every port until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
@@ -109,7 +114,7 @@ async def serve(host: str, ports: list[int]) -> None:
                for p in ports]
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, _set_once, stop)
     await stop
     for s in servers:
         s.close()
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, action="append", required=True)
     ap.add_argument("--processes", type=int, default=1)
     args = ap.parse_args(argv)
-    children = []
+    children: list[int] = []
     for _ in range(max(1, args.processes) - 1):
         pid = os.fork()
         if pid == 0:

@@ -112,6 +112,11 @@ def _parse(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 async def serve(maps: list[str]) -> None:
     """Serve every ``LISTEN=UP[,UP...]`` mapping until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
@@ -127,7 +132,7 @@ async def serve(maps: list[str]) -> None:
             lambda u=upstreams: _Client(u), sock=sock, backlog=4096))  # type: ignore[misc]
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, _set_once, stop)
     await stop
     for s in servers:
         s.close()
