@@ -401,6 +401,29 @@ def nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def raise_nofile(want: int = 65536) -> None:
+    """Raise the fd limit (inherited by every process started here), so
+    10,000 idle proxied connections fit: up to the hard limit, and beyond it
+    when we may (root)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in ((max(want, hard), max(want, hard)), (hard, hard)):
+        try:
+            if limit[0] > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+            return
+        except (ValueError, OSError):
+            continue
+
+
+def background_cpu(seconds: float = 1.0) -> float:
+    """Machine CPU use (% of one CPU) while this harness loads nothing: what
+    the other users of the shared machine take."""
+    b0, t0 = machine_cpu()
+    time.sleep(seconds)
+    b1, t1 = machine_cpu()
+    return 100.0 * NCPU * (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
 # -- proxies -------------------------------------------------------------------------------
 
 
@@ -444,6 +467,15 @@ class Proxy:
 
     def launch(self) -> Proc:
         raise NotImplementedError
+
+    def log_tail(self, lines: int = 3) -> str:
+        """The last lines of the proxy's log (for a failure's note)."""
+        texts = []
+        for name in ("log", "error.log"):
+            f = self.tmp / name
+            if f.exists():
+                texts += f.read_text(errors="replace").strip().splitlines()[-lines:]
+        return " | ".join(texts[-lines:])
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -896,6 +928,8 @@ class Results:
         self.rounds: list[dict[str, dict[str, float]]] = []
         self.idle: dict[str, dict[str, float]] = {}
         self.reload: dict[tuple[str, float], list[ReloadOutcome]] = {}
+        #: CPU use of the machine before each round, while idle here
+        self.background: list[float] = []
 
     def values(self, proxy: str, key: str) -> list[float]:
         return [r[proxy][key] for r in self.rounds if proxy in r and key in r[proxy]]
@@ -1165,6 +1199,8 @@ def run(args: argparse.Namespace, s: Settings) -> str:
             if steady_scen and s.rounds > 0:
                 for rnd in range(s.rounds):
                     figures: dict[str, dict[str, float]] = {}
+                    res.background.append(background_cpu())
+                    log(f"round {rnd + 1}: background CPU use {res.background[-1]:.0f}% of one CPU")
                     for proxy in rotate(proxies, rnd):
                         log(f"round {rnd + 1}/{s.rounds}: {proxy.name}")
                         try:
@@ -1174,8 +1210,10 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                                     and not isinstance(proxy, Direct)):
                                 res.idle[proxy.name] = measure_idle(proxy, idle_count(s.idle_connections))
                         except Exception as exc:  # noqa: BLE001 - one proxy failing must not stop the run
-                            log(f"  {proxy.name} failed: {exc}")
-                            notes.append(f"round {rnd + 1}: {proxy.name} failed: {exc}")
+                            tail = proxy.log_tail()
+                            log(f"  {proxy.name} failed: {exc}; its log: {tail}")
+                            notes.append(f"round {rnd + 1}: {proxy.name} failed: {exc}"
+                                         + (f" (its log: `{tail}`)" if tail else ""))
                         finally:
                             proxy.stop()
                         f = figures.get(proxy.name, {})
@@ -1196,8 +1234,10 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                                     f"p99={o.during.p99_us / max(1.0, o.steady.p99_us):.2f} "
                                     f"lat={o.latencies_ms[:5]} fails={o.failures[:2]}")
                             except Exception as exc:  # noqa: BLE001
-                                log(f"  {proxy.name} failed: {exc}")
-                                notes.append(f"reload {interval:g}s round {rnd + 1}: {proxy.name} failed: {exc}")
+                                tail = proxy.log_tail()
+                                log(f"  {proxy.name} failed: {exc}; its log: {tail}")
+                                notes.append(f"reload {interval:g}s round {rnd + 1}: {proxy.name} failed: {exc}"
+                                             + (f" (its log: `{tail}`)" if tail else ""))
                             finally:
                                 proxy.stop()
         finally:
@@ -1256,9 +1296,12 @@ def report(args: argparse.Namespace, s: Settings, res: Results, names: list[str]
                  if res.spread(p, "ka_rps") is not None]
         noisy += [f"{p} close req/s {res.spread(p, 'close_rps'):.0f}%" for p in ("direct", "haproxy")
                   if res.spread(p, "close_rps") is not None]
+        if res.background:
+            noisy.append("CPU taken by others on the machine, sampled 1 s before each round: "
+                         + ", ".join(f"{b:.0f}%" for b in res.background) + " of one CPU")
         if noisy:
             out.append("Noise: spread (max − min) ÷ median of the baselines over the rounds: "
-                       + ", ".join(noisy) + ".")
+                       + "; ".join(noisy) + ".")
             out.append("")
     if res.reload:
         out.append("### Reload under `Connection: close` load")
@@ -1376,6 +1419,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run, print the report, optionally write RESULTS.md."""
     args, s = parse_args(argv)
+    raise_nofile()
 
     # SIGTERM (and SIGHUP from a closing terminal) unwind like Ctrl-C, so the
     # finally-blocks stop every process this run started.
