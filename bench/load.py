@@ -468,6 +468,9 @@ class Proxy:
     def launch(self) -> Proc:
         raise NotImplementedError
 
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.alive()
+
     def log_tail(self, lines: int = 3) -> str:
         """The last lines of the proxy's log (for a failure's note)."""
         texts = []
@@ -722,9 +725,9 @@ def hotproxy_status(tmp: Path) -> tuple[bool, str]:
 class Settings:
     """What one run measures, and for how long."""
 
-    rounds: int = 3
-    duration: float = 5.0
-    reload_duration: float = 8.0
+    rounds: int = 5
+    duration: float = 3.0
+    reload_duration: float = 6.0
     connections: int = 50
     bulk_connections: int = 4
     wrk_threads: int = 1
@@ -735,51 +738,43 @@ class Settings:
     warmup: float = 0.5
 
 
-def measure_proxy(proxy: Proxy, driver: Driver, s: Settings, have_iperf: bool) -> dict[str, float]:
-    """Every steady scenario once against a started proxy; flat dict of figures."""
-    out: dict[str, float] = {}
-    pid = proxy.pid
-    if s.warmup:
-        driver.run(proxy.port, "/small", s.connections, s.warmup)
+STEADY_SCENARIOS = ("keepalive", "close", "bulk", "iperf3")
 
-    def checked(r: LoadResult, what: str) -> LoadResult:
-        # a run where nothing completed is a broken proxy, not a slow one
-        if r.requests == 0:
-            raise RuntimeError(f"{proxy.name}: no request completed in the {what} run (errors {r.errors})")
-        return r
-    if "keepalive" in s.scenarios:
-        m = Meter(pid)
-        r = checked(driver.run(proxy.port, "/small", s.connections, s.duration), "keep-alive")
-        u = m.done()
-        out.update(ka_rps=r.rps, ka_p50_ms=r.p50_us / 1e3, ka_p99_ms=r.p99_us / 1e3,
-                   ka_errors=r.error_count, ka_machine_cpu=u["machine_cpu_pct"])
-        if "proxy_cpu_s" in u:
-            out["ka_proxy_cpu_pct"] = 100 * u["proxy_cpu_s"] / u["wall"]
-            if u["proxy_cpu_s"] > 0:
-                out["ka_per_cpu_s"] = r.requests / u["proxy_cpu_s"]
-    if "close" in s.scenarios:
-        m = Meter(pid)
-        r = checked(driver.run(proxy.port, "/small", s.connections, s.duration, close=True), "close")
-        u = m.done()
-        out.update(close_rps=r.rps, close_p99_ms=r.p99_us / 1e3, close_errors=r.error_count,
-                   close_machine_cpu=u["machine_cpu_pct"])
-        if "proxy_cpu_s" in u:
-            out["close_proxy_cpu_pct"] = 100 * u["proxy_cpu_s"] / u["wall"]
-            if u["proxy_cpu_s"] > 0:
-                out["close_per_cpu_s"] = r.requests / u["proxy_cpu_s"]
-    if "bulk" in s.scenarios:
-        m = Meter(pid)
-        r = checked(driver.run(proxy.port, "/big", s.bulk_connections, s.duration), "1 MiB")
-        u = m.done()
-        out.update(bulk_mibps=r.bytes / r.duration_s / (1 << 20) if r.duration_s else 0.0,
-                   bulk_errors=r.error_count)
-        if "proxy_cpu_s" in u and u["proxy_cpu_s"] > 0:
-            out["bulk_mib_per_cpu_s"] = r.bytes / (1 << 20) / u["proxy_cpu_s"]
-    out["errors"] = sum(out.get(k, 0) for k in ("ka_errors", "close_errors", "bulk_errors"))
-    if "iperf3" in s.scenarios and have_iperf:
+
+def measure_scenario(proxy: Proxy, driver: Driver, s: Settings, scenario: str) -> dict[str, float]:
+    """One steady scenario once against a running proxy; a flat dict of figures."""
+    out: dict[str, float] = {}
+    if scenario == "iperf3":
         g = run_iperf(proxy.iperf_port, s.duration)
         if g is not None:
             out["iperf_gbps"] = g
+        return out
+    path, conns, close, prefix = {
+        "keepalive": ("/small", s.connections, False, "ka"),
+        "close": ("/small", s.connections, True, "close"),
+        "bulk": ("/big", s.bulk_connections, False, "bulk"),
+    }[scenario]
+    m = Meter(proxy.pid)
+    r = driver.run(proxy.port, path, conns, s.duration, close=close)
+    u = m.done()
+    if r.requests == 0:
+        # a run where nothing completed is a broken proxy, not a slow one
+        raise RuntimeError(f"no request completed in the {scenario} run (errors {r.errors})")
+    out[f"{prefix}_errors"] = r.error_count
+    out[f"{prefix}_machine_cpu"] = u["machine_cpu_pct"]
+    cpu = u.get("proxy_cpu_s")
+    if cpu is not None:
+        out[f"{prefix}_proxy_cpu_pct"] = 100 * cpu / u["wall"]
+    if scenario == "bulk":
+        out["bulk_mibps"] = r.bytes / r.duration_s / (1 << 20) if r.duration_s else 0.0
+        if cpu:
+            out["bulk_mib_per_cpu_s"] = r.bytes / (1 << 20) / cpu
+        return out
+    out[f"{prefix}_rps"] = r.rps
+    out[f"{prefix}_p50_ms"] = r.p50_us / 1e3
+    out[f"{prefix}_p99_ms"] = r.p99_us / 1e3
+    if cpu:
+        out[f"{prefix}_per_cpu_s"] = r.requests / cpu
     return out
 
 
@@ -833,6 +828,10 @@ class ReloadOutcome:
 
 def measure_reload(proxy: Proxy, driver: Driver, s: Settings, interval: float) -> ReloadOutcome:
     """Connection: close load, steady then with a reload every *interval* seconds."""
+    if proxy.variant % 2:
+        # start from the config the steady runs use
+        proxy.reload()
+        time.sleep(1.0)
     if s.warmup:
         driver.run(proxy.port, "/small", s.connections, s.warmup, close=True)
     steady_before = driver.run(proxy.port, "/small", s.connections, s.reload_duration, close=True)
@@ -1195,38 +1194,49 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                 iperf = Proc("iperf3 server", ["iperf3", "-s", "-B", HOST, "-p", str(IPERF_PORT)],
                              logfile=tmp / "iperf3.log")
                 wait_port(IPERF_PORT, proc=iperf)
-            steady_scen = [x for x in s.scenarios if x != "reload"]
+            steady_scen = [x for x in STEADY_SCENARIOS if x in s.scenarios
+                           and (x != "iperf3" or have_iperf)]
+            # Every proxy runs at once (each on its own ports; an idle one
+            # costs nothing), and each scenario goes through all of them back
+            # to back: a ratio then pairs runs seconds apart, not minutes.
+            live = start_all(proxies, driver, s, notes)
             if steady_scen and s.rounds > 0:
                 for rnd in range(s.rounds):
-                    figures: dict[str, dict[str, float]] = {}
+                    figures: dict[str, dict[str, float]] = {p.name: {} for p in live}
                     res.background.append(background_cpu())
-                    log(f"round {rnd + 1}: background CPU use {res.background[-1]:.0f}% of one CPU")
-                    for proxy in rotate(proxies, rnd):
-                        log(f"round {rnd + 1}/{s.rounds}: {proxy.name}")
-                        try:
-                            proxy.start()
-                            figures[proxy.name] = measure_proxy(proxy, driver, s, have_iperf)
-                            if (rnd == 0 and s.idle_connections and "idle" in args.extra
-                                    and not isinstance(proxy, Direct)):
-                                res.idle[proxy.name] = measure_idle(proxy, idle_count(s.idle_connections))
-                        except Exception as exc:  # noqa: BLE001 - one proxy failing must not stop the run
-                            tail = proxy.log_tail()
-                            log(f"  {proxy.name} failed: {exc}; its log: {tail}")
-                            notes.append(f"round {rnd + 1}: {proxy.name} failed: {exc}"
-                                         + (f" (its log: `{tail}`)" if tail else ""))
-                        finally:
-                            proxy.stop()
-                        f = figures.get(proxy.name, {})
-                        log("  " + ", ".join(f"{k}={v:.4g}" for k, v in f.items()))
+                    log(f"round {rnd + 1}/{s.rounds}: background CPU use {res.background[-1]:.0f}% of one CPU")
+                    for scen in steady_scen:
+                        for proxy in rotate(live, rnd):
+                            try:
+                                if proxy.proc is not None and not proxy.alive():
+                                    raise RuntimeError("the proxy is not running")
+                                f = measure_scenario(proxy, driver, s, scen)
+                            except Exception as exc:  # noqa: BLE001 - one proxy failing must not stop the run
+                                fail(proxy, f"round {rnd + 1} {scen}", exc, notes)
+                                continue
+                            figures[proxy.name].update(f)
+                            log(f"  {scen:9} {proxy.name:15} " + ", ".join(f"{k}={v:.4g}" for k, v in f.items()))
+                    for f in figures.values():
+                        f["errors"] = sum(f.get(k, 0) for k in ("ka_errors", "close_errors", "bulk_errors"))
                     res.rounds.append(figures)
+            if "idle" in args.extra and s.idle_connections:
+                for proxy in live:
+                    if isinstance(proxy, Direct) or not proxy.alive():
+                        continue
+                    log(f"idle connections: {proxy.name}")
+                    try:
+                        res.idle[proxy.name] = measure_idle(proxy, idle_count(s.idle_connections))
+                    except Exception as exc:  # noqa: BLE001
+                        fail(proxy, "idle connections", exc, notes)
             if "reload" in s.scenarios:
-                reloadable = [p for p in proxies if p.can_reload and reload_wanted(p, args)]
+                reloadable = [p for p in live if p.can_reload and reload_wanted(p, args)]
                 for interval in s.reload_intervals:
                     for rnd in range(s.reload_rounds):
                         for proxy in rotate(reloadable, rnd):
                             log(f"reload every {interval:g}s, round {rnd + 1}/{s.reload_rounds}: {proxy.name}")
                             try:
-                                proxy.start()
+                                if not proxy.alive():
+                                    raise RuntimeError("the proxy is not running")
                                 o = measure_reload(proxy, driver, s, interval)
                                 res.reload.setdefault((proxy.name, interval), []).append(o)
                                 log(f"  reloads={o.reloads} errors={o.during.errors} "
@@ -1234,12 +1244,7 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                                     f"p99={o.during.p99_us / max(1.0, o.steady.p99_us):.2f} "
                                     f"lat={o.latencies_ms[:5]} fails={o.failures[:2]}")
                             except Exception as exc:  # noqa: BLE001
-                                tail = proxy.log_tail()
-                                log(f"  {proxy.name} failed: {exc}; its log: {tail}")
-                                notes.append(f"reload {interval:g}s round {rnd + 1}: {proxy.name} failed: {exc}"
-                                             + (f" (its log: `{tail}`)" if tail else ""))
-                            finally:
-                                proxy.stop()
+                                fail(proxy, f"reload {interval:g}s round {rnd + 1}", exc, notes)
         finally:
             for p in proxies:
                 p.stop()
@@ -1250,6 +1255,30 @@ def run(args: argparse.Namespace, s: Settings) -> str:
         load_after = os.getloadavg()
     return report(args, s, res, [p.name for p in proxies], notes, versions, backend.kind,
                   driver.name, load_before, load_after)
+
+
+def start_all(proxies: list[Proxy], driver: Driver, s: Settings, notes: list[str]) -> list[Proxy]:
+    """Start every proxy and warm it up; return those that run."""
+    live = []
+    for proxy in proxies:
+        log(f"starting {proxy.name}")
+        try:
+            proxy.start()
+            if s.warmup:
+                driver.run(proxy.port, "/small", s.connections, s.warmup)
+        except Exception as exc:  # noqa: BLE001 - a proxy that cannot start is reported, not fatal
+            fail(proxy, "start", exc, notes)
+            proxy.stop()
+            continue
+        live.append(proxy)
+    return live
+
+
+def fail(proxy: Proxy, what: str, exc: BaseException, notes: list[str]) -> None:
+    """Log and note a failure, quoting the proxy's log."""
+    tail = proxy.log_tail()
+    log(f"  {proxy.name} failed ({what}): {exc}; its log: {tail}")
+    notes.append(f"{what}: {proxy.name} failed: {exc}" + (f" (its log: `{tail}`)" if tail else ""))
 
 
 def idle_count(wanted: int) -> int:
@@ -1358,9 +1387,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     ap = argparse.ArgumentParser(description="hotproxy side by side with HAProxy, nginx and plain "
                                              "uvloop, on 127.0.0.1.")
     ap.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (1 round, short runs)")
-    ap.add_argument("--rounds", type=int, help="rounds of the steady scenarios (default 3)")
-    ap.add_argument("--duration", type=float, help="seconds per load run (default 5)")
-    ap.add_argument("--reload-duration", type=float, help="seconds steady and during reloads (default 8)")
+    ap.add_argument("--rounds", type=int, help="rounds of the steady scenarios (default 5)")
+    ap.add_argument("--duration", type=float, help="seconds per load run (default 3)")
+    ap.add_argument("--reload-duration", type=float, help="seconds steady and during reloads (default 6)")
     ap.add_argument("--reload-rounds", type=int, help="rounds of the reload scenario (default 3)")
     ap.add_argument("-c", "--connections", type=int, default=50)
     ap.add_argument("--scenarios", default=None,
