@@ -226,7 +226,8 @@ class Master:
             "reloads": self.reloader.seq,
             "last_reload": last.to_dict() if last is not None else None,
             "restarts": self.manager.restarts,
-            "workers": [{k: w.get(k) for k in ("worker", "pid", "alive", "draining", "error")} for w in workers],
+            "workers": [{**{k: w.get(k) for k in ("worker", "pid", "alive", "draining", "error")},
+                         "sites": sorted(w.get("sites") or ())} for w in workers],
             "services": services,
         }
 

@@ -1,0 +1,325 @@
+"""Helpers for the end-to-end tests of the ``hotproxy`` program.
+
+* ``Program``: one real ``hotproxy run -c FILE`` process (the master and its
+  workers), with its log in a file, readiness by polling the admin socket,
+  and a ``kill()`` that leaves no process behind (tests call it from a
+  fixture finalizer).
+* ``FailOnWorker``: a test-only service factory that fails to build on one
+  worker id, to show that a failure on one worker rolls back all of them.
+  It reaches the program as the service kind ``fail_on_worker``, registered
+  only when the master is started as ``python -m helpers_program run ...``
+  (this module's ``__main__``): production code knows nothing of it.
+* ``EchoClient``: a long-lived echo connection that can be checked at any
+  time, and ``ShortLoop``: short connections in a loop, counting failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hotproxy.admin import AdminClient, AdminError
+from hotproxy.config import Option, ServiceKind, register_kind
+from hotproxy.echo import EchoFactory
+from hotproxy.service import CountConnections, MakeService, Service, stack
+
+HOST = "127.0.0.1"
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- the test-only service kind --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailOnWorker(MakeService):
+    """An echo factory that raises while building on worker ``fail_worker`` (-1: never)."""
+
+    greeting: bytes = b""
+    fail_worker: int = -1
+
+    def make_via_ref(self, old: Service | None) -> Service:
+        if str(self.fail_worker) == os.environ.get("HOTPROXY_WORKER_ID"):
+            raise RuntimeError(f"injected failure on worker {self.fail_worker}")
+        return EchoFactory(self.greeting).make_via_ref(old)
+
+
+FAIL_ON_WORKER = ServiceKind("fail_on_worker", {
+    "greeting": Option("str", ""),
+    "fail_worker": Option("int", -1),
+}, lambda o: stack(FailOnWorker(o["greeting"].encode(), o["fail_worker"]), CountConnections()),
+    doc="test only: an echo service that fails to build on one worker")
+
+
+def register() -> None:
+    """Make ``kind = "fail_on_worker"`` available in this process."""
+    register_kind(FAIL_ON_WORKER)
+
+
+# -- the program -------------------------------------------------------------------
+
+
+class Program:
+    """A running ``hotproxy run -c FILE``; always ``kill()`` it in a finalizer."""
+
+    def __init__(self, config: Path | None, log: Path, *, test_kinds: bool = False,
+                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.config = config
+        self.log_path = log
+        self.cwd = config.parent if config is not None else log.parent
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join([TESTS, self.env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.env.update(env or {})
+        module = "helpers_program" if test_kinds else "hotproxy.cli"
+        cmd = [sys.executable, "-m", module, "run"]
+        if args is None:
+            args = ["-c", str(config)] if config is not None else []
+        cmd += args
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=str(self.cwd))
+        self.worker_pids: list[int] = []
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def socket_path(self) -> str:
+        from hotproxy.config import admin_socket_for
+
+        old = os.environ.get("XDG_RUNTIME_DIR")
+        try:
+            if "XDG_RUNTIME_DIR" in self.env:
+                os.environ["XDG_RUNTIME_DIR"] = self.env["XDG_RUNTIME_DIR"]
+            return admin_socket_for(None if self.config is None else str(self.config))
+        finally:
+            if old is None:
+                os.environ.pop("XDG_RUNTIME_DIR", None)
+            else:
+                os.environ["XDG_RUNTIME_DIR"] = old
+
+    async def admin(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        """One admin request (the CLI's own client)."""
+        client = AdminClient(self.socket_path())
+        await client.connect()
+        try:
+            return await asyncio.wait_for(client.request(cmd, **fields), 60)
+        finally:
+            await client.close()
+
+    async def status(self) -> dict[str, Any]:
+        reply = await self.admin("status")
+        assert reply["ok"], reply
+        return reply["status"]  # type: ignore[no-any-return]
+
+    async def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until the initial config serves; fail with the log if the program exits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hotproxy exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(AdminError, OSError, AssertionError, KeyError):
+                status = await self.status()
+                if status["ready"]:
+                    self.worker_pids = [w["pid"] for w in status["workers"] if w["pid"]]
+                    return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"hotproxy not ready within {timeout}s:\n{self.log()}")
+            await asyncio.sleep(0.05)
+
+    async def generations(self, name: str) -> dict[str, int]:
+        """Per-worker generation of service *name*."""
+        for s in (await self.status())["services"]:
+            if s["name"] == name:
+                return s["generations"]  # type: ignore[no-any-return]
+        raise KeyError(name)
+
+    async def cli(self, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+        """Run ``hotproxy ARGS`` (as ``python -m hotproxy.cli``); return (code, stdout, stderr)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hotproxy.cli", *args, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env, cwd=str(self.cwd))
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"hotproxy still running after {timeout}s:\n{self.log()}")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def alive_workers(self) -> list[int]:
+        return [pid for pid in self.worker_pids if _alive(pid)]
+
+    def kill(self) -> None:
+        """Make sure nothing we started survives (master and workers)."""
+        pids = set(self.worker_pids) | set(_children(self.proc.pid))
+        if self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# -- clients -------------------------------------------------------------------------
+
+
+class EchoClient:
+    """A long echo connection; ``check()`` proves it still works."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, greeting: bytes) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.greeting = greeting
+        self.n = 0
+
+    @classmethod
+    async def open(cls, port: int, greeting_len: int = 0) -> EchoClient:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        greeting = await asyncio.wait_for(reader.readexactly(greeting_len), 10) if greeting_len else b""
+        return cls(reader, writer, greeting)
+
+    async def check(self) -> None:
+        self.n += 1
+        msg = b"ping %d\n" % self.n
+        self.writer.write(msg)
+        await self.writer.drain()
+        got = await asyncio.wait_for(self.reader.readexactly(len(msg)), 10)
+        assert got == msg
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+async def roundtrip(port: int, greeting_len: int = 0, payload: bytes = b"hello") -> bytes:
+    """A short connection: greeting + echo of *payload*."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 10)
+    try:
+        got = await asyncio.wait_for(reader.readexactly(greeting_len), 10) if greeting_len else b""
+        writer.write(payload)
+        await writer.drain()
+        got += await asyncio.wait_for(reader.readexactly(len(payload)), 10)
+        return got
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def refuses(port: int) -> bool:
+    """True if nothing accepts on *port*."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 5)
+    except (ConnectionRefusedError, OSError):
+        return True
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()
+    return False
+
+
+class ShortLoop:
+    """Short connections to *ports*, one after another, until ``stop()``.
+
+    Every connection must echo its payload, after one of the greetings the
+    port may send (a changed service sends the new one); failures are kept.
+    """
+
+    def __init__(self, targets: dict[int, set[bytes]]) -> None:
+        self.targets = targets
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> ShortLoop:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            for port, greetings in self.targets.items():
+                i += 1
+                glen = len(next(iter(greetings)))
+                payload = b"short %d\n" % i
+                try:
+                    got = await roundtrip(port, glen, payload)
+                    if got[glen:] != payload or got[:glen] not in greetings:
+                        self.failures.append(f"port {port}: got {got!r}")
+                    else:
+                        self.ok += 1
+                except Exception as exc:  # every failure counts, whatever it is
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise asyncio.CancelledError from None   # wait_for may eat a cancel
+                    self.failures.append(f"port {port}: {type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 30)
+
+    def cancel(self) -> None:
+        """For ``finally:`` blocks: stop without waiting."""
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+
+
+if __name__ == "__main__":
+    # ``python -m helpers_program run -c FILE``: the real hotproxy program with
+    # the test-only kind added.  Import this module by its own name, so the
+    # factories pickle as ``helpers_program.FailOnWorker`` for the workers.
+    import helpers_program
+
+    helpers_program.register()
+    from hotproxy.cli import main
+
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""End to end: the real ``hotproxy run -c FILE`` process, real signals, the real CLI.
+
+Every test starts its own instance on loopback ports (2 workers), talks to
+it only as an operator and a client would -- TCP connections, ``kill``,
+``hotproxy reload|status|stop`` -- and kills whatever it started in a
+fixture finalizer.  Nothing here asserts on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from conftest import eventually, free_port, run
+from helpers_program import EchoClient, Program, ShortLoop, refuses, roundtrip
+
+HAVE_PROXY = importlib.util.find_spec("hotproxy.proxy") is not None
+needs_proxy = pytest.mark.skipif(not HAVE_PROXY, reason="hotproxy.proxy is not there yet")
+
+Start = Callable[..., Program]
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Start]:
+    """``start(config_text, **kw)`` -> a started ``Program``; all killed at the end."""
+    started: list[Program] = []
+
+    def _start(text: str | None, *, name: str = "hotproxy.toml", **kw: Any) -> Program:
+        cfg = tmp_path / name
+        if text is not None:
+            cfg.write_text(text)
+        prog = Program(cfg if text is not None else None, tmp_path / f"{name}.log", **kw)
+        started.append(prog)
+        return prog
+
+    yield _start
+    for prog in started:
+        prog.kill()
+        # shown by pytest when the test failed
+        print(f"---- log of {prog.config or 'hotproxy run'} ----\n{prog.log()}")
+
+
+def toml(services: dict[str, dict[str, Any]], *, workers: int = 2, drain: float = 30.0,
+         admin: str = "admin.sock", **runtime: Any) -> str:
+    """A config file's text (TOML's basic strings take JSON's escapes)."""
+    lines = ["[runtime]", f"workers = {workers}", f"drain_timeout = {drain}", f"admin_socket = {json.dumps(admin)}",
+             'log_level = "info"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in runtime.items()]
+    for name, opts in services.items():
+        lines.append(f"\n[services.{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def echo(port: int, greeting: str = "", **kw: Any) -> dict[str, Any]:
+    return {"kind": "echo", "listen": f"127.0.0.1:{port}", "greeting": greeting, **kw}
+
+
+def by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in status["services"]}
+
+
+# -- reload: add, change, remove, move; nothing cut, nothing refused ---------------------
+
+
+def test_reload_adds_changes_removes_and_moves_without_cutting(start: Start, tmp_path: Path) -> None:
+    keep, chg, gone, mv1, mv2, new, late, px = (free_port() for _ in range(8))
+    v1 = {
+        "keep": echo(keep, "k1\n"),
+        "chg": echo(chg, "c1\n"),
+        "gone": echo(gone, "g1\n"),
+        "mover": echo(mv1, "m1\n"),
+    }
+    if HAVE_PROXY:
+        v1["px"] = {"kind": "proxy", "listen": f"127.0.0.1:{px}", "upstreams": [f"127.0.0.1:{keep}"]}
+    prog = start(toml(v1))
+    cfg = prog.config
+    assert cfg is not None
+
+    async def main() -> None:
+        status = await prog.wait_ready()
+        assert {s["name"]: s["generation"] for s in status["services"]} == {n: 1 for n in v1}
+
+        # long connections on every service that will change, move or go away
+        longs = {name: await EchoClient.open(port, 3)
+                 for name, port in (("keep", keep), ("chg", chg), ("gone", gone), ("mover", mv1))}
+        assert [c.greeting for c in longs.values()] == [b"k1\n", b"c1\n", b"g1\n", b"m1\n"]
+        for c in longs.values():
+            await c.check()
+        targets = {keep: {b"k1\n"}, chg: {b"c1\n", b"c2\n", b"c3\n"}}
+        if HAVE_PROXY:
+            targets[px] = {b"k1\n"}
+        shorts = ShortLoop(targets).start()
+        try:
+            await exercise(longs, shorts)
+        finally:
+            shorts.cancel()
+            for c in longs.values():
+                await c.close()
+
+    async def exercise(longs: dict[str, EchoClient], shorts: ShortLoop) -> None:
+        await eventually(lambda: shorts.ok >= 10)
+
+        # v2 through `hotproxy reload`: add new, change chg in place, remove gone, move mover
+        v2 = dict(v1, chg=echo(chg, "c2\n"), mover=echo(mv2, "m2\n"), new=echo(new, "n2\n"))
+        del v2["gone"]
+        if HAVE_PROXY:
+            v2["px"] = dict(v1["px"], balance="least_conn", connect_timeout=1.5)
+        cfg.write_text(toml(v2))
+        code, out, err = await prog.cli("reload", "-c", str(cfg))
+        assert code == 0, out + err
+        first = out.splitlines()[0]
+        changed = "chg,mover,px" if HAVE_PROXY else "chg,mover"
+        assert first.startswith(f"reload ok: added=[new] changed=[{changed}] moved=[mover] removed=[gone] "
+                                "unchanged=[keep]"), out
+        assert "per-worker" not in out and "failure" not in out
+
+        assert await roundtrip(chg, 3) == b"c2\nhello"
+        assert await roundtrip(new, 3) == b"n2\nhello"
+        assert await roundtrip(mv2, 3) == b"m2\nhello"
+        await eventually(lambda: refuses(mv1))
+        await eventually(lambda: refuses(gone))
+        if HAVE_PROXY:
+            assert await roundtrip(px, 3) == b"k1\nhello"
+        for c in longs.values():
+            await c.check()   # all still open: changed, moved and removed services drain
+        gens = by_name(await prog.status())
+        assert set(gens["keep"]["generations"].values()) == {1}   # unchanged: not touched
+        assert set(gens["chg"]["generations"].values()) == {2}
+        assert set(gens["mover"]["generations"].values()) == {2}
+        assert set(gens["new"]["generations"].values()) == {1}
+        assert "gone" not in gens
+        assert len(gens["keep"]["generations"]) == 2   # on both workers
+
+        # v3 through SIGHUP: change chg again, add late, remove new
+        v3 = dict(v2, chg=echo(chg, "c3\n"), late=echo(late, "l3\n"))
+        del v3["new"]
+        cfg.write_text(toml(v3))
+        prog.signal(signal.SIGHUP)
+
+        async def third_reload() -> bool:
+            last = (await prog.status())["last_reload"]
+            return last is not None and last["seq"] == 3
+
+        await eventually(third_reload)
+        status = await prog.status()
+        last = status["last_reload"]
+        assert last["ok"] and last["trigger"] == "SIGHUP", last
+        assert (last["added"], last["changed"], last["removed"]) == (["late"], ["chg"], ["new"])
+        assert sorted(last["unchanged"]) == sorted(["keep", "mover"] + (["px"] if HAVE_PROXY else []))
+        assert await roundtrip(chg, 3) == b"c3\nhello"
+        assert await roundtrip(late, 3) == b"l3\nhello"
+        await eventually(lambda: refuses(new))
+        gens = by_name(status)
+        assert set(gens["keep"]["generations"].values()) == {1}
+        assert set(gens["chg"]["generations"].values()) == {3}
+
+        # the status table, as an operator sees it
+        code, out, err = await prog.cli("status", "-c", str(cfg))
+        assert code == 0, err
+        header, *rows = out.splitlines()
+        assert header.split()[:6] == ["SERVICE", "KIND", "LISTEN", "GEN", "ACTIVE", "TOTALS"]
+        keep_row = next(r for r in rows if r.startswith("keep "))
+        assert f"127.0.0.1:{keep}" in keep_row and " 1 " in keep_row and "accepted=" in keep_row
+        assert "last reload #3 (SIGHUP)" in out and "reload ok" in out
+
+        await shorts.stop()
+        assert shorts.failures == [], shorts.failures[:5]
+        assert shorts.ok > 20
+        for c in longs.values():
+            await c.check()   # never cut, across three configs
+            await c.close()
+        prog.signal(signal.SIGTERM)
+        assert await prog.wait_exit() == 0
+        assert "reload ok: added=[late] changed=[chg]" in prog.log()
+        assert "Traceback" not in prog.log()
+
+    run(main(), 120)
+
+
+# -- bad configs: rejected with one clear line; the old config serves on --------------------
+
+
+def test_bad_configs_are_rejected_and_the_old_config_keeps_serving(start: Start, tmp_path: Path) -> None:
+    a, b, busy_port, c = (free_port() for _ in range(4))
+    good = {"a": echo(a, "a1\n"), "b": echo(b)}
+    prog = start(toml(good))
+    cfg = prog.config
+    assert cfg is not None
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", busy_port))   # a stranger holds this port (no SO_REUSEPORT)
+    busy.listen()
+    src = str(cfg)
+    changed_a = dict(good, a=echo(a, "a2\n"))
+    bad_cases = [
+        ("syntax", toml(changed_a) + "[services.c\nkind = 'echo'\n", "TOML syntax error"),
+        ("unknown key", toml(dict(changed_a, b=dict(echo(b), colour="red"))),
+         "services.b.colour: unknown key"),
+        ("bad address", toml(dict(changed_a, c=echo(c) | {"listen": "127.0.0.1:99999"})),
+         "services.c.listen: bad listen address"),
+        ("no port", toml(dict(changed_a, c=echo(c) | {"listen": "localhost"})),
+         "services.c.listen: bad listen address"),
+        ("unknown upstream host", toml(dict(changed_a, p={
+            "kind": "proxy", "listen": f"127.0.0.1:{c}", "upstreams": [f"127.0.0.1:{a}", "nosuch.invalid:80"]})),
+         "services.p.upstreams[1]: cannot resolve host 'nosuch.invalid'"),
+        ("port in use", toml(dict(changed_a, c=echo(busy_port))),
+         f"cannot listen on 127.0.0.1:{busy_port}: address already in use"),
+        ("duplicate listen", toml(dict(changed_a, c=echo(a))),
+         "services.c.listen: address 127.0.0.1:"),
+    ]
+
+    async def still_serving() -> None:
+        assert await roundtrip(a, 3) == b"a1\nhello"
+        assert await roundtrip(b) == b"hello"
+        services = by_name(await prog.status())
+        assert sorted(services) == ["a", "b"]
+        assert all(set(s["generations"].values()) == {1} for s in services.values())
+        status = await prog.status()
+        for w in status["workers"]:
+            assert sorted(w["sites"]) == ["a", "b"], w   # nothing staged or half-added anywhere
+
+    async def main() -> None:
+        await prog.wait_ready()
+        long = await EchoClient.open(a, 3)
+        for what, text, expected in bad_cases:
+            cfg.write_text(text)
+            code, out, err = await prog.cli("reload", "-c", src)
+            assert code == 1, (what, out, err)
+            first = err.splitlines()[0]
+            assert first.startswith("reload failed: "), (what, err)
+            assert expected in first, (what, err)
+            if what != "port in use":
+                assert src in first, (what, err)    # names the file
+            assert "Traceback" not in out + err
+            if what != "port in use":
+                # `check` says the same, in one line; binding is the reload's business
+                code, out, err = await prog.cli("check", "-c", src)
+                assert code == 1 and out == "" and len(err.splitlines()) == 1, (what, out, err)
+                assert expected in err
+            await still_serving()
+            await long.check()
+
+        # SIGHUP with a bad file: logged, nothing changes, the master lives on
+        cfg.write_text(toml(dict(changed_a, c=echo(busy_port))))
+        prog.signal(signal.SIGHUP)
+
+        async def failed_reload_logged() -> bool:
+            last = (await prog.status())["last_reload"]
+            return last["seq"] == len(bad_cases) + 2 and "reload failed: " in prog.log()
+
+        await eventually(failed_reload_logged)
+        assert prog.proc.poll() is None
+        await still_serving()
+
+        # and a good file applies
+        busy.close()
+        cfg.write_text(toml(changed_a))
+        code, out, err = await prog.cli("reload", "-c", src)
+        assert code == 0, out + err
+        assert await roundtrip(a, 3) == b"a2\nhello"
+        await long.check()
+        await long.close()
+        assert "Traceback" not in prog.log()
+
+    try:
+        run(main(), 150)
+    finally:
+        busy.close()
+
+
+def test_a_failure_on_one_worker_rolls_back_all(start: Start, tmp_path: Path) -> None:
+    a, f, g = (free_port() for _ in range(3))
+    v1 = {"a": echo(a, "a1\n"), "f": {"kind": "fail_on_worker", "listen": f"127.0.0.1:{f}", "greeting": "f1\n"}}
+    prog = start(toml(v1), test_kinds=True)
+    cfg = prog.config
+    assert cfg is not None
+
+    async def main() -> None:
+        await prog.wait_ready()
+        # prepare order: g (added), then a and f (changed): g and a are staged on
+        # both workers before f fails on worker 1 only
+        v2 = {"g": echo(g, "g2\n"), "a": echo(a, "a2\n"), "f": dict(v1["f"], greeting="f2\n", fail_worker=1)}
+        cfg.write_text(toml(v2))
+        code, out, err = await prog.cli("reload", "-c", str(cfg))
+        assert code == 1, out + err
+        assert "injected failure on worker 1" in err and "worker 1" in err, err
+        assert "failure: prepare (worker 1, service 'f')" in err, err
+        assert "the old config keeps serving" in err
+        assert "Traceback" not in err
+
+        status = await prog.status()
+        for w in status["workers"]:
+            assert sorted(w["sites"]) == ["a", "f"], w   # g was bound, then dropped, on both
+        for name in ("a", "f"):
+            assert set(by_name(status)[name]["generations"].values()) == {1}
+        assert await refuses(g)
+        # many connections: both workers still serve version 1
+        for _ in range(20):
+            assert await roundtrip(a, 3) == b"a1\nhello"
+            assert await roundtrip(f, 3) == b"f1\nhello"
+        accepted = [w for w in status["workers"]]
+        assert len(accepted) == 2
+
+        # without the fault the same change applies everywhere
+        v2["f"] = dict(v2["f"], fail_worker=-1)
+        cfg.write_text(toml(v2))
+        code, out, err = await prog.cli("reload", "-c", str(cfg))
+        assert code == 0, out + err
+        assert await roundtrip(a, 3) == b"a2\nhello"
+        assert await roundtrip(g, 3) == b"g2\nhello"
+
+    run(main(), 90)
+
+
+# -- stopping ----------------------------------------------------------------------------
+
+
+def test_sigterm_drains_open_connections_then_exits_0(start: Start) -> None:
+    a = free_port()
+    prog = start(toml({"a": echo(a)}, drain=30.0))
+
+    async def main() -> None:
+        await prog.wait_ready()
+        workers = list(prog.worker_pids)
+        long = await EchoClient.open(a)
+        await long.check()
+        prog.signal(signal.SIGTERM)
+        await eventually(lambda: refuses(a))     # stops accepting at once...
+        for _ in range(3):
+            await long.check()                   # ...but the open connection goes on
+            await asyncio.sleep(0.05)
+        assert prog.proc.poll() is None
+        await long.close()                       # the last connection ends: the drain is over
+        assert await prog.wait_exit() == 0
+        await eventually(lambda: not prog.alive_workers())
+        assert workers
+        log = prog.log()
+        assert "stopping (graceful)" in log and "Traceback" not in log
+
+    run(main(), 60)
+
+
+def test_drain_timeout_bounds_a_graceful_stop(start: Start) -> None:
+    a = free_port()
+    prog = start(toml({"a": echo(a)}, drain=0.5))
+
+    async def main() -> None:
+        await prog.wait_ready()
+        long = await EchoClient.open(a)
+        await long.check()
+        prog.signal(signal.SIGINT)
+        assert await prog.wait_exit() == 0
+        # the drain timed out: the connection was closed
+        assert await asyncio.wait_for(long.reader.read(), 10) == b""
+        await long.close()
+
+    run(main(), 60)
+
+
+def test_sigquit_stops_at_once(start: Start) -> None:
+    a = free_port()
+    prog = start(toml({"a": echo(a)}, drain=30.0))
+
+    async def main() -> None:
+        await prog.wait_ready()
+        long = await EchoClient.open(a)
+        await long.check()
+        prog.signal(signal.SIGQUIT)
+        assert await prog.wait_exit(20) == 0
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError, AssertionError)):
+            await long.check()
+        await long.close()
+        await eventually(lambda: not prog.alive_workers())
+
+    run(main(), 60)
+
+
+def test_cli_stop_waits_until_stopped(start: Start) -> None:
+    a = free_port()
+    prog = start(toml({"a": echo(a)}, drain=5.0, pidfile="hotproxy.pid"))
+    assert prog.config is not None
+    pidfile = prog.config.parent / "hotproxy.pid"
+
+    async def main() -> None:
+        await prog.wait_ready()
+        assert pidfile.read_text().strip() == str(prog.pid)
+        code, out, err = await prog.cli("stop", "-c", str(prog.config))
+        assert code == 0, err
+        assert f"stopped hotproxy (pid {prog.pid})" in out
+        assert await prog.wait_exit(10) == 0
+        assert not pidfile.exists()
+        assert not Path(prog.socket_path()).exists()
+        # nobody is there any more: one line, exit 1
+        code, out, err = await prog.cli("status", "-c", str(prog.config))
+        assert code == 1 and err.startswith("hotproxy: error: no hotproxy is running") and len(err.splitlines()) == 1
+
+    run(main(), 60)
+
+
+# -- the admin socket ------------------------------------------------------------------------
+
+
+def test_admin_socket_rejects_garbage_without_disturbing_service(start: Start) -> None:
+    a = free_port()
+    prog = start(toml({"a": echo(a)}))
+
+    async def main() -> None:
+        await prog.wait_ready()
+        path = prog.socket_path()
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        long = await EchoClient.open(a)
+        reader, writer = await asyncio.open_unix_connection(path)
+        for request, expected in [
+            (b"not json\n", "malformed request: not JSON"),
+            (b"[1, 2]\n", "malformed request"),
+            (b'{"command": "status"}\n', "malformed request"),
+            (b'{"cmd": "explode"}\n', "unknown command 'explode'"),
+            (b'{"cmd": "stop", "graceful": "maybe"}\n', "graceful must be true or false"),
+            (b"\xff\xfe\n", "malformed request"),
+        ]:
+            writer.write(request)
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 10))
+            assert reply["ok"] is False and expected in reply["error"], (request, reply)
+        # the same connection still works for a good request
+        writer.write(b'{"cmd": "status"}\n')
+        reply = json.loads(await asyncio.wait_for(reader.readline(), 10))
+        assert reply["ok"] and reply["status"]["ready"]
+        # an oversized line: an error, and that client is hung up on
+        writer.write(b"x" * (70 * 1024) + b"\n")
+        reply = json.loads(await asyncio.wait_for(reader.readline(), 10))
+        assert reply["ok"] is False and "longer than" in reply["error"]
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        # a client that connects and says nothing, then vanishes
+        _, idle = await asyncio.open_unix_connection(path)
+        idle.close()
+        await long.check()
+        assert await roundtrip(a) == b"hello"
+        assert prog.proc.poll() is None
+        assert (await prog.status())["ready"]
+        await long.close()
+
+    run(main(), 60)
+
+
+def test_second_instance_on_the_same_admin_socket_refuses_to_start(start: Start, tmp_path: Path) -> None:
+    a, b = free_port(), free_port()
+    first = start(toml({"a": echo(a)}))
+
+    async def main() -> None:
+        await first.wait_ready()
+        second = start(toml({"b": echo(b)}), name="second.toml")
+        assert await second.wait_exit(30) == 1
+        assert "another hotproxy is running on it" in second.log()
+        assert "Traceback" not in second.log()
+        assert await roundtrip(a) == b"hello"
+
+    run(main(), 60)
+
+
+def test_run_rejects_a_bad_file_and_a_busy_port_before_serving(start: Start, tmp_path: Path) -> None:
+    a = free_port()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", a))
+    busy.listen()
+
+    async def main() -> None:
+        bad = start("[services.x]\nkind = 'echo'\nlisten = '127.0.0.1:1'\nport = 3\n", name="bad.toml")
+        assert await bad.wait_exit(30) == 1
+        log = bad.log().strip()
+        assert log.endswith("services.x.port: unknown key (expected one of: kind, listen, backlog, greeting, "
+                            "max_connections)") and len(log.splitlines()) == 1, log
+        taken = start(toml({"a": echo(a)}), name="taken.toml")
+        assert await taken.wait_exit(30) == 1
+        assert f"cannot listen on 127.0.0.1:{a}: address already in use" in taken.log()
+        assert "Traceback" not in taken.log()
+
+    try:
+        run(main(), 60)
+    finally:
+        busy.close()
+
+
+# -- the embedded default ------------------------------------------------------------------
+
+
+@needs_proxy
+def test_hotproxy_run_serves_the_embedded_default(start: Start, tmp_path: Path) -> None:
+    for port in (7700, 7701):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                pytest.skip(f"port {port} of the default config is in use")
+    prog = start(None, env={"XDG_RUNTIME_DIR": str(tmp_path)})
+
+    async def main() -> None:
+        await prog.wait_ready()
+        assert await roundtrip(7701) == b"hello"     # the proxy, in front of the echo
+        assert await roundtrip(7700) == b"hello"
+        log = prog.log()
+        assert "serving the embedded default config" in log and 'listen = "127.0.0.1:7701"' in log
+        code, out, err = await prog.cli("status")
+        assert code == 0 and "<embedded default>" in out, err
+        code, out, err = await prog.cli("stop")
+        assert code == 0, err
+        assert await prog.wait_exit(20) == 0
+
+    run(main(), 60)
