@@ -353,7 +353,8 @@ class _Checker:
         if opt.min is None:
             return
         if value < opt.min or (opt.above and value == opt.min):
-            raise self.fail(key, f"expected a number{_range(opt)}, got {_show(value)}")
+            what = "an integer" if opt.type == "int" else "a number"
+            raise self.fail(key, f"expected {what}{_range(opt)}, got {_show(value)}")
 
     def runtime(self, table: dict[str, Any]) -> RuntimeConfig:
         opts = self.options("runtime", table, RUNTIME_OPTIONS)
