@@ -230,18 +230,18 @@ class Reloader:
         # -- commit: nothing should fail below (listeners are bound, services built)
         t1 = time.monotonic()
         services = dict(running)
-        commits = [(name, Commit(name)) for name in d.added + d.moved]
+        commits: list[tuple[str, Commit | Update | Remove]] = [(name, Commit(name)) for name in d.added + d.moved]
         commits += [(name, Update(name)) for name in d.changed if name not in d.moved]
         drain = config.runtime.drain_timeout
         commits += [(name, Remove(name, drain)) for name in d.removed]
-        for name, cmd in commits:
-            failed = await self._dispatch(cmd, "commit")
+        for name, step in commits:
+            failed = await self._dispatch(step, "commit")
             if failed:
                 # Workers that committed serve the new version; keep the old
                 # entry so the next reload tries this service again.
                 report.failures.extend(failed)
                 continue
-            if isinstance(cmd, Remove):
+            if isinstance(step, Remove):
                 services.pop(name, None)
             else:
                 services[name] = config.services[name]
