@@ -516,3 +516,54 @@ def test_hotproxy_run_serves_the_embedded_default(start: Start, tmp_path: Path) 
         assert await prog.wait_exit(20) == 0
 
     run(main(), 60)
+
+
+# -- supervision -------------------------------------------------------------------------------
+
+
+def test_a_killed_worker_comes_back_serving_the_current_config(start: Start) -> None:
+    a, b = free_port(), free_port()
+    prog = start(toml({"a": echo(a, "a1\n")}))
+    cfg = prog.config
+    assert cfg is not None
+
+    async def main() -> None:
+        status = await prog.wait_ready()
+        cfg.write_text(toml({"a": echo(a, "a2\n")}))
+        code, out, err = await prog.cli("reload", "-c", str(cfg))
+        assert code == 0, out + err
+        victim = status["workers"][1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        async def back() -> bool:
+            s = await prog.status()
+            return s["restarts"] == 1 and all(w["alive"] and w["sites"] == ["a"] for w in s["workers"])
+
+        await eventually(back, timeout=30)
+        status = await prog.status()
+        assert victim not in [w["pid"] for w in status["workers"]]
+        prog.worker_pids += [w["pid"] for w in status["workers"]]
+        for _ in range(20):   # both workers, the restarted one included, serve version 2
+            assert await roundtrip(a, 3) == b"a2\nhello"
+        # and reloads go on as before
+        cfg.write_text(toml({"a": echo(a, "a2\n"), "b": echo(b, "b3\n")}))
+        code, out, err = await prog.cli("reload", "-c", str(cfg))
+        assert code == 0 and "added=[b]" in out and "unchanged=[a]" in out, out + err
+        assert await roundtrip(b, 3) == b"b3\nhello"
+
+    run(main(), 90)
+
+
+def test_workers_exit_when_the_master_dies(start: Start) -> None:
+    a = free_port()
+    prog = start(toml({"a": echo(a)}))
+
+    async def main() -> None:
+        await prog.wait_ready()
+        assert len(prog.alive_workers()) == 2
+        prog.proc.kill()
+        prog.proc.wait()
+        await eventually(lambda: not prog.alive_workers(), timeout=30)
+        await eventually(lambda: refuses(a))
+
+    run(main(), 60)

@@ -122,11 +122,9 @@ class Master:
 
     async def _shutdown(self, graceful: bool) -> None:
         assert self.manager is not None and self.reloader is not None
-        # Do not start a new reload; let a running one finish (bounded), so the
+        # Start no new reload; let a running one finish (bounded), so the
         # workers are not stopped in the middle of a prepare.
-        for task in list(self._tasks):
-            if not task.done() and not self.reloader.busy:
-                task.cancel()
+        self.reloader.close()
         if self._tasks:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 30.0)

@@ -162,7 +162,12 @@ class Reloader:
         self.current: Config | None = None
         self.last: ReloadReport | None = None
         self.seq = 0
+        self._closed = False
         self._lock = asyncio.Lock()
+
+    def close(self) -> None:
+        """Refuse reloads from now on (the instance is stopping); one running finishes."""
+        self._closed = True
 
     @property
     def busy(self) -> bool:
@@ -182,6 +187,11 @@ class Reloader:
         async with self._lock:
             self.seq += 1
             report = ReloadReport(ok=False, seq=self.seq, trigger=trigger, at=at)
+            if self._closed:
+                report.error = "stopping: reload not applied"
+                report.failures.append(Failure("config", report.error))
+                report.duration_ms = (time.monotonic() - started) * 1000.0
+                return report
             try:
                 config = load if isinstance(load, Config) else await asyncio.to_thread(load)
             except ConfigError as exc:
