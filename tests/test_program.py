@@ -73,15 +73,13 @@ def by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_reload_adds_changes_removes_and_moves_without_cutting(start: Start, tmp_path: Path) -> None:
-    keep, chg, gone, mv1, mv2, new, late, px = (free_port() for _ in range(8))
+    keep, chg, gone, mv1, mv2, new, late = (free_port() for _ in range(7))
     v1 = {
         "keep": echo(keep, "k1\n"),
         "chg": echo(chg, "c1\n"),
         "gone": echo(gone, "g1\n"),
         "mover": echo(mv1, "m1\n"),
     }
-    if HAVE_PROXY:
-        v1["px"] = {"kind": "proxy", "listen": f"127.0.0.1:{px}", "upstreams": [f"127.0.0.1:{keep}"]}
     prog = start(toml(v1))
     cfg = prog.config
     assert cfg is not None
@@ -97,8 +95,6 @@ def test_reload_adds_changes_removes_and_moves_without_cutting(start: Start, tmp
         for c in longs.values():
             await c.check()
         targets = {keep: {b"k1\n"}, chg: {b"c1\n", b"c2\n", b"c3\n"}}
-        if HAVE_PROXY:
-            targets[px] = {b"k1\n"}
         shorts = ShortLoop(targets).start()
         try:
             await exercise(longs, shorts)
@@ -113,14 +109,11 @@ def test_reload_adds_changes_removes_and_moves_without_cutting(start: Start, tmp
         # v2 through `hotproxy reload`: add new, change chg in place, remove gone, move mover
         v2 = dict(v1, chg=echo(chg, "c2\n"), mover=echo(mv2, "m2\n"), new=echo(new, "n2\n"))
         del v2["gone"]
-        if HAVE_PROXY:
-            v2["px"] = dict(v1["px"], balance="least_conn", connect_timeout=1.5)
         cfg.write_text(toml(v2))
         code, out, err = await prog.cli("reload", "-c", str(cfg))
         assert code == 0, out + err
         first = out.splitlines()[0]
-        changed = "chg,mover,px" if HAVE_PROXY else "chg,mover"
-        assert first.startswith(f"reload ok: added=[new] changed=[{changed}] moved=[mover] removed=[gone] "
+        assert first.startswith("reload ok: added=[new] changed=[chg,mover] moved=[mover] removed=[gone] "
                                 "unchanged=[keep]"), out
         assert "per-worker" not in out and "failure" not in out
 
@@ -129,8 +122,6 @@ def test_reload_adds_changes_removes_and_moves_without_cutting(start: Start, tmp
         assert await roundtrip(mv2, 3) == b"m2\nhello"
         await eventually(lambda: refuses(mv1))
         await eventually(lambda: refuses(gone))
-        if HAVE_PROXY:
-            assert await roundtrip(px, 3) == b"k1\nhello"
         for c in longs.values():
             await c.check()   # all still open: changed, moved and removed services drain
         gens = by_name(await prog.status())
@@ -156,7 +147,7 @@ def test_reload_adds_changes_removes_and_moves_without_cutting(start: Start, tmp
         last = status["last_reload"]
         assert last["ok"] and last["trigger"] == "SIGHUP", last
         assert (last["added"], last["changed"], last["removed"]) == (["late"], ["chg"], ["new"])
-        assert sorted(last["unchanged"]) == sorted(["keep", "mover"] + (["px"] if HAVE_PROXY else []))
+        assert last["unchanged"] == ["keep", "mover"]
         assert await roundtrip(chg, 3) == b"c3\nhello"
         assert await roundtrip(late, 3) == b"l3\nhello"
         await eventually(lambda: refuses(new))
@@ -567,3 +558,48 @@ def test_workers_exit_when_the_master_dies(start: Start) -> None:
         await eventually(lambda: refuses(a))
 
     run(main(), 60)
+
+
+# -- the proxy through reloads -------------------------------------------------------------------
+
+
+@needs_proxy
+def test_a_proxy_is_changed_in_place_without_cutting_its_connections(start: Start, core_name: str) -> None:
+    """On both cores: the workers inherit the core the ``core_name`` fixture selects."""
+    e1, e2, px = (free_port() for _ in range(3))
+    proxy = {"kind": "proxy", "listen": f"127.0.0.1:{px}", "upstreams": [f"127.0.0.1:{e1}"]}
+    v1 = {"e1": echo(e1, "e1\n"), "e2": echo(e2, "e2\n"), "px": proxy}
+    prog = start(toml(v1))
+    cfg = prog.config
+    assert cfg is not None
+
+    async def main() -> None:
+        await prog.wait_ready()
+        long = await EchoClient.open(px, 3)
+        assert long.greeting == b"e1\n"
+        shorts = ShortLoop({px: {b"e1\n", b"e2\n"}}).start()
+        try:
+            await eventually(lambda: shorts.ok >= 10)
+            # point the proxy at e2, with other options: changed in place
+            v2 = dict(v1, px=dict(proxy, upstreams=[f"127.0.0.1:{e2}"], balance="least_conn", connect_timeout=1.5))
+            cfg.write_text(toml(v2))
+            code, out, err = await prog.cli("reload", "-c", str(cfg))
+            assert code == 0, out + err
+            assert out.startswith("reload ok: added=[] changed=[px] removed=[] unchanged=[e1,e2]"), out
+            assert await roundtrip(px, 3) == b"e2\nhello"
+            await long.check()          # still relayed to e1, never cut
+            n = shorts.ok
+            await eventually(lambda: shorts.ok >= n + 10)
+            await shorts.stop()
+            assert shorts.failures == [], shorts.failures[:5]
+            services = by_name(await prog.status())
+            assert set(services["px"]["generations"].values()) == {2}
+            assert set(services["e1"]["generations"].values()) == {1}
+            assert services["px"]["totals"]["accepted"] >= shorts.ok
+            await long.check()
+        finally:
+            shorts.cancel()
+            await long.close()
+        assert "exited with" not in prog.log()    # no worker died on the way
+
+    run(main(), 90)
