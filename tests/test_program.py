@@ -357,6 +357,29 @@ def test_drain_timeout_bounds_a_graceful_stop(start: Start) -> None:
     run(main(), 60)
 
 
+def test_a_second_stop_signal_while_draining_stops_at_once(start: Start) -> None:
+    a = free_port()
+    prog = start(toml({"a": echo(a)}, drain=60.0))
+
+    async def main() -> None:
+        await prog.wait_ready()
+        long = await EchoClient.open(a)
+        await long.check()
+        prog.signal(signal.SIGTERM)
+        await eventually(lambda: refuses(a))
+        await long.check()                       # draining...
+        prog.signal(signal.SIGINT)               # ...until the operator insists
+        assert await prog.wait_exit(30) == 0
+        try:
+            assert await asyncio.wait_for(long.reader.read(), 10) == b""
+        except ConnectionResetError:
+            pass                                 # killed workers may reset it: cut either way
+        await long.close()
+        assert "stopping at once" in prog.log()
+
+    run(main(), 60)
+
+
 def test_sigquit_stops_at_once(start: Start) -> None:
     a = free_port()
     prog = start(toml({"a": echo(a)}, drain=30.0))
