@@ -683,44 +683,57 @@ cdef class Connection:
 
 @cython.final
 cdef class UpstreamSide:
-    """The protocol of one connect attempt's socket; relays into its Connection."""
+    """The protocol of one connect attempt's socket; relays into its Connection.
+
+    Every method takes a local reference to its Connection first: finishing
+    drops ``self.conn``, and the Connection must outlive the call.
+    """
 
     def connection_made(self, transport):
-        if self.conn is None:
+        cdef Connection conn = self.conn
+        if conn is None:
             transport.abort()
             return
-        self.conn._attach(self, transport)
+        conn._attach(self, transport)
 
     def get_buffer(self, Py_ssize_t sizehint):
         cdef Connection conn = self.conn
+        if conn is None:
+            return bytearray(sizehint if sizehint > 0 else 4096)   # finished: discard
         if conn.u_buf is None:
             conn._new_u_buf(conn.u_next)
         return conn.u_buf
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        if self.conn is not None:
-            self.conn._upstream_data(nbytes)
+        cdef Connection conn = self.conn
+        if conn is not None:
+            conn._upstream_data(nbytes)
 
     def data_received(self, data):
-        if self.conn is not None:
-            self.conn._upstream_bytes(data)
+        cdef Connection conn = self.conn
+        if conn is not None:
+            conn._upstream_bytes(data)
 
     def eof_received(self):
-        if self.conn is not None:
-            self.conn._upstream_eof()
+        cdef Connection conn = self.conn
+        if conn is not None:
+            conn._upstream_eof()
         return True
 
     def pause_writing(self):
         # the upstream reads slower than the client sends
-        if self.conn is not None:
-            self.conn.c_paused_by_up = True
-            self.conn._sync_client_reading()
+        cdef Connection conn = self.conn
+        if conn is not None:
+            conn.c_paused_by_up = True
+            conn._sync_client_reading()
 
     def resume_writing(self):
-        if self.conn is not None:
-            self.conn.c_paused_by_up = False
-            self.conn._sync_client_reading()
+        cdef Connection conn = self.conn
+        if conn is not None:
+            conn.c_paused_by_up = False
+            conn._sync_client_reading()
 
     def connection_lost(self, exc):
-        if self.attached and self.conn is not None:
-            self.conn._upstream_lost(exc)
+        cdef Connection conn = self.conn
+        if self.attached and conn is not None:
+            conn._upstream_lost(exc)

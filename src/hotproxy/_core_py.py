@@ -642,9 +642,11 @@ class UpstreamSide:
 
     def get_buffer(self, sizehint: int) -> Any:
         conn = self.conn
-        if conn.u_buf is None:  # type: ignore[union-attr]
-            conn._new_u_buf(conn.u_next)  # type: ignore[union-attr]
-        return conn.u_buf  # type: ignore[union-attr]
+        if conn is None:
+            return bytearray(sizehint if sizehint > 0 else 4096)   # finished: discard
+        if conn.u_buf is None:
+            conn._new_u_buf(conn.u_next)
+        return conn.u_buf
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.conn is not None:
