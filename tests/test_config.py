@@ -321,7 +321,7 @@ def test_check_exits_0_on_a_good_file_and_1_with_one_line_on_a_bad_one(
     f.write_text(echo_toml("a", 7000))
     assert main(["check", "-c", str(f)]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith(f"{f}: ok: 1 services: a (echo on 127.0.0.1:7000)") and err == ""
+    assert out.startswith(f"{f}: ok: 1 service: a (echo on 127.0.0.1:7000)") and err == ""
     f.write_text(echo_toml("a", 7000, extra="colour = 1"))
     assert main(["check", "-c", str(f)]) == 1
     out, err = capsys.readouterr()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -39,6 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # the reader went away (`hotproxy status | head -1`): not a failure of
+        # the command; failures are written to stderr, not to the closed pipe
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (HotproxyError, OSError) as exc:
         _error(str(exc) or type(exc).__name__)
         return 1
@@ -102,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sp = add(name, func, help, desc)
         sp.add_argument("-s", "--socket", metavar="PATH",
-                        help="the admin socket (default: from FILE, see 'hotproxy check --help')")
+                        help="the running instance's admin socket (default: runtime.admin_socket "
+                             "in FILE, else a path derived from FILE's absolute path)")
         sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="give up waiting after this long (default: reload/status 120, stop 600)")
         if name == "status":
@@ -140,7 +148,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     names = ", ".join(f"{s.name} ({s.kind} on {s.listen})" for s in config.services.values())
-    print(f"{config.source}: ok: {len(config.services)} services{': ' + names if names else ''}")
+    n = len(config.services)
+    print(f"{config.source}: ok: {n} service{'' if n == 1 else 's'}{': ' + names if names else ''}")
     if args.keys:
         for table, key, default, doc in describe_options():
             print(f"  [{table}] {key} = {default}  # {doc}")
