@@ -217,6 +217,10 @@ class Reloader:
         report.added, report.changed, report.moved = d.added, d.changed, d.moved
         report.removed, report.unchanged = d.removed, d.unchanged
         config = self._runtime(config, report)
+        for w in getattr(self.manager, "workers", ()):
+            if not (w.alive and getattr(w, "ready", True)):
+                # the manager brings it to the recorded deployment when it is back
+                report.notes.append(f"worker {w.id} is down: it gets this config when it restarts")
 
         t0 = time.monotonic()
         failures = await asyncio.to_thread(self._probe, config, d)
