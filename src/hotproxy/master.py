@@ -183,10 +183,11 @@ class Master:
         # the first one drains; a second one (an impatient operator) stops at once
         self.request_stop(self._stopping is None)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- reload and status --------------------------------------------------------
 
@@ -267,7 +268,9 @@ class Master:
                 return {"ok": False, "error": "stopping: no reload"}, False
             if not self.ready:
                 return {"ok": False, "error": "still starting: try again"}, False
-            report = await self.reload("admin", started)
+            # shielded: a client hanging up, or the admin server closing, must
+            # not cancel a reload half-way (between prepare and abort/commit)
+            report = await asyncio.shield(self._spawn(self.reload("admin", started)))
             return {"ok": report.ok, "report": report.to_dict()}, False
         if cmd == "stop":
             graceful = request.get("graceful", True)
