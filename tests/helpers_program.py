@@ -5,7 +5,8 @@
   and a ``kill()`` that leaves no process behind (tests call it from a
   fixture finalizer).
 * ``FailOnWorker``: a test-only service factory that fails to build on one
-  worker id, to show that a failure on one worker rolls back all of them.
+  worker id, to show that a failure on one worker rolls back all of them,
+  and can take its time building, to show that reloads are serialized.
   It reaches the program as the service kind ``fail_on_worker``, registered
   only when the master is started as ``python -m helpers_program run ...``
   (this module's ``__main__``): production code knows nothing of it.
@@ -44,8 +45,12 @@ class FailOnWorker(MakeService):
 
     greeting: bytes = b""
     fail_worker: int = -1
+    #: seconds to take building (the old version serves meanwhile)
+    delay: float = 0.0
 
-    def make_via_ref(self, old: Service | None) -> Service:
+    async def make_via_ref(self, old: Service | None) -> Service:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if str(self.fail_worker) == os.environ.get("HOTPROXY_WORKER_ID"):
             raise RuntimeError(f"injected failure on worker {self.fail_worker}")
         return EchoFactory(self.greeting).make_via_ref(old)
@@ -54,7 +59,8 @@ class FailOnWorker(MakeService):
 FAIL_ON_WORKER = ServiceKind("fail_on_worker", {
     "greeting": Option("str", ""),
     "fail_worker": Option("int", -1),
-}, lambda o: stack(FailOnWorker(o["greeting"].encode(), o["fail_worker"]), CountConnections()),
+    "delay": Option("float", 0.0, min=0),
+}, lambda o: stack(FailOnWorker(o["greeting"].encode(), o["fail_worker"], o["delay"]), CountConnections()),
     doc="test only: an echo service that fails to build on one worker")
 
 

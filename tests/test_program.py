@@ -72,7 +72,8 @@ def by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # -- reload: add, change, remove, move; nothing cut, nothing refused ---------------------
 
 
-def test_reload_adds_changes_removes_and_moves_without_cutting(start: Start, tmp_path: Path) -> None:
+def test_reload_adds_changes_removes_and_moves_without_cutting(start: Start, core_name: str) -> None:
+    """On both cores (the workers inherit the core the fixture selects)."""
     keep, chg, gone, mv1, mv2, new, late = (free_port() for _ in range(7))
     v1 = {
         "keep": echo(keep, "k1\n"),
@@ -310,6 +311,37 @@ def test_a_failure_on_one_worker_rolls_back_all(start: Start, tmp_path: Path) ->
         assert await roundtrip(g, 3) == b"g2\nhello"
 
     run(main(), 90)
+
+
+def test_a_reload_asked_for_during_another_runs_after_it(start: Start) -> None:
+    a, s = free_port(), free_port()
+    slow = {"kind": "fail_on_worker", "listen": f"127.0.0.1:{s}", "greeting": "s1\n"}
+    prog = start(toml({"a": echo(a, "a1\n"), "s": slow}), test_kinds=True)
+    cfg = prog.config
+    assert cfg is not None
+
+    async def main() -> None:
+        await prog.wait_ready()
+        # v2 takes a second to prepare (the slow service builds for that long)
+        cfg.write_text(toml({"a": echo(a, "a2\n"), "s": dict(slow, greeting="s2\n", delay=1.0)}))
+        prog.signal(signal.SIGHUP)
+
+        async def reloading() -> bool:
+            return bool((await prog.status())["reloading"])
+
+        await eventually(reloading)
+        assert await roundtrip(a, 3) == b"a1\nhello"   # the old version serves while v2 prepares
+        code, out, err = await prog.cli("reload", "-c", str(cfg))
+        assert code == 0, out + err
+        # it waited for the SIGHUP reload, then found nothing left to do
+        assert out.startswith("reload ok: added=[] changed=[] removed=[] unchanged=[a,s]"), out
+        last = (await prog.status())["last_reload"]
+        assert last["seq"] == 3 and last["trigger"] == "admin"
+        assert "reload ok: added=[] changed=[a,s]" in prog.log()
+        assert await roundtrip(a, 3) == b"a2\nhello"
+        assert await roundtrip(s, 3) == b"s2\nhello"
+
+    run(main(), 60)
 
 
 # -- stopping ----------------------------------------------------------------------------
