@@ -757,9 +757,11 @@ def measure_scenario(proxy: Proxy, driver: Driver, s: Settings, scenario: str) -
     m = Meter(proxy.pid)
     r = driver.run(proxy.port, path, conns, s.duration, close=close)
     u = m.done()
-    if r.requests == 0:
-        # a run where nothing completed is a broken proxy, not a slow one
-        raise RuntimeError(f"no request completed in the {scenario} run (errors {r.errors})")
+    if r.requests == 0 or r.error_count > 0.01 * r.requests:
+        # a run where nothing (or little) completed is a broken proxy, not a
+        # slow one: report it as a failure rather than as a figure
+        raise RuntimeError(f"{r.error_count} errors ({', '.join(f'{k} {v}' for k, v in r.errors.items() if v)}) "
+                           f"in {r.requests} requests in the {scenario} run")
     out[f"{prefix}_errors"] = r.error_count
     out[f"{prefix}_machine_cpu"] = u["machine_cpu_pct"]
     cpu = u.get("proxy_cpu_s")
@@ -1098,7 +1100,12 @@ def tool_versions() -> dict[str, str]:
         pass
     for tool, argv in (("wrk", ["wrk", "--version"]), ("haproxy", ["haproxy", "-v"]),
                        ("nginx", ["nginx", "-v"]), ("iperf3", ["iperf3", "--version"])):
-        v[tool] = first(argv) if shutil.which(tool) else "not installed"
+        if not shutil.which(tool):
+            v[tool] = "not installed"
+            continue
+        # "wrk debian/4.1.0-3+b2 [epoll] Copyright ..." -> "debian/4.1.0-3+b2"
+        m = re.search(r"(?:version|wrk|iperf)[ /:]*v?(\S*\d\S*)", first(argv), re.I)
+        v[tool] = m.group(1) if m else first(argv)
     return v
 
 
