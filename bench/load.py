@@ -1259,6 +1259,8 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                 iperf.stop()
             backend.stop()
             Proc.stop_all()
+            if args.keep_logs:
+                keep_logs(tmp, Path(args.keep_logs))
         load_after = os.getloadavg()
     return report(args, s, res, [p.name for p in proxies], notes, versions, backend.kind,
                   driver.name, load_before, load_after)
@@ -1286,6 +1288,18 @@ def fail(proxy: Proxy, what: str, exc: BaseException, notes: list[str]) -> None:
     tail = proxy.log_tail()
     log(f"  {proxy.name} failed ({what}): {exc}; its log: {tail}")
     notes.append(f"{what}: {proxy.name} failed: {exc}" + (f" (its log: `{tail}`)" if tail else ""))
+
+
+def keep_logs(tmp: Path, dest: Path) -> None:
+    """Copy every config and log of the run to *dest* (sockets and the
+    backend's files are left out)."""
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink() and f.suffix in (".log", ".cfg", ".conf", ".toml", "") \
+                and "www" not in f.parts and f.stat().st_size < (16 << 20):
+            target = dest / f.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+    log(f"logs and configs kept in {dest}")
 
 
 def idle_count(wanted: int) -> int:
@@ -1417,6 +1431,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     ap.add_argument("--no-iperf", action="store_true")
     ap.add_argument("--builtin-backend", action="store_true", help="bench/backend.py even if nginx is installed")
     ap.add_argument("--write-results", metavar="PATH", help="also write the report into PATH (RESULTS.md)")
+    ap.add_argument("--keep-logs", metavar="DIR", help="copy the proxies' configs and logs to DIR at the end")
     args = ap.parse_args(argv)
     s = Settings(connections=args.connections)
     args.extra = set()
