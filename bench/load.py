@@ -931,6 +931,8 @@ class Results:
         self.reload: dict[tuple[str, float], list[ReloadOutcome]] = {}
         #: CPU use of the machine before each round, while idle here
         self.background: list[float] = []
+        #: the micro-benchmarks' table, when run
+        self.micro: str | None = None
 
     def values(self, proxy: str, key: str) -> list[float]:
         return [r[proxy][key] for r in self.rounds if proxy in r and key in r[proxy]]
@@ -1070,6 +1072,42 @@ def targets(res: Results, names: list[str]) -> list[tuple[str, str, str]]:
 def at_least(limit: float) -> Callable[[float], bool]:
     """A check that a ratio reaches *limit*."""
     return lambda v: v >= limit
+
+
+def run_micro(tmp: Path) -> str | None:
+    """Run the pytest-benchmark micro-benchmarks under bench/ and return a
+    markdown table of medians, compiled core vs pure-Python core; None if
+    pytest-benchmark is not installed or the run fails."""
+    try:
+        import pytest_benchmark  # noqa: F401
+    except ImportError:
+        return None
+    out_json = tmp / "micro.json"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider",
+                               "--benchmark-max-time=0.2", f"--benchmark-json={out_json}"],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT, start_new_session=True)
+        data = json.loads(out_json.read_text())
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        log(f"micro-benchmarks failed: {exc}")
+        return None
+    if proc.returncode != 0:
+        log(f"micro-benchmarks: pytest exited {proc.returncode}: {proc.stdout.strip()[-300:]}")
+    rows: dict[str, dict[str, float]] = {}
+    for b in data.get("benchmarks", []):
+        params = dict(b.get("params") or {})
+        core_name = params.pop("core_name", "compiled")
+        label = b.get("group") or b["name"].split("[")[0]
+        if params:
+            label += " [" + ", ".join(f"{k}={v}" for k, v in params.items()) + "]"
+        rows.setdefault(label, {})[core_name] = b["stats"]["median"]
+    lines = ["| micro-benchmark | compiled core µs | pure-Python core µs | compiled speed-up |",
+             "|---|---|---|---|"]
+    for label, by_core in rows.items():
+        c, py = by_core.get("compiled"), by_core.get("python")
+        speed = f"{py / c:.2f}×" if c and py else "—"
+        lines.append(f"| {label} | {fmt_num(c * 1e6) if c else '—'} | {fmt_num(py * 1e6) if py else '—'} | {speed} |")
+    return "\n".join(lines)
 
 
 def tool_versions() -> dict[str, str]:
@@ -1262,6 +1300,9 @@ def run(args: argparse.Namespace, s: Settings) -> str:
             if args.keep_logs:
                 keep_logs(tmp, Path(args.keep_logs))
         load_after = os.getloadavg()
+        if "micro" in args.extra:
+            log("micro-benchmarks (pytest bench/)")
+            res.micro = run_micro(tmp)
     return report(args, s, res, [p.name for p in proxies], notes, versions, backend.kind,
                   driver.name, load_before, load_after)
 
@@ -1370,6 +1411,13 @@ def report(args: argparse.Namespace, s: Settings, res: Results, names: list[str]
         out.append("")
         out.append(idle_table(res))
         out.append("")
+    if res.micro:
+        out.append("### Micro-benchmarks (pytest-benchmark, medians)")
+        out.append("")
+        out.append("Operations marked x1000 are timed 1,000 at a time.")
+        out.append("")
+        out.append(res.micro)
+        out.append("")
     tg = targets(res, names)
     if tg:
         out.append("### Issue 6 targets")
@@ -1431,6 +1479,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     ap.add_argument("--no-iperf", action="store_true")
     ap.add_argument("--builtin-backend", action="store_true", help="bench/backend.py even if nginx is installed")
     ap.add_argument("--write-results", metavar="PATH", help="also write the report into PATH (RESULTS.md)")
+    ap.add_argument("--no-micro", action="store_true",
+                    help="skip the micro-benchmarks the full run adds to the report")
     ap.add_argument("--keep-logs", metavar="DIR", help="copy the proxies' configs and logs to DIR at the end")
     args = ap.parse_args(argv)
     s = Settings(connections=args.connections)
@@ -1440,7 +1490,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         s.idle_connections = 0
     else:
         s.idle_connections = 10000
-        args.extra.add("idle")
+        args.extra.update(("idle", "micro"))
+    if args.no_micro:
+        args.extra.discard("micro")
     if args.idle is not None:
         s.idle_connections = args.idle
         if args.idle:
