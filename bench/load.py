@@ -933,6 +933,8 @@ class Results:
         self.background: list[float] = []
         #: the micro-benchmarks' table, when run
         self.micro: str | None = None
+        #: (proxy, scenario, top lines of perf report) with --profile
+        self.profiles: list[tuple[str, str, list[str]]] = []
 
     def values(self, proxy: str, key: str) -> list[float]:
         return [r[proxy][key] for r in self.rounds if proxy in r and key in r[proxy]]
@@ -1273,6 +1275,8 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                         res.idle[proxy.name] = measure_idle(proxy, idle_count(s.idle_connections))
                     except Exception as exc:  # noqa: BLE001
                         fail(proxy, "idle connections", exc, notes)
+            if args.profile:
+                res.profiles = profile_runs(live, driver, s, Path(args.profile), notes)
             if "reload" in s.scenarios:
                 reloadable = [p for p in live if p.can_reload and reload_wanted(p, args)]
                 for interval in s.reload_intervals:
@@ -1305,6 +1309,58 @@ def run(args: argparse.Namespace, s: Settings) -> str:
             res.micro = run_micro(tmp)
     return report(args, s, res, [p.name for p in proxies], notes, versions, backend.kind,
                   driver.name, load_before, load_after)
+
+
+def profile_runs(proxies: list[Proxy], driver: Driver, s: Settings, dest: Path,
+                 notes: list[str]) -> list[tuple[str, str, list[str]]]:
+    """Run keep-alive and Connection: close once more on each 1-worker
+    hotproxy under ``perf record`` (its whole process tree); keep the data and
+    a flat report in *dest*; return (proxy, scenario, top lines).  The
+    profiled runs are not part of the table: perf perturbs them."""
+    if shutil.which("perf") is None:
+        notes.append("--profile: perf is not installed (apt-get install linux-perf): no profiles")
+        return []
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for proxy in proxies:
+        if not (isinstance(proxy, Hotproxy) and proxy.workers == 1) or not proxy.alive():
+            continue
+        for scen in ("keepalive", "close"):
+            assert proxy.pid is not None
+            pids = ",".join(str(p) for p in process_tree(proxy.pid))
+            data = dest / f"{proxy.name}-{scen}.perf.data"
+            log(f"profiling {proxy.name} {scen} (perf record -p {pids})")
+            perf = Proc("perf record", ["perf", "record", "-F", "999", "-g", "-p", pids, "-o", str(data)],
+                        logfile=dest / "perf.log")
+            try:
+                time.sleep(0.5)        # perf attached before the load starts
+                measure_scenario(proxy, driver, s, scen)
+            except Exception as exc:  # noqa: BLE001
+                fail(proxy, f"profile {scen}", exc, notes)
+            finally:
+                try:
+                    os.kill(perf.pid, signal.SIGINT)   # perf writes its data on SIGINT
+                    perf.popen.wait(30)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+                perf.stop()
+            reports = {}
+            for sort in ("dso", "dso,sym"):
+                try:
+                    reports[sort] = subprocess.run(
+                        ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-g", "none",
+                         "--sort", sort, "--percent-limit", "0.5"],
+                        capture_output=True, text=True, timeout=300).stdout
+                except subprocess.TimeoutExpired:
+                    reports[sort] = ""
+            (dest / f"{proxy.name}-{scen}.txt").write_text(reports["dso"] + "\n" + reports["dso,sym"])
+
+            def top(text: str, n: int) -> list[str]:
+                return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")][:n]
+            # by library first (kernel vs interpreter vs compiled core vs uvloop),
+            # then the hottest symbols
+            out.append((proxy.name, scen, top(reports["dso"], 8) + ["..."] + top(reports["dso,sym"], 10)))
+    return out
 
 
 def start_all(proxies: list[Proxy], driver: Driver, s: Settings, notes: list[str]) -> list[Proxy]:
@@ -1418,6 +1474,19 @@ def report(args: argparse.Namespace, s: Settings, res: Results, names: list[str]
         out.append("")
         out.append(res.micro)
         out.append("")
+    if res.profiles:
+        out.append("### Where the time goes (perf, self time by library and symbol)")
+        out.append("")
+        out.append(f"One extra run of each scenario under `perf record -g` of the proxy's processes; "
+                   f"full reports in `{args.profile}`.")
+        out.append("")
+        for name, scen, top in res.profiles:
+            out.append(f"{name}, {scen}:")
+            out.append("")
+            out.append("```")
+            out.extend(top)
+            out.append("```")
+            out.append("")
     tg = targets(res, names)
     if tg:
         out.append("### Issue 6 targets")
@@ -1479,6 +1548,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     ap.add_argument("--no-iperf", action="store_true")
     ap.add_argument("--builtin-backend", action="store_true", help="bench/backend.py even if nginx is installed")
     ap.add_argument("--write-results", metavar="PATH", help="also write the report into PATH (RESULTS.md)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="also profile hotproxy (1 worker) with perf under keep-alive and close load; "
+                         "reports go to DIR and a summary into the report")
     ap.add_argument("--no-micro", action="store_true",
                     help="skip the micro-benchmarks the full run adds to the report")
     ap.add_argument("--keep-logs", metavar="DIR", help="copy the proxies' configs and logs to DIR at the end")
