@@ -4,25 +4,30 @@ Run ``python bench/load.py --quick`` for a ~1-minute smoke run, or
 ``python bench/load.py --write-results bench/RESULTS.md`` for the full run
 that regenerates the results file.  ``--help`` lists the options.
 
-What it does, per round (the order of the proxies rotates every round):
+What it does:
 
 * starts a backend on 127.0.0.1 (nginx serving ``/small`` ~100 bytes and
   ``/big`` 1 MiB when installed, else ``bench/backend.py``) and an iperf3
   server when installed;
-* starts each proxy in turn -- hotproxy (compiled core and pure-Python core,
-  1 and N workers), HAProxy ``mode tcp`` 1 thread (default, and tuned with
-  64 KiB buffers and splice), nginx ``stream`` 1 worker, the plain uvloop
-  proxy ``bench/plainproxy.py``, and "direct" (no proxy) -- and drives it
-  with wrk (else ``bench/loadgen.py``): keep-alive, ``Connection: close``,
-  1 MiB responses, iperf3 one stream;
-* reads the proxy's CPU-seconds from /proc (summed over the process tree:
-  master and workers, including reaped children) and the machine's CPU use
-  from /proc/stat.
+* starts every proxy at once, each on its own ports -- hotproxy (compiled
+  core and pure-Python core, 1 and N workers), HAProxy ``mode tcp`` 1
+  thread (default, and tuned with 64 KiB buffers and splice), nginx
+  ``stream`` 1 worker, the plain uvloop proxy ``bench/plainproxy.py``, and
+  "direct" (no proxy);
+* each round, runs each scenario through every proxy back to back (the
+  order rotates every round), with wrk (else ``bench/loadgen.py``):
+  keep-alive, ``Connection: close``, 1 MiB responses, iperf3 one stream;
+  and reads the proxy's CPU-seconds from /proc (summed over its process
+  tree: master and workers, including reaped children) and the machine's
+  CPU use from /proc/stat;
+* measures RSS per idle proxied connection (full run), and with
+  ``--profile`` records perf profiles of hotproxy.
 
-Then, for the proxies that reload, the ``Connection: close`` load runs once
-steady and once while the proxy reloads every 0.5 s (and in ``--storm``
-mode faster), with configs that really differ each time (one upstream and
-round-robin, then two upstreams and least-connections).
+Then, for the proxies that reload, the ``Connection: close`` load runs
+steady, while the proxy reloads every 0.5 s (and with ``--storm`` faster),
+and steady again, with configs that really differ each time (one upstream
+and round-robin, then two upstreams and least-connections).  The full run
+ends with the micro-benchmarks (``pytest bench/``).
 
 Rules of this file:
 
@@ -30,8 +35,9 @@ Rules of this file:
   the table shows the median over rounds of those per-round ratios: the
   machine is shared and noisy, ratios taken seconds apart are not.
 * Only 127.0.0.1 is ever a target; every listener port is below 32768 (the
-  ephemeral range starts there); every load run is bounded in time and in
-  count.
+  ephemeral range starts there); every load run is bounded in time (and the
+  built-in generator and the reload loops also in count), with a
+  subprocess timeout as a backstop.
 * Every process started here gets its own process group and is stopped in
   a ``finally`` (SIGTERM, then SIGKILL), also on Ctrl-C and on SIGTERM.
 """
