@@ -13,6 +13,7 @@ from .errors import (BuildListenerError, BuildServiceError, CommandGroupError, C
 from .executor import ServiceExecutor
 from .listeners import ListenerFactory, TcpListenerFactory, UnixListenerFactory, parse_address
 from .manager import ResultGroup, WorkerManager, WorkerResult
+from .proxy import ProxyFactory, ProxyService
 from .service import (CountConnections, Layer, LayerService, LimitConnections, MakeService, Service,
                       stack)
 
@@ -22,7 +23,8 @@ __all__ = [
     "Abort", "BuildListenerError", "BuildServiceError", "Command", "CommandGroupError", "Commit",
     "ConfigError", "CountConnections", "DeployError", "EchoFactory", "EchoService", "HotproxyError",
     "Layer", "LayerService", "LimitConnections", "ListenerFactory", "MakeService",
-    "NothingDeployedError", "NothingStagedError", "PrepareAndCommit", "Precommit", "Remove",
+    "NothingDeployedError", "NothingStagedError", "PrepareAndCommit", "Precommit", "ProxyFactory",
+    "ProxyService", "Remove",
     "ResultGroup", "Service", "ServiceExecutor", "SiteNotFoundError", "TcpListenerFactory",
     "UnixListenerFactory", "Update", "WorkerError", "WorkerManager", "WorkerResult", "parse_address",
     "stack",

@@ -251,7 +251,7 @@ class ProxyService(Service):
                     if up.path is not None:
                         await loop.create_unix_connection(lambda: proto, up.path)
                     else:
-                        await loop.create_connection(lambda: proto, up.host, up.port)
+                        await loop.create_connection(lambda: proto, up.host, up.port)  # type: ignore[arg-type]
             except asyncio.CancelledError:
                 conn.attempt_failed()   # the client went away while we connected
                 raise
@@ -396,7 +396,7 @@ class _Refuse(asyncio.Protocol):
         if self.log:
             access_log.info("%s -> - in=0 out=0 time=0.000s end=refused",
                             _peer(transport.get_extra_info("peername")))
-        transport.abort()
+        transport.abort()  # type: ignore[attr-defined]
 
 
 def _peer(peer: Any) -> str:
