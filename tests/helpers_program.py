@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -329,3 +330,65 @@ if __name__ == "__main__":
     from hotproxy.cli import main
 
     sys.exit(main())
+
+
+# -- traffic processes and /proc figures (the reliability tests) ----------------------
+
+
+class Traffic:
+    """A ``tests/traffic.py`` process verifying echo traffic to *targets*.
+
+    It runs until ``finish()`` (SIGUSR1: the long connections half-close,
+    check their tail and EOF) or its own ``duration``; ``finish()`` returns
+    its JSON totals.  ``kill()`` is for finalizers.
+    """
+
+    def __init__(self, targets: list[str], *, long: int = 2, short: int = 2, duration: float = 600.0,
+                 pause: float = 0.005, seed: int = 1, max_short: int = 200000) -> None:
+        cmd = [sys.executable, os.path.join(TESTS, "traffic.py"), "--long", str(long), "--short", str(short),
+               "--duration", str(duration), "--pause", str(pause), "--seed", str(seed),
+               "--max-short", str(max_short)]
+        for t in targets:
+            cmd += ["--target", t]
+        self.targets = targets
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+
+    async def finish(self, timeout: float = 90.0) -> dict[str, Any]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"traffic to {self.targets} did not finish in {timeout}s")
+            await asyncio.sleep(0.05)
+        out, err = self.proc.communicate()
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+        except (ValueError, IndexError):
+            raise AssertionError(f"traffic.py printed no totals: {out!r} {err!r}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def proc_rss_kib(pid: int) -> int:
+    """Resident set size of *pid* in KiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time *pid* has used, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -239,6 +239,14 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append((s["name"], s["kind"], s["listen"], gen, str(s["active"]), totals, changed))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    # old versions that open connections still hold (freed with their last one)
+    for s in status["services"]:
+        if s.get("old_versions"):
+            current = str(s.get("generation"))
+            olds = [f"gen {g} ({n} conn{'' if n == 1 else 's'})"
+                    for g, n in (s.get("versions") or {}).items() if g != current]
+            lines.append(f"  {s['name']}: {s['old_versions']} old version{'' if s['old_versions'] == 1 else 's'}"
+                         + (f": {', '.join(olds)}" if olds else ""))
     workers = status["workers"]
     alive = sum(1 for w in workers if w.get("alive"))
     draining = sum(w.get("draining") or 0 for w in workers)

@@ -67,18 +67,22 @@ class Site:
         """Generation -> open connections, for every live version.
 
         Connections are matched to versions through their ``service``
-        attribute (the convention of hotproxy's protocols); this runs on
+        attribute (the convention of hotproxy's protocols), or, for the
+        core's proxy ``Connection``, through ``cfg``: the per-version
+        ``RelayConfig`` that the version holds as ``relay``.  This runs on
         status requests only, never on the accept path.
         """
         by_id: dict[int, int] = {}
         for svc, gen in self.versions.items():
-            layer: Any = svc
-            while layer is not None:   # a layered service: match any layer
-                by_id[id(layer)] = gen
-                layer = getattr(layer, "inner", None)
-        counts = dict.fromkeys(sorted(set(by_id.values())), 0)
+            by_id[id(svc)] = gen
+            relay = getattr(svc, "relay", None)
+            if relay is not None:
+                by_id[id(relay)] = gen
+        counts = dict.fromkeys(sorted(set(self.versions.values())), 0)
         for conn in self.conns.snapshot():
             found = by_id.get(id(getattr(conn, "service", None)))
+            if found is None:
+                found = by_id.get(id(getattr(conn, "cfg", None)))
             if found is not None:
                 counts[found] += 1
         return counts
@@ -291,8 +295,15 @@ class ServiceExecutor:
 
     @staticmethod
     def _count_version(site: Site, svc: Service | None) -> None:
+        # Key the version by its *innermost* service: that is what a
+        # connection holds (the layers only pass the accept through), so
+        # keying by the outer layer would forget a version the moment the
+        # slot lets go of it, while its connections still run on it.
+        inner: Any = svc
+        while getattr(inner, "inner", None) is not None:
+            inner = inner.inner
         try:
-            site.versions[svc] = site.generation  # type: ignore[index]
+            site.versions[inner] = site.generation
         except TypeError:
             pass  # a service that is not weak-referenceable is simply not counted
 

@@ -234,6 +234,8 @@ class Master:
         generations: dict[str, int] = {}
         totals: dict[str, float] = {}
         active = old = 0
+        #: generation -> open connections, summed over the workers
+        versions: dict[str, int] = {}
         for w in workers:
             site = (w.get("sites") or {}).get(name)
             if site is None:
@@ -241,6 +243,8 @@ class Master:
             generations[str(w["worker"])] = site["generation"]
             active += site.get("active", 0)
             old += site.get("old_versions", 0)
+            for gen, n in (site.get("versions") or {}).items():
+                versions[str(gen)] = versions.get(str(gen), 0) + n
             for key, value in (site.get("stats") or {}).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("limit",):
                     totals[key] = totals.get(key, 0) + value
@@ -251,7 +255,8 @@ class Master:
             "name": name, "kind": kind, "listen": listen,
             "generation": max(generations.values()) if generations else None,
             "generations": generations,
-            "active": active, "old_versions": old, "totals": totals,
+            "active": active, "old_versions": old,
+            "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0]))), "totals": totals,
             "changed_at": changed[0] if changed else None,
             "changed_by_reload": changed[1] if changed else None,
         }
