@@ -41,7 +41,7 @@ class _NullTransport:
     """
 
     def __init__(self) -> None:
-        self.write = collections.deque(maxlen=0).append   # discards
+        self.write: Any = collections.deque(maxlen=0).append   # discards
         self.get_write_buffer_size = int                   # int() == 0
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -155,13 +155,13 @@ class _PingPong(asyncio.Protocol):
 
 async def _proxy(loop: asyncio.AbstractEventLoop, protocol: Any) -> tuple[ServiceExecutor, Any, int]:
     backend = await loop.create_server(protocol, "127.0.0.1", 0)
-    up_port = backend.sockets[0].getsockname()[1]
+    up_port = backend.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     ex = ServiceExecutor()
     lf = TcpListenerFactory("127.0.0.1", 0)
     await ex.execute(PrepareAndCommit("p", ProxyFactory((f"127.0.0.1:{up_port}",)), lf))
     listener = ex.sites["p"].listener
     assert listener is not None and listener.server is not None
-    port = listener.server.sockets[0].getsockname()[1]
+    port = listener.server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     return ex, backend, port
 
 
