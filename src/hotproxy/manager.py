@@ -357,11 +357,21 @@ class WorkerManager:
             if isinstance(out, BaseException):
                 if not isinstance(out, Exception):
                     raise out
+                if isinstance(out, WorkerError) and not w.alive:
+                    # It died under the command (kill -9 just before a reload):
+                    # that is not the command failing.  Leave it out like a
+                    # worker that was already down; its restart replays the
+                    # deployment record, which this command updates below.
+                    log.warning("worker %d died during %s %r: it gets the result when it restarts",
+                                w.id, type(command).__name__, getattr(command, "name", ""))
+                    continue
                 results.append(WorkerResult(w.id, error=out))
             else:
                 results.append(WorkerResult(w.id, value=out))
         group = ResultGroup(command, results)
-        if any(r.ok for r in results):
+        # record it if it applied somewhere, or if no worker was there to fail
+        # it (all down: they replay the record when they come back)
+        if any(r.ok for r in results) or not results:
             self._record(command)
         self._release_shared()
         return group
