@@ -621,6 +621,7 @@ cdef class Connection:
         if self.c_eof:
             transport.write_eof()
         self._sync_client_reading()
+        self._sync_upstream_reading()
 
     cdef _upstream_data(self, Py_ssize_t n):
         self.last_active = _now()

@@ -564,6 +564,7 @@ class Connection:
         if self.c_eof:
             transport.write_eof()
         self._sync_client_reading()
+        self._sync_upstream_reading()
 
     def _upstream_data(self, n: int) -> None:
         self.last_active = _now()
