@@ -156,6 +156,29 @@ BAD = [
      "services.b.listen: address localhost:7000 overlaps services.a.listen"),
     ("[services.a]\nkind = 'echo'\nlisten = 'unix:/run/x.sock'\n[services.b]\nkind = 'echo'\nlisten = 'unix:/run/../run/x.sock'",
      "services.b.listen: address unix:/run/x.sock overlaps services.a.listen"),
+    # more types and ranges (issue 7's corpus)
+    ("[runtime]\nworkers = 1.5", "runtime.workers: expected an integer >= 1, got 1.5"),
+    ("[runtime]\nworkers = true", "runtime.workers: expected an integer >= 1, got true"),
+    ("[runtime]\ndrain_timeout = 'soon'", "runtime.drain_timeout: expected a number >= 0, got 'soon'"),
+    ("[runtime]\npidfile = 3", "runtime.pidfile: expected a string, got 3"),
+    ("[runtime]\nworkers = 100000000", "runtime.workers: expected an integer <= 1024, got 100000000"),
+    ("[runtime]\ndrain_timeout = inf", "runtime.drain_timeout: expected a number <= 31536000, got inf"),
+    ("[services.x]\nkind = 'echo'\nlisten = '127.0.0.1:1'\nbacklog = -5",
+     "services.x.backlog: expected an integer >= 1, got -5"),
+    ("[services.x]\nkind = 'echo'\nlisten = '127.0.0.1:1'\ngreeting = 5", "services.x.greeting: expected a string"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:2']\nconnect_timeout = 1e300",
+     "services.x.connect_timeout: expected a number <= 31536000, got 1e+300"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:2']\nidle_timeout = -1",
+     "services.x.idle_timeout: expected a number > 0, got -1"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:2']\nretries = -1",
+     "services.x.retries: expected an integer >= 0, got -1"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:2', '127.0.0.1:2']",
+     "services.x: invalid proxy service: upstreams[1]: '127.0.0.1:2' is listed twice"),
+    ("[services.x]\nkind = 'echo'\nlisten = '127.0.0.1:1'\n[services.x]\nkind = 'echo'", "TOML syntax error: "),
+    ("[services.x]\nkind = 'echo'\nlisten = '127.0.0.1:1'\nbacklog = 99999999999999999999999",
+     "services.x.backlog: expected an integer <= 65535, got 99999999999999999999999"),
+    ("[services.x]\nkind = 'echo'\nlisten = '127.0.0.1:1'\nmax_connections = 1e9",
+     "services.x.max_connections: expected an integer >= 1"),
 ]
 
 
@@ -174,6 +197,37 @@ def test_different_addresses_and_families_do_not_conflict() -> None:
                + "[services.c]\nkind = 'echo'\nlisten = '[::1]:7000'\n"
                + "[services.d]\nkind = 'echo'\nlisten = '127.0.0.2:7000'\n")
     assert list(cfg.services) == ["a", "b", "c", "d"]
+
+
+def test_files_that_are_not_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A directory, a FIFO, a device, a huge file, an unreadable file: one line each, no hang."""
+    huge = tmp_path / "huge.toml"
+    huge.write_text("[runtime]\n" + "# padding\n" * 500_000)     # ~5 MB of comments
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)                                            # nobody writes: reading would hang
+    cases = [
+        (tmp_path, "cannot read: it is a directory"),
+        (fifo, "cannot read: not a regular file"),
+        (Path("/dev/zero"), "cannot read: not a regular file"),
+        (huge, "too large: more than 4 MiB"),
+    ]
+    for path, expected in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path))
+        assert expected in str(info.value) and "\n" not in str(info.value), (path, info.value)
+        assert main(["check", "-c", str(path)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1 and expected in err, (path, err)
+        assert admin_socket_for(str(path)).endswith(".sock")    # and the CLI still finds a socket path
+    # a file without read permission: root reads it anyway, so only a non-root run can tell
+    locked = tmp_path / "locked.toml"
+    locked.write_text(echo_toml("a", 7000))
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):
+        assert load_config(str(locked)).services   # root: chmod 000 does not stop a read
+    else:  # pragma: no cover - not root
+        with pytest.raises(ConfigError, match="cannot read: Permission denied"):
+            load_config(str(locked))
 
 
 def test_unreadable_and_non_utf8_files(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
@@ -59,16 +60,23 @@ class Option:
     default: Any = None
     required: bool = False
     min: float | None = None
+    #: the largest value (huge numbers overflow the C integers and timers
+    #: they end up in, or ask for a million workers)
+    max: float | None = None
     #: the minimum is exclusive (``> min`` rather than ``>= min``)
     above: bool = False
     choices: tuple[str, ...] | None = None
     doc: str = ""
 
 
+#: the upper bound of every duration (seconds)
+_YEAR = 365 * 24 * 3600
+
+
 RUNTIME_OPTIONS: dict[str, Option] = {
-    "workers": Option("int", None, min=1, doc="worker processes (default: CPU count)"),
+    "workers": Option("int", None, min=1, max=1024, doc="worker processes (default: CPU count)"),
     "cpu_affinity": Option("bool", False, doc="pin worker i to CPU i mod ncpu"),
-    "drain_timeout": Option("float", 30.0, min=0, doc="seconds a removed or stopping service may drain"),
+    "drain_timeout": Option("float", 30.0, min=0, max=_YEAR, doc="seconds a removed or stopping service may drain"),
     "pidfile": Option("path", None, doc="write the master's pid here"),
     "admin_socket": Option("path", None, doc="the admin Unix socket (default: derived from the config path)"),
     "log_level": Option("str", "info", choices=_LOG_LEVELS, doc="master and worker log level"),
@@ -78,7 +86,7 @@ RUNTIME_OPTIONS: dict[str, Option] = {
 COMMON_OPTIONS: dict[str, Option] = {
     "kind": Option("str", None, required=True, doc="the service kind: proxy or echo"),
     "listen": Option("str", None, required=True, doc="127.0.0.1:80, [::1]:80 or unix:/path"),
-    "backlog": Option("int", 1024, min=1, doc="listen backlog"),
+    "backlog": Option("int", 1024, min=1, max=65535, doc="listen backlog"),
 }
 
 
@@ -111,19 +119,19 @@ def _build_proxy(opts: dict[str, Any]) -> MakeService:
 
 ECHO = ServiceKind("echo", {
     "greeting": Option("str", "", doc="sent first on every connection (tells versions apart)"),
-    "max_connections": Option("int", 10000, min=1, doc="open connections at most"),
+    "max_connections": Option("int", 10000, min=1, max=10_000_000, doc="open connections at most"),
 }, _build_echo, doc="echoes every byte back")
 
 PROXY = ServiceKind("proxy", {
     "upstreams": Option("upstreams", None, required=True, doc="where to connect"),
     "balance": Option("str", "round_robin", choices=("round_robin", "random", "least_conn", "hash"),
                       doc="how to pick an upstream"),
-    "connect_timeout": Option("float", 2.0, min=0, above=True, doc="seconds to connect upstream"),
-    "idle_timeout": Option("float", 300.0, min=0, above=True, doc="close after this many idle seconds"),
-    "max_connections": Option("int", 10000, min=1, doc="open client connections at most"),
-    "retries": Option("int", 2, min=0, doc="other upstreams to try when a connect fails"),
-    "max_fails": Option("int", 3, min=0, doc="failures that mark an upstream down"),
-    "fail_timeout": Option("float", 10.0, min=0, doc="seconds an upstream stays down"),
+    "connect_timeout": Option("float", 2.0, min=0, max=_YEAR, above=True, doc="seconds to connect upstream"),
+    "idle_timeout": Option("float", 300.0, min=0, max=_YEAR, above=True, doc="close after this many idle seconds"),
+    "max_connections": Option("int", 10000, min=1, max=10_000_000, doc="open client connections at most"),
+    "retries": Option("int", 2, min=0, max=100, doc="other upstreams to try when a connect fails"),
+    "max_fails": Option("int", 3, min=0, max=1_000_000, doc="failures that mark an upstream down"),
+    "fail_timeout": Option("float", 10.0, min=0, max=_YEAR, doc="seconds an upstream stays down"),
     "keepalive": Option("bool", False, doc="TCP keepalive on both sides"),
     "access_log": Option("bool", False, doc="log one line per connection"),
 }, _build_proxy, doc="relays TCP to upstreams")
@@ -196,16 +204,39 @@ def default_config_text() -> str:
     return resources.files("hotproxy").joinpath("default.toml").read_text(encoding="utf-8")
 
 
+#: a config file larger than this is refused (a real one is a few KiB)
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
 def load_config(path: str | None = None) -> Config:
     """Read and check *path* (None: the embedded default); raise ``ConfigError``."""
     if path is None:
         return parse_config(default_config_text(), None)
     apath = os.path.abspath(path)
     try:
-        with open(apath, "rb") as f:
-            data = f.read()
+        # O_NONBLOCK: a FIFO given as the file must not hang the master's
+        # reload waiting for a writer; only regular files are read, and only
+        # up to MAX_CONFIG_BYTES (``-c /dev/zero`` must not eat the memory)
+        fd = os.open(apath, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "it is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ConfigError(f"{apath}: cannot read: {what}")
+        data = b""
+        while len(data) <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise ConfigError(f"{apath}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{apath}: too large: more than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -239,8 +270,14 @@ def admin_socket_for(path: str | None) -> str:
         return default_admin_socket(None)
     apath = os.path.abspath(path)
     try:
-        with open(apath, "rb") as f:
-            raw = f.read().decode("utf-8", "replace")
+        fd = os.open(apath, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return default_admin_socket(apath)
+            # at most what load_config reads: a huge file is still searched
+            raw = os.read(fd, MAX_CONFIG_BYTES).decode("utf-8", "replace")
+        finally:
+            os.close(fd)
     except OSError:
         return default_admin_socket(apath)
     value: Any = None
@@ -350,6 +387,9 @@ class _Checker:
         raise AssertionError(f"unknown option type {t!r}")  # pragma: no cover - a bug in a spec
 
     def check_min(self, key: str, value: float, opt: Option) -> None:
+        if opt.max is not None and value > opt.max:
+            what = "an integer" if opt.type == "int" else "a number"
+            raise self.fail(key, f"expected {what} <= {int(opt.max)}, got {_show(value)}")
         if opt.min is None:
             return
         if value < opt.min or (opt.above and value == opt.min):
