@@ -420,3 +420,30 @@ def test_factory_pickles_into_workers_with_every_option() -> None:
     assert pickle.loads(pickle.dumps(f)) == f
     svc = f.make()
     assert svc.stats()["balance"] == "hash" and set(svc.stats()["upstreams"]) == set(f.upstreams)
+
+
+def test_old_versions_freed_by_their_last_connection(core_name: str) -> None:
+    """An old version lives while its connections do and is freed (no GC pass
+    needed) when the last one finishes."""
+    import gc
+
+    async def main() -> None:
+        b = await Backend(name="e", mode="tag").start()
+        async with proxy_site(ProxyFactory((b.address,))) as ex:
+            site = ex.sites["p"]
+            held = [await held_connection(site_address(ex)) for _ in range(2)]
+            for _ in range(3):
+                await ex.execute(Precommit("p", ProxyFactory((b.address,), retries=1)))
+                await ex.execute(Update("p"))
+            assert len(site.versions) == 2          # the current one and the held one
+            gc.disable()
+            try:
+                for _, _, w in held:
+                    await close(w)
+                await drained(ex)
+                await eventually(lambda: len(site.versions) == 1)
+            finally:
+                gc.enable()
+        await b.stop()
+
+    run(main())

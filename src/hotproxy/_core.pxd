@@ -59,6 +59,7 @@ cdef class Connection:
     cdef RelayConfig cfg
     cdef ProxyCounters counters
     cdef object conns
+    cdef object owner               # the service version, alive while we are
     cdef object client              # the client's transport
     cdef object upstream_t          # the upstream's transport (once attached)
     cdef object c_write             # client.write

@@ -252,15 +252,17 @@ cdef class RelayConfig:
 cdef class Connection:
     """One proxied connection: the protocol of the accepted client socket.
 
-    Constructing one counts it as accepted and active.  The connector
+    Constructing one counts it as accepted and active.  *owner* (the service
+    version that accepted it) is kept alive until the connection finishes.  The connector
     (``RelayConfig.connect``) drives the upstream side through
     ``upstream_protocol``, ``attempt_failed`` and ``connect_failed``.
     """
 
-    def __cinit__(self, RelayConfig cfg not None, object conns):
+    def __cinit__(self, RelayConfig cfg not None, object conns, object owner=None):
         self.cfg = cfg
         self.counters = cfg.counters
         self.conns = conns
+        self.owner = owner
         self.c_next = cfg.buffer_size
         self.u_next = cfg.buffer_size
         self.started = _now()
@@ -680,6 +682,7 @@ cdef class Connection:
         self.conns.discard(self)
         if self.cfg.on_close is not None:
             self.cfg.on_close(self)
+        self.owner = None   # the last connection of an old version frees it
 
 
 @cython.final

@@ -191,19 +191,20 @@ class RelayConfig:
 class Connection:
     """One proxied connection: the protocol of the accepted client socket."""
 
-    __slots__ = ("cfg", "counters", "conns", "client", "upstream_t", "c_write", "u_write", "pending",
+    __slots__ = ("cfg", "counters", "conns", "owner", "client", "upstream_t", "c_write", "u_write", "pending",
                  "up_proto", "ustate", "c_buf", "u_buf", "c_mv", "u_mv", "c_size", "u_size",
                  "c_next", "u_next", "early", "c2u", "u2c", "started", "ended", "last_active",
                  "timer", "connector", "peername", "up_state", "end_code", "client_open",
                  "c_reading", "u_reading", "c_eof", "u_eof", "c_paused_by_up", "u_paused_by_c",
                  "c_early_full", "closing", "_finished", "__weakref__")
 
-    def __init__(self, cfg: RelayConfig, conns: Any) -> None:
+    def __init__(self, cfg: RelayConfig, conns: Any, owner: Any = None) -> None:
         if not isinstance(cfg, RelayConfig):
             raise TypeError("cfg must be a RelayConfig")
         self.cfg = cfg
         self.counters = cfg.counters
         self.conns = conns
+        self.owner = owner   # the service version, alive while we are
         self.client: Any = None
         self.upstream_t: Any = None
         self.c_write: Any = None
@@ -623,6 +624,7 @@ class Connection:
         self.conns.discard(self)
         if self.cfg.on_close is not None:
             self.cfg.on_close(self)
+        self.owner = None
 
 
 class UpstreamSide:

@@ -204,17 +204,19 @@ class ProxyService(Service):
         self.retired: dict[str, Any] = {a: s for a, s in old_states.items()
                                         if a not in mine and s.active > 0}
         self._max = factory.max_connections
-        self._timeout = factory.connect_timeout
-        self._attempts = 1 + factory.retries
-        self._choose = getattr(self, "_choose_" + factory.balance)
         self._Connection = impl.Connection
         self._log = factory.access_log
+        # The relay's callbacks are the balancer's, not this service's: a
+        # cycle through the service would keep old versions alive until a
+        # GC pass.  Each connection holds its service (``owner``) instead,
+        # so a version is freed when its last connection finishes.
+        self.balancer = _Balancer(factory, shared, self.targets)
         self.relay = impl.RelayConfig(
             shared.counters,
             idle_timeout=float(factory.idle_timeout),
             keepalive=factory.keepalive,
-            connect=self._start_connect,
-            on_close=self._log_close if factory.access_log else None,
+            connect=self.balancer.start_connect,
+            on_close=self.balancer.log_close if factory.access_log else None,
             want_peername=factory.access_log or factory.balance == "hash",
             buffer_size=BUFFER_SIZE,
             max_buffer_size=MAX_BUFFER_SIZE,
@@ -228,11 +230,62 @@ class ProxyService(Service):
         if counters.active >= self._max:
             counters.refused += 1
             return _Refuse(self._log)  # type: ignore[return-value]
-        return self._Connection(self.relay, conns)  # type: ignore[no-any-return]
+        return self._Connection(self.relay, conns, self)  # type: ignore[no-any-return]
+
+    # -- status and logs -------------------------------------------------------
+
+    def all_states(self) -> dict[str, Any]:
+        """Every upstream state this version knows: its upstreams and retired ones."""
+        states = dict(self.retired)
+        states.update((t.up.address, t.state) for t in self.targets)
+        return states
+
+    @property
+    def upstream_states(self) -> dict[str, Any]:
+        """This version's upstreams' states, by address."""
+        return {t.up.address: t.state for t in self.targets}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (shared by every version) and per-upstream state, for ``hotproxy status``."""
+        out: dict[str, Any] = self.counters.as_dict()
+        now = time.monotonic()
+        ups: dict[str, Any] = {}
+        for addr, st in self.all_states().items():
+            ups[addr] = {
+                "active": st.active,
+                "connections": st.connections,
+                "failures": st.failures,
+                "fails": st.fails,
+                "ejected_for": round(max(0.0, st.ejected_until - now), 3),
+                "bytes_in": st.bytes_in,
+                "bytes_out": st.bytes_out,
+            }
+            if addr in self.retired:
+                ups[addr]["removed"] = True
+        out["upstreams"] = ups
+        out["balance"] = self.factory.balance
+        return out
+
+    def __repr__(self) -> str:
+        return f"<ProxyService {self.factory.balance} {list(self.factory.upstreams)}>"
+
+
+class _Balancer:
+    """Picks and connects upstreams for one service version (the relay's ``connect``)."""
+
+    def __init__(self, factory: ProxyFactory, shared: _Shared, targets: list[_Target]) -> None:
+        self.factory = factory
+        self.shared = shared
+        self.counters = shared.counters
+        self.targets = targets
+        self._timeout = factory.connect_timeout
+        self._attempts = 1 + factory.retries
+        # the plain function, not a bound method: no reference cycle
+        self._choose = getattr(_Balancer, "_choose_" + factory.balance)
 
     # -- connecting ------------------------------------------------------------
 
-    def _start_connect(self, conn: Any) -> asyncio.Task[None]:
+    def start_connect(self, conn: Any) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(self._connect(conn))
 
     async def _connect(self, conn: Any) -> None:
@@ -300,7 +353,7 @@ class ProxyService(Service):
                 return None
         if len(cands) == 1:
             return cands[0]
-        return self._choose(conn, cands)  # type: ignore[no-any-return]
+        return self._choose(self, conn, cands)  # type: ignore[no-any-return]
 
     def _choose_round_robin(self, conn: Any, cands: list[_Target]) -> _Target:
         shared = self.shared
@@ -340,48 +393,11 @@ class ProxyService(Service):
             h = zlib.crc32(b"%d" % probe, h)
         return cands[zlib.crc32(key) % len(cands)]
 
-    # -- status and logs -------------------------------------------------------
-
-    def all_states(self) -> dict[str, Any]:
-        """Every upstream state this version knows: its upstreams and retired ones."""
-        states = dict(self.retired)
-        states.update((t.up.address, t.state) for t in self.targets)
-        return states
-
-    @property
-    def upstream_states(self) -> dict[str, Any]:
-        """This version's upstreams' states, by address."""
-        return {t.up.address: t.state for t in self.targets}
-
-    def stats(self) -> dict[str, Any]:
-        """Counters (shared by every version) and per-upstream state, for ``hotproxy status``."""
-        out: dict[str, Any] = self.counters.as_dict()
-        now = time.monotonic()
-        ups: dict[str, Any] = {}
-        for addr, st in self.all_states().items():
-            ups[addr] = {
-                "active": st.active,
-                "connections": st.connections,
-                "failures": st.failures,
-                "fails": st.fails,
-                "ejected_for": round(max(0.0, st.ejected_until - now), 3),
-                "bytes_in": st.bytes_in,
-                "bytes_out": st.bytes_out,
-            }
-            if addr in self.retired:
-                ups[addr]["removed"] = True
-        out["upstreams"] = ups
-        out["balance"] = self.factory.balance
-        return out
-
-    def _log_close(self, conn: Any) -> None:
+    def log_close(self, conn: Any) -> None:
         up = conn.upstream
         access_log.info("%s -> %s in=%d out=%d time=%.3fs end=%s", _peer(conn.peername),
                         up.address if up is not None else "-", conn.bytes_in, conn.bytes_out,
                         conn.duration, conn.end)
-
-    def __repr__(self) -> str:
-        return f"<ProxyService {self.factory.balance} {list(self.factory.upstreams)}>"
 
 
 class _Refuse(asyncio.Protocol):
