@@ -132,8 +132,11 @@ class AdminServer:
     async def _handle(self, line: bytes) -> tuple[dict[str, Any], bool]:
         try:
             request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error(f"malformed request: not JSON ({exc})"), False
+        except (ValueError, RecursionError) as exc:
+            # ValueError: not JSON, not UTF-8, or an integer longer than
+            # Python's int/str limit; RecursionError: '[[[[...' nested deeper
+            # than the parser's stack (both fit well within MAX_REQUEST)
+            return _error(f"malformed request: not JSON ({' '.join(str(exc).split())[:200]})"), False
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return _error('malformed request: expected {"cmd": "..."}'), False
         if request["cmd"] not in self.commands:
