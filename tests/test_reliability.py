@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import eventually, free_port, run
+from hotproxy.admin import AdminClient
 from helpers_program import EchoClient, Program, Traffic, proc_rss_kib, refuses, roundtrip
 
 Start = Callable[..., Program]
@@ -88,6 +89,16 @@ def proxy(port: int, upstreams: list[int], **kw: Any) -> dict[str, Any]:
 
 def by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in status["services"]}
+
+
+async def ask(path: str, cmd: str) -> dict[str, Any]:
+    """One admin request to the socket at *path* (while the config file names no socket)."""
+    client = AdminClient(path)
+    await client.connect()
+    try:
+        return await asyncio.wait_for(client.request(cmd), 60)
+    finally:
+        await client.close()
 
 
 def rss(prog: Program, status: dict[str, Any]) -> dict[str, int]:
@@ -541,3 +552,73 @@ def test_kill_9_a_worker_under_load_others_serve_it_returns_with_the_reload_made
         assert "Traceback" not in prog.log()
 
     run(main(), 90)
+
+
+# -- bad input through the running program -----------------------------------------------------------
+
+
+def test_every_bad_config_is_rejected_by_the_running_program_while_it_serves(
+        start: Start, traffic: Callable[..., Traffic], tmp_path: Path) -> None:
+    """test_config's 51 bad texts, plus what only a reload can find (a port in use, an address
+    not on this host) and files that are not config files, reloaded into a serving program."""
+    from test_config import BAD
+
+    e, px, busy_port = free_port(), free_port(), free_port()
+    good = {"e": echo(e), "px": proxy(px, [e])}
+    prog = start(toml(good))
+    assert prog.config is not None
+    cfg = prog.config
+    busy = socket.socket()
+    busy.bind((HOST, busy_port))
+    busy.listen()
+    corpus: list[tuple[str, Any]] = [(f"text {i}", text) for i, (text, _) in enumerate(BAD)]
+    corpus += [
+        ("port in use", toml(dict(good, x=echo(busy_port)))),
+        ("address not on this host", toml(dict(good, x={"kind": "echo", "listen": "192.0.2.1:7000"}))),
+        ("huge file", "[runtime]\n" + "# padding\n" * 500_000),
+        ("directory", "DIR"),
+    ]
+
+    async def main() -> None:
+        await prog.wait_ready()
+        sock = prog.socket_path()
+        load = traffic([f"{HOST}:{e}", f"{HOST}:{px}"], long=2, short=2, seed=9)
+        messages = {}
+        for i, (what, text) in enumerate(corpus):
+            if text == "DIR":
+                cfg.unlink()
+                cfg.mkdir()
+            else:
+                cfg.write_text(text)
+            if i % 10 == 0 or what in ("huge file", "directory", "address not on this host"):
+                # the CLI, as an operator runs it: exit 1, one clear first line, no traceback
+                code, out, err = await prog.cli("reload", "-c", str(cfg), "--socket", sock)
+                assert code == 1 and err.startswith("reload failed: ") and "Traceback" not in out + err, \
+                    (what, out, err)
+                code, out, err = await prog.cli("check", "-c", str(cfg))
+                if what in ("port in use", "address not on this host"):
+                    assert code == 0, (what, out, err)     # only binding finds these: check says so in --help
+                else:
+                    assert code == 1 and out == "" and len(err.splitlines()) == 1, (what, out, err)
+                messages[what] = err.strip() or out.strip()
+            report = (await ask(sock, "reload"))["report"]
+            assert not report["ok"] and report["error"] and "\n" not in report["error"], (what, report)
+            assert "Traceback" not in report["error"]
+            messages.setdefault(what, report["error"])
+            if text == "DIR":
+                cfg.rmdir()
+        for what in ("port in use", "address not on this host", "huge file", "directory"):
+            print(f"{what}: {messages[what]}")
+        status = (await ask(sock, "status"))["status"]
+        assert status["reloads"] == len(corpus) and status["restarts"] == 0
+        for s in status["services"]:
+            assert set(s["generations"].values()) == {1}, s      # nothing applied, not even in part
+        assert sorted(w for w in status["workers"][0]["sites"]) == ["e", "px"]
+        tot = await load.finish()
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0 and tot["long_ok"] == 2, tot
+        assert "Traceback" not in prog.log()
+
+    try:
+        run(main(), 110)
+    finally:
+        busy.close()
