@@ -461,13 +461,13 @@ def test_idle_timeout(core_name: str) -> None:
     """A connection with no traffic is closed; one with traffic is not."""
     async def main() -> None:
         b = await Backend(mode="echo").start()
-        async with proxy_site(ProxyFactory((b.address,), idle_timeout=0.5)) as ex:
+        async with proxy_site(ProxyFactory((b.address,), idle_timeout=1.0)) as ex:
             busy_r, busy_w = await connect(site_address(ex))
             idle_r, idle_w = await connect(site_address(ex))
             idle_w.write(b"once")
             assert await idle_r.readexactly(4) == b"once"
             # the busy one talks every 50 ms for well over the idle timeout
-            for _ in range(25):
+            for _ in range(30):
                 busy_w.write(b"ping")
                 assert await busy_r.readexactly(4) == b"ping"
                 await asyncio.sleep(0.05)
