@@ -612,7 +612,7 @@ def test_every_bad_config_is_rejected_by_the_running_program_while_it_serves(
         for what in ("port in use", "address not on this host", "huge file", "directory"):
             print(f"{what}: {messages[what]}")
         status = (await ask(sock, "status"))["status"]
-        assert status["reloads"] == len(corpus) + cli_reloads and status["restarts"] == 0
+        assert status["reloads"] == 1 + len(corpus) + cli_reloads and status["restarts"] == 0
         for s in status["services"]:
             assert set(s["generations"].values()) == {1}, s      # nothing applied, not even in part
         assert sorted(w for w in status["workers"][0]["sites"]) == ["e", "px"]
