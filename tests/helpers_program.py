@@ -77,7 +77,8 @@ class Program:
     """A running ``hotproxy run -c FILE``; always ``kill()`` it in a finalizer."""
 
     def __init__(self, config: Path | None, log: Path, *, test_kinds: bool = False,
-                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: list[str] | None = None,
+                 nofile: int | None = None) -> None:
         self.config = config
         self.log_path = log
         self.cwd = config.parent if config is not None else log.parent
@@ -90,8 +91,15 @@ class Program:
             args = ["-c", str(config)] if config is not None else []
         cmd += args
         self._log = open(log, "ab")
+        preexec = None
+        if nofile is not None:
+            def preexec() -> None:
+                # ``ulimit -n NOFILE`` for the master, inherited by its workers
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=str(self.cwd))
+                                     env=self.env, cwd=str(self.cwd), preexec_fn=preexec)
         self.worker_pids: list[int] = []
 
     @property

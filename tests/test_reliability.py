@@ -624,3 +624,86 @@ def test_every_bad_config_is_rejected_by_the_running_program_while_it_serves(
         run(main(), 110)
     finally:
         busy.close()
+
+
+# -- exhaustion ------------------------------------------------------------------------------------
+
+
+def _fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def test_out_of_file_descriptors_refuses_then_recovers_without_spinning(start: Start) -> None:
+    """``ulimit -n 64`` on the program: a flood of connections runs the worker out of
+    descriptors.  It must not crash or spin; the master must keep answering; once
+    the flood lets go, new connections work again."""
+    from helpers_program import proc_cpu_seconds
+
+    e, px = free_port(), free_port()
+    prog = start(toml({"e": echo(e), "px": proxy(px, [e], connect_timeout=1.0)}, workers=1), nofile=64)
+
+    async def main() -> None:
+        status = await prog.wait_ready()
+        worker = status["workers"][0]["pid"]
+        print(f"worker fds at start: {_fds(worker)} of 64")
+        held: list[socket.socket] = []
+        outcomes = {"connected": 0, "failed": 0}
+        try:
+            # through the proxy (2 descriptors each in the worker), then direct
+            for port in [px] * 40 + [e] * 60:
+                s = socket.socket()
+                s.setblocking(False)
+                try:
+                    s.connect((HOST, port))
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    outcomes["failed"] += 1
+                    s.close()
+                    continue
+                held.append(s)
+            await asyncio.sleep(1.5)
+            print(f"worker fds while flooded: {_fds(worker)} of 64")
+            # exhausted: measure the worker's CPU over 2 s (a busy accept loop would use ~2 s)
+            cpu0, t0 = proc_cpu_seconds(worker), time.monotonic()
+            await asyncio.sleep(2.0)
+            cpu = proc_cpu_seconds(worker) - cpu0
+            wall = time.monotonic() - t0
+            print(f"worker CPU while out of descriptors: {cpu:.2f}s in {wall:.2f}s")
+            assert cpu < wall / 2, (cpu, wall)     # not a busy loop (a bound, not a timing)
+            # what became of the flood: alive connections still echo, the rest were closed
+            alive = closed = 0
+            for s in held:
+                try:
+                    s.send(b"x")
+                    await asyncio.sleep(0)
+                    alive += 1
+                except OSError:
+                    closed += 1
+            print(f"flood: {len(held)} connects, {alive} writable, {closed} closed/reset")
+            assert prog.proc.poll() is None
+            st = await prog.status()                # the master answers
+            assert st["restarts"] == 0 and st["workers"][0]["alive"], st
+        finally:
+            for s in held:
+                s.close()
+
+        # descriptors free up: the same worker serves again
+        async def serving() -> bool:
+            try:
+                return await roundtrip(e) == b"hello" and await roundtrip(px) == b"hello"
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                return False
+
+        await eventually(serving, timeout=30, interval=0.2)
+        st = await prog.status()
+        assert st["restarts"] == 0 and st["workers"][0]["pid"] == worker
+        log = prog.log()
+        print("log lines about descriptors:",
+              [line for line in log.splitlines() if "open files" in line or "EMFILE" in line][:5])
+        assert "Traceback" not in log
+
+    run(main(), 90)
