@@ -707,3 +707,118 @@ def test_out_of_file_descriptors_refuses_then_recovers_without_spinning(start: S
         assert "Traceback" not in log
 
     run(main(), 90)
+
+
+def _black_hole() -> tuple[socket.socket, list[socket.socket]]:
+    """A loopback listener that never accepts, its backlog full: connects to it hang (SYN dropped)."""
+    hole = socket.socket()
+    hole.bind((HOST, 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(hole.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    return hole, fillers
+
+
+def test_dead_black_holed_and_silent_upstreams_never_wedge_a_worker(start: Start,
+                                                                     traffic: Callable[..., Traffic]) -> None:
+    """One worker serves an echo, a proxy to a refused port, a proxy to a black hole
+    (connect_timeout 0.5 s) and a proxy to a silent upstream (idle_timeout 1 s): the echo
+    and a good proxy keep serving, every bad connection ends, nothing piles up."""
+    e, good, refused, holed, silent_px, dead_port = (free_port() for _ in range(6))
+    hole, fillers = _black_hole()
+    silent = socket.socket()             # accepts (kernel backlog), never reads or writes
+    silent.bind((HOST, 0))
+    silent.listen(64)
+    prog = start(toml({
+        "e": echo(e),
+        "good": proxy(good, [e]),
+        "refused": proxy(refused, [dead_port], retries=0),
+        "holed": proxy(holed, [f"{HOST}:{hole.getsockname()[1]}"], connect_timeout=0.5, retries=0),
+        "silent": proxy(silent_px, [f"{HOST}:{silent.getsockname()[1]}"], idle_timeout=1.0),
+    }, workers=1).replace(f'"{HOST}:{HOST}:', f'"{HOST}:'))
+
+    async def attempt(port: int) -> str:
+        t = time.monotonic()
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 5)
+            writer.write(b"hello")
+            got = await asyncio.wait_for(reader.read(100), 20)
+            writer.close()
+            return f"{'echoed' if got else 'closed'} after {time.monotonic() - t:.2f}s"
+        except (ConnectionError, OSError) as exc:
+            return f"{type(exc).__name__} after {time.monotonic() - t:.2f}s"
+
+    async def main() -> None:
+        await prog.wait_ready()
+        load = traffic([f"{HOST}:{e}", f"{HOST}:{good}"], long=2, short=2, seed=11)
+        bad = [attempt(p) for p in [refused] * 10 + [holed] * 20 + [silent_px] * 10]
+        results = await asyncio.gather(*bad)
+        for port, name in ((refused, "refused"), (holed, "black hole"), (silent_px, "silent")):
+            mine = [r for r, p in zip(results, [refused] * 10 + [holed] * 20 + [silent_px] * 10) if p == port]
+            print(f"upstream {name}: {sorted(set(r.split(' after')[0] for r in mine))}, "
+                  f"e.g. {mine[0]}")
+            assert all(not r.startswith("echoed") for r in mine), mine   # each ended, none hung
+        status = by_name(await prog.status())
+        tot = await load.finish()
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0 and tot["long_ok"] == 2, tot
+        for name in ("refused", "holed", "silent"):
+            async def ended(name: str = name) -> bool:
+                return by_name(await prog.status())[name]["active"] == 0
+            await eventually(ended, timeout=10)
+        print("totals:", {n: status[n]["totals"] for n in ("refused", "holed", "silent")})
+        assert "Traceback" not in prog.log()
+
+    try:
+        run(main(), 90)
+    finally:
+        for s in fillers + [hole, silent]:
+            s.close()
+
+
+@pytest.mark.parametrize("via", ["echo", "proxy"])
+def test_a_client_that_never_reads_cannot_make_a_worker_buffer_without_bound(start: Start, via: str) -> None:
+    """Straight to the echo, or through the proxy to it: the client writes and never
+    reads.  The worker must stop reading from it (back-pressure): the client's writes
+    block after a bounded amount, and the worker's RSS stays near where it was."""
+    e, px = free_port(), free_port()
+    prog = start(toml({"e": echo(e), "px": proxy(px, [e])}, workers=1))
+
+    async def main() -> None:
+        status = await prog.wait_ready()
+        worker = status["workers"][0]["pid"]
+        rss0 = proc_rss_kib(worker)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.connect((HOST, px if via == "proxy" else e))
+        s.setblocking(False)
+        chunk = b"x" * 65536
+        sent = 0
+        stalled_since = None
+        try:
+            while sent < 1024 * 1024 * 1024:
+                try:
+                    sent += s.send(chunk)
+                    stalled_since = None
+                except BlockingIOError:
+                    if stalled_since is None:
+                        stalled_since = time.monotonic()
+                    elif time.monotonic() - stalled_since > 1.0:
+                        break               # the proxy stopped reading us
+                    await asyncio.sleep(0.01)
+            rss1 = proc_rss_kib(worker)
+            print(f"never-reading client via {via}: {sent / 2**20:.1f} MiB accepted before writes blocked; "
+                  f"worker RSS {rss0} -> {rss1} KiB")
+            assert sent < 256 * 1024 * 1024, sent       # bounded by socket buffers + the relay's cap
+            assert rss1 - rss0 < 64 * 1024, (rss0, rss1)
+            assert (await roundtrip(px)) == b"hello"     # the worker serves others meanwhile
+        finally:
+            s.close()
+
+    run(main(), 60)

@@ -35,6 +35,17 @@ class EchoProtocol(asyncio.Protocol):
         self.service.counts[0] += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
 
+    # Back-pressure: a client that sends but does not read would otherwise
+    # make the transport buffer every echoed byte, without bound.  Stop
+    # reading while the echo cannot be written; go on when it drains.
+    def pause_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def eof_received(self) -> bool:
         # The client is done sending: close once every echoed byte is
         # flushed (the client may still be reading them -- a half-close).
