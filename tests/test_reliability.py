@@ -822,3 +822,110 @@ def test_a_client_that_never_reads_cannot_make_a_worker_buffer_without_bound(sta
             s.close()
 
     run(main(), 60)
+
+
+# -- net.ipv4.tcp_migrate_req: the accept queue of a killed worker -------------------------------------
+
+MIGRATE = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def _migrate_req() -> int | None:
+    try:
+        with open(MIGRATE) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+async def _kill_with_a_full_accept_queue(prog: Program, port: int, n: int) -> dict[str, int]:
+    """Stop one worker, queue *n* connections on the port (SO_REUSEPORT spreads them over
+    both workers' queues), kill -9 it, and count what became of them."""
+    status = await prog.wait_ready()
+    victim = status["workers"][1]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect((HOST, port))
+            except BlockingIOError:
+                pass
+            socks.append(s)
+        await asyncio.sleep(0.5)           # handshakes done: queued on both listeners
+        os.kill(victim, signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        counts = {"echoed": 0, "reset": 0, "other": 0}
+
+        async def one(s: socket.socket) -> None:
+            try:
+                await loop.sock_sendall(s, b"x")
+                got = await asyncio.wait_for(loop.sock_recv(s, 1), 10)
+                counts["echoed" if got == b"x" else "reset"] += 1
+            except (ConnectionResetError, BrokenPipeError):
+                counts["reset"] += 1
+            except (OSError, asyncio.TimeoutError):
+                counts["other"] += 1
+
+        await asyncio.gather(*(one(s) for s in socks))
+        return counts
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_killed_workers_accept_queue_with_the_current_tcp_migrate_req(start: Start) -> None:
+    """Whatever the sysctl says now: every queued connection is either served or reset
+    (none hangs); with tcp_migrate_req=1 none is reset."""
+    a = free_port()
+    prog = start(toml({"a": echo(a)}))
+    setting = _migrate_req()
+
+    async def main() -> None:
+        counts = await _kill_with_a_full_accept_queue(prog, a, 100)
+        print(f"tcp_migrate_req={setting}: 100 connections queued, worker killed: {counts}")
+        assert counts["other"] == 0, counts
+        if setting == 1:
+            assert counts["reset"] == 0, counts
+
+    run(main(), 60)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access(MIGRATE, os.W_OK), reason=f"{MIGRATE} is not writable here")
+def test_tcp_migrate_req_measured_off_and_on(start: Start) -> None:
+    """Sets the (network-namespace-wide) sysctl for a moment, and puts it back."""
+    before = _migrate_req()
+    results = {}
+    try:
+        for value in (0, 1):
+            with open(MIGRATE, "w") as f:
+                f.write("0")
+            a = free_port()
+            # on: hotproxy sets it itself, as runtime.tcp_migrate_req asks
+            prog = start(toml({"a": echo(a)}, tcp_migrate_req=bool(value)), name=f"migrate{value}.toml")
+            results[value] = run(_kill_with_a_full_accept_queue(prog, a, 200), 60)
+            assert _migrate_req() == value
+            if value:
+                assert "set net.ipv4.tcp_migrate_req=1" in prog.log()
+            prog.kill()
+    finally:
+        with open(MIGRATE, "w") as f:
+            f.write(str(before))
+    print(f"MIGRATE: 200 queued connections, one of 2 workers killed: off {results[0]}, on {results[1]}")
+    assert results[1]["reset"] == 0 and results[1]["echoed"] == 200, results
+
+
+def test_runtime_tcp_migrate_req_sets_the_sysctl_if_it_may(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from hotproxy.config import parse_config
+    from hotproxy.master import set_tcp_migrate_req
+
+    assert parse_config("", None).runtime.tcp_migrate_req is False           # off by default
+    assert parse_config("[runtime]\ntcp_migrate_req = true", None).runtime.tcp_migrate_req is True
+    knob = tmp_path / "tcp_migrate_req"
+    knob.write_text("0\n")
+    assert set_tcp_migrate_req(str(knob)) and knob.read_text() == "1"
+    assert set_tcp_migrate_req(str(knob))                                    # already 1
+    assert not set_tcp_migrate_req(str(tmp_path / "no" / "such"))            # not permitted / no such knob
+    assert "cannot set net.ipv4.tcp_migrate_req=1" in caplog.text

@@ -80,6 +80,8 @@ class Master:
             self._remove_pidfile()
             return 1
         self._install_signals(loop)
+        if rt.tcp_migrate_req:
+            set_tcp_migrate_req()
         try:
             self.manager = WorkerManager(rt.workers, drain_timeout=rt.drain_timeout,
                                          cpu_affinity=rt.cpu_affinity, **self._manager_options)
@@ -327,6 +329,33 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+#: with SO_REUSEPORT each worker has its own accept queue; when a worker dies
+#: the kernel resets the connections waiting in it, unless this is 1 (Linux
+#: >= 5.14), when it moves them to another listener on the same port
+TCP_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def set_tcp_migrate_req(path: str = TCP_MIGRATE_REQ) -> bool:
+    """Set ``net.ipv4.tcp_migrate_req=1`` if we may; log what happened.
+
+    It is a sysctl of the whole network namespace, hence opt-in
+    (``runtime.tcp_migrate_req``) and never turned back off by us.
+    """
+    try:
+        with open(path) as f:
+            if f.read().strip() == "1":
+                log.info("net.ipv4.tcp_migrate_req is already 1")
+                return True
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as exc:
+        log.warning("runtime.tcp_migrate_req: cannot set net.ipv4.tcp_migrate_req=1 (%s): a killed "
+                    "worker's queued connections will be reset", exc.strerror or exc)
+        return False
+    log.info("set net.ipv4.tcp_migrate_req=1: a killed worker's queued connections move to another worker")
     return True
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger("hotproxy.reload")
 
 #: runtime keys a reload cannot change (they need a restart); the others
 #: (drain_timeout, log_level) apply at once
-RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile")
+RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req")
 
 
 @dataclass
