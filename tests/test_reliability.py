@@ -240,11 +240,10 @@ async def storm(prog: Program, plan: Storm, n: int, traffic: Callable[..., Traff
     figures["direct"] = await direct.finish()
     figures["through_proxy"] = await through.finish()
     assert status["restarts"] == 0 and "exited with" not in prog.log(), prog.log()[-3000:]
-    # once the long connections have ended every old version is released (the
-    # proxy's only at the next cyclic GC: see the xfail test below; counted here)
+    # once the long connections have ended every old version is released
     async def released() -> bool:
         s = await prog.status()
-        return all(svc["old_versions"] == 0 for svc in s["services"] if svc["kind"] == "echo")
+        return all(svc["old_versions"] == 0 for svc in s["services"])
 
     await eventually(released, timeout=30)
     figures["old_versions_left"] = {svc["name"]: svc["old_versions"] for svc in (await prog.status())["services"]}
@@ -307,9 +306,8 @@ def test_storm_1000_reloads_memory_stays_flat(start: Start, traffic: Callable[..
         busy.close()
 
 
-#: the services whose old versions must be freed as soon as their last
-#: connection ends (see the xfail test below for the proxy)
-released_names: tuple[str, ...] = ("e",)
+#: the services whose old versions must be freed as soon as their last connection ends
+released_names: tuple[str, ...] = ("e", "px")
 
 
 # -- generations: old versions are visible while held, released when their last connection ends --
@@ -383,23 +381,10 @@ def test_old_versions_are_shown_while_connections_hold_them_then_released(start:
             return all(s[n]["old_versions"] == 0 and s[n]["versions"] == {"4": 0} for n in released_names)
 
         await eventually(all_released)
-        if released_names == ("e", "px"):
-            code, out, err = await prog.cli("status", "-c", str(prog.config))
-            assert "old versions" not in out, out
+        code, out, err = await prog.cli("status", "-c", str(prog.config))
+        assert "old versions" not in out, out
 
     run(main(), 60)
-
-
-@pytest.mark.xfail(reason="proxy.py: a ProxyService and its RelayConfig refer to each other (relay.connect is "
-                          "the bound method service._start_connect), so an old proxy version outlives its last "
-                          "connection until the cyclic GC runs", strict=False)
-def test_an_old_proxy_version_is_released_when_its_last_connection_ends(start: Start) -> None:
-    global released_names
-    released_names = ("e", "px")
-    try:
-        test_old_versions_are_shown_while_connections_hold_them_then_released(start, "compiled")
-    finally:
-        released_names = ("e",)
 
 
 # -- a removed service drains, bounded by drain_timeout -------------------------------------------
