@@ -1082,33 +1082,58 @@ def at_least(limit: float) -> Callable[[float], bool]:
     return lambda v: v >= limit
 
 
-def run_micro(tmp: Path) -> str | None:
-    """Run the pytest-benchmark micro-benchmarks under bench/ and return a
-    markdown table of medians, compiled core vs pure-Python core; None if
-    pytest-benchmark is not installed or the run fails."""
+#: wall-clock bound of one micro-benchmark file in the full run
+MICRO_FILE_TIMEOUT = 120.0
+
+
+def run_micro(tmp: Path, notes: list[str]) -> str | None:
+    """Run the pytest-benchmark micro-benchmarks (each ``bench/test_*.py``
+    on its own, each test bounded by pytest-timeout, so one that hangs costs
+    only itself) and return a markdown table of medians, compiled core vs
+    pure-Python core; None if pytest-benchmark is not installed."""
     try:
         import pytest_benchmark  # noqa: F401
     except ImportError:
+        notes.append("pytest-benchmark not installed (pip install '.[test]'): no micro-benchmarks")
         return None
-    out_json = tmp / "micro.json"
-    try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider",
-                               "--benchmark-max-time=0.2", f"--benchmark-json={out_json}"],
-                              capture_output=True, text=True, timeout=600, cwd=ROOT, start_new_session=True)
-        data = json.loads(out_json.read_text())
-    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-        log(f"micro-benchmarks failed: {exc}")
-        return None
-    if proc.returncode != 0:
-        log(f"micro-benchmarks: pytest exited {proc.returncode}: {proc.stdout.strip()[-300:]}")
     rows: dict[str, dict[str, float]] = {}
-    for b in data.get("benchmarks", []):
-        params = dict(b.get("params") or {})
-        core_name = params.pop("core_name", "compiled")
-        label = b.get("group") or b["name"].split("[")[0]
-        if params:
-            label += " [" + ", ".join(f"{k}={v}" for k, v in params.items()) + "]"
-        rows.setdefault(label, {})[core_name] = b["stats"]["median"]
+    for test_file in sorted(HERE.glob("test_*.py")):
+        out_json = tmp / f"micro-{test_file.stem}.json"
+        # A hard wall-clock bound per file, killing the whole process group:
+        # a benchmark stuck inside the event loop's epoll_wait is out of
+        # pytest-timeout's reach.
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider",
+                                 "--timeout=60", "--benchmark-max-time=0.2", f"--benchmark-json={out_json}"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=ROOT, start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=MICRO_FILE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            notes.append(f"micro-benchmarks in {test_file.name} did not finish within "
+                         f"{MICRO_FILE_TIMEOUT:.0f} s and were stopped: no figures from it")
+            continue
+        try:
+            data = json.loads(out_json.read_text())
+        except (OSError, ValueError) as exc:
+            notes.append(f"micro-benchmarks in {test_file.name} gave no results ({type(exc).__name__})")
+            continue
+        if proc.returncode != 0:
+            last = stdout.strip().splitlines()[-1:] or ["?"]
+            notes.append(f"micro-benchmarks in {test_file.name}: pytest exited {proc.returncode} ({last[0]})")
+        for b in data.get("benchmarks", []):
+            params = dict(b.get("params") or {})
+            core_name = params.pop("core_name", "compiled")
+            label = b.get("group") or b["name"].split("[")[0]
+            if params:
+                label += " [" + ", ".join(f"{k}={v}" for k, v in params.items()) + "]"
+            rows.setdefault(label, {})[core_name] = b["stats"]["median"]
+    if not rows:
+        return None
     lines = ["| micro-benchmark | compiled core µs | pure-Python core µs | compiled speed-up |",
              "|---|---|---|---|"]
     for label, by_core in rows.items():
@@ -1312,7 +1337,7 @@ def run(args: argparse.Namespace, s: Settings) -> str:
         load_after = os.getloadavg()
         if "micro" in args.extra:
             log("micro-benchmarks (pytest bench/)")
-            res.micro = run_micro(tmp)
+            res.micro = run_micro(tmp, notes)
     return report(args, s, res, [p.name for p in proxies], notes, versions, backend.kind,
                   driver.name, load_before, load_after)
 
