@@ -14,6 +14,8 @@ from hotproxy import (Abort, BuildListenerError, BuildServiceError, Commit, Coun
                       LimitConnections, NothingDeployedError, NothingStagedError, PrepareAndCommit, Precommit,
                       Remove, ServiceExecutor, SiteNotFoundError, TcpListenerFactory, Update, stack)
 
+from hotproxy.service import Service
+
 from conftest import echo_roundtrip, eventually, free_port, run
 from services import TaggedFactory, ask
 
@@ -370,3 +372,48 @@ def test_closing_a_listener_serves_what_the_kernel_queued(core_name: str) -> Non
         await asyncio.wait_for(ex.wait_drained(), 10)
 
     run(main())
+
+
+class _FlakyService(Service):
+    """Raises in new_connection every other time (a buggy service)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.inner = EchoFactory().make()
+
+    def new_connection(self, conns):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls % 2:
+            raise RuntimeError("bug in the service")
+        return self.inner.new_connection(conns)
+
+
+class _FlakyFactory(EchoFactory):
+    def make_via_ref(self, old):  # type: ignore[no-untyped-def, override]
+        return _FlakyService()
+
+
+def test_a_service_raising_on_accept_does_not_take_the_listener_down(
+        core_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        ex = ServiceExecutor()
+        port = free_port()
+        await ex.execute(PrepareAndCommit("f", _FlakyFactory(), lf(port)))
+        served = dropped = 0
+        for _ in range(6):
+            r, w = await connect(port)
+            w.write(b"x")
+            try:
+                got = await asyncio.wait_for(r.read(1), 5)
+            except ConnectionResetError:
+                got = b""
+            served += got == b"x"
+            dropped += got == b""
+            w.close()
+        assert served == 3 and dropped == 3        # the listener stayed up
+        assert ex.status()["sites"]["f"]["accept_errors"] == 3
+        await ex.shutdown(1)
+
+    run(main())
+    logged = [r for r in caplog.records if r.name == "hotproxy.accept"]
+    assert len(logged) == 1 and "bug in the service" in logged[0].getMessage()   # rate-limited

@@ -18,6 +18,9 @@ cdef class ConnectionSet:
 cdef class Acceptor:
     cdef readonly Slot slot
     cdef readonly ConnectionSet conns
+    cdef readonly str name
+    cdef readonly unsigned long long errors
+    cdef double _logged_at
 
 
 # -- the proxy's data path ----------------------------------------------------

@@ -24,7 +24,9 @@ class ConnectionSet:
 class Acceptor:
     slot: Slot
     conns: ConnectionSet
-    def __init__(self, slot: Slot, conns: ConnectionSet) -> None: ...
+    name: str
+    errors: int
+    def __init__(self, slot: Slot, conns: ConnectionSet, name: str = "") -> None: ...
     def __call__(self) -> asyncio.BaseProtocol: ...
 
 # -- the proxy's data path -----------------------------------------------------

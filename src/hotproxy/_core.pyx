@@ -23,7 +23,12 @@ cimport cython
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import asyncio
+import logging
 import socket as _socket
+import time
+
+cdef object _accept_log = logging.getLogger("hotproxy.accept")
+cdef object _monotonic = time.monotonic
 
 cdef object _get_running_loop = asyncio.get_running_loop
 
@@ -129,12 +134,40 @@ cdef class Acceptor:
     a protocol; the connection keeps that service for its whole life.
     """
 
-    def __cinit__(self, Slot slot, ConnectionSet conns):
+    def __cinit__(self, Slot slot, ConnectionSet conns, str name=""):
         self.slot = slot
         self.conns = conns
+        self.name = name
+        self.errors = 0
+        self._logged_at = -1e9
 
     def __call__(self):
-        return self.slot._current.new_connection(self.conns)
+        # An exception escaping a protocol factory makes uvloop close the
+        # listening socket for good: one buggy connection must not take the
+        # site down, so it is counted, logged and that connection dropped.
+        try:
+            return self.slot._current.new_connection(self.conns)
+        except Exception as exc:
+            self.errors += 1
+            self._logged_at = _accept_failed(self.name, exc, self.errors, self._logged_at)
+            return _Dropped()
+
+
+def _accept_failed(name, exc, errors, logged_at):
+    """Log a failed accept, at most every 10 s per site; return when it logged."""
+    now = _monotonic()
+    if now - logged_at >= 10.0:
+        _accept_log.error("site %r: new_connection failed (%d so far), connection dropped: %s: %s",
+                          name, errors, type(exc).__name__, exc)
+        return now
+    return logged_at
+
+
+class _Dropped(asyncio.Protocol):
+    """The protocol of a connection whose service could not start it."""
+
+    def connection_made(self, transport):
+        transport.abort()
 
 
 # -- the proxy's data path ----------------------------------------------------

@@ -7,6 +7,7 @@ test-suite runs against both.  Keep the two files in step.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket as _socket
 import time
 from typing import Any
@@ -97,14 +98,44 @@ class ConnectionSet:
 class Acceptor:
     """The protocol factory a site's listener serves with (see ``_core.pyx``)."""
 
-    __slots__ = ("slot", "conns")
+    __slots__ = ("slot", "conns", "name", "errors", "_logged_at")
 
-    def __init__(self, slot: Slot, conns: ConnectionSet) -> None:
+    def __init__(self, slot: Slot, conns: ConnectionSet, name: str = "") -> None:
         self.slot = slot
         self.conns = conns
+        self.name = name
+        self.errors = 0
+        self._logged_at = -1e9
 
     def __call__(self) -> asyncio.BaseProtocol:
-        return self.slot._current.new_connection(self.conns)  # type: ignore[no-any-return]
+        # An exception escaping a protocol factory makes the loop close the
+        # listening socket for good: count it, log it, drop that connection.
+        try:
+            return self.slot._current.new_connection(self.conns)  # type: ignore[no-any-return]
+        except Exception as exc:
+            self.errors += 1
+            self._logged_at = _accept_failed(self.name, exc, self.errors, self._logged_at)
+            return _Dropped()
+
+
+_accept_log = logging.getLogger("hotproxy.accept")
+
+
+def _accept_failed(name: str, exc: Exception, errors: int, logged_at: float) -> float:
+    """Log a failed accept, at most every 10 s per site; return when it logged."""
+    now = time.monotonic()
+    if now - logged_at >= 10.0:
+        _accept_log.error("site %r: new_connection failed (%d so far), connection dropped: %s: %s",
+                          name, errors, type(exc).__name__, exc)
+        return now
+    return logged_at
+
+
+class _Dropped(asyncio.Protocol):
+    """The protocol of a connection whose service could not start it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
 
 
 # -- the proxy's data path (see _core.pyx for the rules) ---------------------

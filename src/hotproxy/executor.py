@@ -38,7 +38,7 @@ class Site:
         self.name = name
         self.slot = core.impl.Slot()
         self.conns = core.impl.ConnectionSet()
-        self.acceptor = core.impl.Acceptor(self.slot, self.conns)
+        self.acceptor = core.impl.Acceptor(self.slot, self.conns, name)
         self.listener: BoundListener | None = None
         self.factory: MakeService | None = None
         self.staged: Service | None = None
@@ -94,6 +94,7 @@ class Site:
             "listen": self.listener.address if self.listener is not None else None,
             "generation": self.generation,
             "active": len(self.conns),
+            "accept_errors": self.acceptor.errors,
             "staged": self.staged is not None,
             "old_versions": max(0, len(self.versions) - (1 if svc is not None else 0)),
             "versions": self.version_connections(),
