@@ -164,7 +164,7 @@ def test_admin_protocol_answers_every_line_with_one_json_reply(tmp_path: Path) -
     (b'{"cmd": "status", "n": ' + b"9" * 5000 + b"}\n", "malformed request: not JSON"),   # int too long
     (b'{"cmd": "status"' + b"\x00" + b"}\n", "malformed request: not JSON"),
     (b"\xc3\x28\n", "malformed request: not JSON"),
-])
+], ids=["nested-50000", "int-5000-digits", "nul-byte", "bad-utf8"])
 def test_admin_requests_that_break_the_json_parser_are_answered(tmp_path: Path, line: bytes, expected: str,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     path = str(tmp_path / "admin.sock")
