@@ -10,6 +10,8 @@ import collections
 import contextlib
 import os
 import random
+import socket
+import struct
 
 from conftest import eventually, free_port, run
 from hotproxy.commands import Abort, PrepareAndCommit, Precommit, Update
@@ -185,6 +187,30 @@ def test_connect_timeout_then_retry(core_name: str) -> None:
             c = service(ex).counters
             assert (c.connect_failures, c.no_upstream) == (1, 1)
         await b.stop()
+        hole.close()
+
+    run(main())
+
+
+def test_client_leaves_while_connecting(core_name: str) -> None:
+    """A client that goes away while its upstream connect hangs: the attempt
+    is cancelled at once (not left to the connect timeout), is not counted as
+    a connect failure, and every count is released."""
+    async def main() -> None:
+        hole = Blackhole()
+        async with proxy_site(ProxyFactory((hole.address,), connect_timeout=30.0)) as ex:
+            svc = service(ex)
+            reader, writer = await connect(site_address(ex))
+            await eventually(lambda: svc.upstream_states[hole.address].active == 1)
+            # a reset, not a FIN (an EOF keeps the connection half-open)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            await drained(ex)     # well before connect_timeout
+            c = svc.counters
+            assert (c.accepted, c.connect_failures, c.no_upstream) == (1, 0, 0)
+            st = svc.upstream_states[hole.address]
+            assert (st.active, st.fails, st.failures) == (0, 0, 0)
         hole.close()
 
     run(main())
