@@ -59,7 +59,7 @@ cdef class RelayConfig:
 
 
 cdef class Connection:
-    cdef RelayConfig cfg
+    cdef readonly RelayConfig cfg
     cdef ProxyCounters counters
     cdef object conns
     cdef object owner               # the service version, alive while we are
