@@ -400,3 +400,15 @@ def proc_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(") ", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def toml(services: dict[str, dict[str, Any]], *, workers: int = 2, drain: float = 30.0,
+         admin: str = "admin.sock", **runtime: Any) -> str:
+    """A config file's text (TOML's basic strings take JSON's escapes)."""
+    lines = ["[runtime]", f"workers = {workers}", f"drain_timeout = {drain}", f"admin_socket = {json.dumps(admin)}",
+             'log_level = "info"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in runtime.items()]
+    for name, opts in services.items():
+        lines.append(f"\n[services.{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
+    return "\n".join(lines) + "\n"

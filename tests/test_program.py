@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import eventually, free_port, run
-from helpers_program import EchoClient, Program, ShortLoop, refuses, roundtrip
+from helpers_program import EchoClient, Program, ShortLoop, refuses, roundtrip, toml
 
 HAVE_PROXY = importlib.util.find_spec("hotproxy.proxy") is not None
 needs_proxy = pytest.mark.skipif(not HAVE_PROXY, reason="hotproxy.proxy is not there yet")
@@ -49,16 +49,6 @@ def start(tmp_path: Path) -> Iterator[Start]:
         print(f"---- log of {prog.config or 'hotproxy run'} ----\n{prog.log()}")
 
 
-def toml(services: dict[str, dict[str, Any]], *, workers: int = 2, drain: float = 30.0,
-         admin: str = "admin.sock", **runtime: Any) -> str:
-    """A config file's text (TOML's basic strings take JSON's escapes)."""
-    lines = ["[runtime]", f"workers = {workers}", f"drain_timeout = {drain}", f"admin_socket = {json.dumps(admin)}",
-             'log_level = "info"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in runtime.items()]
-    for name, opts in services.items():
-        lines.append(f"\n[services.{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
-    return "\n".join(lines) + "\n"
 
 
 def echo(port: int, greeting: str = "", **kw: Any) -> dict[str, Any]:

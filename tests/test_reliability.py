@@ -28,7 +28,7 @@ import pytest
 
 from conftest import eventually, free_port, run
 from hotproxy.admin import AdminClient
-from helpers_program import EchoClient, Program, Traffic, proc_rss_kib, refuses, roundtrip
+from helpers_program import EchoClient, Program, Traffic, proc_rss_kib, refuses, roundtrip, toml
 
 Start = Callable[..., Program]
 HOST = "127.0.0.1"
@@ -68,15 +68,6 @@ def traffic() -> Iterator[Callable[..., Traffic]]:
         t.kill()
 
 
-def toml(services: dict[str, dict[str, Any]], *, workers: int = 2, drain: float = 30.0,
-         admin: str = "admin.sock", **runtime: Any) -> str:
-    lines = ["[runtime]", f"workers = {workers}", f"drain_timeout = {drain}", f"admin_socket = {json.dumps(admin)}",
-             'log_level = "info"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in runtime.items()]
-    for name, opts in services.items():
-        lines.append(f"\n[services.{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
-    return "\n".join(lines) + "\n"
 
 
 def echo(port: int, **kw: Any) -> dict[str, Any]:
