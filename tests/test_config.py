@@ -445,3 +445,25 @@ def test_admin_socket_is_private_and_refuses_symlinks_strangers_and_live_sockets
             await AdminServer(str(tmp_path / "no" / "dir.sock"), handler, ()).start()
 
     run(main_(), 30)
+
+
+def test_reload_is_refused_while_no_worker_can_build_it() -> None:
+    a = free_port()
+
+    async def main() -> None:
+        m = WorkerManager(inline=True, drain_timeout=1.0)
+        await m.start()
+        try:
+            r = Reloader(m)
+            v1 = conf(echo_toml("a", a, "a1"))
+            assert (await r.reload(v1, trigger="test")).ok
+            m.workers[0].alive = False          # as if every worker were down
+            rep = await r.reload(conf(echo_toml("a", a, "a2")))
+            assert not rep.ok and "no worker is running" in rep.error
+            assert r.current == v1 and m.workers[0].executor.sites["a"].generation == 1
+            m.workers[0].alive = True
+            assert (await r.reload(conf(echo_toml("a", a, "a2")))).ok
+        finally:
+            await m.stop()
+
+    run(main())

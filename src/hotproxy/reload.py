@@ -217,10 +217,17 @@ class Reloader:
         report.added, report.changed, report.moved = d.added, d.changed, d.moved
         report.removed, report.unchanged = d.removed, d.unchanged
         config = self._runtime(config, report)
-        for w in getattr(self.manager, "workers", ()):
+        workers = list(getattr(self.manager, "workers", ()))
+        for w in workers:
             if not (w.alive and getattr(w, "ready", True)):
                 # the manager brings it to the recorded deployment when it is back
                 report.notes.append(f"worker {w.id} is down: it gets this config when it restarts")
+        if (d.added or d.changed) and workers and not any(w.alive and getattr(w, "ready", True) for w in workers):
+            # Nobody could build the new services, so nothing would check them:
+            # refuse rather than record a config no worker has proved.
+            report.error = "no worker is running to build the new services on; the old config stays; retry"
+            report.failures.append(Failure("prepare", report.error))
+            return
 
         t0 = time.monotonic()
         failures = await asyncio.to_thread(self._probe, config, d)
