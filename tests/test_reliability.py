@@ -622,17 +622,10 @@ def test_out_of_file_descriptors_refuses_then_recovers_without_spinning(start: S
         try:
             # through the proxy (2 descriptors each in the worker), then direct
             for port in [px] * 40 + [e] * 60:
-                s = socket.socket()
-                s.setblocking(False)
                 try:
-                    s.connect((HOST, port))
-                except BlockingIOError:
-                    pass
+                    held.append(_connect_nowait(port))
                 except OSError:
                     outcomes["failed"] += 1
-                    s.close()
-                    continue
-                held.append(s)
             await asyncio.sleep(1.5)
             print(f"worker fds while flooded: {_fds(worker)} of 64")
             # exhausted: measure the worker's CPU over 2 s (a busy accept loop would use ~2 s)
@@ -805,6 +798,21 @@ def _migrate_req() -> int | None:
         return None
 
 
+def _connect_nowait(port: int) -> socket.socket:
+    """A non-blocking socket whose connect to *port* is under way (the kernel
+    completes the handshake without us); raises OSError if it fails at once."""
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect((HOST, port))
+    except BlockingIOError:
+        pass
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 async def _kill_with_a_full_accept_queue(prog: Program, port: int, n: int) -> dict[str, int]:
     """Stop one worker, queue *n* connections on the port (SO_REUSEPORT spreads them over
     both workers' queues), kill -9 it, and count what became of them."""
@@ -814,13 +822,7 @@ async def _kill_with_a_full_accept_queue(prog: Program, port: int, n: int) -> di
     socks = []
     try:
         for _ in range(n):
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect((HOST, port))
-            except BlockingIOError:
-                pass
-            socks.append(s)
+            socks.append(_connect_nowait(port))
         await asyncio.sleep(0.5)           # handshakes done: queued on both listeners
         os.kill(victim, signal.SIGKILL)
         loop = asyncio.get_running_loop()
