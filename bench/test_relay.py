@@ -1,11 +1,11 @@
-"""Micro-benchmarks of the proxy's relay (``Connection``/``UpstreamSide``) on both cores.
+"""Micro-benchmarks of the proxy's relay (``Connection`` and its engine) on both cores.
 
 Run ``pytest bench/test_relay.py --benchmark-only --benchmark-group-by=group``
 and compare the ``compiled`` and ``python`` rows of each group:
 
-* ``relay-chunks``: the data path alone -- 10,000 chunks each way through
-  one Connection whose transports are stand-ins that accept every write at
-  once.  This is the per-chunk cost the compiled core exists to cut.
+* ``relay-connections``: 1,000 short connections (connect, 64 bytes each
+  way, close), 20 at a time, through an in-process proxy to an echo
+  upstream: the per-connection cost (accept, upstream connect, teardown).
 * ``relay-bulk``: 32 MiB through an in-process proxy on loopback (client,
   proxy and sink share one uvloop loop), so the syscalls and the client's
   and sink's own work are included: the end-to-end effect.
@@ -16,73 +16,19 @@ and compare the ``compiled`` and ``python`` rows of each group:
 from __future__ import annotations
 
 import asyncio
-import collections
 from typing import Any
 
 import pytest
 
-from hotproxy import core
 from hotproxy.commands import PrepareAndCommit
 from hotproxy.executor import ServiceExecutor
 from hotproxy.listeners import TcpListenerFactory
 from hotproxy.proxy import ProxyFactory
 
-CHUNKS = 10_000
-CHUNK = 4096
+CONNECTIONS = 1000
+CONCURRENCY = 20
 BULK = 32 << 20
 ROUNDTRIPS = 2000
-
-
-class _NullTransport:
-    """A transport that takes every write at once (nothing is ever buffered).
-
-    ``write`` and ``get_write_buffer_size`` are C builtins, as they are on a
-    uvloop transport, so the benchmark measures the relay, not the stand-in.
-    """
-
-    def __init__(self) -> None:
-        self.write: Any = collections.deque(maxlen=0).append   # discards
-        self.get_write_buffer_size = int                   # int() == 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def write_eof(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
-@pytest.mark.benchmark(group="relay-chunks")
-def test_relay_chunks(benchmark: Any, core_name: str) -> None:
-    impl = core.impl
-    counters = impl.ProxyCounters()
-    conn = impl.Connection(impl.RelayConfig(counters), impl.ConnectionSet())
-    conn.connection_made(_NullTransport())
-    up = conn.upstream_protocol(impl.UpstreamState("127.0.0.1:1"))
-    up.connection_made(_NullTransport())
-
-    def relay() -> None:
-        c_get, c_done = conn.get_buffer, conn.buffer_updated
-        u_get, u_done = up.get_buffer, up.buffer_updated
-        for _ in range(CHUNKS):
-            c_get(65536)
-            c_done(CHUNK)
-            u_get(65536)
-            u_done(CHUNK)
-
-    benchmark(relay)
-    assert counters.bytes_in == counters.bytes_out and counters.bytes_in % (CHUNKS * CHUNK) == 0
 
 
 # -- through real sockets ------------------------------------------------------------
@@ -197,5 +143,27 @@ def test_relay_roundtrips(benchmark: Any, core_name: str, loop: asyncio.Abstract
     benchmark.pedantic(lambda: loop.run_until_complete(client.run()), rounds=5, iterations=1,
                        warmup_rounds=1)
     transport.close()
+    loop.run_until_complete(ex.shutdown(2.0))
+    backend.close()
+
+
+@pytest.mark.benchmark(group="relay-connections")
+def test_relay_connections(benchmark: Any, core_name: str, loop: asyncio.AbstractEventLoop) -> None:
+    ex, backend, port = loop.run_until_complete(_proxy(loop, _Echo))
+    msg = b"y" * 64
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(msg)
+        assert await reader.readexactly(len(msg)) == msg
+        writer.close()
+        await writer.wait_closed()
+
+    async def many() -> None:
+        for _ in range(CONNECTIONS // CONCURRENCY):
+            await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+
+    benchmark.pedantic(lambda: loop.run_until_complete(many()), rounds=5, iterations=1,
+                       warmup_rounds=1)
     loop.run_until_complete(ex.shutdown(2.0))
     backend.close()

@@ -203,6 +203,13 @@ async def drained(ex: ServiceExecutor, name: str = "p") -> None:
     await eventually(lambda: len(ex.sites[name].conns) == 0 and service(ex, name).counters.active == 0)
 
 
+def proxy_sockets(conn: Any) -> list[socket.socket]:
+    """Copies (dup) of a connection's client and upstream sockets, to inspect."""
+    client = conn.client_transport.get_extra_info("socket")
+    return [socket.socket(fileno=os.dup(client.fileno())),
+            socket.socket(fileno=os.dup(conn.upstream_fileno))]
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -283,9 +290,9 @@ def test_echo_large_and_nodelay(core_name: str) -> None:
             writer.write(b"x")
             assert await reader.readexactly(1) == b"x"
             (conn,) = ex.sites["p"].conns.snapshot()
-            for transport in (conn.client_transport, conn.upstream_transport):
-                sock = transport.get_extra_info("socket")
-                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            for sock in proxy_sockets(conn):
+                with sock:
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             data = os.urandom(8 * MiB)
             writer.write(data)
             writer.write_eof()
@@ -577,10 +584,10 @@ def test_ipv6_listener_and_upstream(core_name: str) -> None:
             writer.write(b"six")
             assert await reader.readexactly(3) == b"six"
             (conn,) = ex.sites["p"].conns.snapshot()
-            for transport in (conn.client_transport, conn.upstream_transport):
-                sock = transport.get_extra_info("socket")
-                assert sock.family == socket.AF_INET6
-                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+            for sock in proxy_sockets(conn):
+                with sock:
+                    assert sock.family == socket.AF_INET6
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
             data = os.urandom(MiB)
             writer.write(data)
             writer.write_eof()

@@ -25,6 +25,70 @@ cdef class Acceptor:
 
 # -- the proxy's data path ----------------------------------------------------
 
+from libc.stdint cimport uint32_t, uint64_t
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLLET
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    cdef struct sockaddr:
+        pass
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const sockaddr *addr, socklen_t addrlen)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
+    int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+    enum:
+        AF_UNIX
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        MSG_NOSIGNAL
+        SHUT_WR
+        SOL_SOCKET
+        SO_ERROR
+        SO_KEEPALIVE
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+
+
+cdef enum:
+    _EVENTS = 64   # epoll events taken per epoll_wait()
+
+
+
 cdef class ProxyCounters:
     cdef public long long accepted
     cdef public long long active
@@ -47,15 +111,49 @@ cdef class UpstreamState:
     cdef public long long bytes_out
 
 
+cdef class Target:
+    cdef readonly UpstreamState state
+    cdef readonly object up
+    cdef readonly int family
+    cdef readonly bytes sockaddr
+    cdef readonly object address
+
+
 cdef class RelayConfig:
     cdef readonly ProxyCounters counters
     cdef readonly double idle_timeout
     cdef readonly bint keepalive
-    cdef readonly object connect
+    cdef readonly object connector
     cdef readonly object on_close
     cdef readonly bint want_peername
     cdef readonly Py_ssize_t buffer_size
     cdef readonly Py_ssize_t max_buffer_size
+    cdef readonly tuple targets
+    cdef Target single
+    cdef readonly double connect_timeout
+    cdef readonly int attempts
+
+
+cdef class Connection
+
+
+cdef class _Engine:
+    cdef int epfd
+    cdef object loop
+    cdef list graveyard             # closed connections an event may still name
+    cdef list ready                 # connections with bytes left to read
+    cdef Connection head            # every connection of this loop (timeouts)
+    cdef object timer
+    cdef double timer_at
+    cdef epoll_event evs[_EVENTS]
+
+    cdef close(self)
+    cdef int register(self, Connection conn, int fd) except -1
+    cdef forget(self, Connection conn)
+    cdef defer(self, Connection conn)
+    cdef link(self, Connection conn)
+    cdef unlink(self, Connection conn)
+    cdef want_tick(self, double when)
 
 
 cdef class Connection:
@@ -63,13 +161,18 @@ cdef class Connection:
     cdef ProxyCounters counters
     cdef object conns
     cdef object owner               # the service version, alive while we are
+    cdef _Engine engine
+    cdef Connection t_prev          # the engine's list
+    cdef Connection t_next
+    cdef bint t_linked
     cdef object client              # the client's transport
-    cdef object upstream_t          # the upstream's transport (once attached)
     cdef object c_write             # client.write
-    cdef object u_write             # upstream.write
-    cdef UpstreamSide pending       # the connect attempt in progress
-    cdef UpstreamSide up_proto      # the attached upstream protocol
-    cdef UpstreamState ustate       # the attached upstream's shared state
+    cdef int ufd                    # the upstream socket (-1: none)
+    cdef Target attempt             # the connect attempt in progress
+    cdef list tried                 # targets that failed
+    cdef int attempts
+    cdef double deadline            # of the attempt in progress
+    cdef UpstreamState ustate       # the connected upstream's shared state
     cdef bytearray c_buf            # client -> upstream read buffer
     cdef bytearray u_buf            # upstream -> client read buffer
     cdef object c_mv
@@ -78,46 +181,56 @@ cdef class Connection:
     cdef Py_ssize_t u_size
     cdef Py_ssize_t c_next
     cdef Py_ssize_t u_next
-    cdef Py_ssize_t early           # client bytes held in c_buf before attach
+    cdef Py_ssize_t early           # client bytes held in c_buf before connecting
+    cdef Py_ssize_t c_pend_off      # c_buf[c_pend_off:c_pend_end]: not sent yet
+    cdef Py_ssize_t c_pend_end
     cdef long long c2u
     cdef long long u2c
     cdef double started
     cdef double ended
     cdef double last_active
-    cdef object timer
-    cdef object connector
     cdef readonly object peername
     cdef int up_state
     cdef int end_code
     cdef bint client_open
     cdef bint c_reading
-    cdef bint u_reading
     cdef bint c_eof
     cdef bint u_eof
+    cdef bint u_readable            # the upstream socket may hold bytes
+    cdef bint u_rdhup               # the upstream sent its EOF: read to the end
+    cdef bint u_shut                # our EOF was sent to the upstream
+    cdef bint u_close_pending       # close the upstream once c_pend_* is sent
     cdef bint c_paused_by_up
     cdef bint u_paused_by_c
     cdef bint c_early_full
     cdef bint closing
+    cdef bint lingering             # no upstream: waiting for the client's EOF
     cdef bint _finished
 
+    cdef _next_attempt(self)
+    cdef int _start_attempt(self, Target t) except -1
+    cdef _connected(self)
+    cdef _drop_attempt(self)
+    cdef _attempt_failed(self, object exc)
+    cdef _count_failure(self, Target t, object exc)
+    cdef _no_upstream(self)
+    cdef double _deadline(self)
+    cdef _timed_out(self, double now)
+    cdef _crashed(self, object exc)
+    cdef _upstream_event(self, uint32_t events)
     cdef _new_c_buf(self, Py_ssize_t size)
     cdef _new_u_buf(self, Py_ssize_t size)
-    cdef _to_upstream(self, Py_ssize_t n)
+    cdef _to_upstream(self, Py_ssize_t start, Py_ssize_t n, bint from_read)
+    cdef _flush_upstream(self)
+    cdef _shutdown_upstream(self)
+    cdef _read_upstream(self)
     cdef _to_client(self, Py_ssize_t n)
     cdef _hold(self, object data)
     cdef _sync_client_reading(self)
-    cdef _sync_upstream_reading(self)
-    cdef _set_end(self, int code)
-    cdef _shut(self, int code, bint hard)
-    cdef _attach(self, UpstreamSide up, object transport)
-    cdef _upstream_data(self, Py_ssize_t n)
-    cdef _upstream_bytes(self, object data)
     cdef _upstream_eof(self)
-    cdef _upstream_lost(self, object exc)
+    cdef _upstream_error(self, int err)
+    cdef _set_end(self, int code)
+    cdef _close_fd(self)
+    cdef _close_upstream(self, bint hard)
+    cdef _shut(self, int code, bint hard)
     cdef _finish(self)
-
-
-cdef class UpstreamSide:
-    cdef Connection conn
-    cdef readonly UpstreamState state
-    cdef bint attached

@@ -21,9 +21,16 @@ Rules of this file:
 
 cimport cython
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.ref cimport Py_INCREF, Py_DECREF
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS
+from libc.stdint cimport uint32_t, uint64_t
+from posix.unistd cimport close as _close
+
 
 import asyncio
 import logging
+import os as _os
 import socket as _socket
 import time
 
@@ -172,24 +179,36 @@ class _Dropped(asyncio.Protocol):
 
 # -- the proxy's data path ----------------------------------------------------
 #
-# One proxied connection is a ``Connection`` (the protocol of the accepted
-# client socket; it holds all the state) and an ``UpstreamSide`` (the
-# protocol of the socket to the upstream; a trampoline into its Connection).
+# One proxied connection is one ``Connection``: the asyncio protocol of the
+# accepted client socket, and the owner of the upstream socket, which it
+# drives itself -- a non-blocking connect() and raw send()/recv() on a file
+# descriptor registered, edge-triggered, in the loop's ``_Engine`` (one epoll
+# instance per event loop, itself watched by the loop).  The upstream side
+# therefore costs no transport, no coroutine, no Task, no future and no
+# timer handle; its bytes never become Python objects.
 #
 # Lifecycle:  accepted -> connecting (client bytes held, bounded) -> open
 # (relaying both ways) -> closing -> finished.  It is finished, exactly
-# once, when the client transport is gone *and* the upstream side is gone or
-# was never made; finishing releases every count it took.
+# once, when the client transport is gone *and* the upstream socket is
+# closed or was never made; finishing releases every count it took.
 #
-# Reading from a side is paused while any of these holds: the other side's
-# write buffer is over its high-water mark, the held early bytes fill their
-# buffer, the side sent EOF, or the connection is closing.
+# Flow control: bytes from the client are sent to the upstream at once;
+# what the upstream cannot take stays in the client buffer (``c_pend_*``)
+# and the client is paused until EPOLLOUT lets it drain.  Bytes from the
+# upstream are read only while the client transport is below its high-water
+# mark (``u_paused_by_c``); ``u_readable`` remembers that the socket may
+# still hold data, since an edge-triggered socket reports it only once.
+#
+# Timeouts (connect and idle) are checked by one timer per engine, armed
+# for the earliest deadline and at most every ``_TICK`` seconds.
+
+
 
 cdef enum:
     UP_NONE = 0         # no connect attempt in progress (not started yet)
-    UP_CONNECTING = 1   # an attempt is in progress (``pending``)
-    UP_OPEN = 2         # attached: relaying
-    UP_CLOSED = 3       # the upstream transport is gone, or none could be made
+    UP_CONNECTING = 1   # an attempt is in progress (``attempt``)
+    UP_OPEN = 2         # connected: relaying
+    UP_CLOSED = 3       # the upstream socket is closed, or none could be made
 
 cdef enum:
     END_NONE = 0
@@ -204,12 +223,27 @@ cdef enum:
 _END_NAMES = ("open", "eof", "client_error", "upstream_error", "idle", "aborted",
               "no_upstream", "closed")
 
+# the engine's timer never fires more often than this (seconds)
+cdef double _TICK = 0.05
+# seconds a client that got no upstream has to send its EOF before it is closed
+cdef double _LINGER = 2.0
+
+cdef enum:
+    # upstream reads in one go before a busy connection lets the others run
+    _READS_PER_EVENT = 16
+
+cdef object _log = logging.getLogger("hotproxy.proxy")
+
 
 cdef inline double _now() noexcept nogil:
     # CLOCK_MONOTONIC, like time.monotonic(): a vDSO call, no Python object.
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef object _oserror(int err):
+    return OSError(err, _os.strerror(err))
 
 
 cdef _set_keepalive(object transport):
@@ -257,38 +291,262 @@ cdef class UpstreamState:
 
 
 @cython.final
+cdef class Target:
+    """An upstream of one service version: its shared state and where to connect.
+
+    *sockaddr* is the raw ``struct sockaddr`` for *family* (what this core
+    passes to ``connect(2)``); *address* is the same address as the socket
+    module writes it (what the pure-Python core uses); *up* is the caller's
+    own description of the upstream.
+    """
+
+    def __cinit__(self, UpstreamState state not None, object up, int family,
+                  bytes sockaddr not None, object address):
+        if len(sockaddr) < 2:
+            raise ValueError("sockaddr: too short")
+        self.state = state
+        self.up = up
+        self.family = family
+        self.sockaddr = sockaddr
+        self.address = address
+
+    def __repr__(self):
+        return f"<Target {self.state.address}>"
+
+
+@cython.final
 cdef class RelayConfig:
     """What every connection of one service version shares.
 
-    ``connect(conn)`` starts connecting *conn* to an upstream and returns
-    something with ``cancel()`` (a task); ``on_close(conn)``, if given, is
+    ``targets`` are the upstreams.  With one target it is the only
+    candidate; with more, ``connector.pick(conn, tried)`` chooses (or
+    returns None: give up).  ``connector.failed(target, exc)`` is told of
+    every failed attempt and ``connector.succeeded(target)`` of a success
+    after failures.  A connect gets ``attempts`` tries of
+    ``connect_timeout`` seconds each.  ``on_close(conn)``, if given, is
     called once when a connection is finished (the access log).
     """
 
     def __cinit__(self, ProxyCounters counters not None, double idle_timeout=0.0,
-                  bint keepalive=False, object connect=None, object on_close=None,
+                  bint keepalive=False, object connector=None, object on_close=None,
                   bint want_peername=False, Py_ssize_t buffer_size=16384,
-                  Py_ssize_t max_buffer_size=262144):
+                  Py_ssize_t max_buffer_size=262144, tuple targets=(),
+                  double connect_timeout=2.0, int attempts=1):
         if buffer_size < 1 or max_buffer_size < buffer_size:
             raise ValueError("need 1 <= buffer_size <= max_buffer_size")
+        if attempts < 1 or not connect_timeout > 0:
+            raise ValueError("need attempts >= 1 and connect_timeout > 0")
+        for t in targets:
+            if not isinstance(t, Target):
+                raise TypeError(f"targets: expected Target, got {type(t).__name__}")
+        if len(targets) > 1 and connector is None:
+            raise ValueError("more than one target needs a connector to pick")
         self.counters = counters
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive
-        self.connect = connect
+        self.connector = connector
         self.on_close = on_close
         self.want_peername = want_peername
         self.buffer_size = buffer_size
         self.max_buffer_size = max_buffer_size
+        self.targets = targets
+        self.single = targets[0] if len(targets) == 1 else None
+        self.connect_timeout = connect_timeout
+        self.attempts = attempts
+
+
+# -- the engine: one epoll instance per event loop --------------------------------
+
+cdef dict _engines = {}
+cdef _Engine _last_engine = None
+
+
+cdef _Engine _get_engine():
+    global _last_engine
+    loop = _get_running_loop()
+    if _last_engine is not None and _last_engine.loop is loop:
+        return _last_engine
+    engine = _engines.get(loop)
+    if engine is None:
+        for old in [l for l in _engines if l.is_closed()]:
+            (<_Engine>_engines.pop(old)).close()
+        engine = _Engine(loop)
+        _engines[loop] = engine
+    _last_engine = engine
+    return engine
+
+
+@cython.final
+cdef class _Engine:
+    """The upstream sockets of one event loop: an epoll instance the loop
+    watches as one reader, the connections' timer, and the connections that
+    yielded with bytes still to read."""
+
+    def __cinit__(self, object loop):
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise _oserror(errno)
+        self.loop = loop
+        self.graveyard = []
+        self.ready = []
+        self.timer_at = 0.0
+        loop.add_reader(self.epfd, self._on_ready)
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            _close(self.epfd)
+
+    cdef close(self):
+        # Only for an engine whose loop is closed, so nothing runs any more:
+        # close the upstream sockets of connections the loop left behind.
+        cdef Connection conn = self.head
+        while conn is not None:
+            if conn.ufd >= 0:
+                _close(conn.ufd)
+                conn.ufd = -1
+                Py_DECREF(conn)
+            conn = conn.t_next
+        if self.epfd >= 0:
+            _close(self.epfd)
+            self.epfd = -1
+        self.head = None
+        self.graveyard.clear()
+        self.ready.clear()
+        self.timer = None
+        self.loop = None
+
+    cdef int register(self, Connection conn, int fd) except -1:
+        cdef epoll_event ev
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.ptr = <void*>conn
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            return errno
+        Py_INCREF(conn)   # the registration's reference: released by forget()
+        return 0
+
+    cdef forget(self, Connection conn):
+        # conn's fd was closed (which removes it from the epoll set).  An
+        # event for it may still be in the batch being processed: the
+        # reference moves to the graveyard, emptied after each batch.
+        self.graveyard.append(conn)
+        Py_DECREF(conn)
+
+    def _on_ready(self):
+        cdef int n, i
+        cdef Connection conn
+        cdef epoll_event *evs = self.evs
+        while True:
+            n = epoll_wait(self.epfd, evs, _EVENTS, 0)
+            for i in range(n):
+                conn = <Connection>evs[i].data.ptr
+                try:
+                    conn._upstream_event(evs[i].events)
+                except Exception as exc:
+                    conn._crashed(exc)
+            if n < _EVENTS:
+                break
+        if self.graveyard:
+            self.graveyard.clear()
+
+    # -- connections with bytes left to read -----------------------------------
+
+    cdef defer(self, Connection conn):
+        if not self.ready:
+            self.loop.call_soon(self._run_ready)
+        self.ready.append(conn)
+
+    def _run_ready(self):
+        cdef Connection conn
+        ready = self.ready
+        self.ready = []
+        for conn in ready:
+            try:
+                conn._read_upstream()
+            except Exception as exc:
+                conn._crashed(exc)
+        if self.graveyard:
+            self.graveyard.clear()
+
+    # -- timeouts ----------------------------------------------------------------
+
+    cdef link(self, Connection conn):
+        conn.t_next = self.head
+        if self.head is not None:
+            self.head.t_prev = conn
+        self.head = conn
+        conn.t_linked = True
+
+    cdef unlink(self, Connection conn):
+        if not conn.t_linked:
+            return
+        if conn.t_prev is not None:
+            conn.t_prev.t_next = conn.t_next
+        else:
+            self.head = conn.t_next
+        if conn.t_next is not None:
+            conn.t_next.t_prev = conn.t_prev
+        conn.t_prev = conn.t_next = None
+        conn.t_linked = False
+
+    cdef want_tick(self, double when):
+        # make sure the timer fires by *when* (but not within _TICK of now)
+        cdef double now
+        if self.timer is not None and self.timer_at <= when:
+            return
+        now = _now()
+        if when < now + _TICK:
+            when = now + _TICK
+            if self.timer is not None and self.timer_at <= when:
+                return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = self.loop.call_later(when - now, self._tick)
+
+    def _tick(self):
+        cdef Connection conn
+        cdef double now = _now()
+        cdef double next_at = 0.0
+        cdef double at
+        cdef list due = None
+        self.timer = None
+        conn = self.head
+        while conn is not None:
+            at = conn._deadline()
+            if at > 0.0:
+                if at <= now:
+                    if due is None:
+                        due = []
+                    due.append(conn)
+                elif next_at == 0.0 or at < next_at:
+                    next_at = at
+            conn = conn.t_next
+        if due is not None:
+            for conn in due:
+                try:
+                    conn._timed_out(now)
+                except Exception as exc:
+                    conn._crashed(exc)
+            # a connection given another try has a new deadline
+            for conn in due:
+                at = conn._deadline()
+                if at > 0.0 and (next_at == 0.0 or at < next_at):
+                    next_at = at
+        if next_at > 0.0:
+            self.want_tick(next_at)
+        if self.graveyard:
+            self.graveyard.clear()
 
 
 @cython.final
 cdef class Connection:
-    """One proxied connection: the protocol of the accepted client socket.
+    """One proxied connection: the protocol of the accepted client socket and
+    the owner of its upstream socket.
 
     Constructing one counts it as accepted and active.  *owner* (the service
-    version that accepted it) is kept alive until the connection finishes.  The connector
-    (``RelayConfig.connect``) drives the upstream side through
-    ``upstream_protocol``, ``attempt_failed`` and ``connect_failed``.
+    version that accepted it) is kept alive until the connection finishes.
+    The upstream is connected as soon as the client is (``connection_made``),
+    trying the config's targets.
     """
 
     def __cinit__(self, RelayConfig cfg not None, object conns, object owner=None):
@@ -296,6 +554,7 @@ cdef class Connection:
         self.counters = cfg.counters
         self.conns = conns
         self.owner = owner
+        self.ufd = -1
         self.c_next = cfg.buffer_size
         self.u_next = cfg.buffer_size
         self.started = _now()
@@ -309,6 +568,7 @@ cdef class Connection:
     # -- the client transport's callbacks --------------------------------------
 
     def connection_made(self, transport):
+        cdef RelayConfig cfg = self.cfg
         self.client = transport
         self.c_write = transport.write
         self.client_open = True
@@ -316,18 +576,19 @@ cdef class Connection:
         # here, so early bytes are held in c_buf (bounded) instead.
         self.c_reading = True
         self.conns.add(self)
-        cfg = self.cfg
         if cfg.want_peername:
             self.peername = transport.get_extra_info("peername")
         if cfg.keepalive:
             _set_keepalive(transport)
+        self.engine = _get_engine()
+        self.engine.link(self)
         if cfg.idle_timeout > 0:
-            self.timer = _get_running_loop().call_later(cfg.idle_timeout, self._idle_fired)
-        if cfg.connect is not None:
-            self.connector = cfg.connect(self)
+            self.engine.want_tick(self.started + cfg.idle_timeout)
+        self._next_attempt()
 
     def get_buffer(self, Py_ssize_t sizehint):
-        if self.c_buf is None:
+        if self.c_buf is None or (self.c_size < self.c_next and not self.early
+                                  and self.c_pend_end == 0):
             self._new_c_buf(self.c_next)
         if self.early:
             return self.c_mv[self.early:]
@@ -337,7 +598,7 @@ cdef class Connection:
         self.last_active = _now()
         if self.up_state == UP_OPEN:
             if not self.closing:
-                self._to_upstream(nbytes)
+                self._to_upstream(0, nbytes, True)
         elif self.up_state != UP_CLOSED:
             self.early += nbytes
             if self.early >= self.c_size:
@@ -351,17 +612,23 @@ cdef class Connection:
         self.last_active = _now()
         if self.up_state == UP_OPEN:
             if not self.closing:
-                self.c2u += n
-                self.counters.bytes_in += n
-                self.u_write(data)
+                if self.c_buf is None or self.c_size < n:
+                    self._new_c_buf(max(n, self.cfg.buffer_size))
+                self.c_buf[:n] = data
+                self._to_upstream(0, n, False)
         elif self.up_state != UP_CLOSED:
             self._hold(data)
 
     def eof_received(self):
         self.c_eof = True
         self.c_reading = False   # the transport stops reading by itself
+        if self.lingering:
+            self.lingering = False
+            self.client.close()
+            return True
         if self.up_state == UP_OPEN and not self.closing:
-            self.upstream_t.write_eof()   # sent once its buffer is flushed
+            if self.c_pend_end == 0:
+                self._shutdown_upstream()
             if self.u_eof:
                 self._shut(END_EOF, False)
         return True   # keep the other direction open: a half-close
@@ -369,11 +636,11 @@ cdef class Connection:
     def pause_writing(self):
         # the client reads slower than the upstream sends
         self.u_paused_by_c = True
-        self._sync_upstream_reading()
 
     def resume_writing(self):
         self.u_paused_by_c = False
-        self._sync_upstream_reading()
+        if self.u_readable:
+            self._read_upstream()
 
     def connection_lost(self, exc):
         self.client_open = False
@@ -381,18 +648,13 @@ cdef class Connection:
         self._set_end(END_CLOSED if exc is None else END_CLIENT_ERROR)
         if self.up_state == UP_OPEN:
             self.closing = True
-            if exc is None:
-                self.upstream_t.close()
-            else:
-                self.upstream_t.abort()
+            self._close_upstream(exc is not None)
         elif self.up_state == UP_CONNECTING:
-            # the attempt ends by attempt_failed() (or attaches and is closed)
+            # the client left while we connected: no failure to count
             self.closing = True
-            if self.connector is not None:
-                self.connector.cancel()
+            self._drop_attempt()
+            self._finish()
         else:
-            if self.connector is not None and self.up_state == UP_NONE:
-                self.connector.cancel()
             self.up_state = UP_CLOSED
             self._finish()
 
@@ -400,72 +662,11 @@ cdef class Connection:
         """Close both sides at once (a drain timed out)."""
         self._shut(END_ABORTED, True)
 
-    def _idle_fired(self):
-        cdef double idle
-        self.timer = None
-        if self._finished or self.closing:
-            return
-        idle = _now() - self.last_active
-        if idle >= self.cfg.idle_timeout:
-            self.counters.idle_closed += 1
-            self._shut(END_IDLE, True)
-        else:
-            # traffic since the timer was set: sleep for the rest
-            self.timer = _get_running_loop().call_later(
-                self.cfg.idle_timeout - idle, self._idle_fired)
-
-    # -- the connector's interface ---------------------------------------------
-
-    def upstream_protocol(self, UpstreamState state not None):
-        """Start a connect attempt to *state*'s upstream: the protocol to connect
-        with, or None if the client is gone (or an attempt is in progress)."""
-        cdef UpstreamSide up
-        if self.up_state != UP_NONE or not self.client_open or self.closing:
-            return None
-        up = UpstreamSide.__new__(UpstreamSide)
-        up.conn = self
-        up.state = state
-        state.active += 1
-        self.pending = up
-        self.up_state = UP_CONNECTING
-        return up
-
-    def attempt_failed(self):
-        """The attempt in progress failed: release it.
-
-        Return False if it had connected after all (a timeout that lost the
-        race with the connection): nothing is released then.
-        """
-        if self.up_state != UP_CONNECTING:
-            return False
-        self.pending.state.active -= 1
-        self.pending.conn = None
-        self.pending = None
-        if self.client_open and not self.closing:
-            self.up_state = UP_NONE
-        else:
-            self.up_state = UP_CLOSED
-            self._finish()
-        return True
-
-    def connect_failed(self):
-        """No upstream could be reached: close the client."""
-        if self.up_state != UP_NONE:
-            return
-        self.up_state = UP_CLOSED
-        self.counters.no_upstream += 1
-        self._set_end(END_NO_UPSTREAM)
-        if self.client_open:
-            self.closing = True
-            self.client.close()
-        else:
-            self._finish()
-
     # -- read-only views (status, access log, tests) ---------------------------
 
     @property
     def upstream(self):
-        """The attached upstream's UpstreamState (None if none was reached)."""
+        """The connected upstream's UpstreamState (None if none was reached)."""
         return self.ustate
 
     @property
@@ -474,9 +675,9 @@ cdef class Connection:
         return self.client
 
     @property
-    def upstream_transport(self):
-        """The upstream's transport (None until attached, and once finished)."""
-        return self.upstream_t
+    def upstream_fileno(self):
+        """The upstream socket's file descriptor (-1 when there is none)."""
+        return self.ufd
 
     @property
     def bytes_in(self):
@@ -516,20 +717,205 @@ cdef class Connection:
 
     @property
     def buffered(self):
-        """Bytes this connection holds in memory: its read buffers and both
-        transports' write buffers (for tests of back-pressure)."""
+        """Bytes this connection holds in memory: its read buffers and the
+        client transport's write buffer (for tests of back-pressure)."""
         cdef Py_ssize_t n = self.c_size + self.u_size
         if self.client is not None and self.client_open:
             n += self.client.get_write_buffer_size()
-        if self.up_state == UP_OPEN:
-            n += self.upstream_t.get_write_buffer_size()
         return n
 
     def __repr__(self):
         return (f"<Connection {self.peername!r} up={self.ustate.address if self.ustate else None} "
                 f"in={self.c2u} out={self.u2c} {self.end}>")
 
-    # -- internals -------------------------------------------------------------
+    # -- connecting --------------------------------------------------------------
+
+    cdef _next_attempt(self):
+        # Try targets until one connects or is in progress, or give up.
+        cdef RelayConfig cfg = self.cfg
+        cdef Target t
+        cdef int err
+        while True:
+            if self.attempts >= cfg.attempts:
+                self._no_upstream()
+                return
+            if cfg.single is not None:
+                t = cfg.single if self.tried is None else None
+            else:
+                t = cfg.connector.pick(self, self.tried if self.tried is not None else ())
+            if t is None:
+                self._no_upstream()
+                return
+            self.attempts += 1
+            err = self._start_attempt(t)
+            if err == 0:
+                return
+            # failed at once (refused by a Unix socket, out of descriptors, ...)
+            self._count_failure(t, _oserror(err))
+
+    cdef int _start_attempt(self, Target t) except -1:
+        cdef int fd, r, err, one = 1
+        cdef const char *sa = t.sockaddr
+        fd = socket(t.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            return errno
+        if t.family != AF_UNIX:
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            if self.cfg.keepalive:
+                setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one))
+        r = connect(fd, <const sockaddr*>sa, <socklen_t>len(t.sockaddr))
+        if r < 0 and errno != EINPROGRESS:
+            err = errno
+            _close(fd)
+            return err
+        err = self.engine.register(self, fd)
+        if err:
+            _close(fd)
+            return err
+        self.ufd = fd
+        self.attempt = t
+        t.state.active += 1
+        self.up_state = UP_CONNECTING
+        if r == 0:
+            self._connected()
+        else:
+            self.deadline = _now() + self.cfg.connect_timeout
+            self.engine.want_tick(self.deadline)
+        return 0
+
+    cdef _connected(self):
+        cdef Target t = self.attempt
+        cdef UpstreamState st = t.state
+        self.attempt = None
+        self.deadline = 0.0
+        self.ustate = st
+        self.up_state = UP_OPEN
+        st.connections += 1
+        if (st.fails or st.ejected_until > 0) and self.cfg.connector is not None:
+            self.cfg.connector.succeeded(t)
+        if self.early:
+            n = self.early
+            self.early = 0
+            self.c_early_full = False
+            self._to_upstream(0, n, False)
+        if self.c_eof and self.c_pend_end == 0 and self.up_state == UP_OPEN:
+            self._shutdown_upstream()
+        self._sync_client_reading()
+
+    cdef _drop_attempt(self):
+        # close the attempt in progress and release it; nothing is counted
+        self._close_fd()
+        self.attempt.state.active -= 1
+        self.attempt = None
+        self.deadline = 0.0
+        self.up_state = UP_CLOSED
+
+    cdef _attempt_failed(self, object exc):
+        # The attempt in progress failed: release and count it, then try the
+        # next target if the client is still there.
+        cdef Target t = self.attempt
+        self._close_fd()
+        t.state.active -= 1
+        self.attempt = None
+        self.deadline = 0.0
+        self.up_state = UP_NONE
+        self._count_failure(t, exc)
+        if self.client_open and not self.closing:
+            self._next_attempt()
+        else:
+            self.up_state = UP_CLOSED
+            self._finish()
+
+    cdef _count_failure(self, Target t, object exc):
+        if self.tried is None:
+            self.tried = []
+        self.tried.append(t)
+        if self.cfg.connector is not None:
+            self.cfg.connector.failed(t, exc)
+        else:
+            self.counters.connect_failures += 1
+
+    cdef _no_upstream(self):
+        # No upstream could be reached: send the client our EOF and close
+        # once it has sent its own (or after _LINGER seconds), reading and
+        # dropping what it still sends -- closing a socket with unread bytes
+        # would reset the connection instead of ending it.
+        self.up_state = UP_CLOSED
+        self.counters.no_upstream += 1
+        self._set_end(END_NO_UPSTREAM)
+        self.early = 0
+        self.c_early_full = False
+        if not self.client_open:
+            self._finish()
+            return
+        self.closing = True
+        if self.c_eof:
+            self.client.close()
+            return
+        self.lingering = True
+        self.deadline = _now() + _LINGER
+        self.engine.want_tick(self.deadline)
+        self.client.write_eof()
+        self._sync_client_reading()
+
+    # -- the engine's calls ------------------------------------------------------
+
+    cdef double _deadline(self):
+        if self.up_state == UP_CONNECTING or self.lingering:
+            return self.deadline
+        if self.cfg.idle_timeout > 0 and not self.closing and not self._finished:
+            return self.last_active + self.cfg.idle_timeout
+        return 0.0
+
+    cdef _timed_out(self, double now):
+        if self.lingering:
+            if now >= self.deadline and self.client_open:
+                self.lingering = False
+                self.client.close()
+        elif self.up_state == UP_CONNECTING:
+            if now >= self.deadline:
+                self._attempt_failed(TimeoutError())
+        elif (self.cfg.idle_timeout > 0 and not self.closing and not self._finished
+              and now - self.last_active >= self.cfg.idle_timeout):
+            self.counters.idle_closed += 1
+            self._shut(END_IDLE, True)
+
+    cdef _crashed(self, object exc):
+        # a bug in the relay or a callback: this connection only
+        _log.error("proxy connection failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        self._set_end(END_ABORTED)
+        if not self._finished:
+            self._shut(END_ABORTED, True)
+
+    cdef _upstream_event(self, uint32_t events):
+        cdef int err = 0
+        cdef socklen_t elen = sizeof(err)
+        if self.ufd < 0:
+            return   # closed earlier in this batch
+        if self.up_state == UP_CONNECTING:
+            if not events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                return
+            getsockopt(self.ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err:
+                self._attempt_failed(_oserror(err))
+                return
+            self._connected()
+        if self.up_state != UP_OPEN:
+            return
+        if events & EPOLLERR:
+            getsockopt(self.ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err:
+                self._upstream_error(err)
+                return
+        if events & EPOLLOUT and self.c_pend_end:
+            self._flush_upstream()
+        if self.ufd >= 0 and events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            if events & (EPOLLRDHUP | EPOLLHUP):
+                self.u_rdhup = True
+            self.u_readable = True
+            self._read_upstream()
+
+    # -- relaying ------------------------------------------------------------------
 
     cdef _new_c_buf(self, Py_ssize_t size):
         self.c_buf = bytearray(size)
@@ -541,20 +927,94 @@ cdef class Connection:
         self.u_mv = memoryview(self.u_buf)
         self.u_size = size
 
-    cdef _to_upstream(self, Py_ssize_t n):
+    cdef _to_upstream(self, Py_ssize_t start, Py_ssize_t n, bint from_read):
+        # send c_buf[start:start+n]; keep what the upstream cannot take
+        cdef ssize_t r
         cdef Py_ssize_t size = self.c_size
+        cdef char *p = PyByteArray_AS_STRING(self.c_buf)
         self.c2u += n
         self.counters.bytes_in += n
-        self.u_write(self.c_buf if n == size else self.c_mv[:n])
-        if n == size and size < self.cfg.max_buffer_size:
+        if from_read and n == size and size < self.cfg.max_buffer_size:
             # a full read: a bulk transfer, read bigger chunks
             self.c_next = min(size * 2, self.cfg.max_buffer_size)
-            self.c_buf = None
-            self.c_size = 0
-        elif self.up_state == UP_OPEN and self.upstream_t.get_write_buffer_size():
-            # the transport still holds a view of c_buf: take a fresh one
-            self.c_buf = None
-            self.c_size = 0
+        while True:
+            r = send(self.ufd, p + start, n, MSG_NOSIGNAL)
+            if r >= 0:
+                break
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                r = 0
+                break
+            self._upstream_error(errno)
+            return
+        if r == n:
+            return
+        self.c_pend_off = start + r
+        self.c_pend_end = start + n
+        self.c_paused_by_up = True
+        self._sync_client_reading()
+
+    cdef _flush_upstream(self):
+        cdef ssize_t r
+        cdef char *p = PyByteArray_AS_STRING(self.c_buf)
+        while True:
+            r = send(self.ufd, p + self.c_pend_off, self.c_pend_end - self.c_pend_off, MSG_NOSIGNAL)
+            if r >= 0:
+                break
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return
+            self._upstream_error(errno)
+            return
+        self.c_pend_off += r
+        if self.c_pend_off < self.c_pend_end:
+            return
+        self.c_pend_off = self.c_pend_end = 0
+        if self.u_close_pending:
+            self._close_upstream(False)
+            return
+        if self.c_eof:
+            self._shutdown_upstream()
+        self.c_paused_by_up = False
+        self._sync_client_reading()
+
+    cdef _shutdown_upstream(self):
+        if not self.u_shut and self.ufd >= 0:
+            self.u_shut = True
+            shutdown(self.ufd, SHUT_WR)
+
+    cdef _read_upstream(self):
+        cdef ssize_t r
+        cdef int reads = 0
+        while self.u_readable and self.ufd >= 0:
+            if self.u_paused_by_c or self.closing or not self.client_open:
+                return
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)   # let the other connections run
+                return
+            if self.u_buf is None or self.u_size < self.u_next:
+                self._new_u_buf(self.u_next)
+            r = recv(self.ufd, PyByteArray_AS_STRING(self.u_buf), self.u_size, 0)
+            if r > 0:
+                reads += 1
+                self.last_active = _now()
+                if r < self.u_size and not self.u_rdhup:
+                    # a short read took all there was; more data (or the
+                    # EOF) raises a new edge
+                    self.u_readable = False
+                self._to_client(r)
+            elif r == 0:
+                self.u_readable = False
+                self._upstream_eof()
+                return
+            elif errno == EAGAIN:
+                self.u_readable = False
+                return
+            elif errno != EINTR:
+                self._upstream_error(errno)
+                return
 
     cdef _to_client(self, Py_ssize_t n):
         cdef Py_ssize_t size = self.u_size
@@ -566,12 +1026,13 @@ cdef class Connection:
             self.u_buf = None
             self.u_size = 0
         elif self.client_open and self.client.get_write_buffer_size():
+            # the transport still holds a view of u_buf: take a fresh one
             self.u_buf = None
             self.u_size = 0
 
     cdef _hold(self, object data):
-        # data_received() before attach: copy into c_buf, growing it if needed;
-        # reading pauses once buffer_size bytes are held.
+        # data_received() before the upstream is connected: copy into c_buf,
+        # growing it if needed; reading pauses once buffer_size bytes are held.
         cdef Py_ssize_t n = len(data)
         cdef Py_ssize_t need = self.early + n
         if self.c_buf is None or need > self.c_size:
@@ -586,8 +1047,8 @@ cdef class Connection:
             self._sync_client_reading()
 
     cdef _sync_client_reading(self):
-        cdef bint want = (self.client_open and not self.closing and not self.c_eof
-                          and not self.c_paused_by_up and not self.c_early_full)
+        cdef bint want = (self.client_open and not self.c_eof and (self.lingering or (
+            not self.closing and not self.c_paused_by_up and not self.c_early_full)))
         if want != self.c_reading:
             self.c_reading = want
             if want:
@@ -595,19 +1056,46 @@ cdef class Connection:
             else:
                 self.client.pause_reading()
 
-    cdef _sync_upstream_reading(self):
-        cdef bint want = (self.up_state == UP_OPEN and not self.closing and not self.u_eof
-                          and not self.u_paused_by_c)
-        if want != self.u_reading:
-            self.u_reading = want
-            if want:
-                self.upstream_t.resume_reading()
-            else:
-                self.upstream_t.pause_reading()
+    cdef _upstream_eof(self):
+        self.u_eof = True
+        if self.client_open and not self.closing:
+            self.client.write_eof()
+            if self.c_eof:
+                self._shut(END_EOF, False)
+
+    cdef _upstream_error(self, int err):
+        # the upstream socket failed (reset, ...): close both sides at once
+        self._set_end(END_UPSTREAM_ERROR)
+        self._close_upstream(True)
+        if self.client_open:
+            self._shut(END_CLOSED, True)
+
+    # -- closing -------------------------------------------------------------------
 
     cdef _set_end(self, int code):
         if self.end_code == END_NONE:
             self.end_code = code
+
+    cdef _close_fd(self):
+        cdef int fd = self.ufd
+        if fd >= 0:
+            self.ufd = -1
+            _close(fd)   # also takes it out of the epoll set
+            self.engine.forget(self)
+
+    cdef _close_upstream(self, bint hard):
+        # Close the open upstream side: at once, or once the bytes it has
+        # not taken yet are sent.
+        if self.up_state != UP_OPEN:
+            return
+        if not hard and self.c_pend_end and self.ufd >= 0:
+            self.u_close_pending = True
+            return
+        self._close_fd()
+        self.up_state = UP_CLOSED
+        self.u_readable = False
+        if not self.client_open:
+            self._finish()
 
     cdef _shut(self, int code, bint hard):
         # Close both sides: gracefully (flush what is buffered) or at once.
@@ -621,73 +1109,11 @@ cdef class Connection:
             else:
                 self.client.close()
         if self.up_state == UP_OPEN:
-            if hard:
-                self.upstream_t.abort()
-            else:
-                self.upstream_t.close()
-        elif self.up_state == UP_CONNECTING and self.connector is not None:
-            self.connector.cancel()
-
-    cdef _attach(self, UpstreamSide up, object transport):
-        cdef Py_ssize_t n
-        if up is not self.pending:
-            transport.abort()   # a stale attempt (cannot happen on uvloop)
-            return
-        up.attached = True
-        self.pending = None
-        self.up_proto = up
-        self.ustate = up.state
-        self.upstream_t = transport
-        self.u_write = transport.write
-        self.up_state = UP_OPEN
-        self.u_reading = True
-        up.state.connections += 1
-        if self.cfg.keepalive:
-            _set_keepalive(transport)
-        if not self.client_open or self.closing:
-            self.closing = True
-            transport.close()
-            return
-        if self.early:
-            n = self.early
-            self.early = 0
-            self.c_early_full = False
-            self._to_upstream(n)
-        if self.c_eof:
-            transport.write_eof()
-        self._sync_client_reading()
-        self._sync_upstream_reading()
-
-    cdef _upstream_data(self, Py_ssize_t n):
-        self.last_active = _now()
-        if self.client_open and not self.closing:
-            self._to_client(n)
-
-    cdef _upstream_bytes(self, object data):
-        cdef Py_ssize_t n = len(data)
-        self.last_active = _now()
-        if self.client_open and not self.closing:
-            self.u2c += n
-            self.counters.bytes_out += n
-            self.c_write(data)
-
-    cdef _upstream_eof(self):
-        self.u_eof = True
-        self.u_reading = False
-        if self.client_open and not self.closing:
-            self.client.write_eof()
-            if self.c_eof:
-                self._shut(END_EOF, False)
-
-    cdef _upstream_lost(self, object exc):
-        self.up_state = UP_CLOSED
-        self.u_reading = False
-        if exc is not None:
-            self._set_end(END_UPSTREAM_ERROR)
-        if self.client_open:
-            self._shut(END_CLOSED, exc is not None)
-        else:
-            self._finish()
+            self._close_upstream(hard)
+        elif self.up_state == UP_CONNECTING:
+            self._drop_attempt()
+            if not self.client_open:
+                self._finish()
 
     cdef _finish(self):
         if self._finished:
@@ -695,82 +1121,22 @@ cdef class Connection:
         self._finished = True
         self.closing = True
         self.ended = _now()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.connector = None
+        self._close_fd()
+        if self.engine is not None:
+            self.engine.unlink(self)
         self.counters.active -= 1
         if self.ustate is not None:
             self.ustate.active -= 1
             self.ustate.bytes_in += self.c2u
             self.ustate.bytes_out += self.u2c
-        if self.up_proto is not None:
-            self.up_proto.conn = None
-            self.up_proto = None
+        self.attempt = None
+        self.tried = None
         self.c_buf = self.u_buf = None
         self.c_mv = self.u_mv = None
         self.c_size = self.u_size = 0
-        self.c_write = self.u_write = None
-        self.client = self.upstream_t = None
+        self.c_write = None
+        self.client = None
         self.conns.discard(self)
         if self.cfg.on_close is not None:
             self.cfg.on_close(self)
         self.owner = None   # the last connection of an old version frees it
-
-
-@cython.final
-cdef class UpstreamSide:
-    """The protocol of one connect attempt's socket; relays into its Connection.
-
-    Every method takes a local reference to its Connection first: finishing
-    drops ``self.conn``, and the Connection must outlive the call.
-    """
-
-    def connection_made(self, transport):
-        cdef Connection conn = self.conn
-        if conn is None:
-            transport.abort()
-            return
-        conn._attach(self, transport)
-
-    def get_buffer(self, Py_ssize_t sizehint):
-        cdef Connection conn = self.conn
-        if conn is None:
-            return bytearray(sizehint if sizehint > 0 else 4096)   # finished: discard
-        if conn.u_buf is None:
-            conn._new_u_buf(conn.u_next)
-        return conn.u_buf
-
-    def buffer_updated(self, Py_ssize_t nbytes):
-        cdef Connection conn = self.conn
-        if conn is not None:
-            conn._upstream_data(nbytes)
-
-    def data_received(self, data):
-        cdef Connection conn = self.conn
-        if conn is not None:
-            conn._upstream_bytes(data)
-
-    def eof_received(self):
-        cdef Connection conn = self.conn
-        if conn is not None:
-            conn._upstream_eof()
-        return True
-
-    def pause_writing(self):
-        # the upstream reads slower than the client sends
-        cdef Connection conn = self.conn
-        if conn is not None:
-            conn.c_paused_by_up = True
-            conn._sync_client_reading()
-
-    def resume_writing(self):
-        cdef Connection conn = self.conn
-        if conn is not None:
-            conn.c_paused_by_up = False
-            conn._sync_client_reading()
-
-    def connection_lost(self, exc):
-        cdef Connection conn = self.conn
-        if self.attached and conn is not None:
-            conn._upstream_lost(exc)

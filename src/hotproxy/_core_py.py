@@ -7,7 +7,10 @@ test-suite runs against both.  Keep the two files in step.
 from __future__ import annotations
 
 import asyncio
+import errno as _errno
 import logging
+import os as _os
+import select as _select
 import socket as _socket
 import time
 from typing import Any
@@ -147,6 +150,11 @@ _END_NAMES = ("open", "eof", "client_error", "upstream_error", "idle", "aborted"
               "no_upstream", "closed")
 
 _now = time.monotonic
+_log = logging.getLogger("hotproxy.proxy")
+
+
+def _oserror(err: int) -> OSError:
+    return OSError(err, _os.strerror(err))
 
 
 def _set_keepalive(transport: Any) -> None:
@@ -196,38 +204,219 @@ class UpstreamState:
                 f"ejected_until={self.ejected_until:.3f}>")
 
 
+class Target:
+    """An upstream of one service version: its shared state and where to connect."""
+
+    __slots__ = ("state", "up", "family", "sockaddr", "address")
+
+    def __init__(self, state: UpstreamState, up: Any, family: int, sockaddr: bytes,
+                 address: Any) -> None:
+        if not isinstance(state, UpstreamState):
+            raise TypeError("state must be an UpstreamState")
+        if not isinstance(sockaddr, bytes) or len(sockaddr) < 2:
+            raise ValueError("sockaddr: too short")
+        self.state = state
+        self.up = up
+        self.family = family
+        self.sockaddr = sockaddr
+        self.address = address
+
+    def __repr__(self) -> str:
+        return f"<Target {self.state.address}>"
+
+
 class RelayConfig:
     """What every connection of one service version shares (see ``_core.pyx``)."""
 
-    __slots__ = ("counters", "idle_timeout", "keepalive", "connect", "on_close", "want_peername",
-                 "buffer_size", "max_buffer_size")
+    __slots__ = ("counters", "idle_timeout", "keepalive", "connector", "on_close", "want_peername",
+                 "buffer_size", "max_buffer_size", "targets", "single", "connect_timeout",
+                 "attempts")
 
     def __init__(self, counters: ProxyCounters, idle_timeout: float = 0.0, keepalive: bool = False,
-                 connect: Any = None, on_close: Any = None, want_peername: bool = False,
-                 buffer_size: int = 16384, max_buffer_size: int = 262144) -> None:
+                 connector: Any = None, on_close: Any = None, want_peername: bool = False,
+                 buffer_size: int = 16384, max_buffer_size: int = 262144,
+                 targets: tuple[Target, ...] = (), connect_timeout: float = 2.0,
+                 attempts: int = 1) -> None:
         if not isinstance(counters, ProxyCounters):
             raise TypeError("counters must be a ProxyCounters")
         if buffer_size < 1 or max_buffer_size < buffer_size:
             raise ValueError("need 1 <= buffer_size <= max_buffer_size")
+        if attempts < 1 or not connect_timeout > 0:
+            raise ValueError("need attempts >= 1 and connect_timeout > 0")
+        if not isinstance(targets, tuple):
+            raise TypeError("targets must be a tuple")
+        for t in targets:
+            if not isinstance(t, Target):
+                raise TypeError(f"targets: expected Target, got {type(t).__name__}")
+        if len(targets) > 1 and connector is None:
+            raise ValueError("more than one target needs a connector to pick")
         self.counters = counters
         self.idle_timeout = float(idle_timeout)
         self.keepalive = bool(keepalive)
-        self.connect = connect
+        self.connector = connector
         self.on_close = on_close
         self.want_peername = bool(want_peername)
         self.buffer_size = buffer_size
         self.max_buffer_size = max_buffer_size
+        self.targets = targets
+        self.single = targets[0] if len(targets) == 1 else None
+        self.connect_timeout = float(connect_timeout)
+        self.attempts = int(attempts)
+
+
+# -- the engine: one epoll instance per event loop ------------------------------
+
+_TICK = 0.05
+_LINGER = 2.0
+_READS_PER_EVENT = 16
+_EVENTS = 64
+_EPOLL_FLAGS = _select.EPOLLIN | _select.EPOLLOUT | _select.EPOLLRDHUP | _select.EPOLLET
+_EPOLLIN, _EPOLLOUT, _EPOLLERR = _select.EPOLLIN, _select.EPOLLOUT, _select.EPOLLERR
+_EPOLLHUP, _EPOLLRDHUP = _select.EPOLLHUP, _select.EPOLLRDHUP
+
+_engines: dict[Any, _Engine] = {}
+_last_engine: _Engine | None = None
+
+
+def _get_engine() -> _Engine:
+    global _last_engine
+    loop = asyncio.get_running_loop()
+    if _last_engine is not None and _last_engine.loop is loop:
+        return _last_engine
+    engine = _engines.get(loop)
+    if engine is None:
+        for old in [lp for lp in _engines if lp.is_closed()]:
+            _engines.pop(old).close()
+        engine = _Engine(loop)
+        _engines[loop] = engine
+    _last_engine = engine
+    return engine
+
+
+class _Engine:
+    """The upstream sockets of one event loop (see ``_core.pyx``)."""
+
+    def __init__(self, loop: Any) -> None:
+        self.ep = _select.epoll()
+        self.loop = loop
+        self.by_fd: dict[int, Connection] = {}
+        self.conns: dict[Connection, None] = {}   # every connection (timeouts)
+        self.ready: list[Connection] = []
+        self.timer: Any = None
+        self.timer_at = 0.0
+        loop.add_reader(self.ep.fileno(), self._on_ready)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            if conn.sock is not None:
+                conn.sock.close()
+                conn.sock = None
+                conn.ufd = -1
+        self.ep.close()
+        self.by_fd.clear()
+        self.conns.clear()
+        self.ready.clear()
+        self.timer = None
+        self.loop = None
+
+    def register(self, conn: Connection, fd: int) -> int:
+        try:
+            self.ep.register(fd, _EPOLL_FLAGS)
+        except OSError as exc:
+            return exc.errno or _errno.EINVAL
+        self.by_fd[fd] = conn
+        return 0
+
+    def forget(self, conn: Connection, fd: int) -> None:
+        if self.by_fd.get(fd) is conn:
+            del self.by_fd[fd]
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
+
+    def _on_ready(self) -> None:
+        while True:
+            events = self.ep.poll(0, _EVENTS)
+            for fd, ev in events:
+                conn = self.by_fd.get(fd)
+                if conn is None:
+                    continue
+                try:
+                    conn._upstream_event(ev)
+                except Exception as exc:
+                    conn._crashed(exc)
+            if len(events) < _EVENTS:
+                break
+
+    def defer(self, conn: Connection) -> None:
+        if not self.ready:
+            self.loop.call_soon(self._run_ready)
+        self.ready.append(conn)
+
+    def _run_ready(self) -> None:
+        ready, self.ready = self.ready, []
+        for conn in ready:
+            try:
+                conn._read_upstream()
+            except Exception as exc:
+                conn._crashed(exc)
+
+    def link(self, conn: Connection) -> None:
+        self.conns[conn] = None
+
+    def unlink(self, conn: Connection) -> None:
+        self.conns.pop(conn, None)
+
+    def want_tick(self, when: float) -> None:
+        if self.timer is not None and self.timer_at <= when:
+            return
+        now = _now()
+        if when < now + _TICK:
+            when = now + _TICK
+            if self.timer is not None and self.timer_at <= when:
+                return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = self.loop.call_later(when - now, self._tick)
+
+    def _tick(self) -> None:
+        now = _now()
+        next_at = 0.0
+        due = []
+        self.timer = None
+        for conn in self.conns:
+            at = conn._deadline()
+            if at > 0.0:
+                if at <= now:
+                    due.append(conn)
+                elif next_at == 0.0 or at < next_at:
+                    next_at = at
+        for conn in due:
+            try:
+                conn._timed_out(now)
+            except Exception as exc:
+                conn._crashed(exc)
+        for conn in due:
+            at = conn._deadline()
+            if at > 0.0 and (next_at == 0.0 or at < next_at):
+                next_at = at
+        if next_at > 0.0:
+            self.want_tick(next_at)
 
 
 class Connection:
-    """One proxied connection: the protocol of the accepted client socket."""
+    """One proxied connection: the protocol of the accepted client socket and
+    the owner of its upstream socket (see ``_core.pyx``)."""
 
-    __slots__ = ("cfg", "counters", "conns", "owner", "client", "upstream_t", "c_write", "u_write", "pending",
-                 "up_proto", "ustate", "c_buf", "u_buf", "c_mv", "u_mv", "c_size", "u_size",
-                 "c_next", "u_next", "early", "c2u", "u2c", "started", "ended", "last_active",
-                 "timer", "connector", "peername", "up_state", "end_code", "client_open",
-                 "c_reading", "u_reading", "c_eof", "u_eof", "c_paused_by_up", "u_paused_by_c",
-                 "c_early_full", "closing", "_finished", "__weakref__")
+    __slots__ = ("cfg", "counters", "conns", "owner", "engine", "client", "c_write", "sock", "ufd",
+                 "attempt", "tried", "attempts", "deadline", "ustate", "c_buf", "u_buf", "c_mv",
+                 "u_mv", "c_size", "u_size", "c_next", "u_next", "early", "c_pend_off",
+                 "c_pend_end", "c2u", "u2c", "started", "ended", "last_active", "peername",
+                 "up_state", "end_code", "client_open", "c_reading", "c_eof", "u_eof",
+                 "u_readable", "u_rdhup", "u_shut", "u_close_pending", "c_paused_by_up",
+                 "u_paused_by_c", "c_early_full", "closing", "lingering", "_finished", "__weakref__")
 
     def __init__(self, cfg: RelayConfig, conns: Any, owner: Any = None) -> None:
         if not isinstance(cfg, RelayConfig):
@@ -235,13 +424,16 @@ class Connection:
         self.cfg = cfg
         self.counters = cfg.counters
         self.conns = conns
-        self.owner = owner   # the service version, alive while we are
+        self.owner = owner
+        self.engine: _Engine | None = None
         self.client: Any = None
-        self.upstream_t: Any = None
         self.c_write: Any = None
-        self.u_write: Any = None
-        self.pending: UpstreamSide | None = None
-        self.up_proto: UpstreamSide | None = None
+        self.sock: _socket.socket | None = None
+        self.ufd = -1
+        self.attempt: Target | None = None
+        self.tried: list[Target] | None = None
+        self.attempts = 0
+        self.deadline = 0.0
         self.ustate: UpstreamState | None = None
         self.c_buf: bytearray | None = None
         self.u_buf: bytearray | None = None
@@ -249,43 +441,42 @@ class Connection:
         self.u_mv: memoryview | None = None
         self.c_size = self.u_size = 0
         self.c_next = self.u_next = cfg.buffer_size
-        self.early = 0
+        self.early = self.c_pend_off = self.c_pend_end = 0
         self.c2u = self.u2c = 0
         self.started = self.last_active = _now()
         self.ended = 0.0
-        self.timer: Any = None
-        self.connector: Any = None
         self.peername: Any = None
         self.up_state = UP_NONE
         self.end_code = END_NONE
-        self.client_open = self.c_reading = self.u_reading = False
-        self.c_eof = self.u_eof = False
+        self.client_open = self.c_reading = self.c_eof = self.u_eof = False
+        self.u_readable = self.u_rdhup = self.u_shut = self.u_close_pending = False
         self.c_paused_by_up = self.u_paused_by_c = self.c_early_full = False
-        self.closing = self._finished = False
-        # counted here, not in connection_made (see _core.pyx)
+        self.closing = self.lingering = self._finished = False
         self.counters.accepted += 1
         self.counters.active += 1
 
     # -- the client transport's callbacks --------------------------------------
 
     def connection_made(self, transport: Any) -> None:
+        cfg = self.cfg
         self.client = transport
         self.c_write = transport.write
         self.client_open = True
         self.c_reading = True
         self.conns.add(self)
-        cfg = self.cfg
         if cfg.want_peername:
             self.peername = transport.get_extra_info("peername")
         if cfg.keepalive:
             _set_keepalive(transport)
+        self.engine = _get_engine()
+        self.engine.link(self)
         if cfg.idle_timeout > 0:
-            self.timer = asyncio.get_running_loop().call_later(cfg.idle_timeout, self._idle_fired)
-        if cfg.connect is not None:
-            self.connector = cfg.connect(self)
+            self.engine.want_tick(self.started + cfg.idle_timeout)
+        self._next_attempt()
 
     def get_buffer(self, sizehint: int) -> Any:
-        if self.c_buf is None:
+        if self.c_buf is None or (self.c_size < self.c_next and not self.early
+                                  and self.c_pend_end == 0):
             self._new_c_buf(self.c_next)
         if self.early:
             return self.c_mv[self.early:]  # type: ignore[index]
@@ -295,7 +486,7 @@ class Connection:
         self.last_active = _now()
         if self.up_state == UP_OPEN:
             if not self.closing:
-                self._to_upstream(nbytes)
+                self._to_upstream(0, nbytes, True)
         elif self.up_state != UP_CLOSED:
             self.early += nbytes
             if self.early >= self.c_size:
@@ -307,28 +498,34 @@ class Connection:
         self.last_active = _now()
         if self.up_state == UP_OPEN:
             if not self.closing:
-                self.c2u += n
-                self.counters.bytes_in += n
-                self.u_write(data)
+                if self.c_buf is None or self.c_size < n:
+                    self._new_c_buf(max(n, self.cfg.buffer_size))
+                self.c_buf[:n] = data  # type: ignore[index]
+                self._to_upstream(0, n, False)
         elif self.up_state != UP_CLOSED:
             self._hold(data)
 
     def eof_received(self) -> bool:
         self.c_eof = True
         self.c_reading = False
+        if self.lingering:
+            self.lingering = False
+            self.client.close()
+            return True
         if self.up_state == UP_OPEN and not self.closing:
-            self.upstream_t.write_eof()
+            if self.c_pend_end == 0:
+                self._shutdown_upstream()
             if self.u_eof:
                 self._shut(END_EOF, False)
         return True
 
     def pause_writing(self) -> None:
         self.u_paused_by_c = True
-        self._sync_upstream_reading()
 
     def resume_writing(self) -> None:
         self.u_paused_by_c = False
-        self._sync_upstream_reading()
+        if self.u_readable:
+            self._read_upstream()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.client_open = False
@@ -336,17 +533,12 @@ class Connection:
         self._set_end(END_CLOSED if exc is None else END_CLIENT_ERROR)
         if self.up_state == UP_OPEN:
             self.closing = True
-            if exc is None:
-                self.upstream_t.close()
-            else:
-                self.upstream_t.abort()
+            self._close_upstream(exc is not None)
         elif self.up_state == UP_CONNECTING:
             self.closing = True
-            if self.connector is not None:
-                self.connector.cancel()
+            self._drop_attempt()
+            self._finish()
         else:
-            if self.connector is not None and self.up_state == UP_NONE:
-                self.connector.cancel()
             self.up_state = UP_CLOSED
             self._finish()
 
@@ -354,128 +546,235 @@ class Connection:
         """Close both sides at once (a drain timed out)."""
         self._shut(END_ABORTED, True)
 
-    def _idle_fired(self) -> None:
-        self.timer = None
-        if self._finished or self.closing:
-            return
-        idle = _now() - self.last_active
-        if idle >= self.cfg.idle_timeout:
-            self.counters.idle_closed += 1
-            self._shut(END_IDLE, True)
-        else:
-            self.timer = asyncio.get_running_loop().call_later(
-                self.cfg.idle_timeout - idle, self._idle_fired)
-
-    # -- the connector's interface ---------------------------------------------
-
-    def upstream_protocol(self, state: UpstreamState) -> UpstreamSide | None:
-        """Start a connect attempt to *state*'s upstream (see ``_core.pyx``)."""
-        if not isinstance(state, UpstreamState):
-            raise TypeError("state must be an UpstreamState")
-        if self.up_state != UP_NONE or not self.client_open or self.closing:
-            return None
-        up = UpstreamSide(self, state)
-        state.active += 1
-        self.pending = up
-        self.up_state = UP_CONNECTING
-        return up
-
-    def attempt_failed(self) -> bool:
-        """The attempt in progress failed: release it (see ``_core.pyx``)."""
-        if self.up_state != UP_CONNECTING:
-            return False
-        pending = self.pending
-        assert pending is not None
-        pending.state.active -= 1
-        pending.conn = None
-        self.pending = None
-        if self.client_open and not self.closing:
-            self.up_state = UP_NONE
-        else:
-            self.up_state = UP_CLOSED
-            self._finish()
-        return True
-
-    def connect_failed(self) -> None:
-        """No upstream could be reached: close the client."""
-        if self.up_state != UP_NONE:
-            return
-        self.up_state = UP_CLOSED
-        self.counters.no_upstream += 1
-        self._set_end(END_NO_UPSTREAM)
-        if self.client_open:
-            self.closing = True
-            self.client.close()
-        else:
-            self._finish()
-
-    # -- read-only views -------------------------------------------------------
+    # -- read-only views ---------------------------------------------------------
 
     @property
     def upstream(self) -> UpstreamState | None:
-        """The attached upstream's UpstreamState (None if none was reached)."""
         return self.ustate
 
     @property
     def client_transport(self) -> Any:
-        """The client's transport (None once finished)."""
         return self.client
 
     @property
-    def upstream_transport(self) -> Any:
-        """The upstream's transport (None until attached, and once finished)."""
-        return self.upstream_t
+    def upstream_fileno(self) -> int:
+        return self.ufd
 
     @property
     def bytes_in(self) -> int:
-        """Bytes relayed from the client to the upstream."""
         return self.c2u
 
     @property
     def bytes_out(self) -> int:
-        """Bytes relayed from the upstream to the client."""
         return self.u2c
 
     @property
     def held(self) -> int:
-        """Client bytes held while the upstream connects."""
         return self.early
 
     @property
     def duration(self) -> float:
-        """Seconds from accept to finish (or until now)."""
         return (self.ended if self._finished else _now()) - self.started
 
     @property
     def end(self) -> str:
-        """How it ended (see ``_core.pyx``), or "open"."""
         return _END_NAMES[self.end_code]
 
     @property
     def closed(self) -> bool:
-        """True once the client connection is gone."""
         return self._finished or (self.client is not None and not self.client_open)
 
     @property
     def finished(self) -> bool:
-        """True once both sides are gone and every count is released."""
         return self._finished
 
     @property
     def buffered(self) -> int:
-        """Bytes this connection holds in memory (read buffers + write buffers)."""
         n = self.c_size + self.u_size
         if self.client is not None and self.client_open:
             n += self.client.get_write_buffer_size()
-        if self.up_state == UP_OPEN:
-            n += self.upstream_t.get_write_buffer_size()
         return n
 
     def __repr__(self) -> str:
-        up = self.ustate.address if self.ustate else None
-        return f"<Connection {self.peername!r} up={up} in={self.c2u} out={self.u2c} {self.end}>"
+        return (f"<Connection {self.peername!r} up={self.ustate.address if self.ustate else None} "
+                f"in={self.c2u} out={self.u2c} {self.end}>")
 
-    # -- internals -------------------------------------------------------------
+    # -- connecting --------------------------------------------------------------
+
+    def _next_attempt(self) -> None:
+        cfg = self.cfg
+        while True:
+            if self.attempts >= cfg.attempts:
+                self._no_upstream()
+                return
+            if cfg.single is not None:
+                t = cfg.single if self.tried is None else None
+            else:
+                t = cfg.connector.pick(self, self.tried if self.tried is not None else ())
+            if t is None:
+                self._no_upstream()
+                return
+            self.attempts += 1
+            err = self._start_attempt(t)
+            if err == 0:
+                return
+            self._count_failure(t, _oserror(err))
+
+    def _start_attempt(self, t: Target) -> int:
+        try:
+            sock = _socket.socket(t.family, _socket.SOCK_STREAM)
+        except OSError as exc:
+            return exc.errno or _errno.EMFILE
+        sock.setblocking(False)
+        if t.family != _socket.AF_UNIX:
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            if self.cfg.keepalive:
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+        r = sock.connect_ex(t.address)
+        if r and r != _errno.EINPROGRESS:
+            sock.close()
+            return r
+        fd = sock.fileno()
+        err = self.engine.register(self, fd)  # type: ignore[union-attr]
+        if err:
+            sock.close()
+            return err
+        self.sock = sock
+        self.ufd = fd
+        self.attempt = t
+        t.state.active += 1
+        self.up_state = UP_CONNECTING
+        if r == 0:
+            self._connected()
+        else:
+            self.deadline = _now() + self.cfg.connect_timeout
+            self.engine.want_tick(self.deadline)  # type: ignore[union-attr]
+        return 0
+
+    def _connected(self) -> None:
+        t = self.attempt
+        st = t.state  # type: ignore[union-attr]
+        self.attempt = None
+        self.deadline = 0.0
+        self.ustate = st
+        self.up_state = UP_OPEN
+        st.connections += 1
+        if (st.fails or st.ejected_until > 0) and self.cfg.connector is not None:
+            self.cfg.connector.succeeded(t)
+        if self.early:
+            n = self.early
+            self.early = 0
+            self.c_early_full = False
+            self._to_upstream(0, n, False)
+        if self.c_eof and self.c_pend_end == 0 and self.up_state == UP_OPEN:
+            self._shutdown_upstream()
+        self._sync_client_reading()
+
+    def _drop_attempt(self) -> None:
+        self._close_fd()
+        self.attempt.state.active -= 1  # type: ignore[union-attr]
+        self.attempt = None
+        self.deadline = 0.0
+        self.up_state = UP_CLOSED
+
+    def _attempt_failed(self, exc: BaseException) -> None:
+        t = self.attempt
+        self._close_fd()
+        t.state.active -= 1  # type: ignore[union-attr]
+        self.attempt = None
+        self.deadline = 0.0
+        self.up_state = UP_NONE
+        self._count_failure(t, exc)  # type: ignore[arg-type]
+        if self.client_open and not self.closing:
+            self._next_attempt()
+        else:
+            self.up_state = UP_CLOSED
+            self._finish()
+
+    def _count_failure(self, t: Target, exc: BaseException) -> None:
+        if self.tried is None:
+            self.tried = []
+        self.tried.append(t)
+        if self.cfg.connector is not None:
+            self.cfg.connector.failed(t, exc)
+        else:
+            self.counters.connect_failures += 1
+
+    def _no_upstream(self) -> None:
+        self.up_state = UP_CLOSED
+        self.counters.no_upstream += 1
+        self._set_end(END_NO_UPSTREAM)
+        self.early = 0
+        self.c_early_full = False
+        if not self.client_open:
+            self._finish()
+            return
+        self.closing = True
+        if self.c_eof:
+            self.client.close()
+            return
+        self.lingering = True
+        self.deadline = _now() + _LINGER
+        self.engine.want_tick(self.deadline)  # type: ignore[union-attr]
+        self.client.write_eof()
+        self._sync_client_reading()
+
+    # -- the engine's calls ------------------------------------------------------
+
+    def _deadline(self) -> float:
+        if self.up_state == UP_CONNECTING or self.lingering:
+            return self.deadline
+        if self.cfg.idle_timeout > 0 and not self.closing and not self._finished:
+            return self.last_active + self.cfg.idle_timeout
+        return 0.0
+
+    def _timed_out(self, now: float) -> None:
+        if self.lingering:
+            if now >= self.deadline and self.client_open:
+                self.lingering = False
+                self.client.close()
+        elif self.up_state == UP_CONNECTING:
+            if now >= self.deadline:
+                self._attempt_failed(TimeoutError())
+        elif (self.cfg.idle_timeout > 0 and not self.closing and not self._finished
+              and now - self.last_active >= self.cfg.idle_timeout):
+            self.counters.idle_closed += 1
+            self._shut(END_IDLE, True)
+
+    def _crashed(self, exc: BaseException) -> None:
+        _log.error("proxy connection failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        self._set_end(END_ABORTED)
+        if not self._finished:
+            self._shut(END_ABORTED, True)
+
+    def _upstream_event(self, events: int) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        if self.up_state == UP_CONNECTING:
+            if not events & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
+                return
+            err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+            if err:
+                self._attempt_failed(_oserror(err))
+                return
+            self._connected()
+        if self.up_state != UP_OPEN:
+            return
+        if events & _EPOLLERR:
+            err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+            if err:
+                self._upstream_error(err)
+                return
+        if events & _EPOLLOUT and self.c_pend_end:
+            self._flush_upstream()
+        if self.sock is not None and events & (_EPOLLIN | _EPOLLRDHUP | _EPOLLHUP):
+            if events & (_EPOLLRDHUP | _EPOLLHUP):
+                self.u_rdhup = True
+            self.u_readable = True
+            self._read_upstream()
+
+    # -- relaying ------------------------------------------------------------------
 
     def _new_c_buf(self, size: int) -> None:
         self.c_buf = bytearray(size)
@@ -487,18 +786,87 @@ class Connection:
         self.u_mv = memoryview(self.u_buf)
         self.u_size = size
 
-    def _to_upstream(self, n: int) -> None:
+    def _send(self, start: int, end: int) -> int:
+        # bytes of c_buf[start:end] the upstream took (0: none now); -1: failed
+        while True:
+            try:
+                return self.sock.send(self.c_mv[start:end])  # type: ignore[union-attr,index]
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                return 0
+            except OSError as exc:
+                self._upstream_error(exc.errno or _errno.EPIPE)
+                return -1
+
+    def _to_upstream(self, start: int, n: int, from_read: bool) -> None:
         size = self.c_size
         self.c2u += n
         self.counters.bytes_in += n
-        self.u_write(self.c_buf if n == size else self.c_mv[:n])  # type: ignore[index]
-        if n == size and size < self.cfg.max_buffer_size:
+        if from_read and n == size and size < self.cfg.max_buffer_size:
             self.c_next = min(size * 2, self.cfg.max_buffer_size)
-            self.c_buf = self.c_mv = None
-            self.c_size = 0
-        elif self.up_state == UP_OPEN and self.upstream_t.get_write_buffer_size():
-            self.c_buf = self.c_mv = None
-            self.c_size = 0
+        r = self._send(start, start + n)
+        if r < 0 or r == n:
+            return
+        self.c_pend_off = start + r
+        self.c_pend_end = start + n
+        self.c_paused_by_up = True
+        self._sync_client_reading()
+
+    def _flush_upstream(self) -> None:
+        r = self._send(self.c_pend_off, self.c_pend_end)
+        if r <= 0:
+            return
+        self.c_pend_off += r
+        if self.c_pend_off < self.c_pend_end:
+            return
+        self.c_pend_off = self.c_pend_end = 0
+        if self.u_close_pending:
+            self._close_upstream(False)
+            return
+        if self.c_eof:
+            self._shutdown_upstream()
+        self.c_paused_by_up = False
+        self._sync_client_reading()
+
+    def _shutdown_upstream(self) -> None:
+        if not self.u_shut and self.sock is not None:
+            self.u_shut = True
+            try:
+                self.sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _read_upstream(self) -> None:
+        reads = 0
+        while self.u_readable and self.sock is not None:
+            if self.u_paused_by_c or self.closing or not self.client_open:
+                return
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)  # type: ignore[union-attr]
+                return
+            if self.u_buf is None or self.u_size < self.u_next:
+                self._new_u_buf(self.u_next)
+            try:
+                r = self.sock.recv_into(self.u_buf, self.u_size)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                self.u_readable = False
+                return
+            except OSError as exc:
+                self._upstream_error(exc.errno or _errno.ECONNRESET)
+                return
+            if r > 0:
+                reads += 1
+                self.last_active = _now()
+                if r < self.u_size and not self.u_rdhup:
+                    self.u_readable = False
+                self._to_client(r)
+            else:
+                self.u_readable = False
+                self._upstream_eof()
+                return
 
     def _to_client(self, n: int) -> None:
         size = self.u_size
@@ -507,10 +875,10 @@ class Connection:
         self.c_write(self.u_buf if n == size else self.u_mv[:n])  # type: ignore[index]
         if n == size and size < self.cfg.max_buffer_size:
             self.u_next = min(size * 2, self.cfg.max_buffer_size)
-            self.u_buf = self.u_mv = None
+            self.u_buf = None
             self.u_size = 0
         elif self.client_open and self.client.get_write_buffer_size():
-            self.u_buf = self.u_mv = None
+            self.u_buf = None
             self.u_size = 0
 
     def _hold(self, data: bytes) -> None:
@@ -528,8 +896,8 @@ class Connection:
             self._sync_client_reading()
 
     def _sync_client_reading(self) -> None:
-        want = (self.client_open and not self.closing and not self.c_eof
-                and not self.c_paused_by_up and not self.c_early_full)
+        want = (self.client_open and not self.c_eof and (self.lingering or (
+            not self.closing and not self.c_paused_by_up and not self.c_early_full)))
         if want != self.c_reading:
             self.c_reading = want
             if want:
@@ -537,19 +905,44 @@ class Connection:
             else:
                 self.client.pause_reading()
 
-    def _sync_upstream_reading(self) -> None:
-        want = (self.up_state == UP_OPEN and not self.closing and not self.u_eof
-                and not self.u_paused_by_c)
-        if want != self.u_reading:
-            self.u_reading = want
-            if want:
-                self.upstream_t.resume_reading()
-            else:
-                self.upstream_t.pause_reading()
+    def _upstream_eof(self) -> None:
+        self.u_eof = True
+        if self.client_open and not self.closing:
+            self.client.write_eof()
+            if self.c_eof:
+                self._shut(END_EOF, False)
+
+    def _upstream_error(self, err: int) -> None:
+        self._set_end(END_UPSTREAM_ERROR)
+        self._close_upstream(True)
+        if self.client_open:
+            self._shut(END_CLOSED, True)
+
+    # -- closing -------------------------------------------------------------------
 
     def _set_end(self, code: int) -> None:
         if self.end_code == END_NONE:
             self.end_code = code
+
+    def _close_fd(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            self.engine.forget(self, self.ufd)  # type: ignore[union-attr]
+            self.sock = None
+            self.ufd = -1
+            sock.close()
+
+    def _close_upstream(self, hard: bool) -> None:
+        if self.up_state != UP_OPEN:
+            return
+        if not hard and self.c_pend_end and self.sock is not None:
+            self.u_close_pending = True
+            return
+        self._close_fd()
+        self.up_state = UP_CLOSED
+        self.u_readable = False
+        if not self.client_open:
+            self._finish()
 
     def _shut(self, code: int, hard: bool) -> None:
         self._set_end(code)
@@ -562,72 +955,11 @@ class Connection:
             else:
                 self.client.close()
         if self.up_state == UP_OPEN:
-            if hard:
-                self.upstream_t.abort()
-            else:
-                self.upstream_t.close()
-        elif self.up_state == UP_CONNECTING and self.connector is not None:
-            self.connector.cancel()
-
-    def _attach(self, up: UpstreamSide, transport: Any) -> None:
-        if up is not self.pending:
-            transport.abort()
-            return
-        up.attached = True
-        self.pending = None
-        self.up_proto = up
-        self.ustate = up.state
-        self.upstream_t = transport
-        self.u_write = transport.write
-        self.up_state = UP_OPEN
-        self.u_reading = True
-        up.state.connections += 1
-        if self.cfg.keepalive:
-            _set_keepalive(transport)
-        if not self.client_open or self.closing:
-            self.closing = True
-            transport.close()
-            return
-        if self.early:
-            n = self.early
-            self.early = 0
-            self.c_early_full = False
-            self._to_upstream(n)
-        if self.c_eof:
-            transport.write_eof()
-        self._sync_client_reading()
-        self._sync_upstream_reading()
-
-    def _upstream_data(self, n: int) -> None:
-        self.last_active = _now()
-        if self.client_open and not self.closing:
-            self._to_client(n)
-
-    def _upstream_bytes(self, data: bytes) -> None:
-        n = len(data)
-        self.last_active = _now()
-        if self.client_open and not self.closing:
-            self.u2c += n
-            self.counters.bytes_out += n
-            self.c_write(data)
-
-    def _upstream_eof(self) -> None:
-        self.u_eof = True
-        self.u_reading = False
-        if self.client_open and not self.closing:
-            self.client.write_eof()
-            if self.c_eof:
-                self._shut(END_EOF, False)
-
-    def _upstream_lost(self, exc: BaseException | None) -> None:
-        self.up_state = UP_CLOSED
-        self.u_reading = False
-        if exc is not None:
-            self._set_end(END_UPSTREAM_ERROR)
-        if self.client_open:
-            self._shut(END_CLOSED, exc is not None)
-        else:
-            self._finish()
+            self._close_upstream(hard)
+        elif self.up_state == UP_CONNECTING:
+            self._drop_attempt()
+            if not self.client_open:
+                self._finish()
 
     def _finish(self) -> None:
         if self._finished:
@@ -635,76 +967,22 @@ class Connection:
         self._finished = True
         self.closing = True
         self.ended = _now()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.connector = None
+        self._close_fd()
+        if self.engine is not None:
+            self.engine.unlink(self)
         self.counters.active -= 1
         if self.ustate is not None:
             self.ustate.active -= 1
             self.ustate.bytes_in += self.c2u
             self.ustate.bytes_out += self.u2c
-        if self.up_proto is not None:
-            self.up_proto.conn = None
-            self.up_proto = None
+        self.attempt = None
+        self.tried = None
         self.c_buf = self.u_buf = None
         self.c_mv = self.u_mv = None
         self.c_size = self.u_size = 0
-        self.c_write = self.u_write = None
-        self.client = self.upstream_t = None
+        self.c_write = None
+        self.client = None
         self.conns.discard(self)
         if self.cfg.on_close is not None:
             self.cfg.on_close(self)
         self.owner = None
-
-
-class UpstreamSide:
-    """The protocol of one connect attempt's socket; relays into its Connection."""
-
-    __slots__ = ("conn", "state", "attached")
-
-    def __init__(self, conn: Connection, state: UpstreamState) -> None:
-        self.conn: Connection | None = conn
-        self.state = state
-        self.attached = False
-
-    def connection_made(self, transport: Any) -> None:
-        if self.conn is None:
-            transport.abort()
-            return
-        self.conn._attach(self, transport)
-
-    def get_buffer(self, sizehint: int) -> Any:
-        conn = self.conn
-        if conn is None:
-            return bytearray(sizehint if sizehint > 0 else 4096)   # finished: discard
-        if conn.u_buf is None:
-            conn._new_u_buf(conn.u_next)
-        return conn.u_buf
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.conn is not None:
-            self.conn._upstream_data(nbytes)
-
-    def data_received(self, data: bytes) -> None:
-        if self.conn is not None:
-            self.conn._upstream_bytes(data)
-
-    def eof_received(self) -> bool:
-        if self.conn is not None:
-            self.conn._upstream_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.conn is not None:
-            self.conn.c_paused_by_up = True
-            self.conn._sync_client_reading()
-
-    def resume_writing(self) -> None:
-        if self.conn is not None:
-            self.conn.c_paused_by_up = False
-            self.conn._sync_client_reading()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self.attached and self.conn is not None:
-            self.conn._upstream_lost(exc)

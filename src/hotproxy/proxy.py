@@ -30,7 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
+import socket
+import struct
 import time
 import zlib
 from dataclasses import dataclass
@@ -175,14 +178,39 @@ class _Shared:
         self.rr = 0   # the round-robin position (also breaks least_conn ties)
 
 
-class _Target:
-    """An upstream of one service version: where to connect, and its shared state."""
+def resolve(up: Upstream) -> tuple[int, bytes, Any]:
+    """Where to connect for *up*: ``(family, raw sockaddr, socket-module address)``.
 
-    __slots__ = ("up", "state")
+    A host name is resolved here, when the service version is built (at each
+    deploy or reload, like HAProxy and nginx at start-up), not per connection;
+    a name that does not resolve is an error of the config (``ValueError``).
+    """
+    if up.path is not None:
+        path = os.fsencode(up.path)
+        if len(path) >= _UNIX_PATH_MAX:
+            raise ValueError(f"{up.address}: the path is longer than {_UNIX_PATH_MAX - 1} bytes")
+        return socket.AF_UNIX, struct.pack("=H", socket.AF_UNIX) + path + b"\0", up.path
+    assert up.host is not None and up.port is not None
+    try:
+        infos = socket.getaddrinfo(up.host, up.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"{up.address}: cannot resolve {up.host!r}: {exc}") from None
+    family, _, _, _, addr = infos[0]
+    if family == socket.AF_INET:
+        host, port = addr
+        raw = (struct.pack("=H", family) + struct.pack("!H", port)
+               + socket.inet_pton(family, host) + bytes(8))
+    elif family == socket.AF_INET6:
+        host, port, flowinfo, scope_id = addr
+        raw = (struct.pack("=H", family) + struct.pack("!HI", port, flowinfo)
+               + socket.inet_pton(family, host.partition("%")[0]) + struct.pack("=I", scope_id))
+    else:
+        raise ValueError(f"{up.address}: unsupported address family {family!r}")
+    return family, raw, addr
 
-    def __init__(self, up: Upstream, state: Any) -> None:
-        self.up = up
-        self.state = state
+
+# sizeof(sun_path) on Linux
+_UNIX_PATH_MAX = 108
 
 
 class ProxyService(Service):
@@ -193,12 +221,14 @@ class ProxyService(Service):
         self.shared = shared
         self.counters = shared.counters
         impl = core.impl
-        self.targets: list[_Target] = []
+        self.targets: list[Any] = []
         for addr in factory.upstreams:
             state = old_states.get(addr)
             if state is None or not isinstance(state, impl.UpstreamState):
                 state = impl.UpstreamState(addr)
-            self.targets.append(_Target(parse_upstream(addr), state))
+            up = parse_upstream(addr)
+            family, raw, address = resolve(up)
+            self.targets.append(impl.Target(state, up, family, raw, address))
         mine = set(factory.upstreams)
         #: removed upstreams that still have connections (old versions' drains)
         self.retired: dict[str, Any] = {a: s for a, s in old_states.items()
@@ -215,11 +245,14 @@ class ProxyService(Service):
             shared.counters,
             idle_timeout=float(factory.idle_timeout),
             keepalive=factory.keepalive,
-            connect=self.balancer.start_connect,
+            connector=self.balancer,
             on_close=self.balancer.log_close if factory.access_log else None,
             want_peername=factory.access_log or factory.balance == "hash",
             buffer_size=BUFFER_SIZE,
             max_buffer_size=MAX_BUFFER_SIZE,
+            targets=tuple(self.targets),
+            connect_timeout=float(factory.connect_timeout),
+            attempts=1 + factory.retries,
         )
 
     # -- the accept path -------------------------------------------------------
@@ -273,72 +306,23 @@ class ProxyService(Service):
 class _Balancer:
     """Picks and connects upstreams for one service version (the relay's ``connect``)."""
 
-    def __init__(self, factory: ProxyFactory, shared: _Shared, targets: list[_Target]) -> None:
+    def __init__(self, factory: ProxyFactory, shared: _Shared, targets: list[Any]) -> None:
         self.factory = factory
         self.shared = shared
         self.counters = shared.counters
         self.targets = targets
-        self._timeout = factory.connect_timeout
-        self._attempts = 1 + factory.retries
         # the plain function, not a bound method: no reference cycle
         self._choose = getattr(_Balancer, "_choose_" + factory.balance)
 
-    # -- connecting ------------------------------------------------------------
+    # -- the relay's connector interface -----------------------------------------
+    #
+    # The core connects (non-blocking connect(2), its own timeout, retries up
+    # to ``1 + retries`` attempts); it asks ``pick`` for a target when there
+    # is more than one, and reports ``failed`` attempts and a ``succeeded``
+    # one after failures.
 
-    def start_connect(self, conn: Any) -> asyncio.Task[None]:
-        # One task per connection, and nothing else asyncio-level: the
-        # connect timeout is one timer handle per attempt that cancels the
-        # task (``_Attempt``), not an ``asyncio.timeout()`` context (a
-        # Timeout object, two coroutine calls and a current_task() lookup
-        # per attempt -- 7 % of a worker's time under Connection: close).
-        loop = asyncio.get_running_loop()
-        attempt = _Attempt()
-        task = loop.create_task(self._connect(conn, loop, attempt))
-        attempt.task = task
-        return task
-
-    async def _connect(self, conn: Any, loop: asyncio.AbstractEventLoop, attempt: _Attempt) -> None:
-        tried: list[_Target] = []
-        for _ in range(self._attempts):
-            target = self._pick(conn, tried)
-            if target is None:
-                break
-            proto = conn.upstream_protocol(target.state)
-            if proto is None:
-                return   # the client is gone
-            up = target.up
-            timer = loop.call_later(self._timeout, attempt.time_out)
-            try:
-                if up.path is not None:
-                    await loop.create_unix_connection(lambda: proto, up.path)
-                else:
-                    await loop.create_connection(lambda: proto, up.host, up.port)  # type: ignore[arg-type]
-            except asyncio.CancelledError:
-                if not attempt.timed_out:
-                    timer.cancel()
-                    conn.attempt_failed()   # the client went away while we connected
-                    raise
-                # our own timer cancelled the task: a connect timeout
-                attempt.timed_out = False
-                attempt.task.uncancel()  # type: ignore[union-attr]
-                if not conn.attempt_failed():
-                    return   # it had connected after all: the relay runs
-                self._failed(target, TimeoutError())
-                tried.append(target)
-                continue
-            except OSError as exc:   # refused, unreachable
-                timer.cancel()
-                if not conn.attempt_failed():
-                    return   # it had connected after all: the relay runs
-                self._failed(target, exc)
-                tried.append(target)
-                continue
-            timer.cancel()
-            self._succeeded(target)
-            return
-        conn.connect_failed()
-
-    def _failed(self, target: _Target, exc: BaseException) -> None:
+    def failed(self, target: Any, exc: BaseException) -> None:
+        """An attempt to *target* was refused or timed out."""
         st = target.state
         self.counters.connect_failures += 1
         st.failures += 1
@@ -354,7 +338,8 @@ class _Balancer:
         else:
             log.info("upstream %s: connect failed (%s)", st.address, _reason(exc))
 
-    def _succeeded(self, target: _Target) -> None:
+    def succeeded(self, target: Any) -> None:
+        """*target* connected after failures: it is healthy again."""
         st = target.state
         if st.ejected_until > 0:
             log.warning("upstream %s is back after %d connect failures", st.address, st.fails)
@@ -363,7 +348,8 @@ class _Balancer:
 
     # -- balancing -------------------------------------------------------------
 
-    def _pick(self, conn: Any, tried: list[_Target]) -> _Target | None:
+    def pick(self, conn: Any, tried: Any) -> Any | None:
+        """The next target for *conn*, not one of *tried*; None: give up."""
         targets = self.targets
         if len(targets) == 1:
             # one upstream: it is tried, ejected or not (never refuse all
@@ -380,16 +366,16 @@ class _Balancer:
             return cands[0]
         return self._choose(self, conn, cands)  # type: ignore[no-any-return]
 
-    def _choose_round_robin(self, conn: Any, cands: list[_Target]) -> _Target:
+    def _choose_round_robin(self, conn: Any, cands: list[Any]) -> Any:
         shared = self.shared
         target = cands[shared.rr % len(cands)]
         shared.rr += 1
         return target
 
-    def _choose_random(self, conn: Any, cands: list[_Target]) -> _Target:
+    def _choose_random(self, conn: Any, cands: list[Any]) -> Any:
         return random.choice(cands)
 
-    def _choose_least_conn(self, conn: Any, cands: list[_Target]) -> _Target:
+    def _choose_least_conn(self, conn: Any, cands: list[Any]) -> Any:
         # the fewest live connections; ties go round-robin, not to the first
         shared = self.shared
         n = len(cands)
@@ -402,7 +388,7 @@ class _Balancer:
                 best = t
         return best
 
-    def _choose_hash(self, conn: Any, cands: list[_Target]) -> _Target:
+    def _choose_hash(self, conn: Any, cands: list[Any]) -> Any:
         # A stable hash of the client IP (crc32: the same in every worker
         # process, unlike hash()) over the full upstream list, so a client
         # keeps its upstream while that one is healthy; rehash past an
@@ -423,23 +409,6 @@ class _Balancer:
         access_log.info("%s -> %s in=%d out=%d time=%.3fs end=%s", _peer(conn.peername),
                         up.address if up is not None else "-", conn.bytes_in, conn.bytes_out,
                         conn.duration, conn.end)
-
-
-class _Attempt:
-    """One connection's connect task and whether its own timer cancelled it."""
-
-    __slots__ = ("task", "timed_out")
-
-    def __init__(self) -> None:
-        self.task: asyncio.Task[None] | None = None
-        self.timed_out = False
-
-    def time_out(self) -> None:
-        """The attempt in progress took longer than ``connect_timeout``."""
-        task = self.task
-        if task is not None and not task.done():
-            self.timed_out = True
-            task.cancel()
 
 
 class _Refuse(asyncio.Protocol):
