@@ -21,7 +21,7 @@ Rules of this file:
 
 cimport cython
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS
 from libc.stdint cimport uint32_t, uint64_t
@@ -627,10 +627,10 @@ cdef class Connection:
             self.client.close()
             return True
         if self.up_state == UP_OPEN and not self.closing:
-            if self.c_pend_end == 0:
-                self._shutdown_upstream()
             if self.u_eof:
-                self._shut(END_EOF, False)
+                self._shut(END_EOF, False)   # both done: close, no shutdown() first
+            elif self.c_pend_end == 0:
+                self._shutdown_upstream()
         return True   # keep the other direction open: a half-close
 
     def pause_writing(self):
@@ -917,13 +917,16 @@ cdef class Connection:
 
     # -- relaying ------------------------------------------------------------------
 
+    # Read buffers are not zeroed (bytearray(n) would memset them): every
+    # byte relayed from them was first written by recv() or the transport.
+
     cdef _new_c_buf(self, Py_ssize_t size):
-        self.c_buf = bytearray(size)
+        self.c_buf = PyByteArray_FromStringAndSize(NULL, size)
         self.c_mv = memoryview(self.c_buf)
         self.c_size = size
 
     cdef _new_u_buf(self, Py_ssize_t size):
-        self.u_buf = bytearray(size)
+        self.u_buf = PyByteArray_FromStringAndSize(NULL, size)
         self.u_mv = memoryview(self.u_buf)
         self.u_size = size
 
@@ -1000,10 +1003,16 @@ cdef class Connection:
             if r > 0:
                 reads += 1
                 self.last_active = _now()
-                if r < self.u_size and not self.u_rdhup:
-                    # a short read took all there was; more data (or the
-                    # EOF) raises a new edge
+                if r < self.u_size:
+                    # A short read took all there was: more data raises a
+                    # new edge, and if the upstream's FIN is already here
+                    # (RDHUP), nothing follows it -- the EOF, without the
+                    # recv() that would return 0.
                     self.u_readable = False
+                    self._to_client(r)
+                    if self.u_rdhup and self.ufd >= 0 and not self.u_eof:
+                        self._upstream_eof()
+                    return
                 self._to_client(r)
             elif r == 0:
                 self.u_readable = False

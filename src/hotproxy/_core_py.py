@@ -513,10 +513,10 @@ class Connection:
             self.client.close()
             return True
         if self.up_state == UP_OPEN and not self.closing:
-            if self.c_pend_end == 0:
-                self._shutdown_upstream()
             if self.u_eof:
                 self._shut(END_EOF, False)
+            elif self.c_pend_end == 0:
+                self._shutdown_upstream()
         return True
 
     def pause_writing(self) -> None:
@@ -860,8 +860,12 @@ class Connection:
             if r > 0:
                 reads += 1
                 self.last_active = _now()
-                if r < self.u_size and not self.u_rdhup:
+                if r < self.u_size:
                     self.u_readable = False
+                    self._to_client(r)
+                    if self.u_rdhup and self.sock is not None and not self.u_eof:
+                        self._upstream_eof()
+                    return
                 self._to_client(r)
             else:
                 self.u_readable = False
