@@ -23,7 +23,7 @@ cimport cython
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.ref cimport Py_INCREF, Py_DECREF
-from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNREFUSED
 from libc.stdint cimport uint32_t, uint64_t
 from posix.unistd cimport close as _close
 
@@ -893,13 +893,14 @@ cdef class Connection:
         if self.ufd < 0:
             return   # closed earlier in this batch
         if self.up_state == UP_CONNECTING:
-            if not events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+            if events & (EPOLLERR | EPOLLHUP):
+                # a failed connect reports ERR (and HUP): SO_ERROR says why
+                getsockopt(self.ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
+                self._attempt_failed(_oserror(err if err else ECONNREFUSED))
                 return
-            getsockopt(self.ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
-            if err:
-                self._attempt_failed(_oserror(err))
+            if not events & EPOLLOUT:
                 return
-            self._connected()
+            self._connected()   # writable, no error: connected
         if self.up_state != UP_OPEN:
             return
         if events & EPOLLERR:

@@ -752,11 +752,11 @@ class Connection:
         if sock is None:
             return
         if self.up_state == UP_CONNECTING:
-            if not events & (_EPOLLOUT | _EPOLLERR | _EPOLLHUP):
+            if events & (_EPOLLERR | _EPOLLHUP):
+                err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+                self._attempt_failed(_oserror(err or _errno.ECONNREFUSED))
                 return
-            err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
-            if err:
-                self._attempt_failed(_oserror(err))
+            if not events & _EPOLLOUT:
                 return
             self._connected()
         if self.up_state != UP_OPEN:
