@@ -1,7 +1,8 @@
 """Shared test helpers: run coroutines on uvloop, free ports, both cores.
 
 Every test is bounded: ``run()`` applies a timeout, and pytest-timeout
-stops anything else.  Exceptions that reach the loop's exception handler
+stops anything else.  Sockets a test leaves open when its loop closes
+fail it (see ``run()``).  Exceptions that reach the loop's exception handler
 fail the test.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import os
 import random
 import socket
+import warnings
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pytest
@@ -44,8 +46,18 @@ def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
         asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
         return await asyncio.wait_for(coro, timeout)  # type: ignore[arg-type]
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(main())
+    # uvloop's loop.close() closes what is still open with a ResourceWarning
+    # first; under "filterwarnings = error" that warning raises inside a C
+    # callback, the handle is never closed and close() waits for it forever
+    # (in C, where pytest-timeout cannot interrupt).  So warnings are recorded
+    # while the loop runs and closes, and a leak fails the test instead.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            result = runner.run(main())
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    if leaks:
+        raise AssertionError(f"left open when the loop closed: {leaks!r}")
     if errors:
         raise AssertionError(f"unhandled exceptions in the event loop: {errors!r}")
     return result

@@ -13,7 +13,10 @@ import random
 import socket
 import struct
 
+import pytest
+
 from conftest import eventually, free_port, run
+from hotproxy.errors import DeployError
 from hotproxy.commands import Abort, PrepareAndCommit, Precommit, Update
 from hotproxy.listeners import TcpListenerFactory
 from hotproxy.manager import WorkerManager
@@ -188,6 +191,53 @@ def test_connect_timeout_then_retry(core_name: str) -> None:
             assert (c.connect_failures, c.no_upstream) == (1, 1)
         await b.stop()
         hole.close()
+
+    run(main())
+
+
+def test_no_upstream_ends_with_eof_not_reset(core_name: str) -> None:
+    """A client whose upstream cannot be reached gets an EOF, not a reset,
+    even while it is still sending; a client that never sends its own EOF
+    is closed after the linger time."""
+    async def main() -> None:
+        dead = f"127.0.0.1:{free_port()}"
+        async with proxy_site(ProxyFactory((dead,), retries=0)) as ex:
+            svc = service(ex)
+            reader, writer = await connect(site_address(ex))
+            # bytes in flight when the connect fails, and more after it
+            writer.write(b"q" * 200_000)
+            assert await reader.read() == b""          # an EOF, no ConnectionResetError
+            writer.write(b"late bytes are read and dropped")
+            await writer.drain()
+            await close(writer)
+            await drained(ex)
+            assert (svc.counters.no_upstream, svc.counters.active) == (1, 0)
+            # a client that keeps its side open: closed by the proxy after lingering
+            reader, writer = await connect(site_address(ex))
+            assert await reader.read() == b""
+            await drained(ex)                            # no help from the client
+            assert svc.counters.no_upstream == 2
+            await close(writer)
+
+    run(main())
+
+
+def test_upstream_host_name_is_resolved(core_name: str) -> None:
+    """``localhost:port`` works; a name that does not resolve is refused when
+    the service is built, and the running one keeps serving."""
+    async def main() -> None:
+        b = await Backend(name="named", mode="tag").start()
+        port = int(b.address.rpartition(":")[2])
+        async with proxy_site(ProxyFactory((f"localhost:{port}",))) as ex:
+            assert await tag_of(site_address(ex)) == "named"
+            bad = ProxyFactory(("no-such-host.invalid:80",))
+            with pytest.raises(DeployError) as info:
+                await ex.execute(Precommit("p", bad))
+            assert "cannot resolve 'no-such-host.invalid'" in str(info.value)
+            assert "\n" not in str(info.value)
+            assert await tag_of(site_address(ex)) == "named"
+            await drained(ex)
+        await b.stop()
 
     run(main())
 
