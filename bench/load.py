@@ -1234,6 +1234,10 @@ def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list
             notes.append(f"skipped {name}: {why}")
             continue
         proxies.append(make(i))
+    for port in (*BACKEND_PORTS, IPERF_PORT):
+        # a stray server here would answer in the backend's place
+        if not port_free(port):
+            raise SystemExit(f"port {HOST}:{port} (for the backends) is in use: stop whatever holds it")
     for p in proxies:
         for port in {p.port, p.iperf_port}:
             if not isinstance(p, Direct) and not port_free(port):
