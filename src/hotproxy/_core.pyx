@@ -741,8 +741,10 @@ cdef class Connection:
                 return
             if cfg.single is not None:
                 t = cfg.single if self.tried is None else None
-            else:
+            elif cfg.connector is not None:
                 t = cfg.connector.pick(self, self.tried if self.tried is not None else ())
+            else:
+                t = None   # no upstream at all
             if t is None:
                 self._no_upstream()
                 return

@@ -609,8 +609,10 @@ class Connection:
                 return
             if cfg.single is not None:
                 t = cfg.single if self.tried is None else None
-            else:
+            elif cfg.connector is not None:
                 t = cfg.connector.pick(self, self.tried if self.tried is not None else ())
+            else:
+                t = None
             if t is None:
                 self._no_upstream()
                 return
@@ -848,7 +850,7 @@ class Connection:
             if self.u_buf is None or self.u_size < self.u_next:
                 self._new_u_buf(self.u_next)
             try:
-                r = self.sock.recv_into(self.u_buf, self.u_size)
+                r = self.sock.recv_into(self.u_buf, self.u_size)  # type: ignore[arg-type]
             except InterruptedError:
                 continue
             except BlockingIOError:

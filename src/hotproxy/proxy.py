@@ -196,12 +196,14 @@ def resolve(up: Upstream) -> tuple[int, bytes, Any]:
     except (socket.gaierror, UnicodeError) as exc:
         raise ValueError(f"{up.address}: cannot resolve {up.host!r}: {exc}") from None
     family, _, _, _, addr = infos[0]
+    host, port = str(addr[0]), int(addr[1])
     if family == socket.AF_INET:
-        host, port = addr
+        # struct sockaddr_in: family (host order), port, address, zero padding
         raw = (struct.pack("=H", family) + struct.pack("!H", port)
                + socket.inet_pton(family, host) + bytes(8))
     elif family == socket.AF_INET6:
-        host, port, flowinfo, scope_id = addr
+        # struct sockaddr_in6: family, port, flow info, address, scope id
+        flowinfo, scope_id = int(addr[2]), int(addr[3])  # type: ignore[misc]
         raw = (struct.pack("=H", family) + struct.pack("!HI", port, flowinfo)
                + socket.inet_pton(family, host.partition("%")[0]) + struct.pack("=I", scope_id))
     else:
