@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import socket
+import struct
 import tempfile
 from typing import Any, AsyncIterator, Callable
 
@@ -519,6 +520,80 @@ def test_max_connections(core_name: str) -> None:
     run(main())
 
 
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset (RST), not a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def test_upstream_reset_mid_stream(core_name: str) -> None:
+    """An upstream that resets after some bytes: the client gets those bytes,
+    then loses the connection; it ends as upstream_error, every count released."""
+    async def main() -> None:
+        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"partial answer")
+            await writer.drain()
+            await reader.readexactly(4)          # the client's bytes arrived
+            _reset(writer)
+
+        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with proxy_site(ProxyFactory((f"127.0.0.1:{port}",))) as ex:
+            reader, writer = await connect(site_address(ex))
+            assert await reader.readexactly(14) == b"partial answer"
+            (conn,) = ex.sites["p"].conns.snapshot()
+            writer.write(b"more")
+            try:
+                rest = await reader.read()       # EOF or reset: nothing more arrives
+                assert rest == b""
+            except ConnectionError:
+                pass
+            await close(writer)
+            await drained(ex)
+            svc = service(ex)
+            assert conn.end == "upstream_error" and conn.bytes_out == 14 and conn.bytes_in == 4
+            assert svc.counters.active == 0 and svc.upstream_states[f"127.0.0.1:{port}"].active == 0
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+def test_client_reset_mid_stream(core_name: str) -> None:
+    """A client that resets while relaying: the upstream's connection is closed,
+    it ends as client_error, every count released."""
+    async def main() -> None:
+        closed: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"hello")
+            try:
+                data = await reader.read()       # until the proxy closes its side
+            except ConnectionError:
+                data = b"<reset>"
+            closed.set_result(data)
+            writer.close()
+
+        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with proxy_site(ProxyFactory((f"127.0.0.1:{port}",))) as ex:
+            reader, writer = await connect(site_address(ex))
+            assert await reader.readexactly(5) == b"hello"
+            writer.write(b"abc")
+            await writer.drain()
+            (conn,) = ex.sites["p"].conns.snapshot()
+            await eventually(lambda: conn.bytes_in == 3)
+            _reset(writer)
+            assert await asyncio.wait_for(closed, 10) in (b"abc", b"<reset>")
+            await drained(ex)
+            assert conn.end == "client_error" and service(ex).counters.active == 0
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
 def test_abort_on_drain_timeout(core_name: str) -> None:
     """Remove with a drain timeout aborts connections that do not finish."""
     async def main() -> None:
@@ -679,6 +754,24 @@ def test_relay_on_asyncio_loop(core_name: str) -> None:
         hole.close()
 
     run_on_asyncio(main)
+
+
+def test_relay_config_checks(core_name: str) -> None:
+    impl = core.impl
+    counters = impl.ProxyCounters()
+    t = impl.Target(impl.UpstreamState("127.0.0.1:1"), None, socket.AF_INET,
+                    bytes(16), ("127.0.0.1", 1))
+    assert impl.RelayConfig(counters, targets=(t,)).targets == (t,)
+    with pytest.raises(ValueError):
+        impl.RelayConfig(counters, attempts=0)
+    with pytest.raises(ValueError):
+        impl.RelayConfig(counters, connect_timeout=0.0)
+    with pytest.raises(TypeError):
+        impl.RelayConfig(counters, targets=("127.0.0.1:1",))
+    with pytest.raises(ValueError, match="connector"):
+        impl.RelayConfig(counters, targets=(t, t))
+    with pytest.raises(ValueError, match="sockaddr"):
+        impl.Target(impl.UpstreamState("x"), None, socket.AF_INET, b"", None)
 
 
 def test_core_selected(core_name: str) -> None:
