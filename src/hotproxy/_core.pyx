@@ -10,12 +10,13 @@ Rules of this file:
   calls the service: no lock, no allocation of its own, no await.
 * A slot is published by one reference assignment (``Slot.swap``); a reader
   sees the old service or the new one, never anything in between.
-* The proxy's data path (``Connection`` + ``UpstreamSide``) does no Python
-  allocation per chunk while the peer keeps up: it reads into a buffer it
-  owns and hands the transport a view of it.  A transport keeps a reference
-  to a view it could not send at once, so a buffer is reused only when the
-  peer's write buffer is empty after the write; otherwise a fresh one is
-  taken for the next read.
+* The proxy's data path (``Connection``, and the loop's ``_Engine`` for the
+  upstream socket it owns) does no Python allocation per chunk while the
+  peer keeps up: it reads into buffers it owns, sends to the upstream
+  straight from them, and hands the client transport a view.  A transport
+  keeps a reference to a view it could not send at once, so a buffer is
+  reused only when the client's write buffer is empty after the write;
+  otherwise a fresh one is taken for the next read.
 * Counters are C integers, updated per chunk without touching Python objects.
 """
 

@@ -2,8 +2,9 @@
 
 ``ProxyFactory`` is the plain picklable value the config builds; each worker
 turns it into a ``ProxyService`` with ``make_via_ref(old)``.  The bytes of a
-connection are relayed by the core's ``Connection``/``UpstreamSide`` pair
-(compiled, or the pure-Python twin); this module decides *where* they go.
+connection are relayed by the core's ``Connection`` (compiled, or the
+pure-Python twin), which also connects the upstream socket itself; this
+module decides *where* it connects (``_Balancer``, the relay's connector).
 
 Rules of this module:
 
@@ -306,7 +307,7 @@ class ProxyService(Service):
 
 
 class _Balancer:
-    """Picks and connects upstreams for one service version (the relay's ``connect``)."""
+    """Picks upstreams for one service version and keeps their health (the relay's connector)."""
 
     def __init__(self, factory: ProxyFactory, shared: _Shared, targets: list[Any]) -> None:
         self.factory = factory
