@@ -210,7 +210,7 @@ cdef class Connection:
     cdef _next_attempt(self)
     cdef int _start_attempt(self, Target t) except -1
     cdef _connected(self)
-    cdef _drop_attempt(self)
+    cdef Target _drop_attempt(self, int state)
     cdef _attempt_failed(self, object exc)
     cdef _count_failure(self, Target t, object exc)
     cdef _no_upstream(self)

@@ -653,7 +653,7 @@ cdef class Connection:
         elif self.up_state == UP_CONNECTING:
             # the client left while we connected: no failure to count
             self.closing = True
-            self._drop_attempt()
+            self._drop_attempt(UP_CLOSED)
             self._finish()
         else:
             self.up_state = UP_CLOSED
@@ -805,24 +805,21 @@ cdef class Connection:
             self._shutdown_upstream()
         self._sync_client_reading()
 
-    cdef _drop_attempt(self):
-        # close the attempt in progress and release it; nothing is counted
-        self._close_fd()
-        self.attempt.state.active -= 1
-        self.attempt = None
-        self.deadline = 0.0
-        self.up_state = UP_CLOSED
-
-    cdef _attempt_failed(self, object exc):
-        # The attempt in progress failed: release and count it, then try the
-        # next target if the client is still there.
+    cdef Target _drop_attempt(self, int state):
+        # Close the attempt in progress and release its count (no failure is
+        # counted here); the upstream side goes to *state*.
         cdef Target t = self.attempt
         self._close_fd()
         t.state.active -= 1
         self.attempt = None
         self.deadline = 0.0
-        self.up_state = UP_NONE
-        self._count_failure(t, exc)
+        self.up_state = state
+        return t
+
+    cdef _attempt_failed(self, object exc):
+        # The attempt in progress failed: release and count it, then try the
+        # next target if the client is still there.
+        self._count_failure(self._drop_attempt(UP_NONE), exc)
         if self.client_open and not self.closing:
             self._next_attempt()
         else:
@@ -871,15 +868,16 @@ cdef class Connection:
         return 0.0
 
     cdef _timed_out(self, double now):
+        cdef double at = self._deadline()
+        if at == 0.0 or now < at:
+            return
         if self.lingering:
-            if now >= self.deadline and self.client_open:
-                self.lingering = False
+            self.lingering = False
+            if self.client_open:
                 self.client.close()
         elif self.up_state == UP_CONNECTING:
-            if now >= self.deadline:
-                self._attempt_failed(TimeoutError())
-        elif (self.cfg.idle_timeout > 0 and not self.closing and not self._finished
-              and now - self.last_active >= self.cfg.idle_timeout):
+            self._attempt_failed(TimeoutError())
+        else:
             self.counters.idle_closed += 1
             self._shut(END_IDLE, True)
 
@@ -1124,7 +1122,7 @@ cdef class Connection:
         if self.up_state == UP_OPEN:
             self._close_upstream(hard)
         elif self.up_state == UP_CONNECTING:
-            self._drop_attempt()
+            self._drop_attempt(UP_CLOSED)
             if not self.client_open:
                 self._finish()
 

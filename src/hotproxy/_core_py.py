@@ -536,7 +536,7 @@ class Connection:
             self._close_upstream(exc is not None)
         elif self.up_state == UP_CONNECTING:
             self.closing = True
-            self._drop_attempt()
+            self._drop_attempt(UP_CLOSED)
             self._finish()
         else:
             self.up_state = UP_CLOSED
@@ -672,21 +672,18 @@ class Connection:
             self._shutdown_upstream()
         self._sync_client_reading()
 
-    def _drop_attempt(self) -> None:
+    def _drop_attempt(self, state: int) -> Target:
+        t = self.attempt
+        assert t is not None
         self._close_fd()
-        self.attempt.state.active -= 1  # type: ignore[union-attr]
+        t.state.active -= 1
         self.attempt = None
         self.deadline = 0.0
-        self.up_state = UP_CLOSED
+        self.up_state = state
+        return t
 
     def _attempt_failed(self, exc: BaseException) -> None:
-        t = self.attempt
-        self._close_fd()
-        t.state.active -= 1  # type: ignore[union-attr]
-        self.attempt = None
-        self.deadline = 0.0
-        self.up_state = UP_NONE
-        self._count_failure(t, exc)  # type: ignore[arg-type]
+        self._count_failure(self._drop_attempt(UP_NONE), exc)
         if self.client_open and not self.closing:
             self._next_attempt()
         else:
@@ -731,15 +728,16 @@ class Connection:
         return 0.0
 
     def _timed_out(self, now: float) -> None:
+        at = self._deadline()
+        if at == 0.0 or now < at:
+            return
         if self.lingering:
-            if now >= self.deadline and self.client_open:
-                self.lingering = False
+            self.lingering = False
+            if self.client_open:
                 self.client.close()
         elif self.up_state == UP_CONNECTING:
-            if now >= self.deadline:
-                self._attempt_failed(TimeoutError())
-        elif (self.cfg.idle_timeout > 0 and not self.closing and not self._finished
-              and now - self.last_active >= self.cfg.idle_timeout):
+            self._attempt_failed(TimeoutError())
+        else:
             self.counters.idle_closed += 1
             self._shut(END_IDLE, True)
 
@@ -963,7 +961,7 @@ class Connection:
         if self.up_state == UP_OPEN:
             self._close_upstream(hard)
         elif self.up_state == UP_CONNECTING:
-            self._drop_attempt()
+            self._drop_attempt(UP_CLOSED)
             if not self.client_open:
                 self._finish()
 
