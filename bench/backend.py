@@ -107,17 +107,23 @@ def _set_once(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-async def serve(host: str, ports: list[int]) -> None:
-    """Serve on every port until SIGTERM/SIGINT."""
+async def serve_until_signal(servers: list[asyncio.AbstractServer]) -> None:
+    """Wait for SIGTERM or SIGINT, then close *servers* (also used by plainproxy.py)."""
     loop = asyncio.get_running_loop()
-    servers = [await loop.create_server(HttpProtocol, sock=_listen_socket(host, p), backlog=4096)
-               for p in ports]
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _set_once, stop)
     await stop
     for s in servers:
         s.close()
+
+
+async def serve(host: str, ports: list[int]) -> None:
+    """Serve on every port until SIGTERM/SIGINT."""
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(HttpProtocol, sock=_listen_socket(host, p), backlog=4096)
+               for p in ports]
+    await serve_until_signal(servers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import signal
 import socket
 import sys
 from typing import Iterator
 
 import uvloop
+
+from backend import serve_until_signal   # bench/ is on sys.path: run as a script
 
 
 class _Side(asyncio.Protocol):
@@ -112,11 +113,6 @@ def _parse(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _set_once(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 async def serve(maps: list[str]) -> None:
     """Serve every ``LISTEN=UP[,UP...]`` mapping until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
@@ -130,12 +126,7 @@ async def serve(maps: list[str]) -> None:
         sock.bind((host, port))
         servers.append(await loop.create_server(
             lambda u=upstreams: _Client(u), sock=sock, backlog=4096))  # type: ignore[misc]
-    stop = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _set_once, stop)
-    await stop
-    for s in servers:
-        s.close()
+    await serve_until_signal(servers)
 
 
 def main(argv: list[str] | None = None) -> int:
