@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 
 from conftest import eventually, free_port, run
-from hotproxy import core
+from hotproxy import core, listeners
 from hotproxy import proxy as proxy_module
 from hotproxy.commands import PrepareAndCommit, Remove
 from hotproxy.executor import ServiceExecutor
@@ -157,6 +157,8 @@ async def proxy_site(factory: ProxyFactory, listen: ListenerFactory | None = Non
     ex = ServiceExecutor(drain_timeout=5.0)
     lf = listen or TcpListenerFactory("127.0.0.1", free_port())
     await ex.execute(PrepareAndCommit(name, factory, lf))
+    listener = ex.sites[name].listener
+    assert listener is not None and listener.mode == ("core" if listeners.CORE_ACCEPT else "loop")
     try:
         yield ex
     finally:
@@ -207,13 +209,25 @@ async def drained(ex: ServiceExecutor, name: str = "p") -> None:
 
 def proxy_sockets(conn: Any) -> list[socket.socket]:
     """Copies (dup) of a connection's client and upstream sockets, to inspect."""
-    client = conn.client_transport.get_extra_info("socket")
-    return [socket.socket(fileno=os.dup(client.fileno())),
+    if conn.client_fileno >= 0:   # the core accepted it
+        client_fd = conn.client_fileno
+    else:
+        client_fd = conn.client_transport.get_extra_info("socket").fileno()
+    return [socket.socket(fileno=os.dup(client_fd)),
             socket.socket(fileno=os.dup(conn.upstream_fileno))]
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+
+@pytest.fixture(autouse=True, params=["core-accept", "loop-accept"])
+def accept_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every relay test twice: the core accepts and owns the client socket,
+    or an asyncio server accepts and the relay drives its transport."""
+    monkeypatch.setattr(listeners, "CORE_ACCEPT", request.param == "core-accept")
+    return str(request.param)
 
 
 # -- the factory ---------------------------------------------------------------

@@ -42,6 +42,7 @@ cdef extern from "<sys/epoll.h>" nogil:
     enum:
         EPOLL_CLOEXEC
         EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
         EPOLLIN
         EPOLLOUT
         EPOLLERR
@@ -53,7 +54,10 @@ cdef extern from "<sys/epoll.h>" nogil:
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
     cdef struct sockaddr:
-        pass
+        unsigned short sa_family
+    cdef struct sockaddr_storage:
+        unsigned short ss_family
+    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
     int socket(int domain, int type, int protocol)
     int connect(int fd, const sockaddr *addr, socklen_t addrlen)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
@@ -71,6 +75,8 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_ERROR
         SO_KEEPALIVE
+        AF_INET
+        AF_INET6
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -132,15 +138,18 @@ cdef class RelayConfig:
     cdef Target single
     cdef readonly double connect_timeout
     cdef readonly int attempts
+    cdef readonly long long max_connections
+    cdef readonly object on_refuse
 
 
 cdef class Connection
+cdef class Listener
 
 
 cdef class _Engine:
     cdef int epfd
     cdef object loop
-    cdef list graveyard             # closed connections an event may still name
+    cdef list graveyard             # objects whose fd was closed: an event may still name them
     cdef list ready                 # connections with bytes left to read
     cdef Connection head            # every connection of this loop (timeouts)
     cdef object timer
@@ -148,8 +157,8 @@ cdef class _Engine:
     cdef epoll_event evs[_EVENTS]
 
     cdef close(self)
-    cdef int register(self, Connection conn, int fd) except -1
-    cdef forget(self, Connection conn)
+    cdef int register(self, object obj, int fd, uint32_t events, int tag) except -1
+    cdef forget(self, object obj)
     cdef defer(self, Connection conn)
     cdef link(self, Connection conn)
     cdef unlink(self, Connection conn)
@@ -165,8 +174,10 @@ cdef class Connection:
     cdef Connection t_prev          # the engine's list
     cdef Connection t_next
     cdef bint t_linked
-    cdef object client              # the client's transport
+    cdef object client              # the client's transport (None when raw)
     cdef object c_write             # client.write
+    cdef int cfd                    # raw: the client socket (-1: none, or a transport)
+    cdef bint raw                   # the client socket is ours, not a transport's
     cdef int ufd                    # the upstream socket (-1: none)
     cdef Target attempt             # the connect attempt in progress
     cdef list tried                 # targets that failed
@@ -184,6 +195,8 @@ cdef class Connection:
     cdef Py_ssize_t early           # client bytes held in c_buf before connecting
     cdef Py_ssize_t c_pend_off      # c_buf[c_pend_off:c_pend_end]: not sent yet
     cdef Py_ssize_t c_pend_end
+    cdef Py_ssize_t u_pend_off      # raw: u_buf[u_pend_off:u_pend_end] not sent to the client
+    cdef Py_ssize_t u_pend_end
     cdef long long c2u
     cdef long long u2c
     cdef double started
@@ -197,6 +210,11 @@ cdef class Connection:
     cdef bint c_eof
     cdef bint u_eof
     cdef bint u_readable            # the upstream socket may hold bytes
+    cdef bint c_readable            # raw: the client socket may hold bytes
+    cdef bint c_rdhup               # raw: the client sent its EOF: read to the end
+    cdef bint c_eof_pending         # raw: send our EOF to the client once u_pend_* is sent
+    cdef bint c_close_pending       # raw: close the client once u_pend_* is sent
+    cdef bint deferred              # in the engine's ready list
     cdef bint u_rdhup               # the upstream sent its EOF: read to the end
     cdef bint u_shut                # our EOF was sent to the upstream
     cdef bint u_close_pending       # close the upstream once c_pend_* is sent
@@ -218,6 +236,17 @@ cdef class Connection:
     cdef _timed_out(self, double now)
     cdef _crashed(self, object exc)
     cdef _upstream_event(self, uint32_t events)
+    cdef int _start_raw(self, int fd, sockaddr_storage *addr, socklen_t alen) except -1
+    cdef _client_event(self, uint32_t events)
+    cdef _client_bytes(self, Py_ssize_t nbytes)
+    cdef _client_eof(self)
+    cdef _client_lost(self, bint error)
+    cdef _read_client(self)
+    cdef _flush_client(self)
+    cdef _run_deferred(self)
+    cdef _c_write_eof(self)
+    cdef _c_close(self, bint hard)
+    cdef _c_gone(self, bint error)
     cdef _new_c_buf(self, Py_ssize_t size)
     cdef _new_u_buf(self, Py_ssize_t size)
     cdef _to_upstream(self, Py_ssize_t start, Py_ssize_t n, bint from_read)
@@ -234,3 +263,18 @@ cdef class Connection:
     cdef _close_upstream(self, bint hard)
     cdef _shut(self, int code, bint hard)
     cdef _finish(self)
+
+
+cdef class Listener:
+    cdef readonly Acceptor acceptor
+    cdef readonly object sock
+    cdef int fd
+    cdef _Engine engine
+    cdef bint watching
+    cdef object fallback
+    cdef readonly unsigned long long raw_accepted
+    cdef readonly unsigned long long fallback_accepted
+
+    cdef _ready(self)
+    cdef int _accept(self, int limit) except -1
+    cdef _dispatch(self, int fd, sockaddr_storage *addr, socklen_t alen)

@@ -24,9 +24,39 @@ cimport cython
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.ref cimport Py_INCREF, Py_DECREF
-from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNREFUSED
-from libc.stdint cimport uint32_t, uint64_t
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNREFUSED, EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from posix.unistd cimport close as _close
+
+
+cdef extern from "<string.h>" nogil:
+    size_t strnlen(const char *s, size_t maxlen)
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+    unsigned short ntohs(unsigned short v)
+    unsigned int ntohl(unsigned int v)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    cdef struct in_addr:
+        pass
+    cdef struct sockaddr_in:
+        unsigned short sin_port
+        in_addr sin_addr
+    cdef struct in6_addr:
+        pass
+    cdef struct sockaddr_in6:
+        unsigned short sin6_port
+        unsigned int sin6_flowinfo
+        in6_addr sin6_addr
+        unsigned int sin6_scope_id
+
+
+cdef extern from "<sys/un.h>" nogil:
+    cdef struct sockaddr_un:
+        char sun_path[108]
 
 
 import asyncio
@@ -247,6 +277,33 @@ cdef object _oserror(int err):
     return OSError(err, _os.strerror(err))
 
 
+cdef object _sockaddr_to_py(sockaddr_storage *ss, socklen_t alen):
+    # what socket.getpeername() returns for this address
+    cdef char host[64]
+    cdef sockaddr_in *a4
+    cdef sockaddr_in6 *a6
+    cdef sockaddr_un *au
+    cdef Py_ssize_t n
+    if ss.ss_family == AF_INET:
+        a4 = <sockaddr_in*>ss
+        inet_ntop(AF_INET, &a4.sin_addr, host, sizeof(host))
+        return (host.decode("ascii"), ntohs(a4.sin_port))
+    if ss.ss_family == AF_INET6:
+        a6 = <sockaddr_in6*>ss
+        inet_ntop(AF_INET6, &a6.sin6_addr, host, sizeof(host))
+        return (host.decode("ascii"), ntohs(a6.sin6_port), ntohl(a6.sin6_flowinfo),
+                a6.sin6_scope_id)
+    if ss.ss_family == AF_UNIX:
+        au = <sockaddr_un*>ss
+        n = <Py_ssize_t>alen - 2   # minus sun_family
+        if n <= 0:
+            return ""
+        if au.sun_path[0] == 0:
+            return au.sun_path[:n]   # abstract: bytes
+        return _os.fsdecode(au.sun_path[:strnlen(au.sun_path, n)])
+    return None
+
+
 cdef _set_keepalive(object transport):
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (_socket.AF_INET, _socket.AF_INET6):
@@ -326,13 +383,18 @@ cdef class RelayConfig:
     after failures.  A connect gets ``attempts`` tries of
     ``connect_timeout`` seconds each.  ``on_close(conn)``, if given, is
     called once when a connection is finished (the access log).
+
+    A connection the core accepted (``Listener``) is refused when
+    ``max_connections`` (0: no limit) are already active, and
+    ``on_refuse(peername)`` is told if given.
     """
 
     def __cinit__(self, ProxyCounters counters not None, double idle_timeout=0.0,
                   bint keepalive=False, object connector=None, object on_close=None,
                   bint want_peername=False, Py_ssize_t buffer_size=16384,
                   Py_ssize_t max_buffer_size=262144, tuple targets=(),
-                  double connect_timeout=2.0, int attempts=1):
+                  double connect_timeout=2.0, int attempts=1, long long max_connections=0,
+                  object on_refuse=None):
         if buffer_size < 1 or max_buffer_size < buffer_size:
             raise ValueError("need 1 <= buffer_size <= max_buffer_size")
         if attempts < 1 or not connect_timeout > 0:
@@ -342,6 +404,8 @@ cdef class RelayConfig:
                 raise TypeError(f"targets: expected Target, got {type(t).__name__}")
         if len(targets) > 1 and connector is None:
             raise ValueError("more than one target needs a connector to pick")
+        if max_connections < 0:
+            raise ValueError("need max_connections >= 0 (0: no limit)")
         self.counters = counters
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive
@@ -354,6 +418,8 @@ cdef class RelayConfig:
         self.single = targets[0] if len(targets) == 1 else None
         self.connect_timeout = connect_timeout
         self.attempts = attempts
+        self.max_connections = max_connections
+        self.on_refuse = on_refuse
 
 
 # -- the engine: one epoll instance per event loop --------------------------------
@@ -377,11 +443,20 @@ cdef _Engine _get_engine():
     return engine
 
 
+# What an epoll event names: the object's address, tagged in its low bits
+# (objects are at least 8-byte aligned) with which of its sockets it is.
+cdef enum:
+    _TAG_UPSTREAM = 0   # a Connection's upstream socket
+    _TAG_CLIENT = 1     # a Connection's client socket (raw)
+    _TAG_LISTENER = 2   # a Listener's socket
+    _TAG_MASK = 3
+
+
 @cython.final
 cdef class _Engine:
-    """The upstream sockets of one event loop: an epoll instance the loop
-    watches as one reader, the connections' timer, and the connections that
-    yielded with bytes still to read."""
+    """The sockets the core drives itself on one event loop: an epoll
+    instance the loop watches as one reader, the connections' timer, and
+    the connections that yielded with bytes still to read."""
 
     def __cinit__(self, object loop):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -406,6 +481,10 @@ cdef class _Engine:
                 _close(conn.ufd)
                 conn.ufd = -1
                 Py_DECREF(conn)
+            if conn.cfd >= 0:
+                _close(conn.cfd)
+                conn.cfd = -1
+                Py_DECREF(conn)
             conn = conn.t_next
         if self.epfd >= 0:
             _close(self.epfd)
@@ -416,34 +495,43 @@ cdef class _Engine:
         self.timer = None
         self.loop = None
 
-    cdef int register(self, Connection conn, int fd) except -1:
+    cdef int register(self, object obj, int fd, uint32_t events, int tag) except -1:
         cdef epoll_event ev
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-        ev.data.ptr = <void*>conn
+        ev.events = events
+        ev.data.u64 = <uint64_t><uintptr_t><void*>obj | <uint64_t>tag
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
             return errno
-        Py_INCREF(conn)   # the registration's reference: released by forget()
+        Py_INCREF(obj)   # the registration's reference: released by forget()
         return 0
 
-    cdef forget(self, Connection conn):
-        # conn's fd was closed (which removes it from the epoll set).  An
-        # event for it may still be in the batch being processed: the
-        # reference moves to the graveyard, emptied after each batch.
-        self.graveyard.append(conn)
-        Py_DECREF(conn)
+    cdef forget(self, object obj):
+        # obj's fd was closed or taken out of the epoll set.  An event for
+        # it may still be in the batch being processed: the reference moves
+        # to the graveyard, emptied after each batch.
+        self.graveyard.append(obj)
+        Py_DECREF(obj)
 
     def _on_ready(self):
-        cdef int n, i
-        cdef Connection conn
+        cdef int n, i, tag
+        cdef uint64_t data
+        cdef void *obj
         cdef epoll_event *evs = self.evs
         while True:
             n = epoll_wait(self.epfd, evs, _EVENTS, 0)
             for i in range(n):
-                conn = <Connection>evs[i].data.ptr
+                data = evs[i].data.u64
+                tag = <int>(data & _TAG_MASK)
+                obj = <void*><uintptr_t>(data & ~(<uint64_t>_TAG_MASK))
+                if tag == _TAG_LISTENER:
+                    (<Listener>obj)._ready()
+                    continue
                 try:
-                    conn._upstream_event(evs[i].events)
+                    if tag == _TAG_CLIENT:
+                        (<Connection>obj)._client_event(evs[i].events)
+                    else:
+                        (<Connection>obj)._upstream_event(evs[i].events)
                 except Exception as exc:
-                    conn._crashed(exc)
+                    (<Connection>obj)._crashed(exc)
             if n < _EVENTS:
                 break
         if self.graveyard:
@@ -452,8 +540,11 @@ cdef class _Engine:
     # -- connections with bytes left to read -----------------------------------
 
     cdef defer(self, Connection conn):
+        if conn.deferred:
+            return
         if not self.ready:
             self.loop.call_soon(self._run_ready)
+        conn.deferred = True
         self.ready.append(conn)
 
     def _run_ready(self):
@@ -461,8 +552,9 @@ cdef class _Engine:
         ready = self.ready
         self.ready = []
         for conn in ready:
+            conn.deferred = False
             try:
-                conn._read_upstream()
+                conn._run_deferred()
             except Exception as exc:
                 conn._crashed(exc)
         if self.graveyard:
@@ -556,6 +648,7 @@ cdef class Connection:
         self.conns = conns
         self.owner = owner
         self.ufd = -1
+        self.cfd = -1
         self.c_next = cfg.buffer_size
         self.u_next = cfg.buffer_size
         self.started = _now()
@@ -596,6 +689,10 @@ cdef class Connection:
         return self.c_buf
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        self._client_bytes(nbytes)
+
+    cdef _client_bytes(self, Py_ssize_t nbytes):
+        # nbytes more client bytes in c_buf (at 0, or after the early ones)
         self.last_active = _now()
         if self.up_state == UP_OPEN:
             if not self.closing:
@@ -621,18 +718,21 @@ cdef class Connection:
             self._hold(data)
 
     def eof_received(self):
+        self._client_eof()
+        return True   # keep the other direction open: a half-close
+
+    cdef _client_eof(self):
         self.c_eof = True
-        self.c_reading = False   # the transport stops reading by itself
+        self.c_reading = False   # a transport stops reading by itself
         if self.lingering:
             self.lingering = False
-            self.client.close()
-            return True
+            self._c_close(False)
+            return
         if self.up_state == UP_OPEN and not self.closing:
             if self.u_eof:
                 self._shut(END_EOF, False)   # both done: close, no shutdown() first
             elif self.c_pend_end == 0:
                 self._shutdown_upstream()
-        return True   # keep the other direction open: a half-close
 
     def pause_writing(self):
         # the client reads slower than the upstream sends
@@ -644,12 +744,16 @@ cdef class Connection:
             self._read_upstream()
 
     def connection_lost(self, exc):
+        self._client_lost(exc is not None)
+
+    cdef _client_lost(self, bint error):
+        # the client's side is closed (by us, by the peer, or it failed)
         self.client_open = False
         self.c_reading = False
-        self._set_end(END_CLOSED if exc is None else END_CLIENT_ERROR)
+        self._set_end(END_CLIENT_ERROR if error else END_CLOSED)
         if self.up_state == UP_OPEN:
             self.closing = True
-            self._close_upstream(exc is not None)
+            self._close_upstream(error)
         elif self.up_state == UP_CONNECTING:
             # the client left while we connected: no failure to count
             self.closing = True
@@ -674,6 +778,12 @@ cdef class Connection:
     def client_transport(self):
         """The client's transport (None once finished)."""
         return self.client
+
+    @property
+    def client_fileno(self):
+        """The client socket's file descriptor when the core accepted it
+        (-1 for a connection served through a transport, or once closed)."""
+        return self.cfd
 
     @property
     def upstream_fileno(self):
@@ -709,7 +819,7 @@ cdef class Connection:
     @property
     def closed(self):
         """True once the client connection is gone."""
-        return self._finished or (self.client is not None and not self.client_open)
+        return self._finished or ((self.client is not None or self.raw) and not self.client_open)
 
     @property
     def finished(self):
@@ -771,7 +881,8 @@ cdef class Connection:
             err = errno
             _close(fd)
             return err
-        err = self.engine.register(self, fd)
+        err = self.engine.register(self, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                                    _TAG_UPSTREAM)
         if err:
             _close(fd)
             return err
@@ -850,12 +961,12 @@ cdef class Connection:
             return
         self.closing = True
         if self.c_eof:
-            self.client.close()
+            self._c_close(False)
             return
         self.lingering = True
         self.deadline = _now() + _LINGER
         self.engine.want_tick(self.deadline)
-        self.client.write_eof()
+        self._c_write_eof()
         self._sync_client_reading()
 
     # -- the engine's calls ------------------------------------------------------
@@ -863,7 +974,8 @@ cdef class Connection:
     cdef double _deadline(self):
         if self.up_state == UP_CONNECTING or self.lingering:
             return self.deadline
-        if self.cfg.idle_timeout > 0 and not self.closing and not self._finished:
+        if self.cfg.idle_timeout > 0 and not self._finished:
+            # closing too: a client that never reads what is left for it
             return self.last_active + self.cfg.idle_timeout
         return 0.0
 
@@ -874,7 +986,7 @@ cdef class Connection:
         if self.lingering:
             self.lingering = False
             if self.client_open:
-                self.client.close()
+                self._c_close(False)
         elif self.up_state == UP_CONNECTING:
             self._attempt_failed(TimeoutError())
         else:
@@ -924,12 +1036,14 @@ cdef class Connection:
 
     cdef _new_c_buf(self, Py_ssize_t size):
         self.c_buf = PyByteArray_FromStringAndSize(NULL, size)
-        self.c_mv = memoryview(self.c_buf)
+        if not self.raw:
+            self.c_mv = memoryview(self.c_buf)   # for get_buffer()
         self.c_size = size
 
     cdef _new_u_buf(self, Py_ssize_t size):
         self.u_buf = PyByteArray_FromStringAndSize(NULL, size)
-        self.u_mv = memoryview(self.u_buf)
+        if not self.raw:
+            self.u_mv = memoryview(self.u_buf)   # for the transport's write()
         self.u_size = size
 
     cdef _to_upstream(self, Py_ssize_t start, Py_ssize_t n, bint from_read):
@@ -974,6 +1088,7 @@ cdef class Connection:
             self._upstream_error(errno)
             return
         self.c_pend_off += r
+        self.last_active = _now()
         if self.c_pend_off < self.c_pend_end:
             return
         self.c_pend_off = self.c_pend_end = 0
@@ -1029,8 +1144,30 @@ cdef class Connection:
 
     cdef _to_client(self, Py_ssize_t n):
         cdef Py_ssize_t size = self.u_size
+        cdef ssize_t r
         self.u2c += n
         self.counters.bytes_out += n
+        if self.raw:
+            # u_buf is ours until sent: what the client cannot take now is
+            # kept (u_pend_*) and upstream reads stop until EPOLLOUT.
+            if n == size and size < self.cfg.max_buffer_size:
+                self.u_next = min(size * 2, self.cfg.max_buffer_size)
+            while True:
+                r = send(self.cfd, PyByteArray_AS_STRING(self.u_buf), n, MSG_NOSIGNAL)
+                if r >= 0:
+                    break
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    r = 0
+                    break
+                self._c_gone(True)
+                return
+            if r < n:
+                self.u_pend_off = r
+                self.u_pend_end = n
+                self.u_paused_by_c = True
+            return
         self.c_write(self.u_buf if n == size else self.u_mv[:n])
         if n == size and size < self.cfg.max_buffer_size:
             self.u_next = min(size * 2, self.cfg.max_buffer_size)
@@ -1062,7 +1199,12 @@ cdef class Connection:
             not self.closing and not self.c_paused_by_up and not self.c_early_full)))
         if want != self.c_reading:
             self.c_reading = want
-            if want:
+            if self.raw:
+                # an edge-triggered socket does not report bytes that were
+                # already there: read them soon (not from inside this call)
+                if want and self.c_readable:
+                    self.engine.defer(self)
+            elif want:
                 self.client.resume_reading()
             else:
                 self.client.pause_reading()
@@ -1070,7 +1212,7 @@ cdef class Connection:
     cdef _upstream_eof(self):
         self.u_eof = True
         if self.client_open and not self.closing:
-            self.client.write_eof()
+            self._c_write_eof()
             if self.c_eof:
                 self._shut(END_EOF, False)
 
@@ -1080,6 +1222,173 @@ cdef class Connection:
         self._close_upstream(True)
         if self.client_open:
             self._shut(END_CLOSED, True)
+
+    # -- the client socket, when the core accepted it (raw) -------------------------
+    #
+    # The same relay as with a transport; these stand in for the transport's
+    # reads, writes and callbacks.  Writes to the client go straight from
+    # u_buf; closing the client socket runs connection_lost's logic at once.
+
+    cdef int _start_raw(self, int fd, sockaddr_storage *addr, socklen_t alen) except -1:
+        # Serve the accepted socket *fd*, which this connection now owns.
+        cdef RelayConfig cfg = self.cfg
+        cdef int one = 1, err
+        self.raw = True
+        if cfg.max_connections and self.counters.active > cfg.max_connections:
+            # over the limit (this one is counted already): refused, as if
+            # never accepted
+            self.counters.accepted -= 1
+            self.counters.active -= 1
+            self.counters.refused += 1
+            self._finished = self.closing = True
+            self.owner = None
+            peer = _sockaddr_to_py(addr, alen) if cfg.on_refuse is not None else None
+            _close(fd)
+            if cfg.on_refuse is not None:
+                cfg.on_refuse(peer)
+            return 0
+        self.engine = _get_engine()
+        err = self.engine.register(self, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, _TAG_CLIENT)
+        if err:
+            _close(fd)
+            self._set_end(END_CLIENT_ERROR)
+            self.up_state = UP_CLOSED
+            self._finish()
+            return 0
+        self.cfd = fd
+        self.client_open = True
+        self.c_reading = True
+        self.conns.add(self)
+        self.engine.link(self)
+        if cfg.want_peername:
+            self.peername = _sockaddr_to_py(addr, alen)
+        if cfg.keepalive and addr.ss_family != AF_UNIX:
+            setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one))
+        if cfg.idle_timeout > 0:
+            self.engine.want_tick(self.started + cfg.idle_timeout)
+        self._next_attempt()
+        return 0
+
+    cdef _client_event(self, uint32_t events):
+        cdef int err = 0
+        cdef socklen_t elen = sizeof(err)
+        if self.cfd < 0:
+            return   # closed earlier in this batch
+        if events & EPOLLERR:
+            getsockopt(self.cfd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err:
+                self._c_gone(True)
+                return
+        if events & EPOLLOUT and self.u_pend_end:
+            self._flush_client()
+        if self.cfd >= 0 and events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            if events & (EPOLLRDHUP | EPOLLHUP):
+                self.c_rdhup = True
+            self.c_readable = True
+            self._read_client()
+
+    cdef _read_client(self):
+        cdef ssize_t r
+        cdef Py_ssize_t room
+        cdef int reads = 0
+        while self.c_readable and self.cfd >= 0 and self.c_reading:
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)   # let the other connections run
+                return
+            if self.c_buf is None or (self.c_size < self.c_next and not self.early
+                                      and self.c_pend_end == 0):
+                self._new_c_buf(self.c_next)
+            room = self.c_size - self.early
+            r = recv(self.cfd, PyByteArray_AS_STRING(self.c_buf) + self.early, room, 0)
+            if r > 0:
+                reads += 1
+                self._client_bytes(r)
+                if r < room:
+                    # all there was (see _read_upstream)
+                    self.c_readable = False
+                    if self.c_rdhup and self.cfd >= 0 and not self.c_eof:
+                        self._client_eof()
+                    return
+            elif r == 0:
+                self.c_readable = False
+                if not self.c_eof:
+                    self._client_eof()
+                return
+            elif errno == EAGAIN:
+                self.c_readable = False
+                return
+            elif errno != EINTR:
+                self._c_gone(True)
+                return
+
+    cdef _flush_client(self):
+        cdef ssize_t r
+        cdef char *p = PyByteArray_AS_STRING(self.u_buf)
+        while True:
+            r = send(self.cfd, p + self.u_pend_off, self.u_pend_end - self.u_pend_off, MSG_NOSIGNAL)
+            if r >= 0:
+                break
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return
+            self._c_gone(True)
+            return
+        self.u_pend_off += r
+        self.last_active = _now()
+        if self.u_pend_off < self.u_pend_end:
+            return
+        self.u_pend_off = self.u_pend_end = 0
+        if self.c_close_pending:
+            self._c_gone(False)
+            return
+        if self.c_eof_pending:
+            self.c_eof_pending = False
+            shutdown(self.cfd, SHUT_WR)
+        self.u_paused_by_c = False
+        if self.u_readable:
+            self._read_upstream()
+
+    cdef _run_deferred(self):
+        if self.raw and self.c_readable:
+            self._read_client()
+        if self.u_readable:
+            self._read_upstream()
+
+    cdef _c_write_eof(self):
+        if not self.raw:
+            self.client.write_eof()
+        elif self.u_pend_end:
+            self.c_eof_pending = True
+        elif self.cfd >= 0:
+            shutdown(self.cfd, SHUT_WR)
+
+    cdef _c_close(self, bint hard):
+        # Close the client side: at once, or once what it has not taken yet
+        # is sent.  A transport calls connection_lost later; a raw socket
+        # is gone before this returns.
+        if not self.raw:
+            if hard:
+                self.client.abort()
+            else:
+                self.client.close()
+            return
+        if not hard and self.u_pend_end and self.cfd >= 0:
+            self.c_close_pending = True
+            self._sync_client_reading()
+            return
+        self._c_gone(False)
+
+    cdef _c_gone(self, bint error):
+        cdef int fd = self.cfd
+        if fd < 0:
+            return
+        self.cfd = -1
+        _close(fd)   # also takes it out of the epoll set
+        self.engine.forget(self)
+        self.u_pend_off = self.u_pend_end = 0
+        self.c_readable = False
+        self._client_lost(error)
 
     # -- closing -------------------------------------------------------------------
 
@@ -1115,10 +1424,7 @@ cdef class Connection:
             return
         self.closing = True
         if self.client_open:
-            if hard:
-                self.client.abort()
-            else:
-                self.client.close()
+            self._c_close(hard)   # raw: may finish the connection right here
         if self.up_state == UP_OPEN:
             self._close_upstream(hard)
         elif self.up_state == UP_CONNECTING:
@@ -1133,6 +1439,11 @@ cdef class Connection:
         self.closing = True
         self.ended = _now()
         self._close_fd()
+        if self.cfd >= 0:
+            _close(self.cfd)
+            self.cfd = -1
+            self.client_open = False
+            self.engine.forget(self)
         if self.engine is not None:
             self.engine.unlink(self)
         self.counters.active -= 1
@@ -1151,3 +1462,164 @@ cdef class Connection:
         if self.cfg.on_close is not None:
             self.cfg.on_close(self)
         self.owner = None   # the last connection of an old version frees it
+
+
+
+# -- accepting in the core ------------------------------------------------------------
+
+cdef enum:
+    # connections accepted per readiness event before the others run
+    _ACCEPTS_PER_EVENT = 64
+
+# seconds a listener stops accepting when the process is out of descriptors
+cdef double _ACCEPT_RETRY = 0.25
+
+
+@cython.final
+cdef class Listener:
+    """Accepts on a listening socket in the core, for a site's ``Acceptor``.
+
+    Each connection reads the slot once.  A service whose ``accepts_raw``
+    is True gets the accepted socket itself: ``new_raw_connection(conns)``
+    returns a ``Connection`` (or None: refused), which drives the socket
+    with its upstream socket in the loop's engine, with no transport at
+    all.  Any other service gets ``fallback(sock)``, which serves it
+    through the loop (``loop.connect_accepted_socket``).
+
+    ``start()`` watches the socket; ``stop()`` stops (the socket stays
+    open, and ``take_queued()`` then serves what the kernel has queued).
+    The socket belongs to the caller.
+    """
+
+    def __cinit__(self, Acceptor acceptor not None, object sock not None, object fallback=None):
+        self.acceptor = acceptor
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.fallback = fallback
+
+    @property
+    def watching(self):
+        """True while the socket is watched."""
+        return self.watching
+
+    def start(self):
+        """Watch the socket (in the running loop's engine)."""
+        cdef int err
+        if self.watching:
+            return
+        engine = _get_engine()
+        err = engine.register(self, self.fd, EPOLLIN, _TAG_LISTENER)
+        if err:
+            raise _oserror(err)
+        self.engine = engine
+        self.watching = True
+
+    def stop(self):
+        """Stop watching; the socket stays open."""
+        if not self.watching:
+            return
+        self.watching = False
+        epoll_ctl(self.engine.epfd, EPOLL_CTL_DEL, self.fd, NULL)
+        self.engine.forget(self)
+
+    def take_queued(self, int limit=4096):
+        """Accept and serve what is queued now, at most *limit*; return how many."""
+        return self._accept(limit)
+
+    cdef _ready(self):
+        if not self.watching:
+            return
+        try:
+            self._accept(_ACCEPTS_PER_EVENT)
+        except Exception as exc:
+            _accept_log.error("site %r: accept failed: %s: %s", self.acceptor.name,
+                              type(exc).__name__, exc)
+
+    def _resume(self):
+        # after running out of descriptors
+        if not self.watching and self.engine is not None and self.engine.loop is not None:
+            try:
+                self.start()
+            except OSError as exc:
+                _accept_log.error("site %r: cannot watch the listener again: %s",
+                                  self.acceptor.name, exc)
+
+    cdef int _accept(self, int limit) except -1:
+        cdef sockaddr_storage ss
+        cdef socklen_t alen
+        cdef int fd, err, n = 0
+        while n < limit:
+            alen = sizeof(ss)
+            fd = accept4(self.fd, <sockaddr*>&ss, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                err = errno
+                if err == EINTR or err == ECONNABORTED:
+                    continue
+                if err == EAGAIN:
+                    break
+                if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+                    # The connection stays queued; watching a socket that
+                    # stays readable would spin, so look again a bit later.
+                    if self.watching:
+                        self.stop()
+                        self.engine.loop.call_later(_ACCEPT_RETRY, self._resume)
+                    self.acceptor._logged_at = _accept_failed(
+                        self.acceptor.name, _oserror(err), self.acceptor.errors,
+                        self.acceptor._logged_at)
+                    break
+                raise _oserror(err)
+            n += 1
+            self._dispatch(fd, &ss, alen)
+        return n
+
+    cdef _dispatch(self, int fd, sockaddr_storage *ss, socklen_t alen):
+        cdef Acceptor acc = self.acceptor
+        cdef Connection conn
+        svc = acc.slot._current
+        if getattr(svc, "accepts_raw", False) is not True:
+            self._serve_fallback(fd)
+            return
+        try:
+            obj = svc.new_raw_connection(acc.conns)
+            if obj is not None and type(obj) is not Connection:
+                raise TypeError(f"new_raw_connection() returned {type(obj).__name__}, "
+                                "not a Connection")
+        except Exception as exc:
+            _close(fd)
+            self._failed(exc)
+            return
+        if obj is None:
+            _close(fd)   # refused (a connection limit)
+            return
+        conn = <Connection>obj
+        self.raw_accepted += 1
+        try:
+            conn._start_raw(fd, ss, alen)   # conn owns fd now
+        except Exception as exc:
+            conn._crashed(exc)
+
+    def _serve_fallback(self, int fd):
+        try:
+            sock = _socket.socket(fileno=fd)
+        except Exception as exc:
+            _close(fd)
+            self._failed(exc)
+            return
+        if self.fallback is None:
+            sock.close()
+            self._failed(RuntimeError("the service has no raw_relay and the listener no fallback"))
+            return
+        self.fallback_accepted += 1
+        try:
+            self.fallback(sock)
+        except Exception as exc:
+            sock.close()
+            self._failed(exc)
+
+    def _failed(self, exc):
+        acc = self.acceptor
+        acc.errors += 1
+        acc._logged_at = _accept_failed(acc.name, exc, acc.errors, acc._logged_at)
+
+    def __repr__(self):
+        return f"<Listener {self.acceptor.name!r} fd={self.fd} watching={self.watching}>"

@@ -230,13 +230,13 @@ class RelayConfig:
 
     __slots__ = ("counters", "idle_timeout", "keepalive", "connector", "on_close", "want_peername",
                  "buffer_size", "max_buffer_size", "targets", "single", "connect_timeout",
-                 "attempts")
+                 "attempts", "max_connections", "on_refuse")
 
     def __init__(self, counters: ProxyCounters, idle_timeout: float = 0.0, keepalive: bool = False,
                  connector: Any = None, on_close: Any = None, want_peername: bool = False,
                  buffer_size: int = 16384, max_buffer_size: int = 262144,
                  targets: tuple[Target, ...] = (), connect_timeout: float = 2.0,
-                 attempts: int = 1) -> None:
+                 attempts: int = 1, max_connections: int = 0, on_refuse: Any = None) -> None:
         if not isinstance(counters, ProxyCounters):
             raise TypeError("counters must be a ProxyCounters")
         if buffer_size < 1 or max_buffer_size < buffer_size:
@@ -250,6 +250,8 @@ class RelayConfig:
                 raise TypeError(f"targets: expected Target, got {type(t).__name__}")
         if len(targets) > 1 and connector is None:
             raise ValueError("more than one target needs a connector to pick")
+        if max_connections < 0:
+            raise ValueError("need max_connections >= 0 (0: no limit)")
         self.counters = counters
         self.idle_timeout = float(idle_timeout)
         self.keepalive = bool(keepalive)
@@ -262,6 +264,8 @@ class RelayConfig:
         self.single = targets[0] if len(targets) == 1 else None
         self.connect_timeout = float(connect_timeout)
         self.attempts = int(attempts)
+        self.max_connections = int(max_connections)
+        self.on_refuse = on_refuse
 
 
 # -- the engine: one epoll instance per event loop ------------------------------
@@ -271,6 +275,7 @@ _LINGER = 2.0
 _READS_PER_EVENT = 16
 _EVENTS = 64
 _EPOLL_FLAGS = _select.EPOLLIN | _select.EPOLLOUT | _select.EPOLLRDHUP | _select.EPOLLET
+_TAG_UPSTREAM, _TAG_CLIENT, _TAG_LISTENER = 0, 1, 2
 _EPOLLIN, _EPOLLOUT, _EPOLLERR = _select.EPOLLIN, _select.EPOLLOUT, _select.EPOLLERR
 _EPOLLHUP, _EPOLLRDHUP = _select.EPOLLHUP, _select.EPOLLRDHUP
 
@@ -294,12 +299,12 @@ def _get_engine() -> _Engine:
 
 
 class _Engine:
-    """The upstream sockets of one event loop (see ``_core.pyx``)."""
+    """The sockets the core drives itself on one event loop (see ``_core.pyx``)."""
 
     def __init__(self, loop: Any) -> None:
         self.ep = _select.epoll()
         self.loop = loop
-        self.by_fd: dict[int, Connection] = {}
+        self.by_fd: dict[int, tuple[Any, int]] = {}
         self.conns: dict[Connection, None] = {}   # every connection (timeouts)
         self.ready: list[Connection] = []
         self.timer: Any = None
@@ -312,6 +317,10 @@ class _Engine:
                 conn.sock.close()
                 conn.sock = None
                 conn.ufd = -1
+            if conn.csock is not None:
+                conn.csock.close()
+                conn.csock = None
+                conn.cfd = -1
         self.ep.close()
         self.by_fd.clear()
         self.conns.clear()
@@ -319,46 +328,58 @@ class _Engine:
         self.timer = None
         self.loop = None
 
-    def register(self, conn: Connection, fd: int) -> int:
+    def register(self, obj: Any, fd: int, events: int, tag: int) -> int:
         try:
-            self.ep.register(fd, _EPOLL_FLAGS)
+            self.ep.register(fd, events)
         except OSError as exc:
             return exc.errno or _errno.EINVAL
-        self.by_fd[fd] = conn
+        self.by_fd[fd] = (obj, tag)
         return 0
 
-    def forget(self, conn: Connection, fd: int) -> None:
-        if self.by_fd.get(fd) is conn:
+    def forget(self, obj: Any, fd: int) -> None:
+        entry = self.by_fd.get(fd)
+        if entry is not None and entry[0] is obj:
             del self.by_fd[fd]
             try:
                 self.ep.unregister(fd)
-            except OSError:
+            except (OSError, ValueError):
                 pass
 
     def _on_ready(self) -> None:
         while True:
             events = self.ep.poll(0, _EVENTS)
             for fd, ev in events:
-                conn = self.by_fd.get(fd)
-                if conn is None:
+                entry = self.by_fd.get(fd)
+                if entry is None:
+                    continue
+                obj, tag = entry
+                if tag == _TAG_LISTENER:
+                    obj._ready()
                     continue
                 try:
-                    conn._upstream_event(ev)
+                    if tag == _TAG_CLIENT:
+                        obj._client_event(ev)
+                    else:
+                        obj._upstream_event(ev)
                 except Exception as exc:
-                    conn._crashed(exc)
+                    obj._crashed(exc)
             if len(events) < _EVENTS:
                 break
 
     def defer(self, conn: Connection) -> None:
+        if conn.deferred:
+            return
         if not self.ready:
             self.loop.call_soon(self._run_ready)
+        conn.deferred = True
         self.ready.append(conn)
 
     def _run_ready(self) -> None:
         ready, self.ready = self.ready, []
         for conn in ready:
+            conn.deferred = False
             try:
-                conn._read_upstream()
+                conn._run_deferred()
             except Exception as exc:
                 conn._crashed(exc)
 
@@ -416,7 +437,9 @@ class Connection:
                  "c_pend_end", "c2u", "u2c", "started", "ended", "last_active", "peername",
                  "up_state", "end_code", "client_open", "c_reading", "c_eof", "u_eof",
                  "u_readable", "u_rdhup", "u_shut", "u_close_pending", "c_paused_by_up",
-                 "u_paused_by_c", "c_early_full", "closing", "lingering", "_finished", "__weakref__")
+                 "u_paused_by_c", "c_early_full", "closing", "lingering", "_finished",
+                 "csock", "cfd", "raw", "u_pend_off", "u_pend_end", "c_readable", "c_rdhup",
+                 "c_eof_pending", "c_close_pending", "deferred", "__weakref__")
 
     def __init__(self, cfg: RelayConfig, conns: Any, owner: Any = None) -> None:
         if not isinstance(cfg, RelayConfig):
@@ -452,6 +475,12 @@ class Connection:
         self.u_readable = self.u_rdhup = self.u_shut = self.u_close_pending = False
         self.c_paused_by_up = self.u_paused_by_c = self.c_early_full = False
         self.closing = self.lingering = self._finished = False
+        self.csock: _socket.socket | None = None
+        self.cfd = -1
+        self.raw = False
+        self.u_pend_off = self.u_pend_end = 0
+        self.c_readable = self.c_rdhup = self.c_eof_pending = self.c_close_pending = False
+        self.deferred = False
         self.counters.accepted += 1
         self.counters.active += 1
 
@@ -483,6 +512,9 @@ class Connection:
         return self.c_buf
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._client_bytes(nbytes)
+
+    def _client_bytes(self, nbytes: int) -> None:
         self.last_active = _now()
         if self.up_state == UP_OPEN:
             if not self.closing:
@@ -506,18 +538,21 @@ class Connection:
             self._hold(data)
 
     def eof_received(self) -> bool:
+        self._client_eof()
+        return True
+
+    def _client_eof(self) -> None:
         self.c_eof = True
         self.c_reading = False
         if self.lingering:
             self.lingering = False
-            self.client.close()
-            return True
+            self._c_close(False)
+            return
         if self.up_state == UP_OPEN and not self.closing:
             if self.u_eof:
                 self._shut(END_EOF, False)
             elif self.c_pend_end == 0:
                 self._shutdown_upstream()
-        return True
 
     def pause_writing(self) -> None:
         self.u_paused_by_c = True
@@ -528,12 +563,15 @@ class Connection:
             self._read_upstream()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._client_lost(exc is not None)
+
+    def _client_lost(self, error: bool) -> None:
         self.client_open = False
         self.c_reading = False
-        self._set_end(END_CLOSED if exc is None else END_CLIENT_ERROR)
+        self._set_end(END_CLIENT_ERROR if error else END_CLOSED)
         if self.up_state == UP_OPEN:
             self.closing = True
-            self._close_upstream(exc is not None)
+            self._close_upstream(error)
         elif self.up_state == UP_CONNECTING:
             self.closing = True
             self._drop_attempt(UP_CLOSED)
@@ -555,6 +593,10 @@ class Connection:
     @property
     def client_transport(self) -> Any:
         return self.client
+
+    @property
+    def client_fileno(self) -> int:
+        return self.cfd
 
     @property
     def upstream_fileno(self) -> int:
@@ -582,7 +624,7 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        return self._finished or (self.client is not None and not self.client_open)
+        return self._finished or ((self.client is not None or self.raw) and not self.client_open)
 
     @property
     def finished(self) -> bool:
@@ -637,7 +679,7 @@ class Connection:
             sock.close()
             return r
         fd = sock.fileno()
-        err = self.engine.register(self, fd)  # type: ignore[union-attr]
+        err = self.engine.register(self, fd, _EPOLL_FLAGS, _TAG_UPSTREAM)  # type: ignore[union-attr]
         if err:
             sock.close()
             return err
@@ -710,12 +752,12 @@ class Connection:
             return
         self.closing = True
         if self.c_eof:
-            self.client.close()
+            self._c_close(False)
             return
         self.lingering = True
         self.deadline = _now() + _LINGER
         self.engine.want_tick(self.deadline)  # type: ignore[union-attr]
-        self.client.write_eof()
+        self._c_write_eof()
         self._sync_client_reading()
 
     # -- the engine's calls ------------------------------------------------------
@@ -723,7 +765,7 @@ class Connection:
     def _deadline(self) -> float:
         if self.up_state == UP_CONNECTING or self.lingering:
             return self.deadline
-        if self.cfg.idle_timeout > 0 and not self.closing and not self._finished:
+        if self.cfg.idle_timeout > 0 and not self._finished:
             return self.last_active + self.cfg.idle_timeout
         return 0.0
 
@@ -734,7 +776,7 @@ class Connection:
         if self.lingering:
             self.lingering = False
             if self.client_open:
-                self.client.close()
+                self._c_close(False)
         elif self.up_state == UP_CONNECTING:
             self._attempt_failed(TimeoutError())
         else:
@@ -818,6 +860,7 @@ class Connection:
         if r <= 0:
             return
         self.c_pend_off += r
+        self.last_active = _now()
         if self.c_pend_off < self.c_pend_end:
             return
         self.c_pend_off = self.c_pend_end = 0
@@ -876,6 +919,15 @@ class Connection:
         size = self.u_size
         self.u2c += n
         self.counters.bytes_out += n
+        if self.raw:
+            if n == size and size < self.cfg.max_buffer_size:
+                self.u_next = min(size * 2, self.cfg.max_buffer_size)
+            r = self._send_client(0, n)
+            if 0 <= r < n:
+                self.u_pend_off = r
+                self.u_pend_end = n
+                self.u_paused_by_c = True
+            return
         self.c_write(self.u_buf if n == size else self.u_mv[:n])  # type: ignore[index]
         if n == size and size < self.cfg.max_buffer_size:
             self.u_next = min(size * 2, self.cfg.max_buffer_size)
@@ -904,7 +956,10 @@ class Connection:
             not self.closing and not self.c_paused_by_up and not self.c_early_full)))
         if want != self.c_reading:
             self.c_reading = want
-            if want:
+            if self.raw:
+                if want and self.c_readable:
+                    self.engine.defer(self)  # type: ignore[union-attr]
+            elif want:
                 self.client.resume_reading()
             else:
                 self.client.pause_reading()
@@ -912,7 +967,7 @@ class Connection:
     def _upstream_eof(self) -> None:
         self.u_eof = True
         if self.client_open and not self.closing:
-            self.client.write_eof()
+            self._c_write_eof()
             if self.c_eof:
                 self._shut(END_EOF, False)
 
@@ -921,6 +976,170 @@ class Connection:
         self._close_upstream(True)
         if self.client_open:
             self._shut(END_CLOSED, True)
+
+    # -- the client socket, when the core accepted it (raw; see _core.pyx) ----------
+
+    def _start_raw(self, sock: _socket.socket, peer: Any) -> None:
+        cfg = self.cfg
+        self.raw = True
+        if cfg.max_connections and self.counters.active > cfg.max_connections:
+            self.counters.accepted -= 1
+            self.counters.active -= 1
+            self.counters.refused += 1
+            self._finished = self.closing = True
+            self.owner = None
+            sock.close()
+            if cfg.on_refuse is not None:
+                cfg.on_refuse(peer)
+            return
+        self.engine = engine = _get_engine()
+        fd = sock.fileno()
+        if engine.register(self, fd, _EPOLL_FLAGS, _TAG_CLIENT):
+            sock.close()
+            self._set_end(END_CLIENT_ERROR)
+            self.up_state = UP_CLOSED
+            self._finish()
+            return
+        self.csock = sock
+        self.cfd = fd
+        self.client_open = True
+        self.c_reading = True
+        self.conns.add(self)
+        engine.link(self)
+        if cfg.want_peername:
+            self.peername = peer
+        if cfg.keepalive and sock.family != _socket.AF_UNIX:
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+        if cfg.idle_timeout > 0:
+            engine.want_tick(self.started + cfg.idle_timeout)
+        self._next_attempt()
+
+    def _client_event(self, events: int) -> None:
+        sock = self.csock
+        if sock is None:
+            return
+        if events & _EPOLLERR:
+            if sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR):
+                self._c_gone(True)
+                return
+        if events & _EPOLLOUT and self.u_pend_end:
+            self._flush_client()
+        if self.csock is not None and events & (_EPOLLIN | _EPOLLRDHUP | _EPOLLHUP):
+            if events & (_EPOLLRDHUP | _EPOLLHUP):
+                self.c_rdhup = True
+            self.c_readable = True
+            self._read_client()
+
+    def _read_client(self) -> None:
+        reads = 0
+        while self.c_readable and self.csock is not None and self.c_reading:
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)  # type: ignore[union-attr]
+                return
+            if self.c_buf is None or (self.c_size < self.c_next and not self.early
+                                      and self.c_pend_end == 0):
+                self._new_c_buf(self.c_next)
+            room = self.c_size - self.early
+            try:
+                r = self.csock.recv_into(self.c_mv[self.early:], room)  # type: ignore[index]
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                self.c_readable = False
+                return
+            except OSError:
+                self._c_gone(True)
+                return
+            if r > 0:
+                reads += 1
+                self._client_bytes(r)
+                if r < room:
+                    self.c_readable = False
+                    if self.c_rdhup and self.csock is not None and not self.c_eof:
+                        self._client_eof()
+                    return
+            else:
+                self.c_readable = False
+                if not self.c_eof:
+                    self._client_eof()
+                return
+
+    def _send_client(self, start: int, end: int) -> int:
+        # bytes of u_buf[start:end] the client took (0: none now); -1: failed
+        while True:
+            try:
+                return self.csock.send(self.u_mv[start:end])  # type: ignore[union-attr,index]
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                return 0
+            except OSError:
+                self._c_gone(True)
+                return -1
+
+    def _flush_client(self) -> None:
+        r = self._send_client(self.u_pend_off, self.u_pend_end)
+        if r <= 0:
+            return
+        self.u_pend_off += r
+        self.last_active = _now()
+        if self.u_pend_off < self.u_pend_end:
+            return
+        self.u_pend_off = self.u_pend_end = 0
+        if self.c_close_pending:
+            self._c_gone(False)
+            return
+        if self.c_eof_pending:
+            self.c_eof_pending = False
+            self._shutdown_client()
+        self.u_paused_by_c = False
+        if self.u_readable:
+            self._read_upstream()
+
+    def _shutdown_client(self) -> None:
+        try:
+            self.csock.shutdown(_socket.SHUT_WR)  # type: ignore[union-attr]
+        except OSError:
+            pass
+
+    def _run_deferred(self) -> None:
+        if self.raw and self.c_readable:
+            self._read_client()
+        if self.u_readable:
+            self._read_upstream()
+
+    def _c_write_eof(self) -> None:
+        if not self.raw:
+            self.client.write_eof()
+        elif self.u_pend_end:
+            self.c_eof_pending = True
+        elif self.csock is not None:
+            self._shutdown_client()
+
+    def _c_close(self, hard: bool) -> None:
+        if not self.raw:
+            if hard:
+                self.client.abort()
+            else:
+                self.client.close()
+            return
+        if not hard and self.u_pend_end and self.csock is not None:
+            self.c_close_pending = True
+            self._sync_client_reading()
+            return
+        self._c_gone(False)
+
+    def _c_gone(self, error: bool) -> None:
+        sock = self.csock
+        if sock is None:
+            return
+        self.engine.forget(self, self.cfd)  # type: ignore[union-attr]
+        self.csock = None
+        self.cfd = -1
+        sock.close()
+        self.u_pend_off = self.u_pend_end = 0
+        self.c_readable = False
+        self._client_lost(error)
 
     # -- closing -------------------------------------------------------------------
 
@@ -954,10 +1173,7 @@ class Connection:
             return
         self.closing = True
         if self.client_open:
-            if hard:
-                self.client.abort()
-            else:
-                self.client.close()
+            self._c_close(hard)
         if self.up_state == UP_OPEN:
             self._close_upstream(hard)
         elif self.up_state == UP_CONNECTING:
@@ -972,6 +1188,12 @@ class Connection:
         self.closing = True
         self.ended = _now()
         self._close_fd()
+        if self.csock is not None:
+            self.engine.forget(self, self.cfd)  # type: ignore[union-attr]
+            self.csock.close()
+            self.csock = None
+            self.cfd = -1
+            self.client_open = False
         if self.engine is not None:
             self.engine.unlink(self)
         self.counters.active -= 1
@@ -990,3 +1212,134 @@ class Connection:
         if self.cfg.on_close is not None:
             self.cfg.on_close(self)
         self.owner = None
+
+
+# -- accepting in the core (see _core.pyx) ---------------------------------------------
+
+_ACCEPTS_PER_EVENT = 64
+_ACCEPT_RETRY = 0.25
+_OUT_OF_RESOURCES = (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM)
+
+
+class Listener:
+    """Accepts on a listening socket in the core, for a site's ``Acceptor`` (see ``_core.pyx``)."""
+
+    __slots__ = ("acceptor", "sock", "fd", "engine", "watching", "fallback", "raw_accepted",
+                 "fallback_accepted")
+
+    def __init__(self, acceptor: Acceptor, sock: _socket.socket, fallback: Any = None) -> None:
+        if not isinstance(acceptor, Acceptor):
+            raise TypeError("acceptor must be an Acceptor")
+        self.acceptor = acceptor
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.fallback = fallback
+        self.engine: _Engine | None = None
+        self.watching = False
+        self.raw_accepted = 0
+        self.fallback_accepted = 0
+
+    def start(self) -> None:
+        if self.watching:
+            return
+        engine = _get_engine()
+        err = engine.register(self, self.fd, _select.EPOLLIN, _TAG_LISTENER)
+        if err:
+            raise _oserror(err)
+        self.engine = engine
+        self.watching = True
+
+    def stop(self) -> None:
+        if not self.watching:
+            return
+        self.watching = False
+        self.engine.forget(self, self.fd)  # type: ignore[union-attr]
+
+    def take_queued(self, limit: int = 4096) -> int:
+        return self._accept(limit)
+
+    def _ready(self) -> None:
+        if not self.watching:
+            return
+        try:
+            self._accept(_ACCEPTS_PER_EVENT)
+        except Exception as exc:
+            _accept_log.error("site %r: accept failed: %s: %s", self.acceptor.name,
+                              type(exc).__name__, exc)
+
+    def _resume(self) -> None:
+        if not self.watching and self.engine is not None and self.engine.loop is not None:
+            try:
+                self.start()
+            except OSError as exc:
+                _accept_log.error("site %r: cannot watch the listener again: %s",
+                                  self.acceptor.name, exc)
+
+    def _accept(self, limit: int) -> int:
+        n = 0
+        while n < limit:
+            try:
+                fd, addr = self.sock._accept()  # type: ignore[attr-defined]
+            except (InterruptedError, ConnectionAbortedError):
+                continue
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                if self.watching:
+                    self.stop()
+                    self.engine.loop.call_later(_ACCEPT_RETRY, self._resume)  # type: ignore[union-attr]
+                acc = self.acceptor
+                acc._logged_at = _accept_failed(acc.name, exc, acc.errors, acc._logged_at)
+                break
+            n += 1
+            self._dispatch(fd, addr)
+        return n
+
+    def _dispatch(self, fd: int, addr: Any) -> None:
+        acc = self.acceptor
+        svc = acc.slot._current
+        sock = _socket.socket(self.sock.family, _socket.SOCK_STREAM, 0, fd)
+        sock.setblocking(False)
+        if getattr(svc, "accepts_raw", False) is not True:
+            self._serve_fallback(sock)
+            return
+        try:
+            conn = svc.new_raw_connection(acc.conns)
+            if conn is not None and type(conn) is not Connection:
+                raise TypeError(f"new_raw_connection() returned {type(conn).__name__}, "
+                                "not a Connection")
+        except Exception as exc:
+            sock.close()
+            self._failed(exc)
+            return
+        if conn is None:
+            sock.close()
+            return
+        self.raw_accepted += 1
+        try:
+            conn._start_raw(sock, addr)
+        except Exception as exc:
+            conn._crashed(exc)
+
+    def _serve_fallback(self, sock: _socket.socket) -> None:
+        if self.fallback is None:
+            sock.close()
+            self._failed(RuntimeError("the service does not accept raw connections "
+                                      "and the listener has no fallback"))
+            return
+        self.fallback_accepted += 1
+        try:
+            self.fallback(sock)
+        except Exception as exc:
+            sock.close()
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        acc = self.acceptor
+        acc.errors += 1
+        acc._logged_at = _accept_failed(acc.name, exc, acc.errors, acc._logged_at)
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.acceptor.name!r} fd={self.fd} watching={self.watching}>"

@@ -180,6 +180,8 @@ class ServiceExecutor:
         self._publish(site, site.staged, site.staged_factory)
         self._count_version(site, site.staged)
         site.staged = site.staged_factory = None
+        if site.listener is not None:
+            await site.listener.follow()   # never fails: only how it accepts
         return {"generation": site.generation}
 
     async def _commit(self, cmd: Commit) -> dict[str, Any]:

@@ -9,6 +9,17 @@ listening and accepting.
 
 TCP listeners set ``SO_REUSEPORT`` so that every worker binds its own
 socket on the same address and the kernel spreads connections over them.
+
+A served listener accepts in one of two ways, chosen by the service in the
+site's slot: for a service whose ``accepts_raw`` is True (the proxy), the core's
+``Listener`` accepts and relays with no asyncio transport at all; for any
+other service, an asyncio server.  ``BoundListener.follow()`` switches
+between them when an ``Update`` changes the kind of service; the socket
+stays open and listening throughout, so no connection is refused, and a
+connection the "wrong" way meets is still served (the core's listener falls
+back to ``loop.connect_accepted_socket``, the asyncio server's protocol
+factory works for every service).  ``HOTPROXY_CORE_ACCEPT=0`` turns the
+core's accept off.
 """
 
 from __future__ import annotations
@@ -23,7 +34,17 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import core
+
 log = logging.getLogger("hotproxy.listeners")
+
+#: accept in the core for services that allow it (``HOTPROXY_CORE_ACCEPT=0``: never)
+CORE_ACCEPT: bool = os.environ.get("HOTPROXY_CORE_ACCEPT", "1") not in ("", "0")
+
+
+def accepts_raw(service: Any) -> bool:
+    """True if the core's ``Listener`` serves *service* without a transport."""
+    return CORE_ACCEPT and getattr(service, "accepts_raw", False) is True
 
 
 class ListenerFactory(abc.ABC):
@@ -46,29 +67,119 @@ class ListenerFactory(abc.ABC):
 
 
 class BoundListener:
-    """A bound socket, and once served, the asyncio server accepting on it."""
+    """A bound socket, and once served, what accepts on it: the core's
+    ``Listener`` or an asyncio server (see the module's docstring)."""
 
     def __init__(self, sock: socket.socket, factory: ListenerFactory,
                  on_close: Callable[[], None] | None = None) -> None:
         self.sock = sock
         self.factory = factory
         self.server: asyncio.AbstractServer | None = None
+        self.core_listener: Any = None
         self._protocol_factory: Callable[[], asyncio.BaseProtocol] | None = None
         self._on_close = on_close
         self._closed = False
+        self._switching = False
 
     @property
     def address(self) -> str:
         return self.factory.address
 
-    async def serve(self, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.AbstractServer:
-        """Listen and accept with *protocol_factory*."""
-        loop = asyncio.get_running_loop()
+    @property
+    def mode(self) -> str:
+        """``"core"``, ``"loop"`` (an asyncio server), or ``"bound"`` (not served)."""
+        if self.core_listener is not None:
+            return "core"
+        return "loop" if self.server is not None else "bound"
+
+    async def serve(self, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        """Listen and accept with *protocol_factory*.
+
+        A site's ``Acceptor`` (which has the slot) may be served by the
+        core; any other protocol factory always by an asyncio server.
+        """
         self.sock.listen(self.factory.backlog)
-        self.server = await loop.create_server(
-            protocol_factory, sock=self.sock, backlog=self.factory.backlog)
         self._protocol_factory = protocol_factory
-        return self.server
+        slot = getattr(protocol_factory, "slot", None)
+        if slot is not None and accepts_raw(slot.current):
+            self._serve_core()
+        else:
+            await self._serve_loop()
+
+    async def follow(self) -> None:
+        """Accept the way the service now in the slot wants (after an Update).
+
+        Never raises: accepting the other way still serves every connection.
+        """
+        slot = getattr(self._protocol_factory, "slot", None)
+        if slot is None or self._closed or self._switching:
+            return
+        want_core = accepts_raw(slot.current)
+        try:
+            if want_core and self.server is not None:
+                self._stop_loop()
+                self._serve_core()
+            elif not want_core and self.core_listener is not None:
+                self._switching = True
+                try:
+                    await self._serve_loop_from_core()
+                finally:
+                    self._switching = False
+        except Exception as exc:   # pragma: no cover - needs a failing loop
+            log.warning("%s: cannot switch how the listener accepts: %s", self.address, exc)
+
+    def _serve_core(self) -> None:
+        lst = core.impl.Listener(self._protocol_factory, self.sock, self._fallback)
+        lst.start()
+        self.core_listener = lst
+
+    async def _serve_loop(self) -> None:
+        assert self._protocol_factory is not None
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self._protocol_factory, sock=self.sock, backlog=self.factory.backlog)
+
+    async def _serve_loop_from_core(self) -> None:
+        # The asyncio server takes the socket (and closes it with itself):
+        # give it a duplicate, and keep the core's listener until it serves.
+        assert self._protocol_factory is not None
+        lst = self.core_listener
+        dup = self.sock.dup()
+        dup.setblocking(False)
+        try:
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(
+                self._protocol_factory, sock=dup, backlog=self.factory.backlog)
+        except BaseException:
+            dup.close()
+            raise
+        lst.stop()
+        self.core_listener = None
+        if self._closed:   # closed meanwhile: this server is not wanted
+            server.close()
+            return
+        self.server = server
+        old, self.sock = self.sock, dup
+        old.close()
+
+    def _stop_loop(self) -> None:
+        # Stop the asyncio server but keep the socket: it closes its own
+        # copy, this duplicate stays ours.
+        assert self.server is not None
+        spare = self.sock.dup()
+        spare.setblocking(False)
+        self.server.close()
+        self.server = None
+        self.sock = spare
+
+    def _fallback(self, sock: socket.socket) -> None:
+        # the core's listener accepted for a service without a raw relay
+        factory = self._protocol_factory
+        assert factory is not None
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(factory, sock))
+        _pending_accepts.add(task)
+        task.add_done_callback(_accept_done)
 
     def close(self) -> int:
         """Stop accepting; open connections are not touched.
@@ -81,7 +192,15 @@ class BoundListener:
             return 0
         self._closed = True
         taken = 0
-        if self.server is not None:
+        if self.core_listener is not None:
+            lst, self.core_listener = self.core_listener, None
+            lst.stop()
+            try:
+                taken = lst.take_queued()
+            except OSError as exc:
+                log.warning("%s: accepting queued connections on close: %s", self.address, exc)
+            self.sock.close()
+        elif self.server is not None:
             # Keep the socket open through a duplicate while the server lets
             # go of it, then take what is queued and only then close it.
             try:
@@ -119,7 +238,7 @@ class BoundListener:
         return taken
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("serving" if self.server else "bound")
+        state = "closed" if self._closed else self.mode
         return f"<BoundListener {self.address} {state}>"
 
 

@@ -256,9 +256,18 @@ class ProxyService(Service):
             targets=tuple(self.targets),
             connect_timeout=float(factory.connect_timeout),
             attempts=1 + factory.retries,
+            max_connections=factory.max_connections,
+            on_refuse=_log_refused if factory.access_log else None,
         )
 
     # -- the accept path -------------------------------------------------------
+
+    #: the core's listener may accept for this service (``new_raw_connection``)
+    accepts_raw = True
+
+    def new_raw_connection(self, conns: Any) -> Any:
+        """A relay for a socket the core accepted; it refuses over ``max_connections`` itself."""
+        return self._Connection(self.relay, conns, self)
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
         """A relay for one accepted client, or a refusal over ``max_connections``."""
@@ -424,9 +433,12 @@ class _Refuse(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.log:
-            access_log.info("%s -> - in=0 out=0 time=0.000s end=refused",
-                            _peer(transport.get_extra_info("peername")))
+            _log_refused(transport.get_extra_info("peername"))
         transport.abort()  # type: ignore[attr-defined]
+
+
+def _log_refused(peer: Any) -> None:
+    access_log.info("%s -> - in=0 out=0 time=0.000s end=refused", _peer(peer))
 
 
 def _peer(peer: Any) -> str:

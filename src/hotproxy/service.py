@@ -8,6 +8,11 @@ and serves the asyncio protocol it returns.  The protocol must add itself to
 service that made it for its whole life; an old version is freed when its
 last connection lets go of it.
 
+A service whose ``accepts_raw`` is True (the proxy) may instead be given the
+accepted socket itself: the core's listener calls
+``service.new_raw_connection(conns)``, which returns a core ``Connection``
+(or None: refused), and no asyncio transport is made at all.
+
 A **factory** (``MakeService``) builds a service.  ``make_via_ref(old)`` builds
 the next version from the one running now (or ``None``), carrying its state;
 ``make()`` builds from nothing.  Either may be a coroutine: while it awaits,
@@ -50,6 +55,17 @@ class Service(abc.ABC):
         ``connection_made`` and discards itself in ``connection_lost``.
         """
 
+    #: True if ``new_raw_connection`` serves a socket the core accepted
+    accepts_raw: bool = False
+
+    def new_raw_connection(self, conns: Any) -> Any:
+        """A core ``Connection`` for a socket the core accepted, or None to refuse.
+
+        Only called when ``accepts_raw`` is True; it does what
+        ``new_connection`` does, for the core's relay.
+        """
+        raise NotImplementedError
+
     def stats(self) -> dict[str, Any]:
         """Counters for status and metrics (override to add some)."""
         return {}
@@ -71,13 +87,30 @@ class MakeService(abc.ABC):
 
 
 class LayerService(Service):
-    """A service that wraps an inner service."""
+    """A service that wraps an inner service.
+
+    It accepts raw connections when its inner service does and the class
+    that defines its ``new_connection`` also defines ``new_raw_connection``
+    (so a layer that does something per connection is never bypassed).
+    """
 
     def __init__(self, inner: Service) -> None:
         self.inner = inner
+        self.accepts_raw = (getattr(inner, "accepts_raw", False) is True
+                            and _defines_raw(type(self)))
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
         return self.inner.new_connection(conns)
+
+    def new_raw_connection(self, conns: Any) -> Any:
+        return self.inner.new_raw_connection(conns)
+
+
+def _defines_raw(cls: type) -> bool:
+    for klass in cls.__mro__:
+        if "new_connection" in vars(klass):
+            return "new_raw_connection" in vars(klass)
+    return False
 
     def stats(self) -> dict[str, Any]:
         return self.inner.stats()
@@ -159,6 +192,14 @@ class _CountingService(LayerService):
         state.accepted += 1
         return self.inner.new_connection(mine)
 
+    def new_raw_connection(self, conns: Any) -> Any:
+        state = self.state
+        mine = state.conns
+        if mine.parent is not conns:
+            mine.parent = conns
+        state.accepted += 1
+        return self.inner.new_raw_connection(mine)
+
     def stats(self) -> dict[str, Any]:
         out = dict(self.inner.stats())
         out.update(accepted=self.state.accepted, active=self.state.active)
@@ -179,6 +220,15 @@ class _LimitService(LayerService):
             self.state.refused += 1
             return _Refuse()
         return self.inner.new_connection(mine)
+
+    def new_raw_connection(self, conns: Any) -> Any:
+        mine = self.state.conns
+        if mine.parent is not conns:
+            mine.parent = conns
+        if len(mine) >= self.limit:
+            self.state.refused += 1
+            return None
+        return self.inner.new_raw_connection(mine)
 
     def stats(self) -> dict[str, Any]:
         out = dict(self.inner.stats())
