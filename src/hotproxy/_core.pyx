@@ -1563,9 +1563,7 @@ cdef class Listener:
                     if self.watching:
                         self.stop()
                         self.engine.loop.call_later(_ACCEPT_RETRY, self._resume)
-                    self.acceptor._logged_at = _accept_failed(
-                        self.acceptor.name, _oserror(err), self.acceptor.errors,
-                        self.acceptor._logged_at)
+                    self._paused(_oserror(err))
                     break
                 raise _oserror(err)
             n += 1
@@ -1615,6 +1613,15 @@ cdef class Listener:
         except Exception as exc:
             sock.close()
             self._failed(exc)
+
+    def _paused(self, exc):
+        # at most every 10 s per site, like _accept_failed
+        acc = self.acceptor
+        now = _monotonic()
+        if now - acc._logged_at >= 10.0:
+            acc._logged_at = now
+            _accept_log.error("site %r: cannot accept: %s; connections wait in the queue, "
+                              "accepting again in %.2fs", acc.name, exc.strerror, _ACCEPT_RETRY)
 
     def _failed(self, exc):
         acc = self.acceptor

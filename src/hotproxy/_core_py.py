@@ -1290,8 +1290,7 @@ class Listener:
                 if self.watching:
                     self.stop()
                     self.engine.loop.call_later(_ACCEPT_RETRY, self._resume)  # type: ignore[union-attr]
-                acc = self.acceptor
-                acc._logged_at = _accept_failed(acc.name, exc, acc.errors, acc._logged_at)
+                self._paused(exc)
                 break
             n += 1
             self._dispatch(fd, addr)
@@ -1335,6 +1334,14 @@ class Listener:
         except Exception as exc:
             sock.close()
             self._failed(exc)
+
+    def _paused(self, exc: OSError) -> None:
+        acc = self.acceptor
+        now = time.monotonic()
+        if now - acc._logged_at >= 10.0:
+            acc._logged_at = now
+            _accept_log.error("site %r: cannot accept: %s; connections wait in the queue, "
+                              "accepting again in %.2fs", acc.name, exc.strerror, _ACCEPT_RETRY)
 
     def _failed(self, exc: Exception) -> None:
         acc = self.acceptor
