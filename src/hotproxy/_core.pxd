@@ -236,7 +236,8 @@ cdef class Connection:
     cdef _timed_out(self, double now)
     cdef _crashed(self, object exc)
     cdef _upstream_event(self, uint32_t events)
-    cdef int _start_raw(self, int fd, sockaddr_storage *addr, socklen_t alen) except -1
+    cdef int _start_raw(self, _Engine engine, int fd, sockaddr_storage *addr,
+                        socklen_t alen) except -1
     cdef _client_event(self, uint32_t events)
     cdef _client_bytes(self, Py_ssize_t nbytes)
     cdef _client_eof(self)

@@ -1229,8 +1229,11 @@ cdef class Connection:
     # reads, writes and callbacks.  Writes to the client go straight from
     # u_buf; closing the client socket runs connection_lost's logic at once.
 
-    cdef int _start_raw(self, int fd, sockaddr_storage *addr, socklen_t alen) except -1:
-        # Serve the accepted socket *fd*, which this connection now owns.
+    cdef int _start_raw(self, _Engine engine, int fd, sockaddr_storage *addr,
+                        socklen_t alen) except -1:
+        # Serve the accepted socket *fd*, which this connection now owns, in
+        # *engine* (the listener's: asking asyncio for the running loop
+        # costs a getpid() per call).
         cdef RelayConfig cfg = self.cfg
         cdef int one = 1, err
         self.raw = True
@@ -1247,8 +1250,8 @@ cdef class Connection:
             if cfg.on_refuse is not None:
                 cfg.on_refuse(peer)
             return 0
-        self.engine = _get_engine()
-        err = self.engine.register(self, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, _TAG_CLIENT)
+        self.engine = engine
+        err = engine.register(self, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, _TAG_CLIENT)
         if err:
             _close(fd)
             self._set_end(END_CLIENT_ERROR)
@@ -1592,7 +1595,7 @@ cdef class Listener:
         conn = <Connection>obj
         self.raw_accepted += 1
         try:
-            conn._start_raw(fd, ss, alen)   # conn owns fd now
+            conn._start_raw(self.engine, fd, ss, alen)   # conn owns fd now
         except Exception as exc:
             conn._crashed(exc)
 

@@ -979,7 +979,7 @@ class Connection:
 
     # -- the client socket, when the core accepted it (raw; see _core.pyx) ----------
 
-    def _start_raw(self, sock: _socket.socket, peer: Any) -> None:
+    def _start_raw(self, engine: _Engine, sock: _socket.socket, peer: Any) -> None:
         cfg = self.cfg
         self.raw = True
         if cfg.max_connections and self.counters.active > cfg.max_connections:
@@ -992,7 +992,7 @@ class Connection:
             if cfg.on_refuse is not None:
                 cfg.on_refuse(peer)
             return
-        self.engine = engine = _get_engine()
+        self.engine = engine
         fd = sock.fileno()
         if engine.register(self, fd, _EPOLL_FLAGS, _TAG_CLIENT):
             sock.close()
@@ -1318,7 +1318,7 @@ class Listener:
             return
         self.raw_accepted += 1
         try:
-            conn._start_raw(sock, addr)
+            conn._start_raw(self.engine, sock, addr)
         except Exception as exc:
             conn._crashed(exc)
 
