@@ -252,3 +252,36 @@ def test_cpu_affinity_pins_each_worker() -> None:
             assert pinned == [{0}, {1}]
 
     run(main())
+
+
+def test_dispatch_many_runs_a_batch_in_order_on_every_worker() -> None:
+    """All commands are sent at once; each worker runs them in order, and each
+    gets its own result group -- as if dispatched one by one."""
+    from hotproxy import Abort, NothingStagedError
+
+    async def main() -> None:
+        p1, p2 = free_port(), free_port()
+        async with WorkerManager(2) as m:
+            groups = await m.dispatch_many([
+                PrepareAndCommit("a", TaggedFactory(b"a1"), TcpListenerFactory(HOST, p1)),
+                PrepareAndCommit("b", TaggedFactory(b"b1"), TcpListenerFactory(HOST, p2)),
+                Precommit("a", TaggedFactory(b"a2")),
+                Update("a"),                               # only works after the Precommit
+                Precommit("b", TaggedFactory(b"b2", fail_on_worker=1)),
+                Update("b"),                               # nothing staged on worker 1
+            ])
+            assert [g.command.name for g in groups] == ["a", "b", "a", "a", "b", "b"]
+            assert all(g.ok for g in groups[:4])
+            assert [r.worker for r in groups[4].failures] == [1]
+            assert [r.worker for r in groups[5].failures] == [1]
+            assert isinstance(groups[5].failures[0].error, NothingStagedError)
+            for _ in range(8):
+                r, w = await asyncio.open_connection(HOST, p1)
+                assert await ask(r, w, b"x") == b"a2:x"
+                w.close()
+            stats = {s["generation"] for s in await site_stats(m, "b")}
+            assert stats == {1, 2}                     # worker 0 updated, worker 1 did not
+            assert await m.dispatch_many([]) == []
+            (await m.dispatch(Abort("b"))).raise_for_errors()
+
+    run(main())

@@ -516,24 +516,24 @@ cdef class _Engine:
         cdef uint64_t data
         cdef void *obj
         cdef epoll_event *evs = self.evs
-        while True:
-            n = epoll_wait(self.epfd, evs, _EVENTS, 0)
-            for i in range(n):
-                data = evs[i].data.u64
-                tag = <int>(data & _TAG_MASK)
-                obj = <void*><uintptr_t>(data & ~(<uint64_t>_TAG_MASK))
-                if tag == _TAG_LISTENER:
-                    (<Listener>obj)._ready()
-                    continue
-                try:
-                    if tag == _TAG_CLIENT:
-                        (<Connection>obj)._client_event(evs[i].events)
-                    else:
-                        (<Connection>obj)._upstream_event(evs[i].events)
-                except Exception as exc:
-                    (<Connection>obj)._crashed(exc)
-            if n < _EVENTS:
-                break
+        # One batch per call: if more is ready, the epoll instance stays
+        # readable and the loop calls again after its other callbacks (the
+        # control channel, timers) have had their turn.
+        n = epoll_wait(self.epfd, evs, _EVENTS, 0)
+        for i in range(n):
+            data = evs[i].data.u64
+            tag = <int>(data & _TAG_MASK)
+            obj = <void*><uintptr_t>(data & ~(<uint64_t>_TAG_MASK))
+            if tag == _TAG_LISTENER:
+                (<Listener>obj)._ready()
+                continue
+            try:
+                if tag == _TAG_CLIENT:
+                    (<Connection>obj)._client_event(evs[i].events)
+                else:
+                    (<Connection>obj)._upstream_event(evs[i].events)
+            except Exception as exc:
+                (<Connection>obj)._crashed(exc)
         if self.graveyard:
             self.graveyard.clear()
 

@@ -346,25 +346,22 @@ class _Engine:
                 pass
 
     def _on_ready(self) -> None:
-        while True:
-            events = self.ep.poll(0, _EVENTS)
-            for fd, ev in events:
-                entry = self.by_fd.get(fd)
-                if entry is None:
-                    continue
-                obj, tag = entry
-                if tag == _TAG_LISTENER:
-                    obj._ready()
-                    continue
-                try:
-                    if tag == _TAG_CLIENT:
-                        obj._client_event(ev)
-                    else:
-                        obj._upstream_event(ev)
-                except Exception as exc:
-                    obj._crashed(exc)
-            if len(events) < _EVENTS:
-                break
+        # one batch per call (see _core.pyx)
+        for fd, ev in self.ep.poll(0, _EVENTS):
+            entry = self.by_fd.get(fd)
+            if entry is None:
+                continue
+            obj, tag = entry
+            if tag == _TAG_LISTENER:
+                obj._ready()
+                continue
+            try:
+                if tag == _TAG_CLIENT:
+                    obj._client_event(ev)
+                else:
+                    obj._upstream_event(ev)
+            except Exception as exc:
+                obj._crashed(exc)
 
     def defer(self, conn: Connection) -> None:
         if conn.deferred:
@@ -1318,7 +1315,7 @@ class Listener:
             return
         self.raw_accepted += 1
         try:
-            conn._start_raw(self.engine, sock, addr)
+            conn._start_raw(self.engine, sock, addr)  # type: ignore[arg-type]
         except Exception as exc:
             conn._crashed(exc)
 

@@ -349,9 +349,28 @@ class WorkerManager:
         async with self._lock:
             return await self._dispatch(command)
 
+    async def dispatch_many(self, commands: Sequence[Any]) -> list[ResultGroup]:
+        """Run *commands*, in order, on every live worker; one result group each.
+
+        Each worker runs them one at a time in this order, exactly as if they
+        were dispatched one by one; but all are sent at once, so the whole
+        batch costs one wait for the slowest worker instead of one per
+        command (a reload that changes many services).
+        """
+        if not commands:
+            return []
+        async with self._lock:
+            live = [w for w in self.workers if w.alive and w.ready]
+            per_worker = await asyncio.gather(*(_in_order(w, commands) for w in live))
+            return [self._gathered(cmd, live, [outs[i] for outs in per_worker])
+                    for i, cmd in enumerate(commands)]
+
     async def _dispatch(self, command: Any) -> ResultGroup:
         live = [w for w in self.workers if w.alive and w.ready]
         outcomes = await asyncio.gather(*(w.execute(command) for w in live), return_exceptions=True)
+        return self._gathered(command, live, outcomes)
+
+    def _gathered(self, command: Any, live: list[Any], outcomes: Sequence[Any]) -> ResultGroup:
         results = []
         for w, out in zip(live, outcomes):
             if isinstance(out, BaseException):
@@ -513,3 +532,10 @@ class WorkerManager:
         for bound in self._shared.values():
             bound.close()
         self._shared.clear()
+
+
+async def _in_order(worker: Any, commands: Sequence[Any]) -> list[Any]:
+    # Every command is written to the worker before the first reply is
+    # awaited: the tasks start in creation order (the loop runs callbacks
+    # first in, first out) and each writes its request before it awaits.
+    return await asyncio.gather(*(worker.execute(c) for c in commands), return_exceptions=True)

@@ -22,6 +22,9 @@ Rules of this module (DESIGN.md, "Reload"):
   background).
 * Reloads are serialized by one lock: one arriving during another runs
   after it, against the config the first one left.
+* Each phase sends all its commands to every worker at once (the manager's
+  ``dispatch_many``; a worker runs them one at a time, in order), so a
+  phase waits once for the slowest worker, not once per service.
 """
 
 from __future__ import annotations
@@ -128,7 +131,8 @@ class ReloadReport:
             moved = f" moved={_names(self.moved)}" if self.moved else ""
             return (f"reload ok: added={_names(self.added)} changed={_names(self.changed)}{moved} "
                     f"removed={_names(self.removed)} unchanged={_names(self.unchanged)} "
-                    f"in {self.duration_ms:.1f} ms")
+                    f"in {self.duration_ms:.1f} ms (prepare {self.prepare_ms:.1f}, "
+                    f"commit {self.commit_ms:.1f})")
         state = "config partially applied" if self.partial else "the old config keeps serving"
         more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
         return f"reload failed: {self.error}{more}; {state} ({self.duration_ms:.1f} ms)"
@@ -230,17 +234,18 @@ class Reloader:
             return
 
         t0 = time.monotonic()
-        failures = await asyncio.to_thread(self._probe, config, d)
+        # (in a thread: a probe may resolve host names; nothing new, nothing to probe)
+        failures = await asyncio.to_thread(self._probe, config, d) if d.added or d.moved else []
         prepared: list[str] = []
         if not failures:
+            # every Precommit sent at once (each worker runs them in order)
+            cmds = []
             for name in d.added + d.changed:
                 svc = config.services[name]
                 new_listener = name in d.added or name in d.moved
-                cmd = Precommit(name, svc.factory, svc.listener if new_listener else None)
-                prepared.append(name)
-                failures = await self._dispatch(cmd, "prepare")
-                if failures:
-                    break   # no point preparing the rest: this reload is lost
+                cmds.append(Precommit(name, svc.factory, svc.listener if new_listener else None))
+            prepared = [cmd.name for cmd in cmds]
+            failures = [f for fs in await self._dispatch_all(cmds, "prepare") for f in fs]
         report.prepare_ms = (time.monotonic() - t0) * 1000.0
         if failures:
             report.failures.extend(failures)
@@ -255,8 +260,8 @@ class Reloader:
         commits += [(name, Update(name)) for name in d.changed if name not in d.moved]
         drain = config.runtime.drain_timeout
         commits += [(name, Remove(name, drain)) for name in d.removed]
-        for name, step in commits:
-            failed = await self._dispatch(step, "commit")
+        outcomes = await self._dispatch_all([step for _, step in commits], "commit")
+        for (name, step), failed in zip(commits, outcomes):
             if failed:
                 # Workers that committed serve the new version; keep the old
                 # entry so the next reload tries this service again.
@@ -318,22 +323,23 @@ class Reloader:
                 failures.append(Failure("prepare", f"cannot listen on {lf.address}: {error}", service=name))
         return failures
 
-    async def _dispatch(self, cmd: Any, phase: str) -> list[Failure]:
+    async def _dispatch_all(self, cmds: list[Any], phase: str) -> list[list[Failure]]:
+        """Send *cmds* to every worker at once; the failures of each, in order."""
         try:
-            group = await self.manager.dispatch(cmd)
+            groups = await self.manager.dispatch_many(cmds)
         except HotproxyError as exc:
-            return [Failure(phase, str(exc), service=cmd.name)]
-        return [Failure(phase, _one_line(r.error), service=cmd.name, worker=r.worker)
-                for r in group.failures]
+            return [[Failure(phase, str(exc), service=cmd.name)] for cmd in cmds]
+        return [[Failure(phase, _one_line(r.error), service=cmd.name, worker=r.worker)
+                 for r in group.failures] for cmd, group in zip(cmds, groups)]
 
     async def _abort(self, names: list[str]) -> None:
         """Drop everything this reload staged, on every worker."""
-        for name in names:
-            try:
-                group = await self.manager.dispatch(Abort(name))
-            except HotproxyError as exc:
-                log.error("abort %r: %s", name, exc)
-                continue
+        try:
+            groups = await self.manager.dispatch_many([Abort(name) for name in names])
+        except HotproxyError as exc:
+            log.error("abort %s: %s", ", ".join(map(repr, names)), exc)
+            return
+        for name, group in zip(names, groups):
             for r in group.failures:
                 # a worker where the Precommit of a new site failed has no such site
                 if not isinstance(r.error, SiteNotFoundError):
