@@ -215,6 +215,14 @@ cdef class Connection:
     cdef bint c_eof_pending         # raw: send our EOF to the client once u_pend_* is sent
     cdef bint c_close_pending       # raw: close the client once u_pend_* is sent
     cdef bint deferred              # in the engine's ready list
+    cdef bint c_splice              # raw: client -> upstream is bulk: move it through a pipe
+    cdef bint u_splice              # raw: upstream -> client is bulk
+    cdef int cp_r                   # the client -> upstream pipe (-1: none)
+    cdef int cp_w
+    cdef int up_r                   # the upstream -> client pipe (-1: none)
+    cdef int up_w
+    cdef bint c_spliced             # the client -> upstream pipe was used
+    cdef bint u_spliced
     cdef bint u_rdhup               # the upstream sent its EOF: read to the end
     cdef bint u_shut                # our EOF was sent to the upstream
     cdef bint u_close_pending       # close the upstream once c_pend_* is sent
@@ -248,10 +256,14 @@ cdef class Connection:
     cdef _c_write_eof(self)
     cdef _c_close(self, bint hard)
     cdef _c_gone(self, bint error)
+    cdef _splice_c2u(self)
+    cdef _splice_u2c(self)
+    cdef _close_pipes(self)
     cdef _new_c_buf(self, Py_ssize_t size)
     cdef _new_u_buf(self, Py_ssize_t size)
     cdef _to_upstream(self, Py_ssize_t start, Py_ssize_t n, bint from_read)
     cdef _flush_upstream(self)
+    cdef _flushed_upstream(self)
     cdef _shutdown_upstream(self)
     cdef _read_upstream(self)
     cdef _to_client(self, Py_ssize_t n)

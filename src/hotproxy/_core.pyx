@@ -29,6 +29,22 @@ from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from posix.unistd cimport close as _close
 
 
+cdef extern from "<fcntl.h>" nogil:
+    ssize_t splice(int fd_in, long long *off_in, int fd_out, long long *off_out,
+                   size_t n, unsigned int flags)
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        F_SETPIPE_SZ
+        O_NONBLOCK
+        O_CLOEXEC
+
+
+cdef extern from "<unistd.h>" nogil:
+    int pipe2(int *fds, int flags)
+
+
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char *s, size_t maxlen)
 
@@ -263,6 +279,35 @@ cdef enum:
     # upstream reads in one go before a busy connection lets the others run
     _READS_PER_EVENT = 16
 
+# move bulk transfers of raw connections with splice(2) (HOTPROXY_SPLICE=0: never)
+cdef bint _SPLICE = _os.environ.get("HOTPROXY_SPLICE", "1") not in ("", "0")
+cdef unsigned int _SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+
+
+cdef int _open_pipe(int *r, int *w, Py_ssize_t size) noexcept nogil:
+    cdef int fds[2]
+    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        return -1
+    fcntl(fds[1], F_SETPIPE_SZ, <int>size)   # best effort: the default is 64 KiB
+    r[0] = fds[0]
+    w[0] = fds[1]
+    return 0
+
+
+cdef ssize_t _drain_pipe(int pr, int dst, Py_ssize_t n) noexcept nogil:
+    # Move up to n bytes from the pipe to dst: bytes moved, 0 if dst is full,
+    # or -errno.
+    cdef ssize_t r
+    while True:
+        r = splice(pr, NULL, dst, NULL, n, _SPLICE_FLAGS)
+        if r >= 0:
+            return r
+        if errno == EINTR:
+            continue
+        if errno == EAGAIN:
+            return 0
+        return -errno
+
 cdef object _log = logging.getLogger("hotproxy.proxy")
 
 
@@ -485,6 +530,7 @@ cdef class _Engine:
                 _close(conn.cfd)
                 conn.cfd = -1
                 Py_DECREF(conn)
+            conn._close_pipes()
             conn = conn.t_next
         if self.epfd >= 0:
             _close(self.epfd)
@@ -649,6 +695,7 @@ cdef class Connection:
         self.owner = owner
         self.ufd = -1
         self.cfd = -1
+        self.cp_r = self.cp_w = self.up_r = self.up_w = -1
         self.c_next = cfg.buffer_size
         self.u_next = cfg.buffer_size
         self.started = _now()
@@ -799,6 +846,12 @@ cdef class Connection:
     def bytes_out(self):
         """Bytes relayed from the upstream to the client."""
         return self.u2c
+
+    @property
+    def spliced(self):
+        """Which directions moved bulk with splice(2): "", "in" (client to
+        upstream), "out" (upstream to client) or "both"."""
+        return ("", "in", "out", "both")[self.c_spliced + 2 * self.u_spliced]
 
     @property
     def held(self):
@@ -1053,9 +1106,13 @@ cdef class Connection:
         cdef char *p = PyByteArray_AS_STRING(self.c_buf)
         self.c2u += n
         self.counters.bytes_in += n
-        if from_read and n == size and size < self.cfg.max_buffer_size:
-            # a full read: a bulk transfer, read bigger chunks
-            self.c_next = min(size * 2, self.cfg.max_buffer_size)
+        if from_read and n == size:
+            # a full read: a bulk transfer, read bigger chunks (and at the
+            # largest, splice a raw connection's)
+            if size < self.cfg.max_buffer_size:
+                self.c_next = min(size * 2, self.cfg.max_buffer_size)
+            elif self.raw and _SPLICE:
+                self.c_splice = True
         while True:
             r = send(self.ufd, p + start, n, MSG_NOSIGNAL)
             if r >= 0:
@@ -1076,7 +1133,20 @@ cdef class Connection:
 
     cdef _flush_upstream(self):
         cdef ssize_t r
-        cdef char *p = PyByteArray_AS_STRING(self.c_buf)
+        cdef char *p
+        if self.cp_r >= 0:
+            r = _drain_pipe(self.cp_r, self.ufd, self.c_pend_end - self.c_pend_off)
+            if r <= 0:
+                if r < 0:
+                    self._upstream_error(-r)
+                return
+            self.c_pend_off += r
+            self.last_active = _now()
+            if self.c_pend_off < self.c_pend_end:
+                return
+            self._flushed_upstream()
+            return
+        p = PyByteArray_AS_STRING(self.c_buf)
         while True:
             r = send(self.ufd, p + self.c_pend_off, self.c_pend_end - self.c_pend_off, MSG_NOSIGNAL)
             if r >= 0:
@@ -1091,6 +1161,10 @@ cdef class Connection:
         self.last_active = _now()
         if self.c_pend_off < self.c_pend_end:
             return
+        self._flushed_upstream()
+
+    cdef _flushed_upstream(self):
+        # everything the client sent has reached the upstream
         self.c_pend_off = self.c_pend_end = 0
         if self.u_close_pending:
             self._close_upstream(False)
@@ -1110,6 +1184,9 @@ cdef class Connection:
         cdef int reads = 0
         while self.u_readable and self.ufd >= 0:
             if self.u_paused_by_c or self.closing or not self.client_open:
+                return
+            if self.u_splice and not self.u_pend_end:
+                self._splice_u2c()
                 return
             if reads == _READS_PER_EVENT:
                 self.engine.defer(self)   # let the other connections run
@@ -1150,8 +1227,11 @@ cdef class Connection:
         if self.raw:
             # u_buf is ours until sent: what the client cannot take now is
             # kept (u_pend_*) and upstream reads stop until EPOLLOUT.
-            if n == size and size < self.cfg.max_buffer_size:
-                self.u_next = min(size * 2, self.cfg.max_buffer_size)
+            if n == size:
+                if size < self.cfg.max_buffer_size:
+                    self.u_next = min(size * 2, self.cfg.max_buffer_size)
+                elif _SPLICE:
+                    self.u_splice = True
             while True:
                 r = send(self.cfd, PyByteArray_AS_STRING(self.u_buf), n, MSG_NOSIGNAL)
                 if r >= 0:
@@ -1295,6 +1375,9 @@ cdef class Connection:
         cdef Py_ssize_t room
         cdef int reads = 0
         while self.c_readable and self.cfd >= 0 and self.c_reading:
+            if self.c_splice and self.up_state == UP_OPEN and not self.early and not self.c_pend_end:
+                self._splice_c2u()
+                return
             if reads == _READS_PER_EVENT:
                 self.engine.defer(self)   # let the other connections run
                 return
@@ -1326,17 +1409,26 @@ cdef class Connection:
 
     cdef _flush_client(self):
         cdef ssize_t r
-        cdef char *p = PyByteArray_AS_STRING(self.u_buf)
-        while True:
-            r = send(self.cfd, p + self.u_pend_off, self.u_pend_end - self.u_pend_off, MSG_NOSIGNAL)
-            if r >= 0:
-                break
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN:
+        cdef char *p
+        if self.up_r >= 0:
+            r = _drain_pipe(self.up_r, self.cfd, self.u_pend_end - self.u_pend_off)
+            if r <= 0:
+                if r < 0:
+                    self._c_gone(True)
                 return
-            self._c_gone(True)
-            return
+        else:
+            p = PyByteArray_AS_STRING(self.u_buf)
+            while True:
+                r = send(self.cfd, p + self.u_pend_off, self.u_pend_end - self.u_pend_off,
+                         MSG_NOSIGNAL)
+                if r >= 0:
+                    break
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return
+                self._c_gone(True)
+                return
         self.u_pend_off += r
         self.last_active = _now()
         if self.u_pend_off < self.u_pend_end:
@@ -1351,6 +1443,112 @@ cdef class Connection:
         self.u_paused_by_c = False
         if self.u_readable:
             self._read_upstream()
+
+    # Bulk: once a direction has filled a max_buffer_size read, its bytes
+    # move socket -> pipe -> socket with splice(2) and never reach user
+    # space.  What the pipe still holds is the pending count (c_pend_* or
+    # u_pend_*), so flow control, half-close and closing work as with a
+    # buffer.
+
+    cdef _splice_c2u(self):
+        cdef ssize_t r
+        cdef int reads = 0
+        cdef Py_ssize_t chunk = self.cfg.max_buffer_size
+        if self.cp_r < 0:
+            if _open_pipe(&self.cp_r, &self.cp_w, chunk) < 0:
+                self.c_splice = False   # no descriptors to spare: keep copying
+                return
+            self.c_spliced = True
+            self.c_buf = None           # not needed any more
+            self.c_size = 0
+        while self.c_readable and self.cfd >= 0 and self.c_reading:
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)
+                return
+            r = splice(self.cfd, NULL, self.cp_w, NULL, chunk, _SPLICE_FLAGS)
+            if r > 0:
+                reads += 1
+                self.last_active = _now()
+                self.c2u += r
+                self.counters.bytes_in += r
+                self.c_pend_off = 0
+                self.c_pend_end = r
+                r = _drain_pipe(self.cp_r, self.ufd, r)
+                if r < 0:
+                    self._upstream_error(-r)
+                    return
+                self.c_pend_off = r
+                if self.c_pend_off < self.c_pend_end:
+                    self.c_paused_by_up = True
+                    self._sync_client_reading()
+                    return
+                self.c_pend_off = self.c_pend_end = 0
+            elif r == 0:
+                self.c_readable = False
+                if not self.c_eof:
+                    self._client_eof()
+                return
+            elif errno == EAGAIN:
+                self.c_readable = False
+                return
+            elif errno != EINTR:
+                self._c_gone(True)
+                return
+
+    cdef _splice_u2c(self):
+        cdef ssize_t r
+        cdef int reads = 0
+        cdef Py_ssize_t chunk = self.cfg.max_buffer_size
+        if self.up_r < 0:
+            if _open_pipe(&self.up_r, &self.up_w, chunk) < 0:
+                self.u_splice = False
+                return
+            self.u_spliced = True
+            self.u_buf = None
+            self.u_size = 0
+        while self.u_readable and self.ufd >= 0:
+            if self.u_paused_by_c or self.closing or not self.client_open:
+                return
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)
+                return
+            r = splice(self.ufd, NULL, self.up_w, NULL, chunk, _SPLICE_FLAGS)
+            if r > 0:
+                reads += 1
+                self.last_active = _now()
+                self.u2c += r
+                self.counters.bytes_out += r
+                self.u_pend_off = 0
+                self.u_pend_end = r
+                r = _drain_pipe(self.up_r, self.cfd, r)
+                if r < 0:
+                    self._c_gone(True)
+                    return
+                self.u_pend_off = r
+                if self.u_pend_off < self.u_pend_end:
+                    self.u_paused_by_c = True
+                    return
+                self.u_pend_off = self.u_pend_end = 0
+            elif r == 0:
+                self.u_readable = False
+                self._upstream_eof()
+                return
+            elif errno == EAGAIN:
+                self.u_readable = False
+                return
+            elif errno != EINTR:
+                self._upstream_error(errno)
+                return
+
+    cdef _close_pipes(self):
+        if self.cp_r >= 0:
+            _close(self.cp_r)
+            _close(self.cp_w)
+            self.cp_r = self.cp_w = -1
+        if self.up_r >= 0:
+            _close(self.up_r)
+            _close(self.up_w)
+            self.up_r = self.up_w = -1
 
     cdef _run_deferred(self):
         if self.raw and self.c_readable:
@@ -1447,6 +1645,7 @@ cdef class Connection:
             self.cfd = -1
             self.client_open = False
             self.engine.forget(self)
+        self._close_pipes()
         if self.engine is not None:
             self.engine.unlink(self)
         self.counters.active -= 1

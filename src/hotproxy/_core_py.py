@@ -608,6 +608,11 @@ class Connection:
         return self.u2c
 
     @property
+    def spliced(self) -> str:
+        # this core always copies (see _core.pyx)
+        return ""
+
+    @property
     def held(self) -> int:
         return self.early
 
