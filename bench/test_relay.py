@@ -106,8 +106,8 @@ async def _proxy(loop: asyncio.AbstractEventLoop, protocol: Any) -> tuple[Servic
     lf = TcpListenerFactory("127.0.0.1", 0)
     await ex.execute(PrepareAndCommit("p", ProxyFactory((f"127.0.0.1:{up_port}",)), lf))
     listener = ex.sites["p"].listener
-    assert listener is not None and listener.server is not None
-    port = listener.server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    assert listener is not None and listener.mode == "core"   # the core accepts and relays
+    port = listener.sock.getsockname()[1]
     return ex, backend, port
 
 

@@ -18,7 +18,7 @@ from conftest import free_port, run
 from helpers_program import FAIL_ON_WORKER, roundtrip
 from hotproxy.admin import AdminClient, AdminError, AdminServer
 from hotproxy.cli import format_report, format_status, main
-from hotproxy.config import (KINDS, Config, ConfigError, admin_socket_for, default_admin_socket, load_config,
+from hotproxy.config import (KINDS, Config, ConfigError, NeedsLookup, admin_socket_for, default_admin_socket, load_config,
                              parse_config, register_kind)
 from hotproxy.listeners import TcpListenerFactory, UnixListenerFactory
 from hotproxy.manager import WorkerManager
@@ -463,6 +463,47 @@ def test_reload_is_refused_while_no_worker_can_build_it() -> None:
             assert r.current == v1 and m.workers[0].executor.sites["a"].generation == 1
             m.workers[0].alive = True
             assert (await r.reload(conf(echo_toml("a", a, "a2")))).ok
+        finally:
+            await m.stop()
+
+    run(main())
+
+
+def test_a_config_of_address_literals_loads_without_a_lookup_thread(tmp_path: Path) -> None:
+    """The master loads a file of address literals in its loop (no thread, no DNS);
+    a host name makes ``lookups=False`` step aside, and the reload then loads it
+    in a thread as before."""
+    px, up = free_port(), free_port()
+    literal = tmp_path / "literal.toml"
+    literal.write_text(f"[services.p]\nkind = 'proxy'\nlisten = '127.0.0.1:{px}'\n"
+                       f"upstreams = ['127.0.0.1:{up}', '[::1]:{up}']\n")
+    named = tmp_path / "named.toml"
+    named.write_text(f"[services.p]\nkind = 'proxy'\nlisten = 'localhost:{px}'\n"
+                     f"upstreams = ['localhost:{up}']\n")
+    assert load_config(str(literal), lookups=False).services["p"].listener.port == px
+    with pytest.raises(NeedsLookup):
+        load_config(str(named), lookups=False)
+    assert load_config(str(named)).services["p"].listener.host == "localhost"
+
+    async def main() -> None:
+        m = WorkerManager(inline=True, drain_timeout=1.0)
+        await m.start()
+        try:
+            r = Reloader(m)
+            calls: list[str] = []
+
+            def quick(path: Path) -> Config:
+                calls.append("quick")
+                return load_config(str(path), lookups=False)
+
+            def slow(path: Path) -> Config:
+                calls.append("thread")
+                return load_config(str(path))
+
+            rep = await r.reload(lambda: slow(literal), quick_load=lambda: quick(literal))
+            assert rep.ok and calls == ["quick"], (rep, calls)
+            rep = await r.reload(lambda: slow(named), quick_load=lambda: quick(named))
+            assert rep.ok and rep.changed == ["p"] and calls == ["quick", "quick", "thread"], (rep, calls)
         finally:
             await m.stop()
 

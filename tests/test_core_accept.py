@@ -56,7 +56,7 @@ def test_an_update_switches_how_the_listener_accepts_and_cuts_nothing(core_name:
 
             await ex.execute(Precommit("s", proxy))
             await ex.execute(Update("s"))
-            assert site.listener.mode == "core"
+            assert site.listener.mode == "core" and ex.status()["sites"]["s"]["accept"] == "core"
             assert await say(r1, w1, b"old echo") == b"old echo"   # not cut
             r2, w2 = await connect(addr)
             assert await say(r2, w2, b"via proxy") == b"via proxy"

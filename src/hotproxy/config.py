@@ -212,10 +212,20 @@ def default_config_text() -> str:
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
-def load_config(path: str | None = None) -> Config:
-    """Read and check *path* (None: the embedded default); raise ``ConfigError``."""
+class NeedsLookup(Exception):
+    """``load_config(lookups=False)`` met a host name: load it where blocking is fine."""
+
+
+def load_config(path: str | None = None, *, lookups: bool = True) -> Config:
+    """Read and check *path* (None: the embedded default); raise ``ConfigError``.
+
+    With ``lookups=False`` a host name that is not an address literal raises
+    ``NeedsLookup`` instead of being resolved (which may block on DNS), so
+    a caller in an event loop can load an all-literal config inline and
+    send the rest to a thread.
+    """
     if path is None:
-        return parse_config(default_config_text(), None)
+        return parse_config(default_config_text(), None, lookups=lookups)
     apath = os.path.abspath(path)
     try:
         # O_NONBLOCK: a FIFO given as the file must not hang the master's
@@ -245,12 +255,12 @@ def load_config(path: str | None = None) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{apath}: not UTF-8 text (byte {exc.start})") from None
-    return parse_config(text, apath)
+    return parse_config(text, apath, lookups=lookups)
 
 
-def parse_config(text: str, path: str | None) -> Config:
+def parse_config(text: str, path: str | None, *, lookups: bool = True) -> Config:
     """Check the TOML *text* of the file at *path* (None: the embedded default)."""
-    return _Checker(path).check(text)
+    return _Checker(path, lookups).check(text)
 
 
 def default_admin_socket(path: str | None) -> str:
@@ -308,9 +318,10 @@ def _relative_to(value: str, config_path: str | None) -> str:
 class _Checker:
     """Checks one file; ``fail`` raises the one-line ``ConfigError``."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, lookups: bool = True) -> None:
         self.path = path
         self.source = path or DEFAULT_SOURCE
+        self.lookups = lookups
 
     def fail(self, key: str, expected: str) -> ConfigError:
         where = f"{self.source}: {key}: " if key else f"{self.source}: "
@@ -478,6 +489,8 @@ class _Checker:
         return tuple(out)
 
     def resolve(self, key: str, host: str, port: int, passive: bool) -> tuple[Any, ...]:
+        if not self.lookups and not _is_literal(host):
+            raise NeedsLookup(host)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE if passive else 0)
@@ -507,6 +520,14 @@ class _Checker:
         ip = str(self.resolve(f"services.{name}.listen", lf.host, lf.port, passive=True)[0])
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
         return ("tcp", addr.version, lf.port, str(addr), addr.is_unspecified)
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:

@@ -92,6 +92,8 @@ class Site:
         return {
             "name": self.name,
             "listen": self.listener.address if self.listener is not None else None,
+            # "core": the core accepts and relays; "loop": an asyncio server
+            "accept": self.listener.mode if self.listener is not None else None,
             "generation": self.generation,
             "active": len(self.conns),
             "accept_errors": self.acceptor.errors,

@@ -196,7 +196,10 @@ class Master:
     async def reload(self, trigger: str, started: float | None = None) -> ReloadReport:
         """Re-read the config file and apply it, all or nothing."""
         assert self.reloader is not None
-        report = await self.reloader.reload(lambda: load_config(self.path), trigger=trigger, started=started)
+        # a file of address literals loads in the loop; host names in a thread
+        report = await self.reloader.reload(
+            lambda: load_config(self.path), trigger=trigger, started=started,
+            quick_load=lambda: load_config(self.path, lookups=False))
         self._note_changes(report)
         return report
 

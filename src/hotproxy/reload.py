@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .commands import Abort, Commit, Precommit, Remove, Update
-from .config import Config, ServiceConfig
+from .config import Config, NeedsLookup, ServiceConfig
 from .errors import ConfigError, HotproxyError, SiteNotFoundError
 from .listeners import TcpListenerFactory
 
@@ -179,8 +179,13 @@ class Reloader:
         return self._lock.locked()
 
     async def reload(self, load: Callable[[], Config] | Config, *, trigger: str = "",
-                     started: float | None = None) -> ReloadReport:
+                     started: float | None = None,
+                     quick_load: Callable[[], Config] | None = None) -> ReloadReport:
         """Load (in a thread: it resolves host names) and apply a config.
+
+        *quick_load*, if given, is tried first in the loop: it loads a
+        config that needs no name lookup, or raises ``NeedsLookup`` (then
+        *load* runs in a thread).
 
         *started* is the ``time.monotonic()`` of the request, so the reported
         duration includes any wait behind another reload.  Never raises for
@@ -197,7 +202,7 @@ class Reloader:
                 report.duration_ms = (time.monotonic() - started) * 1000.0
                 return report
             try:
-                config = load if isinstance(load, Config) else await asyncio.to_thread(load)
+                config = await self._load(load, quick_load)
             except ConfigError as exc:
                 report.error = str(exc)
                 report.failures.append(Failure("config", str(exc)))
@@ -212,6 +217,18 @@ class Reloader:
         for note in report.notes:
             log.warning("reload: %s", note)
         return report
+
+    @staticmethod
+    async def _load(load: Callable[[], Config] | Config,
+                    quick_load: Callable[[], Config] | None) -> Config:
+        if isinstance(load, Config):
+            return load
+        if quick_load is not None:
+            try:
+                return quick_load()
+            except NeedsLookup:
+                pass
+        return await asyncio.to_thread(load)
 
     # -- the phases -------------------------------------------------------------
 
