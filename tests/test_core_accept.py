@@ -154,7 +154,9 @@ def test_layers_accept_raw_only_when_they_say_how(core_name: str) -> None:
         proxy = ProxyFactory(("127.0.0.1:1",))
         assert accepts_raw(await _make(proxy))
         assert accepts_raw(await _make(stack(proxy, CountConnections(), LimitConnections(max_connections=5))))
-        assert not accepts_raw(await _make(stack(proxy, Tagging())))   # never bypassed
+        tagged = await _make(stack(proxy, Tagging()))
+        assert not accepts_raw(tagged)                                 # never bypassed
+        assert tagged.stats()["balance"] == "round_robin"              # a layer passes stats on
         assert not accepts_raw(await _make(stack(EchoFactory(), CountConnections())))
 
     run(main())

@@ -105,15 +105,16 @@ class LayerService(Service):
     def new_raw_connection(self, conns: Any) -> Any:
         return self.inner.new_raw_connection(conns)
 
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
 
 def _defines_raw(cls: type) -> bool:
+    # the class that defines new_connection must define new_raw_connection too
     for klass in cls.__mro__:
         if "new_connection" in vars(klass):
             return "new_raw_connection" in vars(klass)
     return False
-
-    def stats(self) -> dict[str, Any]:
-        return self.inner.stats()
 
 
 @dataclass(frozen=True)
