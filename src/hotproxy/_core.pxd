@@ -266,6 +266,8 @@ cdef class Connection:
     cdef _flushed_upstream(self)
     cdef _shutdown_upstream(self)
     cdef _read_upstream(self)
+    cdef bint _upstream_read_ended(self, ssize_t r)
+    cdef bint _client_read_ended(self, ssize_t r)
     cdef _to_client(self, Py_ssize_t n)
     cdef _hold(self, object data)
     cdef _sync_client_reading(self)

@@ -1208,16 +1208,22 @@ cdef class Connection:
                         self._upstream_eof()
                     return
                 self._to_client(r)
-            elif r == 0:
-                self.u_readable = False
-                self._upstream_eof()
+            elif self._upstream_read_ended(r):
                 return
-            elif errno == EAGAIN:
-                self.u_readable = False
-                return
-            elif errno != EINTR:
-                self._upstream_error(errno)
-                return
+
+    cdef bint _upstream_read_ended(self, ssize_t r):
+        # recv()/splice() from the upstream returned r <= 0: the EOF, nothing
+        # more for now, or an error.  False: interrupted, read again.
+        if r == 0:
+            self.u_readable = False
+            self._upstream_eof()
+        elif errno == EAGAIN:
+            self.u_readable = False
+        elif errno == EINTR:
+            return False
+        else:
+            self._upstream_error(errno)
+        return True
 
     cdef _to_client(self, Py_ssize_t n):
         cdef Py_ssize_t size = self.u_size
@@ -1395,17 +1401,22 @@ cdef class Connection:
                     if self.c_rdhup and self.cfd >= 0 and not self.c_eof:
                         self._client_eof()
                     return
-            elif r == 0:
-                self.c_readable = False
-                if not self.c_eof:
-                    self._client_eof()
+            elif self._client_read_ended(r):
                 return
-            elif errno == EAGAIN:
-                self.c_readable = False
-                return
-            elif errno != EINTR:
-                self._c_gone(True)
-                return
+
+    cdef bint _client_read_ended(self, ssize_t r):
+        # the same for the client socket
+        if r == 0:
+            self.c_readable = False
+            if not self.c_eof:
+                self._client_eof()
+        elif errno == EAGAIN:
+            self.c_readable = False
+        elif errno == EINTR:
+            return False
+        else:
+            self._c_gone(True)
+        return True
 
     cdef _flush_client(self):
         cdef ssize_t r
@@ -1483,16 +1494,7 @@ cdef class Connection:
                     self._sync_client_reading()
                     return
                 self.c_pend_off = self.c_pend_end = 0
-            elif r == 0:
-                self.c_readable = False
-                if not self.c_eof:
-                    self._client_eof()
-                return
-            elif errno == EAGAIN:
-                self.c_readable = False
-                return
-            elif errno != EINTR:
-                self._c_gone(True)
+            elif self._client_read_ended(r):
                 return
 
     cdef _splice_u2c(self):
@@ -1529,15 +1531,7 @@ cdef class Connection:
                     self.u_paused_by_c = True
                     return
                 self.u_pend_off = self.u_pend_end = 0
-            elif r == 0:
-                self.u_readable = False
-                self._upstream_eof()
-                return
-            elif errno == EAGAIN:
-                self.u_readable = False
-                return
-            elif errno != EINTR:
-                self._upstream_error(errno)
+            elif self._upstream_read_ended(r):
                 return
 
     cdef _close_pipes(self):

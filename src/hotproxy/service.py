@@ -178,6 +178,13 @@ class ConnectionStats:
         """Connections open now, on any version."""
         return len(self.conns)
 
+    def joined(self, conns: Any) -> Any:
+        """Our set, chained into the site's *conns* (done by the first connection)."""
+        mine = self.conns
+        if mine.parent is not conns:
+            mine.parent = conns
+        return mine
+
 
 class _CountingService(LayerService):
     def __init__(self, inner: Service, state: ConnectionStats) -> None:
@@ -185,21 +192,12 @@ class _CountingService(LayerService):
         self.state = state
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
-        state = self.state
-        mine = state.conns
-        if mine.parent is not conns:
-            # first connection on this site: chain our set into the site's
-            mine.parent = conns
-        state.accepted += 1
-        return self.inner.new_connection(mine)
+        self.state.accepted += 1
+        return self.inner.new_connection(self.state.joined(conns))
 
     def new_raw_connection(self, conns: Any) -> Any:
-        state = self.state
-        mine = state.conns
-        if mine.parent is not conns:
-            mine.parent = conns
-        state.accepted += 1
-        return self.inner.new_raw_connection(mine)
+        self.state.accepted += 1
+        return self.inner.new_raw_connection(self.state.joined(conns))
 
     def stats(self) -> dict[str, Any]:
         out = dict(self.inner.stats())
@@ -214,22 +212,22 @@ class _LimitService(LayerService):
         self.limit = limit
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
-        mine = self.state.conns
-        if mine.parent is not conns:
-            mine.parent = conns
-        if len(mine) >= self.limit:
-            self.state.refused += 1
+        mine = self.state.joined(conns)
+        if self._full(mine):
             return _Refuse()
         return self.inner.new_connection(mine)
 
     def new_raw_connection(self, conns: Any) -> Any:
-        mine = self.state.conns
-        if mine.parent is not conns:
-            mine.parent = conns
-        if len(mine) >= self.limit:
-            self.state.refused += 1
+        mine = self.state.joined(conns)
+        if self._full(mine):
             return None
         return self.inner.new_raw_connection(mine)
+
+    def _full(self, mine: Any) -> bool:
+        if len(mine) >= self.limit:
+            self.state.refused += 1
+            return True
+        return False
 
     def stats(self) -> dict[str, Any]:
         out = dict(self.inner.stats())
