@@ -11,8 +11,11 @@ default; or a small maximum so the compiled core splices early).
 What must hold, whatever the timing: each side receives exactly what the
 other sent, then the EOF; the proxy ends every connection as ``eof`` with
 ``bytes_in``/``bytes_out`` equal to what crossed it, and releases every
-count.  Run on both cores and both accept modes (the core accepting and
-owning the client socket, or an asyncio server and its transport).
+count and descriptor.  In the second test one side of each conversation
+resets (RST) at a random step instead: the other side gets an intact
+prefix, the connection ends as that side's error, nothing is left open.
+Run on both cores and both accept modes (the core accepting and owning the
+client socket, or an asyncio server and its transport).
 
 ``HOTPROXY_FUZZ_SEEDS=N`` runs N seeds instead of the default few (a soak
 run); a failure names its seed, and the same seed draws the same scripts.
@@ -27,6 +30,7 @@ import logging
 import os
 import random
 import re
+import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +56,7 @@ class Side:
     read_size: int = 65536        # bytes per read() call
     read_pauses: int = 0          # how many times the reader stops for a while
     eof_after_peer_eof: bool = False   # half-close only once the peer's EOF arrived
+    reset_after: int | None = None     # reset (RST) after this many write steps, instead of the EOF
 
 
 @dataclass
@@ -108,29 +113,36 @@ def draw_scripts(seed: int, count: int) -> list[Script]:
 
 
 async def play(side: Side, payload: bytes, reader: asyncio.StreamReader,
-               writer: asyncio.StreamWriter, rng: random.Random) -> tuple[int, str]:
+               writer: asyncio.StreamWriter, rng: random.Random) -> Any:
     """Run one end: send *payload* as *side* says, read until EOF; return
-    (bytes received, their sha256)."""
+    (bytes received, their sha256).  With ``reset_after`` the end resets
+    the connection instead and returns "reset"; an end whose peer reset
+    returns ("error", bytes received)."""
     peer_eof = asyncio.Event()
+    h = hashlib.sha256()
+    got = 0
 
     async def read_all() -> tuple[int, str]:
-        h = hashlib.sha256()
-        got = 0
+        nonlocal got
         pauses = side.read_pauses
-        while True:
-            data = await reader.read(side.read_size)
-            if not data:
-                peer_eof.set()
-                return got, h.hexdigest()
-            h.update(data)
-            got += len(data)
-            if pauses and rng.random() < 0.05:
-                pauses -= 1
-                await asyncio.sleep(rng.uniform(0.005, 0.05))
+        try:
+            while True:
+                data = await reader.read(side.read_size)
+                if not data:
+                    return got, h.hexdigest()
+                h.update(data)
+                got += len(data)
+                if pauses and rng.random() < 0.05:
+                    pauses -= 1
+                    await asyncio.sleep(rng.uniform(0.005, 0.05))
+        finally:
+            peer_eof.set()
 
-    async def write_all() -> None:
+    async def write_all() -> bool:
         off = 0
-        for op, n in side.writes:
+        for step, (op, n) in enumerate(side.writes):
+            if step == side.reset_after:
+                return False
             if op == "send":
                 writer.write(payload[off:off + n])
                 off += n
@@ -139,15 +151,38 @@ async def play(side: Side, payload: bytes, reader: asyncio.StreamReader,
             else:
                 await writer.drain()
         await writer.drain()
+        if side.reset_after is not None:
+            return False
         if side.eof_after_peer_eof:
             await peer_eof.wait()
+            if reading.done() and reading.exception() is not None:
+                raise reading.exception()   # type: ignore[misc]
         writer.write_eof()
+        return True
+
+    async def settle(task: asyncio.Future[Any]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await task
 
     reading = asyncio.ensure_future(read_all())
-    await write_all()
-    result = await reading
-    await writer.drain()
-    return result
+    try:
+        if not await write_all():
+            await settle(reading)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return "reset"
+        result = await reading
+        await writer.drain()
+        return result
+    except (OSError, RuntimeError):
+        # reset by the peer: ConnectionResetError, ENOTCONN from write_eof,
+        # or uvloop's RuntimeError for a transport that closed meanwhile
+        if not writer.transport.is_closing():
+            raise
+        await settle(reading)
+        return ("error", got, h.hexdigest())
 
 
 async def converse(scripts: list[Script], address: str, upstream_results: dict[int, Any]) -> list[Any]:
@@ -161,10 +196,14 @@ async def converse(scripts: list[Script], address: str, upstream_results: dict[i
             return await play(script.client, script.payload("client"), reader, writer, rng)
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
     return list(await asyncio.gather(*(one(s) for s in scripts)))
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def expected(data: bytes) -> tuple[int, str]:
@@ -202,9 +241,11 @@ def test_random_conversations_keep_every_byte_and_eof(core_name: str, seed: int,
         port = server.sockets[0].getsockname()[1]
         try:
             async with proxy_site(ProxyFactory((f"127.0.0.1:{port}",), access_log=True)) as ex:
+                before = fd_count()
                 got = await converse(scripts, site_address(ex), upstream_results)
                 await eventually(lambda: len(upstream_results) == len(scripts))
                 await drained(ex)
+                await eventually(lambda: fd_count() <= before)
                 for script, client_got in zip(scripts, got):
                     where = f"seed {seed}, script {script.ident}, buffers {buffers}"
                     assert client_got == expected(script.payload("upstream")), where
@@ -226,3 +267,78 @@ def test_random_conversations_keep_every_byte_and_eof(core_name: str, seed: int,
     want = sorted((str(8 + len(s.payload("client"))), str(len(s.payload("upstream"))), "eof")
                   for s in scripts)
     assert ends == want, f"seed {seed}"
+
+
+@pytest.mark.parametrize("accept", ["core-accept", "loop-accept"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_resets_release_everything(core_name: str, seed: int, accept: str,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The same conversations, but in each one side resets (RST) at a random
+    step instead of its EOF: the other side gets a prefix of what was sent
+    (then the reset or an EOF), the connection ends as the resetting side's
+    error, and the proxy releases every count and descriptor (pipes too)."""
+    monkeypatch.setattr(listeners, "CORE_ACCEPT", accept == "core-accept")
+    rng = random.Random(1000 + seed)
+    buffers = rng.choice([(1 * KiB, 1 * KiB), (16 * KiB, 64 * KiB), (None, None)])
+    if buffers[0] is not None:
+        monkeypatch.setattr(proxy_module, "BUFFER_SIZE", buffers[0])
+        monkeypatch.setattr(proxy_module, "MAX_BUFFER_SIZE", buffers[1])
+    scripts = draw_scripts(1000 + seed, 16)
+    resetting = {}
+    for s in scripts:
+        who = rng.choice(["client", "upstream"])
+        side = s.client if who == "client" else s.upstream
+        side.reset_after = rng.randint(0, len(side.writes))
+        side.eof_after_peer_eof = False
+        resetting[s.ident] = who
+    by_ident = {s.ident: s for s in scripts}
+
+    async def main() -> None:
+        upstream_results: dict[int, Any] = {}
+
+        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                (ident,) = struct.unpack("!Q", await reader.readexactly(8))
+                script = by_ident[ident]
+                rng = random.Random(f"{seed}/{ident}/upstream-timing")
+                upstream_results[ident] = await play(script.upstream, script.payload("upstream"),
+                                                     reader, writer, rng)
+            except (OSError, asyncio.IncompleteReadError):
+                pass   # reset before the id arrived: nothing to compare
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with proxy_site(ProxyFactory((f"127.0.0.1:{port}",), access_log=True)) as ex:
+                before = fd_count()
+                got = await converse(scripts, site_address(ex), upstream_results)
+                await drained(ex)
+                for script, client_got in zip(scripts, got):
+                    where = f"seed {seed}, script {script.ident}, buffers {buffers}"
+                    if resetting[script.ident] == "client":
+                        assert client_got == "reset", where
+                        peer, sent = upstream_results.get(script.ident), script.payload("client")
+                    else:
+                        assert upstream_results.get(script.ident) in ("reset", None), where
+                        peer, sent = client_got, script.payload("upstream")
+                    if peer is None:
+                        continue   # reset before the upstream had read the id
+                    # the other side received a prefix of what was sent, intact
+                    n, digest = peer[1:] if peer[0] == "error" else peer
+                    assert hashlib.sha256(sent[:n]).hexdigest() == digest, where
+                c = service(ex).counters
+                assert (c.accepted, c.active) == (len(scripts), 0)
+                # every socket and pipe of the proxy's is closed again
+                await eventually(lambda: fd_count() <= before)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    with caplog.at_level(logging.INFO, logger="hotproxy.access"):
+        run(main(), timeout=100)
+    ends = [r.getMessage().rsplit("end=", 1)[1] for r in caplog.records if r.name == "hotproxy.access"]
+    # each connection ends as the error of the side that reset it
+    assert sorted(ends) == sorted(f"{who}_error" for who in resetting.values()), f"seed {seed}"
