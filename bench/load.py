@@ -72,7 +72,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
 
 # Fixed ports, all below the ephemeral range (32768+).
-BACKEND_PORTS = (18080, 18081)        # two, so a reload can switch upstream lists
+BACKEND_PORTS = (18080, 18081)
+#: the A/A control's name: HAProxy exactly as the "haproxy" baseline
+CONTROL = "haproxy-again"        # two, so a reload can switch upstream lists
 IPERF_PORT = 18090
 PROXY_BASE_PORT = 18100               # proxy i listens on base+10*i (web) and +1 (iperf)
 
@@ -535,9 +537,9 @@ class HAProxy(Proxy):
 
     can_reload = True
 
-    def __init__(self, index: int, tmp: Path, tuned: bool) -> None:
+    def __init__(self, index: int, tmp: Path, tuned: bool, name: str | None = None) -> None:
         self.tuned = tuned
-        self.name = "haproxy-tuned" if tuned else "haproxy"
+        self.name = name or ("haproxy-tuned" if tuned else "haproxy")
         super().__init__(index, tmp)
 
     def write_config(self) -> Path:
@@ -1105,6 +1107,16 @@ def targets(res: Results, names: list[str]) -> list[tuple[str, str, str]]:
         check(f"{p}, reload every {interval:g} s: reload latency p50 < 10 ms",
               statistics.median(lat) if lat else None, lambda v: v < 10, "{:.1f} ms",
               rounds=[statistics.median(o.latencies_ms) for o in outs if o.latencies_ms])
+    if CONTROL in names and "haproxy" in names:
+        # The same HAProxy against itself: a ratio a proxy's target cannot be
+        # told apart from, on this machine in this run.
+        for key, label in (("ka_rps", "keep-alive req/s"), ("ka_per_cpu_s", "keep-alive req per proxy CPU-s"),
+                           ("close_rps", "Connection: close req/s"),
+                           ("close_per_cpu_s", "Connection: close conn per proxy CPU-s")):
+            rs = res.ratios(CONTROL, key, "haproxy")
+            if rs:
+                out.append((f"A/A control: HAProxy ÷ the same HAProxy, {label}",
+                            f"{median(rs):.2f}× ({min(rs):.2f}× – {max(rs):.2f}×)", "noise only"))
     if "haproxy-tuned" in names and "direct" in names:
         # What the bulk targets ask, against no proxy at all on the same box.
         for key, label in (("iperf_gbps", "iperf3 one stream"), ("bulk_mibps", "1 MiB responses")):
@@ -1263,6 +1275,10 @@ def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list
          "HAProxy not installed (apt-get install haproxy)"),
         ("haproxy-tuned", (lambda i: HAProxy(i, tmp, True)) if have_haproxy else None,
          "HAProxy not installed (apt-get install haproxy)"),
+        # the A/A control: the "haproxy" baseline once more, as a proxy under
+        # test -- its ratio to "haproxy" is what the machine's noise alone makes
+        (CONTROL, (lambda i: HAProxy(i, tmp, False, CONTROL)) if have_haproxy else None,
+         "HAProxy not installed (apt-get install haproxy)"),
         ("nginx-stream", (lambda i: NginxStream(i, tmp)) if have_nginx else None,
          "nginx with the stream module not installed (apt-get install nginx libnginx-mod-stream)"),
         ("plain-uvloop", lambda i: PlainProxy(i, tmp), ""),
@@ -1370,7 +1386,7 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                 rnd += 1
             if "idle" in args.extra and s.idle_connections:
                 for proxy in live:
-                    if isinstance(proxy, Direct) or not proxy.alive():
+                    if isinstance(proxy, Direct) or proxy.name == CONTROL or not proxy.alive():
                         continue
                     log(f"idle connections: {proxy.name}")
                     try:
@@ -1658,8 +1674,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     ap.add_argument("--scenarios", default=None,
                     help="comma list of keepalive,close,bulk,iperf3,reload (default: all)")
     ap.add_argument("--proxies", default=None,
-                    help="comma list of names or prefixes: direct,haproxy,haproxy-tuned,nginx-stream,"
-                         "plain-uvloop,hotproxy-c-1w,hotproxy-c-2w,hotproxy-py-1w (default: all)")
+                    help="comma list of names or prefixes: direct,haproxy,haproxy-tuned,"
+                         "haproxy-again (the A/A control),nginx-stream,plain-uvloop,"
+                         "hotproxy-c-1w,hotproxy-c-2w,hotproxy-py-1w (default: all)")
     ap.add_argument("--reload-proxies", default=None,
                     help="which proxies to reload (default: hotproxy-c-Nw, haproxy, nginx-stream)")
     ap.add_argument("--workers", type=int, default=None, help="N for hotproxy with N workers (default: CPUs)")
