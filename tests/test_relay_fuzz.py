@@ -91,10 +91,7 @@ def draw_side(rng: random.Random) -> Side:
             side.writes.append(("sleep", rng.randint(1, 30)))
         elif r < 0.35:
             side.writes.append(("drain", 0))
-    side.read_size = rng.choice([1, 7, 512, 4 * KiB, 64 * KiB, 1 << 20])
-    if side.read_size == 1:
-        # one byte per read() only for short conversations from the peer
-        side.read_size = 97
+    side.read_size = rng.choice([7, 97, 512, 4 * KiB, 64 * KiB, 1 << 20])
     side.read_pauses = rng.choice([0, 0, 1, 3])
     side.eof_after_peer_eof = rng.random() < 0.3
     return side
@@ -117,7 +114,7 @@ async def play(side: Side, payload: bytes, reader: asyncio.StreamReader,
     """Run one end: send *payload* as *side* says, read until EOF; return
     (bytes received, their sha256).  With ``reset_after`` the end resets
     the connection instead and returns "reset"; an end whose peer reset
-    returns ("error", bytes received)."""
+    returns ("error", bytes received, their sha256)."""
     peer_eof = asyncio.Event()
     h = hashlib.sha256()
     got = 0
