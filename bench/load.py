@@ -72,9 +72,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
 
 # Fixed ports, all below the ephemeral range (32768+).
-BACKEND_PORTS = (18080, 18081)
+BACKEND_PORTS = (18080, 18081)        # two, so a reload can switch upstream lists
 #: the A/A control's name: HAProxy exactly as the "haproxy" baseline
-CONTROL = "haproxy-again"        # two, so a reload can switch upstream lists
+CONTROL = "haproxy-again"
 IPERF_PORT = 18090
 PROXY_BASE_PORT = 18100               # proxy i listens on base+10*i (web) and +1 (iperf)
 
@@ -753,8 +753,8 @@ class Settings:
     reload_rounds: int = 3
     idle_connections: int = 10000
     warmup: float = 0.5
-    #: a steady round during which the hypervisor took more CPU than this
-    #: (% of one CPU) is measured again
+    #: a steady round (or a reload run) during which the hypervisor took
+    #: more CPU than this (% of one CPU) is measured again
     max_steal: float = 10.0
 
 
@@ -1666,8 +1666,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     ap.add_argument("--rounds", type=int, help="rounds of the steady scenarios (default 5)")
     ap.add_argument("--duration", type=float, help="seconds per load run (default 3)")
     ap.add_argument("--max-steal", type=float,
-                    help="measure a steady round again when the hypervisor stole more than this "
-                         "%% of one CPU during it (default 10; at most as many extra rounds as rounds)")
+                    help="measure a steady round (or a reload run) again when the hypervisor stole "
+                         "more than this %% of one CPU during it (default 10; steady: at most as many "
+                         "extra rounds as rounds; reload: once)")
     ap.add_argument("--reload-duration", type=float, help="seconds steady and during reloads (default 6)")
     ap.add_argument("--reload-rounds", type=int, help="rounds of the reload scenario (default 3)")
     ap.add_argument("-c", "--connections", type=int, default=50)
