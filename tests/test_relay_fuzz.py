@@ -182,7 +182,9 @@ async def play(side: Side, payload: bytes, reader: asyncio.StreamReader,
         return ("error", got, h.hexdigest())
 
 
-async def converse(scripts: list[Script], address: str, upstream_results: dict[int, Any]) -> list[Any]:
+async def converse(scripts: list[Script], address: str) -> list[Any]:
+    """Play every script's client side through *address* at once; return
+    what each got, in order."""
     host, _, port = address.rpartition(":")
 
     async def one(script: Script) -> Any:
@@ -203,6 +205,38 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def draw_buffers(rng: random.Random, monkeypatch: pytest.MonkeyPatch) -> tuple[int | None, int | None]:
+    """The site's relay buffers (buffer, max): 1 KiB, so every read fills
+    and the compiled core splices from the first; 16/64 KiB; or the default."""
+    buffers = rng.choice([(1 * KiB, 1 * KiB), (16 * KiB, 64 * KiB), (None, None)])
+    if buffers[0] is not None:
+        monkeypatch.setattr(proxy_module, "BUFFER_SIZE", buffers[0])
+        monkeypatch.setattr(proxy_module, "MAX_BUFFER_SIZE", buffers[1])
+    return buffers
+
+
+async def start_upstream(scripts: list[Script], seed: int,
+                         results: dict[int, Any]) -> tuple[asyncio.AbstractServer, int]:
+    """An upstream that plays each script's upstream side (found by the
+    8-byte id the client sends first) and records what it got in *results*;
+    return the server and its port."""
+    by_ident = {s.ident: s for s in scripts}
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            (ident,) = struct.unpack("!Q", await reader.readexactly(8))
+            script = by_ident[ident]
+            rng = random.Random(f"{seed}/{ident}/upstream-timing")
+            results[ident] = await play(script.upstream, script.payload("upstream"), reader, writer, rng)
+        except (OSError, asyncio.IncompleteReadError):
+            pass   # reset before the id arrived: nothing to compare
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 def expected(data: bytes) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
@@ -213,33 +247,16 @@ def test_random_conversations_keep_every_byte_and_eof(core_name: str, seed: int,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(listeners, "CORE_ACCEPT", accept == "core-accept")
-    rng = random.Random(seed)
-    buffers = rng.choice([(1 * KiB, 1 * KiB), (16 * KiB, 64 * KiB), (None, None)])
-    if buffers[0] is not None:
-        monkeypatch.setattr(proxy_module, "BUFFER_SIZE", buffers[0])
-        monkeypatch.setattr(proxy_module, "MAX_BUFFER_SIZE", buffers[1])
+    buffers = draw_buffers(random.Random(seed), monkeypatch)
     scripts = draw_scripts(seed, 16)
-    by_ident = {s.ident: s for s in scripts}
 
     async def main() -> None:
         upstream_results: dict[int, Any] = {}
-
-        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                (ident,) = struct.unpack("!Q", await reader.readexactly(8))
-                script = by_ident[ident]
-                rng = random.Random(f"{seed}/{ident}/upstream-timing")
-                upstream_results[ident] = await play(script.upstream, script.payload("upstream"),
-                                                     reader, writer, rng)
-            finally:
-                writer.close()
-
-        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await start_upstream(scripts, seed, upstream_results)
         try:
             async with proxy_site(ProxyFactory((f"127.0.0.1:{port}",), access_log=True)) as ex:
                 before = fd_count()
-                got = await converse(scripts, site_address(ex), upstream_results)
+                got = await converse(scripts, site_address(ex))
                 await eventually(lambda: len(upstream_results) == len(scripts))
                 await drained(ex)
                 await eventually(lambda: fd_count() <= before)
@@ -277,10 +294,7 @@ def test_random_resets_release_everything(core_name: str, seed: int, accept: str
     error, and the proxy releases every count and descriptor (pipes too)."""
     monkeypatch.setattr(listeners, "CORE_ACCEPT", accept == "core-accept")
     rng = random.Random(1000 + seed)
-    buffers = rng.choice([(1 * KiB, 1 * KiB), (16 * KiB, 64 * KiB), (None, None)])
-    if buffers[0] is not None:
-        monkeypatch.setattr(proxy_module, "BUFFER_SIZE", buffers[0])
-        monkeypatch.setattr(proxy_module, "MAX_BUFFER_SIZE", buffers[1])
+    buffers = draw_buffers(rng, monkeypatch)
     scripts = draw_scripts(1000 + seed, 16)
     resetting = {}
     for s in scripts:
@@ -289,29 +303,14 @@ def test_random_resets_release_everything(core_name: str, seed: int, accept: str
         side.reset_after = rng.randint(0, len(side.writes))
         side.eof_after_peer_eof = False
         resetting[s.ident] = who
-    by_ident = {s.ident: s for s in scripts}
 
     async def main() -> None:
         upstream_results: dict[int, Any] = {}
-
-        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                (ident,) = struct.unpack("!Q", await reader.readexactly(8))
-                script = by_ident[ident]
-                rng = random.Random(f"{seed}/{ident}/upstream-timing")
-                upstream_results[ident] = await play(script.upstream, script.payload("upstream"),
-                                                     reader, writer, rng)
-            except (OSError, asyncio.IncompleteReadError):
-                pass   # reset before the id arrived: nothing to compare
-            finally:
-                writer.close()
-
-        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await start_upstream(scripts, seed, upstream_results)
         try:
             async with proxy_site(ProxyFactory((f"127.0.0.1:{port}",), access_log=True)) as ex:
                 before = fd_count()
-                got = await converse(scripts, site_address(ex), upstream_results)
+                got = await converse(scripts, site_address(ex))
                 await drained(ex)
                 for script, client_got in zip(scripts, got):
                     where = f"seed {seed}, script {script.ident}, buffers {buffers}"
