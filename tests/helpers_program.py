@@ -65,9 +65,42 @@ FAIL_ON_WORKER = ServiceKind("fail_on_worker", {
     doc="test only: an echo service that fails to build on one worker")
 
 
+@dataclass(frozen=True)
+class StallOnUpdate(MakeService):
+    """An echo factory that, built on worker ``stall_worker``, makes that
+    worker stop itself (SIGSTOP) when the next ``Update`` reaches it: a
+    worker that answered *prepare* and then goes silent during *commit*."""
+
+    greeting: bytes = b""
+    stall_worker: int = -1
+
+    def make_via_ref(self, old: Service | None) -> Service:
+        if str(self.stall_worker) == os.environ.get("HOTPROXY_WORKER_ID"):
+            from hotproxy.commands import Update
+            from hotproxy.executor import ServiceExecutor
+
+            update = ServiceExecutor._handlers[Update]
+
+            async def stall_then_update(executor: Any, cmd: Any) -> Any:
+                ServiceExecutor._handlers[Update] = update   # once
+                os.kill(os.getpid(), signal.SIGSTOP)
+                return await update(executor, cmd)
+
+            ServiceExecutor._handlers[Update] = stall_then_update  # type: ignore[assignment]
+        return EchoFactory(self.greeting).make_via_ref(old)
+
+
+STALL_ON_UPDATE = ServiceKind("stall_on_update", {
+    "greeting": Option("str", ""),
+    "stall_worker": Option("int", -1),
+}, lambda o: stack(StallOnUpdate(o["greeting"].encode(), o["stall_worker"]), CountConnections()),
+    doc="test only: an echo service whose worker stops itself at the next Update")
+
+
 def register() -> None:
-    """Make ``kind = "fail_on_worker"`` available in this process."""
+    """Make the test-only kinds (``fail_on_worker``, ``stall_on_update``) available in this process."""
     register_kind(FAIL_ON_WORKER)
+    register_kind(STALL_ON_UPDATE)
 
 
 # -- the program -------------------------------------------------------------------

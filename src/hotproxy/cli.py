@@ -33,6 +33,12 @@ PROG = "hotproxy"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if args_in[:1] == ["run"]:
+        # before anything slow: a SIGHUP now must not kill the master-to-be
+        from . import early_signals
+
+        early_signals.catch()
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -249,15 +255,19 @@ def format_status(status: dict[str, Any]) -> str:
                          + (f": {', '.join(olds)}" if olds else ""))
     workers = status["workers"]
     alive = sum(1 for w in workers if w.get("alive"))
+    silent = [str(w["worker"]) for w in workers if w.get("alive") and w.get("answering") is False]
     draining = sum(w.get("draining") or 0 for w in workers)
     lines.append("")
     lines.append(f"master pid {status['pid']}, config {status['config']}, up {_duration(time.time() - status['started'])}; "
-                 f"workers {alive}/{len(workers)} alive (pids {', '.join(str(w['pid']) for w in workers)}), "
-                 f"{status['restarts']} restarts, {draining} removed services draining")
+                 f"workers {alive}/{len(workers)} alive (pids {', '.join(str(w['pid']) for w in workers)})"
+                 + (f", not answering: worker {', '.join(silent)}" if silent else "")
+                 + f", {status['restarts']} restarts, {draining} removed services draining")
     last = status.get("last_reload")
     if last:
         report = ReloadReport.from_dict(last)
         lines.append(f"last reload #{report.seq} ({report.trigger}) at {_when(report.at)}: {report.summary()}")
+    if status.get("reloading"):
+        lines.append("a reload is running" + (" (another is queued behind it)" if status.get("reload_queued") else ""))
     if status.get("stopping"):
         lines.append(f"stopping ({status['stopping']})")
     return "\n".join(lines)

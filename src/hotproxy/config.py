@@ -80,6 +80,9 @@ RUNTIME_OPTIONS: dict[str, Option] = {
     "pidfile": Option("path", None, doc="write the master's pid here"),
     "admin_socket": Option("path", None, doc="the admin Unix socket (default: derived from the config path)"),
     "log_level": Option("str", "info", choices=_LOG_LEVELS, doc="master and worker log level"),
+    "reload_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
+                             doc="seconds a worker may stay silent during a reload before it is killed "
+                                 "and restarted (a reload that keeps making progress is never cut short)"),
     "tcp_migrate_req": Option("bool", False, doc="at start, set the network-wide sysctl "
                               "net.ipv4.tcp_migrate_req=1 (if permitted), so that a killed worker's "
                               "queued connections move to another worker instead of being reset"),
@@ -165,6 +168,7 @@ class RuntimeConfig:
     pidfile: str | None = None
     admin_socket: str = ""
     log_level: str = "info"
+    reload_timeout: float = 10.0
     tcp_migrate_req: bool = False
 
 

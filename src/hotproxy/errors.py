@@ -92,6 +92,10 @@ class WorkerError(HotproxyError):
         return (type(self), (self.worker, self.detail))
 
 
+class WorkerTimeoutError(WorkerError):
+    """A worker stayed silent past its deadline; the manager killed it (it is restarted)."""
+
+
 class ConfigError(HotproxyError, ValueError):
     """A configuration problem: one line naming the file, the key and what was expected."""
 

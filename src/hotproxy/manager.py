@@ -12,6 +12,14 @@ first, then all committed -- before it answers any new command.  Commands
 and restarts are serialized by one lock, so a command issued while a
 worker is down is not lost: the restarted worker gets it from the record.
 
+Nothing waits for a worker without limit.  A dispatch may give a
+*silence deadline*: a worker that finishes none of the batch's commands for
+that long (stopped, wedged, swapping) is killed, its unanswered commands
+fail with ``WorkerTimeoutError``, and the supervisor restarts it from the
+record like any worker that died.  ``status`` asks every worker at once and
+reports one that does not answer promptly instead of waiting for it; ``stop``
+kills whatever has not exited when its drain time is up.
+
 ``inline=True`` runs one executor in the caller's own loop, for embedding
 and tests.
 """
@@ -29,7 +37,8 @@ from typing import Any, Iterator, Sequence
 
 from .channel import EXIT_BOOT_FAILURE, read_message, write_message
 from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
-from .errors import BuildListenerError, CommandGroupError, DeployError, HotproxyError, WorkerError
+from .errors import (BuildListenerError, CommandGroupError, DeployError, HotproxyError, WorkerError,
+                     WorkerTimeoutError)
 from .executor import ServiceExecutor
 from .listeners import (BoundListener, InheritedListenerFactory, ListenerFactory, UnixListenerFactory,
                         send_listener_fd)
@@ -237,7 +246,27 @@ class _ProcessWorker:
         except (ConnectionError, OSError) as exc:
             self.pending.pop(req_id, None)
             raise WorkerError(self.id, f"control channel: {exc}") from None
-        return await fut
+        try:
+            return await fut
+        finally:
+            # given up on (a deadline): forget it, the late answer is dropped
+            self.pending.pop(req_id, None)
+
+    def kill_silent(self, seconds: float, what: str) -> None:
+        """Kill a worker that has not answered *what* for *seconds*.
+
+        Every request still waiting for it fails with ``WorkerTimeoutError``
+        now; the supervisor sees the exit and restarts it from the record.
+        """
+        error = WorkerTimeoutError(self.id, f"pid {self.pid} did not answer {what} within {seconds:g}s: "
+                                            "killed, restarting it")
+        log.error("%s", error)
+        self.alive = self.ready = False
+        self._kill()
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self.pending.clear()
 
     async def execute(self, command: Any) -> Any:
         lf = getattr(command, "listener_factory", None)
@@ -263,17 +292,27 @@ class _ProcessWorker:
     async def status(self) -> dict[str, Any]:
         return await self._call("status")  # type: ignore[no-any-return]
 
+    async def set_log_level(self, level: str) -> None:
+        await self._call("log_level", level)
+
     async def stop(self, graceful: bool, timeout: float | None) -> None:
+        """Ask the worker to stop; kill it if it has not exited by the deadline.
+
+        The deadline is the drain time (graceful) plus ``STOP_GRACE``: a
+        worker that cannot even read the request (stopped, wedged) is
+        killed then, so a stop always keeps ``drain_timeout``.
+        """
         if self.proc is None:
             return
+        drain = (timeout if timeout is not None else self.manager.drain_timeout) if graceful else 0.0
+        deadline = time.monotonic() + drain + STOP_GRACE
         if self.alive:
             try:
-                await asyncio.wait_for(self._call("stop", graceful, timeout), 5.0)
+                await asyncio.wait_for(self._call("stop", graceful, timeout), STOP_GRACE)
             except (WorkerError, asyncio.TimeoutError):
                 pass
-        limit = (timeout if timeout is not None else self.manager.drain_timeout) + 5.0
         try:
-            await asyncio.wait_for(self.proc.wait(), limit if graceful else 5.0)
+            await asyncio.wait_for(self.proc.wait(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             self._kill()
             await self.proc.wait()
@@ -285,6 +324,13 @@ class _ProcessWorker:
         self.alive = False
 
 
+#: seconds a worker gets, beyond the drain time, to exit when told to stop
+STOP_GRACE = 2.0
+
+#: seconds ``status`` waits for a worker's answer before reporting it as not answering
+STATUS_TIMEOUT = 1.0
+
+
 class WorkerManager:
     """Runs the six commands on every worker; supervises the workers.
 
@@ -293,13 +339,16 @@ class WorkerManager:
 
     def __init__(self, workers: int | None = None, *, drain_timeout: float = 30.0,
                  cpu_affinity: bool = False, inline: bool = False, core: str | None = None,
-                 boot_timeout: float = 10.0) -> None:
+                 boot_timeout: float = 10.0, command_timeout: float | None = None) -> None:
         self.inline = inline
         self.count = 1 if inline else (workers or os.cpu_count() or 1)
         self.drain_timeout = drain_timeout
         self.cpu_affinity = cpu_affinity
         self.core = core
         self.boot_timeout = boot_timeout
+        #: the silence deadline of a dispatch that gives none, and of the
+        #: replay that brings a restarted worker back (None: wait forever)
+        self.command_timeout = command_timeout
         self.workers: list[Any] = []
         self.deployments: dict[str, Deployment] = {}
         self._staged: dict[str, _Staged] = {}
@@ -340,35 +389,46 @@ class WorkerManager:
 
     # -- commands -------------------------------------------------------------
 
-    async def dispatch(self, command: Any) -> ResultGroup:
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop`` was called."""
+        return self._stopping
+
+    async def dispatch(self, command: Any, *, timeout: float | None = None) -> ResultGroup:
         """Run *command* on every live worker concurrently; one result each.
 
         A worker that is down is left out; it gets the outcome from the
-        deployment record when it is restarted.
+        deployment record when it is restarted.  *timeout* (default:
+        ``command_timeout``): see ``dispatch_many``.
         """
-        async with self._lock:
-            return await self._dispatch(command)
+        return (await self.dispatch_many([command], timeout=timeout))[0]
 
-    async def dispatch_many(self, commands: Sequence[Any]) -> list[ResultGroup]:
+    async def dispatch_many(self, commands: Sequence[Any], *,
+                            timeout: float | None = None) -> list[ResultGroup]:
         """Run *commands*, in order, on every live worker; one result group each.
 
         Each worker runs them one at a time in this order, exactly as if they
         were dispatched one by one; but all are sent at once, so the whole
         batch costs one wait for the slowest worker instead of one per
         command (a reload that changes many services).
+
+        *timeout* (default: ``command_timeout``) bounds how long a worker
+        may stay silent: one that finishes none of its remaining commands
+        for that long is killed (and restarted from the record); those
+        commands fail on it with ``WorkerTimeoutError``.  A batch that keeps
+        making progress is never cut short.
         """
         if not commands:
             return []
+        if timeout is None:
+            timeout = self.command_timeout
         async with self._lock:
             live = [w for w in self.workers if w.alive and w.ready]
-            per_worker = await asyncio.gather(*(_in_order(w, commands) for w in live))
-            return [self._gathered(cmd, live, [outs[i] for outs in per_worker])
-                    for i, cmd in enumerate(commands)]
-
-    async def _dispatch(self, command: Any) -> ResultGroup:
-        live = [w for w in self.workers if w.alive and w.ready]
-        outcomes = await asyncio.gather(*(w.execute(command) for w in live), return_exceptions=True)
-        return self._gathered(command, live, outcomes)
+            per_worker = await asyncio.gather(*(_in_order(w, commands, timeout) for w in live))
+            groups = [self._gathered(cmd, live, [outs[i] for outs in per_worker])
+                      for i, cmd in enumerate(commands)]
+            self._release_shared()
+            return groups
 
     def _gathered(self, command: Any, live: list[Any], outcomes: Sequence[Any]) -> ResultGroup:
         results = []
@@ -376,7 +436,7 @@ class WorkerManager:
             if isinstance(out, BaseException):
                 if not isinstance(out, Exception):
                     raise out
-                if isinstance(out, WorkerError) and not w.alive:
+                if type(out) is WorkerError and not w.alive:
                     # It died under the command (kill -9 just before a reload):
                     # that is not the command failing.  Leave it out like a
                     # worker that was already down; its restart replays the
@@ -388,11 +448,11 @@ class WorkerManager:
             else:
                 results.append(WorkerResult(w.id, value=out))
         group = ResultGroup(command, results)
-        # record it if it applied somewhere, or if no worker was there to fail
-        # it (all down: they replay the record when they come back)
-        if any(r.ok for r in results) or not results:
+        # Record it if it applied somewhere, or if no worker was there to
+        # fail it: the ones that died or were killed for their silence
+        # replay the record when they come back.
+        if any(r.ok for r in results) or all(isinstance(r.error, WorkerTimeoutError) for r in results):
             self._record(command)
-        self._release_shared()
         return group
 
     def _record(self, cmd: Any) -> None:
@@ -453,18 +513,39 @@ class WorkerManager:
         for lf in [lf for lf in self._shared if lf not in used]:
             self._shared.pop(lf).close()
 
-    async def status(self) -> list[dict[str, Any]]:
-        """Each worker's status (sites, generations, connections), or its error."""
-        out = []
-        for w in self.workers:
-            entry: dict[str, Any] = {"worker": w.id, "pid": w.pid, "alive": w.alive, "ready": w.ready}
-            if w.alive:
-                try:
-                    entry.update(await asyncio.wait_for(w.status(), 5.0))
-                except (HotproxyError, asyncio.TimeoutError) as exc:
-                    entry["error"] = str(exc) or type(exc).__name__
-            out.append(entry)
-        return out
+    async def status(self, timeout: float = STATUS_TIMEOUT) -> list[dict[str, Any]]:
+        """Each worker's status (sites, generations, connections), or its error.
+
+        Every worker is asked at once; one that has not answered within
+        *timeout* is reported as not answering (``"answering": False``), never
+        waited for.
+        """
+        return list(await asyncio.gather(*(self._worker_status(w, timeout) for w in self.workers)))
+
+    @staticmethod
+    async def _worker_status(w: Any, timeout: float) -> dict[str, Any]:
+        entry: dict[str, Any] = {"worker": w.id, "pid": w.pid, "alive": w.alive, "ready": w.ready,
+                                 "answering": False}
+        if w.alive:
+            try:
+                entry.update(await asyncio.wait_for(w.status(), timeout))
+                entry["answering"] = True
+            except asyncio.TimeoutError:
+                entry["error"] = f"not answering (no status within {timeout:g}s)"
+            except HotproxyError as exc:
+                entry["error"] = str(exc) or type(exc).__name__
+        return entry
+
+    async def set_log_level(self, level: str) -> None:
+        """Tell every live worker its new log level (best effort, bounded)."""
+        async def one(w: Any) -> None:
+            if not w.alive or not hasattr(w, "set_log_level"):
+                return
+            try:
+                await asyncio.wait_for(w.set_log_level(level), STATUS_TIMEOUT)
+            except (HotproxyError, asyncio.TimeoutError):
+                pass   # a restarted worker gets the level in its hello
+        await asyncio.gather(*(one(w) for w in self.workers))
 
     # -- supervision ----------------------------------------------------------
 
@@ -489,10 +570,12 @@ class WorkerManager:
                 if self._stopping:
                     return
                 try:
+                    # Boot outside the lock: a reload in progress does not
+                    # delay the new process, only the replay that follows.
+                    await w.start()
                     async with self._lock:
                         if self._stopping:
                             return
-                        await w.start()
                         await self._replay(w)
                         w.ready = True
                 except (HotproxyError, OSError) as exc:
@@ -510,15 +593,20 @@ class WorkerManager:
                 break
 
     async def _replay(self, w: _ProcessWorker) -> None:
-        """Bring a fresh worker to the recorded deployment: bind all, then serve all."""
-        for name, dep in self.deployments.items():
-            await w.execute(Precommit(name, dep.factory, dep.listener_factory))
-        for name in self.deployments:
-            await w.execute(Commit(name))
+        """Bring a fresh worker to the recorded deployment: bind all, then serve all.
+
+        Bounded like a dispatch: a replay during which the worker stays
+        silent for ``command_timeout`` kills it (the restart is retried).
+        """
+        commands: list[Any] = [Precommit(name, dep.factory, dep.listener_factory)
+                               for name, dep in self.deployments.items()]
+        commands += [Commit(name) for name in self.deployments]
         # a prepare phase in progress: stage what the other workers have staged
-        for name, staged in self._staged.items():
-            if staged.factory is not None:
-                await w.execute(Precommit(name, staged.factory, staged.listener_factory))
+        commands += [Precommit(name, staged.factory, staged.listener_factory)
+                     for name, staged in self._staged.items() if staged.factory is not None]
+        for out in await _in_order(w, commands, self.command_timeout):
+            if isinstance(out, BaseException):
+                raise out
 
     # -- stopping -------------------------------------------------------------
 
@@ -534,8 +622,22 @@ class WorkerManager:
         self._shared.clear()
 
 
-async def _in_order(worker: Any, commands: Sequence[Any]) -> list[Any]:
-    # Every command is written to the worker before the first reply is
-    # awaited: the tasks start in creation order (the loop runs callbacks
-    # first in, first out) and each writes its request before it awaits.
-    return await asyncio.gather(*(worker.execute(c) for c in commands), return_exceptions=True)
+async def _in_order(worker: Any, commands: Sequence[Any], timeout: float | None) -> list[Any]:
+    """Each command's outcome on *worker* (a value or an exception), in order.
+
+    Every command is written to the worker before the first reply is
+    awaited: the tasks start in creation order (the loop runs callbacks
+    first in, first out) and each writes its request before it awaits.
+    With a *timeout*, a worker that answers none of the commands still
+    pending for that long is killed (``kill_silent``), which fails them.
+    """
+    tasks = [asyncio.ensure_future(worker.execute(c)) for c in commands]
+    # (an inline worker runs in our own loop: it cannot be silent, nor killed)
+    if timeout is not None and isinstance(worker, _ProcessWorker):
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                worker.kill_silent(timeout, f"{len(pending)} of {len(commands)} commands")
+                break
+    return await asyncio.gather(*tasks, return_exceptions=True)

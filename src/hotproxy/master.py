@@ -11,10 +11,20 @@ SIGINT     the same (a second one stops at once)
 SIGQUIT    fast stop: close every connection, exit 0
 =========  ===================================================================
 
-Signal handlers only schedule work on the loop (``loop.add_signal_handler``);
-reloads run one at a time (see ``reload.Reloader``).  Exit codes: 0 after a
-stop, 1 if the instance could not start (admin socket, pidfile, workers, or
-the initial config could not be applied).
+Signal handlers only schedule work on the loop (``loop.add_signal_handler``).
+Signals that arrive before the loop runs are caught from the first moment
+(``early_signals.catch``, called by the CLI before its heavy imports) and
+replayed once it does: a SIGHUP during start-up is a reload after the first
+config is applied, never the default action (which would kill the master).
+
+Reloads run one at a time.  Requests that arrive while one runs -- a storm
+of SIGHUPs, several ``hotproxy reload`` -- are merged into one reload of the
+file as it is when that reload starts, and every waiting caller gets its
+outcome.  The admin socket serves until the process exits: ``status`` and
+``stop --fast`` work during a graceful stop's drain.
+
+Exit codes: 0 after a stop, 1 if the instance could not start (admin socket,
+pidfile, workers, or the initial config could not be applied).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import sys
 import time
 from typing import Any
 
+from . import early_signals
 from .admin import AdminError, AdminServer
 from .config import Config, load_config
 from .errors import HotproxyError
@@ -42,6 +53,7 @@ ADMIN_COMMANDS = ("reload", "status", "stop")
 
 class PidfileError(HotproxyError):
     """The pidfile names a live process, or cannot be written."""
+
 
 
 class Master:
@@ -63,6 +75,13 @@ class Master:
         self._stopping: str | None = None   # None, "graceful", "fast"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pidfile: str | None = None
+        #: the reload running now, and the one that requests arriving
+        #: meanwhile are merged into (it starts when the running one ends)
+        self._reload_running: asyncio.Task[ReloadReport] | None = None
+        self._reload_next: asyncio.Task[ReloadReport] | None = None
+        self._next_requests = 0
+        #: a SIGHUP arrived before the first config was applied
+        self._hup_while_starting = False
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -70,6 +89,7 @@ class Master:
         """Start, serve until a stop request, stop; return the exit code."""
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
+        self._install_signals(loop)
         rt = self.config.runtime
         try:
             self._write_pidfile(rt.pidfile)
@@ -79,12 +99,12 @@ class Master:
             log.error("cannot start: %s", exc)
             self._remove_pidfile()
             return 1
-        self._install_signals(loop)
         if rt.tcp_migrate_req:
             set_tcp_migrate_req()
         try:
             self.manager = WorkerManager(rt.workers, drain_timeout=rt.drain_timeout,
-                                         cpu_affinity=rt.cpu_affinity, **self._manager_options)
+                                         cpu_affinity=rt.cpu_affinity, command_timeout=rt.reload_timeout,
+                                         **self._manager_options)
             try:
                 await self.manager.start()
             except (HotproxyError, OSError) as exc:
@@ -99,6 +119,9 @@ class Master:
                 return 1
             self.ready = True
             self._log_serving()
+            if self._hup_while_starting and not self._stopping:
+                log.info("SIGHUP during start-up: reloading now")
+                self._spawn(self.request_reload("SIGHUP"))
             graceful = await self._stop
             await self._shutdown(graceful)
             return 0
@@ -123,20 +146,22 @@ class Master:
                  os.getpid(), self.manager.count, cur.source, cur.runtime.admin_socket)
 
     async def _shutdown(self, graceful: bool) -> None:
+        """Stop within ``drain_timeout``, whatever a reload is doing.
+
+        No new reload starts.  One in progress is not waited for: the
+        workers stop under it (a stopped worker is killed at the deadline),
+        its commands fail, and it reports "interrupted".  The admin socket
+        keeps answering (``status``, ``stop --fast``) until ``run`` returns.
+        """
         assert self.manager is not None and self.reloader is not None
-        # Start no new reload; let a running one finish (bounded), so the
-        # workers are not stopped in the middle of a prepare.
         self.reloader.close()
-        if self._tasks:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 30.0)
-        if self.admin is not None:
-            await self.admin.close()   # stop clients are still told "stopped" at the end
         drain = self.reloader.current.runtime.drain_timeout if self.reloader.current else None
         log.info("stopping (%s)%s", "graceful" if graceful else "fast",
                  f": draining up to {drain:g}s" if graceful and drain is not None else "")
         t0 = time.monotonic()
         await self.manager.stop(graceful=graceful, timeout=drain)
+        if self._tasks:   # reloads whose workers just went away: they end now
+            await asyncio.wait(list(self._tasks), timeout=5.0)
         log.info("stopped in %.1f s", time.monotonic() - t0)
 
     def request_stop(self, graceful: bool) -> None:
@@ -163,23 +188,30 @@ class Master:
     # -- signals ----------------------------------------------------------------
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
-        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
-        loop.add_signal_handler(signal.SIGQUIT, self.request_stop, False)
+        handlers = {signal.SIGHUP: (self._on_sighup,), signal.SIGTERM: (self._on_stop_signal, "SIGTERM"),
+                    signal.SIGINT: (self._on_stop_signal, "SIGINT"), signal.SIGQUIT: (self.request_stop, False)}
+        for sig, (callback, *args) in handlers.items():
+            loop.add_signal_handler(sig, callback, *args)
+        # what arrived before (early_signals.catch), in order
+        for sig in early_signals.take():
+            callback, *args = handlers[sig]
+            loop.call_soon(callback, *args)
 
     @staticmethod
     def _remove_signals(loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for sig in early_signals.SIGNALS:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
 
     def _on_sighup(self) -> None:
-        started = time.monotonic()
-        if self._stopping or not self.ready:
-            log.warning("SIGHUP ignored: %s", "stopping" if self._stopping else "still starting")
+        if self._stopping:
+            log.warning("SIGHUP ignored: stopping")
             return
-        self._spawn(self.reload("SIGHUP", started))
+        if not self.ready:
+            # the first config is not applied yet: reload once it is
+            self._hup_while_starting = True
+            return
+        self._spawn(self.request_reload("SIGHUP"))
 
     def _on_stop_signal(self, name: str) -> None:
         # the first one drains; a second one (an impatient operator) stops at once
@@ -193,14 +225,51 @@ class Master:
 
     # -- reload and status --------------------------------------------------------
 
+    async def request_reload(self, trigger: str) -> ReloadReport:
+        """Reload the file, merged with other requests; the outcome that covers this one.
+
+        With no reload running, one starts now.  Otherwise this request joins
+        the reload queued behind the running one (creating it if needed):
+        that reload reads the file when it starts, so it covers every
+        request made before then, and each caller gets its report.
+        """
+        started = time.monotonic()
+        if self._reload_next is not None:
+            self._next_requests += 1
+            return await asyncio.shield(self._reload_next)
+        running = self._reload_running
+        if running is None or running.done():
+            task = self._reload_running = self._spawn(self._reload_after(None, trigger, started))
+        else:
+            self._next_requests = 1
+            task = self._reload_next = self._spawn(self._reload_after(running, trigger, started))
+        # shielded: a client hanging up, or the admin server closing, must
+        # not cancel a reload half-way (between prepare and abort/commit)
+        return await asyncio.shield(task)
+
+    async def _reload_after(self, previous: asyncio.Task[ReloadReport] | None, trigger: str,
+                            started: float) -> ReloadReport:
+        requests = 1
+        if previous is not None:
+            await asyncio.wait([previous])
+            # from here on, new requests queue behind this reload
+            self._reload_running, self._reload_next = self._reload_next, None
+            requests = self._next_requests
+        report = await self.reload(trigger, started)
+        report.requests = requests
+        return report
+
     async def reload(self, trigger: str, started: float | None = None) -> ReloadReport:
-        """Re-read the config file and apply it, all or nothing."""
+        """Re-read the config file and apply it, all or nothing (not merged: see ``request_reload``)."""
         assert self.reloader is not None
         # a file of address literals loads in the loop; host names in a thread
         report = await self.reloader.reload(
             lambda: load_config(self.path), trigger=trigger, started=started,
             quick_load=lambda: load_config(self.path, lookups=False))
         self._note_changes(report)
+        if self.reloader.current is not None and self.manager is not None:
+            # runtime.reload_timeout applies at once, to worker restarts too
+            self.manager.command_timeout = self.reloader.current.runtime.reload_timeout
         return report
 
     def _note_changes(self, report: ReloadReport) -> None:
@@ -227,10 +296,11 @@ class Master:
             "ready": self.ready,
             "stopping": self._stopping,
             "reloading": self.reloader.busy,
+            "reload_queued": self._reload_next is not None,
             "reloads": self.reloader.seq,
             "last_reload": last.to_dict() if last is not None else None,
             "restarts": self.manager.restarts,
-            "workers": [{**{k: w.get(k) for k in ("worker", "pid", "alive", "draining", "error")},
+            "workers": [{**{k: w.get(k) for k in ("worker", "pid", "alive", "answering", "draining", "error")},
                          "sites": sorted(w.get("sites") or ())} for w in workers],
             "services": services,
         }
@@ -273,14 +343,11 @@ class Master:
                 return {"ok": False, "error": "starting"}, False
             return {"ok": True, "status": await self.status()}, False
         if cmd == "reload":
-            started = time.monotonic()
             if self._stopping:
                 return {"ok": False, "error": "stopping: no reload"}, False
             if not self.ready:
-                return {"ok": False, "error": "still starting: try again"}, False
-            # shielded: a client hanging up, or the admin server closing, must
-            # not cancel a reload half-way (between prepare and abort/commit)
-            report = await asyncio.shield(self._spawn(self.reload("admin", started)))
+                return {"ok": False, "error": "starting: the first config is not applied yet; try again"}, False
+            report = await self.request_reload("admin")
             return {"ok": report.ok, "report": report.to_dict()}, False
         if cmd == "stop":
             graceful = request.get("graceful", True)

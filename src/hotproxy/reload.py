@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping
 
 from .commands import Abort, Commit, Precommit, Remove, Update
 from .config import Config, NeedsLookup, ServiceConfig
-from .errors import ConfigError, HotproxyError, SiteNotFoundError
+from .errors import ConfigError, HotproxyError, SiteNotFoundError, WorkerTimeoutError
 from .listeners import TcpListenerFactory
 
 log = logging.getLogger("hotproxy.reload")
@@ -88,6 +88,8 @@ class Failure:
     error: str                 # one line
     service: str | None = None
     worker: int | None = None
+    #: the worker stayed silent past ``reload_timeout`` and was killed
+    timeout: bool = False
 
     def __str__(self) -> str:
         where = []
@@ -124,15 +126,19 @@ class ReloadReport:
     commit_ms: float = 0.0
     #: True when a failure came after some worker committed (should not happen)
     partial: bool = False
+    #: how many reload requests this reload answered (requests that came
+    #: while another reload ran are merged into the next one)
+    requests: int = 1
 
     def summary(self) -> str:
         """One log line: ``reload ok: added=[..] changed=[..] ... in 3.2 ms``."""
         if self.ok:
             moved = f" moved={_names(self.moved)}" if self.moved else ""
+            merged = f", {self.requests} requests" if self.requests > 1 else ""
             return (f"reload ok: added={_names(self.added)} changed={_names(self.changed)}{moved} "
                     f"removed={_names(self.removed)} unchanged={_names(self.unchanged)} "
                     f"in {self.duration_ms:.1f} ms (prepare {self.prepare_ms:.1f}, "
-                    f"commit {self.commit_ms:.1f})")
+                    f"commit {self.commit_ms:.1f}{merged})")
         state = "config partially applied" if self.partial else "the old config keeps serving"
         more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
         return f"reload failed: {self.error}{more}; {state} ({self.duration_ms:.1f} ms)"
@@ -146,7 +152,8 @@ class ReloadReport:
         """Inverse of ``to_dict``; unknown keys are ignored (newer masters)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in data.items() if k in names}
-        kw["failures"] = [Failure(**{k: v for k, v in f.items() if k in ("phase", "error", "service", "worker")})
+        kw["failures"] = [Failure(**{k: v for k, v in f.items() if k in ("phase", "error", "service", "worker",
+                                                                         "timeout")})
                           for f in data.get("failures", [])]
         return cls(**kw)
 
@@ -234,6 +241,7 @@ class Reloader:
 
     async def _apply(self, config: Config, report: ReloadReport) -> None:
         running = self.current.services if self.current is not None else {}
+        old_level = self.current.runtime.log_level if self.current is not None else None
         d = diff(running, config.services)
         report.added, report.changed, report.moved = d.added, d.changed, d.moved
         report.removed, report.unchanged = d.removed, d.unchanged
@@ -250,6 +258,7 @@ class Reloader:
             report.failures.append(Failure("prepare", report.error))
             return
 
+        timeout = config.runtime.reload_timeout
         t0 = time.monotonic()
         # (in a thread: a probe may resolve host names; nothing new, nothing to probe)
         failures = await asyncio.to_thread(self._probe, config, d) if d.added or d.moved else []
@@ -262,8 +271,10 @@ class Reloader:
                 new_listener = name in d.added or name in d.moved
                 cmds.append(Precommit(name, svc.factory, svc.listener if new_listener else None))
             prepared = [cmd.name for cmd in cmds]
-            failures = [f for fs in await self._dispatch_all(cmds, "prepare") for f in fs]
+            failures = [f for fs in await self._dispatch_all(cmds, "prepare", timeout) for f in fs]
         report.prepare_ms = (time.monotonic() - t0) * 1000.0
+        if not failures and self._stopping():
+            failures = [Failure("prepare", "interrupted: hotproxy is stopping")]
         if failures:
             report.failures.extend(failures)
             report.error = str(failures[0])
@@ -277,8 +288,16 @@ class Reloader:
         commits += [(name, Update(name)) for name in d.changed if name not in d.moved]
         drain = config.runtime.drain_timeout
         commits += [(name, Remove(name, drain)) for name in d.removed]
-        outcomes = await self._dispatch_all([step for _, step in commits], "commit")
+        outcomes = await self._dispatch_all([step for _, step in commits], "commit", timeout)
+        if self._stopping():
+            report.failures.append(Failure("commit", "interrupted: hotproxy is stopping"))
         for (name, step), failed in zip(commits, outcomes):
+            # A worker killed for its silence is restarted from the record,
+            # which has this commit: the new config, like the others.
+            for f in failed:
+                if f.timeout:
+                    report.notes.append(f"{f}; it restarts with the new config")
+            failed = [f for f in failed if not f.timeout]
             if failed:
                 # Workers that committed serve the new version; keep the old
                 # entry so the next reload tries this service again.
@@ -298,6 +317,8 @@ class Reloader:
             report.error = str(report.failures[0])
         else:
             report.ok = True
+            if old_level is not None and old_level != config.runtime.log_level:
+                await self._set_log_level(config.runtime.log_level)
 
     def _runtime(self, config: Config, report: ReloadReport) -> Config:
         """Keep the runtime keys a reload cannot change, and say so."""
@@ -310,8 +331,6 @@ class Reloader:
                 report.notes.append(f"runtime.{key} changed ({getattr(old, key)!r} -> {getattr(new, key)!r}): "
                                     "restart hotproxy to apply it")
                 keep[key] = getattr(old, key)
-        if old.log_level != new.log_level:
-            logging.getLogger("hotproxy").setLevel(new.log_level.upper())
         return dataclasses.replace(config, runtime=dataclasses.replace(new, **keep)) if keep else config
 
     def _probe(self, config: Config, d: Diff) -> list[Failure]:
@@ -340,14 +359,40 @@ class Reloader:
                 failures.append(Failure("prepare", f"cannot listen on {lf.address}: {error}", service=name))
         return failures
 
-    async def _dispatch_all(self, cmds: list[Any], phase: str) -> list[list[Failure]]:
-        """Send *cmds* to every worker at once; the failures of each, in order."""
+    async def _dispatch_all(self, cmds: list[Any], phase: str, timeout: float) -> list[list[Failure]]:
+        """Send *cmds* to every worker at once; the failures of each, in order.
+
+        A worker silent for *timeout* is killed by the manager; its failures
+        are marked ``timeout``.
+        """
         try:
-            groups = await self.manager.dispatch_many(cmds)
+            groups = await self.manager.dispatch_many(cmds, timeout=timeout)
         except HotproxyError as exc:
             return [[Failure(phase, str(exc), service=cmd.name)] for cmd in cmds]
-        return [[Failure(phase, _one_line(r.error), service=cmd.name, worker=r.worker)
-                 for r in group.failures] for cmd, group in zip(cmds, groups)]
+        out = []
+        seen: set[int] = set()
+        for cmd, group in zip(cmds, groups):
+            failures = []
+            for r in group.failures:
+                timed_out = isinstance(r.error, WorkerTimeoutError)
+                if timed_out and r.worker in seen:
+                    continue   # one line per silent worker, not one per command
+                if timed_out:
+                    seen.add(r.worker)
+                failures.append(Failure(phase, _one_line(r.error), service=None if timed_out else cmd.name,
+                                        worker=None if timed_out else r.worker, timeout=timed_out))
+            out.append(failures)
+        return out
+
+    def _stopping(self) -> bool:
+        return bool(getattr(self.manager, "stopping", False))
+
+    async def _set_log_level(self, level: str) -> None:
+        """``runtime.log_level`` applies at once: here and on every worker."""
+        logging.getLogger("hotproxy").setLevel(level.upper())
+        set_level = getattr(self.manager, "set_log_level", None)
+        if set_level is not None:
+            await set_level(level)
 
     async def _abort(self, names: list[str]) -> None:
         """Drop everything this reload staged, on every worker."""

@@ -71,8 +71,6 @@ class WorkerProcess:
         self.executor = ServiceExecutor(self.worker_id, hello.get("drain_timeout", 30.0))
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, True, None)
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, False, None)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # the master decides
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
         write_message(writer, ("ready", os.getpid()))
         runner = loop.create_task(self._run_commands(writer))
@@ -101,6 +99,11 @@ class WorkerProcess:
                     self.queue.put_nowait((msg[1], msg[2]))
                 elif kind == "status":
                     write_message(writer, ("res", msg[1], True, self.executor.status()))
+                elif kind == "log_level":
+                    # a reload changed runtime.log_level: it applies at once
+                    logging.getLogger().setLevel(msg[2].upper())
+                    logging.getLogger("hotproxy").setLevel(msg[2].upper())
+                    write_message(writer, ("res", msg[1], True, None))
                 elif kind == "stop":
                     write_message(writer, ("res", msg[1], True, None))
                     self._request_stop(msg[2], msg[3])
@@ -141,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", type=int, required=True)
     parser.add_argument("--fd-channel", type=int, default=None)
     args = parser.parse_args(argv)
+    # The master decides what SIGHUP and SIGINT mean (a terminal's hang-up or
+    # ^C reaches the whole process group): ignored from the first moment.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
     if os.getppid() == 1:
         return EXIT_BOOT_FAILURE  # the master died before we started
