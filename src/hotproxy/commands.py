@@ -2,7 +2,7 @@
 
 A command says *what* to do to one site; ``ServiceExecutor.execute`` does it
 on one worker and ``WorkerManager.dispatch`` on all of them.  See
-DESIGN.md, "The six commands", for the contract; in short:
+docs/architecture.md, "The six commands", for the contract; in short:
 
 ==================  ==========================================================
 Precommit           build from the running service (``make_via_ref``), stage it

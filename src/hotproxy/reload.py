@@ -1,6 +1,6 @@
 """The all-or-nothing reload: from the config that runs to the one in the file.
 
-Rules of this module (DESIGN.md, "Reload"):
+Rules of this module (docs/architecture.md, "The reload"):
 
 * **Diff** the new config against what runs: added, changed (in place, or
   *moved* to another listener), removed, unchanged.  An unchanged service
