@@ -48,10 +48,16 @@ class FailOnWorker(MakeService):
     fail_worker: int = -1
     #: seconds to take building (the old version serves meanwhile)
     delay: float = 0.0
+    #: build only once this file exists (at most 60 s): a test holds a reload open
+    wait_file: str = ""
 
     async def make_via_ref(self, old: Service | None) -> Service:
         if self.delay:
             await asyncio.sleep(self.delay)
+        for _ in range(6000):
+            if not self.wait_file or os.path.exists(self.wait_file):
+                break
+            await asyncio.sleep(0.01)
         if str(self.fail_worker) == os.environ.get("HOTPROXY_WORKER_ID"):
             raise RuntimeError(f"injected failure on worker {self.fail_worker}")
         return EchoFactory(self.greeting).make_via_ref(old)
@@ -61,7 +67,9 @@ FAIL_ON_WORKER = ServiceKind("fail_on_worker", {
     "greeting": Option("str", ""),
     "fail_worker": Option("int", -1),
     "delay": Option("float", 0.0, min=0),
-}, lambda o: stack(FailOnWorker(o["greeting"].encode(), o["fail_worker"], o["delay"]), CountConnections()),
+    "wait_file": Option("str", ""),
+}, lambda o: stack(FailOnWorker(o["greeting"].encode(), o["fail_worker"], o["delay"], o["wait_file"]),
+                   CountConnections()),
     doc="test only: an echo service that fails to build on one worker")
 
 

@@ -165,7 +165,7 @@ def test_status_and_stop_do_not_wait_behind_a_stopped_worker(start: Start) -> No
 # -- item 2: requests that arrive during a reload are merged --------------------------------
 
 
-def test_a_sighup_storm_and_concurrent_reloads_are_merged(start: Start) -> None:
+def test_a_sighup_storm_and_concurrent_reloads_are_merged(start: Start, tmp_path: Path) -> None:
     a, s = free_port(), free_port()
     slow = {"kind": "fail_on_worker", "listen": f"127.0.0.1:{s}", "greeting": "s1\n"}
     prog = start(toml({"a": echo(a, "a1\n"), "s": slow}), test_kinds=True)
@@ -175,6 +175,9 @@ def test_a_sighup_storm_and_concurrent_reloads_are_merged(start: Start) -> None:
     async def reloading() -> bool:
         return bool((await prog.status())["reloading"])
 
+    async def queued(n: int) -> bool:
+        return bool((await prog.status()).get("reload_queued", 0) >= n)
+
     async def idle() -> bool:
         st = await prog.status()
         return not st["reloading"] and not st.get("reload_queued")
@@ -182,24 +185,31 @@ def test_a_sighup_storm_and_concurrent_reloads_are_merged(start: Start) -> None:
     async def main() -> None:
         status = await prog.wait_ready()
         before = status["reloads"]
-        # the first reload takes a second (the slow service builds that long)
-        cfg.write_text(toml({"a": echo(a, "a2\n"), "s": dict(slow, delay=1.0)}))
+        # the first reload is held open until the flag file exists
+        flag = tmp_path / "go1"
+        cfg.write_text(toml({"a": echo(a, "a2\n"), "s": dict(slow, wait_file=str(flag))}))
         prog.signal(signal.SIGHUP)
         await eventually(reloading)
         for _ in range(49):
             prog.signal(signal.SIGHUP)
+        await eventually(lambda: queued(1))   # the kernel may deliver fewer than 49
+        flag.touch()
         await eventually(idle, timeout=30)
         status = await prog.status()
         # one reload for the first signal, one for all that came during it
         assert status["reloads"] - before == 2, status
-        assert status["last_reload"]["ok"] and status["last_reload"]["requests"] >= 1
+        assert status["last_reload"]["ok"] and status["last_reload"]["trigger"] == "SIGHUP"
 
-        # five `hotproxy reload` during a slow reload: one reload answers all five
-        cfg.write_text(toml({"a": echo(a, "a3\n"), "s": dict(slow, delay=1.5)}))
+        # five `hotproxy reload` during a held reload: one reload answers all five
+        flag = tmp_path / "go2"
+        cfg.write_text(toml({"a": echo(a, "a3\n"), "s": dict(slow, wait_file=str(flag))}))
         prog.signal(signal.SIGHUP)
         await eventually(reloading)
-        cfg.write_text(toml({"a": echo(a, "a4\n"), "s": dict(slow, delay=1.5)}))
-        outs = await asyncio.gather(*(prog.cli("reload", "--json", "-c", str(cfg)) for _ in range(5)))
+        cfg.write_text(toml({"a": echo(a, "a4\n"), "s": dict(slow, wait_file=str(flag))}))
+        clis = asyncio.gather(*(prog.cli("reload", "--json", "-c", str(cfg)) for _ in range(5)))
+        await eventually(lambda: queued(5), timeout=60)
+        flag.touch()
+        outs = await clis
         import json
 
         reports = [json.loads(out) for code, out, err in outs]
@@ -208,7 +218,7 @@ def test_a_sighup_storm_and_concurrent_reloads_are_merged(start: Start) -> None:
         assert reports[0]["requests"] == 5 and reports[0]["changed"] == ["a"], reports[0]
         assert await roundtrip(a, 3) == b"a4\nhello"
 
-    run(main(), 90)
+    run(main(), 120)
 
 
 # -- item 3: signals from the first moment ----------------------------------------------------

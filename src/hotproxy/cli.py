@@ -267,7 +267,9 @@ def format_status(status: dict[str, Any]) -> str:
         report = ReloadReport.from_dict(last)
         lines.append(f"last reload #{report.seq} ({report.trigger}) at {_when(report.at)}: {report.summary()}")
     if status.get("reloading"):
-        lines.append("a reload is running" + (" (another is queued behind it)" if status.get("reload_queued") else ""))
+        queued = status.get("reload_queued") or 0
+        lines.append("a reload is running" + (f" ({queued} request{'' if queued == 1 else 's'} queued behind it)"
+                                              if queued else ""))
     if status.get("stopping"):
         lines.append(f"stopping ({status['stopping']})")
     return "\n".join(lines)

@@ -296,7 +296,8 @@ class Master:
             "ready": self.ready,
             "stopping": self._stopping,
             "reloading": self.reloader.busy,
-            "reload_queued": self._reload_next is not None,
+            #: requests waiting in the reload queued behind the running one
+            "reload_queued": self._next_requests if self._reload_next is not None else 0,
             "reloads": self.reloader.seq,
             "last_reload": last.to_dict() if last is not None else None,
             "restarts": self.manager.restarts,
