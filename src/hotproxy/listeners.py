@@ -4,8 +4,11 @@ A listener factory is a picklable value.  ``bind()`` makes a *bound* socket
 that is not listening yet: binding is where an address-in-use or a bad
 address shows, so the reload's prepare phase binds every new listener
 before anything is committed, and the kernel sends no connection to a
-socket that may still be thrown away.  ``BoundListener.serve`` starts
-listening and accepting.
+socket that may still be thrown away.  Committing is two steps:
+``BoundListener.listen`` (listen, build what accepts: all that can fail,
+done before the new version is published) and ``start`` (accept; cannot
+fail, done after), so a listener that cannot listen never lets a version
+be published that is then withdrawn.
 
 TCP listeners set ``SO_REUSEPORT`` so that every worker binds its own
 socket on the same address and the kernel spreads connections over them.
@@ -80,6 +83,10 @@ class BoundListener:
         self._on_close = on_close
         self._closed = False
         self._switching = False
+        #: ``listen()`` succeeded (the socket listens, the acceptor is built)
+        self._listening = False
+        #: ``start()`` ran: connections are accepted
+        self._started = False
 
     @property
     def address(self) -> str:
@@ -87,24 +94,82 @@ class BoundListener:
 
     @property
     def mode(self) -> str:
-        """``"core"``, ``"loop"`` (an asyncio server), or ``"bound"`` (not served)."""
+        """``"core"``, ``"loop"`` (an asyncio server), or ``"bound"`` (not accepting yet)."""
+        if not self._started:
+            return "bound"
         if self.core_listener is not None:
             return "core"
         return "loop" if self.server is not None else "bound"
 
-    async def serve(self, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
-        """Listen and accept with *protocol_factory*.
+    async def listen(self, protocol_factory: Callable[[], asyncio.BaseProtocol], service: Any = None) -> None:
+        """Listen, and build what will accept with *protocol_factory*: every step
+        that can fail, and none that accepts a connection (``start()`` does).
 
-        A site's ``Acceptor`` (which has the slot) may be served by the
-        core; any other protocol factory always by an asyncio server.
+        *service* is the version about to be published: a site's
+        ``Acceptor`` (which has the slot) is served by the core if
+        *service* allows it; any other protocol factory always by an
+        asyncio server.  The socket listens last, so a failure leaves it
+        bound and not listening, as it was (a staged listener can be
+        committed again); the kernel queues connections from then on,
+        and ``start()`` accepts them.
         """
-        self.sock.listen(self.factory.backlog)
-        self._protocol_factory = protocol_factory
+        if self._closed or self._listening:
+            raise RuntimeError(f"{self!r}: listen() on a listener that is closed or already listens")
         slot = getattr(protocol_factory, "slot", None)
-        if slot is not None and accepts_raw(slot.current):
-            self._serve_core()
+        lst = server = None
+        if slot is not None and accepts_raw(service):
+            lst = core.impl.Listener(protocol_factory, self.sock, self._fallback)
+            # Watch and unwatch at once (nothing runs in between): this makes
+            # the loop's engine if it is the first (a descriptor: EMFILE
+            # shows here) and proves the socket can be watched, so that
+            # start() does not fail for either.
+            lst.start()
+            lst.stop()
         else:
-            await self._serve_loop()
+            loop = asyncio.get_running_loop()
+            # The server takes the socket (closes it with itself): give it a
+            # duplicate, so that a failure below leaves ours as it was.
+            dup = self.sock.dup()
+            try:
+                dup.setblocking(False)
+                server = await loop.create_server(protocol_factory, sock=dup, backlog=self.factory.backlog,
+                                                  start_serving=False)
+            except BaseException:
+                dup.close()
+                raise
+        try:
+            self.sock.listen(self.factory.backlog)
+        except BaseException:
+            if server is not None:
+                server.close()
+            raise
+        # -- nothing can fail below this line --
+        self._protocol_factory = protocol_factory
+        if server is not None:
+            # the server's duplicate is the socket from now on
+            old, self.sock = self.sock, dup
+            old.close()
+        self.core_listener, self.server = lst, server
+        self._listening = True
+
+    async def start(self) -> None:
+        """Accept on the socket ``listen()`` prepared.  Never raises."""
+        if not self._listening or self._started or self._closed:
+            return
+        self._started = True
+        try:
+            if self.core_listener is not None:
+                self.core_listener.start()
+            elif self.server is not None:
+                await self.server.start_serving()
+        except Exception as exc:   # pragma: no cover - listen() checked what can fail
+            log.error("%s: cannot start accepting: %s", self.address, exc)
+
+    async def serve(self, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        """``listen()`` for the service now in the slot, then ``start()``."""
+        slot = getattr(protocol_factory, "slot", None)
+        await self.listen(protocol_factory, slot.current if slot is not None else None)
+        await self.start()
 
     async def follow(self) -> None:
         """Accept the way the service now in the slot wants (after an Update).
@@ -112,7 +177,7 @@ class BoundListener:
         Never raises: accepting the other way still serves every connection.
         """
         slot = getattr(self._protocol_factory, "slot", None)
-        if slot is None or self._closed or self._switching:
+        if slot is None or self._closed or self._switching or not self._started:
             return
         want_core = accepts_raw(slot.current)
         try:
@@ -132,12 +197,6 @@ class BoundListener:
         lst = core.impl.Listener(self._protocol_factory, self.sock, self._fallback)
         lst.start()
         self.core_listener = lst
-
-    async def _serve_loop(self) -> None:
-        assert self._protocol_factory is not None
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            self._protocol_factory, sock=self.sock, backlog=self.factory.backlog)
 
     async def _serve_loop_from_core(self) -> None:
         # The asyncio server takes the socket (and closes it with itself):
@@ -192,7 +251,14 @@ class BoundListener:
             return 0
         self._closed = True
         taken = 0
-        if self.core_listener is not None:
+        if not self._started:
+            # never accepted: nothing is ours to take (a listen() that was
+            # not followed by start() only happens when closing anyway)
+            if self.server is not None:
+                self.server.close()   # closes the socket with itself
+            else:
+                self.sock.close()
+        elif self.core_listener is not None:
             lst, self.core_listener = self.core_listener, None
             lst.stop()
             try:
