@@ -436,8 +436,10 @@ class ListenFailsFactory(TcpListenerFactory):
     served: list[bytes] = field(default_factory=list, compare=False, hash=False)
 
     def bind(self) -> BoundListener:
-        bound = super().bind()
-        return ListenFails(bound.sock, self)
+        return ListenFails(super().bind().sock, self)
+
+    async def make(self) -> BoundListener:
+        return ListenFails((await super().make()).sock, self)
 
 
 class ListenFails(BoundListener):

@@ -30,12 +30,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from . import core
 
@@ -60,7 +61,7 @@ class ListenerFactory(abc.ABC):
         """Bind a new socket; raise ``OSError`` (or ``ValueError``) if it cannot."""
 
     async def make(self) -> BoundListener:
-        """``bind()``, for symmetry with service factories."""
+        """``bind()`` without blocking the loop (what the executor calls)."""
         return self.bind()
 
     @property
@@ -317,6 +318,45 @@ def _accept_done(task: asyncio.Task[Any]) -> None:
         log.warning("a connection queued at close was lost: %s", task.exception())
 
 
+# -- name lookups in a running loop -------------------------------------------------
+#
+# A worker builds new versions while it serves: a blocking getaddrinfo() there
+# would stall every accept and relay of the worker for as long as DNS takes.
+# So inside a loop, host names are looked up through ``resolver`` (the loop's
+# resolver, which runs getaddrinfo in a thread); literal addresses need no
+# lookup and are converted at once.
+
+#: ``(host, port, flags) -> getaddrinfo() list``, awaited for every host name
+#: a worker looks up; tests replace it (a resolver that takes its time)
+Resolver = Callable[[str, int, int], Awaitable[list[tuple[Any, ...]]]]
+
+
+async def _loop_resolver(host: str, port: int, flags: int) -> list[tuple[Any, ...]]:
+    loop = asyncio.get_running_loop()
+    return await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+
+
+resolver: Resolver = _loop_resolver
+
+
+def is_literal(host: str) -> bool:
+    """True for an IP address (``127.0.0.1``, ``::1``, ``fe80::1%eth0``): no lookup needed."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def lookup(host: str, port: int, *, passive: bool = False) -> list[tuple[Any, ...]]:
+    """``getaddrinfo(host, port)`` for stream sockets, without blocking the loop:
+    a literal address at once, a host name through ``resolver``."""
+    flags = socket.AI_PASSIVE if passive else 0
+    if is_literal(host):
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICHOST)
+    return await resolver(host, port, flags)
+
+
 def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -335,9 +375,17 @@ class TcpListenerFactory(ListenerFactory):
         return format_host_port(self.host, self.port)
 
     def bind(self) -> BoundListener:
+        """Bind now; a host name is looked up here, blocking (``make()`` does not)."""
         infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
-        family, _, _, _, sockaddr = infos[0]
+        return self._bind(infos[0][0], infos[0][4])
+
+    async def make(self) -> BoundListener:
+        """Look the host up without blocking the loop, then bind."""
+        infos = await lookup(self.host, self.port, passive=True)
+        return self._bind(infos[0][0], infos[0][4])
+
+    def _bind(self, family: int, sockaddr: Any) -> BoundListener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -468,12 +516,19 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 _received_fds: dict[int, int] = {}
 _claimed: set[int] = set()
+#: tokens released before their descriptor was read: closed when it arrives
+_unwanted: set[int] = set()
 _fd_channel: socket.socket | None = None
 
 
 def set_fd_channel(sock: socket.socket | None) -> None:
-    """Set the socket a worker receives inherited listeners on (worker.py does this)."""
+    """Set the socket a worker receives inherited listeners on (worker.py does this).
+
+    It is read without blocking: the loop never waits in ``recvmsg()``.
+    """
     global _fd_channel
+    if sock is not None:
+        sock.setblocking(False)
     _fd_channel = sock
 
 
@@ -483,17 +538,48 @@ def send_listener_fd(channel: socket.socket, token: int, fd: int) -> None:
 
 
 def _claim_fd(token: int) -> int:
-    # The master sends the descriptor before the command that names it, so
-    # it is already waiting here: these reads do not block for long.
-    _claimed.add(token)
+    """The descriptor sent with *token*; ``BlockingIOError`` if it is not there yet.
+
+    The master sends the descriptor before the command that names it, so
+    it is normally waiting already; the channel is non-blocking either way.
+    """
     while token not in _received_fds:
         if _fd_channel is None:
             raise OSError(errno.EBADF, "no inherited listener channel (not a worker process)")
-        msg, fds, _, _ = socket.recv_fds(_fd_channel, 8, 1)
+        msg, fds, _, _ = socket.recv_fds(_fd_channel, 8, 1)   # BlockingIOError: not yet
         if not msg or not fds:
             raise OSError(errno.EPIPE, "inherited listener channel closed")
-        _received_fds[int.from_bytes(msg, "big")] = fds[0]
+        got = int.from_bytes(msg, "big")
+        if got in _unwanted:
+            _unwanted.discard(got)
+            os.close(fds[0])
+        else:
+            _received_fds[got] = fds[0]
+    _claimed.add(token)
     return _received_fds.pop(token)
+
+
+async def _claim_fd_async(token: int, timeout: float = 10.0) -> int:
+    """``_claim_fd``, waiting (in the loop, bounded) for the descriptor to arrive."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return _claim_fd(token)
+        except BlockingIOError:
+            pass
+        remaining = deadline - loop.time()
+        if remaining <= 0 or _fd_channel is None:
+            raise OSError(errno.ETIMEDOUT, "the inherited listener did not arrive")
+        readable = loop.create_future()
+        fd = _fd_channel.fileno()
+        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        try:
+            await asyncio.wait_for(readable, remaining)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
 
 
 def release_inherited(token: int) -> None:
@@ -507,8 +593,10 @@ def release_inherited(token: int) -> None:
         return
     try:
         fd = _claim_fd(token)
+    except BlockingIOError:
+        _unwanted.add(token)   # not read yet: closed when it is
+        return
     except OSError:
-        _claimed.discard(token)
         return
     _claimed.discard(token)
     os.close(fd)
@@ -534,7 +622,14 @@ class InheritedListenerFactory(ListenerFactory):
         return self.original.address
 
     def bind(self) -> BoundListener:
-        fd = _claim_fd(self.token)
+        """The socket, if its descriptor has arrived (``BlockingIOError`` if not)."""
+        return self._wrap(_claim_fd(self.token))
+
+    async def make(self) -> BoundListener:
+        """The socket; waits in the loop (never in ``recvmsg()``) if it is not there yet."""
+        return self._wrap(await _claim_fd_async(self.token))
+
+    def _wrap(self, fd: int) -> BoundListener:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         # the master owns the path; workers never unlink it
