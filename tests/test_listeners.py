@@ -190,11 +190,13 @@ async def unix_roundtrip(path: str, greeting_len: int, payload: bytes = b"hello"
             await writer.wait_closed()
 
 
-def test_unix_socket_files_follow_the_committed_config(tmp_path: Path) -> None:
+def test_unix_socket_files_follow_the_committed_config(tmp_path: Path, core_name: str) -> None:
     """A socket file exists exactly as long as a committed service listens on
     it: listed after a TCP service, moved, backlog changed, swapped with
     another service's path, removed -- every path is connected to after every
-    step (2 workers: the master binds each path once and shares it)."""
+    step (2 workers: the master binds each path once and shares it).  ``v``
+    is a proxy to the TCP echo (the core accepts for it), ``u`` an echo (an
+    asyncio server accepts): a swap hands each the other's socket."""
     tcp = free_port()
     cfg = tmp_path / "hotproxy.toml"
     p1, p2, p3 = (str(tmp_path / n) for n in ("u1.sock", "u2.sock", "v.sock"))
@@ -202,6 +204,9 @@ def test_unix_socket_files_follow_the_committed_config(tmp_path: Path) -> None:
 
     def unix(path: str, greeting: str, **kw: Any) -> dict[str, Any]:
         return {"kind": "echo", "listen": f"unix:{path}", "greeting": greeting, **kw}
+
+    def proxy(path: str, **kw: Any) -> dict[str, Any]:
+        return {"kind": "proxy", "listen": f"unix:{path}", "upstreams": [f"127.0.0.1:{tcp}"], **kw}
 
     async def answers(path: str, greeting: bytes) -> None:
         for i in range(6):   # both workers accept from the one socket: more than one connection
@@ -233,14 +238,14 @@ def test_unix_socket_files_follow_the_committed_config(tmp_path: Path) -> None:
         assert os.stat(p2).st_ino == ino
 
         # a second Unix service, then the two swap paths
-        await reload({"t": tcp_svc, "u": unix(p2, "u2\n", backlog=7), "v": unix(p3, "v3\n")},
+        await reload({"t": tcp_svc, "u": unix(p2, "u2\n", backlog=7), "v": proxy(p3)},
                      "reload ok: added=[v]")
         await answers(p2, b"u2\n")
-        await answers(p3, b"v3\n")
-        await reload({"t": tcp_svc, "u": unix(p3, "u4\n"), "v": unix(p2, "v4\n")},
+        await answers(p3, b"t\n")
+        await reload({"t": tcp_svc, "u": unix(p3, "u4\n"), "v": proxy(p2, retries=1)},
                      "reload ok: added=[] changed=[u,v] moved=[u,v]")
         await answers(p3, b"u4\n")
-        await answers(p2, b"v4\n")
+        await answers(p2, b"t\n")
 
         # removed: the files go with the services; TCP serves on
         await reload({"t": tcp_svc}, "reload ok: added=[] changed=[] removed=[u,v]")
