@@ -571,9 +571,14 @@ async def _claim_fd_async(token: int, timeout: float = 10.0) -> int:
         remaining = deadline - loop.time()
         if remaining <= 0 or _fd_channel is None:
             raise OSError(errno.ETIMEDOUT, "the inherited listener did not arrive")
-        readable = loop.create_future()
+        readable: asyncio.Future[None] = loop.create_future()
         fd = _fd_channel.fileno()
-        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(fd, wake)
         try:
             await asyncio.wait_for(readable, remaining)
         except asyncio.TimeoutError:
