@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,3 +78,58 @@ async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, msg: b
     await writer.drain()
     head = await reader.readuntil(b":")
     return head + await reader.readexactly(len(msg))
+
+
+# -- a slow system resolver, in a worker process -----------------------------------
+
+#: the host name the slow resolver holds (.test never resolves for real: RFC 6761)
+SLOW_HOST = "slow.hotproxy.test"
+
+
+def install_slow_resolver(directory: str) -> None:
+    """Make this process's system resolver slow for ``SLOW_HOST``, under the test's control.
+
+    A lookup of ``SLOW_HOST:PORT`` creates ``DIRECTORY/started-PORT-WORKER``,
+    then blocks its thread until ``DIRECTORY/release-PORT`` exists (at most
+    60 s), and answers ``127.0.0.1:PORT``.  It replaces ``socket.getaddrinfo``
+    (what a blocking lookup calls) and routes hotproxy's loop lookups
+    (``hotproxy.listeners.resolver``) to it in a thread, as asyncio's own
+    loop does: uvloop's resolver does not go through the socket module.
+    """
+    real = getattr(socket.getaddrinfo, "real", socket.getaddrinfo)
+    worker = os.environ.get("HOTPROXY_WORKER_ID", "-")
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host != SLOW_HOST:
+            return real(host, port, *args, **kw)
+        open(os.path.join(directory, f"started-{port}-{worker}"), "w").close()
+        for _ in range(3000):   # bounded: 60 s
+            if os.path.exists(os.path.join(directory, f"release-{port}")):
+                break
+            time.sleep(0.02)
+        return real("127.0.0.1", port, *args, **kw)
+
+    getaddrinfo.real = real  # type: ignore[attr-defined]
+    socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
+
+    async def in_a_thread(host: str, port: int, flags: int) -> Any:
+        call = functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, flags=flags)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+
+    from hotproxy import listeners
+
+    listeners.resolver = in_a_thread
+
+
+@dataclass(frozen=True)
+class SlowResolverFactory(MakeService):
+    """A tagged service whose building installs ``install_slow_resolver(directory)``
+    in the worker that builds it: deploy it to get the hook into every worker."""
+
+    tag: bytes
+    directory: str
+
+    def make_via_ref(self, old: Service | None) -> Service:
+        install_slow_resolver(self.directory)
+        counts = old.counts if isinstance(old, TaggedService) else [0]
+        return TaggedService(self.tag, counts)

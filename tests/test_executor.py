@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import pickle
 import socket
 import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -14,6 +17,7 @@ from hotproxy import (Abort, BuildListenerError, BuildServiceError, Commit, Coun
                       LimitConnections, NothingDeployedError, NothingStagedError, PrepareAndCommit, Precommit,
                       Remove, ServiceExecutor, SiteNotFoundError, TcpListenerFactory, Update, stack)
 
+from hotproxy.listeners import BoundListener
 from hotproxy.service import Service
 
 from conftest import echo_roundtrip, eventually, free_port, run
@@ -417,3 +421,107 @@ def test_a_service_raising_on_accept_does_not_take_the_listener_down(
     run(main())
     logged = [r for r in caplog.records if r.name == "hotproxy.accept"]
     assert len(logged) == 1 and "bug in the service" in logged[0].getMessage()   # rate-limited
+
+
+# -- a listener that cannot listen: nothing is published ---------------------------
+
+
+@dataclass(frozen=True)
+class ListenFailsFactory(TcpListenerFactory):
+    """Binds as usual; its listener, asked to listen, first has a client served
+    by the site's *old* listener on ``old_port`` (recording the answer in
+    ``served``), then fails -- a failure that comes after the loop ran."""
+
+    old_port: int = 0
+    served: list[bytes] = field(default_factory=list, compare=False, hash=False)
+
+    def bind(self) -> BoundListener:
+        return ListenFails(super().bind().sock, self)
+
+    async def make(self) -> BoundListener:
+        return ListenFails((await super().make()).sock, self)
+
+
+class ListenFails(BoundListener):
+    factory: ListenFailsFactory
+
+    async def listen(self, protocol_factory: Any, service: Any = None) -> None:
+        await self._served_then_fail()
+
+    async def serve(self, protocol_factory: Any) -> None:   # the one step before listen/start
+        await self._served_then_fail()
+
+    async def _served_then_fail(self) -> None:
+        r, w = await connect(self.factory.old_port)
+        try:
+            self.factory.served.append(await asyncio.wait_for(ask(r, w, b"during"), 10))
+        finally:
+            w.close()
+        raise OSError(errno.EADDRNOTAVAIL, "injected listen failure")
+
+
+def test_a_listener_that_cannot_listen_publishes_nothing(core_name: str) -> None:
+    """Commit and PrepareAndCommit listen before they publish: a listen that
+    fails (after a client was accepted meanwhile) leaves the old version
+    serving, that client served by it, the generation unchanged."""
+    async def main() -> None:
+        ex = ServiceExecutor(worker_id=3)
+        p1, p2, p3 = free_port(), free_port(), free_port()
+        await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v1"), lf(p1)))
+        held_r, held_w = await connect(p1)
+        assert await ask(held_r, held_w, b"a") == b"v1:a"
+
+        # Commit of a move, on a listener staged by Precommit
+        failing = ListenFailsFactory(HOST, p2, old_port=p1)
+        await ex.execute(Precommit("t", TaggedFactory(b"v2"), failing))
+        before = snapshot(ex)
+        with pytest.raises(BuildListenerError, match="injected listen failure") as info:
+            await ex.execute(Commit("t"))
+        assert "worker 3" in str(info.value) and "\n" not in str(info.value)
+        assert failing.served == [b"v1:during"]      # served by the version that serves on
+        assert snapshot(ex) == before
+        assert ex.status()["sites"]["t"]["generation"] == 1
+        r, w = await connect(p1)
+        assert await ask(r, w, b"b") == b"v1:b"
+        w.close()
+        assert await ask(held_r, held_w, b"c") == b"v1:c"
+        assert await refused(p2)
+        await ex.execute(Abort("t"))
+
+        # PrepareAndCommit onto a running site, with a new listener
+        failing = ListenFailsFactory(HOST, p3, old_port=p1)
+        before = snapshot(ex)
+        with pytest.raises(BuildListenerError, match="injected listen failure"):
+            await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v3"), failing))
+        assert failing.served == [b"v1:during"]
+        assert snapshot(ex) == before
+        assert ex.status()["sites"]["t"]["generation"] == 1
+        r, w = await connect(p1)
+        assert await ask(r, w, b"d") == b"v1:d"
+        w.close()
+
+        # A real listen() failure (a socket bound with SO_REUSEADDR beside
+        # ours starts listening first) leaves the staged listener bound and
+        # not listening: once the other one is gone, the same Commit works.
+        other = socket.socket()
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind((HOST, p2))
+        try:
+            await ex.execute(Precommit("t", TaggedFactory(b"v4"), TcpListenerFactory(HOST, p2, reuse_port=False)))
+            other.listen()
+            before = snapshot(ex)
+            with pytest.raises(BuildListenerError, match="Address already in use"):
+                await ex.execute(Commit("t"))
+            assert snapshot(ex) == before
+        finally:
+            other.close()
+        assert (await ex.execute(Commit("t")))["generation"] == 2
+        r, w = await connect(p2)
+        assert await ask(r, w, b"e") == b"v4:e"
+        w.close()
+        assert await refused(p1)
+        assert await ask(held_r, held_w, b"f") == b"v1:f"   # never cut
+        held_w.close()
+        await ex.shutdown(1)
+
+    run(main())

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +17,7 @@ from hotproxy import (BuildListenerError, CommandGroupError, EchoFactory, Prepar
 from hotproxy.listeners import parse_host_port
 
 from conftest import free_port, run
+from helpers_program import Program, roundtrip, toml
 from services import TaggedFactory, ask
 
 
@@ -132,10 +136,18 @@ def test_unix_listener_shared_by_worker_processes(tmp_path) -> None:  # type: ig
                 r, w = await asyncio.open_unix_connection(path)
                 assert await ask(r, w, b"x") == b"u:x"
                 w.close()
-            # a second site on the same path is an error on every worker, nothing applied
-            group = await m.dispatch(PrepareAndCommit("v", EchoFactory(), UnixListenerFactory(path)))
-            assert not group.ok
+            # A second site on the same path shares the master's socket, as two
+            # sites on one TCP port share it through SO_REUSEPORT (the config
+            # checker allows one service per address; the manager does not
+            # refuse it, so that two services can swap paths in one reload).
+            # The file stays while any site uses the path.
+            (await m.dispatch(PrepareAndCommit("v", TaggedFactory(b"v"), UnixListenerFactory(path)))
+             ).raise_for_errors()
             (await m.dispatch(Remove("u"))).raise_for_errors()
+            r, w = await asyncio.open_unix_connection(path)
+            assert await ask(r, w, b"y") == b"v:y"
+            w.close()
+            (await m.dispatch(Remove("v"))).raise_for_errors()
             assert not os.path.exists(path)
 
     run(main())
@@ -159,3 +171,136 @@ def test_unix_listener_in_use_by_a_stranger(tmp_path) -> None:  # type: ignore[n
         run(main())
     finally:
         stranger.close()
+
+
+# -- Unix sockets through reloads of the real program -------------------------------------
+
+
+async def unix_roundtrip(path: str, greeting_len: int, payload: bytes = b"hello") -> bytes:
+    """Connect to the Unix socket *path*: greeting + echo of *payload*."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 10)
+    try:
+        got = await asyncio.wait_for(reader.readexactly(greeting_len), 10)
+        writer.write(payload)
+        await writer.drain()
+        return got + await asyncio.wait_for(reader.readexactly(len(payload)), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+
+
+def test_unix_socket_files_follow_the_committed_config(tmp_path: Path, core_name: str) -> None:
+    """A socket file exists exactly as long as a committed service listens on
+    it: listed after a TCP service, moved, backlog changed, swapped with
+    another service's path, removed -- every path is connected to after every
+    step (2 workers: the master binds each path once and shares it).  ``v``
+    is a proxy to the TCP echo (the core accepts for it), ``u`` an echo (an
+    asyncio server accepts): a swap hands each the other's socket."""
+    tcp = free_port()
+    cfg = tmp_path / "hotproxy.toml"
+    p1, p2, p3 = (str(tmp_path / n) for n in ("u1.sock", "u2.sock", "v.sock"))
+    tcp_svc = {"kind": "echo", "listen": f"127.0.0.1:{tcp}", "greeting": "t\n"}
+
+    def unix(path: str, greeting: str, **kw: Any) -> dict[str, Any]:
+        return {"kind": "echo", "listen": f"unix:{path}", "greeting": greeting, **kw}
+
+    def proxy(path: str, **kw: Any) -> dict[str, Any]:
+        return {"kind": "proxy", "listen": f"unix:{path}", "upstreams": [f"127.0.0.1:{tcp}"], **kw}
+
+    async def answers(path: str, greeting: bytes) -> None:
+        for i in range(6):   # both workers accept from the one socket: more than one connection
+            assert await unix_roundtrip(path, len(greeting), b"%d" % i) == greeting + b"%d" % i
+
+    async def reload(services: dict[str, dict[str, Any]], expect: str) -> None:
+        cfg.write_text(toml(services))
+        code, out, err = await prog.cli("reload", "-c", str(cfg))
+        assert code == 0 and out.startswith(expect), out + err
+
+    cfg.write_text(toml({"t": tcp_svc, "u": unix(p1, "u1\n")}))
+    prog = Program(cfg, tmp_path / "hotproxy.log")
+
+    async def main() -> None:
+        await prog.wait_ready()
+        # listed second, after a TCP service
+        await answers(p1, b"u1\n")
+        assert await roundtrip(tcp, 2) == b"t\nhello"
+
+        # moved: the new path serves, the old file is gone
+        await reload({"t": tcp_svc, "u": unix(p2, "u2\n")}, "reload ok: added=[] changed=[u] moved=[u]")
+        await answers(p2, b"u2\n")
+        assert not os.path.exists(p1)
+
+        # only the backlog changes: the same socket (same file) listens on
+        ino = os.stat(p2).st_ino
+        await reload({"t": tcp_svc, "u": unix(p2, "u2\n", backlog=7)}, "reload ok: added=[] changed=[u] moved=[u]")
+        await answers(p2, b"u2\n")
+        assert os.stat(p2).st_ino == ino
+
+        # a second Unix service, then the two swap paths
+        await reload({"t": tcp_svc, "u": unix(p2, "u2\n", backlog=7), "v": proxy(p3)},
+                     "reload ok: added=[v]")
+        await answers(p2, b"u2\n")
+        await answers(p3, b"t\n")
+        await reload({"t": tcp_svc, "u": unix(p3, "u4\n"), "v": proxy(p2, retries=1)},
+                     "reload ok: added=[] changed=[u,v] moved=[u,v]")
+        await answers(p3, b"u4\n")
+        await answers(p2, b"t\n")
+
+        # removed: the files go with the services; TCP serves on
+        await reload({"t": tcp_svc}, "reload ok: added=[] changed=[] removed=[u,v]")
+        assert not os.path.exists(p2) and not os.path.exists(p3)
+        assert await roundtrip(tcp, 2) == b"t\nhello"
+        assert "Traceback" not in prog.log()
+
+    try:
+        run(main(), 120)
+    finally:
+        prog.kill()
+        print(f"---- log ----\n{prog.log()}")
+
+
+def test_an_inherited_listener_is_awaited_not_read_blocking() -> None:
+    """A worker takes the listening socket the master sends without blocking
+    its loop: ``make()`` before the descriptor arrives waits in the loop
+    (other tasks run meanwhile) and takes it when it comes; a token released
+    before its descriptor arrived has the descriptor closed on arrival."""
+    from hotproxy.listeners import InheritedListenerFactory, release_inherited, send_listener_fd, set_fd_channel
+
+    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker_end.settimeout(5.0)   # a blocking read gives up after 5 s instead of hanging the test
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    original = TcpListenerFactory("127.0.0.1", lsock.getsockname()[1])
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        making = asyncio.ensure_future(InheritedListenerFactory(original, 901).make())
+        ran = 0
+        for _ in range(5):       # the loop goes on running other tasks
+            await asyncio.sleep(0)
+            ran += 1
+        assert ran == 5 and not making.done()
+        send_listener_fd(master_end, 901, lsock.fileno())
+        bound = await asyncio.wait_for(making, 10)
+        assert bound.sock.getsockname() == lsock.getsockname()
+        bound.close()
+        release_inherited(901)
+        before = open_fds()
+        release_inherited(902)   # its command failed before the descriptor was read
+        send_listener_fd(master_end, 902, lsock.fileno())
+        send_listener_fd(master_end, 903, lsock.fileno())
+        bound = await asyncio.wait_for(InheritedListenerFactory(original, 903).make(), 10)
+        assert open_fds() == before + 1   # 903's socket; 902's descriptor was closed
+        bound.close()
+        release_inherited(903)
+
+    set_fd_channel(worker_end)
+    try:
+        run(main(), 30)
+    finally:
+        set_fd_channel(None)
+        for s in (master_end, worker_end, lsock):
+            s.close()

@@ -285,3 +285,58 @@ def test_dispatch_many_runs_a_batch_in_order_on_every_worker() -> None:
             (await m.dispatch(Abort("b"))).raise_for_errors()
 
     run(main())
+
+
+def test_a_slow_name_lookup_never_stalls_the_worker(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Building a version whose upstream, or listener, is a host name: while
+    the lookup is held in each worker's resolver, clients of another service
+    on the same workers are served; the Precommit is still pending then, and
+    completes with the address the lookup gave once it is let go."""
+    from hotproxy import Commit, ProxyFactory
+
+    from services import SLOW_HOST, SlowResolverFactory
+
+    other, proxy_port, listen2 = free_port(), free_port(), free_port()
+
+    def started(port: int) -> bool:
+        return all((tmp_path / f"started-{port}-{i}").exists() for i in (0, 1))
+
+    def release(port: int) -> None:
+        (tmp_path / f"release-{port}").touch()
+
+    async def served_while_pending(task: asyncio.Future, port: int) -> None:
+        await eventually(lambda: started(port), timeout=30)   # both workers are in the lookup
+        for i in range(10):
+            r, w = await asyncio.wait_for(asyncio.open_connection(HOST, other), 10)
+            assert await asyncio.wait_for(ask(r, w, b"%d" % i), 10) == b"other:%d" % i
+            w.close()
+        assert not task.done()                                # the lookup still holds it
+        release(port)
+        (await asyncio.wait_for(task, 30)).raise_for_errors()
+
+    async def main() -> None:
+        async with WorkerManager(2) as m:
+            try:
+                (await m.dispatch(PrepareAndCommit("other", SlowResolverFactory(b"other", str(tmp_path)),
+                                                   TcpListenerFactory(HOST, other)))).raise_for_errors()
+                # a proxy whose upstream is a host name
+                task = asyncio.ensure_future(m.dispatch(Precommit(
+                    "p", ProxyFactory((f"{SLOW_HOST}:{other}",)), TcpListenerFactory(HOST, proxy_port))))
+                await served_while_pending(task, other)
+                (await m.dispatch(Commit("p"))).raise_for_errors()
+                r, w = await asyncio.open_connection(HOST, proxy_port)
+                assert await asyncio.wait_for(ask(r, w, b"via"), 10) == b"other:via"   # where the lookup said
+                w.close()
+                # a listener whose host is a name
+                task = asyncio.ensure_future(m.dispatch(Precommit(
+                    "e", TaggedFactory(b"e"), TcpListenerFactory(SLOW_HOST, listen2))))
+                await served_while_pending(task, listen2)
+                (await m.dispatch(Commit("e"))).raise_for_errors()
+                r, w = await asyncio.open_connection(HOST, listen2)
+                assert await asyncio.wait_for(ask(r, w, b"x"), 10) == b"e:x"
+                w.close()
+            finally:
+                for port in (other, listen2):
+                    release(port)   # never leave a worker waiting
+
+    run(main(), 120)

@@ -154,9 +154,11 @@ class ServiceExecutor:
         except Exception as exc:
             raise BuildListenerError(name, f"{_address(lf)}: {_describe(exc)}") from exc
 
-    async def _serve(self, site: Site, listener: BoundListener) -> None:
+    async def _listen(self, site: Site, listener: BoundListener, svc: Service) -> None:
+        # Listen for *svc*, the version about to be published: all that can
+        # fail about a listener, before anything is published.
         try:
-            await listener.serve(site.acceptor)
+            await listener.listen(site.acceptor, svc)
         except Exception as exc:
             raise BuildListenerError(site.name, f"{listener.address}: {_describe(exc)}") from exc
 
@@ -200,18 +202,18 @@ class ServiceExecutor:
                 raise BuildListenerError(cmd.name, "no listener: give Commit a listener factory")
             # re-commit on the listener already serving: an Update
             return await self._update(Update(cmd.name))
-        # Publish the service before serving, so the first accept finds it.
-        old_svc, old_factory = site.slot.current, site.factory
-        self._publish(site, site.staged, site.staged_factory)
+        # Listen first (it can fail: then nothing is published, and the old
+        # listener has handed no connection to this version); publish; then
+        # accept, so the first accept finds the new version.
         try:
-            await self._serve(site, listener)
+            await self._listen(site, listener, site.staged)
         except DeployError:
-            site.slot.swap(old_svc)
-            site.factory = old_factory
-            site.generation -= 1
             if fresh is not None:
                 fresh.close()
             raise
+        # -- nothing can fail below this line --
+        self._publish(site, site.staged, site.staged_factory)
+        await listener.start()
         self._count_version(site, site.staged)
         old_listener, site.listener = site.listener, listener
         if fresh is None:
@@ -231,19 +233,16 @@ class ServiceExecutor:
         new_site = site is None
         if site is None:
             site = Site(cmd.name)
-        old_svc, old_factory = site.slot.current, site.factory
-        self._publish(site, svc, cmd.factory)
         try:
-            await self._serve(site, listener)
+            await self._listen(site, listener, svc)
         except DeployError:
             listener.close()
-            if not new_site:
-                site.slot.swap(old_svc)
-                site.factory = old_factory
-                site.generation -= 1
             raise
+        # -- nothing can fail below this line --
         if new_site:
             self.sites[cmd.name] = site
+        self._publish(site, svc, cmd.factory)
+        await listener.start()
         self._count_version(site, svc)
         site.drop_staged()
         old_listener, site.listener = site.listener, listener

@@ -4,8 +4,11 @@ A listener factory is a picklable value.  ``bind()`` makes a *bound* socket
 that is not listening yet: binding is where an address-in-use or a bad
 address shows, so the reload's prepare phase binds every new listener
 before anything is committed, and the kernel sends no connection to a
-socket that may still be thrown away.  ``BoundListener.serve`` starts
-listening and accepting.
+socket that may still be thrown away.  Committing is two steps:
+``BoundListener.listen`` (listen, build what accepts: all that can fail,
+done before the new version is published) and ``start`` (accept; cannot
+fail, done after), so a listener that cannot listen never lets a version
+be published that is then withdrawn.
 
 TCP listeners set ``SO_REUSEPORT`` so that every worker binds its own
 socket on the same address and the kernel spreads connections over them.
@@ -27,12 +30,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from . import core
 
@@ -57,7 +61,7 @@ class ListenerFactory(abc.ABC):
         """Bind a new socket; raise ``OSError`` (or ``ValueError``) if it cannot."""
 
     async def make(self) -> BoundListener:
-        """``bind()``, for symmetry with service factories."""
+        """``bind()`` without blocking the loop (what the executor calls)."""
         return self.bind()
 
     @property
@@ -80,6 +84,10 @@ class BoundListener:
         self._on_close = on_close
         self._closed = False
         self._switching = False
+        #: ``listen()`` succeeded (the socket listens, the acceptor is built)
+        self._listening = False
+        #: ``start()`` ran: connections are accepted
+        self._started = False
 
     @property
     def address(self) -> str:
@@ -87,24 +95,82 @@ class BoundListener:
 
     @property
     def mode(self) -> str:
-        """``"core"``, ``"loop"`` (an asyncio server), or ``"bound"`` (not served)."""
+        """``"core"``, ``"loop"`` (an asyncio server), or ``"bound"`` (not accepting yet)."""
+        if not self._started:
+            return "bound"
         if self.core_listener is not None:
             return "core"
         return "loop" if self.server is not None else "bound"
 
-    async def serve(self, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
-        """Listen and accept with *protocol_factory*.
+    async def listen(self, protocol_factory: Callable[[], asyncio.BaseProtocol], service: Any = None) -> None:
+        """Listen, and build what will accept with *protocol_factory*: every step
+        that can fail, and none that accepts a connection (``start()`` does).
 
-        A site's ``Acceptor`` (which has the slot) may be served by the
-        core; any other protocol factory always by an asyncio server.
+        *service* is the version about to be published: a site's
+        ``Acceptor`` (which has the slot) is served by the core if
+        *service* allows it; any other protocol factory always by an
+        asyncio server.  The socket listens last, so a failure leaves it
+        bound and not listening, as it was (a staged listener can be
+        committed again); the kernel queues connections from then on,
+        and ``start()`` accepts them.
         """
-        self.sock.listen(self.factory.backlog)
-        self._protocol_factory = protocol_factory
+        if self._closed or self._listening:
+            raise RuntimeError(f"{self!r}: listen() on a listener that is closed or already listens")
         slot = getattr(protocol_factory, "slot", None)
-        if slot is not None and accepts_raw(slot.current):
-            self._serve_core()
+        lst = server = None
+        if slot is not None and accepts_raw(service):
+            lst = core.impl.Listener(protocol_factory, self.sock, self._fallback)
+            # Watch and unwatch at once (nothing runs in between): this makes
+            # the loop's engine if it is the first (a descriptor: EMFILE
+            # shows here) and proves the socket can be watched, so that
+            # start() does not fail for either.
+            lst.start()
+            lst.stop()
         else:
-            await self._serve_loop()
+            loop = asyncio.get_running_loop()
+            # The server takes the socket (closes it with itself): give it a
+            # duplicate, so that a failure below leaves ours as it was.
+            dup = self.sock.dup()
+            try:
+                dup.setblocking(False)
+                server = await loop.create_server(protocol_factory, sock=dup, backlog=self.factory.backlog,
+                                                  start_serving=False)
+            except BaseException:
+                dup.close()
+                raise
+        try:
+            self.sock.listen(self.factory.backlog)
+        except BaseException:
+            if server is not None:
+                server.close()
+            raise
+        # -- nothing can fail below this line --
+        self._protocol_factory = protocol_factory
+        if server is not None:
+            # the server's duplicate is the socket from now on
+            old, self.sock = self.sock, dup
+            old.close()
+        self.core_listener, self.server = lst, server
+        self._listening = True
+
+    async def start(self) -> None:
+        """Accept on the socket ``listen()`` prepared.  Never raises."""
+        if not self._listening or self._started or self._closed:
+            return
+        self._started = True
+        try:
+            if self.core_listener is not None:
+                self.core_listener.start()
+            elif self.server is not None:
+                await self.server.start_serving()
+        except Exception as exc:   # pragma: no cover - listen() checked what can fail
+            log.error("%s: cannot start accepting: %s", self.address, exc)
+
+    async def serve(self, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        """``listen()`` for the service now in the slot, then ``start()``."""
+        slot = getattr(protocol_factory, "slot", None)
+        await self.listen(protocol_factory, slot.current if slot is not None else None)
+        await self.start()
 
     async def follow(self) -> None:
         """Accept the way the service now in the slot wants (after an Update).
@@ -112,7 +178,7 @@ class BoundListener:
         Never raises: accepting the other way still serves every connection.
         """
         slot = getattr(self._protocol_factory, "slot", None)
-        if slot is None or self._closed or self._switching:
+        if slot is None or self._closed or self._switching or not self._started:
             return
         want_core = accepts_raw(slot.current)
         try:
@@ -132,12 +198,6 @@ class BoundListener:
         lst = core.impl.Listener(self._protocol_factory, self.sock, self._fallback)
         lst.start()
         self.core_listener = lst
-
-    async def _serve_loop(self) -> None:
-        assert self._protocol_factory is not None
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            self._protocol_factory, sock=self.sock, backlog=self.factory.backlog)
 
     async def _serve_loop_from_core(self) -> None:
         # The asyncio server takes the socket (and closes it with itself):
@@ -192,7 +252,14 @@ class BoundListener:
             return 0
         self._closed = True
         taken = 0
-        if self.core_listener is not None:
+        if not self._started:
+            # never accepted: nothing is ours to take (a listen() that was
+            # not followed by start() only happens when closing anyway)
+            if self.server is not None:
+                self.server.close()   # closes the socket with itself
+            else:
+                self.sock.close()
+        elif self.core_listener is not None:
             lst, self.core_listener = self.core_listener, None
             lst.stop()
             try:
@@ -251,6 +318,45 @@ def _accept_done(task: asyncio.Task[Any]) -> None:
         log.warning("a connection queued at close was lost: %s", task.exception())
 
 
+# -- name lookups in a running loop -------------------------------------------------
+#
+# A worker builds new versions while it serves: a blocking getaddrinfo() there
+# would stall every accept and relay of the worker for as long as DNS takes.
+# So inside a loop, host names are looked up through ``resolver`` (the loop's
+# resolver, which runs getaddrinfo in a thread); literal addresses need no
+# lookup and are converted at once.
+
+#: ``(host, port, flags) -> getaddrinfo() list``, awaited for every host name
+#: a worker looks up; tests replace it (a resolver that takes its time)
+Resolver = Callable[[str, int, int], Awaitable[list[tuple[Any, ...]]]]
+
+
+async def _loop_resolver(host: str, port: int, flags: int) -> list[tuple[Any, ...]]:
+    loop = asyncio.get_running_loop()
+    return await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+
+
+resolver: Resolver = _loop_resolver
+
+
+def is_literal(host: str) -> bool:
+    """True for an IP address (``127.0.0.1``, ``::1``, ``fe80::1%eth0``): no lookup needed."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def lookup(host: str, port: int, *, passive: bool = False) -> list[tuple[Any, ...]]:
+    """``getaddrinfo(host, port)`` for stream sockets, without blocking the loop:
+    a literal address at once, a host name through ``resolver``."""
+    flags = socket.AI_PASSIVE if passive else 0
+    if is_literal(host):
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICHOST)
+    return await resolver(host, port, flags)
+
+
 def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -269,9 +375,17 @@ class TcpListenerFactory(ListenerFactory):
         return format_host_port(self.host, self.port)
 
     def bind(self) -> BoundListener:
+        """Bind now; a host name is looked up here, blocking (``make()`` does not)."""
         infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
-        family, _, _, _, sockaddr = infos[0]
+        return self._bind(infos[0][0], infos[0][4])
+
+    async def make(self) -> BoundListener:
+        """Look the host up without blocking the loop, then bind."""
+        infos = await lookup(self.host, self.port, passive=True)
+        return self._bind(infos[0][0], infos[0][4])
+
+    def _bind(self, family: int, sockaddr: Any) -> BoundListener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -402,12 +516,19 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 _received_fds: dict[int, int] = {}
 _claimed: set[int] = set()
+#: tokens released before their descriptor was read: closed when it arrives
+_unwanted: set[int] = set()
 _fd_channel: socket.socket | None = None
 
 
 def set_fd_channel(sock: socket.socket | None) -> None:
-    """Set the socket a worker receives inherited listeners on (worker.py does this)."""
+    """Set the socket a worker receives inherited listeners on (worker.py does this).
+
+    It is read without blocking: the loop never waits in ``recvmsg()``.
+    """
     global _fd_channel
+    if sock is not None:
+        sock.setblocking(False)
     _fd_channel = sock
 
 
@@ -417,17 +538,53 @@ def send_listener_fd(channel: socket.socket, token: int, fd: int) -> None:
 
 
 def _claim_fd(token: int) -> int:
-    # The master sends the descriptor before the command that names it, so
-    # it is already waiting here: these reads do not block for long.
-    _claimed.add(token)
+    """The descriptor sent with *token*; ``BlockingIOError`` if it is not there yet.
+
+    The master sends the descriptor before the command that names it, so
+    it is normally waiting already; the channel is non-blocking either way.
+    """
     while token not in _received_fds:
         if _fd_channel is None:
             raise OSError(errno.EBADF, "no inherited listener channel (not a worker process)")
-        msg, fds, _, _ = socket.recv_fds(_fd_channel, 8, 1)
+        msg, fds, _, _ = socket.recv_fds(_fd_channel, 8, 1)   # BlockingIOError: not yet
         if not msg or not fds:
             raise OSError(errno.EPIPE, "inherited listener channel closed")
-        _received_fds[int.from_bytes(msg, "big")] = fds[0]
+        got = int.from_bytes(msg, "big")
+        if got in _unwanted:
+            _unwanted.discard(got)
+            os.close(fds[0])
+        else:
+            _received_fds[got] = fds[0]
+    _claimed.add(token)
     return _received_fds.pop(token)
+
+
+async def _claim_fd_async(token: int, timeout: float = 10.0) -> int:
+    """``_claim_fd``, waiting (in the loop, bounded) for the descriptor to arrive."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return _claim_fd(token)
+        except BlockingIOError:
+            pass
+        remaining = deadline - loop.time()
+        if remaining <= 0 or _fd_channel is None:
+            raise OSError(errno.ETIMEDOUT, "the inherited listener did not arrive")
+        readable: asyncio.Future[None] = loop.create_future()
+        fd = _fd_channel.fileno()
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            await asyncio.wait_for(readable, remaining)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
 
 
 def release_inherited(token: int) -> None:
@@ -441,8 +598,10 @@ def release_inherited(token: int) -> None:
         return
     try:
         fd = _claim_fd(token)
+    except BlockingIOError:
+        _unwanted.add(token)   # not read yet: closed when it is
+        return
     except OSError:
-        _claimed.discard(token)
         return
     _claimed.discard(token)
     os.close(fd)
@@ -468,7 +627,14 @@ class InheritedListenerFactory(ListenerFactory):
         return self.original.address
 
     def bind(self) -> BoundListener:
-        fd = _claim_fd(self.token)
+        """The socket, if its descriptor has arrived (``BlockingIOError`` if not)."""
+        return self._wrap(_claim_fd(self.token))
+
+    async def make(self) -> BoundListener:
+        """The socket; waits in the loop (never in ``recvmsg()``) if it is not there yet."""
+        return self._wrap(await _claim_fd_async(self.token))
+
+    def _wrap(self, fd: int) -> BoundListener:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         # the master owns the path; workers never unlink it

@@ -270,14 +270,14 @@ class _ProcessWorker:
 
     async def execute(self, command: Any) -> Any:
         lf = getattr(command, "listener_factory", None)
-        if lf is not None and self.manager._master_owned(lf):
+        if isinstance(lf, UnixListenerFactory) and self.manager._master_owned(lf):
             try:
                 command = self._with_inherited(command, lf)
             except DeployError as exc:
                 raise exc.on_worker(self.id)
         return await self._call("cmd", command)
 
-    def _with_inherited(self, command: Any, lf: ListenerFactory) -> Any:
+    def _with_inherited(self, command: Any, lf: UnixListenerFactory) -> Any:
         """Send the master's socket for *lf*; return *command* naming it by token."""
         bound = self.manager._shared_listener(command.name, lf)
         token = self.manager._next_token()
@@ -360,8 +360,8 @@ class WorkerManager:
         #: successful restarts, and attempts that failed (backed off), for status
         self.restarts = 0
         self.failed_restarts = 0
-        #: listening sockets the master owns (Unix paths), by listener factory
-        self._shared: dict[ListenerFactory, BoundListener] = {}
+        #: listening sockets the master owns (Unix sockets), by path
+        self._shared: dict[str, BoundListener] = {}
         self._token = 0
 
     async def __aenter__(self) -> WorkerManager:
@@ -424,11 +424,15 @@ class WorkerManager:
             timeout = self.command_timeout
         async with self._lock:
             live = [w for w in self.workers if w.alive and w.ready]
-            per_worker = await asyncio.gather(*(_in_order(w, commands, timeout) for w in live))
-            groups = [self._gathered(cmd, live, [outs[i] for outs in per_worker])
-                      for i, cmd in enumerate(commands)]
-            self._release_shared()
-            return groups
+            try:
+                per_worker = await asyncio.gather(*(_in_order(w, commands, timeout) for w in live))
+                return [self._gathered(cmd, live, [outs[i] for outs in per_worker])
+                        for i, cmd in enumerate(commands)]
+            finally:
+                # Once per batch, after every command is recorded: a socket
+                # bound for a later command of the batch is not released
+                # because an earlier one was recorded first.
+                self._release_shared()
 
     def _gathered(self, command: Any, live: list[Any], outcomes: Sequence[Any]) -> ResultGroup:
         results = []
@@ -488,16 +492,21 @@ class WorkerManager:
         # Unix paths cannot be bound once per worker; TCP uses SO_REUSEPORT.
         return not self.inline and isinstance(lf, UnixListenerFactory)
 
-    def _shared_listener(self, site: str, lf: ListenerFactory) -> BoundListener:
-        users = {n for n, d in self.deployments.items() if d.listener_factory == lf}
-        users |= {n for n, st in self._staged.items() if st.listener_factory == lf}
-        users.discard(site)
-        if users:
-            raise BuildListenerError(site, f"{lf.address}: in use by site {sorted(users)[0]!r}")
-        bound = self._shared.get(lf)
+    def _shared_listener(self, site: str, lf: UnixListenerFactory) -> BoundListener:
+        """The master's socket at *lf*'s path: the one already bound, or a new one.
+
+        Keyed by path alone: a backlog change, a move onto a path another
+        site leaves in the same reload (a swap), or a restarted worker all
+        get the socket already listening there -- binding the path again
+        would fail, and unlinking it would lose the file.  The worker sets
+        the backlog when it listens (Linux lets ``listen()`` change it).
+        One service per address is the config checker's rule, as it is
+        for TCP ports, where ``SO_REUSEPORT`` overlaps the same way.
+        """
+        bound = self._shared.get(lf.path)
         if bound is None:
             try:
-                bound = self._shared[lf] = lf.bind()
+                bound = self._shared[lf.path] = lf.bind()
             except OSError as exc:
                 raise BuildListenerError(site, f"{lf.address}: {exc.strerror or exc}") from None
         return bound
@@ -507,11 +516,18 @@ class WorkerManager:
         return self._token
 
     def _release_shared(self) -> None:
-        """Close (and unlink) master-owned sockets no deployment or staging uses."""
+        """Close (and unlink, if still ours) the master's sockets nothing uses.
+
+        A path is in use while a deployment or a staged command names it.
+        Called once per dispatch, after every command of it is recorded, so
+        no command is in flight: a socket bound for a command that failed
+        everywhere (not recorded) is released here too.
+        """
         used = {d.listener_factory for d in self.deployments.values()}
         used |= {s.listener_factory for s in self._staged.values() if s.listener_factory is not None}
-        for lf in [lf for lf in self._shared if lf not in used]:
-            self._shared.pop(lf).close()
+        paths = {lf.path for lf in used if isinstance(lf, UnixListenerFactory)}
+        for path in [p for p in self._shared if p not in paths]:
+            self._shared.pop(path).close()
 
     async def status(self, timeout: float = STATUS_TIMEOUT) -> list[dict[str, Any]]:
         """Each worker's status (sites, generations, connections), or its error.

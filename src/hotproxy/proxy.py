@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import core
-from .listeners import parse_host_port
-from .service import MakeService, Service
+from .listeners import is_literal, lookup, parse_host_port
+from .service import MakeService, MaybeAwaitable, Service
 
 log = logging.getLogger("hotproxy.proxy")
 access_log = logging.getLogger("hotproxy.access")
@@ -157,16 +157,34 @@ class ProxyFactory(MakeService):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
 
-    def make_via_ref(self, old: Service | None) -> ProxyService:
+    def make_via_ref(self, old: Service | None) -> MaybeAwaitable[ProxyService]:
         """The next version: shares *old*'s counters, round-robin position and
-        upstream states (if *old* is a proxy service on the same core)."""
-        if isinstance(old, ProxyService) and isinstance(old.shared.counters, core.impl.ProxyCounters):
-            return ProxyService(self, old.shared, old.all_states())
-        return ProxyService(self, _Shared(), {})
+        upstream states (if *old* is a proxy service on the same core).
 
-    def make(self) -> ProxyService:
-        """A fresh service: zero counters, every upstream healthy."""
-        return ProxyService(self, _Shared(), {})
+        Upstream host names are looked up with the loop's resolver: then this
+        returns a coroutine, and the worker serves on while it awaits.  With
+        literal addresses and Unix paths only, it returns the service.
+        """
+        if isinstance(old, ProxyService) and isinstance(old.shared.counters, core.impl.ProxyCounters):
+            return self._build(old.shared, old.all_states())
+        return self._build(_Shared(), {})
+
+    def make(self) -> MaybeAwaitable[ProxyService]:
+        """A fresh service: zero counters, every upstream healthy (a coroutine
+        if host names must be looked up, as ``make_via_ref``)."""
+        return self._build(_Shared(), {})
+
+    def _build(self, shared: _Shared, states: dict[str, Any]) -> MaybeAwaitable[ProxyService]:
+        names = [up for up in map(parse_upstream, self.upstreams)
+                 if up.host is not None and not is_literal(up.host)]
+        if not names:
+            return ProxyService(self, shared, states)
+        return self._build_after_lookup(shared, states, names)
+
+    async def _build_after_lookup(self, shared: _Shared, states: dict[str, Any],
+                                  names: list[Upstream]) -> ProxyService:
+        found = await asyncio.gather(*(lookup_upstream(up) for up in names))
+        return ProxyService(self, shared, states, {up.address: info for up, info in zip(names, found)})
 
 
 class _Shared:
@@ -179,12 +197,25 @@ class _Shared:
         self.rr = 0   # the round-robin position (also breaks least_conn ties)
 
 
-def resolve(up: Upstream) -> tuple[int, bytes, Any]:
+async def lookup_upstream(up: Upstream) -> tuple[int, Any]:
+    """``(family, sockaddr)`` of *up*'s host, looked up without blocking the loop;
+    a name that does not resolve is an error of the config (``ValueError``)."""
+    assert up.host is not None and up.port is not None
+    try:
+        infos = await lookup(up.host, up.port)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"{up.address}: cannot resolve {up.host!r}: {exc}") from None
+    return infos[0][0], infos[0][4]
+
+
+def resolve(up: Upstream, found: tuple[int, Any] | None = None) -> tuple[int, bytes, Any]:
     """Where to connect for *up*: ``(family, raw sockaddr, socket-module address)``.
 
-    A host name is resolved here, when the service version is built (at each
-    deploy or reload, like HAProxy and nginx at start-up), not per connection;
-    a name that does not resolve is an error of the config (``ValueError``).
+    A host name is resolved when the service version is built (at each
+    deploy or reload, like HAProxy and nginx at start-up), not per
+    connection: *found* is its ``lookup_upstream()``.  Without it a name
+    is looked up here, blocking (the factory never leaves it to this);
+    a literal address needs no lookup.
     """
     if up.path is not None:
         path = os.fsencode(up.path)
@@ -192,11 +223,14 @@ def resolve(up: Upstream) -> tuple[int, bytes, Any]:
             raise ValueError(f"{up.address}: the path is longer than {_UNIX_PATH_MAX - 1} bytes")
         return socket.AF_UNIX, struct.pack("=H", socket.AF_UNIX) + path + b"\0", up.path
     assert up.host is not None and up.port is not None
-    try:
-        infos = socket.getaddrinfo(up.host, up.port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ValueError(f"{up.address}: cannot resolve {up.host!r}: {exc}") from None
-    family, _, _, _, addr = infos[0]
+    if found is None:
+        flags = socket.AI_NUMERICHOST if is_literal(up.host) else 0
+        try:
+            infos = socket.getaddrinfo(up.host, up.port, type=socket.SOCK_STREAM, flags=flags)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ValueError(f"{up.address}: cannot resolve {up.host!r}: {exc}") from None
+        found = infos[0][0], infos[0][4]
+    family, addr = found
     host, port = str(addr[0]), int(addr[1])
     if family == socket.AF_INET:
         # struct sockaddr_in: family (host order), port, address, zero padding
@@ -219,7 +253,10 @@ _UNIX_PATH_MAX = 108
 class ProxyService(Service):
     """One version of a proxy site on one worker."""
 
-    def __init__(self, factory: ProxyFactory, shared: _Shared, old_states: dict[str, Any]) -> None:
+    def __init__(self, factory: ProxyFactory, shared: _Shared, old_states: dict[str, Any],
+                 found: dict[str, tuple[int, Any]] | None = None) -> None:
+        # *found*: upstream address -> (family, sockaddr) of its host, looked
+        # up by the factory without blocking (literal addresses need none)
         self.factory = factory
         self.shared = shared
         self.counters = shared.counters
@@ -230,7 +267,7 @@ class ProxyService(Service):
             if state is None or not isinstance(state, impl.UpstreamState):
                 state = impl.UpstreamState(addr)
             up = parse_upstream(addr)
-            family, raw, address = resolve(up)
+            family, raw, address = resolve(up, found.get(addr) if found else None)
             self.targets.append(impl.Target(state, up, family, raw, address))
         mine = set(factory.upstreams)
         #: removed upstreams that still have connections (old versions' drains)
