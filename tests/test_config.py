@@ -59,7 +59,7 @@ cpu_affinity = true
 drain_timeout = 30.0
 admin_socket = "/tmp/hotproxy.sock"
 pidfile = "run/hotproxy.pid"
-log_level = "DEBUG"
+log_level = "debug"
 
 [services.echo]
 kind = "echo"
