@@ -257,7 +257,9 @@ def _explain(args: argparse.Namespace, message: str) -> str:
         where = f"runtime.admin_socket in {os.path.abspath(args.config)}"
     if args.command == "reload":
         try:
-            load_config(args.config)
+            config = load_config(args.config)
+            if not config.services and not args.allow_empty:
+                raise no_services_error(config.source, "hotproxy reload --allow-empty")
         except ConfigError as exc:
             return f"{exc} (and no hotproxy answers on {sock}, {where})"
     return f"{message}; that socket is {where}: give -c with the file hotproxy was started with, or --socket PATH"
@@ -308,6 +310,8 @@ def format_report(report: ReloadReport) -> str:
                   f"  removed{verb}:   {', '.join(report.removed) or '-'}",
                   f"  unchanged: {', '.join(report.unchanged) or '-'}"]
     for failure in report.failures:
+        if len(report.failures) == 1 and failure.phase == "config" and failure.error == report.error:
+            continue   # the summary says it already: a bad file is one line
         lines.append(f"  failure: {failure}")
     for note in report.notes:
         lines.append(f"  note: {note}")

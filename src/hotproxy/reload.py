@@ -213,8 +213,8 @@ class Reloader:
             try:
                 config = await self._load(load, quick_load)
                 if not config.services and not allow_empty:
-                    hint = ("a signal never empties hotproxy; on purpose: hotproxy reload --allow-empty"
-                            if trigger == "SIGHUP" else "hotproxy reload --allow-empty")
+                    hint = "hotproxy reload --allow-empty" + \
+                        ("; a signal never empties hotproxy" if trigger == "SIGHUP" else "")
                     raise no_services_error(config.source, hint)
             except Exception as exc:
                 # whatever loading raised (the loader turns its own failures
