@@ -875,17 +875,8 @@ def check_on_this_host(config: Config, held: Iterable[str] = (), running_pid: in
         except ValueError:
             continue
         held_tcp |= listen_sockaddrs(TcpListenerFactory(host, port))
-    for name, svc in config.services.items():
-        lf = svc.listener
-        error: str | None = None
-        if isinstance(lf, TcpListenerFactory):
-            if not listen_sockaddrs(lf) & held_tcp:
-                error = probe_bind(lf)
-        elif isinstance(lf, UnixListenerFactory):
-            error = _unix_listen_problem(lf.path, os.path.realpath(lf.path) in held_unix)
-        if error is not None:
-            problems.append(f"{source}: services.{name}.listen: cannot listen on {lf.address}: {error}")
-    error = _admin_socket_problem(config.runtime.admin_socket)
+    # the runtime first: a start fails on them before any listener
+    error: str | None = _admin_socket_problem(config.runtime.admin_socket)
     if error is not None:
         problems.append(f"{source}: runtime.admin_socket: {config.runtime.admin_socket}: {error}")
     if config.runtime.pidfile is not None:
@@ -894,6 +885,16 @@ def check_on_this_host(config: Config, held: Iterable[str] = (), running_pid: in
             error = f"names the live process {pid} (another hotproxy?)"
         if error is not None:
             problems.append(f"{source}: runtime.pidfile: {config.runtime.pidfile}: {error}")
+    for name, svc in config.services.items():
+        lf = svc.listener
+        error = None
+        if isinstance(lf, TcpListenerFactory):
+            if not listen_sockaddrs(lf) & held_tcp:
+                error = probe_bind(lf)
+        elif isinstance(lf, UnixListenerFactory):
+            error = _unix_listen_problem(lf.path, os.path.realpath(lf.path) in held_unix)
+        if error is not None:
+            problems.append(f"{source}: services.{name}.listen: cannot listen on {lf.address}: {error}")
     return problems
 
 
