@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
 from .admin import AdminClient, AdminError
-from .config import (ConfigError, admin_socket_for, check_on_this_host, default_admin_socket, default_config_text,
-                     describe_options, load_config, no_services_error)
-from .errors import HotproxyError
+from .config import (admin_socket_for, check_on_this_host, default_admin_socket, default_config_text, describe_options,
+                     load_config, no_services_error)
+from .errors import ConfigError, HotproxyError
 from .reload import ReloadReport
 
 if TYPE_CHECKING:

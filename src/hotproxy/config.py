@@ -608,7 +608,7 @@ class _Checker:
                 if real in own:
                     raise self.fail(f"services.{name}.listen", f"{svc.listen} is {own[real]}; "
                                                                 "expected a socket path of its own")
-            for i, up in enumerate(svc.options.get("upstreams") or ()):
+            for i, up in enumerate(_upstreams(svc)):
                 if up.startswith("unix:") and os.path.realpath(up[5:]) == os.path.realpath(runtime.admin_socket):
                     raise self.fail(f"services.{name}.upstreams[{i}]",
                                     f"{up} is the admin socket: its clients could stop this hotproxy")
@@ -626,7 +626,7 @@ class _Checker:
         edges: dict[str, list[tuple[str, str, str]]] = {}
         for name, svc in services.items():
             out = []
-            for i, up in enumerate(svc.options.get("upstreams") or ()):
+            for i, up in enumerate(_upstreams(svc)):
                 key = f"services.{name}.upstreams[{i}]"
                 out += [(key, up, target) for target in self.reached_by(key, up, services)]
             edges[name] = out
@@ -702,6 +702,12 @@ class _Checker:
             except OSError:
                 self._local[text] = False
         return self._local[text]
+
+
+def _upstreams(svc: ServiceConfig) -> tuple[str, ...]:
+    """The checked ``upstreams`` of a service (a proxy's), or () for a kind without them."""
+    ups = svc.options.get("upstreams")
+    return ups if isinstance(ups, tuple) and all(isinstance(u, str) for u in ups) else ()
 
 
 def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
