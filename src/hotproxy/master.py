@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from typing import Any
@@ -385,6 +386,9 @@ class Master:
         if other and other != os.getpid() and _pid_alive(other):
             raise PidfileError(f"pidfile {path}: hotproxy already running as pid {other}")
         tmp = f"{path}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(tmp).st_mode):
+                os.unlink(tmp)   # left by a master of the same pid that died writing it
         try:
             # O_EXCL | O_NOFOLLOW: never write through whatever sits at the temporary name
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
