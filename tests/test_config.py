@@ -59,7 +59,7 @@ cpu_affinity = true
 drain_timeout = 30.0
 admin_socket = "/tmp/hotproxy.sock"
 pidfile = "run/hotproxy.pid"
-log_level = "DEBUG"
+log_level = "debug"
 
 [services.echo]
 kind = "echo"
@@ -179,6 +179,39 @@ BAD = [
      "services.x.backlog: expected an integer <= 65535, got 99999999999999999999999"),
     ("[services.x]\nkind = 'echo'\nlisten = '127.0.0.1:1'\nmax_connections = 1e9",
      "services.x.max_connections: expected an integer >= 1"),
+    # issue 13: what the parser cannot read is one line too (item 10)
+    ("x = " + "[" * 600 + "]" * 600, "arrays or tables nested too deeply to read"),
+    ("[runtime]\nworkers = " + "9" * 5000, "an integer too long to read (more than 4300 digits)"),
+    # names and numbers are ASCII and matched whole; enumerations are exact lowercase (item 14)
+    ('[services."abc\\n"]\nkind = "echo"\nlisten = "127.0.0.1:1"', "services.abc\\n: a service name is"),
+    ("[services.x]\nkind = 'echo'\nlisten = '127.0.0.1:\uff12\uff10\uff10\uff12\uff10'",
+     "services.x.listen: bad listen address: '127.0.0.1:\uff12\uff10\uff10\uff12\uff10': port must be a number"),
+    ("[services.x]\nkind = 'echo'\nlisten = '\uff11\uff12\uff17.0.0.1:1'", "services.x.listen: bad listen address: "),
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:\uff12']",
+     "services.x.upstreams[0]: bad upstream address: '127.0.0.1:\uff12': port must be a number"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:2']\nbalance = 'ROUND_ROBIN'",
+     "services.x.balance: expected one of round_robin, random, least_conn, hash (lowercase), got 'ROUND_ROBIN'"),
+    ("[services.x]\nkind = 'Echo'\nlisten = '127.0.0.1:1'", "services.x.kind: expected one of echo, proxy (lowercase), "
+                                                          "got 'Echo'"),
+    ("[runtime]\nlog_level = 'DEBUG'", "runtime.log_level: expected one of debug, info, warning, error (lowercase)"),
+    # a proxy whose upstreams lead back to its own listen address (item 12)
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:1']",
+     "services.x.upstreams[0]: '127.0.0.1:1' leads back to this proxy's own listen address (127.0.0.1:1): "
+     "a proxy loop (x -> x)"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '0.0.0.0:1'\nupstreams = ['127.0.0.1:1']",
+     "services.x.upstreams[0]: '127.0.0.1:1' leads back to this proxy's own listen address (0.0.0.0:1)"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '[::]:1'\nupstreams = ['[::1]:1']",
+     "services.x.upstreams[0]: '[::1]:1' leads back to this proxy's own listen address ([::]:1)"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['localhost:1']",
+     "services.x.upstreams[0]: 'localhost:1' leads back"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['0.0.0.0:1']",
+     "services.x.upstreams[0]: '0.0.0.0:1' leads back"),
+    ("[services.x]\nkind = 'proxy'\nlisten = 'unix:x.sock'\nupstreams = ['unix:./x.sock']",
+     "services.x.upstreams[0]: 'unix:/"),
+    ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:2']\n"
+     "[services.y]\nkind = 'proxy'\nlisten = '127.0.0.1:2'\nupstreams = ['127.0.0.1:3', '127.0.0.1:1']",
+     "services.x.upstreams[0]: '127.0.0.1:2' reaches services.y (127.0.0.1:2), whose upstreams lead back to this "
+     "proxy: a proxy loop (x -> y -> x)"),
 ]
 
 
@@ -372,10 +405,11 @@ def test_reports_round_trip_through_json_and_format_for_people() -> None:
 def test_check_exits_0_on_a_good_file_and_1_with_one_line_on_a_bad_one(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "p.toml"
-    f.write_text(echo_toml("a", 7000))
+    port = free_port()      # check bind-probes the address: it must be free
+    f.write_text(echo_toml("a", port))
     assert main(["check", "-c", str(f)]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith(f"{f}: ok: 1 service: a (echo on 127.0.0.1:7000)") and err == ""
+    assert out.startswith(f"{f}: ok: 1 service: a (echo on 127.0.0.1:{port})") and err == ""
     f.write_text(echo_toml("a", 7000, extra="colour = 1"))
     assert main(["check", "-c", str(f)]) == 1
     out, err = capsys.readouterr()
@@ -508,3 +542,216 @@ def test_a_config_of_address_literals_loads_without_a_lookup_thread(tmp_path: Pa
             await m.stop()
 
     run(main())
+
+
+# -- issue 13: loops, clobbered paths, this host, empty files, any failure one line -----------------
+
+
+def test_a_proxy_in_front_of_another_service_of_the_file_is_no_loop() -> None:
+    """The embedded default (proxy -> echo), a chain of proxies ending at an echo, and a
+    wildcard listener next to a proxy to an address of another host: all valid."""
+    assert len(load_config(None).services) == 2
+    chain = conf("[services.a]\nkind = 'proxy'\nlisten = '127.0.0.1:7001'\nupstreams = ['127.0.0.1:7002']\n"
+                 "[services.b]\nkind = 'proxy'\nlisten = 'unix:b.sock'\nupstreams = ['localhost:7003']\n"
+                 "[services.c]\nkind = 'proxy'\nlisten = '127.0.0.1:7002'\nupstreams = ['unix:b.sock']\n"
+                 + echo_toml("e", 7003))
+    assert list(chain.services) == ["a", "b", "c", "e"]
+    away = conf("[services.a]\nkind = 'proxy'\nlisten = '0.0.0.0:7001'\nupstreams = ['192.0.2.1:7001']\n")
+    assert list(away.services) == ["a"]
+
+
+def test_files_hotproxy_creates_never_clobber_the_config_or_each_other() -> None:
+    cases = [
+        ("[runtime]\npidfile = 'test.toml'\n" + echo_toml("a", 7000),
+         "runtime.pidfile: /etc/hotproxy/test.toml is the config file itself; expected a file of its own"),
+        ("[runtime]\npidfile = 'ctl.sock'\nadmin_socket = 'ctl.sock'\n" + echo_toml("a", 7000),
+         "runtime.pidfile: /etc/hotproxy/ctl.sock is the admin socket (runtime.admin_socket)"),
+        ("[services.a]\nkind = 'echo'\nlisten = 'unix:test.toml'\n",
+         "services.a.listen: unix:/etc/hotproxy/test.toml is the config file itself"),
+        ("[runtime]\nadmin_socket = 'ctl.sock'\n[services.a]\nkind = 'echo'\nlisten = 'unix:ctl.sock'\n",
+         "services.a.listen: unix:/etc/hotproxy/ctl.sock is the admin socket"),
+        ("[runtime]\nadmin_socket = '/run/ctl.sock'\n" + echo_toml("a", 7000)
+         + "[services.p]\nkind = 'proxy'\nlisten = '127.0.0.1:7001'\nupstreams = ['unix:/run/ctl.sock']\n",
+         "services.p.upstreams[0]: unix:/run/ctl.sock is the admin socket: its clients could stop this hotproxy"),
+    ]
+    for text, expected in cases:
+        with pytest.raises(ConfigError) as info:
+            conf(text)
+        assert str(info.value) == f"{HERE}: {expected}" or str(info.value).startswith(f"{HERE}: {expected}"), \
+            (text, str(info.value))
+
+
+def test_an_unforeseen_failure_of_the_loader_is_still_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hotproxy.config as config_module
+
+    def explode(self: object, text: str) -> None:
+        raise TypeError("surprise\nsecond line")
+
+    monkeypatch.setattr(config_module._Checker, "check", explode)
+    with pytest.raises(ConfigError) as info:
+        conf("")
+    assert str(info.value) == f"{HERE}: cannot load: TypeError: surprise\\nsecond line"
+
+
+def test_the_admin_socket_is_found_in_a_file_the_parser_cannot_read(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text("[runtime]\nadmin_socket = 'ctl.sock'\nx = " + "[" * 600 + "]" * 600 + "\n")
+    assert admin_socket_for(str(f)) == str(tmp_path / "ctl.sock")
+    f.write_text("[runtime]\nworkers = " + "9" * 5000 + "\n")
+    assert admin_socket_for(str(f)) == default_admin_socket(str(f))
+
+
+def test_pidfile_inspection_refuses_what_is_not_a_pidfile(tmp_path: Path) -> None:
+    from hotproxy.config import inspect_pidfile
+
+    assert inspect_pidfile(str(tmp_path / "new.pid")) == (None, None)
+    problem, _ = inspect_pidfile(str(tmp_path / "no" / "dir.pid"))
+    assert problem == f"directory {tmp_path / 'no'} does not exist"
+    pid = tmp_path / "ok.pid"
+    pid.write_text("1234\n")
+    assert inspect_pidfile(str(pid)) == (None, 1234)
+    for name, content in (("text", "[runtime]\nworkers = 2\n"), ("empty", ""), ("zero", "0\n"),
+                          ("wide", "\uff11\uff12\n"), ("long", "1" * 80)):
+        f = tmp_path / name
+        f.write_text(content)
+        problem, held = inspect_pidfile(str(f))
+        assert problem is not None and "does not hold a process id; refusing to overwrite it" in problem, name
+        assert held is None
+    (tmp_path / "link").symlink_to(pid)
+    assert inspect_pidfile(str(tmp_path / "link"))[0] == "exists and is not a regular file; refusing to replace it"
+    assert inspect_pidfile(str(tmp_path))[0] == "exists and is not a regular file; refusing to replace it"
+
+
+def test_check_probes_this_host_and_says_what_it_could_not_check(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a start or reload would refuse on this host, found by ``check`` with no instance running:
+    one line each, naming the file and the key."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    port, busy_port = free_port(), free_port()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", busy_port))     # a stranger, without SO_REUSEPORT
+    busy.listen()
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a pid\n")
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(tmp_path / "live.sock"))
+    live.listen()
+    f = tmp_path / "p.toml"
+    cases = [
+        (echo_toml("a", busy_port), f"services.a.listen: cannot listen on 127.0.0.1:{busy_port}: address already in use"),
+        ("[services.a]\nkind = 'echo'\nlisten = '192.0.2.1:7000'\n",
+         "services.a.listen: cannot listen on 192.0.2.1:7000: "),
+        ("[services.a]\nkind = 'echo'\nlisten = '[2001:db8::1]:7000'\n",
+         "services.a.listen: cannot listen on [2001:db8::1]:7000: "),
+        ("[services.a]\nkind = 'echo'\nlisten = 'unix:no/such/dir/a.sock'\n",
+         f"services.a.listen: cannot listen on unix:{tmp_path}/no/such/dir/a.sock: directory {tmp_path}/no/such/dir "
+         "does not exist"),
+        ("[services.a]\nkind = 'echo'\nlisten = 'unix:plain'\n",
+         f"services.a.listen: cannot listen on unix:{plain}: the path exists and is not a socket"),
+        ("[services.a]\nkind = 'echo'\nlisten = 'unix:live.sock'\n",
+         f"services.a.listen: cannot listen on unix:{tmp_path}/live.sock: in use by a live listener"),
+        ("[runtime]\nadmin_socket = '/run/hotproxy-no-such-dir/admin.sock'\n" + echo_toml("a", port),
+         "runtime.admin_socket: /run/hotproxy-no-such-dir/admin.sock: directory /run/hotproxy-no-such-dir does not exist"),
+        ("[runtime]\npidfile = 'notes.txt'\n" + echo_toml("a", port),
+         f"runtime.pidfile: {text_file}: exists and does not hold a process id; refusing to overwrite it"),
+        ("[runtime]\npidfile = 'no/dir/hp.pid'\n" + echo_toml("a", port),
+         f"runtime.pidfile: {tmp_path}/no/dir/hp.pid: directory {tmp_path}/no/dir does not exist"),
+        (echo_toml("a", busy_port) + "[services.b]\nkind = 'echo'\nlisten = '192.0.2.1:7000'\n",
+         f"services.a.listen: cannot listen on 127.0.0.1:{busy_port}: address already in use (+1 more)"),
+    ]
+    try:
+        for text, expected in cases:
+            f.write_text(text)
+            assert main(["check", "-c", str(f)]) == 1, text
+            out, err = capsys.readouterr()
+            assert out == "" and len(err.splitlines()) == 1, (text, err)
+            assert err.startswith(f"hotproxy: error: {f}: {expected}"), (text, err)
+        f.write_text(echo_toml("a", port) + "[services.b]\nkind = 'echo'\nlisten = 'unix:b.sock'\n")
+        assert main(["check", "-c", str(f)]) == 0
+        out, err = capsys.readouterr()
+        assert err == "" and out.splitlines() == [
+            f"{f}: ok: 2 services: a (echo on 127.0.0.1:{port}), b (echo on unix:{tmp_path}/b.sock)",
+            f"  note: no hotproxy answers on {default_admin_socket(str(f))}: every listen address was probed",
+            "  note: not checked: building the services in worker processes (only a reload does that)"]
+        assert not (tmp_path / "b.sock").exists()     # only looked
+    finally:
+        busy.close()
+        live.close()
+
+
+def test_an_empty_file_is_refused_unless_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "empty.toml"
+    f.write_text("# nothing here yet\n")
+    assert main(["check", "-c", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"hotproxy: error: {f}: no services (expected at least one [services.NAME] table; a config that "
+                   "serves nothing is only accepted on purpose: hotproxy check|run|reload --allow-empty)\n")
+    assert main(["run", "-c", str(f)]) == 1     # refused before anything starts
+    assert "only accepted on purpose: hotproxy run --allow-empty)" in capsys.readouterr().err
+    assert main(["check", "--allow-empty", "-c", str(f)]) == 0
+    assert capsys.readouterr().out.startswith(f"{f}: ok: 0 services\n")
+
+
+def test_the_reloader_turns_any_load_failure_into_one_line_and_refuses_to_empty(tmp_path: Path) -> None:
+    a = free_port()
+
+    async def main_() -> None:
+        m = WorkerManager(inline=True, drain_timeout=1.0)
+        await m.start()
+        try:
+            r = Reloader(m)
+            v1 = conf(echo_toml("a", a, "a1"))
+            assert (await r.reload(v1, trigger="start")).ok
+
+            def deep() -> Config:
+                raise RecursionError("maximum recursion depth exceeded")
+
+            rep = await r.reload(deep, trigger="SIGHUP")
+            assert not rep.ok and rep.error == "cannot load the config: RecursionError: maximum recursion depth exceeded"
+            rep = await r.reload(conf(""), trigger="SIGHUP")
+            assert not rep.ok and rep.error.startswith(f"{HERE}: no services") and \
+                "hotproxy reload --allow-empty; a signal never empties hotproxy" in rep.error, rep.error
+            assert "\n" not in format_report(rep)       # the summary says it all: one line
+            rep = await r.reload(conf(""), trigger="admin")
+            assert not rep.ok and r.current == v1 and m.workers[0].executor.sites["a"].generation == 1
+            assert await roundtrip(a, 2) == b"a1hello"
+            rep = await r.reload(conf(""), trigger="admin", allow_empty=True)
+            assert rep.ok and rep.removed == ["a"] and r.current is not None and not r.current.services
+        finally:
+            await m.stop()
+
+    run(main_())
+
+
+def test_nobody_running_names_where_the_socket_came_from_and_a_broken_file_reports_its_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    f = tmp_path / "p.toml"
+    f.write_text(echo_toml("a", free_port()))
+    derived = default_admin_socket(str(f))
+    for cmd in ("reload", "status", "stop"):
+        assert main([cmd, "-c", str(f)]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"hotproxy: error: no hotproxy is running here (no admin socket {derived}); that socket is "
+                       f"derived from the path of {f}: give -c with the file hotproxy was started with, "
+                       "or --socket PATH\n"), err
+    f.write_text("[runtime]\nadmin_socket = 'ctl.sock'\n" + echo_toml("a", free_port()))
+    assert main(["status", "-c", str(f)]) == 1
+    assert f"(no admin socket {tmp_path}/ctl.sock); that socket is runtime.admin_socket in {f}: " \
+           in capsys.readouterr().err
+    # broken files that no longer say where the socket is: the file's error, one line
+    for text, expected in (("runtime = [1]\n", f"{f}: runtime: expected a table [runtime], got an array"),
+                           ("[runtime]\nadmin_socket = ''\n", f"{f}: runtime.admin_socket: expected a path, got an "
+                                                               "empty string"),
+                           ("", f"{f}: no services"),
+                           ("x = " + "[" * 600 + "]" * 600, f"{f}: arrays or tables nested too deeply")):
+        f.write_text(text)
+        assert main(["reload", "-c", str(f)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"hotproxy: error: {expected}") and len(err.splitlines()) == 1, err
+        assert f"(and no hotproxy answers on {derived}, derived from the path of {f})" in err, err
+        assert main(["status", "-c", str(f)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("hotproxy: error: no hotproxy is running here") and len(err.splitlines()) == 1, err

@@ -648,3 +648,263 @@ def test_a_proxy_is_changed_in_place_without_cutting_its_connections(start: Star
         assert "exited with" not in prog.log()    # no worker died on the way
 
     run(main(), 90)
+
+
+# -- issue 13: every bad input one line; nothing half-works --------------------------------------
+
+
+def proxy(port: int, upstreams: list[str], **kw: Any) -> dict[str, Any]:
+    return {"kind": "proxy", "listen": f"127.0.0.1:{port}", "upstreams": upstreams, **kw}
+
+
+async def _last_seq(prog: Program, seq: int) -> dict[str, Any] | None:
+    last = (await prog.status())["last_reload"]
+    return last if last is not None and last["seq"] == seq else None
+
+
+def test_a_file_the_parser_cannot_read_is_one_line_everywhere(start: Start) -> None:
+    """Arrays nested 600 deep and a 5,000-digit integer: ``check``, ``reload -c`` and ``status -c``
+    print one line, the admin socket replies, SIGHUP logs one outcome line; the old config serves."""
+    a = free_port()
+    prog = start(toml({"a": echo(a, "a1\n")}))
+    cfg = prog.config
+    assert cfg is not None
+    src = str(cfg)
+    head = '[runtime]\nadmin_socket = "admin.sock"\n'
+    cases = [(head + "x = " + "[" * 600 + "]" * 600 + "\n", "arrays or tables nested too deeply to read (more than a few hundred levels)"),
+             (head + "workers = " + "9" * 5000 + "\n", "an integer too long to read (more than 4300 digits)")]
+
+    async def main() -> None:
+        await prog.wait_ready()
+        long = await EchoClient.open(a, 3)
+        seq = 1
+        for text, expected in cases:
+            cfg.write_text(text)
+            code, out, err = await prog.cli("check", "-c", src)
+            assert (code, out, err) == (1, "", f"hotproxy: error: {src}: {expected}\n"), (code, out, err)
+            code, out, err = await prog.cli("reload", "-c", src)
+            seq += 1
+            assert code == 1 and out == "" and len(err.splitlines()) == 1, (out, err)
+            assert err.startswith(f"reload failed: {src}: {expected}; the old config keeps serving"), err
+            code, out, err = await prog.cli("status", "-c", src)
+            assert code == 0 and f"last reload #{seq} (admin)" in out, (out, err)
+
+            reader, writer = await asyncio.open_unix_connection(prog.socket_path())
+            writer.write(b'{"cmd": "reload"}\n')
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 30))
+            writer.close()
+            await writer.wait_closed()
+            seq += 1
+            assert reply["ok"] is False and reply["report"]["error"] == f"{src}: {expected}", reply
+
+            before = len(prog.log().splitlines())
+            prog.signal(signal.SIGHUP)
+            seq += 1
+            last = await eventually(lambda: _last_seq(prog, seq))
+            assert not last["ok"] and last["trigger"] == "SIGHUP" and last["error"] == f"{src}: {expected}"
+            new = await eventually(lambda: prog.log().splitlines()[before:])
+            assert len(new) == 1 and f"reload failed: {src}: {expected}; the old config keeps serving" in new[0], new
+            print(f"SIGHUP with {expected!r}: {len(new)} log line")
+
+            assert await roundtrip(a, 3) == b"a1\nhello"
+            await long.check()
+        log = prog.log()
+        assert "Traceback" not in log and "Task exception" not in log and "RecursionError" not in log
+        await long.close()
+
+    run(main(), 90)
+
+
+def test_a_pidfile_that_is_not_hotproxys_is_never_overwritten_or_deleted(start: Start, tmp_path: Path) -> None:
+    a = free_port()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+
+    async def main() -> None:
+        # the config file itself: check and run refuse it, and the file is left as it was
+        text = toml({"a": echo(a)}, pidfile="self.toml", admin="self.sock")
+        itself = start(text, name="self.toml")
+        assert await itself.wait_exit(30) == 1
+        assert (tmp_path / "self.toml").read_text() == text
+        assert f"runtime.pidfile: {tmp_path}/self.toml is the config file itself" in itself.log()
+        code, out, err = await itself.cli("check", "-c", str(tmp_path / "self.toml"))
+        assert code == 1 and len(err.splitlines()) == 1 and "is the config file itself" in err, err
+
+        # a file with other content: check and run refuse it
+        other = start(toml({"a": echo(a)}, pidfile="notes.txt", admin="notes.sock"), name="notes.toml")
+        assert await other.wait_exit(30) == 1
+        assert notes.read_text() == "my notes\n"
+        assert f"pidfile {notes}: exists and does not hold a process id; refusing to overwrite it" in other.log()
+        code, out, err = await other.cli("check", "-c", str(tmp_path / "notes.toml"))
+        assert code == 1 and len(err.splitlines()) == 1 and "does not hold a process id" in err, err
+
+        # a pidfile replaced while hotproxy runs (a supervisor writing its own) is not hotproxy's to delete
+        prog = start(toml({"a": echo(a)}, pidfile="hp.pid", admin="hp.sock"), name="hp.toml")
+        await prog.wait_ready()
+        pidfile = tmp_path / "hp.pid"
+        assert pidfile.read_text() == f"{prog.pid}\n"
+        theirs = tmp_path / "theirs.pid"
+        theirs.write_text(f"{prog.pid}\n")
+        theirs.replace(pidfile)
+        code, out, err = await prog.cli("stop", "-c", str(tmp_path / "hp.toml"))
+        assert code == 0, err
+        assert await prog.wait_exit(20) == 0
+        assert pidfile.read_text() == f"{prog.pid}\n"
+        assert "Traceback" not in itself.log() + other.log() + prog.log()
+
+    run(main(), 90)
+
+
+@needs_proxy
+def test_a_proxy_loop_is_refused_by_check_and_reload_while_traffic_goes_on(start: Start) -> None:
+    e, px, q = free_port(), free_port(), free_port()
+    good = {"e": echo(e, "e1\n"), "px": proxy(px, [f"127.0.0.1:{e}"])}
+    prog = start(toml(good))
+    cfg = prog.config
+    assert cfg is not None
+    src = str(cfg)
+    cases = [
+        (dict(good, px=proxy(px, [f"127.0.0.1:{px}"])),
+         f"services.px.upstreams[0]: '127.0.0.1:{px}' leads back to this proxy's own listen address "
+         f"(127.0.0.1:{px}): a proxy loop (px -> px)"),
+        (dict(good, px=proxy(px, [f"127.0.0.1:{e}", f"localhost:{px}"])),
+         f"services.px.upstreams[1]: 'localhost:{px}' leads back to this proxy's own listen address"),
+        (dict(good, px=proxy(px, [f"127.0.0.1:{q}"]), q=proxy(q, [f"127.0.0.1:{px}"])),
+         f"services.px.upstreams[0]: '127.0.0.1:{q}' reaches services.q (127.0.0.1:{q}), whose upstreams lead "
+         "back to this proxy: a proxy loop (px -> q -> px)"),
+    ]
+
+    async def still_serving() -> None:
+        assert await roundtrip(px, 3) == b"e1\nhello"
+        services = by_name(await prog.status())
+        assert sorted(services) == ["e", "px"]
+        assert all(set(s["generations"].values()) == {1} for s in services.values())
+
+    async def main() -> None:
+        await prog.wait_ready()
+        long = await EchoClient.open(px, 3)
+        for text, expected in ((toml(c), x) for c, x in cases):
+            cfg.write_text(text)
+            code, out, err = await prog.cli("check", "-c", src)
+            assert code == 1 and out == "" and err.startswith(f"hotproxy: error: {src}: "), err
+            assert len(err.splitlines()) == 1 and expected in err, err
+            code, out, err = await prog.cli("reload", "-c", src)
+            assert code == 1 and len(err.splitlines()) == 1 and err.startswith(f"reload failed: {src}: "), err
+            assert expected in err, err
+            await still_serving()
+            await long.check()
+        cfg.write_text(toml(cases[0][0]))      # the self-loop once more, by signal
+        prog.signal(signal.SIGHUP)
+        last = await eventually(lambda: _last_seq(prog, 1 + len(cases) + 1))
+        assert not last["ok"] and "a proxy loop (px -> px)" in last["error"], last
+        await still_serving()
+        # a proxy in front of another proxy of this instance is no loop
+        cfg.write_text(toml(dict(good, px=proxy(px, [f"127.0.0.1:{q}"]), q=proxy(q, [f"127.0.0.1:{e}"]))))
+        code, out, err = await prog.cli("reload", "-c", src)
+        assert code == 0 and out.startswith("reload ok: added=[q] changed=[px]"), out + err
+        assert await roundtrip(px, 3) == b"e1\nhello"
+        await long.check()
+        await long.close()
+        assert "Traceback" not in prog.log()
+
+    run(main(), 90)
+
+
+def test_an_empty_file_never_empties_hotproxy_unless_asked_for(start: Start, tmp_path: Path) -> None:
+    """No admin_socket in the file: the CLI finds the instance of the emptied file by the socket
+    derived from its path, and the instance refuses it (SIGHUP always)."""
+    a = free_port()
+    prog = start(f"[runtime]\nworkers = 2\n\n[services.a]\nkind = 'echo'\nlisten = '127.0.0.1:{a}'\n",
+                 name="e.toml", env={"XDG_RUNTIME_DIR": str(tmp_path)})
+    cfg = prog.config
+    assert cfg is not None
+    src = str(cfg)
+
+    async def main() -> None:
+        await prog.wait_ready()
+        long = await EchoClient.open(a)
+        cfg.write_text("# emptied by mistake\n")
+        prog.signal(signal.SIGHUP)
+        last = await eventually(lambda: _last_seq(prog, 2))
+        assert not last["ok"] and last["error"].startswith(f"{src}: no services") and \
+            last["error"].endswith("hotproxy reload --allow-empty; a signal never empties hotproxy)"), last
+        code, out, err = await prog.cli("reload", "-c", src)
+        assert code == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"reload failed: {src}: no services (expected at least one [services.NAME] table; "
+                              "a config that serves nothing is only accepted on purpose: hotproxy reload "
+                              "--allow-empty)"), err
+        code, out, err = await prog.cli("check", "-c", src)
+        assert code == 1 and "--allow-empty" in err and len(err.splitlines()) == 1, err
+        assert await prog.admin("reload", allow_empty="yes") == \
+            {"ok": False, "error": "malformed request: allow_empty must be true or false"}
+        assert await roundtrip(a) == b"hello"
+        await long.check()
+
+        code, out, err = await prog.cli("reload", "--allow-empty", "-c", src)
+        assert code == 0 and out.startswith("reload ok: added=[] changed=[] removed=[a] unchanged=[]"), out + err
+        await eventually(lambda: refuses(a))
+        await long.check()           # a removed service drains: its connections go on
+        await long.close()
+        assert (await prog.status())["services"] == [] and prog.proc.poll() is None
+
+    run(main(), 60)
+
+
+def test_check_probes_this_host_and_counts_the_running_instances_addresses_as_free(
+        start: Start, tmp_path: Path) -> None:
+    a, b, busy_port, c = (free_port() for _ in range(4))
+    good = {"a": echo(a, "a1\n"), "b": echo(b)}
+    prog = start(toml(good))
+    cfg = prog.config
+    assert cfg is not None
+    src = str(cfg)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", busy_port))   # a stranger holds this port (no SO_REUSEPORT)
+    busy.listen()
+
+    def unix(path: str) -> dict[str, Any]:
+        return {"kind": "echo", "listen": f"unix:{path}"}
+
+    cases = [  # (file, what check and a reload say, whether a reload can be asked: the socket moves in the last)
+        (toml(dict(good, c=echo(busy_port))),
+         f"services.c.listen: cannot listen on 127.0.0.1:{busy_port}: address already in use", True),
+        (toml(dict(good, c=echo(c) | {"listen": f"192.0.2.1:{c}"})),
+         f"cannot listen on 192.0.2.1:{c}: not an address of this host", True),
+        (toml(dict(good, c=echo(c) | {"listen": f"[2001:db8::1]:{c}"})),
+         f"cannot listen on [2001:db8::1]:{c}: ", True),
+        (toml(dict(good, c=unix("no/such/dir/c.sock"))),
+         f"services.c.listen: cannot listen on unix:{tmp_path}/no/such/dir/c.sock: directory", True),
+        (toml(dict(good, c=unix("hotproxy.toml"))),
+         f"services.c.listen: unix:{src} is the config file itself", True),
+        (toml(dict(good, c=unix("admin.sock"))),
+         f"services.c.listen: unix:{tmp_path}/admin.sock is the admin socket", True),
+        (toml(good, admin="no/such/dir/admin.sock"),
+         f"runtime.admin_socket: {tmp_path}/no/such/dir/admin.sock: directory {tmp_path}/no/such/dir does not exist",
+         False),
+    ]
+
+    async def main() -> None:
+        await prog.wait_ready()
+        code, out, err = await prog.cli("check", "-c", src)
+        assert code == 0, err
+        assert f"  note: 2 listen addresses held by the running hotproxy of this file (pid {prog.pid}) counted " \
+               "as free: a reload keeps or moves them" in out.splitlines(), out
+        for text, expected, reload in cases:
+            cfg.write_text(text)
+            code, out, err = await prog.cli("check", "-c", src)
+            assert code == 1 and out == "" and len(err.splitlines()) == 1, (expected, out, err)
+            assert err.startswith(f"hotproxy: error: {src}: ") and expected in err, (expected, err)
+            if reload:
+                code, out, err = await prog.cli("reload", "-c", src)
+                assert code == 1 and err.startswith("reload failed: "), (expected, out, err)
+            cfg.write_text(toml(good))     # (the test finds the admin socket in the file too)
+            assert await roundtrip(a, 3) == b"a1\nhello"
+            services = by_name(await prog.status())
+            assert sorted(services) == ["a", "b"]
+            assert all(set(s["generations"].values()) == {1} for s in services.values())
+        assert "Traceback" not in prog.log()
+
+    try:
+        run(main(), 90)
+    finally:
+        busy.close()

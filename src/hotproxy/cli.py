@@ -1,7 +1,7 @@
 """The ``hotproxy`` command.
 
     hotproxy run    [-c FILE]     serve (no -c: the embedded default config)
-    hotproxy check  -c FILE       validate FILE; exit 1 with the error
+    hotproxy check  -c FILE       validate FILE (and probe its addresses); exit 1 with the error
     hotproxy reload [-c FILE]     reload the instance started with FILE; wait; report
     hotproxy status [-c FILE]     a table of services, generations, connections
     hotproxy stop   [-c FILE]     graceful stop (--fast: at once)
@@ -20,13 +20,17 @@ import asyncio
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
 from .admin import AdminClient, AdminError
-from .config import admin_socket_for, default_config_text, describe_options, load_config
-from .errors import HotproxyError
+from .config import (admin_socket_for, check_on_this_host, default_admin_socket, default_config_text, describe_options,
+                     load_config, no_services_error)
+from .errors import ConfigError, HotproxyError
 from .reload import ReloadReport
+
+if TYPE_CHECKING:
+    from .config import Config
 
 PROG = "hotproxy"
 
@@ -53,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (HotproxyError, OSError) as exc:
-        _error(str(exc) or type(exc).__name__)
+        _error(_explain(args, str(exc) or type(exc).__name__))
         return 1
     except KeyboardInterrupt:
         return 130
@@ -89,14 +93,21 @@ def _parser() -> argparse.ArgumentParser:
               "runtime.drain_timeout); SIGQUIT stops at once.  Logs go to stderr.")
     run.add_argument("--print-default", action="store_true",
                      help="print the embedded default config and exit")
+    run.add_argument("--allow-empty", action="store_true",
+                     help="start even if FILE declares no service (refused otherwise)")
 
     check = add("check", _cmd_check, "validate a config file",
-                "Check FILE as a reload would (syntax, keys, types, addresses, upstream hosts)\n"
-                "without touching any running instance.  Exit 0 if it is valid, else 1 with\n"
-                "one line naming the file, the key and what was expected.\n\n"
-                "Whether a port is free is only known when binding: a reload checks that.",
+                "Check FILE as a start or a reload would, without changing anything: syntax,\n"
+                "keys, types, addresses, upstream hosts, proxy loops, and on this host: each\n"
+                "listen address is bind-probed (one the running instance of FILE holds counts\n"
+                "as free: a reload keeps or moves it; check asks it over the admin socket),\n"
+                "Unix socket and admin socket directories exist, the pidfile holds a pid.\n"
+                "Exit 0 if it is valid, with a note for each check it could not run; else 1\n"
+                "with one line naming the file, the key and what was expected.",
                 config_required=True)
     check.add_argument("--keys", action="store_true", help="also list every config key and its default")
+    check.add_argument("--allow-empty", action="store_true",
+                       help="accept a file that declares no service (run/reload need --allow-empty too)")
 
     for name, func, help, desc in (
         ("reload", _cmd_reload, "reload the running instance's config",
@@ -123,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="print the raw status as JSON")
         if name == "reload":
             sp.add_argument("--json", action="store_true", help="print the raw report as JSON")
+            sp.add_argument("--allow-empty", action="store_true",
+                            help="apply FILE even if it declares no service (removes every service; "
+                                 "refused otherwise, and always on SIGHUP)")
         if name == "stop":
             sp.add_argument("--fast", action="store_true", help="close every connection at once")
             sp.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
@@ -137,6 +151,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.write(default_config_text())
         return 0
     config = load_config(args.config)   # a bad file: one line, exit 1, nothing started
+    if not config.services and not args.allow_empty:
+        raise no_services_error(config.source, "hotproxy run --allow-empty")
     import uvloop
 
     from .master import Master, setup_logging
@@ -153,16 +169,101 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if not config.services and not args.allow_empty:
+        raise no_services_error(config.source, "hotproxy check|run|reload --allow-empty")
+    held, pid, notes = _running_instance(config)
+    problems = check_on_this_host(config, held, pid)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        _error(problems[0] + more)
+        return 1
     names = ", ".join(f"{s.name} ({s.kind} on {s.listen})" for s in config.services.values())
     n = len(config.services)
     print(f"{config.source}: ok: {n} service{'' if n == 1 else 's'}{': ' + names if names else ''}")
+    notes.append("not checked: building the services in worker processes (only a reload does that)")
+    for note in notes:
+        print(f"  note: {note}")
     if args.keys:
         for table, key, default, doc in describe_options():
             print(f"  [{table}] {key} = {default}  # {doc}")
     return 0
 
 
+def _running_instance(config: Config) -> tuple[list[str], int | None, list[str]]:
+    """(listen addresses, pid) of the running instance of *config*'s file, and
+    notes on what that means for the bind probe.  Asked without an event loop."""
+    path = config.runtime.admin_socket
+    try:
+        status = _status_now(path, 10.0)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return [], None, [f"no hotproxy answers on {path}: every listen address was probed"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [], None, [f"the hotproxy on {path} did not answer ({' '.join(str(exc).split()) or type(exc).__name__}): "
+                          "addresses it holds count as taken"]
+    if status.get("config") != config.source:
+        return [], None, [f"the hotproxy on {path} runs {status.get('config')}, not this file: "
+                          "addresses it holds count as taken"]
+    held = [str(s["listen"]) for s in status.get("services") or ()]
+    pid = status.get("pid") if isinstance(status.get("pid"), int) else None
+    return held, pid, [f"{len(held)} listen address{'' if len(held) == 1 else 'es'} held by the running "
+                       f"hotproxy of this file (pid {pid}) counted as free: a reload keeps or moves them"]
+
+
+def _status_now(path: str, timeout: float) -> dict[str, Any]:
+    """One ``status`` request on the admin socket *path*, blocking, bounded by *timeout*."""
+    import json
+    import socket
+
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(b'{"cmd": "status"}\n')
+        buf = b""
+        while not buf.endswith(b"\n") and len(buf) < 16 * 1024 * 1024:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    reply = json.loads(buf)
+    if not isinstance(reply, dict) or not reply.get("ok") or not isinstance(reply.get("status"), dict):
+        raise ValueError(str(reply.get("error") if isinstance(reply, dict) else "not a status reply"))
+    return reply["status"]  # type: ignore[no-any-return]
+
+
 # -- talking to a running instance ----------------------------------------------
+
+
+#: how the admin client says nobody is there
+_NOT_RUNNING = "no hotproxy is running here"
+
+
+def _explain(args: argparse.Namespace, message: str) -> str:
+    """*message*, and for "no hotproxy is running here" where the socket came from.
+
+    A reload of a broken file that reaches nobody reports the file's error:
+    the socket was perhaps found in a file that no longer says where it is.
+    """
+    if not message.startswith(_NOT_RUNNING) or getattr(args, "socket", None) is not None \
+            or not hasattr(args, "socket"):
+        return message
+    sock = admin_socket_for(args.config)
+    if args.config is None:
+        where = "derived for the embedded default config (no -c)"
+    elif sock == default_admin_socket(os.path.abspath(args.config)):
+        where = f"derived from the path of {os.path.abspath(args.config)}"
+    else:
+        where = f"runtime.admin_socket in {os.path.abspath(args.config)}"
+    if args.command == "reload":
+        try:
+            config = load_config(args.config)
+            if not config.services and not args.allow_empty:
+                raise no_services_error(config.source, "hotproxy reload --allow-empty")
+        except ConfigError as exc:
+            return f"{exc} (and no hotproxy answers on {sock}, {where})"
+    return f"{message}; that socket is {where}: give -c with the file hotproxy was started with, or --socket PATH"
+
 
 
 def _socket(args: argparse.Namespace) -> str:
@@ -181,7 +282,8 @@ async def _ask(path: str, cmd: str, timeout: float, **fields: Any) -> dict[str, 
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
-    reply = asyncio.run(_ask(_socket(args), "reload", args.timeout or 120.0))
+    fields = {"allow_empty": True} if args.allow_empty else {}
+    reply = asyncio.run(_ask(_socket(args), "reload", args.timeout or 120.0, **fields))
     if "report" not in reply:
         _error(reply.get("error", "the running hotproxy did not reload"))
         return 1
@@ -208,6 +310,8 @@ def format_report(report: ReloadReport) -> str:
                   f"  removed{verb}:   {', '.join(report.removed) or '-'}",
                   f"  unchanged: {', '.join(report.unchanged) or '-'}"]
     for failure in report.failures:
+        if len(report.failures) == 1 and failure.phase == "config" and failure.error == report.error:
+            continue   # the summary says it already: a bad file is one line
         lines.append(f"  failure: {failure}")
     for note in report.notes:
         lines.append(f"  note: {note}")

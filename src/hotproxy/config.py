@@ -9,27 +9,38 @@ Rules of this module:
 * Every key is declared in a table below (``RUNTIME_OPTIONS`` and each
   ``ServiceKind``); a key that is not declared is an error, so a typo never
   silently falls back to a default.
-* What can be checked without binding a socket is checked here: types and
-  ranges, listen addresses (syntax, one service per address), and upstream
-  host names (they must resolve).  Whether a port is free is the reload's
-  prepare phase's business, because only binding can tell.
+* What can be checked from the file alone is checked by ``load_config``:
+  types and ranges, listen addresses (syntax, one service per address),
+  upstream host names (they must resolve), paths that would clobber one
+  another (a Unix listener or the pidfile on the config file or the admin
+  socket), and proxies whose upstreams lead back to their own listen
+  address (a loop that chains connections until the descriptors run out).
+* What depends on the state of this host -- whether a port is free, a
+  directory exists, a pidfile holds a pid -- is ``check_on_this_host``'s
+  business (``hotproxy check``); a reload finds the same by binding.  It
+  only looks: a probe socket is bound and closed, nothing is created or
+  removed.
+* Names and numbers are ASCII and matched whole; enumerated values (``kind``,
+  ``balance``, ``log_level``) are exact lowercase words.
 * A service's factory and listener factory are frozen dataclasses that
   compare by value; the reload diffs two configs with ``==`` on them.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import os
 import re
 import socket
 import stat
+import sys
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .echo import EchoFactory
 from .errors import ConfigError
@@ -39,7 +50,8 @@ from .service import CountConnections, LimitConnections, MakeService, stack
 #: what error messages call the embedded default config
 DEFAULT_SOURCE = "<embedded default>"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+#: a service name, matched whole (``fullmatch``: ``$`` would accept a trailing newline)
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -263,8 +275,28 @@ def load_config(path: str | None = None, *, lookups: bool = True) -> Config:
 
 
 def parse_config(text: str, path: str | None, *, lookups: bool = True) -> Config:
-    """Check the TOML *text* of the file at *path* (None: the embedded default)."""
-    return _Checker(path, lookups).check(text)
+    """Check the TOML *text* of the file at *path* (None: the embedded default).
+
+    Raises ``ConfigError`` (or ``NeedsLookup``) and nothing else: a failure
+    no check foresaw still becomes one line naming the file, never a
+    traceback in the CLI or an unretrieved exception in the master.
+    """
+    try:
+        return _Checker(path, lookups).check(text)
+    except (ConfigError, NeedsLookup):
+        raise
+    except RecursionError:
+        raise ConfigError(f"{path or DEFAULT_SOURCE}: nested too deeply to read") from None
+    except Exception as exc:
+        raise ConfigError(f"{path or DEFAULT_SOURCE}: cannot load: {type(exc).__name__}: "
+                          f"{_one_line(str(exc))}") from exc
+
+
+def no_services_error(source: str, hint: str) -> ConfigError:
+    """The error for a config without services: it would stop serving everything,
+    which is refused unless asked for on purpose (*hint* says how)."""
+    return ConfigError(f"{source}: no services (expected at least one [services.NAME] table; "
+                       f"a config that serves nothing is only accepted on purpose: {hint})")
 
 
 def default_admin_socket(path: str | None) -> str:
@@ -303,7 +335,9 @@ def admin_socket_for(path: str | None) -> str:
         runtime = tomllib.loads(raw).get("runtime")
         if isinstance(runtime, dict):
             value = runtime.get("admin_socket")
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):
+        # TOMLDecodeError (a ValueError), an integer beyond Python's digit
+        # limit (ValueError), arrays nested past the parser's stack
         # best effort on a broken file: the first plain `admin_socket = "..."` line
         m = re.search(r'^\s*admin_socket\s*=\s*["\']([^"\']+)["\']', raw, re.M)
         value = m.group(1) if m else None
@@ -326,16 +360,32 @@ class _Checker:
         self.path = path
         self.source = path or DEFAULT_SOURCE
         self.lookups = lookups
+        #: (host, port, passive) -> getaddrinfo's answer (a host is looked up once per file)
+        self._infos: dict[tuple[str, int, bool], list[Any]] = {}
+        #: service name -> its listen key (see ``listen_key``)
+        self._listen_keys: dict[str, tuple[Any, ...]] = {}
+        #: address -> whether this host has it (wildcard listeners are reached through it)
+        self._local: dict[str, bool] = {}
 
     def fail(self, key: str, expected: str) -> ConfigError:
         where = f"{self.source}: {key}: " if key else f"{self.source}: "
-        return ConfigError(where + expected)
+        # one line whatever the file holds: a key with a newline is shown escaped
+        return ConfigError(_one_line(where + expected))
 
     def check(self, text: str) -> Config:
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise self.fail("", f"TOML syntax error: {exc}") from None
+        except RecursionError:
+            raise self.fail("", "arrays or tables nested too deeply to read "
+                                "(more than a few hundred levels)") from None
+        except ValueError as exc:
+            # int() refuses integers longer than sys.get_int_max_str_digits()
+            if "digits" in str(exc):
+                raise self.fail("", f"an integer too long to read (more than {sys.get_int_max_str_digits()} "
+                                    "digits)") from None
+            raise self.fail("", f"cannot parse: {exc}") from None
         for key in doc:
             if key not in ("runtime", "services"):
                 raise self.fail(key, "unknown section (expected [runtime] or [services.NAME])")
@@ -343,12 +393,14 @@ class _Checker:
         services_doc = self.table(doc, "services")
         services: dict[str, ServiceConfig] = {}
         for name, table in services_doc.items():
-            if not _NAME_RE.match(name):
+            if not _NAME_RE.fullmatch(name):
                 raise self.fail(f"services.{name}", "a service name is 1-64 letters, digits, '_', '-' or '.'")
             if not isinstance(table, dict):
                 raise self.fail(f"services.{name}", f"expected a table [services.{name}], got {_tname(table)}")
             services[name] = self.service(name, table)
         self.check_listen_conflicts(services)
+        self.check_paths(runtime, services)
+        self.check_proxy_loops(services)
         return Config(self.path, runtime, services)
 
     def table(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
@@ -393,9 +445,10 @@ class _Checker:
             if not isinstance(value, str):
                 raise self.fail(key, f"expected a string, got {_show(value)}")
             if opt.choices is not None:
-                if value.lower() not in opt.choices:
-                    raise self.fail(key, f"expected one of {', '.join(opt.choices)}, got {_show(value)}")
-                return value.lower()
+                if value not in opt.choices:
+                    raise self.fail(key, f"expected one of {', '.join(opt.choices)}{_lowercase(value, opt.choices)}, "
+                                         f"got {_show(value)}")
+                return value
             if t == "path":
                 if not value:
                     raise self.fail(key, "expected a path, got an empty string")
@@ -432,8 +485,8 @@ class _Checker:
             raise self.fail(f"{prefix}.kind", f"missing (expected one of {', '.join(sorted(KINDS))})")
         kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
         if kind is None:
-            raise self.fail(f"{prefix}.kind", f"expected one of {', '.join(sorted(KINDS))}, "
-                            f"got {_show(kind_name)}")
+            raise self.fail(f"{prefix}.kind", f"expected one of {', '.join(sorted(KINDS))}"
+                            f"{_lowercase(kind_name, KINDS)}, got {_show(kind_name)}")
         opts = self.options(prefix, table, {**COMMON_OPTIONS, **kind.options})
         listener = self.listener(f"{prefix}.listen", opts.pop("listen"), opts["backlog"])
         backlog = opts.pop("backlog")
@@ -493,15 +546,23 @@ class _Checker:
         return tuple(out)
 
     def resolve(self, key: str, host: str, port: int, passive: bool) -> tuple[Any, ...]:
+        """The address a bind (passive) or a connect uses: getaddrinfo's first."""
+        return self.resolve_all(key, host, port, passive)[0][4]  # type: ignore[no-any-return]
+
+    def resolve_all(self, key: str, host: str, port: int, passive: bool) -> list[Any]:
         if not self.lookups and not _is_literal(host):
             raise NeedsLookup(host)
+        cached = self._infos.get((host, port, passive))
+        if cached is not None:
+            return cached
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE if passive else 0)
         except (socket.gaierror, UnicodeError) as exc:
             reason = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
             raise self.fail(key, f"cannot resolve host {host!r}: {reason}") from None
-        return infos[0][4]  # type: ignore[no-any-return]
+        self._infos[(host, port, passive)] = infos
+        return infos
 
     def check_listen_conflicts(self, services: Mapping[str, ServiceConfig]) -> None:
         """One service per address: with SO_REUSEPORT two services on one port
@@ -510,6 +571,7 @@ class _Checker:
         taken: list[tuple[tuple[Any, ...], str]] = []
         for name, svc in services.items():
             key = self.listen_key(name, svc.listener)
+            self._listen_keys[name] = key
             for other_key, other in taken:
                 if _overlap(key, other_key):
                     raise self.fail(f"services.{name}.listen",
@@ -524,6 +586,136 @@ class _Checker:
         ip = str(self.resolve(f"services.{name}.listen", lf.host, lf.port, passive=True)[0])
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
         return ("tcp", addr.version, lf.port, str(addr), addr.is_unspecified)
+
+    def check_paths(self, runtime: RuntimeConfig, services: Mapping[str, ServiceConfig]) -> None:
+        """No file hotproxy creates may be one it reads or another it creates:
+        a Unix listener on the config file or the admin socket, a pidfile
+        that is the config file (``run`` would overwrite it with a pid).  A
+        proxy to the admin socket would hand its control to every client."""
+        own: dict[str, str] = {}
+        if self.path is not None:
+            own[os.path.realpath(self.path)] = "the config file itself"
+        own.setdefault(os.path.realpath(runtime.admin_socket), "the admin socket (runtime.admin_socket)")
+        if runtime.pidfile is not None:
+            pidfile = os.path.realpath(runtime.pidfile)
+            if pidfile in own:
+                raise self.fail("runtime.pidfile", f"{runtime.pidfile} is {own[pidfile]}; "
+                                                   "expected a file of its own")
+            own[pidfile] = "the pidfile (runtime.pidfile)"
+        for name, svc in services.items():
+            if isinstance(svc.listener, UnixListenerFactory):
+                real = os.path.realpath(svc.listener.path)
+                if real in own:
+                    raise self.fail(f"services.{name}.listen", f"{svc.listen} is {own[real]}; "
+                                                                "expected a socket path of its own")
+            for i, up in enumerate(_upstreams(svc)):
+                if up.startswith("unix:") and os.path.realpath(up[5:]) == os.path.realpath(runtime.admin_socket):
+                    raise self.fail(f"services.{name}.upstreams[{i}]",
+                                    f"{up} is the admin socket: its clients could stop this hotproxy")
+
+    def check_proxy_loops(self, services: Mapping[str, ServiceConfig]) -> None:
+        """Refuse a proxy whose upstreams lead back to its own listen address.
+
+        A graph with an edge from each service with upstreams to every
+        service of this file whose listen address one of them reaches; any
+        cycle (a self-loop included) would have each connection open another
+        to itself until the descriptors run out.  A proxy in front of
+        another service of the file (an echo, or a proxy that leads
+        elsewhere) is fine.
+        """
+        edges: dict[str, list[tuple[str, str, str]]] = {}
+        for name, svc in services.items():
+            out = []
+            for i, up in enumerate(_upstreams(svc)):
+                key = f"services.{name}.upstreams[{i}]"
+                out += [(key, up, target) for target in self.reached_by(key, up, services)]
+            edges[name] = out
+        # depth first, in file order; reaching a node on the current path closes a loop
+        done: set[str] = set()
+        for root in services:
+            if root in done:
+                continue
+            path = [root]
+            via: list[tuple[str, str]] = []          # via[i]: the upstream from path[i] to path[i + 1]
+            todo = [iter(edges[root])]
+            while todo:
+                step = next(todo[-1], None)
+                if step is None:
+                    done.add(path.pop())
+                    todo.pop()
+                    if via:
+                        via.pop()
+                    continue
+                key, up, target = step
+                if target in path:
+                    start = path.index(target)
+                    self.loop_error(path[start:], (via[start:] + [(key, up)])[0], services)
+                if target not in done:
+                    path.append(target)
+                    via.append((key, up))
+                    todo.append(iter(edges[target]))
+
+    def loop_error(self, loop: list[str], first: tuple[str, str], services: Mapping[str, ServiceConfig]) -> None:
+        key, up = first
+        names = " -> ".join(loop + [loop[0]])
+        if len(loop) == 1:
+            raise self.fail(key, f"{up!r} leads back to this proxy's own listen address "
+                                 f"({services[loop[0]].listen}): a proxy loop ({names}) would chain "
+                                 "connections until the file descriptors run out; expected an upstream "
+                                 "that is not this proxy")
+        raise self.fail(key, f"{up!r} reaches services.{loop[1]} ({services[loop[1]].listen}), whose upstreams "
+                             f"lead back to this proxy: a proxy loop ({names}) would chain connections until "
+                             "the file descriptors run out; expected upstreams that leave the loop")
+
+    def reached_by(self, key: str, upstream: str, services: Mapping[str, ServiceConfig]) -> list[str]:
+        """The services of this file whose listen address a connection to *upstream* reaches."""
+        if upstream.startswith("unix:"):
+            real = os.path.realpath(upstream[5:])
+            return [name for name, lk in self._listen_keys.items() if lk == ("unix", real)]
+        host, port = parse_host_port(upstream)
+        addrs = {_plain_ip(info[4][0]) for info in self.resolve_all(key, host, port, passive=False)}
+        return [name for name, lk in self._listen_keys.items()
+                if lk[0] == "tcp" and any(self.reaches(a, port, lk) for a in addrs)]
+
+    def reaches(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, lk: tuple[Any, ...]) -> bool:
+        """Does a connect(2) to *addr*:*port* land on the listener of listen key *lk*?"""
+        _, version, lport, laddr, wildcard = lk
+        if port != lport or addr.version != version:
+            return False
+        if wildcard:
+            # 0.0.0.0:P / [::]:P (IPV6_V6ONLY) takes every local address of its family
+            return addr.is_unspecified or addr.is_loopback or self.is_local(addr)
+        if addr.is_unspecified:
+            # Linux connects 0.0.0.0 to 127.0.0.1 and :: to ::1
+            addr = ipaddress.ip_address("127.0.0.1" if version == 4 else "::1")
+        return addr == ipaddress.ip_address(laddr)
+
+    def is_local(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """True if *addr* is an address of this host (it can be bound with port 0)."""
+        text = str(addr)
+        if text not in self._local:
+            family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as probe:
+                    probe.bind((text, 0))
+                self._local[text] = True
+            except OSError:
+                self._local[text] = False
+        return self._local[text]
+
+
+def _upstreams(svc: ServiceConfig) -> tuple[str, ...]:
+    """The checked ``upstreams`` of a service (a proxy's), or () for a kind without them."""
+    ups = svc.options.get("upstreams")
+    return ups if isinstance(ups, tuple) and all(isinstance(u, str) for u in ups) else ()
+
+
+def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address from getaddrinfo without its scope; IPv4-mapped IPv6 as the IPv4 it reaches."""
+    addr = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 def _is_literal(host: str) -> bool:
@@ -571,9 +763,205 @@ def _expected(opt: Option) -> str:
         (f" ({opt.doc})" if opt.doc else "")
 
 
+def _one_line(text: str) -> str:
+    """*text* on one line: control characters (a newline in a key) are shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _lowercase(value: Any, choices: Iterable[str]) -> str:
+    """A hint when *value* differs from a choice only in case (one rule: exact lowercase)."""
+    if isinstance(value, str) and value.lower() in choices:
+        return " (lowercase)"
+    return ""
+
+
 def _strip_bad_address(exc: ValueError) -> str:
     text = str(exc)
     return text[len("bad address "):] if text.startswith("bad address ") else text
+
+
+# -- checks against this host (``hotproxy check``; a start or a reload finds the same) --
+
+
+def listen_sockaddrs(lf: TcpListenerFactory) -> set[tuple[Any, ...]]:
+    """The (address, port) a bind of *lf* uses, as a set (empty if it does not resolve)."""
+    try:
+        infos = socket.getaddrinfo(lf.host, lf.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return set()
+    return {info[4][:2] for info in infos[:1]}
+
+
+def probe_bind(lf: TcpListenerFactory) -> str | None:
+    """None if *lf*'s address can be bound without SO_REUSEPORT, else why not.
+
+    Our workers bind with SO_REUSEPORT, which another program of the same
+    user may also have set: then their binds would succeed and the port's
+    traffic would be split with a stranger.  A plain bind fails on any
+    listener, so it tells; the probe socket is closed at once.
+    """
+    try:
+        infos = socket.getaddrinfo(lf.host, lf.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR: sockets in TIME_WAIT (of a listener that just moved) are no conflict
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "address already in use"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return "not an address of this host"
+        return exc.strerror or str(exc)
+    except UnicodeError as exc:
+        return str(exc)
+    return None
+
+
+def inspect_pidfile(path: str) -> tuple[str | None, int | None]:
+    """(why hotproxy must not write its pid to *path* or None, the pid it holds or None).
+
+    A pidfile may be absent (in a directory that exists) or a regular file
+    holding a process id and nothing else.  Anything else -- text (the
+    config file, a README), a symlink, a directory -- is not hotproxy's to
+    overwrite, and so not to delete either.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            return f"directory {parent} does not exist", None
+        return None, None
+    except OSError as exc:
+        return exc.strerror or str(exc), None
+    if not stat.S_ISREG(st.st_mode):
+        return "exists and is not a regular file; refusing to replace it", None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            data = os.read(fd, 65)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return exc.strerror or str(exc), None
+    text = data.strip()
+    if len(data) > 64 or not re.fullmatch(rb"[0-9]{1,10}", text) or int(text) == 0:
+        return ("exists and does not hold a process id; refusing to overwrite it "
+                "(remove it if it is a stale pidfile)"), None
+    return None, int(text)
+
+
+def check_on_this_host(config: Config, held: Iterable[str] = (), running_pid: int | None = None) -> list[str]:
+    """What starting or reloading *config* on this host would refuse: one line each.
+
+    *held* are the listen addresses of the running instance of this same
+    file (``status``): a reload keeps or moves them, so they count as free;
+    *running_pid* is its pid (its pidfile holds it).  Every other TCP
+    address is bind-probed as a reload does; a Unix listen path needs a
+    directory that exists, and a live socket there is in use; the admin
+    socket's directory must exist (the per-user default one is created on
+    demand); the pidfile is inspected as the master does.  Nothing is
+    created or removed.
+    """
+    source = config.source
+    problems: list[str] = []
+    held_tcp: set[tuple[Any, ...]] = set()
+    held_unix: set[str] = set()
+    for text in held:
+        if text.startswith("unix:"):
+            held_unix.add(os.path.realpath(text[5:]))
+            continue
+        try:
+            host, port = parse_host_port(text)
+        except ValueError:
+            continue
+        held_tcp |= listen_sockaddrs(TcpListenerFactory(host, port))
+    # the runtime first: a start fails on them before any listener
+    error: str | None = _admin_socket_problem(config.runtime.admin_socket)
+    if error is not None:
+        problems.append(f"{source}: runtime.admin_socket: {config.runtime.admin_socket}: {error}")
+    if config.runtime.pidfile is not None:
+        error, pid = inspect_pidfile(config.runtime.pidfile)
+        if error is None and pid is not None and pid != running_pid and _pid_alive(pid):
+            error = f"names the live process {pid} (another hotproxy?)"
+        if error is not None:
+            problems.append(f"{source}: runtime.pidfile: {config.runtime.pidfile}: {error}")
+    for name, svc in config.services.items():
+        lf = svc.listener
+        error = None
+        if isinstance(lf, TcpListenerFactory):
+            if not listen_sockaddrs(lf) & held_tcp:
+                error = probe_bind(lf)
+        elif isinstance(lf, UnixListenerFactory):
+            error = _unix_listen_problem(lf.path, os.path.realpath(lf.path) in held_unix)
+        if error is not None:
+            problems.append(f"{source}: services.{name}.listen: cannot listen on {lf.address}: {error}")
+    return problems
+
+
+def _unix_listen_problem(path: str, held: bool) -> str | None:
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return f"directory {parent} does not exist"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"cannot create a socket in {parent}: permission denied"
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISSOCK(st.st_mode):
+        return "the path exists and is not a socket"
+    if not held and _live_socket(path):
+        return "in use by a live listener"
+    return None   # a socket left by a dead process is replaced
+
+
+def _admin_socket_problem(path: str) -> str | None:
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        if os.path.basename(parent) == f"hotproxy-{os.getuid()}" and not os.path.lexists(parent):
+            return None   # our per-user default directory: created at start
+        return f"directory {parent} does not exist"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink; hotproxy refuses to use it"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "exists and is not a socket"
+    if st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by us"
+    return None
+
+
+def _live_socket(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def describe_options() -> list[tuple[str, str, str, str]]:
@@ -599,6 +987,7 @@ def _default_text(opt: Option) -> str:
 
 __all__ = [
     "COMMON_OPTIONS", "Config", "DEFAULT_SOURCE", "KINDS", "Option", "RUNTIME_OPTIONS", "RuntimeConfig",
-    "ServiceConfig", "ServiceKind", "admin_socket_for", "default_admin_socket", "default_config_text",
-    "describe_options", "load_config", "parse_config", "register_kind",
+    "ServiceConfig", "ServiceKind", "admin_socket_for", "check_on_this_host", "default_admin_socket",
+    "default_config_text", "describe_options", "inspect_pidfile", "listen_sockaddrs", "load_config",
+    "no_services_error", "parse_config", "probe_bind", "register_kind",
 ]

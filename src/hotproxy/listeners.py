@@ -33,6 +33,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass
@@ -498,9 +499,17 @@ def parse_host_port(text: str) -> tuple[str, int]:
             raise ValueError(f"bad address {text!r}: expected 'host:port'")
         if ":" in host:
             raise ValueError(f"bad address {text!r}: write IPv6 addresses as '[v6addr]:port'")
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+    # ASCII only, matched whole: str.isdigit() would take '２００２０' (and int()
+    # read it as 20020), and a resolver maps full-width host names to ASCII
+    if not _PORT_RE.fullmatch(port_s) or int(port_s) > 65535:
         raise ValueError(f"bad address {text!r}: port must be a number 0-65535")
+    if not host.isascii():
+        raise ValueError(f"bad address {text!r}: the host must be ASCII "
+                         "(write an international name in its xn-- form)")
     return host, int(port_s)
+
+
+_PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
 

@@ -34,13 +34,14 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from typing import Any
 
 from . import early_signals
 from .admin import AdminError, AdminServer
-from .config import Config, load_config
+from .config import Config, inspect_pidfile, load_config
 from .errors import HotproxyError
 from .manager import WorkerManager
 from .reload import ReloadReport, Reloader
@@ -80,8 +81,12 @@ class Master:
         self._reload_running: asyncio.Task[ReloadReport] | None = None
         self._reload_next: asyncio.Task[ReloadReport] | None = None
         self._next_requests = 0
+        #: a request merged into the next reload asked for ``allow_empty``
+        self._next_allow_empty = False
         #: a SIGHUP arrived before the first config was applied
         self._hup_while_starting = False
+        #: (st_dev, st_ino) of the pidfile this master created: only that file is removed
+        self._pidfile_ident: tuple[int, int] | None = None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -111,7 +116,8 @@ class Master:
                 log.error("cannot start workers: %s", exc)
                 return 1
             self.reloader = Reloader(self.manager)
-            report = await self.reloader.reload(self.config, trigger="start")
+            # (a config without services was refused or allowed by the caller)
+            report = await self.reloader.reload(self.config, trigger="start", allow_empty=True)
             self._note_changes(report)
             if not report.ok:
                 log.error("cannot start: the config could not be applied")
@@ -225,47 +231,53 @@ class Master:
 
     # -- reload and status --------------------------------------------------------
 
-    async def request_reload(self, trigger: str) -> ReloadReport:
+    async def request_reload(self, trigger: str, *, allow_empty: bool = False) -> ReloadReport:
         """Reload the file, merged with other requests; the outcome that covers this one.
 
         With no reload running, one starts now.  Otherwise this request joins
         the reload queued behind the running one (creating it if needed):
         that reload reads the file when it starts, so it covers every
-        request made before then, and each caller gets its report.
+        request made before then, and each caller gets its report.  A file
+        without services is applied only if a request it covers asked for
+        that (*allow_empty*, ``hotproxy reload --allow-empty``); a signal never does.
         """
         started = time.monotonic()
         if self._reload_next is not None:
             self._next_requests += 1
+            self._next_allow_empty = self._next_allow_empty or allow_empty
             return await asyncio.shield(self._reload_next)
         running = self._reload_running
         if running is None or running.done():
-            task = self._reload_running = self._spawn(self._reload_after(None, trigger, started))
+            task = self._reload_running = self._spawn(self._reload_after(None, trigger, started, allow_empty))
         else:
             self._next_requests = 1
-            task = self._reload_next = self._spawn(self._reload_after(running, trigger, started))
+            self._next_allow_empty = allow_empty
+            task = self._reload_next = self._spawn(self._reload_after(running, trigger, started, allow_empty))
         # shielded: a client hanging up, or the admin server closing, must
         # not cancel a reload half-way (between prepare and abort/commit)
         return await asyncio.shield(task)
 
     async def _reload_after(self, previous: asyncio.Task[ReloadReport] | None, trigger: str,
-                            started: float) -> ReloadReport:
+                            started: float, allow_empty: bool) -> ReloadReport:
         requests = 1
         if previous is not None:
             await asyncio.wait([previous])
             # from here on, new requests queue behind this reload
             self._reload_running, self._reload_next = self._reload_next, None
             requests = self._next_requests
-        report = await self.reload(trigger, started)
+            allow_empty = self._next_allow_empty
+        report = await self.reload(trigger, started, allow_empty=allow_empty)
         report.requests = requests
         return report
 
-    async def reload(self, trigger: str, started: float | None = None) -> ReloadReport:
-        """Re-read the config file and apply it, all or nothing (not merged: see ``request_reload``)."""
+    async def reload(self, trigger: str, started: float | None = None, *, allow_empty: bool = False) -> ReloadReport:
+        """Re-read the config file and apply it, all or nothing (not merged: see
+        ``request_reload``); one without services only if *allow_empty*."""
         assert self.reloader is not None
         # a file of address literals loads in the loop; host names in a thread
         report = await self.reloader.reload(
             lambda: load_config(self.path), trigger=trigger, started=started,
-            quick_load=lambda: load_config(self.path, lookups=False))
+            quick_load=lambda: load_config(self.path, lookups=False), allow_empty=allow_empty)
         self._note_changes(report)
         if self.reloader.current is not None and self.manager is not None:
             # runtime.reload_timeout applies at once, to worker restarts too
@@ -348,7 +360,10 @@ class Master:
                 return {"ok": False, "error": "stopping: no reload"}, False
             if not self.ready:
                 return {"ok": False, "error": "starting: the first config is not applied yet; try again"}, False
-            report = await self.request_reload("admin")
+            allow_empty = request.get("allow_empty", False)
+            if not isinstance(allow_empty, bool):
+                return {"ok": False, "error": "malformed request: allow_empty must be true or false"}, False
+            report = await self.request_reload("admin", allow_empty=allow_empty)
             return {"ok": report.ok, "report": report.to_dict()}, False
         if cmd == "stop":
             graceful = request.get("graceful", True)
@@ -361,36 +376,51 @@ class Master:
     # -- pidfile ----------------------------------------------------------------
 
     def _write_pidfile(self, path: str | None) -> None:
+        """Write our pid to *path*: only over nothing, or over a pidfile of a
+        process that is gone (``config.inspect_pidfile`` says what else is refused)."""
         if path is None:
             return
-        try:
-            with open(path) as f:
-                other = int(f.read().strip() or "0")
-        except (OSError, ValueError):
-            other = 0
+        problem, other = inspect_pidfile(path)
+        if problem is not None:
+            raise PidfileError(f"pidfile {path}: {problem}")
         if other and other != os.getpid() and _pid_alive(other):
             raise PidfileError(f"pidfile {path}: hotproxy already running as pid {other}")
         tmp = f"{path}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(tmp).st_mode):
+                os.unlink(tmp)   # left by a master of the same pid that died writing it
         try:
-            with open(tmp, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            # O_EXCL | O_NOFOLLOW: never write through whatever sits at the temporary name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise PidfileError(f"pidfile {path}: {exc.strerror or exc}") from None
         self._pidfile = path
+        self._pidfile_ident = (st.st_dev, st.st_ino)
 
     def _remove_pidfile(self) -> None:
-        if self._pidfile is None:
+        """Remove the pidfile only if it is still the file this master created, holding our pid."""
+        path, ident = self._pidfile, self._pidfile_ident
+        self._pidfile = self._pidfile_ident = None
+        if path is None or ident is None:
             return
         try:
-            with open(self._pidfile) as f:
-                if f.read().strip() == str(os.getpid()):
-                    os.unlink(self._pidfile)
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) != ident:
+                return
+            with open(path, "rb") as f:
+                if f.read(64).strip() == str(os.getpid()).encode():
+                    os.unlink(path)
         except OSError:
             pass
-        self._pidfile = None
 
 
 def _pid_alive(pid: int) -> bool:

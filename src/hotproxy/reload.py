@@ -12,7 +12,9 @@ Rules of this module (docs/architecture.md, "The reload"):
   address.  Before that the master probes each address no running service
   holds: ``SO_REUSEPORT`` would let our workers share a port with another
   program of the same user, so only a plain bind can tell it is taken.
-* **Any failure anywhere** -- a bad file, a busy port, a factory failing on
+* **Any failure anywhere** -- a bad file (whatever loading it raised), a
+  file without services (unless the reload was asked for with
+  ``allow_empty``: a signal can never empty an instance), a busy port, a factory failing on
   one worker, a worker dying -- and every service prepared so far is
   ``Abort``-ed on every worker.  The old config keeps serving exactly as
   before; the report says why, per worker.
@@ -31,15 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import logging
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .commands import Abort, Commit, Precommit, Remove, Update
-from .config import Config, NeedsLookup, ServiceConfig
+from .config import Config, NeedsLookup, ServiceConfig, listen_sockaddrs, no_services_error, probe_bind
 from .errors import ConfigError, HotproxyError, SiteNotFoundError, WorkerTimeoutError
 from .listeners import TcpListenerFactory
 
@@ -187,12 +187,14 @@ class Reloader:
 
     async def reload(self, load: Callable[[], Config] | Config, *, trigger: str = "",
                      started: float | None = None,
-                     quick_load: Callable[[], Config] | None = None) -> ReloadReport:
+                     quick_load: Callable[[], Config] | None = None,
+                     allow_empty: bool = False) -> ReloadReport:
         """Load (in a thread: it resolves host names) and apply a config.
 
         *quick_load*, if given, is tried first in the loop: it loads a
         config that needs no name lookup, or raises ``NeedsLookup`` (then
-        *load* runs in a thread).
+        *load* runs in a thread).  A config without services is refused
+        unless *allow_empty* (it would stop serving everything).
 
         *started* is the ``time.monotonic()`` of the request, so the reported
         duration includes any wait behind another reload.  Never raises for
@@ -210,9 +212,18 @@ class Reloader:
                 return report
             try:
                 config = await self._load(load, quick_load)
-            except ConfigError as exc:
-                report.error = str(exc)
-                report.failures.append(Failure("config", str(exc)))
+                if not config.services and not allow_empty:
+                    hint = "hotproxy reload --allow-empty" + \
+                        ("; a signal never empties hotproxy" if trigger == "SIGHUP" else "")
+                    raise no_services_error(config.source, hint)
+            except Exception as exc:
+                # whatever loading raised (the loader turns its own failures
+                # into ConfigError): one line in the report, never a task
+                # exception nobody retrieves
+                error = str(exc) if isinstance(exc, ConfigError) else \
+                    f"cannot load the config: {type(exc).__name__}: {_one_line(exc)}"
+                report.error = error
+                report.failures.append(Failure("config", error))
             else:
                 report.source = config.source
                 await self._apply(config, report)
@@ -334,27 +345,22 @@ class Reloader:
         return dataclasses.replace(config, runtime=dataclasses.replace(new, **keep)) if keep else config
 
     def _probe(self, config: Config, d: Diff) -> list[Failure]:
-        """Bind-probe every new TCP address no running service holds.
-
-        Our workers bind with SO_REUSEPORT, which another program of the same
-        user may also have set: then the workers' binds would succeed and the
-        port's traffic would be split with a stranger.  A plain bind fails
-        on any listener, so it tells.
-        """
+        """Bind-probe every new TCP address no running service holds
+        (``config.probe_bind`` says why only a plain bind can tell)."""
         ours = set()
         if self.current is not None:
             for svc in self.current.services.values():
                 if isinstance(svc.listener, TcpListenerFactory):
-                    ours.update(_sockaddrs(svc.listener))
+                    ours.update(listen_sockaddrs(svc.listener))
         failures = []
         for name in d.added + d.moved:
             lf = config.services[name].listener
             if not isinstance(lf, TcpListenerFactory):
                 continue
-            addrs = _sockaddrs(lf)
+            addrs = listen_sockaddrs(lf)
             if addrs & ours:
                 continue
-            error = _probe_bind(lf)
+            error = probe_bind(lf)
             if error is not None:
                 failures.append(Failure("prepare", f"cannot listen on {lf.address}: {error}", service=name))
         return failures
@@ -406,32 +412,6 @@ class Reloader:
                 # a worker where the Precommit of a new site failed has no such site
                 if not isinstance(r.error, SiteNotFoundError):
                     log.error("abort %r on worker %d: %s", name, r.worker, _one_line(r.error))
-
-
-def _sockaddrs(lf: TcpListenerFactory) -> set[tuple[Any, ...]]:
-    try:
-        infos = socket.getaddrinfo(lf.host, lf.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError:
-        return set()
-    return {info[4][:2] for info in infos[:1]}
-
-
-def _probe_bind(lf: TcpListenerFactory) -> str | None:
-    """None if *lf*'s address can be bound without SO_REUSEPORT, else why not."""
-    try:
-        infos = socket.getaddrinfo(lf.host, lf.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, sockaddr = infos[0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            # SO_REUSEADDR: sockets in TIME_WAIT (of a listener that just moved) are no conflict
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            probe.bind(sockaddr)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return "address already in use"
-        return exc.strerror or str(exc)
-    return None
 
 
 def _one_line(exc: BaseException | None) -> str:
