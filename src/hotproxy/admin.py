@@ -28,6 +28,7 @@ import socket
 import stat
 from typing import Any, Awaitable, Callable
 
+from .adminclient import AdminError, encode as _encode
 from .errors import HotproxyError
 
 log = logging.getLogger("hotproxy.admin")
@@ -38,10 +39,6 @@ MAX_REQUEST = 64 * 1024
 #: a handler gets a request (a dict with a str "cmd") and returns the reply,
 #: and whether the connection should then wait for the "stopped" event
 Handler = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], bool]]]
-
-
-class AdminError(HotproxyError):
-    """The admin socket cannot be created or reached."""
 
 
 class AdminServer:
@@ -152,10 +149,6 @@ def _error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
 
 
-def _encode(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
-
-
 def _bind_private(path: str) -> socket.socket:
     """A socket bound at *path* with mode 0600, after checking the path is safe."""
     parent = os.path.dirname(path) or "."
@@ -224,11 +217,11 @@ def _alive(path: str) -> bool:
     return True
 
 
-# -- the client side (used by the CLI) ----------------------------------------------
+# -- an asyncio client (the CLI's own is the blocking one in ``adminclient``) --------
 
 
 class AdminClient:
-    """A connection to a running master's admin socket."""
+    """A connection to a running master's admin socket, for code that runs an event loop."""
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -8,25 +8,33 @@
 
 ``reload``, ``status`` and ``stop`` find the running instance through its
 admin socket: ``runtime.admin_socket`` in FILE, or the path derived from
-FILE's absolute path (see ``config.default_admin_socket``); ``--socket``
+FILE's absolute path (see ``paths.default_admin_socket``); ``--socket``
 overrides both.  Every error is one line on stderr and exit code 1 --
 never a traceback.
+
+Imports are the commands' own: ``reload``, ``status`` and ``stop`` load
+only the blocking admin client (no asyncio, uvloop or core: a call costs
+about as much CPU as the interpreter's own start), ``check`` the config
+loader, and only ``run`` the master.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
-from typing import Any, Sequence
 
 from . import __version__
-from .admin import AdminClient, AdminError
-from .config import admin_socket_for, default_config_text, describe_options, load_config
 from .errors import HotproxyError
-from .reload import ReloadReport
+
+#: ``typing.TYPE_CHECKING`` without importing typing (type checkers know the name)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Sequence
+
+    from .adminclient import AdminConnection
+    from .reload import ReloadReport
 
 PROG = "hotproxy"
 
@@ -57,9 +65,42 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
 
 
+class _Help(argparse.HelpFormatter):
+    """argparse's help formatter, minus its ``import shutil``.
+
+    argparse makes a formatter for every ``add_argument``, and the default
+    one imports shutil (and bz2, lzma, fnmatch ...) for the terminal width:
+    a fifth of an interpreter start in every ``hotproxy status``.  The
+    width is found as ``shutil.get_terminal_size`` finds it.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _RawHelp(_Help, argparse.RawDescriptionHelpFormatter):
+    """The same, keeping a description's line breaks."""
+
+
+def _columns() -> int:
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size().columns   # stdout's
+        except (ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="A TCP proxy whose services are replaced while it runs.",
+        prog=PROG, formatter_class=_Help, description="A TCP proxy whose services are replaced while it runs.",
         epilog="Run 'hotproxy COMMAND --help' for a command's options.  "
                "Signals to the master: SIGHUP reload, SIGTERM/SIGINT graceful stop, SIGQUIT fast stop.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -67,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Any, help: str, description: str, config_required: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=description,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=_RawHelp)
         sp.set_defaults(func=func)
         if config_required:
             sp.add_argument("-c", "--config", metavar="FILE", required=True, help="the config file (TOML)")
@@ -127,10 +168,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import default_config_text, load_config
+
     if args.print_default:
         sys.stdout.write(default_config_text())
         return 0
     config = load_config(args.config)   # a bad file: one line, exit 1, nothing started
+    import asyncio
+
     import uvloop
 
     from .master import Master, setup_logging
@@ -146,6 +191,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from .config import describe_options, load_config
+
     config = load_config(args.config)
     names = ", ".join(f"{s.name} ({s.kind} on {s.listen})" for s in config.services.values())
     n = len(config.services)
@@ -160,22 +207,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _socket(args: argparse.Namespace) -> str:
+    from .paths import admin_socket_for
+
     return str(args.socket) if args.socket else admin_socket_for(args.config)
 
 
-async def _ask(path: str, cmd: str, timeout: float, **fields: Any) -> dict[str, Any]:
-    client = AdminClient(path)
-    await client.connect()
-    try:
-        return await asyncio.wait_for(client.request(cmd, **fields), timeout)
-    except asyncio.TimeoutError:
-        raise AdminError(f"no answer to {cmd!r} within {timeout:g}s") from None
-    finally:
-        await client.close()
+def _connect(args: argparse.Namespace, timeout: float) -> AdminConnection:
+    from .adminclient import AdminConnection
+
+    conn = AdminConnection(_socket(args))
+    conn.connect(timeout)
+    return conn
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
-    reply = asyncio.run(_ask(_socket(args), "reload", args.timeout or 120.0))
+    timeout = args.timeout or 120.0
+    with _connect(args, timeout) as conn:
+        reply = conn.request("reload", timeout)
     if "report" not in reply:
         _error(reply.get("error", "the running hotproxy did not reload"))
         return 1
@@ -184,35 +232,45 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
         print(json.dumps(reply["report"], indent=2))
         return 0 if reply.get("ok") else 1
-    report = ReloadReport.from_dict(reply["report"])
-    out = sys.stdout if report.ok else sys.stderr
-    print(format_report(report), file=out)
-    return 0 if report.ok else 1
+    report = reply["report"]
+    ok = bool(report.get("ok"))
+    print(format_report(report), file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
-def format_report(report: ReloadReport) -> str:
-    """A reload report for people: the one-line summary, then the details."""
-    lines = [report.summary()]
-    if report.ok or report.added or report.changed or report.removed:
-        moved = set(report.moved)
-        changed = [f"{n} (moved)" if n in moved else n for n in report.changed]
-        verb = "" if report.ok else " (not applied)"
-        lines += [f"  added{verb}:     {', '.join(report.added) or '-'}",
-                  f"  changed{verb}:   {', '.join(changed) or '-'}",
-                  f"  removed{verb}:   {', '.join(report.removed) or '-'}",
-                  f"  unchanged: {', '.join(report.unchanged) or '-'}"]
-    for failure in report.failures:
-        lines.append(f"  failure: {failure}")
-    for note in report.notes:
+def format_report(report: ReloadReport | dict[str, Any]) -> str:
+    """A reload report for people: the one-line summary, then the details.
+
+    *report* is what the admin socket sends (``ReloadReport.to_dict()``),
+    or a ``ReloadReport``.
+    """
+    from .report import failure_line, summary_line
+
+    r = report if isinstance(report, dict) else report.to_dict()
+    ok = bool(r.get("ok"))
+    added, changed, removed = r.get("added") or [], r.get("changed") or [], r.get("removed") or []
+    lines = [summary_line(r)]
+    if ok or added or changed or removed:
+        moved = set(r.get("moved") or ())
+        verb = "" if ok else " (not applied)"
+        lines += [f"  added{verb}:     {', '.join(added) or '-'}",
+                  f"  changed{verb}:   {', '.join(f'{n} (moved)' if n in moved else n for n in changed) or '-'}",
+                  f"  removed{verb}:   {', '.join(removed) or '-'}",
+                  f"  unchanged: {', '.join(r.get('unchanged') or ()) or '-'}"]
+    for failure in r.get("failures") or ():
+        lines.append(f"  failure: {failure_line(failure)}")
+    for note in r.get("notes") or ():
         lines.append(f"  note: {note}")
-    if report.ok:
-        lines.append(f"  timings: prepare {report.prepare_ms:.1f} ms, commit {report.commit_ms:.1f} ms, "
-                     f"total {report.duration_ms:.1f} ms")
+    if ok:
+        lines.append(f"  timings: prepare {r.get('prepare_ms') or 0.0:.1f} ms, "
+                     f"commit {r.get('commit_ms') or 0.0:.1f} ms, total {r.get('duration_ms') or 0.0:.1f} ms")
     return "\n".join(lines)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    reply = asyncio.run(_ask(_socket(args), "status", args.timeout or 120.0))
+    timeout = args.timeout or 120.0
+    with _connect(args, timeout) as conn:
+        reply = conn.request("status", timeout)
     if not reply.get("ok"):
         _error(reply.get("error", "no status"))
         return 1
@@ -256,8 +314,10 @@ def format_status(status: dict[str, Any]) -> str:
                  f"{status['restarts']} restarts, {draining} removed services draining")
     last = status.get("last_reload")
     if last:
-        report = ReloadReport.from_dict(last)
-        lines.append(f"last reload #{report.seq} ({report.trigger}) at {_when(report.at)}: {report.summary()}")
+        from .report import summary_line
+
+        lines.append(f"last reload #{last.get('seq')} ({last.get('trigger')}) at {_when(last.get('at'))}: "
+                     f"{summary_line(last)}")
     if status.get("stopping"):
         lines.append(f"stopping ({status['stopping']})")
     return "\n".join(lines)
@@ -279,31 +339,26 @@ def _duration(seconds: float) -> str:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    return asyncio.run(_stop(_socket(args), not args.fast, not args.no_wait, args.timeout or 600.0))
+    from .adminclient import AdminTimeout
 
-
-async def _stop(path: str, graceful: bool, wait: bool, timeout: float) -> int:
-    client = AdminClient(path)
-    await client.connect()
-    try:
-        reply = await asyncio.wait_for(client.request("stop", graceful=graceful), 30.0)
+    timeout = args.timeout or 600.0
+    with _connect(args, 30.0) as conn:
+        reply = conn.request("stop", 30.0, graceful=not args.fast)
         if not reply.get("ok"):
             _error(reply.get("error", "the running hotproxy refused to stop"))
             return 1
         pid = reply.get("pid")
-        if not wait:
+        if args.no_wait:
             print(f"stopping hotproxy (pid {pid})")
             return 0
         # the master answers "stopped" (or just hangs up) once its workers are gone
         try:
-            await asyncio.wait_for(client.read(), timeout)
-        except asyncio.TimeoutError:
+            conn.read(timeout)
+        except AdminTimeout:
             _error(f"hotproxy (pid {pid}) is still stopping after {timeout:g}s")
             return 1
-        print(f"stopped hotproxy (pid {pid})")
-        return 0
-    finally:
-        await client.close()
+    print(f"stopped hotproxy (pid {pid})")
+    return 0
 
 
 if __name__ == "__main__":
