@@ -75,6 +75,8 @@ RUNTIME_OPTIONS: dict[str, Option] = {
     "drain_timeout": Option("float", 30.0, min=0, max=_YEAR, doc="seconds a removed or stopping service may drain"),
     "pidfile": Option("path", None, doc="write the master's pid here"),
     "admin_socket": Option("path", None, doc="the admin Unix socket (default: derived from the config path)"),
+    "admin_idle_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
+                                 doc="seconds an admin connection may stay without sending a complete request"),
     "log_level": Option("str", "info", choices=_LOG_LEVELS, doc="master and worker log level"),
     "tcp_migrate_req": Option("bool", False, doc="at start, set the network-wide sysctl "
                               "net.ipv4.tcp_migrate_req=1 (if permitted), so that a killed worker's "
@@ -160,6 +162,7 @@ class RuntimeConfig:
     drain_timeout: float = 30.0
     pidfile: str | None = None
     admin_socket: str = ""
+    admin_idle_timeout: float = 10.0
     log_level: str = "info"
     tcp_migrate_req: bool = False
 
