@@ -14,6 +14,21 @@ Rules: a malformed, oversized or unknown request gets an ``{"ok": false,
 disconnected, never the server disturbed.  The socket is not created over a
 symlink, a file we do not own, or a live socket (another instance), and is
 removed on close only if it is still ours.
+
+Limits, so that clients that connect and say nothing cannot take the
+master's descriptors (it needs them to restart workers):
+
+* a connection is *idle* while it has not sent a complete request line; one
+  idle for ``idle_timeout`` seconds (``runtime.admin_idle_timeout``) is told
+  so and closed.  A connection waiting for its reply (a reload takes its
+  time) or for the "stopped" event is not idle; a reply the client does not
+  read within ``idle_timeout`` closes it.
+* at most ``max_connections`` at once: ``MAX_CONNECTIONS``, or a quarter of
+  the descriptor limit (``RLIMIT_NOFILE``) when that is less.  At the cap a
+  new connection takes the place of the one idle the longest (which is told
+  why), so ``hotproxy status`` still answers while a leaky script holds
+  connections open; if none is idle, the new one gets ``{"ok": false,
+  "error": "too many admin connections (N); try again"}`` and is closed.
 """
 
 from __future__ import annotations
@@ -24,10 +39,13 @@ import errno
 import json
 import logging
 import os
+import resource
 import socket
 import stat
+import time
 from typing import Any, Awaitable, Callable
 
+from .adminclient import AdminError, encode as _encode
 from .errors import HotproxyError
 
 log = logging.getLogger("hotproxy.admin")
@@ -35,26 +53,64 @@ log = logging.getLogger("hotproxy.admin")
 #: the longest request line accepted
 MAX_REQUEST = 64 * 1024
 
+#: seconds a connection may take to send a complete request line (default)
+IDLE_TIMEOUT = 10.0
+
+#: admin connections at once, at most (fewer when descriptors are scarce)
+MAX_CONNECTIONS = 64
+
 #: a handler gets a request (a dict with a str "cmd") and returns the reply,
 #: and whether the connection should then wait for the "stopped" event
 Handler = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], bool]]]
 
 
-class AdminError(HotproxyError):
-    """The admin socket cannot be created or reached."""
+def default_max_connections() -> int:
+    """``MAX_CONNECTIONS``, or a quarter of the soft ``RLIMIT_NOFILE`` if less (at least 1).
+
+    The other three quarters stay for what the master must always be able
+    to open: worker channels, listeners, and a restarted worker's pipes.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, soft // 4))
+
+
+class _Client:
+    """One admin connection, as the cap and the idle timeout see it."""
+
+    __slots__ = ("task", "writer", "idle_since")
+
+    def __init__(self, task: asyncio.Task[None], writer: asyncio.StreamWriter) -> None:
+        self.task = task
+        self.writer = writer
+        #: loop time since it has been waiting for a request line; None while busy
+        self.idle_since: float | None = None
 
 
 class AdminServer:
-    """Serves JSON-line requests on a Unix socket with *handler*."""
+    """Serves JSON-line requests on a Unix socket with *handler*.
 
-    def __init__(self, path: str, handler: Handler, commands: tuple[str, ...]) -> None:
+    *idle_timeout* and *max_connections* are the limits described in the
+    module's docstring (None: ``default_max_connections()``);
+    ``idle_timeout`` may be changed while serving (a reload does).
+    """
+
+    def __init__(self, path: str, handler: Handler, commands: tuple[str, ...], *,
+                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int | None = None) -> None:
         self.path = path
         self.handler = handler
         self.commands = commands
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections if max_connections is not None else default_max_connections()
         self._server: asyncio.AbstractServer | None = None
         self._ident: tuple[int, int] | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        #: the connections being served, oldest first
+        self._clients: dict[asyncio.Task[None], _Client] = {}
         self._stop_waiters: list[asyncio.StreamWriter] = []
+        #: connections closed at the cap since the last warning, and when that was
+        self._capped = 0
+        self._capped_logged = 0.0
 
     async def start(self) -> None:
         """Create the socket (checked, mode 0600) and start serving; raise ``AdminError``."""
@@ -74,9 +130,15 @@ class AdminServer:
             self._server.close()
             self._server = None
         self._unlink()
-        for task in list(self._clients):
+        tasks = list(self._clients)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def connections(self) -> int:
+        """Admin connections open now (``stop`` clients waiting for "stopped" included)."""
+        return len(self._clients) + len(self._stop_waiters)
 
     def notify_stopped(self) -> None:
         """Tell every ``stop`` client the instance has stopped, and hang up."""
@@ -97,25 +159,64 @@ class AdminServer:
             pass
         self._ident = None
 
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Make room for a new connection under the cap, or refuse it (False)."""
+        if self.connections < self.max_connections:
+            return True
+        idle = [c for c in self._clients.values() if c.idle_since is not None]
+        self._note_capped()
+        if not idle:
+            _say_and_close(writer, f"too many admin connections ({self.max_connections}); try again")
+            return False
+        victim = min(idle, key=lambda c: c.idle_since or 0.0)
+        del self._clients[victim.task]      # its place is taken now, not when its task ends
+        _say_and_close(victim.writer, f"closed: too many admin connections ({self.max_connections}), "
+                                      "and this one had sent no request for the longest")
+        victim.task.cancel()
+        return True
+
+    def _note_capped(self) -> None:
+        self._capped += 1
+        now = time.monotonic()
+        if now - self._capped_logged >= 10.0:
+            log.warning("admin socket at its cap of %d connections: %d closed or refused (the idle "
+                        "longest go first)", self.max_connections, self._capped)
+            self._capped, self._capped_logged = 0, now
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
+        if not self._admit(writer):
+            return
+        client = self._clients[task] = _Client(task, writer)
+        loop = asyncio.get_running_loop()
         keep = False
         try:
             while True:
+                client.idle_since = loop.time()
                 try:
-                    line = await reader.readline()
+                    async with asyncio.timeout(self.idle_timeout):
+                        line = await reader.readline()
+                except TimeoutError:
+                    writer.write(_encode(_error(f"no complete request within {self.idle_timeout:g}s; closing")))
+                    break
                 except (asyncio.LimitOverrunError, ValueError):
                     writer.write(_encode(_error(f"request longer than {MAX_REQUEST} bytes")))
                     break
+                client.idle_since = None
                 if not line:
                     break
                 if not line.strip():
                     continue
                 reply, keep = await self._handle(line)
                 writer.write(_encode(reply))
-                await writer.drain()
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        await writer.drain()
+                except TimeoutError:   # a client that does not read its reply
+                    keep = False
+                    writer.transport.abort()
+                    break
                 if keep:
                     self._stop_waiters.append(writer)
                     break
@@ -124,7 +225,8 @@ class AdminServer:
         except Exception:  # a bug in a handler: say so, keep serving others
             log.exception("admin request failed")
         finally:
-            self._clients.discard(task)
+            if self._clients.get(task) is client:
+                del self._clients[task]
             if not keep:
                 with contextlib.suppress(Exception):
                     writer.close()
@@ -152,8 +254,11 @@ def _error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
 
 
-def _encode(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+def _say_and_close(writer: asyncio.StreamWriter, message: str) -> None:
+    """One error line, then hang up (the line is flushed before the close)."""
+    with contextlib.suppress(Exception):
+        writer.write(_encode(_error(message)))
+        writer.close()
 
 
 def _bind_private(path: str) -> socket.socket:
@@ -224,11 +329,11 @@ def _alive(path: str) -> bool:
     return True
 
 
-# -- the client side (used by the CLI) ----------------------------------------------
+# -- an asyncio client (the CLI's own is the blocking one in ``adminclient``) --------
 
 
 class AdminClient:
-    """A connection to a running master's admin socket."""
+    """A connection to a running master's admin socket, for code that runs an event loop."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -281,4 +386,5 @@ class AdminClient:
                 await self.writer.wait_closed()
 
 
-__all__ = ["AdminClient", "AdminError", "AdminServer", "MAX_REQUEST"]
+__all__ = ["AdminClient", "AdminError", "AdminServer", "IDLE_TIMEOUT", "MAX_CONNECTIONS", "MAX_REQUEST",
+           "default_max_connections"]

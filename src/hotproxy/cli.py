@@ -8,29 +8,34 @@
 
 ``reload``, ``status`` and ``stop`` find the running instance through its
 admin socket: ``runtime.admin_socket`` in FILE, or the path derived from
-FILE's absolute path (see ``config.default_admin_socket``); ``--socket``
+FILE's absolute path (see ``paths.default_admin_socket``); ``--socket``
 overrides both.  Every error is one line on stderr and exit code 1 --
 never a traceback.
+
+Imports are the commands' own: ``reload``, ``status`` and ``stop`` load
+only the blocking admin client (no asyncio, uvloop or core: a call costs
+about as much CPU as the interpreter's own start), ``check`` the config
+loader, and only ``run`` the master.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
-from .admin import AdminClient, AdminError
-from .config import (admin_socket_for, check_on_this_host, default_admin_socket, default_config_text, describe_options,
-                     load_config, no_services_error)
-from .errors import ConfigError, HotproxyError
-from .reload import ReloadReport
+from .errors import HotproxyError
 
+#: ``typing.TYPE_CHECKING`` without importing typing (type checkers know the name)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Sequence
+
+    from .adminclient import AdminConnection
     from .config import Config
+    from .reload import ReloadReport
 
 PROG = "hotproxy"
 
@@ -67,9 +72,42 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
 
 
+class _Help(argparse.HelpFormatter):
+    """argparse's help formatter, minus its ``import shutil``.
+
+    argparse makes a formatter for every ``add_argument``, and the default
+    one imports shutil (and bz2, lzma, fnmatch ...) for the terminal width:
+    a fifth of an interpreter start in every ``hotproxy status``.  The
+    width is found as ``shutil.get_terminal_size`` finds it.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _RawHelp(_Help, argparse.RawDescriptionHelpFormatter):
+    """The same, keeping a description's line breaks."""
+
+
+def _columns() -> int:
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size().columns   # stdout's
+        except (ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="A TCP proxy whose services are replaced while it runs.",
+        prog=PROG, formatter_class=_Help, description="A TCP proxy whose services are replaced while it runs.",
         epilog="Run 'hotproxy COMMAND --help' for a command's options.  "
                "Signals to the master: SIGHUP reload, SIGTERM/SIGINT graceful stop, SIGQUIT fast stop.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -77,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Any, help: str, description: str, config_required: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=description,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=_RawHelp)
         sp.set_defaults(func=func)
         if config_required:
             sp.add_argument("-c", "--config", metavar="FILE", required=True, help="the config file (TOML)")
@@ -147,12 +185,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import default_config_text, load_config
+
     if args.print_default:
         sys.stdout.write(default_config_text())
         return 0
     config = load_config(args.config)   # a bad file: one line, exit 1, nothing started
     if not config.services and not args.allow_empty:
+        from .config import no_services_error
+
         raise no_services_error(config.source, "hotproxy run --allow-empty")
+    import asyncio
+
     import uvloop
 
     from .master import Master, setup_logging
@@ -168,6 +212,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from .config import check_on_this_host, describe_options, load_config, no_services_error
+
     config = load_config(args.config)
     if not config.services and not args.allow_empty:
         raise no_services_error(config.source, "hotproxy check|run|reload --allow-empty")
@@ -191,14 +237,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _running_instance(config: Config) -> tuple[list[str], int | None, list[str]]:
     """(listen addresses, pid) of the running instance of *config*'s file, and
-    notes on what that means for the bind probe.  Asked without an event loop."""
+    notes on what that means for the bind probe."""
+    from .adminclient import AdminConnection, AdminError
+
     path = config.runtime.admin_socket
     try:
-        status = _status_now(path, 10.0)
-    except (FileNotFoundError, ConnectionRefusedError):
-        return [], None, [f"no hotproxy answers on {path}: every listen address was probed"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [], None, [f"the hotproxy on {path} did not answer ({' '.join(str(exc).split()) or type(exc).__name__}): "
+        with AdminConnection(path) as conn:
+            reply = conn.request("status", 10.0)
+        status = reply["status"] if reply.get("ok") else None
+        if not isinstance(status, dict):
+            raise AdminError(str(reply.get("error") or "not a status reply"))
+    except AdminError as exc:
+        if str(exc).startswith(_NOT_RUNNING):
+            return [], None, [f"no hotproxy answers on {path}: every listen address was probed"]
+        return [], None, [f"the hotproxy on {path} did not answer ({' '.join(str(exc).split())}): "
                           "addresses it holds count as taken"]
     if status.get("config") != config.source:
         return [], None, [f"the hotproxy on {path} runs {status.get('config')}, not this file: "
@@ -209,30 +261,13 @@ def _running_instance(config: Config) -> tuple[list[str], int | None, list[str]]
                        f"hotproxy of this file (pid {pid}) counted as free: a reload keeps or moves them"]
 
 
-def _status_now(path: str, timeout: float) -> dict[str, Any]:
-    """One ``status`` request on the admin socket *path*, blocking, bounded by *timeout*."""
-    import json
-    import socket
-
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(b'{"cmd": "status"}\n')
-        buf = b""
-        while not buf.endswith(b"\n") and len(buf) < 16 * 1024 * 1024:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    reply = json.loads(buf)
-    if not isinstance(reply, dict) or not reply.get("ok") or not isinstance(reply.get("status"), dict):
-        raise ValueError(str(reply.get("error") if isinstance(reply, dict) else "not a status reply"))
-    return reply["status"]  # type: ignore[no-any-return]
-
-
 # -- talking to a running instance ----------------------------------------------
+
+
+def _socket(args: argparse.Namespace) -> str:
+    from .paths import admin_socket_for
+
+    return str(args.socket) if args.socket else admin_socket_for(args.config)
 
 
 #: how the admin client says nobody is there
@@ -248,6 +283,8 @@ def _explain(args: argparse.Namespace, message: str) -> str:
     if not message.startswith(_NOT_RUNNING) or getattr(args, "socket", None) is not None \
             or not hasattr(args, "socket"):
         return message
+    from .paths import admin_socket_for, default_admin_socket
+
     sock = admin_socket_for(args.config)
     if args.config is None:
         where = "derived for the embedded default config (no -c)"
@@ -256,6 +293,9 @@ def _explain(args: argparse.Namespace, message: str) -> str:
     else:
         where = f"runtime.admin_socket in {os.path.abspath(args.config)}"
     if args.command == "reload":
+        from .config import load_config, no_services_error
+        from .errors import ConfigError
+
         try:
             config = load_config(args.config)
             if not config.services and not args.allow_empty:
@@ -265,25 +305,28 @@ def _explain(args: argparse.Namespace, message: str) -> str:
     return f"{message}; that socket is {where}: give -c with the file hotproxy was started with, or --socket PATH"
 
 
+def _connect(args: argparse.Namespace, timeout: float) -> AdminConnection:
+    from .adminclient import AdminConnection
 
-def _socket(args: argparse.Namespace) -> str:
-    return str(args.socket) if args.socket else admin_socket_for(args.config)
-
-
-async def _ask(path: str, cmd: str, timeout: float, **fields: Any) -> dict[str, Any]:
-    client = AdminClient(path)
-    await client.connect()
-    try:
-        return await asyncio.wait_for(client.request(cmd, **fields), timeout)
-    except asyncio.TimeoutError:
-        raise AdminError(f"no answer to {cmd!r} within {timeout:g}s") from None
-    finally:
-        await client.close()
+    conn = AdminConnection(_socket(args))
+    conn.connect(timeout)
+    return conn
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
+    from .adminclient import AdminTimeout
+
+    timeout = args.timeout or 120.0
     fields = {"allow_empty": True} if args.allow_empty else {}
-    reply = asyncio.run(_ask(_socket(args), "reload", args.timeout or 120.0, **fields))
+    with _connect(args, timeout) as conn:
+        try:
+            reply = conn.request("reload", timeout, **fields)
+        except AdminTimeout:
+            # Not "failed": the master bounds every phase (reload_timeout) and
+            # will report the outcome; this process only stopped waiting.
+            _error(f"no answer to 'reload' within {timeout:g}s: the reload may still be running; "
+                   "its outcome will be in the log and in `hotproxy status` (last reload)")
+            return 1
     if "report" not in reply:
         _error(reply.get("error", "the running hotproxy did not reload"))
         return 1
@@ -292,37 +335,48 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
         print(json.dumps(reply["report"], indent=2))
         return 0 if reply.get("ok") else 1
-    report = ReloadReport.from_dict(reply["report"])
-    out = sys.stdout if report.ok else sys.stderr
-    print(format_report(report), file=out)
-    return 0 if report.ok else 1
+    report = reply["report"]
+    ok = bool(report.get("ok"))
+    print(format_report(report), file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
-def format_report(report: ReloadReport) -> str:
-    """A reload report for people: the one-line summary, then the details."""
-    lines = [report.summary()]
-    if report.ok or report.added or report.changed or report.removed:
-        moved = set(report.moved)
-        changed = [f"{n} (moved)" if n in moved else n for n in report.changed]
-        verb = "" if report.ok else " (not applied)"
-        lines += [f"  added{verb}:     {', '.join(report.added) or '-'}",
-                  f"  changed{verb}:   {', '.join(changed) or '-'}",
-                  f"  removed{verb}:   {', '.join(report.removed) or '-'}",
-                  f"  unchanged: {', '.join(report.unchanged) or '-'}"]
-    for failure in report.failures:
-        if len(report.failures) == 1 and failure.phase == "config" and failure.error == report.error:
+def format_report(report: ReloadReport | dict[str, Any]) -> str:
+    """A reload report for people: the one-line summary, then the details.
+
+    *report* is what the admin socket sends (``ReloadReport.to_dict()``),
+    or a ``ReloadReport``.
+    """
+    from .report import failure_line, summary_line
+
+    r = report if isinstance(report, dict) else report.to_dict()
+    ok = bool(r.get("ok"))
+    added, changed, removed = r.get("added") or [], r.get("changed") or [], r.get("removed") or []
+    lines = [summary_line(r)]
+    if ok or added or changed or removed:
+        moved = set(r.get("moved") or ())
+        verb = "" if ok else " (not applied)"
+        lines += [f"  added{verb}:     {', '.join(added) or '-'}",
+                  f"  changed{verb}:   {', '.join(f'{n} (moved)' if n in moved else n for n in changed) or '-'}",
+                  f"  removed{verb}:   {', '.join(removed) or '-'}",
+                  f"  unchanged: {', '.join(r.get('unchanged') or ()) or '-'}"]
+    failures = r.get("failures") or ()
+    for failure in failures:
+        if len(failures) == 1 and failure.get("phase") == "config" and failure.get("error") == r.get("error"):
             continue   # the summary says it already: a bad file is one line
-        lines.append(f"  failure: {failure}")
-    for note in report.notes:
+        lines.append(f"  failure: {failure_line(failure)}")
+    for note in r.get("notes") or ():
         lines.append(f"  note: {note}")
-    if report.ok:
-        lines.append(f"  timings: prepare {report.prepare_ms:.1f} ms, commit {report.commit_ms:.1f} ms, "
-                     f"total {report.duration_ms:.1f} ms")
+    if ok:
+        lines.append(f"  timings: prepare {r.get('prepare_ms') or 0.0:.1f} ms, "
+                     f"commit {r.get('commit_ms') or 0.0:.1f} ms, total {r.get('duration_ms') or 0.0:.1f} ms")
     return "\n".join(lines)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    reply = asyncio.run(_ask(_socket(args), "status", args.timeout or 120.0))
+    timeout = args.timeout or 120.0
+    with _connect(args, timeout) as conn:
+        reply = conn.request("status", timeout)
     if not reply.get("ok"):
         _error(reply.get("error", "no status"))
         return 1
@@ -368,8 +422,10 @@ def format_status(status: dict[str, Any]) -> str:
                  + f", {status['restarts']} restarts, {draining} removed services draining")
     last = status.get("last_reload")
     if last:
-        report = ReloadReport.from_dict(last)
-        lines.append(f"last reload #{report.seq} ({report.trigger}) at {_when(report.at)}: {report.summary()}")
+        from .report import summary_line
+
+        lines.append(f"last reload #{last.get('seq')} ({last.get('trigger')}) at {_when(last.get('at'))}: "
+                     f"{summary_line(last)}")
     if status.get("reloading"):
         queued = status.get("reload_queued") or 0
         lines.append("a reload is running" + (f" ({queued} request{'' if queued == 1 else 's'} queued behind it)"
@@ -395,31 +451,26 @@ def _duration(seconds: float) -> str:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    return asyncio.run(_stop(_socket(args), not args.fast, not args.no_wait, args.timeout or 600.0))
+    from .adminclient import AdminTimeout
 
-
-async def _stop(path: str, graceful: bool, wait: bool, timeout: float) -> int:
-    client = AdminClient(path)
-    await client.connect()
-    try:
-        reply = await asyncio.wait_for(client.request("stop", graceful=graceful), 30.0)
+    timeout = args.timeout or 600.0
+    with _connect(args, 30.0) as conn:
+        reply = conn.request("stop", 30.0, graceful=not args.fast)
         if not reply.get("ok"):
             _error(reply.get("error", "the running hotproxy refused to stop"))
             return 1
         pid = reply.get("pid")
-        if not wait:
+        if args.no_wait:
             print(f"stopping hotproxy (pid {pid})")
             return 0
         # the master answers "stopped" (or just hangs up) once its workers are gone
         try:
-            await asyncio.wait_for(client.read(), timeout)
-        except asyncio.TimeoutError:
+            conn.read(timeout)
+        except AdminTimeout:
             _error(f"hotproxy (pid {pid}) is still stopping after {timeout:g}s")
             return 1
-        print(f"stopped hotproxy (pid {pid})")
-        return 0
-    finally:
-        await client.close()
+    print(f"stopped hotproxy (pid {pid})")
+    return 0
 
 
 if __name__ == "__main__":

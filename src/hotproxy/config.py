@@ -29,26 +29,22 @@ Rules of this module:
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 import os
 import re
 import socket
 import stat
 import sys
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Callable, Iterable, Mapping
 
 from .echo import EchoFactory
 from .errors import ConfigError
 from .listeners import ListenerFactory, TcpListenerFactory, UnixListenerFactory, parse_host_port
+from .paths import DEFAULT_SOURCE, MAX_CONFIG_BYTES, admin_socket_for, default_admin_socket
+from .paths import relative_to as _relative_to
 from .service import CountConnections, LimitConnections, MakeService, stack
-
-#: what error messages call the embedded default config
-DEFAULT_SOURCE = "<embedded default>"
 
 #: a service name, matched whole (``fullmatch``: ``$`` would accept a trailing newline)
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -91,6 +87,8 @@ RUNTIME_OPTIONS: dict[str, Option] = {
     "drain_timeout": Option("float", 30.0, min=0, max=_YEAR, doc="seconds a removed or stopping service may drain"),
     "pidfile": Option("path", None, doc="write the master's pid here"),
     "admin_socket": Option("path", None, doc="the admin Unix socket (default: derived from the config path)"),
+    "admin_idle_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
+                                 doc="seconds an admin connection may stay without sending a complete request"),
     "log_level": Option("str", "info", choices=_LOG_LEVELS, doc="master and worker log level"),
     "reload_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
                              doc="seconds a worker may stay silent during a reload before it is killed "
@@ -179,6 +177,7 @@ class RuntimeConfig:
     drain_timeout: float = 30.0
     pidfile: str | None = None
     admin_socket: str = ""
+    admin_idle_timeout: float = 10.0
     log_level: str = "info"
     reload_timeout: float = 10.0
     tcp_migrate_req: bool = False
@@ -221,11 +220,9 @@ class Config:
 
 def default_config_text() -> str:
     """The embedded default config (``hotproxy run`` without ``-c``)."""
+    from importlib import resources   # here: only `run` without -c needs it, and it is slow to import
+
     return resources.files("hotproxy").joinpath("default.toml").read_text(encoding="utf-8")
-
-
-#: a config file larger than this is refused (a real one is a few KiB)
-MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
 class NeedsLookup(Exception):
@@ -297,60 +294,6 @@ def no_services_error(source: str, hint: str) -> ConfigError:
     which is refused unless asked for on purpose (*hint* says how)."""
     return ConfigError(f"{source}: no services (expected at least one [services.NAME] table; "
                        f"a config that serves nothing is only accepted on purpose: {hint})")
-
-
-def default_admin_socket(path: str | None) -> str:
-    """The admin socket of an instance started with config *path*, when the
-    file does not set one: per user and per config file, so two instances
-    with different files never meet, and ``hotproxy reload -c FILE`` finds
-    the one started with ``-c FILE``."""
-    key = os.path.abspath(path) if path else DEFAULT_SOURCE
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir and os.path.isabs(runtime_dir) and os.path.isdir(runtime_dir):
-        return os.path.join(runtime_dir, f"hotproxy-{digest}.sock")
-    return os.path.join(tempfile.gettempdir(), f"hotproxy-{os.getuid()}", f"{digest}.sock")
-
-
-def admin_socket_for(path: str | None) -> str:
-    """The admin socket to reach the instance started with *path*, even if the
-    file is now broken (a reload of a broken file must still be able to ask
-    the running instance, to be told it is broken)."""
-    if path is None:
-        return default_admin_socket(None)
-    apath = os.path.abspath(path)
-    try:
-        fd = os.open(apath, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return default_admin_socket(apath)
-            # at most what load_config reads: a huge file is still searched
-            raw = os.read(fd, MAX_CONFIG_BYTES).decode("utf-8", "replace")
-        finally:
-            os.close(fd)
-    except OSError:
-        return default_admin_socket(apath)
-    value: Any = None
-    try:
-        runtime = tomllib.loads(raw).get("runtime")
-        if isinstance(runtime, dict):
-            value = runtime.get("admin_socket")
-    except (ValueError, RecursionError):
-        # TOMLDecodeError (a ValueError), an integer beyond Python's digit
-        # limit (ValueError), arrays nested past the parser's stack
-        # best effort on a broken file: the first plain `admin_socket = "..."` line
-        m = re.search(r'^\s*admin_socket\s*=\s*["\']([^"\']+)["\']', raw, re.M)
-        value = m.group(1) if m else None
-    if isinstance(value, str) and value:
-        return _relative_to(value, apath)
-    return default_admin_socket(apath)
-
-
-def _relative_to(value: str, config_path: str | None) -> str:
-    value = os.path.expanduser(value)
-    if os.path.isabs(value) or config_path is None:
-        return os.path.abspath(value)
-    return os.path.normpath(os.path.join(os.path.dirname(config_path), value))
 
 
 class _Checker:

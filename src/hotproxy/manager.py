@@ -40,6 +40,7 @@ from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
 from .errors import (BuildListenerError, CommandGroupError, DeployError, HotproxyError, WorkerError,
                      WorkerTimeoutError)
 from .executor import ServiceExecutor
+from .fdreserve import FdReserve
 from .listeners import (BoundListener, InheritedListenerFactory, ListenerFactory, UnixListenerFactory,
                         send_listener_fd)
 from .service import MakeService
@@ -355,6 +356,8 @@ class WorkerManager:
         self._lock = asyncio.Lock()
         self._stopping = False
         self._supervisors: list[asyncio.Task[None]] = []
+        #: descriptors a restart can count on when the process has none left
+        self._fd_reserve = FdReserve()
         #: called (worker_id, exitcode) when a worker dies; for logs and tests
         self.on_worker_exit: Any = None
         #: successful restarts, and attempts that failed (backed off), for status
@@ -567,6 +570,7 @@ class WorkerManager:
 
     async def _supervise(self, w: _ProcessWorker) -> None:
         delay = 0.0
+        self._fd_reserve.refill()
         while not self._stopping:
             assert w.proc is not None
             code = await w.proc.wait()
@@ -588,7 +592,11 @@ class WorkerManager:
                 try:
                     # Boot outside the lock: a reload in progress does not
                     # delay the new process, only the replay that follows.
-                    await w.start()
+                    self._fd_reserve.release()   # w.start() takes them before its first await
+                    try:
+                        await w.start()
+                    finally:
+                        self._fd_reserve.refill()
                     async with self._lock:
                         if self._stopping:
                             return
@@ -633,6 +641,7 @@ class WorkerManager:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         await asyncio.gather(*(w.stop(graceful, timeout) for w in self.workers), return_exceptions=True)
+        self._fd_reserve.release()
         for bound in self._shared.values():
             bound.close()
         self._shared.clear()

@@ -98,7 +98,8 @@ class Master:
         rt = self.config.runtime
         try:
             self._write_pidfile(rt.pidfile)
-            self.admin = AdminServer(rt.admin_socket, self._admin_request, ADMIN_COMMANDS)
+            self.admin = AdminServer(rt.admin_socket, self._admin_request, ADMIN_COMMANDS,
+                                     idle_timeout=rt.admin_idle_timeout)
             await self.admin.start()
         except (AdminError, PidfileError) as exc:
             log.error("cannot start: %s", exc)
@@ -287,6 +288,8 @@ class Master:
     def _note_changes(self, report: ReloadReport) -> None:
         if not report.ok:
             return
+        if self.admin is not None and self.reloader is not None and self.reloader.current is not None:
+            self.admin.idle_timeout = self.reloader.current.runtime.admin_idle_timeout
         for name in report.added + report.changed:
             self.changed_at[name] = (report.at, report.seq)
         for name in report.removed:

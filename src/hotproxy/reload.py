@@ -42,6 +42,7 @@ from .commands import Abort, Commit, Precommit, Remove, Update
 from .config import Config, NeedsLookup, ServiceConfig, listen_sockaddrs, no_services_error, probe_bind
 from .errors import ConfigError, HotproxyError, SiteNotFoundError, WorkerTimeoutError
 from .listeners import TcpListenerFactory
+from .report import failure_line, summary_line
 
 log = logging.getLogger("hotproxy.reload")
 
@@ -92,12 +93,7 @@ class Failure:
     timeout: bool = False
 
     def __str__(self) -> str:
-        where = []
-        if self.worker is not None:
-            where.append(f"worker {self.worker}")
-        if self.service is not None:
-            where.append(f"service {self.service!r}")
-        return f"{self.phase} ({', '.join(where)}): {self.error}" if where else f"{self.phase}: {self.error}"
+        return failure_line(vars(self))
 
 
 @dataclass
@@ -132,16 +128,7 @@ class ReloadReport:
 
     def summary(self) -> str:
         """One log line: ``reload ok: added=[..] changed=[..] ... in 3.2 ms``."""
-        if self.ok:
-            moved = f" moved={_names(self.moved)}" if self.moved else ""
-            merged = f", {self.requests} requests" if self.requests > 1 else ""
-            return (f"reload ok: added={_names(self.added)} changed={_names(self.changed)}{moved} "
-                    f"removed={_names(self.removed)} unchanged={_names(self.unchanged)} "
-                    f"in {self.duration_ms:.1f} ms (prepare {self.prepare_ms:.1f}, "
-                    f"commit {self.commit_ms:.1f}{merged})")
-        state = "config partially applied" if self.partial else "the old config keeps serving"
-        more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
-        return f"reload failed: {self.error}{more}; {state} ({self.duration_ms:.1f} ms)"
+        return summary_line(vars(self))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the admin socket sends this)."""
@@ -156,10 +143,6 @@ class ReloadReport:
                                                                          "timeout")})
                           for f in data.get("failures", [])]
         return cls(**kw)
-
-
-def _names(names: list[str]) -> str:
-    return "[" + ",".join(names) + "]"
 
 
 class Reloader:
