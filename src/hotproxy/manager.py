@@ -14,6 +14,10 @@ worker is down is not lost: the restarted worker gets it from the record.
 
 ``inline=True`` runs one executor in the caller's own loop, for embedding
 and tests.
+
+The manager also owns the instance's connection counters (``limits.Segment``:
+shared memory every worker maps): it gives each service's limits their
+slots as commands go out, and gives back a dead worker's counts.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .channel import EXIT_BOOT_FAILURE, read_message, write_message
 from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
 from .errors import BuildListenerError, CommandGroupError, DeployError, HotproxyError, WorkerError
 from .executor import ServiceExecutor
+from .limits import Segment
 from .listeners import (BoundListener, InheritedListenerFactory, ListenerFactory, UnixListenerFactory,
                         send_listener_fd)
 from .service import MakeService
@@ -153,6 +158,10 @@ class _ProcessWorker:
         return self.proc.pid if self.proc is not None else None
 
     async def start(self) -> None:
+        counters = self.manager.limits
+        assert counters is not None
+        if self.proc is not None and self.proc.returncode is not None:
+            counters.reclaim(self.id)   # the counts of the process before us
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd_parent.settimeout(5.0)
@@ -168,8 +177,9 @@ class _ProcessWorker:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "hotproxy.worker", "--fd", str(child.fileno()), "--id", str(self.id),
-                "--fd-channel", str(fd_child.fileno()),
-                pass_fds=(child.fileno(), fd_child.fileno()), env=env, stdin=asyncio.subprocess.DEVNULL)
+                "--fd-channel", str(fd_child.fileno()), "--counters-fd", str(counters.fd),
+                pass_fds=(child.fileno(), fd_child.fileno(), counters.fd), env=env,
+                stdin=asyncio.subprocess.DEVNULL)
         finally:
             child.close()
             fd_child.close()
@@ -314,6 +324,8 @@ class WorkerManager:
         #: listening sockets the master owns (Unix paths), by listener factory
         self._shared: dict[ListenerFactory, BoundListener] = {}
         self._token = 0
+        #: the instance's connection counters (made by ``start``)
+        self.limits: Segment | None = None
 
     async def __aenter__(self) -> WorkerManager:
         await self.start()
@@ -324,6 +336,7 @@ class WorkerManager:
 
     async def start(self) -> None:
         """Start every worker; raise ``WorkerError`` if one cannot start."""
+        self.limits = Segment.create(self.count, worker=0 if self.inline else -1)
         if self.inline:
             self.workers = [_InlineWorker(0, self.drain_timeout)]
             return
@@ -346,6 +359,8 @@ class WorkerManager:
         A worker that is down is left out; it gets the outcome from the
         deployment record when it is restarted.
         """
+        if self.limits is not None:
+            command = self.limits.stamp(command)
         async with self._lock:
             return await self._dispatch(command)
 
@@ -359,6 +374,8 @@ class WorkerManager:
         """
         if not commands:
             return []
+        if self.limits is not None:
+            commands = [self.limits.stamp(cmd) for cmd in commands]
         async with self._lock:
             live = [w for w in self.workers if w.alive and w.ready]
             per_worker = await asyncio.gather(*(_in_order(w, commands) for w in live))
@@ -476,6 +493,8 @@ class WorkerManager:
             w.alive = w.ready = False
             if self._stopping:
                 return
+            assert self.limits is not None
+            self.limits.reclaim(w.id)   # its connections are gone with it
             lived = time.monotonic() - w.started_at
             log.warning("worker %d (pid %s) exited with %s after %.1fs", w.id, w.pid, code, lived)
             if self.on_worker_exit is not None:
@@ -532,6 +551,8 @@ class WorkerManager:
         for bound in self._shared.values():
             bound.close()
         self._shared.clear()
+        if self.limits is not None:
+            self.limits.close()
 
 
 async def _in_order(worker: Any, commands: Sequence[Any]) -> list[Any]:
