@@ -6,6 +6,7 @@ leaves no count behind once the master reclaims it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from hotproxy.listeners import TcpListenerFactory
 from hotproxy.proxy import ProxyFactory
 
 from conftest import eventually, free_port, run
+from hotproxy.executor import ServiceExecutor
+from test_proxy import Backend, close, connect
 
 HOST = "127.0.0.1"
 
@@ -145,6 +148,41 @@ async def _served(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
         pass
     w.close()
     return None
+
+
+@pytest.mark.parametrize("accept", ["core", "loop"])
+def test_a_limit_over_a_proxy_gets_its_count_back_when_the_proxy_refuses(
+        core_name: str, accept: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A limit layer admits, the proxy below it refuses (its own limit): the
+    layer's count goes back, through the core's accept and through asyncio's."""
+    monkeypatch.setattr("hotproxy.listeners.CORE_ACCEPT", accept == "core")
+
+    async def main() -> None:
+        backend = await Backend(name="b", mode="echo").start()
+        ex = ServiceExecutor(drain_timeout=5)
+        port = free_port()
+        f = stack(ProxyFactory((backend.address,), max_connections=1), LimitConnections(max_connections=5))
+        try:
+            await ex.execute(PrepareAndCommit("s", f, TcpListenerFactory(HOST, port)))
+            assert ex.sites["s"].listener.mode == accept
+            layer = ex.sites["s"].service
+            r1, w1 = await connect(f"{HOST}:{port}")
+            w1.write(b"one")
+            assert await asyncio.wait_for(r1.readexactly(3), 5) == b"one"
+            for _ in range(3):                        # refused by the proxy, each one
+                r2, w2 = await connect(f"{HOST}:{port}")
+                with contextlib.suppress(ConnectionError):
+                    assert await asyncio.wait_for(r2.read(), 5) == b""
+                await close(w2)
+            await eventually(lambda: layer.counter.value == 1)
+            assert layer.inner.counters.refused == 3 and layer.stats()["refused"] == 0
+            await close(w1)
+            await eventually(lambda: layer.counter.value == 0 and layer.inner.shared.limit.value == 0)
+        finally:
+            await ex.shutdown(2.0)
+            await backend.stop()
+
+    run(main())
 
 
 # -- real processes ---------------------------------------------------------------------------

@@ -163,7 +163,9 @@ class Layer(MakeService):
 
     def with_shared_counters(self, next_slot: NextSlot) -> MakeService:
         """The inner factory's counters set (a layer with a limit also sets its own)."""
-        inner = self._inner()
+        inner = self.inner
+        if inner is None:
+            return self   # building it fails anyway, and says why
         with_slots = getattr(inner, "with_shared_counters", None)
         new = with_slots(next_slot) if with_slots is not None else inner
         return self if new is inner else replace(self, inner=new)
