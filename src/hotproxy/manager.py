@@ -347,6 +347,7 @@ class WorkerManager:
                 w.ready = True
         except BaseException:
             await asyncio.gather(*(w.stop(False, 0) for w in self.workers), return_exceptions=True)
+            self.limits.close()
             raise
         loop = asyncio.get_running_loop()
         self._supervisors = [loop.create_task(self._supervise(w)) for w in self.workers]
