@@ -6,9 +6,33 @@ cdef class Slot:
     cpdef object swap(self, object new)
 
 
+# -- connection counts shared by the processes of an instance ------------------
+
+cdef class CounterTable:
+    cdef Py_buffer view
+    cdef bint has_view
+    cdef char *base
+    cdef readonly int slots
+    cdef readonly int workers
+    cdef readonly int worker        # whose shares this process updates (-1: none)
+    cdef readonly object lock       # a file of the memory, for the pure-Python core's locks
+    cdef long long *_total(self, int slot) noexcept
+    cdef long long *_share(self, int worker, int slot) noexcept
+
+
+cdef class SharedCounter:
+    cdef readonly CounterTable table
+    cdef readonly int slot
+    cdef long long *total           # the instance's count
+    cdef long long *share           # this worker's part of it
+    cdef bint _acquire(self, long long limit) noexcept
+    cdef void _release(self) noexcept
+
+
 cdef class ConnectionSet:
     cdef set _conns
     cdef public ConnectionSet parent
+    cdef readonly SharedCounter limit
     cdef list _waiters
     cpdef add(self, object conn)
     cpdef discard(self, object conn)
@@ -139,6 +163,7 @@ cdef class RelayConfig:
     cdef readonly double connect_timeout
     cdef readonly int attempts
     cdef readonly long long max_connections
+    cdef readonly SharedCounter limit
     cdef readonly object on_refuse
 
 
@@ -231,6 +256,7 @@ cdef class Connection:
     cdef bint c_early_full
     cdef bint closing
     cdef bint lingering             # no upstream: waiting for the client's EOF
+    cdef bint admitted              # holds one count of cfg.limit (released when finished)
     cdef bint _finished
 
     cdef _next_attempt(self)
@@ -243,6 +269,7 @@ cdef class Connection:
     cdef double _deadline(self)
     cdef _timed_out(self, double now)
     cdef _crashed(self, object exc)
+    cdef bint _admit(self)
     cdef _upstream_event(self, uint32_t events)
     cdef int _start_raw(self, _Engine engine, int fd, sockaddr_storage *addr,
                         socklen_t alen) except -1

@@ -24,6 +24,7 @@ cimport cython
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.ref cimport Py_INCREF, Py_DECREF
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE
 from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNREFUSED, EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from posix.unistd cimport close as _close
@@ -76,7 +77,9 @@ cdef extern from "<sys/un.h>" nogil:
 
 
 import asyncio
+import fcntl as _fcntl
 import logging
+import mmap as _mmap
 import os as _os
 import socket as _socket
 import time
@@ -112,6 +115,216 @@ cdef class Slot:
         return f"<Slot {self._current!r}>"
 
 
+# -- connection counts shared by the processes of an instance ---------------------
+#
+# A ``CounterTable`` lays counters out in memory that every process of an
+# instance maps (``hotproxy.limits`` makes it: a memfd the master creates and
+# each worker maps; or private memory).  Slot *s* has the instance's count
+# (``total``) and, per worker, that worker's part of it (``share``):
+#
+#   bytes [0, 64)                           header (written by hotproxy.limits)
+#   64 + s*64                               total of slot s (a cache line each)
+#   64 + slots*64 + (w*slots + s)*8         share of worker w in slot s
+#
+# Rules: a total changes only by atomic read-modify-writes; a share only by
+# its own worker (so plain stores), except ``reclaim`` once that worker is
+# dead.  Admitting a connection raises the total first (a compare-and-swap:
+# never past the limit), then the share; releasing lowers the share first,
+# then the total.  So a total is never below the sum of the shares, and
+# subtracting a dead worker's shares (``reclaim``) never frees a count that
+# a live connection holds; a kill that lands between the two steps leaves
+# at most one count behind (capacity lost, never the limit exceeded).  The
+# pure-Python core cannot do atomic operations on shared memory: it takes a
+# lock on the total's bytes (``fcntl.lockf``; the kernel drops it when a
+# process dies) around each change, and ``reclaim`` here takes it too, so a
+# compiled master can reclaim for pure-Python workers.
+
+cdef extern from *:
+    """
+    static inline int hp_count_acquire(long long *total, long long *share, long long limit) {
+        long long cur = __atomic_load_n(total, __ATOMIC_RELAXED);
+        do {
+            if (limit > 0 && cur >= limit)
+                return 0;
+        } while (!__atomic_compare_exchange_n(total, &cur, cur + 1, 1,
+                                              __ATOMIC_ACQ_REL, __ATOMIC_RELAXED));
+        __atomic_store_n(share, __atomic_load_n(share, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
+        return 1;
+    }
+    static inline void hp_count_release(long long *total, long long *share) {
+        __atomic_store_n(share, __atomic_load_n(share, __ATOMIC_RELAXED) - 1, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(total, 1, __ATOMIC_ACQ_REL);
+    }
+    static inline long long hp_count_load(long long *p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void hp_count_sub(long long *p, long long n) {
+        __atomic_sub_fetch(p, n, __ATOMIC_ACQ_REL);
+    }
+    static inline void hp_count_store(long long *p, long long n) {
+        __atomic_store_n(p, n, __ATOMIC_RELEASE);
+    }
+    """
+    int hp_count_acquire(long long *total, long long *share, long long limit) noexcept nogil
+    void hp_count_release(long long *total, long long *share) noexcept nogil
+    long long hp_count_load(long long *p) noexcept nogil
+    void hp_count_sub(long long *p, long long n) noexcept nogil
+    void hp_count_store(long long *p, long long n) noexcept nogil
+
+
+cdef enum:
+    _TABLE_HEADER = 64
+    _TOTAL_STRIDE = 64
+
+
+def table_size(int slots, int workers):
+    """Bytes a ``CounterTable`` of *slots* slots and *workers* workers needs."""
+    if slots < 1 or workers < 1:
+        raise ValueError("need slots >= 1 and workers >= 1")
+    return _TABLE_HEADER + slots * _TOTAL_STRIDE + <Py_ssize_t>workers * slots * 8
+
+
+@cython.final
+cdef class CounterTable:
+    """Counters in memory that the processes of an instance share (see above).
+
+    *buffer* is writable memory of ``table_size(slots, workers)`` bytes or
+    more (an ``mmap``), 8-byte aligned.  *worker* is the share this process
+    updates (-1: none, the master).  *lock* is a file object of the same
+    memory, for the pure-Python core's locks (None: memory no other process
+    maps).
+    """
+
+    def __cinit__(self, object buffer not None, int slots, int workers, int worker=-1,
+                  object lock=None):
+        if slots < 1 or workers < 1 or not -1 <= worker < workers:
+            raise ValueError("need slots >= 1, workers >= 1 and -1 <= worker < workers")
+        PyObject_GetBuffer(buffer, &self.view, PyBUF_WRITABLE)
+        self.has_view = True
+        if self.view.len < table_size(slots, workers):
+            raise ValueError(f"the buffer has {self.view.len} bytes, the table needs "
+                             f"{table_size(slots, workers)}")
+        if (<uintptr_t>self.view.buf) % 8:
+            raise ValueError("the buffer is not 8-byte aligned")
+        self.base = <char *>self.view.buf
+        self.slots = slots
+        self.workers = workers
+        self.worker = worker
+        self.lock = lock
+
+    def __dealloc__(self):
+        if self.has_view:
+            PyBuffer_Release(&self.view)
+
+    cdef long long *_total(self, int slot) noexcept:
+        return <long long *>(self.base + _TABLE_HEADER + <Py_ssize_t>slot * _TOTAL_STRIDE)
+
+    cdef long long *_share(self, int worker, int slot) noexcept:
+        return <long long *>(self.base + _TABLE_HEADER + <Py_ssize_t>self.slots * _TOTAL_STRIDE
+                             + (<Py_ssize_t>worker * self.slots + slot) * 8)
+
+    def counter(self, int slot):
+        """The ``SharedCounter`` of *slot*, updated as this process's worker."""
+        return SharedCounter(self, slot)
+
+    def total(self, int slot):
+        """The instance's count in *slot*."""
+        self._check(slot, 0)
+        return hp_count_load(self._total(slot))
+
+    def share(self, int worker, int slot):
+        """*worker*'s part of the count in *slot*."""
+        self._check(slot, worker)
+        return hp_count_load(self._share(worker, slot))
+
+    def reclaim(self, int worker):
+        """Subtract the shares of *worker* -- a dead process -- from the totals
+        and zero them; return how many counts that freed.  Never call it for
+        a worker that runs."""
+        cdef int slot
+        cdef long long n, freed = 0
+        cdef long long *share
+        self._check(0, worker)
+        for slot in range(self.slots):
+            share = self._share(worker, slot)
+            if hp_count_load(share) == 0:
+                continue
+            off = _TABLE_HEADER + slot * _TOTAL_STRIDE
+            if self.lock is not None:
+                _fcntl.lockf(self.lock, _fcntl.LOCK_EX, 8, off)
+            try:
+                n = hp_count_load(share)
+                hp_count_sub(self._total(slot), n)
+                hp_count_store(share, 0)
+                freed += n
+            finally:
+                if self.lock is not None:
+                    _fcntl.lockf(self.lock, _fcntl.LOCK_UN, 8, off)
+        return freed
+
+    def _check(self, int slot, int worker):
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"slot {slot} is not in the table (0-{self.slots - 1})")
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"worker {worker} is not in the table (0-{self.workers - 1})")
+
+    def __repr__(self):
+        return f"<CounterTable slots={self.slots} workers={self.workers} worker={self.worker}>"
+
+
+@cython.final
+cdef class SharedCounter:
+    """One slot of a ``CounterTable``: open connections of one service over
+    every process of the instance, updated as this process's worker.
+
+    ``acquire(limit)`` counts one more connection unless *limit* (0: none)
+    are counted already; ``release()`` counts one less.  Each is one atomic
+    operation on the total (and a plain store to this worker's share).
+    """
+
+    def __cinit__(self, CounterTable table not None, int slot):
+        table._check(slot, 0)
+        if table.worker < 0:
+            raise ValueError("this process has no share in the table (worker -1)")
+        self.table = table
+        self.slot = slot
+        self.total = table._total(slot)
+        self.share = table._share(table.worker, slot)
+
+    cdef bint _acquire(self, long long limit) noexcept:
+        return hp_count_acquire(self.total, self.share, limit)
+
+    cdef void _release(self) noexcept:
+        hp_count_release(self.total, self.share)
+
+    def acquire(self, long long limit):
+        """Count one more unless *limit* (> 0) are counted already; True if counted."""
+        return hp_count_acquire(self.total, self.share, limit) != 0
+
+    def release(self):
+        """Count one less (one that ``acquire`` counted)."""
+        hp_count_release(self.total, self.share)
+
+    @property
+    def value(self):
+        """Open connections counted, over every process."""
+        return hp_count_load(self.total)
+
+    @property
+    def mine(self):
+        """This process's part of ``value``."""
+        return hp_count_load(self.share)
+
+    def __repr__(self):
+        return f"<SharedCounter slot={self.slot} value={self.value} mine={self.mine}>"
+
+
+def private_counter():
+    """A ``SharedCounter`` in memory of its own that no other process maps."""
+    return CounterTable(_mmap.mmap(-1, table_size(1, 1)), 1, 1, 0).counter(0)
+
+
+
 @cython.final
 cdef class ConnectionSet:
     """The open connections of a site (or of one layer's services).
@@ -120,11 +333,16 @@ cdef class ConnectionSet:
     itself when it starts and discards itself when it ends.  A set with a
     parent mirrors every add and discard into it, so a layer can count its
     own connections while the site still sees all of them.
+
+    A set with a *limit* (a ``SharedCounter``) holds counted connections:
+    whoever adds one has acquired a count for it, and a connection leaving
+    the set releases that count.
     """
 
-    def __cinit__(self, ConnectionSet parent=None):
+    def __cinit__(self, ConnectionSet parent=None, SharedCounter limit=None):
         self._conns = set()
         self.parent = parent
+        self.limit = limit
         self._waiters = None
 
     cpdef add(self, object conn):
@@ -135,7 +353,11 @@ cdef class ConnectionSet:
 
     cpdef discard(self, object conn):
         """Stop tracking *conn*; wake ``wait_empty`` waiters when none are left."""
-        self._conns.discard(conn)
+        if self.limit is None:
+            self._conns.discard(conn)
+        elif conn in self._conns:
+            self._conns.discard(conn)
+            self.limit._release()
         if self.parent is not None:
             self.parent.discard(conn)
         if self._waiters is not None and not self._conns:
@@ -429,9 +651,12 @@ cdef class RelayConfig:
     ``connect_timeout`` seconds each.  ``on_close(conn)``, if given, is
     called once when a connection is finished (the access log).
 
-    A connection the core accepted (``Listener``) is refused when
-    ``max_connections`` (0: no limit) are already active, and
-    ``on_refuse(peername)`` is told if given.
+    Every connection takes one count of ``limit`` (a ``SharedCounter``: the
+    service's open connections over the whole instance; None: a private
+    one) when it starts, and gives it back when it is finished.  It is
+    refused -- closed at once, counted in ``refused``, ``on_refuse(peername)``
+    told if given -- when ``max_connections`` (0: no limit) are counted
+    already.
     """
 
     def __cinit__(self, ProxyCounters counters not None, double idle_timeout=0.0,
@@ -439,7 +664,7 @@ cdef class RelayConfig:
                   bint want_peername=False, Py_ssize_t buffer_size=16384,
                   Py_ssize_t max_buffer_size=262144, tuple targets=(),
                   double connect_timeout=2.0, int attempts=1, long long max_connections=0,
-                  object on_refuse=None):
+                  object on_refuse=None, SharedCounter limit=None):
         if buffer_size < 1 or max_buffer_size < buffer_size:
             raise ValueError("need 1 <= buffer_size <= max_buffer_size")
         if attempts < 1 or not connect_timeout > 0:
@@ -464,6 +689,7 @@ cdef class RelayConfig:
         self.connect_timeout = connect_timeout
         self.attempts = attempts
         self.max_connections = max_connections
+        self.limit = limit if limit is not None else private_counter()
         self.on_refuse = on_refuse
 
 
@@ -682,10 +908,12 @@ cdef class Connection:
     """One proxied connection: the protocol of the accepted client socket and
     the owner of its upstream socket.
 
-    Constructing one counts it as accepted and active.  *owner* (the service
+    It is counted (accepted, active, one count of ``cfg.limit``) when it
+    starts -- ``connection_made``, or the core's accept -- unless the limit
+    is reached: then it is refused and closed at once.  *owner* (the service
     version that accepted it) is kept alive until the connection finishes.
-    The upstream is connected as soon as the client is (``connection_made``),
-    trying the config's targets.
+    The upstream is connected as soon as the client is, trying the config's
+    targets.
     """
 
     def __cinit__(self, RelayConfig cfg not None, object conns, object owner=None):
@@ -700,16 +928,33 @@ cdef class Connection:
         self.u_next = cfg.buffer_size
         self.started = _now()
         self.last_active = self.started
-        # counted here, not in connection_made: a burst of accepts calls
-        # every factory before the first connection_made, and the
-        # max_connections check must see them all
+
+    cdef bint _admit(self):
+        # Count this connection in the instance's count, unless it is full:
+        # one atomic compare-and-swap, so a burst of accepts in every worker
+        # at once admits exactly max_connections.
+        cdef RelayConfig cfg = self.cfg
+        if not cfg.limit._acquire(cfg.max_connections):
+            self.counters.refused += 1
+            self._finished = self.closing = True
+            self.owner = None
+            # a layer above may have counted it in its own set already
+            self.conns.discard(self)
+            return False
+        self.admitted = True
         self.counters.accepted += 1
         self.counters.active += 1
+        return True
 
     # -- the client transport's callbacks --------------------------------------
 
     def connection_made(self, transport):
         cdef RelayConfig cfg = self.cfg
+        if not self._admit():
+            if cfg.on_refuse is not None:
+                cfg.on_refuse(transport.get_extra_info("peername"))
+            transport.abort()
+            return
         self.client = transport
         self.c_write = transport.write
         self.client_open = True
@@ -1323,14 +1568,7 @@ cdef class Connection:
         cdef RelayConfig cfg = self.cfg
         cdef int one = 1, err
         self.raw = True
-        if cfg.max_connections and self.counters.active > cfg.max_connections:
-            # over the limit (this one is counted already): refused, as if
-            # never accepted
-            self.counters.accepted -= 1
-            self.counters.active -= 1
-            self.counters.refused += 1
-            self._finished = self.closing = True
-            self.owner = None
+        if not self._admit():
             peer = _sockaddr_to_py(addr, alen) if cfg.on_refuse is not None else None
             _close(fd)
             if cfg.on_refuse is not None:
@@ -1642,7 +1880,10 @@ cdef class Connection:
         self._close_pipes()
         if self.engine is not None:
             self.engine.unlink(self)
-        self.counters.active -= 1
+        if self.admitted:
+            self.admitted = False
+            self.counters.active -= 1
+            self.cfg.limit._release()
         if self.ustate is not None:
             self.ustate.active -= 1
             self.ustate.bytes_in += self.c2u

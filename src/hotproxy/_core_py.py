@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import errno as _errno
+import fcntl as _fcntl
 import logging
+import mmap as _mmap
 import os as _os
 import select as _select
 import socket as _socket
@@ -39,14 +41,179 @@ class Slot:
         return f"<Slot {self._current!r}>"
 
 
+# -- connection counts shared by the processes of an instance (see _core.pyx) ------
+#
+# Python has no atomic operations on shared memory, so every change of a total
+# (and the share that goes with it) is made under a lock on the total's 8
+# bytes (``fcntl.lockf`` on the memory's file; the kernel drops it when a
+# process dies): two system calls per change, slow but exact.  Memory no
+# other process maps (``lock`` None) needs no lock.
+
+_TABLE_HEADER = 64
+_TOTAL_STRIDE = 64
+
+
+def table_size(slots: int, workers: int) -> int:
+    """Bytes a ``CounterTable`` of *slots* slots and *workers* workers needs."""
+    if slots < 1 or workers < 1:
+        raise ValueError("need slots >= 1 and workers >= 1")
+    return _TABLE_HEADER + slots * _TOTAL_STRIDE + workers * slots * 8
+
+
+class CounterTable:
+    """Counters in memory that the processes of an instance share (see ``_core.pyx``)."""
+
+    __slots__ = ("slots", "workers", "worker", "lock", "_words", "_buffer")
+
+    def __init__(self, buffer: Any, slots: int, workers: int, worker: int = -1, lock: Any = None) -> None:
+        if slots < 1 or workers < 1 or not -1 <= worker < workers:
+            raise ValueError("need slots >= 1, workers >= 1 and -1 <= worker < workers")
+        view = memoryview(buffer)
+        if view.readonly:
+            raise BufferError("Object is not writable.")
+        if view.nbytes < table_size(slots, workers):
+            raise ValueError(f"the buffer has {view.nbytes} bytes, the table needs "
+                             f"{table_size(slots, workers)}")
+        self._buffer = buffer
+        self._words = view.cast("B").cast("q")
+        self.slots = slots
+        self.workers = workers
+        self.worker = worker
+        self.lock = lock
+
+    def _total(self, slot: int) -> int:
+        # the index of slot's total in _words
+        return (_TABLE_HEADER + slot * _TOTAL_STRIDE) // 8
+
+    def _share(self, worker: int, slot: int) -> int:
+        return (_TABLE_HEADER + self.slots * _TOTAL_STRIDE) // 8 + worker * self.slots + slot
+
+    def counter(self, slot: int) -> SharedCounter:
+        """The ``SharedCounter`` of *slot*, updated as this process's worker."""
+        return SharedCounter(self, slot)
+
+    def total(self, slot: int) -> int:
+        """The instance's count in *slot*."""
+        self._check(slot, 0)
+        return self._words[self._total(slot)]
+
+    def share(self, worker: int, slot: int) -> int:
+        """*worker*'s part of the count in *slot*."""
+        self._check(slot, worker)
+        return self._words[self._share(worker, slot)]
+
+    def reclaim(self, worker: int) -> int:
+        """Subtract the shares of *worker* -- a dead process -- from the totals
+        and zero them; return how many counts that freed."""
+        self._check(0, worker)
+        words, lock, freed = self._words, self.lock, 0
+        for slot in range(self.slots):
+            si = self._share(worker, slot)
+            if words[si] == 0:
+                continue
+            off = _TABLE_HEADER + slot * _TOTAL_STRIDE
+            if lock is not None:
+                _fcntl.lockf(lock, _fcntl.LOCK_EX, 8, off)
+            try:
+                n = words[si]
+                words[off // 8] -= n
+                words[si] = 0
+                freed += n
+            finally:
+                if lock is not None:
+                    _fcntl.lockf(lock, _fcntl.LOCK_UN, 8, off)
+        return freed
+
+    def _check(self, slot: int, worker: int) -> None:
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"slot {slot} is not in the table (0-{self.slots - 1})")
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"worker {worker} is not in the table (0-{self.workers - 1})")
+
+    def __repr__(self) -> str:
+        return f"<CounterTable slots={self.slots} workers={self.workers} worker={self.worker}>"
+
+
+class SharedCounter:
+    """One slot of a ``CounterTable``, updated as this process's worker (see ``_core.pyx``)."""
+
+    __slots__ = ("table", "slot", "_words", "_t", "_s", "_lock", "_off")
+
+    def __init__(self, table: CounterTable, slot: int) -> None:
+        if not isinstance(table, CounterTable):
+            raise TypeError("table must be a CounterTable")
+        table._check(slot, 0)
+        if table.worker < 0:
+            raise ValueError("this process has no share in the table (worker -1)")
+        self.table = table
+        self.slot = slot
+        self._words = table._words
+        self._t = table._total(slot)
+        self._s = table._share(table.worker, slot)
+        self._lock = table.lock
+        self._off = self._t * 8
+
+    def acquire(self, limit: int) -> bool:
+        """Count one more unless *limit* (> 0) are counted already; True if counted."""
+        lock = self._lock
+        if lock is not None:
+            _fcntl.lockf(lock, _fcntl.LOCK_EX, 8, self._off)
+        try:
+            words = self._words
+            n = words[self._t]
+            if limit > 0 and n >= limit:
+                return False
+            words[self._t] = n + 1
+            words[self._s] += 1
+            return True
+        finally:
+            if lock is not None:
+                _fcntl.lockf(lock, _fcntl.LOCK_UN, 8, self._off)
+
+    def release(self) -> None:
+        """Count one less (one that ``acquire`` counted)."""
+        lock = self._lock
+        if lock is not None:
+            _fcntl.lockf(lock, _fcntl.LOCK_EX, 8, self._off)
+        try:
+            words = self._words
+            words[self._s] -= 1
+            words[self._t] -= 1
+        finally:
+            if lock is not None:
+                _fcntl.lockf(lock, _fcntl.LOCK_UN, 8, self._off)
+
+    @property
+    def value(self) -> int:
+        """Open connections counted, over every process."""
+        return self._words[self._t]  # type: ignore[no-any-return]
+
+    @property
+    def mine(self) -> int:
+        """This process's part of ``value``."""
+        return self._words[self._s]  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"<SharedCounter slot={self.slot} value={self.value} mine={self.mine}>"
+
+
+def private_counter() -> SharedCounter:
+    """A ``SharedCounter`` in memory of its own that no other process maps."""
+    return CounterTable(_mmap.mmap(-1, table_size(1, 1)), 1, 1, 0).counter(0)
+
+
+
 class ConnectionSet:
     """The open connections of a site (see ``_core.pyx``)."""
 
-    __slots__ = ("_conns", "parent", "_waiters")
+    __slots__ = ("_conns", "parent", "limit", "_waiters")
 
-    def __init__(self, parent: ConnectionSet | None = None) -> None:
+    def __init__(self, parent: ConnectionSet | None = None, limit: SharedCounter | None = None) -> None:
+        if limit is not None and not isinstance(limit, SharedCounter):
+            raise TypeError("limit must be a SharedCounter")
         self._conns: set[Any] = set()
         self.parent = parent
+        self.limit = limit
         self._waiters: list[asyncio.Future[None]] | None = None
 
     def add(self, conn: Any) -> None:
@@ -57,7 +224,11 @@ class ConnectionSet:
 
     def discard(self, conn: Any) -> None:
         """Stop tracking *conn*; wake ``wait_empty`` waiters when none are left."""
-        self._conns.discard(conn)
+        if self.limit is None:
+            self._conns.discard(conn)
+        elif conn in self._conns:
+            self._conns.discard(conn)
+            self.limit.release()
         if self.parent is not None:
             self.parent.discard(conn)
         if self._waiters is not None and not self._conns:
@@ -230,13 +401,14 @@ class RelayConfig:
 
     __slots__ = ("counters", "idle_timeout", "keepalive", "connector", "on_close", "want_peername",
                  "buffer_size", "max_buffer_size", "targets", "single", "connect_timeout",
-                 "attempts", "max_connections", "on_refuse")
+                 "attempts", "max_connections", "limit", "on_refuse")
 
     def __init__(self, counters: ProxyCounters, idle_timeout: float = 0.0, keepalive: bool = False,
                  connector: Any = None, on_close: Any = None, want_peername: bool = False,
                  buffer_size: int = 16384, max_buffer_size: int = 262144,
                  targets: tuple[Target, ...] = (), connect_timeout: float = 2.0,
-                 attempts: int = 1, max_connections: int = 0, on_refuse: Any = None) -> None:
+                 attempts: int = 1, max_connections: int = 0, on_refuse: Any = None,
+                 limit: SharedCounter | None = None) -> None:
         if not isinstance(counters, ProxyCounters):
             raise TypeError("counters must be a ProxyCounters")
         if buffer_size < 1 or max_buffer_size < buffer_size:
@@ -252,6 +424,8 @@ class RelayConfig:
             raise ValueError("more than one target needs a connector to pick")
         if max_connections < 0:
             raise ValueError("need max_connections >= 0 (0: no limit)")
+        if limit is not None and not isinstance(limit, SharedCounter):
+            raise TypeError("limit must be a SharedCounter")
         self.counters = counters
         self.idle_timeout = float(idle_timeout)
         self.keepalive = bool(keepalive)
@@ -265,6 +439,7 @@ class RelayConfig:
         self.connect_timeout = float(connect_timeout)
         self.attempts = int(attempts)
         self.max_connections = int(max_connections)
+        self.limit = limit if limit is not None else private_counter()
         self.on_refuse = on_refuse
 
 
@@ -436,7 +611,7 @@ class Connection:
                  "u_readable", "u_rdhup", "u_shut", "u_close_pending", "c_paused_by_up",
                  "u_paused_by_c", "c_early_full", "closing", "lingering", "_finished",
                  "csock", "cfd", "raw", "u_pend_off", "u_pend_end", "c_readable", "c_rdhup",
-                 "c_eof_pending", "c_close_pending", "deferred", "__weakref__")
+                 "c_eof_pending", "c_close_pending", "deferred", "admitted", "__weakref__")
 
     def __init__(self, cfg: RelayConfig, conns: Any, owner: Any = None) -> None:
         if not isinstance(cfg, RelayConfig):
@@ -478,13 +653,31 @@ class Connection:
         self.u_pend_off = self.u_pend_end = 0
         self.c_readable = self.c_rdhup = self.c_eof_pending = self.c_close_pending = False
         self.deferred = False
+        self.admitted = False
+
+    def _admit(self) -> bool:
+        # count it in the instance's count, unless that is full (see _core.pyx)
+        cfg = self.cfg
+        if not cfg.limit.acquire(cfg.max_connections):
+            self.counters.refused += 1
+            self._finished = self.closing = True
+            self.owner = None
+            self.conns.discard(self)
+            return False
+        self.admitted = True
         self.counters.accepted += 1
         self.counters.active += 1
+        return True
 
     # -- the client transport's callbacks --------------------------------------
 
     def connection_made(self, transport: Any) -> None:
         cfg = self.cfg
+        if not self._admit():
+            if cfg.on_refuse is not None:
+                cfg.on_refuse(transport.get_extra_info("peername"))
+            transport.abort()
+            return
         self.client = transport
         self.c_write = transport.write
         self.client_open = True
@@ -984,12 +1177,7 @@ class Connection:
     def _start_raw(self, engine: _Engine, sock: _socket.socket, peer: Any) -> None:
         cfg = self.cfg
         self.raw = True
-        if cfg.max_connections and self.counters.active > cfg.max_connections:
-            self.counters.accepted -= 1
-            self.counters.active -= 1
-            self.counters.refused += 1
-            self._finished = self.closing = True
-            self.owner = None
+        if not self._admit():
             sock.close()
             if cfg.on_refuse is not None:
                 cfg.on_refuse(peer)
@@ -1198,7 +1386,10 @@ class Connection:
             self.client_open = False
         if self.engine is not None:
             self.engine.unlink(self)
-        self.counters.active -= 1
+        if self.admitted:
+            self.admitted = False
+            self.counters.active -= 1
+            self.cfg.limit.release()
         if self.ustate is not None:
             self.ustate.active -= 1
             self.ustate.bytes_in += self.c2u

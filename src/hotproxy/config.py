@@ -135,7 +135,7 @@ def _build_proxy(opts: dict[str, Any]) -> MakeService:
 
 ECHO = ServiceKind("echo", {
     "greeting": Option("str", "", doc="sent first on every connection (tells versions apart)"),
-    "max_connections": Option("int", 10000, min=1, max=10_000_000, doc="open connections at most"),
+    "max_connections": Option("int", 10000, min=1, max=10_000_000, doc="open connections at most, over all workers"),
 }, _build_echo, doc="echoes every byte back")
 
 PROXY = ServiceKind("proxy", {
@@ -144,7 +144,7 @@ PROXY = ServiceKind("proxy", {
                       doc="how to pick an upstream"),
     "connect_timeout": Option("float", 2.0, min=0, max=_YEAR, above=True, doc="seconds to connect upstream"),
     "idle_timeout": Option("float", 300.0, min=0, max=_YEAR, above=True, doc="close after this many idle seconds"),
-    "max_connections": Option("int", 10000, min=1, max=10_000_000, doc="open client connections at most"),
+    "max_connections": Option("int", 10000, min=1, max=10_000_000, doc="open client connections at most, over all workers"),
     "retries": Option("int", 2, min=0, max=100, doc="other upstreams to try when a connect fails"),
     "max_fails": Option("int", 3, min=0, max=1_000_000, doc="failures that mark an upstream down"),
     "fail_timeout": Option("float", 10.0, min=0, max=_YEAR, doc="seconds an upstream stays down"),

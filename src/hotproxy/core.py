@@ -33,17 +33,21 @@ def _default() -> ModuleType:
 impl: ModuleType = _default()
 
 
-def select(name: str) -> ModuleType:
-    """Use the ``"compiled"`` or the ``"python"`` core from now on; return it."""
-    global impl
+def module(name: str) -> ModuleType:
+    """The ``"compiled"`` or the ``"python"`` core, without selecting it."""
     if name == "compiled":
         if _compiled is None:
             raise ImportError("hotproxy._core is not built (pip install . compiles it)")
-        impl = _compiled
-    elif name == "python":
-        impl = _core_py
-    else:
-        raise ValueError(f"unknown core {name!r}: expected 'compiled' or 'python'")
+        return _compiled
+    if name == "python":
+        return _core_py
+    raise ValueError(f"unknown core {name!r}: expected 'compiled' or 'python'")
+
+
+def select(name: str) -> ModuleType:
+    """Use the ``"compiled"`` or the ``"python"`` core from now on; return it."""
+    global impl
+    impl = module(name)
     return impl
 
 

@@ -22,6 +22,10 @@ kills whatever has not exited when its drain time is up.
 
 ``inline=True`` runs one executor in the caller's own loop, for embedding
 and tests.
+
+The manager also owns the instance's connection counters (``limits.Segment``:
+shared memory every worker maps): it gives each service's limits their
+slots as commands go out, and gives back a dead worker's counts.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from .errors import (BuildListenerError, CommandGroupError, DeployError, Hotprox
                      WorkerTimeoutError)
 from .executor import ServiceExecutor
 from .fdreserve import FdReserve
+from .limits import Segment
 from .listeners import (BoundListener, InheritedListenerFactory, ListenerFactory, UnixListenerFactory,
                         send_listener_fd)
 from .service import MakeService
@@ -163,6 +168,10 @@ class _ProcessWorker:
         return self.proc.pid if self.proc is not None else None
 
     async def start(self) -> None:
+        counters = self.manager.limits
+        assert counters is not None
+        if self.proc is not None and self.proc.returncode is not None:
+            counters.reclaim(self.id)   # the counts of the process before us
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd_parent.settimeout(5.0)
@@ -178,8 +187,9 @@ class _ProcessWorker:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "hotproxy.worker", "--fd", str(child.fileno()), "--id", str(self.id),
-                "--fd-channel", str(fd_child.fileno()),
-                pass_fds=(child.fileno(), fd_child.fileno()), env=env, stdin=asyncio.subprocess.DEVNULL)
+                "--fd-channel", str(fd_child.fileno()), "--counters-fd", str(counters.fd),
+                pass_fds=(child.fileno(), fd_child.fileno(), counters.fd), env=env,
+                stdin=asyncio.subprocess.DEVNULL)
         finally:
             child.close()
             fd_child.close()
@@ -366,6 +376,8 @@ class WorkerManager:
         #: listening sockets the master owns (Unix sockets), by path
         self._shared: dict[str, BoundListener] = {}
         self._token = 0
+        #: the instance's connection counters (made by ``start``)
+        self.limits: Segment | None = None
 
     async def __aenter__(self) -> WorkerManager:
         await self.start()
@@ -376,6 +388,7 @@ class WorkerManager:
 
     async def start(self) -> None:
         """Start every worker; raise ``WorkerError`` if one cannot start."""
+        self.limits = Segment.create(self.count, worker=0 if self.inline else -1)
         if self.inline:
             self.workers = [_InlineWorker(0, self.drain_timeout)]
             return
@@ -386,6 +399,7 @@ class WorkerManager:
                 w.ready = True
         except BaseException:
             await asyncio.gather(*(w.stop(False, 0) for w in self.workers), return_exceptions=True)
+            self.limits.close()
             raise
         loop = asyncio.get_running_loop()
         self._supervisors = [loop.create_task(self._supervise(w)) for w in self.workers]
@@ -425,6 +439,8 @@ class WorkerManager:
             return []
         if timeout is None:
             timeout = self.command_timeout
+        if self.limits is not None:
+            commands = [self.limits.stamp(cmd) for cmd in commands]
         async with self._lock:
             live = [w for w in self.workers if w.alive and w.ready]
             try:
@@ -577,6 +593,8 @@ class WorkerManager:
             w.alive = w.ready = False
             if self._stopping:
                 return
+            assert self.limits is not None
+            self.limits.reclaim(w.id)   # its connections are gone with it
             lived = time.monotonic() - w.started_at
             log.warning("worker %d (pid %s) exited with %s after %.1fs", w.id, w.pid, code, lived)
             if self.on_worker_exit is not None:
@@ -645,6 +663,8 @@ class WorkerManager:
         for bound in self._shared.values():
             bound.close()
         self._shared.clear()
+        if self.limits is not None:
+            self.limits.close()
 
 
 async def _in_order(worker: Any, commands: Sequence[Any], timeout: float | None) -> list[Any]:

@@ -24,6 +24,10 @@ Rules of this module:
   again (success restores it, failure ejects it again).  If every upstream
   is ejected, they are tried anyway -- never refuse all traffic.
 * Health and counters are per worker process; ``hotproxy status`` sums them.
+  The one exception is the open-connection count that ``max_connections``
+  limits: it is the instance's, in a counter every worker shares
+  (``hotproxy.limits``); the core takes one count when it accepts a
+  connection and gives it back when the connection ends.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ import socket
 import struct
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from . import core
+from . import core, limits
+from .limits import CounterSlot, NextSlot
 from .listeners import is_literal, lookup, parse_host_port
 from .service import MakeService, MaybeAwaitable, Service
 
@@ -106,12 +111,14 @@ class ProxyFactory(MakeService):
     ``balance``         ``round_robin`` | ``random`` | ``least_conn`` | ``hash`` (client IP)
     ``connect_timeout`` seconds per connect attempt
     ``idle_timeout``    close a connection with no traffic either way for this long (0: never)
-    ``max_connections`` open connections per worker, over all versions; more are closed at once
+    ``max_connections`` open connections over all versions and all workers; more are closed at once
     ``retries``         other upstreams tried when a connect is refused or times out
     ``max_fails``       consecutive connect failures that eject an upstream (0: never eject)
     ``fail_timeout``    seconds an ejected upstream gets no connections
     ``keepalive``       TCP keepalive on both sides
     ``access_log``      one line per closed connection on the ``hotproxy.access`` logger
+    ``counter``         where ``max_connections`` counts: the slot the ``WorkerManager``
+                        gives it (``with_shared_counters``); None: this process only
     """
 
     upstreams: tuple[str, ...]
@@ -124,6 +131,7 @@ class ProxyFactory(MakeService):
     fail_timeout: float = 10.0
     keepalive: bool = False
     access_log: bool = False
+    counter: CounterSlot | None = None
 
     def __post_init__(self) -> None:
         ups = self.upstreams
@@ -157,9 +165,14 @@ class ProxyFactory(MakeService):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
 
+    def with_shared_counters(self, next_slot: NextSlot) -> ProxyFactory:
+        """This factory counting ``max_connections`` in the instance's slot *next_slot()*."""
+        return replace(self, counter=next_slot())
+
     def make_via_ref(self, old: Service | None) -> MaybeAwaitable[ProxyService]:
-        """The next version: shares *old*'s counters, round-robin position and
-        upstream states (if *old* is a proxy service on the same core).
+        """The next version: shares *old*'s counters, open-connection count,
+        round-robin position and upstream states (if *old* is a proxy service
+        on the same core).
 
         Upstream host names are looked up with the loop's resolver: then this
         returns a coroutine, and the worker serves on while it awaits.  With
@@ -167,12 +180,13 @@ class ProxyFactory(MakeService):
         """
         if isinstance(old, ProxyService) and isinstance(old.shared.counters, core.impl.ProxyCounters):
             return self._build(old.shared, old.all_states())
-        return self._build(_Shared(), {})
+        return self._build(_Shared(limits.counter(self.counter)), {})
 
     def make(self) -> MaybeAwaitable[ProxyService]:
-        """A fresh service: zero counters, every upstream healthy (a coroutine
-        if host names must be looked up, as ``make_via_ref``)."""
-        return self._build(_Shared(), {})
+        """A fresh service: zero counters, every upstream healthy (the
+        instance's open-connection count is the slot's, as it stands; a
+        coroutine if host names must be looked up, as ``make_via_ref``)."""
+        return self._build(_Shared(limits.counter(self.counter)), {})
 
     def _build(self, shared: _Shared, states: dict[str, Any]) -> MaybeAwaitable[ProxyService]:
         names = [up for up in map(parse_upstream, self.upstreams)
@@ -190,11 +204,13 @@ class ProxyFactory(MakeService):
 class _Shared:
     """What every version of one site's proxy on one worker shares by reference."""
 
-    __slots__ = ("counters", "rr")
+    __slots__ = ("counters", "rr", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: Any) -> None:
         self.counters = core.impl.ProxyCounters()
         self.rr = 0   # the round-robin position (also breaks least_conn ties)
+        #: the instance's open connections of this service (a core SharedCounter)
+        self.limit = limit
 
 
 async def lookup_upstream(up: Upstream) -> tuple[int, Any]:
@@ -273,9 +289,7 @@ class ProxyService(Service):
         #: removed upstreams that still have connections (old versions' drains)
         self.retired: dict[str, Any] = {a: s for a, s in old_states.items()
                                         if a not in mine and s.active > 0}
-        self._max = factory.max_connections
         self._Connection = impl.Connection
-        self._log = factory.access_log
         # The relay's callbacks are the balancer's, not this service's: a
         # cycle through the service would keep old versions alive until a
         # GC pass.  Each connection holds its service (``owner``) instead,
@@ -295,6 +309,7 @@ class ProxyService(Service):
             attempts=1 + factory.retries,
             max_connections=factory.max_connections,
             on_refuse=_log_refused if factory.access_log else None,
+            limit=shared.limit,
         )
 
     # -- the accept path -------------------------------------------------------
@@ -307,11 +322,7 @@ class ProxyService(Service):
         return self._Connection(self.relay, conns, self)
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
-        """A relay for one accepted client, or a refusal over ``max_connections``."""
-        counters = self.counters
-        if counters.active >= self._max:
-            counters.refused += 1
-            return _Refuse(self._log)  # type: ignore[return-value]
+        """A relay for one accepted client; it refuses over ``max_connections`` itself."""
         return self._Connection(self.relay, conns, self)  # type: ignore[no-any-return]
 
     # -- status and logs -------------------------------------------------------
@@ -458,20 +469,6 @@ class _Balancer:
         access_log.info("%s -> %s in=%d out=%d time=%.3fs end=%s", _peer(conn.peername),
                         up.address if up is not None else "-", conn.bytes_in, conn.bytes_out,
                         conn.duration, conn.end)
-
-
-class _Refuse(asyncio.Protocol):
-    """Closes a connection at once (over ``max_connections``)."""
-
-    __slots__ = ("log",)
-
-    def __init__(self, log_it: bool) -> None:
-        self.log = log_it
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.log:
-            _log_refused(transport.get_extra_info("peername"))
-        transport.abort()  # type: ignore[attr-defined]
 
 
 def _log_refused(peer: Any) -> None:

@@ -21,6 +21,11 @@ values, because the manager sends them to worker processes.
 
 **Layers** wrap a factory: each layer's ``make_via_ref`` hands the old *inner*
 service to the inner factory, so state flows through the whole stack.
+
+A factory whose services limit their open connections (``LimitConnections``,
+the proxy's ``max_connections``) counts them in a counter that every worker
+of the instance shares (``hotproxy.limits``): the ``WorkerManager`` gives it
+a slot through ``with_shared_counters``.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ import abc
 import asyncio
 import inspect
 from dataclasses import dataclass, replace
-from typing import Any, Awaitable, ClassVar, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Awaitable, ClassVar, TypeVar, Union
 
-from . import core
+from . import core, limits
+
+if TYPE_CHECKING:
+    from .limits import CounterSlot, NextSlot
 
 T = TypeVar("T")
 MaybeAwaitable = Union[T, Awaitable[T]]
@@ -81,6 +89,12 @@ class MakeService(abc.ABC):
     def make(self) -> MaybeAwaitable[Service]:
         """Build a service from nothing (no state transfer)."""
         return self.make_via_ref(None)
+
+    def with_shared_counters(self, next_slot: NextSlot) -> MakeService:
+        """This factory with the counter slots its services count open
+        connections in, for a limit over the whole instance: each limit takes
+        ``next_slot()``, outermost first.  The default: no limit, ``self``."""
+        return self
 
 
 # -- layers ------------------------------------------------------------------
@@ -147,6 +161,15 @@ class Layer(MakeService):
     def wrap(self, inner: Service, old: Any) -> Service:
         """Wrap *inner*; *old* is this layer's previous service or None."""
 
+    def with_shared_counters(self, next_slot: NextSlot) -> MakeService:
+        """The inner factory's counters set (a layer with a limit also sets its own)."""
+        inner = self.inner
+        if inner is None:
+            return self   # building it fails anyway, and says why
+        with_slots = getattr(inner, "with_shared_counters", None)
+        new = with_slots(next_slot) if with_slots is not None else inner
+        return self if new is inner else replace(self, inner=new)
+
 
 def stack(factory: MakeService, *layers: Layer) -> MakeService:
     """Wrap *factory* in *layers*, innermost first: ``stack(f, a, b)`` is b(a(f))."""
@@ -163,15 +186,16 @@ class ConnectionStats:
 
     The same object passes from each version to the next, so the counts
     survive every update.  ``conns`` holds the open connections of all
-    versions.
+    versions; with a *limit* (a core ``SharedCounter``) each holds one
+    count of it, given back when it leaves the set.
     """
 
     __slots__ = ("accepted", "refused", "conns")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: Any = None) -> None:
         self.accepted = 0
         self.refused = 0
-        self.conns = core.impl.ConnectionSet()
+        self.conns = core.impl.ConnectionSet(None, limit)
 
     @property
     def active(self) -> int:
@@ -206,28 +230,44 @@ class _CountingService(LayerService):
 
 
 class _LimitService(LayerService):
+    # A connection is admitted by taking one count of the instance's counter
+    # (one atomic operation in the compiled core), at accept: the layer then
+    # adds it to its set, and it gives the count back when it leaves the set
+    # -- when it ends, or when something below refuses it.
     def __init__(self, inner: Service, state: ConnectionStats, limit: int) -> None:
         super().__init__(inner)
         self.state = state
         self.limit = limit
+        self.counter = state.conns.limit
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
         mine = self.state.joined(conns)
-        if self._full(mine):
-            return _Refuse()
-        return self.inner.new_connection(mine)
+        if self.limit <= 0 or not self.counter.acquire(self.limit):
+            self.state.refused += 1
+            return _Refuse(mine)
+        try:
+            proto = self.inner.new_connection(mine)
+        except BaseException:
+            self.counter.release()
+            raise
+        mine.add(proto)
+        return proto
 
     def new_raw_connection(self, conns: Any) -> Any:
         mine = self.state.joined(conns)
-        if self._full(mine):
-            return None
-        return self.inner.new_raw_connection(mine)
-
-    def _full(self, mine: Any) -> bool:
-        if len(mine) >= self.limit:
+        if self.limit <= 0 or not self.counter.acquire(self.limit):
             self.state.refused += 1
-            return True
-        return False
+            return None
+        try:
+            conn = self.inner.new_raw_connection(mine)
+        except BaseException:
+            self.counter.release()
+            raise
+        if conn is None:           # refused below: it is in no set
+            self.counter.release()
+            return None
+        mine.add(conn)
+        return conn
 
     def stats(self) -> dict[str, Any]:
         out = dict(self.inner.stats())
@@ -236,10 +276,20 @@ class _LimitService(LayerService):
 
 
 class _Refuse(asyncio.Protocol):
-    """Closes a connection at once (over a connection limit)."""
+    """Closes a connection at once (over a connection limit).
+
+    It leaves *conns* too: a layer above that admitted the connection added
+    it to its own set (a parent of *conns*), and gets its count back.
+    """
+
+    __slots__ = ("conns",)
+
+    def __init__(self, conns: Any) -> None:
+        self.conns = conns
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.abort()  # type: ignore[attr-defined]
+        self.conns.discard(self)
 
 
 @dataclass(frozen=True)
@@ -255,7 +305,9 @@ class CountConnections(Layer):
 
 @dataclass(frozen=True)
 class LimitConnections(Layer):
-    """At most ``max_connections`` open at once, counted over all versions.
+    """At most ``max_connections`` open at once, counted over all versions
+    and, under a ``WorkerManager``, over all its workers (``counter``: the
+    slot the manager gives it; None: this process only).
 
     A connection over the limit is closed at once and counted as refused.
     The open count carries over updates, so a reload cannot double the limit
@@ -263,12 +315,18 @@ class LimitConnections(Layer):
     """
 
     max_connections: int = 1000
+    counter: CounterSlot | None = None
     service_type: ClassVar[type[LayerService]] = _LimitService
 
     def __post_init__(self) -> None:
         if self.max_connections < 0:
             raise ValueError("max_connections must be >= 0")
 
+    def with_shared_counters(self, next_slot: NextSlot) -> MakeService:
+        mine = next_slot()
+        inner = super().with_shared_counters(next_slot)
+        return replace(inner, counter=mine)  # type: ignore[type-var]
+
     def wrap(self, inner: Service, old: Any) -> Service:
-        state = old.state if old is not None else ConnectionStats()
+        state = old.state if old is not None else ConnectionStats(limits.counter(self.counter))
         return _LimitService(inner, state, self.max_connections)

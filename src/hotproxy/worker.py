@@ -1,8 +1,10 @@
 """A worker process: a uvloop loop, one ServiceExecutor, a control channel.
 
 Started by ``WorkerManager`` as ``python -m hotproxy.worker --fd N --id I
---fd-channel M``: N is the control channel, M the socket on which the master
-sends the listening sockets it owns (see listeners.InheritedListenerFactory).
+--fd-channel M --counters-fd C``: N is the control channel, M the socket on
+which the master sends the listening sockets it owns (see
+listeners.InheritedListenerFactory), C the instance's connection counters
+(see limits.Segment).
 It runs the commands the master sends, one at a time in order, answers
 status requests at once, and exits when told to, on ``SIGTERM`` (graceful:
 stop accepting, drain, exit), on ``SIGQUIT`` (at once), or when the master
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--id", type=int, required=True)
     parser.add_argument("--fd-channel", type=int, default=None)
+    parser.add_argument("--counters-fd", type=int, default=None)
     args = parser.parse_args(argv)
     # The master decides what SIGHUP and SIGINT mean (a terminal's hang-up or
     # ^C reaches the whole process group): ignored from the first moment.
@@ -157,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         sock = socket.socket(fileno=args.fd)
         if args.fd_channel is not None:
             set_fd_channel(socket.socket(fileno=args.fd_channel))
+        if args.counters_fd is not None:
+            from .limits import Segment
+
+            Segment.attach(args.counters_fd, args.id)
         worker = WorkerProcess(sock, args.id)
     except Exception as exc:
         print(f"hotproxy worker {args.id}: cannot start: {exc}", file=sys.stderr)

@@ -1,0 +1,216 @@
+"""Open-connection counts for a whole instance: memory every worker maps.
+
+``max_connections`` limits a service's open connections over all the
+workers of an instance, not per worker.  The counts live in a
+``CounterTable`` (the core's; see ``_core.pyx`` for the layout and the
+atomic rules) in one ``Segment`` of shared memory.
+
+Rules of this module:
+
+* The ``WorkerManager`` creates the segment when it starts (a memfd, mapped
+  shared) and passes it to every worker it starts -- restarted ones too, so
+  they see the live counts.  Inline (one executor in the caller's process)
+  the same code runs on a segment of its own.
+* A counter **slot** belongs to one service name (and to the n-th limit in
+  that service's stack of factories) for the life of the segment: the
+  manager allocates it the first time a ``Precommit`` or
+  ``PrepareAndCommit`` names the service, and stamps it into the factory
+  (``MakeService.with_shared_counters``).  Every later version, on every
+  worker, counts in the same slot, so the count carries over every update
+  like the rest of a service's state; a removed service that comes back
+  finds the connections it still drains.  Slots are never reused within a
+  run: a segment has ``SLOTS``, and a service beyond them fails to build,
+  with an error that says so (a restart starts afresh).
+* Each worker counts its part of every total in its own region.  When a
+  worker process is gone, the master subtracts its part (``reclaim``)
+  before it starts the next one with that id, so a ``kill -9`` does not
+  leak capacity.
+* A factory that was never stamped (used without a manager) counts in a
+  private counter that it carries from version to version: per process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import struct
+from dataclasses import dataclass, replace
+from types import ModuleType
+from typing import Any, Callable
+
+from . import core
+from .commands import PrepareAndCommit, Precommit
+
+#: counter slots in a segment: services (with a limit) one run can name
+SLOTS = 4096
+
+_MAGIC = b"HPCOUNT1"
+_HEADER = struct.Struct("=8sqq")   # magic, slots, workers
+
+
+@dataclass(frozen=True)
+class CounterSlot:
+    """Where a factory's services count their connections: *slot* of the
+    segment *segment* (-1: the segment had no slot left)."""
+
+    segment: int
+    slot: int
+
+
+#: a callable the manager gives ``with_shared_counters``: the next slot of a service
+NextSlot = Callable[[], CounterSlot]
+
+
+class _Fd:
+    """A file descriptor closed with its last reference: the tables' lock file
+    (the pure-Python core locks byte ranges of the memory through it)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except Exception:   # already closed, or the interpreter is going away
+            pass
+
+
+class Segment:
+    """The shared memory of one instance's counters, as this process maps it.
+
+    ``worker`` is whose shares this process updates (-1: the master, which
+    only reclaims).  Use ``create`` (the manager) or ``attach`` (a worker).
+    """
+
+    def __init__(self, fd: int, slots: int, workers: int, worker: int) -> None:
+        self._fd = _Fd(fd)
+        self.slots = slots
+        self.workers = workers
+        self.worker = worker
+        #: names this segment in ``CounterSlot``: the memfd's inode, the same in every process
+        self.key = os.fstat(fd).st_ino
+        self.mm = mmap.mmap(fd, core.impl.table_size(slots, workers))
+        self._tables: dict[ModuleType, Any] = {}
+        #: (service name, n-th limit of its stack) -> slot; the manager's side only
+        self._names: dict[tuple[str, int], int] = {}
+
+    @property
+    def fd(self) -> int:
+        """The memfd (the manager passes it to the workers it starts)."""
+        return self._fd.fd
+
+    @classmethod
+    def create(cls, workers: int, worker: int = -1, slots: int = SLOTS) -> Segment:
+        """A new zeroed segment for *workers* workers, registered in this process."""
+        fd = os.memfd_create("hotproxy-counters", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, core.impl.table_size(slots, workers))
+            os.pwrite(fd, _HEADER.pack(_MAGIC, slots, workers), 0)
+            seg = cls(fd, slots, workers, worker)
+        except BaseException:
+            os.close(fd)
+            raise
+        _attached[seg.key] = seg
+        return seg
+
+    @classmethod
+    def attach(cls, fd: int, worker: int) -> Segment:
+        """Map the segment the master passed as *fd*, as worker *worker*, and
+        register it; ``ValueError`` if *fd* is not one."""
+        try:
+            magic, slots, workers = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
+        except (OSError, struct.error) as exc:
+            raise ValueError(f"fd {fd} is not a hotproxy counter segment: {exc}") from None
+        if magic != _MAGIC or slots < 1 or workers < 1 or os.fstat(fd).st_size < \
+                core.impl.table_size(slots, workers):
+            raise ValueError(f"fd {fd} is not a hotproxy counter segment")
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker {worker} has no share in the counter segment (0-{workers - 1})")
+        seg = cls(fd, slots, workers, worker)
+        _attached[seg.key] = seg
+        return seg
+
+    def table(self, impl: ModuleType | None = None) -> Any:
+        """The segment as a ``CounterTable`` of core *impl* (default: the one in use)."""
+        impl = impl or core.impl
+        table = self._tables.get(impl)
+        if table is None:
+            table = self._tables[impl] = impl.CounterTable(self.mm, self.slots, self.workers,
+                                                           self.worker, self._fd)
+        return table
+
+    def counter(self, slot: int) -> Any:
+        """The ``SharedCounter`` of *slot*, updated as this process's worker."""
+        return self.table().counter(slot)
+
+    def reclaim(self, worker: int) -> int:
+        """Give back the counts of worker *worker*, whose process is gone (it
+        must not run); return how many.  The compiled core does it when it is
+        built, whichever core the workers use: it takes the pure-Python
+        core's locks as well as doing atomic operations."""
+        impl = core.module("compiled") if core.COMPILED_AVAILABLE else core.module("python")
+        return int(self.table(impl).reclaim(worker))
+
+    # -- the manager's side: slots by service name ------------------------------------
+
+    def slot_for(self, name: str, index: int) -> CounterSlot:
+        """The slot of the *index*-th limit of service *name* (allocated the first time)."""
+        slot = self._names.get((name, index))
+        if slot is None:
+            if len(self._names) >= self.slots:
+                return CounterSlot(self.key, -1)
+            slot = self._names[(name, index)] = len(self._names)
+        return CounterSlot(self.key, slot)
+
+    def stamp(self, command: Any) -> Any:
+        """*command* with its factory's counter slots set (a ``Precommit`` or
+        ``PrepareAndCommit``; any other command is returned as it is)."""
+        if not isinstance(command, (Precommit, PrepareAndCommit)):
+            return command
+        with_slots = getattr(command.factory, "with_shared_counters", None)
+        if with_slots is None:
+            return command
+        index = itertools.count()
+        name = command.name
+        factory = with_slots(lambda: self.slot_for(name, next(index)))
+        return command if factory == command.factory else replace(command, factory=factory)
+
+    def close(self) -> None:
+        """Unregister; the memory is unmapped once no counter uses it."""
+        if _attached.get(self.key) is self:
+            del _attached[self.key]
+        self._tables.clear()
+
+    def __repr__(self) -> str:
+        return f"<Segment key={self.key} slots={self.slots} workers={self.workers} worker={self.worker}>"
+
+
+#: the segments this process has mapped, by key
+_attached: dict[int, Segment] = {}
+
+
+def counter(where: CounterSlot | None) -> Any:
+    """The core ``SharedCounter`` a service counts its connections in.
+
+    *where* is the slot the manager stamped into its factory; None (a factory
+    used without a manager): a new private counter.  ``ValueError`` if the
+    slot cannot be had.
+    """
+    if where is None:
+        return core.impl.private_counter()
+    seg = _attached.get(where.segment)
+    if seg is None:
+        raise ValueError(f"connection counter segment {where.segment} is not mapped in this process")
+    if where.slot < 0:
+        raise ValueError(f"no connection counter left: one run counts at most {seg.slots} services "
+                         "with a connection limit; restart hotproxy to start afresh")
+    return seg.counter(where.slot)
+
+
+__all__ = ["SLOTS", "CounterSlot", "NextSlot", "Segment", "counter"]
