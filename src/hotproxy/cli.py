@@ -403,6 +403,14 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append((s["name"], s["kind"], s["listen"], gen, str(s["active"]), totals, changed))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    # each proxy's upstreams: health over the workers, and the sums
+    for s in status["services"]:
+        for addr, up in (s.get("upstreams") or {}).items():
+            ejected = up.get("ejected_workers") or []
+            state = (f"ejected on worker {', '.join(map(str, ejected))} for {up.get('ejected_for', 0):.1f}s more"
+                     if ejected else "up")
+            lines.append(f"  {s['name']} -> {addr}: {state}; active={up['active']} connections={up['connections']} "
+                         f"failures={up['failures']}" + (" (removed, draining)" if up.get("removed") else ""))
     # old versions that open connections still hold (freed with their last one)
     for s in status["services"]:
         if s.get("old_versions"):

@@ -90,6 +90,8 @@ RUNTIME_OPTIONS: dict[str, Option] = {
     "admin_idle_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
                                  doc="seconds an admin connection may stay without sending a complete request"),
     "log_level": Option("str", "info", choices=_LOG_LEVELS, doc="master and worker log level"),
+    "metrics": Option("str", None, doc="serve Prometheus metrics on GET /metrics at this address "
+                      "(host:port, [v6]:port or unix:/path; default: off; restart to change)"),
     "reload_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
                              doc="seconds a worker may stay silent during a reload before it is killed "
                                  "and restarted (a reload that keeps making progress is never cut short)"),
@@ -181,6 +183,8 @@ class RuntimeConfig:
     log_level: str = "info"
     reload_timeout: float = 10.0
     tcp_migrate_req: bool = False
+    #: the metrics endpoint's address (``ListenerFactory.address`` form), or None: off
+    metrics: str | None = None
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,8 @@ class _Checker:
         self._infos: dict[tuple[str, int, bool], list[Any]] = {}
         #: service name -> its listen key (see ``listen_key``)
         self._listen_keys: dict[str, tuple[Any, ...]] = {}
+        #: ``runtime.metrics`` as a listener factory (None: off)
+        self.metrics_listener: ListenerFactory | None = None
         #: address -> whether this host has it (wildcard listeners are reached through it)
         self._local: dict[str, bool] = {}
 
@@ -419,6 +425,9 @@ class _Checker:
             opts["admin_socket"] = default_admin_socket(self.path)
         elif len(os.fsencode(opts["admin_socket"])) > 100:
             raise self.fail("runtime.admin_socket", "expected a path shorter than 100 bytes (a Unix socket limit)")
+        if opts["metrics"] is not None:
+            self.metrics_listener = self.listener("runtime.metrics", opts["metrics"], 64)
+            opts["metrics"] = self.metrics_listener.address
         return RuntimeConfig(**opts)
 
     def service(self, name: str, table: dict[str, Any]) -> ServiceConfig:
@@ -512,6 +521,9 @@ class _Checker:
         would both bind and silently split its traffic, so it is caught here.
         A wildcard address (0.0.0.0, ::) overlaps every address of its family."""
         taken: list[tuple[tuple[Any, ...], str]] = []
+        if self.metrics_listener is not None:
+            # (not a service: it never enters _listen_keys or the loop graph)
+            metrics = self.listen_key("runtime.metrics", self.metrics_listener)
         for name, svc in services.items():
             key = self.listen_key(name, svc.listener)
             self._listen_keys[name] = key
@@ -520,6 +532,9 @@ class _Checker:
                     raise self.fail(f"services.{name}.listen",
                                     f"address {svc.listen} overlaps services.{other}.listen "
                                     f"({services[other].listen}); expected one service per address")
+            if self.metrics_listener is not None and _overlap(key, metrics):
+                raise self.fail(f"services.{name}.listen", f"address {svc.listen} overlaps runtime.metrics "
+                                f"({self.metrics_listener.address})")
             taken.append((key, name))
 
     def listen_key(self, name: str, lf: ListenerFactory) -> tuple[Any, ...]:

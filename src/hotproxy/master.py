@@ -30,6 +30,7 @@ pidfile, workers, or the initial config could not be applied).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import logging
 import os
@@ -56,6 +57,10 @@ class PidfileError(HotproxyError):
     """The pidfile names a live process, or cannot be written."""
 
 
+class MetricsError(HotproxyError):
+    """The metrics endpoint's address cannot be had."""
+
+
 
 class Master:
     """One hotproxy instance.  ``await Master(config).run()`` returns the exit code."""
@@ -67,6 +72,7 @@ class Master:
         self.manager: WorkerManager | None = None
         self.reloader: Reloader | None = None
         self.admin: AdminServer | None = None
+        self.metrics: Any = None
         self.started = time.time()
         self.ready = False
         #: service name -> (wall time, reload seq) of the reload that last changed it
@@ -101,8 +107,12 @@ class Master:
             self.admin = AdminServer(rt.admin_socket, self._admin_request, ADMIN_COMMANDS,
                                      idle_timeout=rt.admin_idle_timeout)
             await self.admin.start()
-        except (AdminError, PidfileError) as exc:
+            if rt.metrics is not None:
+                await self._start_metrics(rt.metrics)
+        except (AdminError, PidfileError, MetricsError) as exc:
             log.error("cannot start: %s", exc)
+            if self.admin is not None:
+                await self.admin.close()
             self._remove_pidfile()
             return 1
         if rt.tcp_migrate_req:
@@ -139,10 +149,29 @@ class Master:
             raise
         finally:
             self._remove_signals(loop)
+            if self.metrics is not None:
+                await self.metrics.close()
             if self.admin is not None:
                 await self.admin.close()
                 self.admin.notify_stopped()
             self._remove_pidfile()
+
+    async def _start_metrics(self, address: str) -> None:
+        """Serve ``/metrics`` on *address* (``runtime.metrics``); ``MetricsError`` if it cannot."""
+        from .listeners import TcpListenerFactory, parse_address
+        from .metrics import MetricsServer
+
+        listener = parse_address(address)
+        if isinstance(listener, TcpListenerFactory):
+            # a plain bind: the port is ours alone, not shared with SO_REUSEPORT
+            listener = dataclasses.replace(listener, reuse_port=False)
+        self.metrics = MetricsServer(listener, self._metrics_snapshot)
+        try:
+            await self.metrics.start()
+        except (OSError, ValueError) as exc:
+            self.metrics = None
+            raise MetricsError(f"runtime.metrics {address}: {getattr(exc, 'strerror', None) or exc}") from None
+        log.info("metrics on http://%s/metrics", address)
 
     def _log_serving(self) -> None:
         assert self.reloader is not None and self.reloader.current is not None and self.manager is not None
@@ -297,8 +326,20 @@ class Master:
 
     async def status(self) -> dict[str, Any]:
         """Everything ``hotproxy status`` shows, JSON-able."""
+        assert self.manager is not None
+        return self._status_from(await self.manager.status())
+
+    async def _metrics_snapshot(self) -> Any:
+        """One scrape's data (see ``metrics``): every worker asked at once, none waited for."""
+        from .metrics import SCRAPE_TIMEOUT, Snapshot, config_digest
+
         assert self.manager is not None and self.reloader is not None
-        workers = await self.manager.status()
+        workers = await self.manager.status(SCRAPE_TIMEOUT)
+        return Snapshot(self._status_from(workers), workers, dict(self.reloader.results),
+                        config_digest(self.reloader.current), self.manager.count)
+
+    def _status_from(self, workers: list[dict[str, Any]]) -> dict[str, Any]:
+        assert self.manager is not None and self.reloader is not None
         cur = self.reloader.current
         services = []
         for name, svc in (cur.services.items() if cur is not None else ()):
@@ -342,7 +383,9 @@ class Master:
         totals.pop("active", None)          # the site's own count is the one shown
         totals.pop("limited_active", None)
         changed = self.changed_at.get(name)
+        upstreams = _upstreams(name, workers)
         return {
+            **({"upstreams": upstreams} if upstreams else {}),
             "name": name, "kind": kind, "listen": listen,
             "generation": max(generations.values()) if generations else None,
             "generations": generations,
@@ -434,6 +477,26 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _upstreams(name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Service *name*'s upstreams over the workers: sums, where each is ejected, and each worker's view."""
+    out: dict[str, Any] = {}
+    for w in workers:
+        site = (w.get("sites") or {}).get(name)
+        for addr, st in ((site or {}).get("stats") or {}).get("upstreams", {}).items():
+            up = out.setdefault(addr, {"active": 0, "connections": 0, "failures": 0, "bytes_in": 0,
+                                       "bytes_out": 0, "ejected_workers": [], "ejected_for": 0.0,
+                                       "removed": False, "workers": {}})
+            for key in ("active", "connections", "failures", "bytes_in", "bytes_out"):
+                up[key] += st.get(key, 0)
+            if st.get("ejected_for", 0) > 0:
+                up["ejected_workers"].append(w["worker"])
+                up["ejected_for"] = max(up["ejected_for"], st["ejected_for"])
+            up["removed"] = up["removed"] or bool(st.get("removed"))
+            up["workers"][str(w["worker"])] = {k: st.get(k) for k in ("active", "connections", "failures",
+                                                                       "fails", "ejected_for")}
+    return out
 
 
 #: with SO_REUSEPORT each worker has its own accept queue; when a worker dies

@@ -48,7 +48,7 @@ log = logging.getLogger("hotproxy.reload")
 
 #: runtime keys a reload cannot change (they need a restart); the others
 #: (drain_timeout, log_level) apply at once
-RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req")
+RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req", "metrics")
 
 
 @dataclass
@@ -156,6 +156,8 @@ class Reloader:
         self.current: Config | None = None
         self.last: ReloadReport | None = None
         self.seq = 0
+        #: reloads by outcome ("ok", "failed"), the first apply included (for metrics)
+        self.results = {"ok": 0, "failed": 0}
         self._closed = False
         self._lock = asyncio.Lock()
 
@@ -212,6 +214,7 @@ class Reloader:
                 await self._apply(config, report)
             report.duration_ms = (time.monotonic() - started) * 1000.0
             self.last = report
+            self.results["ok" if report.ok else "failed"] += 1
         (log.info if report.ok else log.error)("%s", report.summary())
         for failure in report.failures[1:]:
             log.error("reload failure: %s", failure)
