@@ -201,7 +201,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .master import Master, setup_logging
 
-    setup_logging(config.runtime.log_level)
+    setup_logging(config.runtime.log_level, config.runtime.log_format)
     if args.config is None:
         print(f"{PROG}: no -c FILE given: serving the embedded default config:\n", file=sys.stderr)
         for line in default_config_text().splitlines():

@@ -90,6 +90,8 @@ RUNTIME_OPTIONS: dict[str, Option] = {
     "admin_idle_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
                                  doc="seconds an admin connection may stay without sending a complete request"),
     "log_level": Option("str", "info", choices=_LOG_LEVELS, doc="master and worker log level"),
+    "log_format": Option("str", "text", choices=("text", "json"),
+                         doc="text, or json: one JSON object per line (applies on reload)"),
     "metrics": Option("str", None, doc="serve Prometheus metrics on GET /metrics at this address "
                       "(host:port, [v6]:port or unix:/path; default: off; restart to change)"),
     "reload_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
@@ -181,6 +183,7 @@ class RuntimeConfig:
     admin_socket: str = ""
     admin_idle_timeout: float = 10.0
     log_level: str = "info"
+    log_format: str = "text"
     reload_timeout: float = 10.0
     tcp_migrate_req: bool = False
     #: the metrics endpoint's address (``ListenerFactory.address`` form), or None: off

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
+from . import logs
 from .channel import EXIT_BOOT_FAILURE, read_message, write_message
 from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
 from .errors import (BuildListenerError, CommandGroupError, DeployError, HotproxyError, WorkerError,
@@ -200,6 +201,7 @@ class _ProcessWorker:
             "sys_path": list(sys.path),
             "drain_timeout": self.manager.drain_timeout,
             "log_level": logging.getLevelName(logging.getLogger("hotproxy").getEffectiveLevel()),
+            "log_format": logs.current()[1],
             "cpu": cpus[self.id % len(cpus)] if self.manager.cpu_affinity else None,
         })
         try:
@@ -303,8 +305,8 @@ class _ProcessWorker:
     async def status(self) -> dict[str, Any]:
         return await self._call("status")  # type: ignore[no-any-return]
 
-    async def set_log_level(self, level: str) -> None:
-        await self._call("log_level", level)
+    async def set_logging(self, level: str, fmt: str) -> None:
+        await self._call("logging", level, fmt)
 
     async def stop(self, graceful: bool, timeout: float | None) -> None:
         """Ask the worker to stop; kill it if it has not exited by the deadline.
@@ -571,13 +573,13 @@ class WorkerManager:
                 entry["error"] = str(exc) or type(exc).__name__
         return entry
 
-    async def set_log_level(self, level: str) -> None:
-        """Tell every live worker its new log level (best effort, bounded)."""
+    async def set_logging(self, level: str, fmt: str) -> None:
+        """Tell every live worker its new log level and format (best effort, bounded)."""
         async def one(w: Any) -> None:
-            if not w.alive or not hasattr(w, "set_log_level"):
+            if not w.alive or not hasattr(w, "set_logging"):
                 return
             try:
-                await asyncio.wait_for(w.set_log_level(level), STATUS_TIMEOUT)
+                await asyncio.wait_for(w.set_logging(level, fmt), STATUS_TIMEOUT)
             except (HotproxyError, asyncio.TimeoutError):
                 pass   # a restarted worker gets the level in its hello
         await asyncio.gather(*(one(w) for w in self.workers))

@@ -36,11 +36,10 @@ import logging
 import os
 import signal
 import stat
-import sys
 import time
 from typing import Any
 
-from . import early_signals
+from . import early_signals, logs
 from .admin import AdminError, AdminServer
 from .config import Config, inspect_pidfile, load_config
 from .errors import HotproxyError
@@ -526,11 +525,9 @@ def set_tcp_migrate_req(path: str = TCP_MIGRATE_REQ) -> bool:
     return True
 
 
-def setup_logging(level: str) -> None:
-    """The master's log format (workers use the same level, tagged with their id)."""
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s master %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hotproxy").setLevel(level.upper())
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """The master's logging (workers use the same level and format, tagged with their id)."""
+    logs.configure(level, fmt, "master")
 
 
 __all__ = ["ADMIN_COMMANDS", "Master", "PidfileError", "setup_logging"]

@@ -238,7 +238,8 @@ class Reloader:
 
     async def _apply(self, config: Config, report: ReloadReport) -> None:
         running = self.current.services if self.current is not None else {}
-        old_level = self.current.runtime.log_level if self.current is not None else None
+        old_logging = ((self.current.runtime.log_level, self.current.runtime.log_format)
+                       if self.current is not None else None)
         d = diff(running, config.services)
         report.added, report.changed, report.moved = d.added, d.changed, d.moved
         report.removed, report.unchanged = d.removed, d.unchanged
@@ -314,8 +315,9 @@ class Reloader:
             report.error = str(report.failures[0])
         else:
             report.ok = True
-            if old_level is not None and old_level != config.runtime.log_level:
-                await self._set_log_level(config.runtime.log_level)
+            new_logging = (config.runtime.log_level, config.runtime.log_format)
+            if old_logging is not None and old_logging != new_logging:
+                await self._set_logging(*new_logging)
 
     def _runtime(self, config: Config, report: ReloadReport) -> Config:
         """Keep the runtime keys a reload cannot change, and say so."""
@@ -379,12 +381,14 @@ class Reloader:
     def _stopping(self) -> bool:
         return bool(getattr(self.manager, "stopping", False))
 
-    async def _set_log_level(self, level: str) -> None:
-        """``runtime.log_level`` applies at once: here and on every worker."""
-        logging.getLogger("hotproxy").setLevel(level.upper())
-        set_level = getattr(self.manager, "set_log_level", None)
-        if set_level is not None:
-            await set_level(level)
+    async def _set_logging(self, level: str, fmt: str) -> None:
+        """``runtime.log_level`` and ``log_format`` apply at once: here and on every worker."""
+        from . import logs
+
+        logs.configure(level, fmt, "master")
+        set_logging = getattr(self.manager, "set_logging", None)
+        if set_logging is not None:
+            await set_logging(level, fmt)
 
     async def _abort(self, names: list[str]) -> None:
         """Drop everything this reload staged, on every worker."""

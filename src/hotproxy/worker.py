@@ -26,6 +26,7 @@ import socket
 import sys
 from typing import Any
 
+from . import logs
 from .channel import EXIT_BOOT_FAILURE, read_message, write_message
 from .listeners import InheritedListenerFactory, release_inherited, set_fd_channel
 
@@ -61,8 +62,8 @@ class WorkerProcess:
         for entry in reversed(hello.get("sys_path", [])):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        logging.basicConfig(level=hello.get("log_level", "WARNING"),
-                            format=f"%(asctime)s worker[{self.worker_id}] %(levelname)s %(name)s: %(message)s")
+        logs.configure(hello.get("log_level", "WARNING"), hello.get("log_format", "text"),
+                       logs.worker_role(self.worker_id))
         if hello.get("cpu") is not None:
             try:
                 os.sched_setaffinity(0, {hello["cpu"]})
@@ -101,10 +102,9 @@ class WorkerProcess:
                     self.queue.put_nowait((msg[1], msg[2]))
                 elif kind == "status":
                     write_message(writer, ("res", msg[1], True, self.executor.status()))
-                elif kind == "log_level":
-                    # a reload changed runtime.log_level: it applies at once
-                    logging.getLogger().setLevel(msg[2].upper())
-                    logging.getLogger("hotproxy").setLevel(msg[2].upper())
+                elif kind == "logging":
+                    # a reload changed runtime.log_level or log_format: it applies at once
+                    logs.configure(msg[2], msg[3], logs.worker_role(self.worker_id))
                     write_message(writer, ("res", msg[1], True, None))
                 elif kind == "stop":
                     write_message(writer, ("res", msg[1], True, None))
