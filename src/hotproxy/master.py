@@ -45,6 +45,7 @@ from .config import Config, inspect_pidfile, load_config
 from .errors import HotproxyError
 from .manager import WorkerManager
 from .reload import ReloadReport, Reloader
+from .sdnotify import Notifier
 
 log = logging.getLogger("hotproxy.master")
 
@@ -72,6 +73,9 @@ class Master:
         self.reloader: Reloader | None = None
         self.admin: AdminServer | None = None
         self.metrics: Any = None
+        #: systemd's notify socket (does nothing when not run by systemd)
+        self.notify = Notifier()
+        self._watchdog: asyncio.Task[None] | None = None
         self.started = time.time()
         self.ready = False
         #: service name -> (wall time, reload seq) of the reload that last changed it
@@ -135,6 +139,9 @@ class Master:
                 return 1
             self.ready = True
             self._log_serving()
+            self.notify.ready(f"serving {len(report.added)} services on {self.manager.count} workers")
+            if self.notify.watchdog_interval is not None:
+                self._watchdog = loop.create_task(self._ping_watchdog(self.notify.watchdog_interval))
             if self._hup_while_starting and not self._stopping:
                 log.info("SIGHUP during start-up: reloading now")
                 self._spawn(self.request_reload("SIGHUP"))
@@ -148,12 +155,21 @@ class Master:
             raise
         finally:
             self._remove_signals(loop)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self.notify.close()
             if self.metrics is not None:
                 await self.metrics.close()
             if self.admin is not None:
                 await self.admin.close()
                 self.admin.notify_stopped()
             self._remove_pidfile()
+
+    async def _ping_watchdog(self, interval: float) -> None:
+        """``WATCHDOG=1`` every *interval* seconds while the master's loop turns."""
+        while True:
+            self.notify.watchdog()
+            await asyncio.sleep(interval)
 
     async def _start_metrics(self, address: str) -> None:
         """Serve ``/metrics`` on *address* (``runtime.metrics``); ``MetricsError`` if it cannot."""
@@ -190,6 +206,7 @@ class Master:
         """
         assert self.manager is not None and self.reloader is not None
         self.reloader.close()
+        self.notify.stopping("stopping (graceful)" if graceful else "stopping (fast)")
         drain = self.reloader.current.runtime.drain_timeout if self.reloader.current else None
         log.info("stopping (%s)%s", "graceful" if graceful else "fast",
                  f": draining up to {drain:g}s" if graceful and drain is not None else "")
@@ -303,11 +320,16 @@ class Master:
         """Re-read the config file and apply it, all or nothing (not merged: see
         ``request_reload``); one without services only if *allow_empty*."""
         assert self.reloader is not None
+        notify = not self._stopping   # (after STOPPING=1 systemd hears nothing else)
+        if notify:
+            self.notify.reloading()
         # a file of address literals loads in the loop; host names in a thread
         report = await self.reloader.reload(
             lambda: load_config(self.path), trigger=trigger, started=started,
             quick_load=lambda: load_config(self.path, lookups=False), allow_empty=allow_empty)
         self._note_changes(report)
+        if notify and not self._stopping:
+            self.notify.send("READY=1", f"STATUS={report.summary()}")
         if self.reloader.current is not None and self.manager is not None:
             # runtime.reload_timeout applies at once, to worker restarts too
             self.manager.command_timeout = self.reloader.current.runtime.reload_timeout
