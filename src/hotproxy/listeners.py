@@ -30,16 +30,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
-import re
 import socket
 import stat
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from . import core
+from . import addresses, core
+from .addresses import format_host_port, is_literal
+from .addresses import parse_host_port as parse_host_port  # noqa: F401 - its home before addresses.py
 
 log = logging.getLogger("hotproxy.listeners")
 
@@ -340,15 +340,6 @@ async def _loop_resolver(host: str, port: int, flags: int) -> list[tuple[Any, ..
 resolver: Resolver = _loop_resolver
 
 
-def is_literal(host: str) -> bool:
-    """True for an IP address (``127.0.0.1``, ``::1``, ``fe80::1%eth0``): no lookup needed."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 async def lookup(host: str, port: int, *, passive: bool = False) -> list[tuple[Any, ...]]:
     """``getaddrinfo(host, port)`` for stream sockets, without blocking the loop:
     a literal address at once, a host name through ``resolver``."""
@@ -356,10 +347,6 @@ async def lookup(host: str, port: int, *, passive: bool = False) -> list[tuple[A
     if is_literal(host):
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICHOST)
     return await resolver(host, port, flags)
-
-
-def format_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -418,7 +405,7 @@ class UnixListenerFactory(ListenerFactory):
 
     @property
     def address(self) -> str:
-        return f"unix:{self.path}"
+        return addresses.unix_address(self.path)
 
     def bind(self) -> BoundListener:
         _remove_stale_unix_socket(self.path)
@@ -476,40 +463,11 @@ def _remove_stale_unix_socket(path: str) -> None:
 
 def parse_address(text: str, *, backlog: int = 1024) -> ListenerFactory:
     """``"127.0.0.1:80"``, ``"[::1]:80"`` or ``"unix:/path"`` -> a listener factory."""
-    host, port = parse_host_port(text) if not text.startswith("unix:") else (text[5:], None)
-    if port is None:
-        if not host:
-            raise ValueError(f"bad address {text!r}: expected unix:/path")
-        return UnixListenerFactory(host, backlog=backlog)
-    return TcpListenerFactory(host, port, backlog=backlog)
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> (host, port), checked."""
-    if not isinstance(text, str):
-        raise ValueError(f"bad address {text!r}: expected a string 'host:port'")
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1:end + 2] != ":":
-            raise ValueError(f"bad address {text!r}: expected '[v6addr]:port'")
-        host, port_s = text[1:end], text[end + 2:]
-    else:
-        host, sep, port_s = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"bad address {text!r}: expected 'host:port'")
-        if ":" in host:
-            raise ValueError(f"bad address {text!r}: write IPv6 addresses as '[v6addr]:port'")
-    # ASCII only, matched whole: str.isdigit() would take '２００２０' (and int()
-    # read it as 20020), and a resolver maps full-width host names to ASCII
-    if not _PORT_RE.fullmatch(port_s) or int(port_s) > 65535:
-        raise ValueError(f"bad address {text!r}: port must be a number 0-65535")
-    if not host.isascii():
-        raise ValueError(f"bad address {text!r}: the host must be ASCII "
-                         "(write an international name in its xn-- form)")
-    return host, int(port_s)
-
-
-_PORT_RE = re.compile(r"[0-9]{1,5}")
+    addr = addresses.parse(text)
+    if addr.path is not None:
+        return UnixListenerFactory(addr.path, backlog=backlog)
+    assert addr.host is not None and addr.port is not None
+    return TcpListenerFactory(addr.host, addr.port, backlog=backlog)
 
 
 

@@ -42,7 +42,7 @@ from typing import Any, Iterator, Sequence
 from .channel import EXIT_BOOT_FAILURE, read_message, write_message
 from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
 from .errors import (BuildListenerError, CommandGroupError, DeployError, HotproxyError, WorkerError,
-                     WorkerTimeoutError)
+                     WorkerTimeoutError, describe)
 from .executor import ServiceExecutor
 from .fdreserve import FdReserve
 from .limits import Segment
@@ -568,7 +568,7 @@ class WorkerManager:
             except asyncio.TimeoutError:
                 entry["error"] = f"not answering (no status within {timeout:g}s)"
             except HotproxyError as exc:
-                entry["error"] = str(exc) or type(exc).__name__
+                entry["error"] = describe(exc)
         return entry
 
     async def set_log_level(self, level: str) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from . import early_signals
 from .admin import AdminError, AdminServer
-from .config import Config, inspect_pidfile, load_config
+from .config import Config, inspect_pidfile, load_config, pid_alive
 from .errors import HotproxyError
 from .manager import WorkerManager
 from .reload import ReloadReport, Reloader
@@ -336,11 +336,11 @@ class Master:
             old += site.get("old_versions", 0)
             for gen, n in (site.get("versions") or {}).items():
                 versions[str(gen)] = versions.get(str(gen), 0) + n
+            # every count is reported once (the site's open connections are
+            # ``active`` above; a service's stats hold its other counters)
             for key, value in (site.get("stats") or {}).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("limit",):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     totals[key] = totals.get(key, 0) + value
-        totals.pop("active", None)          # the site's own count is the one shown
-        totals.pop("limited_active", None)
         changed = self.changed_at.get(name)
         return {
             "name": name, "kind": kind, "listen": listen,
@@ -386,7 +386,7 @@ class Master:
         problem, other = inspect_pidfile(path)
         if problem is not None:
             raise PidfileError(f"pidfile {path}: {problem}")
-        if other and other != os.getpid() and _pid_alive(other):
+        if other and other != os.getpid() and pid_alive(other):
             raise PidfileError(f"pidfile {path}: hotproxy already running as pid {other}")
         tmp = f"{path}.{os.getpid()}.tmp"
         with contextlib.suppress(OSError):
@@ -424,16 +424,6 @@ class Master:
                     os.unlink(path)
         except OSError:
             pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 #: with SO_REUSEPORT each worker has its own accept queue; when a worker dies

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping
 
 from .commands import Abort, Commit, Precommit, Remove, Update
 from .config import Config, NeedsLookup, ServiceConfig, listen_sockaddrs, no_services_error, probe_bind
-from .errors import ConfigError, HotproxyError, SiteNotFoundError, WorkerTimeoutError
+from .errors import ConfigError, HotproxyError, SiteNotFoundError, WorkerTimeoutError, describe
 from .listeners import TcpListenerFactory
 from .report import failure_line, summary_line
 
@@ -204,7 +204,7 @@ class Reloader:
                 # into ConfigError): one line in the report, never a task
                 # exception nobody retrieves
                 error = str(exc) if isinstance(exc, ConfigError) else \
-                    f"cannot load the config: {type(exc).__name__}: {_one_line(exc)}"
+                    f"cannot load the config: {describe(exc, typed=True)}"
                 report.error = error
                 report.failures.append(Failure("config", error))
             else:
@@ -368,7 +368,7 @@ class Reloader:
                     continue   # one line per silent worker, not one per command
                 if timed_out:
                     seen.add(r.worker)
-                failures.append(Failure(phase, _one_line(r.error), service=None if timed_out else cmd.name,
+                failures.append(Failure(phase, describe(r.error), service=None if timed_out else cmd.name,
                                         worker=None if timed_out else r.worker, timeout=timed_out))
             out.append(failures)
         return out
@@ -394,14 +394,7 @@ class Reloader:
             for r in group.failures:
                 # a worker where the Precommit of a new site failed has no such site
                 if not isinstance(r.error, SiteNotFoundError):
-                    log.error("abort %r on worker %d: %s", name, r.worker, _one_line(r.error))
-
-
-def _one_line(exc: BaseException | None) -> str:
-    text = str(exc) if exc is not None else "unknown error"
-    if not text:
-        text = type(exc).__name__
-    return " ".join(text.split())
+                    log.error("abort %r on worker %d: %s", name, r.worker, describe(r.error))
 
 
 __all__ = ["Diff", "Failure", "ReloadReport", "Reloader", "diff"]

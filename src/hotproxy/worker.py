@@ -117,7 +117,7 @@ class WorkerProcess:
             self._request_stop(True, None)
 
     async def _run_commands(self, writer: asyncio.StreamWriter) -> None:
-        from .errors import HotproxyError, WorkerError
+        from .errors import HotproxyError, WorkerError, describe
 
         while True:
             req_id, command = await self.queue.get()
@@ -127,7 +127,7 @@ class WorkerProcess:
                 reply: tuple[Any, ...] = ("res", req_id, False, exc)
             except Exception as exc:  # a bug or a bad command: report, keep serving
                 log.exception("command %r failed", command)
-                reply = ("res", req_id, False, WorkerError(self.worker_id, f"{type(exc).__name__}: {exc}"))
+                reply = ("res", req_id, False, WorkerError(self.worker_id, describe(exc, typed=True)))
             else:
                 reply = ("res", req_id, True, value)
             finally:
