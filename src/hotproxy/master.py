@@ -181,16 +181,9 @@ class Master:
         elif self._stopping == "graceful" and not graceful:
             self._stopping = "fast"
             log.warning("stopping at once: killing the workers")
-            self._kill_workers()
+            if self.manager is not None:
+                self.manager.kill_all()
 
-    def _kill_workers(self) -> None:
-        if self.manager is None:
-            return
-        for w in self.manager.workers:
-            proc = getattr(w, "proc", None)
-            if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
 
     # -- signals ----------------------------------------------------------------
 

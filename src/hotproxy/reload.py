@@ -36,13 +36,17 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from .commands import Abort, Commit, Precommit, Remove, Update
 from .config import Config, NeedsLookup, ServiceConfig, listen_sockaddrs, no_services_error, probe_bind
 from .errors import ConfigError, HotproxyError, SiteNotFoundError, WorkerTimeoutError, describe
 from .listeners import TcpListenerFactory
 from .report import failure_line, summary_line
+
+if TYPE_CHECKING:
+    from .manager import ResultGroup
+    from .workers import WorkerHandle
 
 log = logging.getLogger("hotproxy.reload")
 
@@ -145,13 +149,32 @@ class ReloadReport:
         return cls(**kw)
 
 
+class Workers(Protocol):
+    """What a reload uses of the ``WorkerManager``."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def live_workers(self) -> list[WorkerHandle]:
+        """The workers that take commands now."""
+
+    def down_workers(self) -> list[int]:
+        """The ids of the workers that do not (they get the deployment when they are back)."""
+
+    async def dispatch_many(self, commands: Sequence[Any], *, timeout: float | None = None) -> list[ResultGroup]:
+        """Run *commands* in order on every live worker; one result group each."""
+
+    async def set_log_level(self, level: str) -> None:
+        """Tell every live worker its new log level."""
+
+
 class Reloader:
     """Applies configs to a ``WorkerManager``, all or nothing, one at a time.
 
     ``current`` is the config that runs (None before the first apply).
     """
 
-    def __init__(self, manager: Any) -> None:
+    def __init__(self, manager: Workers) -> None:
         self.manager = manager
         self.current: Config | None = None
         self.last: ReloadReport | None = None
@@ -240,12 +263,11 @@ class Reloader:
         report.added, report.changed, report.moved = d.added, d.changed, d.moved
         report.removed, report.unchanged = d.removed, d.unchanged
         config = self._runtime(config, report)
-        workers = list(getattr(self.manager, "workers", ()))
-        for w in workers:
-            if not (w.alive and getattr(w, "ready", True)):
-                # the manager brings it to the recorded deployment when it is back
-                report.notes.append(f"worker {w.id} is down: it gets this config when it restarts")
-        if (d.added or d.changed) and workers and not any(w.alive and getattr(w, "ready", True) for w in workers):
+        down = self.manager.down_workers()
+        for worker_id in down:
+            # the manager brings it to the recorded deployment when it is back
+            report.notes.append(f"worker {worker_id} is down: it gets this config when it restarts")
+        if (d.added or d.changed) and down and not self.manager.live_workers():
             # Nobody could build the new services, so nothing would check them:
             # refuse rather than record a config no worker has proved.
             report.error = "no worker is running to build the new services on; the old config stays; retry"
@@ -374,14 +396,12 @@ class Reloader:
         return out
 
     def _stopping(self) -> bool:
-        return bool(getattr(self.manager, "stopping", False))
+        return self.manager.stopping
 
     async def _set_log_level(self, level: str) -> None:
         """``runtime.log_level`` applies at once: here and on every worker."""
         logging.getLogger("hotproxy").setLevel(level.upper())
-        set_level = getattr(self.manager, "set_log_level", None)
-        if set_level is not None:
-            await set_level(level)
+        await self.manager.set_log_level(level)
 
     async def _abort(self, names: list[str]) -> None:
         """Drop everything this reload staged, on every worker."""
