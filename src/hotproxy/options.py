@@ -84,7 +84,8 @@ COMMON_OPTIONS: dict[str, Option] = {
 }
 
 #: a service's open connections over the whole instance (the echo's limit layer, the proxy)
-MAX_CONNECTIONS = Option("int", 10000, min=1, max=10_000_000, doc="open connections at most, over all workers")
+MAX_CONNECTIONS = Option("int", 10000, min=1, max=10_000_000,
+                         doc="open connections at most, over all workers and versions (more are closed at once)")
 
 ECHO_OPTIONS: dict[str, Option] = {
     "greeting": Option("str", "", doc="sent first on every connection (tells versions apart)"),
@@ -93,16 +94,19 @@ ECHO_OPTIONS: dict[str, Option] = {
 
 PROXY_OPTIONS: dict[str, Option] = {
     "upstreams": Option("upstreams", None, required=True, doc="where to connect"),
-    "balance": Option("str", "round_robin", choices=BALANCE_POLICIES, doc="how to pick an upstream"),
-    "connect_timeout": Option("float", 2.0, min=0, max=YEAR, above=True, doc="seconds to connect upstream"),
+    "balance": Option("str", "round_robin", choices=BALANCE_POLICIES,
+                      doc="how to pick an upstream (hash: by client IP)"),
+    "connect_timeout": Option("float", 2.0, min=0, max=YEAR, above=True, doc="seconds per connect attempt"),
     "idle_timeout": Option("float", 300.0, min=0, max=YEAR,
                            doc="close a connection with no traffic either way for this many seconds (0: never)"),
     "max_connections": MAX_CONNECTIONS,
-    "retries": Option("int", 2, min=0, max=100, doc="other upstreams to try when a connect fails"),
-    "max_fails": Option("int", 3, min=0, max=1_000_000, doc="failures that mark an upstream down (0: never)"),
-    "fail_timeout": Option("float", 10.0, min=0, max=YEAR, above=True, doc="seconds an upstream stays down"),
+    "retries": Option("int", 2, min=0, max=100, doc="other upstreams to try when a connect is refused or times out"),
+    "max_fails": Option("int", 3, min=0, max=1_000_000,
+                        doc="consecutive connect failures that eject an upstream (0: never)"),
+    "fail_timeout": Option("float", 10.0, min=0, max=YEAR, above=True,
+                           doc="seconds an ejected upstream gets no connections"),
     "keepalive": Option("bool", False, doc="TCP keepalive on both sides"),
-    "access_log": Option("bool", False, doc="log one line per connection"),
+    "access_log": Option("bool", False, doc="log one line per closed connection (the hotproxy.access logger)"),
 }
 
 

@@ -85,21 +85,14 @@ class ProxyFactory(MakeService):
     """Builds proxy services; a plain picklable value (the ``kind = "proxy"`` config).
 
     Every field but ``counter`` is the config key of the same name, declared
-    (type, default, range, doc) once in ``options.PROXY_OPTIONS`` and checked
-    by the same rules as the config file:
+    once -- type, default, range, what it does -- in ``options.PROXY_OPTIONS``
+    (``hotproxy check --keys`` lists them) and checked by the same rules as
+    the config file.  ``upstreams`` are ``host:port``, ``[v6]:port`` or
+    ``unix:/path``, each listed once.
 
-    ``upstreams``       addresses: ``host:port``, ``[v6]:port`` or ``unix:/path``
-    ``balance``         ``round_robin`` | ``random`` | ``least_conn`` | ``hash`` (client IP)
-    ``connect_timeout`` seconds per connect attempt
-    ``idle_timeout``    close a connection with no traffic either way for this long (0: never)
-    ``max_connections`` open connections over all versions and all workers; more are closed at once
-    ``retries``         other upstreams tried when a connect is refused or times out
-    ``max_fails``       consecutive connect failures that eject an upstream (0: never eject)
-    ``fail_timeout``    seconds an ejected upstream gets no connections
-    ``keepalive``       TCP keepalive on both sides
-    ``access_log``      one line per closed connection on the ``hotproxy.access`` logger
-    ``counter``         where ``max_connections`` counts: the slot the ``WorkerManager``
-                        gives it (``with_shared_counters``); None: this process only
+    ``counter`` is where ``max_connections`` counts: the slot the
+    ``WorkerManager`` gives it (``with_shared_counters``); None: this
+    process only.
     """
 
     upstreams: tuple[str, ...]
