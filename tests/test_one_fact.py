@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -81,6 +83,18 @@ def _factory_verdict(make: Callable[[], object], key: str) -> str | None:
         assert str(exc).startswith(f"{key}: "), str(exc)
         return str(exc)[len(key) + 2:]
     return None
+
+
+def test_the_schema_and_the_address_parser_import_without_asyncio_or_the_core() -> None:
+    """What ``hotproxy check`` and ``--keys`` read is cheap to import: no
+    asyncio, uvloop, core, config loader or services with it."""
+    code = ("import sys, hotproxy.options, hotproxy.addresses, hotproxy.errors\n"
+            "heavy = ('asyncio', 'uvloop', 'hotproxy._core', 'hotproxy._core_py', 'hotproxy.core', "
+            "'hotproxy.config', 'hotproxy.service', 'hotproxy.listeners')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("key", [k for k in PROXY_OPTIONS if k != "upstreams"])
