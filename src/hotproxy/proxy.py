@@ -291,6 +291,11 @@ class ProxyService(Service):
 
     # -- status and logs -------------------------------------------------------
 
+    def owns(self, conn: object) -> bool:
+        """True for a relay of this version: the core's ``Connection`` keeps
+        the version's ``RelayConfig`` as ``cfg`` (status only)."""
+        return isinstance(conn, self._Connection) and conn.cfg is self.relay
+
     def all_states(self) -> dict[str, Any]:
         """Every upstream state this version knows: its upstreams and retired ones."""
         states = dict(self.retired)
