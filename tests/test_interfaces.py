@@ -26,12 +26,11 @@ from hotproxy.fdchannel import FdReceiver, FdSender, InheritedListenerFactory
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "hotproxy"
 
-#: the compiled core and its twin are another part of the issue (items 1 and 2)
-CORE = {"_core_py.py"}
-
-
 def _modules() -> list[tuple[str, ast.Module]]:
-    return [(p.name, ast.parse(p.read_text(), str(p))) for p in sorted(SRC.glob("*.py")) if p.name not in CORE]
+    """The Python layer's modules: the private ones (the core's twin and
+    whatever the core is split into, ``_*.py``) are items 1 and 2's."""
+    return [(p.name, ast.parse(p.read_text(), str(p))) for p in sorted(SRC.glob("*.py"))
+            if p.name == "__init__.py" or not p.name.startswith("_")]
 
 
 # -- the worker handle: what the manager answers --------------------------------------------------
