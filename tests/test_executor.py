@@ -318,7 +318,7 @@ def test_limit_layer_counts_across_versions(core_name: str) -> None:
         w.close()
         assert ex.status()["sites"]["t"]["stats"]["refused"] == 1
         held[0][1].close()
-        await eventually(lambda: ex.status()["sites"]["t"]["stats"]["limited_active"] == 1)
+        await eventually(lambda: ex.status()["sites"]["t"]["active"] == 1)
         r, w = await connect(port)
         assert await ask(r, w, b"b") == b"v2:b"
         w.close()

@@ -265,10 +265,11 @@ def test_an_inherited_listener_is_awaited_not_read_blocking() -> None:
     its loop: ``make()`` before the descriptor arrives waits in the loop
     (other tasks run meanwhile) and takes it when it comes; a token released
     before its descriptor arrived has the descriptor closed on arrival."""
-    from hotproxy.listeners import InheritedListenerFactory, release_inherited, send_listener_fd, set_fd_channel
+    from hotproxy.fdchannel import FdReceiver, FdSender, InheritedListenerFactory
 
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    worker_end.settimeout(5.0)   # a blocking read gives up after 5 s instead of hanging the test
+    sender = FdSender(master_end)
+    receiver = FdReceiver(worker_end)
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     original = TcpListenerFactory("127.0.0.1", lsock.getsockname()[1])
@@ -277,30 +278,28 @@ def test_an_inherited_listener_is_awaited_not_read_blocking() -> None:
         return len(os.listdir("/proc/self/fd"))
 
     async def main() -> None:
-        making = asyncio.ensure_future(InheritedListenerFactory(original, 901).make())
+        making = asyncio.ensure_future(InheritedListenerFactory(original, 901, receiver).make())
         ran = 0
         for _ in range(5):       # the loop goes on running other tasks
             await asyncio.sleep(0)
             ran += 1
         assert ran == 5 and not making.done()
-        send_listener_fd(master_end, 901, lsock.fileno())
+        sender.send(901, lsock.fileno())
         bound = await asyncio.wait_for(making, 10)
         assert bound.sock.getsockname() == lsock.getsockname()
         bound.close()
-        release_inherited(901)
+        receiver.release(901)
         before = open_fds()
-        release_inherited(902)   # its command failed before the descriptor was read
-        send_listener_fd(master_end, 902, lsock.fileno())
-        send_listener_fd(master_end, 903, lsock.fileno())
-        bound = await asyncio.wait_for(InheritedListenerFactory(original, 903).make(), 10)
+        receiver.release(902)   # its command failed before the descriptor was read
+        sender.send(902, lsock.fileno())
+        sender.send(903, lsock.fileno())
+        bound = await asyncio.wait_for(InheritedListenerFactory(original, 903, receiver).make(), 10)
         assert open_fds() == before + 1   # 903's socket; 902's descriptor was closed
         bound.close()
-        release_inherited(903)
+        receiver.release(903)
 
-    set_fd_channel(worker_end)
     try:
         run(main(), 30)
     finally:
-        set_fd_channel(None)
         for s in (master_end, worker_end, lsock):
             s.close()

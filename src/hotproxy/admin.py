@@ -46,7 +46,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from .adminclient import AdminError, encode as _encode
-from .errors import HotproxyError
+from .errors import HotproxyError, describe
 
 log = logging.getLogger("hotproxy.admin")
 
@@ -238,7 +238,7 @@ class AdminServer:
             # ValueError: not JSON, not UTF-8, or an integer longer than
             # Python's int/str limit; RecursionError: '[[[[...' nested deeper
             # than the parser's stack (both fit well within MAX_REQUEST)
-            return _error(f"malformed request: not JSON ({' '.join(str(exc).split())[:200]})"), False
+            return _error(f"malformed request: not JSON ({describe(exc)[:200]})"), False
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return _error('malformed request: expected {"cmd": "..."}'), False
         if request["cmd"] not in self.commands:

@@ -26,7 +26,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import HotproxyError
+from .errors import HotproxyError, describe, one_line
 
 #: ``typing.TYPE_CHECKING`` without importing typing (type checkers know the name)
 TYPE_CHECKING = False
@@ -62,14 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (HotproxyError, OSError) as exc:
-        _error(_explain(args, str(exc) or type(exc).__name__))
+        _error(_explain(args, describe(exc)))
         return 1
     except KeyboardInterrupt:
         return 130
 
 
 def _error(message: str) -> None:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
 
 
 class _Help(argparse.HelpFormatter):
@@ -250,7 +250,7 @@ def _running_instance(config: Config) -> tuple[list[str], int | None, list[str]]
     except AdminError as exc:
         if str(exc).startswith(_NOT_RUNNING):
             return [], None, [f"no hotproxy answers on {path}: every listen address was probed"]
-        return [], None, [f"the hotproxy on {path} did not answer ({' '.join(str(exc).split())}): "
+        return [], None, [f"the hotproxy on {path} did not answer ({describe(exc)}): "
                           "addresses it holds count as taken"]
     if status.get("config") != config.source:
         return [], None, [f"the hotproxy on {path} runs {status.get('config')}, not this file: "

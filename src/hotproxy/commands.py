@@ -20,7 +20,7 @@ an address that is in use -- the reload's prepare phase relies on this.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
@@ -86,4 +86,29 @@ class Remove:
 
 Command = Union[Precommit, Update, Commit, PrepareAndCommit, Abort, Remove]
 
-__all__ = ["Abort", "Command", "Commit", "PrepareAndCommit", "Precommit", "Remove", "Update"]
+#: the command classes (``isinstance(x, COMMANDS)``)
+COMMANDS = (Precommit, Update, Commit, PrepareAndCommit, Abort, Remove)
+
+_WITH_LISTENER = (Precommit, Commit, PrepareAndCommit)
+
+
+def listener_factory_of(command: object) -> ListenerFactory | None:
+    """The listener factory *command* carries (``Precommit``, ``Commit``,
+    ``PrepareAndCommit``), or None."""
+    if isinstance(command, _WITH_LISTENER):
+        return command.listener_factory
+    return None
+
+
+def with_listener_factory(command: Precommit | Commit | PrepareAndCommit, lf: ListenerFactory) -> Command:
+    """*command* carrying *lf* instead of its listener factory."""
+    return replace(command, listener_factory=lf)
+
+
+def site_of(command: object) -> str | None:
+    """The site *command* names, or None if it is not a command."""
+    return command.name if isinstance(command, COMMANDS) else None
+
+
+__all__ = ["COMMANDS", "Abort", "Command", "Commit", "PrepareAndCommit", "Precommit", "Remove", "Update",
+           "listener_factory_of", "site_of", "with_listener_factory"]

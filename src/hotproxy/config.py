@@ -6,9 +6,11 @@ Rules of this module:
   or raises one ``ConfigError`` whose message is a single line naming the
   file, the key and what was expected.  Nothing here touches a running
   instance -- the reload applies a ``Config`` after it has been built.
-* Every key is declared in a table below (``RUNTIME_OPTIONS`` and each
-  ``ServiceKind``); a key that is not declared is an error, so a typo never
-  silently falls back to a default.
+* Every key is declared once, in ``options`` (``RUNTIME_OPTIONS``,
+  ``COMMON_OPTIONS`` and each ``ServiceKind``'s table), which the factories
+  read too: a value this module accepts is one the factory accepts.  A key
+  that is not declared is an error, so a typo never silently falls back to a
+  default.
 * What can be checked from the file alone is checked by ``load_config``:
   types and ranges, listen addresses (syntax, one service per address),
   upstream host names (they must resolve), paths that would clobber one
@@ -39,75 +41,21 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+from . import addresses
 from .echo import EchoFactory
-from .errors import ConfigError
-from .listeners import ListenerFactory, TcpListenerFactory, UnixListenerFactory, parse_host_port
+from .errors import ConfigError, describe, one_line
+from .listeners import ListenerFactory, TcpListenerFactory, UnixListenerFactory
+from .options import (COMMON_OPTIONS, ECHO_OPTIONS, PROXY_OPTIONS, RUNTIME_OPTIONS, Option, check_value,
+                      default_text, expected, lowercase_hint, show, type_name)
 from .paths import DEFAULT_SOURCE, MAX_CONFIG_BYTES, admin_socket_for, default_admin_socket
 from .paths import relative_to as _relative_to
-from .service import CountConnections, LimitConnections, MakeService, stack
+from .service import LimitConnections, MakeService, stack
 
 #: a service name, matched whole (``fullmatch``: ``$`` would accept a trailing newline)
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-# -- option declarations -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Option:
-    """One config key: its type, default and limits.
-
-    ``type`` is one of ``int``, ``float``, ``bool``, ``str``, ``path`` (a
-    string; relative paths are taken relative to the config file's
-    directory), ``upstreams`` (a non-empty list of ``host:port`` /
-    ``[v6]:port`` / ``unix:/path`` whose hosts must resolve).
-    """
-
-    type: str
-    default: Any = None
-    required: bool = False
-    min: float | None = None
-    #: the largest value (huge numbers overflow the C integers and timers
-    #: they end up in, or ask for a million workers)
-    max: float | None = None
-    #: the minimum is exclusive (``> min`` rather than ``>= min``)
-    above: bool = False
-    choices: tuple[str, ...] | None = None
-    doc: str = ""
-
-
-#: the upper bound of every duration (seconds)
-_YEAR = 365 * 24 * 3600
-
-
-RUNTIME_OPTIONS: dict[str, Option] = {
-    "workers": Option("int", None, min=1, max=1024, doc="worker processes (default: CPU count)"),
-    "cpu_affinity": Option("bool", False, doc="pin worker i to CPU i mod ncpu"),
-    "drain_timeout": Option("float", 30.0, min=0, max=_YEAR, doc="seconds a removed or stopping service may drain"),
-    "pidfile": Option("path", None, doc="write the master's pid here"),
-    "admin_socket": Option("path", None, doc="the admin Unix socket (default: derived from the config path)"),
-    "admin_idle_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
-                                 doc="seconds an admin connection may stay without sending a complete request"),
-    "log_level": Option("str", "info", choices=_LOG_LEVELS, doc="master and worker log level"),
-    "log_format": Option("str", "text", choices=("text", "json"),
-                         doc="text, or json: one JSON object per line (applies on reload)"),
-    "metrics": Option("str", None, doc="serve Prometheus metrics on GET /metrics at this address "
-                      "(host:port, [v6]:port or unix:/path; default: off; restart to change)"),
-    "reload_timeout": Option("float", 10.0, min=0, max=_YEAR, above=True,
-                             doc="seconds a worker may stay silent during a reload before it is killed "
-                                 "and restarted (a reload that keeps making progress is never cut short)"),
-    "tcp_migrate_req": Option("bool", False, doc="at start, set the network-wide sysctl "
-                              "net.ipv4.tcp_migrate_req=1 (if permitted), so that a killed worker's "
-                              "queued connections move to another worker instead of being reset"),
-}
-
-#: keys every service has, whatever its kind
-COMMON_OPTIONS: dict[str, Option] = {
-    "kind": Option("str", None, required=True, doc="the service kind: proxy or echo"),
-    "listen": Option("str", None, required=True, doc="127.0.0.1:80, [::1]:80 or unix:/path"),
-    "backlog": Option("int", 1024, min=1, max=65535, doc="listen backlog"),
-}
+# -- service kinds (their options are declared in ``options``) -------------------
 
 
 @dataclass(frozen=True)
@@ -126,35 +74,21 @@ class ServiceKind:
 
 
 def _build_echo(opts: dict[str, Any]) -> MakeService:
-    return stack(EchoFactory(opts["greeting"].encode()),
-                 LimitConnections(max_connections=opts["max_connections"]), CountConnections())
+    # the limit layer counts the connections it admits and refuses; the
+    # site counts the open ones: each count is made (and reported) once
+    return stack(EchoFactory(opts["greeting"].encode()), LimitConnections(max_connections=opts["max_connections"]))
 
 
 def _build_proxy(opts: dict[str, Any]) -> MakeService:
     from .proxy import ProxyFactory  # imported late: the proxy is optional for the echo-only case
 
-    opts = dict(opts, upstreams=tuple(opts["upstreams"]))
-    return stack(ProxyFactory(**opts), CountConnections())
+    # the proxy counts (and limits) its connections itself: no layer over it
+    return ProxyFactory(**dict(opts, upstreams=tuple(opts["upstreams"])))
 
 
-ECHO = ServiceKind("echo", {
-    "greeting": Option("str", "", doc="sent first on every connection (tells versions apart)"),
-    "max_connections": Option("int", 10000, min=1, max=10_000_000, doc="open connections at most, over all workers"),
-}, _build_echo, doc="echoes every byte back")
+ECHO = ServiceKind("echo", ECHO_OPTIONS, _build_echo, doc="echoes every byte back")
 
-PROXY = ServiceKind("proxy", {
-    "upstreams": Option("upstreams", None, required=True, doc="where to connect"),
-    "balance": Option("str", "round_robin", choices=("round_robin", "random", "least_conn", "hash"),
-                      doc="how to pick an upstream"),
-    "connect_timeout": Option("float", 2.0, min=0, max=_YEAR, above=True, doc="seconds to connect upstream"),
-    "idle_timeout": Option("float", 300.0, min=0, max=_YEAR, above=True, doc="close after this many idle seconds"),
-    "max_connections": Option("int", 10000, min=1, max=10_000_000, doc="open client connections at most, over all workers"),
-    "retries": Option("int", 2, min=0, max=100, doc="other upstreams to try when a connect fails"),
-    "max_fails": Option("int", 3, min=0, max=1_000_000, doc="failures that mark an upstream down"),
-    "fail_timeout": Option("float", 10.0, min=0, max=_YEAR, doc="seconds an upstream stays down"),
-    "keepalive": Option("bool", False, doc="TCP keepalive on both sides"),
-    "access_log": Option("bool", False, doc="log one line per connection"),
-}, _build_proxy, doc="relays TCP to upstreams")
+PROXY = ServiceKind("proxy", PROXY_OPTIONS, _build_proxy, doc="relays TCP to upstreams")
 
 #: the service kinds ``kind = "..."`` may name
 KINDS: dict[str, ServiceKind] = {"echo": ECHO, "proxy": PROXY}
@@ -177,15 +111,15 @@ class RuntimeConfig:
     """The ``[runtime]`` table, checked, defaults filled in."""
 
     workers: int
-    cpu_affinity: bool = False
-    drain_timeout: float = 30.0
-    pidfile: str | None = None
+    cpu_affinity: bool = RUNTIME_OPTIONS["cpu_affinity"].default
+    drain_timeout: float = RUNTIME_OPTIONS["drain_timeout"].default
+    pidfile: str | None = RUNTIME_OPTIONS["pidfile"].default
     admin_socket: str = ""
-    admin_idle_timeout: float = 10.0
-    log_level: str = "info"
-    log_format: str = "text"
-    reload_timeout: float = 10.0
-    tcp_migrate_req: bool = False
+    admin_idle_timeout: float = RUNTIME_OPTIONS["admin_idle_timeout"].default
+    log_level: str = RUNTIME_OPTIONS["log_level"].default
+    log_format: str = RUNTIME_OPTIONS["log_format"].default
+    reload_timeout: float = RUNTIME_OPTIONS["reload_timeout"].default
+    tcp_migrate_req: bool = RUNTIME_OPTIONS["tcp_migrate_req"].default
     #: the metrics endpoint's address (``ListenerFactory.address`` form), or None: off
     metrics: str | None = None
 
@@ -292,8 +226,7 @@ def parse_config(text: str, path: str | None, *, lookups: bool = True) -> Config
     except RecursionError:
         raise ConfigError(f"{path or DEFAULT_SOURCE}: nested too deeply to read") from None
     except Exception as exc:
-        raise ConfigError(f"{path or DEFAULT_SOURCE}: cannot load: {type(exc).__name__}: "
-                          f"{_one_line(str(exc))}") from exc
+        raise ConfigError(f"{path or DEFAULT_SOURCE}: cannot load: {describe(exc, typed=True)}") from exc
 
 
 def no_services_error(source: str, hint: str) -> ConfigError:
@@ -322,7 +255,7 @@ class _Checker:
     def fail(self, key: str, expected: str) -> ConfigError:
         where = f"{self.source}: {key}: " if key else f"{self.source}: "
         # one line whatever the file holds: a key with a newline is shown escaped
-        return ConfigError(_one_line(where + expected))
+        return ConfigError(one_line(where + expected))
 
     def check(self, text: str) -> Config:
         try:
@@ -348,7 +281,7 @@ class _Checker:
             if not _NAME_RE.fullmatch(name):
                 raise self.fail(f"services.{name}", "a service name is 1-64 letters, digits, '_', '-' or '.'")
             if not isinstance(table, dict):
-                raise self.fail(f"services.{name}", f"expected a table [services.{name}], got {_tname(table)}")
+                raise self.fail(f"services.{name}", f"expected a table [services.{name}], got {type_name(table)}")
             services[name] = self.service(name, table)
         self.check_listen_conflicts(services)
         self.check_paths(runtime, services)
@@ -358,7 +291,7 @@ class _Checker:
     def table(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
         value = doc.get(key, {})
         if not isinstance(value, dict):
-            raise self.fail(key, f"expected a table [{key}], got {_tname(value)}")
+            raise self.fail(key, f"expected a table [{key}], got {type_name(value)}")
         return value
 
     def options(self, prefix: str, table: dict[str, Any], spec: Mapping[str, Option]) -> dict[str, Any]:
@@ -371,54 +304,20 @@ class _Checker:
         for key, opt in spec.items():
             if key not in table:
                 if opt.required:
-                    raise self.fail(f"{prefix}.{key}", f"missing (expected {_expected(opt)})")
+                    raise self.fail(f"{prefix}.{key}", f"missing (expected {expected(opt)})")
                 out[key] = opt.default
                 continue
             out[key] = self.value(f"{prefix}.{key}", table[key], opt)
         return out
 
     def value(self, key: str, value: Any, opt: Option) -> Any:
-        t = opt.type
-        if t == "bool":
-            if not isinstance(value, bool):
-                raise self.fail(key, f"expected true or false, got {_show(value)}")
-            return value
-        if t == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise self.fail(key, f"expected an integer{_range(opt)}, got {_show(value)}")
-            self.check_min(key, value, opt)
-            return value
-        if t == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise self.fail(key, f"expected a number{_range(opt)}, got {_show(value)}")
-            self.check_min(key, value, opt)
-            return float(value)
-        if t in ("str", "path"):
-            if not isinstance(value, str):
-                raise self.fail(key, f"expected a string, got {_show(value)}")
-            if opt.choices is not None:
-                if value not in opt.choices:
-                    raise self.fail(key, f"expected one of {', '.join(opt.choices)}{_lowercase(value, opt.choices)}, "
-                                         f"got {_show(value)}")
-                return value
-            if t == "path":
-                if not value:
-                    raise self.fail(key, "expected a path, got an empty string")
-                return _relative_to(value, self.path)
-            return value
-        if t == "upstreams":
+        if opt.type == "upstreams":
             return self.upstreams(key, value)
-        raise AssertionError(f"unknown option type {t!r}")  # pragma: no cover - a bug in a spec
-
-    def check_min(self, key: str, value: float, opt: Option) -> None:
-        if opt.max is not None and value > opt.max:
-            what = "an integer" if opt.type == "int" else "a number"
-            raise self.fail(key, f"expected {what} <= {int(opt.max)}, got {_show(value)}")
-        if opt.min is None:
-            return
-        if value < opt.min or (opt.above and value == opt.min):
-            what = "an integer" if opt.type == "int" else "a number"
-            raise self.fail(key, f"expected {what}{_range(opt)}, got {_show(value)}")
+        try:
+            value = check_value(value, opt)
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from None
+        return _relative_to(value, self.path) if opt.type == "path" else value
 
     def runtime(self, table: dict[str, Any]) -> RuntimeConfig:
         opts = self.options("runtime", table, RUNTIME_OPTIONS)
@@ -441,7 +340,7 @@ class _Checker:
         kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
         if kind is None:
             raise self.fail(f"{prefix}.kind", f"expected one of {', '.join(sorted(KINDS))}"
-                            f"{_lowercase(kind_name, KINDS)}, got {_show(kind_name)}")
+                            f"{lowercase_hint(kind_name, KINDS)}, got {show(kind_name)}")
         opts = self.options(prefix, table, {**COMMON_OPTIONS, **kind.options})
         listener = self.listener(f"{prefix}.listen", opts.pop("listen"), opts["backlog"])
         backlog = opts.pop("backlog")
@@ -457,46 +356,46 @@ class _Checker:
         return ServiceConfig(name, kind.name, listener.address, listener, factory, {"backlog": backlog, **opts})
 
     def listener(self, key: str, text: str, backlog: int) -> ListenerFactory:
-        if text.startswith("unix:"):
-            path = text[5:]
-            if not path:
-                raise self.fail(key, f"expected unix:/path, got {_show(text)}")
-            path = _relative_to(path, self.path)
+        addr = self.address(key, text, "listen address")
+        if addr.path is not None:
+            path = _relative_to(addr.path, self.path)
             if len(os.fsencode(path)) > 100:
                 raise self.fail(key, "expected a socket path shorter than 100 bytes")
             return UnixListenerFactory(path, backlog=backlog)
-        host, port = self.host_port(key, text, "listen address")
-        if port == 0:
-            raise self.fail(key, f"expected a port 1-65535, got {_show(text)} "
+        assert addr.host is not None and addr.port is not None
+        if addr.port == 0:
+            raise self.fail(key, f"expected a port 1-65535, got {show(text)} "
                                  "(port 0 would give each worker a different port)")
-        self.resolve(key, host, port, passive=True)
-        return TcpListenerFactory(host, port, backlog=backlog)
+        self.resolve(key, addr.host, addr.port, passive=True)
+        return TcpListenerFactory(addr.host, addr.port, backlog=backlog)
 
-    def host_port(self, key: str, text: str, what: str) -> tuple[str, int]:
+    def address(self, key: str, text: str, what: str) -> addresses.Address:
+        """*text* parsed (``addresses.parse``); a bad one fails naming *key*."""
         try:
-            return parse_host_port(text)
+            return addresses.parse(text)
         except ValueError as exc:
+            if text.startswith(addresses.UNIX):
+                raise self.fail(key, f"expected unix:/path, got {show(text)}") from None
             raise self.fail(key, f"bad {what}: {_strip_bad_address(exc)}") from None
 
     def upstreams(self, key: str, value: Any) -> tuple[str, ...]:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not value:
-            raise self.fail(key, f"expected a non-empty list of addresses, got {_show(value)}")
+            raise self.fail(key, f"expected a non-empty list of addresses, got {show(value)}")
         out = []
         for i, item in enumerate(value):
             ikey = f"{key}[{i}]"
             if not isinstance(item, str):
-                raise self.fail(ikey, f"expected an address string, got {_show(item)}")
-            if item.startswith("unix:"):
-                if not item[5:]:
-                    raise self.fail(ikey, f"expected unix:/path, got {_show(item)}")
-                out.append("unix:" + _relative_to(item[5:], self.path))
+                raise self.fail(ikey, f"expected an address string, got {show(item)}")
+            addr = self.address(ikey, item, "upstream address")
+            if addr.path is not None:
+                out.append(addresses.unix_address(_relative_to(addr.path, self.path)))
                 continue
-            host, port = self.host_port(ikey, item, "upstream address")
-            if port == 0:
-                raise self.fail(ikey, f"expected a port 1-65535, got {_show(item)}")
-            self.resolve(ikey, host, port, passive=False)
+            assert addr.host is not None and addr.port is not None
+            if addr.port == 0:
+                raise self.fail(ikey, f"expected a port 1-65535, got {show(item)}")
+            self.resolve(ikey, addr.host, addr.port, passive=False)
             out.append(item)
         return tuple(out)
 
@@ -505,7 +404,7 @@ class _Checker:
         return self.resolve_all(key, host, port, passive)[0][4]  # type: ignore[no-any-return]
 
     def resolve_all(self, key: str, host: str, port: int, passive: bool) -> list[Any]:
-        if not self.lookups and not _is_literal(host):
+        if not self.lookups and not addresses.is_literal(host):
             raise NeedsLookup(host)
         cached = self._infos.get((host, port, passive))
         if cached is not None:
@@ -514,8 +413,7 @@ class _Checker:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE if passive else 0)
         except (socket.gaierror, UnicodeError) as exc:
-            reason = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
-            raise self.fail(key, f"cannot resolve host {host!r}: {reason}") from None
+            raise self.fail(key, f"cannot resolve host {host!r}: {describe(exc)}") from None
         self._infos[(host, port, passive)] = infos
         return infos
 
@@ -570,7 +468,8 @@ class _Checker:
                     raise self.fail(f"services.{name}.listen", f"{svc.listen} is {own[real]}; "
                                                                 "expected a socket path of its own")
             for i, up in enumerate(_upstreams(svc)):
-                if up.startswith("unix:") and os.path.realpath(up[5:]) == os.path.realpath(runtime.admin_socket):
+                path = addresses.parse(up).path
+                if path is not None and os.path.realpath(path) == os.path.realpath(runtime.admin_socket):
                     raise self.fail(f"services.{name}.upstreams[{i}]",
                                     f"{up} is the admin socket: its clients could stop this hotproxy")
 
@@ -630,10 +529,12 @@ class _Checker:
 
     def reached_by(self, key: str, upstream: str, services: Mapping[str, ServiceConfig]) -> list[str]:
         """The services of this file whose listen address a connection to *upstream* reaches."""
-        if upstream.startswith("unix:"):
-            real = os.path.realpath(upstream[5:])
+        addr = addresses.parse(upstream)
+        if addr.path is not None:
+            real = os.path.realpath(addr.path)
             return [name for name, lk in self._listen_keys.items() if lk == ("unix", real)]
-        host, port = parse_host_port(upstream)
+        host, port = addr.host, addr.port
+        assert host is not None and port is not None
         addrs = {_plain_ip(info[4][0]) for info in self.resolve_all(key, host, port, passive=False)}
         return [name for name, lk in self._listen_keys.items()
                 if lk[0] == "tcp" and any(self.reaches(a, port, lk) for a in addrs)]
@@ -679,14 +580,6 @@ def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return addr
 
 
-def _is_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return False
-    return True
-
-
 def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     if a[0] != b[0]:
         return False
@@ -694,48 +587,6 @@ def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
         return bool(a[1] == b[1])
     # same family and port, and the same address or either a wildcard
     return bool(a[1:3] == b[1:3] and (a[3] == b[3] or a[4] or b[4]))
-
-
-def _tname(value: Any) -> str:
-    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number"}.get(type(value), type(value).__name__)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (dict, list)):
-        return _tname(value)
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _range(opt: Option) -> str:
-    if opt.min is None:
-        return ""
-    return f" > {opt.min:g}" if opt.above else f" >= {opt.min:g}"
-
-
-def _expected(opt: Option) -> str:
-    if opt.choices:
-        return "one of " + ", ".join(opt.choices)
-    return {"upstreams": "a list of addresses", "str": "a string", "path": "a path", "int": "an integer",
-            "float": "a number", "bool": "true or false"}.get(opt.type, opt.type) + \
-        (f" ({opt.doc})" if opt.doc else "")
-
-
-def _one_line(text: str) -> str:
-    """*text* on one line: control characters (a newline in a key) are shown escaped."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _lowercase(value: Any, choices: Iterable[str]) -> str:
-    """A hint when *value* differs from a choice only in case (one rule: exact lowercase)."""
-    if isinstance(value, str) and value.lower() in choices:
-        return " (lowercase)"
-    return ""
 
 
 def _strip_bad_address(exc: ValueError) -> str:
@@ -834,21 +685,21 @@ def check_on_this_host(config: Config, held: Iterable[str] = (), running_pid: in
     held_tcp: set[tuple[Any, ...]] = set()
     held_unix: set[str] = set()
     for text in held:
-        if text.startswith("unix:"):
-            held_unix.add(os.path.realpath(text[5:]))
-            continue
         try:
-            host, port = parse_host_port(text)
+            addr = addresses.parse(text)
         except ValueError:
             continue
-        held_tcp |= listen_sockaddrs(TcpListenerFactory(host, port))
+        if addr.path is not None:
+            held_unix.add(os.path.realpath(addr.path))
+        elif addr.host is not None and addr.port is not None:
+            held_tcp |= listen_sockaddrs(TcpListenerFactory(addr.host, addr.port))
     # the runtime first: a start fails on them before any listener
     error: str | None = _admin_socket_problem(config.runtime.admin_socket)
     if error is not None:
         problems.append(f"{source}: runtime.admin_socket: {config.runtime.admin_socket}: {error}")
     if config.runtime.pidfile is not None:
         error, pid = inspect_pidfile(config.runtime.pidfile)
-        if error is None and pid is not None and pid != running_pid and _pid_alive(pid):
+        if error is None and pid is not None and pid != running_pid and pid_alive(pid):
             error = f"names the live process {pid} (another hotproxy?)"
         if error is not None:
             problems.append(f"{source}: runtime.pidfile: {config.runtime.pidfile}: {error}")
@@ -915,7 +766,8 @@ def _live_socket(path: str) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if process *pid* exists (even if it is not ours to signal)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -929,26 +781,18 @@ def describe_options() -> list[tuple[str, str, str, str]]:
     """(table, key, default, doc) for every key, for the README and ``--help``."""
     rows = []
     for key, opt in RUNTIME_OPTIONS.items():
-        rows.append(("runtime", key, _default_text(opt), opt.doc))
+        rows.append(("runtime", key, default_text(opt), opt.doc))
     for key, opt in COMMON_OPTIONS.items():
-        rows.append(("services.NAME", key, _default_text(opt), opt.doc))
+        rows.append(("services.NAME", key, default_text(opt), opt.doc))
     for kind in KINDS.values():
         for key, opt in kind.options.items():
-            rows.append((f"services.NAME ({kind.name})", key, _default_text(opt), opt.doc))
+            rows.append((f"services.NAME ({kind.name})", key, default_text(opt), opt.doc))
     return rows
-
-
-def _default_text(opt: Option) -> str:
-    if opt.required:
-        return "required"
-    if opt.default is None:
-        return "-"
-    return _show(opt.default)
 
 
 __all__ = [
     "COMMON_OPTIONS", "Config", "DEFAULT_SOURCE", "KINDS", "Option", "RUNTIME_OPTIONS", "RuntimeConfig",
     "ServiceConfig", "ServiceKind", "admin_socket_for", "check_on_this_host", "default_admin_socket",
     "default_config_text", "describe_options", "inspect_pidfile", "listen_sockaddrs", "load_config",
-    "no_services_error", "parse_config", "probe_bind", "register_kind",
+    "no_services_error", "parse_config", "pid_alive", "probe_bind", "register_kind",
 ]

@@ -12,6 +12,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from .options import ECHO_OPTIONS, show
 from .service import MakeService, Service
 
 
@@ -78,9 +79,14 @@ class EchoService(Service):
 
 @dataclass(frozen=True)
 class EchoFactory(MakeService):
-    """Builds echo services.  ``greeting`` is sent first on every connection."""
+    """Builds echo services.  ``greeting`` is sent first on every connection
+    (declared in ``options.ECHO_OPTIONS``: the config's text, as bytes here)."""
 
-    greeting: bytes = b""
+    greeting: bytes = ECHO_OPTIONS["greeting"].default.encode()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.greeting, bytes):
+            raise ValueError(f"greeting: expected bytes, got {show(self.greeting)}")
 
     def make_via_ref(self, old: Service | None) -> EchoService:
         counts = old.counts if isinstance(old, EchoService) else None

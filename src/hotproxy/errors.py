@@ -1,8 +1,13 @@
-"""hotproxy's exception family.
+"""hotproxy's exception family, and how any exception is shown to an operator.
 
 Every error hotproxy raises derives from ``HotproxyError``.  Deployment errors
 name the site and the worker they happened on; each is one line, fit to show
 an operator as it is.  They pickle, because workers send them to the master.
+
+``describe(exc)`` is the one way an exception of any kind becomes the line
+an operator reads (in a reload report, a log line, a ``DeployError``), and
+``one_line(text)`` the one way a text is made a single line.  This module
+imports nothing: the light CLI commands use it.
 """
 
 from __future__ import annotations
@@ -98,6 +103,44 @@ class WorkerTimeoutError(WorkerError):
 
 class ConfigError(HotproxyError, ValueError):
     """A configuration problem: one line naming the file, the key and what was expected."""
+
+
+def one_line(text: str) -> str:
+    """*text* on one line, nothing hidden: surrounding white space dropped,
+    control characters inside (a newline in a config key, in an exception's
+    text) shown escaped as Python writes them (``\\n``)."""
+    text = text.strip()
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def describe(exc: BaseException | None, *, typed: bool = False) -> str:
+    """*exc* as one line for an operator.
+
+    A hotproxy error says it all (its own line).  An ``OSError`` says its
+    reason (``strerror``) and the file it names, without the errno; a
+    ``TimeoutError`` without a text says "timed out".  Anything else says its
+    text, or its type's name when it has none -- and with *typed*, its type
+    before its text (``RuntimeError: ...``): for failures no check foresaw,
+    where the type is half the story.
+    """
+    if exc is None:
+        return "unknown error"
+    name = type(exc).__name__
+    if isinstance(exc, HotproxyError):
+        text = str(exc) or name
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror if not exc.filename else f"{exc.strerror}: {exc.filename}"
+    elif isinstance(exc, TimeoutError) and not str(exc):
+        text = "timed out"
+    else:
+        text = str(exc)
+        if typed:
+            text = f"{name}: {text}" if text else name
+        elif not text:
+            text = name
+    return one_line(text)
 
 
 class CommandGroupError(ExceptionGroup, HotproxyError):  # type: ignore[misc]

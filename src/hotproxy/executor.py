@@ -24,7 +24,7 @@ from typing import Any
 from . import core
 from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
 from .errors import (BuildListenerError, BuildServiceError, DeployError, NothingDeployedError,
-                     NothingStagedError, SiteNotFoundError)
+                     NothingStagedError, SiteNotFoundError, describe)
 from .listeners import BoundListener, ListenerFactory
 from .service import MakeService, Service, maybe_await
 
@@ -47,8 +47,8 @@ class Site:
         self.generation = 0
         self.committed_at: float | None = None
         #: every version still alive (the serving one, and old ones that
-        #: open connections still hold) -> its generation; needs
-        #: weak-referenceable services
+        #: open connections still hold; ``Service.version``) -> its
+        #: generation; needs weak-referenceable services
         self.versions: weakref.WeakKeyDictionary[Service, int] = weakref.WeakKeyDictionary()
 
     @property
@@ -66,25 +66,17 @@ class Site:
     def version_connections(self) -> dict[int, int]:
         """Generation -> open connections, for every live version.
 
-        Connections are matched to versions through their ``service``
-        attribute (the convention of hotproxy's protocols), or, for the
-        core's proxy ``Connection``, through ``cfg``: the per-version
-        ``RelayConfig`` that the version holds as ``relay``.  This runs on
-        status requests only, never on the accept path.
+        Each connection belongs to the version that ``owns`` it (the
+        newest first: most connections are on it).  This runs on status
+        requests only, never on the accept path.
         """
-        by_id: dict[int, int] = {}
-        for svc, gen in self.versions.items():
-            by_id[id(svc)] = gen
-            relay = getattr(svc, "relay", None)
-            if relay is not None:
-                by_id[id(relay)] = gen
-        counts = dict.fromkeys(sorted(set(self.versions.values())), 0)
+        live = sorted(self.versions.items(), key=lambda vg: -vg[1])
+        counts = dict.fromkeys(sorted(gen for _, gen in live), 0)
         for conn in self.conns.snapshot():
-            found = by_id.get(id(getattr(conn, "service", None)))
-            if found is None:
-                found = by_id.get(id(getattr(conn, "cfg", None)))
-            if found is not None:
-                counts[found] += 1
+            for svc, gen in live:
+                if svc.owns(conn):
+                    counts[gen] += 1
+                    break
         return counts
 
     def status(self) -> dict[str, Any]:
@@ -143,16 +135,17 @@ class ServiceExecutor:
         except DeployError:
             raise
         except Exception as exc:
-            raise BuildServiceError(name, _describe(exc)) from exc
-        if not hasattr(svc, "new_connection"):
-            raise BuildServiceError(name, f"factory returned {svc!r}, which has no new_connection()")
+            raise BuildServiceError(name, describe(exc, typed=True)) from exc
+        if not isinstance(svc, Service):
+            raise BuildServiceError(name, f"factory returned {svc!r}, which is not a hotproxy Service "
+                                          "(subclass hotproxy.Service: new_connection() is the method to write)")
         return svc
 
     async def _bind(self, name: str, lf: ListenerFactory) -> BoundListener:
         try:
             return await lf.make()
         except Exception as exc:
-            raise BuildListenerError(name, f"{_address(lf)}: {_describe(exc)}") from exc
+            raise BuildListenerError(name, f"{_address(lf)}: {describe(exc, typed=True)}") from exc
 
     async def _listen(self, site: Site, listener: BoundListener, svc: Service) -> None:
         # Listen for *svc*, the version about to be published: all that can
@@ -160,7 +153,7 @@ class ServiceExecutor:
         try:
             await listener.listen(site.acceptor, svc)
         except Exception as exc:
-            raise BuildListenerError(site.name, f"{listener.address}: {_describe(exc)}") from exc
+            raise BuildListenerError(site.name, f"{listener.address}: {describe(exc, typed=True)}") from exc
 
     async def _precommit(self, cmd: Precommit) -> dict[str, Any]:
         site = self.sites.get(cmd.name)
@@ -299,15 +292,13 @@ class ServiceExecutor:
 
     @staticmethod
     def _count_version(site: Site, svc: Service | None) -> None:
-        # Key the version by its *innermost* service: that is what a
-        # connection holds (the layers only pass the accept through), so
-        # keying by the outer layer would forget a version the moment the
-        # slot lets go of it, while its connections still run on it.
-        inner: Any = svc
-        while getattr(inner, "inner", None) is not None:
-            inner = inner.inner
+        # Key the version by what its connections hold (``Service.version``:
+        # a layer's inner service), so that it is forgotten when its last
+        # connection ends, not the moment the slot lets go of it.
+        if svc is None:
+            return
         try:
-            site.versions[inner] = site.generation
+            site.versions[svc.version] = site.generation
         except TypeError:
             pass  # a service that is not weak-referenceable is simply not counted
 
@@ -330,13 +321,6 @@ class ServiceExecutor:
             for name in list(self.sites):
                 await self._remove(Remove(name, drain_timeout))
         await self.wait_drained()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror if not exc.filename else f"{exc.strerror}: {exc.filename}"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _address(lf: Any) -> str:

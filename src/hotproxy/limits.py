@@ -171,14 +171,13 @@ class Segment:
     def stamp(self, command: Any) -> Any:
         """*command* with its factory's counter slots set (a ``Precommit`` or
         ``PrepareAndCommit``; any other command is returned as it is)."""
-        if not isinstance(command, (Precommit, PrepareAndCommit)):
-            return command
-        with_slots = getattr(command.factory, "with_shared_counters", None)
-        if with_slots is None:
+        from .service import MakeService   # here: service imports this module
+
+        if not isinstance(command, (Precommit, PrepareAndCommit)) or not isinstance(command.factory, MakeService):
             return command
         index = itertools.count()
         name = command.name
-        factory = with_slots(lambda: self.slot_for(name, next(index)))
+        factory = command.factory.with_shared_counters(lambda: self.slot_for(name, next(index)))
         return command if factory == command.factory else replace(command, factory=factory)
 
     def close(self) -> None:

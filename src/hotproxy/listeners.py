@@ -30,16 +30,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
-import re
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
-from . import core
+from . import addresses, core
+from .addresses import format_host_port, is_literal
+from .addresses import parse_host_port as parse_host_port  # noqa: F401 - its home before addresses.py
+
+if TYPE_CHECKING:
+    from .service import Service
 
 log = logging.getLogger("hotproxy.listeners")
 
@@ -47,9 +50,27 @@ log = logging.getLogger("hotproxy.listeners")
 CORE_ACCEPT: bool = os.environ.get("HOTPROXY_CORE_ACCEPT", "1") not in ("", "0")
 
 
-def accepts_raw(service: Any) -> bool:
+def accepts_raw(service: Service | None) -> bool:
     """True if the core's ``Listener`` serves *service* without a transport."""
-    return CORE_ACCEPT and getattr(service, "accepts_raw", False) is True
+    return CORE_ACCEPT and service is not None and service.accepts_raw is True
+
+
+class ServiceSlot(Protocol):
+    """The slot a site publishes its serving version in (the core's ``Slot``)."""
+
+    @property
+    def current(self) -> Service | None: ...
+
+
+class SiteAcceptor(Protocol):
+    """What a listener serves with: a site's ``Acceptor`` (the core's) -- the
+    protocol factory of an asyncio server, and the core ``Listener``'s, whose
+    slot's service decides how connections are accepted."""
+
+    @property
+    def slot(self) -> ServiceSlot: ...
+
+    def __call__(self) -> asyncio.BaseProtocol: ...
 
 
 class ListenerFactory(abc.ABC):
@@ -81,7 +102,7 @@ class BoundListener:
         self.factory = factory
         self.server: asyncio.AbstractServer | None = None
         self.core_listener: Any = None
-        self._protocol_factory: Callable[[], asyncio.BaseProtocol] | None = None
+        self._acceptor: SiteAcceptor | None = None
         self._on_close = on_close
         self._closed = False
         self._switching = False
@@ -103,24 +124,21 @@ class BoundListener:
             return "core"
         return "loop" if self.server is not None else "bound"
 
-    async def listen(self, protocol_factory: Callable[[], asyncio.BaseProtocol], service: Any = None) -> None:
-        """Listen, and build what will accept with *protocol_factory*: every step
-        that can fail, and none that accepts a connection (``start()`` does).
+    async def listen(self, acceptor: SiteAcceptor, service: Service | None) -> None:
+        """Listen, and build what will accept with the site's *acceptor*: every
+        step that can fail, and none that accepts a connection (``start()`` does).
 
-        *service* is the version about to be published: a site's
-        ``Acceptor`` (which has the slot) is served by the core if
-        *service* allows it; any other protocol factory always by an
-        asyncio server.  The socket listens last, so a failure leaves it
-        bound and not listening, as it was (a staged listener can be
-        committed again); the kernel queues connections from then on,
-        and ``start()`` accepts them.
+        *service* is the version about to be published: the core accepts
+        if it allows it, else an asyncio server.  The socket listens last,
+        so a failure leaves it bound and not listening, as it was (a staged
+        listener can be committed again); the kernel queues connections
+        from then on, and ``start()`` accepts them.
         """
         if self._closed or self._listening:
             raise RuntimeError(f"{self!r}: listen() on a listener that is closed or already listens")
-        slot = getattr(protocol_factory, "slot", None)
         lst = server = None
-        if slot is not None and accepts_raw(service):
-            lst = core.impl.Listener(protocol_factory, self.sock, self._fallback)
+        if accepts_raw(service):
+            lst = core.impl.Listener(acceptor, self.sock, self._fallback)
             # Watch and unwatch at once (nothing runs in between): this makes
             # the loop's engine if it is the first (a descriptor: EMFILE
             # shows here) and proves the socket can be watched, so that
@@ -134,7 +152,7 @@ class BoundListener:
             dup = self.sock.dup()
             try:
                 dup.setblocking(False)
-                server = await loop.create_server(protocol_factory, sock=dup, backlog=self.factory.backlog,
+                server = await loop.create_server(acceptor, sock=dup, backlog=self.factory.backlog,
                                                   start_serving=False)
             except BaseException:
                 dup.close()
@@ -146,7 +164,7 @@ class BoundListener:
                 server.close()
             raise
         # -- nothing can fail below this line --
-        self._protocol_factory = protocol_factory
+        self._acceptor = acceptor
         if server is not None:
             # the server's duplicate is the socket from now on
             old, self.sock = self.sock, dup
@@ -167,10 +185,9 @@ class BoundListener:
         except Exception as exc:   # pragma: no cover - listen() checked what can fail
             log.error("%s: cannot start accepting: %s", self.address, exc)
 
-    async def serve(self, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+    async def serve(self, acceptor: SiteAcceptor) -> None:
         """``listen()`` for the service now in the slot, then ``start()``."""
-        slot = getattr(protocol_factory, "slot", None)
-        await self.listen(protocol_factory, slot.current if slot is not None else None)
+        await self.listen(acceptor, acceptor.slot.current)
         await self.start()
 
     async def follow(self) -> None:
@@ -178,10 +195,10 @@ class BoundListener:
 
         Never raises: accepting the other way still serves every connection.
         """
-        slot = getattr(self._protocol_factory, "slot", None)
-        if slot is None or self._closed or self._switching or not self._started:
+        acceptor = self._acceptor
+        if acceptor is None or self._closed or self._switching or not self._started:
             return
-        want_core = accepts_raw(slot.current)
+        want_core = accepts_raw(acceptor.slot.current)
         try:
             if want_core and self.server is not None:
                 self._stop_loop()
@@ -196,21 +213,21 @@ class BoundListener:
             log.warning("%s: cannot switch how the listener accepts: %s", self.address, exc)
 
     def _serve_core(self) -> None:
-        lst = core.impl.Listener(self._protocol_factory, self.sock, self._fallback)
+        lst = core.impl.Listener(self._acceptor, self.sock, self._fallback)
         lst.start()
         self.core_listener = lst
 
     async def _serve_loop_from_core(self) -> None:
         # The asyncio server takes the socket (and closes it with itself):
         # give it a duplicate, and keep the core's listener until it serves.
-        assert self._protocol_factory is not None
+        assert self._acceptor is not None
         lst = self.core_listener
         dup = self.sock.dup()
         dup.setblocking(False)
         try:
             loop = asyncio.get_running_loop()
             server = await loop.create_server(
-                self._protocol_factory, sock=dup, backlog=self.factory.backlog)
+                self._acceptor, sock=dup, backlog=self.factory.backlog)
         except BaseException:
             dup.close()
             raise
@@ -235,7 +252,7 @@ class BoundListener:
 
     def _fallback(self, sock: socket.socket) -> None:
         # the core's listener accepted for a service without a raw relay
-        factory = self._protocol_factory
+        factory = self._acceptor
         assert factory is not None
         loop = asyncio.get_running_loop()
         task = loop.create_task(loop.connect_accepted_socket(factory, sock))
@@ -287,7 +304,7 @@ class BoundListener:
 
     def _take_queued(self, sock: socket.socket) -> int:
         loop = asyncio.get_running_loop()
-        factory = self._protocol_factory
+        factory = self._acceptor
         assert factory is not None
         sock.setblocking(False)
         taken = 0
@@ -340,15 +357,6 @@ async def _loop_resolver(host: str, port: int, flags: int) -> list[tuple[Any, ..
 resolver: Resolver = _loop_resolver
 
 
-def is_literal(host: str) -> bool:
-    """True for an IP address (``127.0.0.1``, ``::1``, ``fe80::1%eth0``): no lookup needed."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 async def lookup(host: str, port: int, *, passive: bool = False) -> list[tuple[Any, ...]]:
     """``getaddrinfo(host, port)`` for stream sockets, without blocking the loop:
     a literal address at once, a host name through ``resolver``."""
@@ -356,10 +364,6 @@ async def lookup(host: str, port: int, *, passive: bool = False) -> list[tuple[A
     if is_literal(host):
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICHOST)
     return await resolver(host, port, flags)
-
-
-def format_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -418,7 +422,7 @@ class UnixListenerFactory(ListenerFactory):
 
     @property
     def address(self) -> str:
-        return f"unix:{self.path}"
+        return addresses.unix_address(self.path)
 
     def bind(self) -> BoundListener:
         _remove_stale_unix_socket(self.path)
@@ -476,184 +480,8 @@ def _remove_stale_unix_socket(path: str) -> None:
 
 def parse_address(text: str, *, backlog: int = 1024) -> ListenerFactory:
     """``"127.0.0.1:80"``, ``"[::1]:80"`` or ``"unix:/path"`` -> a listener factory."""
-    host, port = parse_host_port(text) if not text.startswith("unix:") else (text[5:], None)
-    if port is None:
-        if not host:
-            raise ValueError(f"bad address {text!r}: expected unix:/path")
-        return UnixListenerFactory(host, backlog=backlog)
-    return TcpListenerFactory(host, port, backlog=backlog)
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> (host, port), checked."""
-    if not isinstance(text, str):
-        raise ValueError(f"bad address {text!r}: expected a string 'host:port'")
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1:end + 2] != ":":
-            raise ValueError(f"bad address {text!r}: expected '[v6addr]:port'")
-        host, port_s = text[1:end], text[end + 2:]
-    else:
-        host, sep, port_s = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"bad address {text!r}: expected 'host:port'")
-        if ":" in host:
-            raise ValueError(f"bad address {text!r}: write IPv6 addresses as '[v6addr]:port'")
-    # ASCII only, matched whole: str.isdigit() would take '２００２０' (and int()
-    # read it as 20020), and a resolver maps full-width host names to ASCII
-    if not _PORT_RE.fullmatch(port_s) or int(port_s) > 65535:
-        raise ValueError(f"bad address {text!r}: port must be a number 0-65535")
-    if not host.isascii():
-        raise ValueError(f"bad address {text!r}: the host must be ASCII "
-                         "(write an international name in its xn-- form)")
-    return host, int(port_s)
-
-
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-
-
-
-
-# -- listeners the master owns -------------------------------------------------
-#
-# A Unix socket path cannot be bound by several processes the way SO_REUSEPORT
-# lets them share a TCP port.  So in multi-process mode the master binds it once
-# and hands each worker a duplicate of the descriptor over the worker's fd
-# channel (SCM_RIGHTS); every worker accepts from the one socket.  The master
-# keeps its copy while any deployment uses the address, so a restarted worker
-# gets the same socket back and connections queued meanwhile are not refused.
-
-_received_fds: dict[int, int] = {}
-_claimed: set[int] = set()
-#: tokens released before their descriptor was read: closed when it arrives
-_unwanted: set[int] = set()
-_fd_channel: socket.socket | None = None
-
-
-def set_fd_channel(sock: socket.socket | None) -> None:
-    """Set the socket a worker receives inherited listeners on (worker.py does this).
-
-    It is read without blocking: the loop never waits in ``recvmsg()``.
-    """
-    global _fd_channel
-    if sock is not None:
-        sock.setblocking(False)
-    _fd_channel = sock
-
-
-def send_listener_fd(channel: socket.socket, token: int, fd: int) -> None:
-    """Master side: send *fd* with *token* (the worker claims it by token)."""
-    socket.send_fds(channel, [token.to_bytes(8, "big")], [fd])
-
-
-def _claim_fd(token: int) -> int:
-    """The descriptor sent with *token*; ``BlockingIOError`` if it is not there yet.
-
-    The master sends the descriptor before the command that names it, so
-    it is normally waiting already; the channel is non-blocking either way.
-    """
-    while token not in _received_fds:
-        if _fd_channel is None:
-            raise OSError(errno.EBADF, "no inherited listener channel (not a worker process)")
-        msg, fds, _, _ = socket.recv_fds(_fd_channel, 8, 1)   # BlockingIOError: not yet
-        if not msg or not fds:
-            raise OSError(errno.EPIPE, "inherited listener channel closed")
-        got = int.from_bytes(msg, "big")
-        if got in _unwanted:
-            _unwanted.discard(got)
-            os.close(fds[0])
-        else:
-            _received_fds[got] = fds[0]
-    _claimed.add(token)
-    return _received_fds.pop(token)
-
-
-async def _claim_fd_async(token: int, timeout: float = 10.0) -> int:
-    """``_claim_fd``, waiting (in the loop, bounded) for the descriptor to arrive."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            return _claim_fd(token)
-        except BlockingIOError:
-            pass
-        remaining = deadline - loop.time()
-        if remaining <= 0 or _fd_channel is None:
-            raise OSError(errno.ETIMEDOUT, "the inherited listener did not arrive")
-        readable: asyncio.Future[None] = loop.create_future()
-        fd = _fd_channel.fileno()
-
-        def wake() -> None:
-            if not readable.done():
-                readable.set_result(None)
-
-        loop.add_reader(fd, wake)
-        try:
-            await asyncio.wait_for(readable, remaining)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            loop.remove_reader(fd)
-
-
-def release_inherited(token: int) -> None:
-    """Close the descriptor sent with *token* unless a listener took it.
-
-    The worker calls this after every command that carried one, so a
-    command that failed before binding leaves no descriptor behind.
-    """
-    if token in _claimed:
-        _claimed.discard(token)
-        return
-    try:
-        fd = _claim_fd(token)
-    except BlockingIOError:
-        _unwanted.add(token)   # not read yet: closed when it is
-        return
-    except OSError:
-        return
-    _claimed.discard(token)
-    os.close(fd)
-
-
-@dataclass(frozen=True)
-class InheritedListenerFactory(ListenerFactory):
-    """A listener whose socket the master bound and sent to this worker.
-
-    The manager substitutes it for listener factories that workers cannot
-    bind each on their own (Unix sockets); ``original`` is what the user gave.
-    """
-
-    original: ListenerFactory
-    token: int
-
-    @property
-    def backlog(self) -> int:  # type: ignore[override]
-        return self.original.backlog
-
-    @property
-    def address(self) -> str:
-        return self.original.address
-
-    def bind(self) -> BoundListener:
-        """The socket, if its descriptor has arrived (``BlockingIOError`` if not)."""
-        return self._wrap(_claim_fd(self.token))
-
-    async def make(self) -> BoundListener:
-        """The socket; waits in the loop (never in ``recvmsg()``) if it is not there yet."""
-        return self._wrap(await _claim_fd_async(self.token))
-
-    def _wrap(self, fd: int) -> BoundListener:
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        # the master owns the path; workers never unlink it
-        return BoundListener(sock, self)
-
-    def __eq__(self, other: object) -> bool:
-        # the same listener as the one the user asked for
-        if isinstance(other, InheritedListenerFactory):
-            return self.original == other.original
-        return self.original == other
-
-    def __hash__(self) -> int:
-        return hash(self.original)
+    addr = addresses.parse(text)
+    if addr.path is not None:
+        return UnixListenerFactory(addr.path, backlog=backlog)
+    assert addr.host is not None and addr.port is not None
+    return TcpListenerFactory(addr.host, addr.port, backlog=backlog)

@@ -26,6 +26,13 @@ and tests.
 The manager also owns the instance's connection counters (``limits.Segment``:
 shared memory every worker maps): it gives each service's limits their
 slots as commands go out, and gives back a dead worker's counts.
+
+Split by what each part owns: the per-worker handles and their request and
+reply are ``workers.py`` (``WorkerHandle``); the Unix sockets the master
+binds once and sends to every worker are ``sharedsockets.py``; this module
+keeps what needs the manager's lock and record together -- the dispatch,
+the record, and the supervision that replays the record to a restarted
+worker.
 """
 
 from __future__ import annotations
@@ -33,23 +40,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from . import logs
-from .channel import EXIT_BOOT_FAILURE, read_message, write_message
-from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
-from .errors import (BuildListenerError, CommandGroupError, DeployError, HotproxyError, WorkerError,
-                     WorkerTimeoutError)
-from .executor import ServiceExecutor
+from .channel import EXIT_BOOT_FAILURE
+from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update, site_of
+from .errors import CommandGroupError, DeployError, HotproxyError, WorkerError, WorkerTimeoutError, describe
 from .fdreserve import FdReserve
 from .limits import Segment
-from .listeners import (BoundListener, InheritedListenerFactory, ListenerFactory, UnixListenerFactory,
-                        send_listener_fd)
+from .listeners import ListenerFactory
 from .service import MakeService
+from .sharedsockets import SharedSockets
+from .workers import InlineWorker, ProcessWorker, WorkerHandle
 
 log = logging.getLogger("hotproxy.manager")
 
@@ -97,7 +100,7 @@ class ResultGroup(Sequence[WorkerResult]):
         errors = [r.error for r in self.results if r.error is not None]
         if errors:
             name = type(self.command).__name__
-            site = getattr(self.command, "name", "?")
+            site = site_of(self.command) or "?"
             raise CommandGroupError(
                 f"{name} {site!r} failed on {len(errors)} of {len(self.results)} workers",
                 errors)  # type: ignore[arg-type]
@@ -121,225 +124,6 @@ class _Staged:
     listener_factory: ListenerFactory | None
 
 
-class _InlineWorker:
-    """An executor in the caller's own loop."""
-
-    def __init__(self, worker_id: int, drain_timeout: float) -> None:
-        self.id = worker_id
-        self.executor = ServiceExecutor(worker_id, drain_timeout)
-        self.pid = os.getpid()
-        self.alive = True
-        self.ready = True
-
-    async def start(self) -> None:
-        pass
-
-    async def execute(self, command: Any) -> Any:
-        return await self.executor.execute(command)
-
-    async def status(self) -> dict[str, Any]:
-        return self.executor.status()
-
-    async def stop(self, graceful: bool, timeout: float | None) -> None:
-        if graceful:
-            await self.executor.shutdown(timeout)
-        self.alive = False
-
-
-class _ProcessWorker:
-    """The master's handle on one worker process."""
-
-    def __init__(self, worker_id: int, manager: WorkerManager) -> None:
-        self.id = worker_id
-        self.manager = manager
-        self.proc: asyncio.subprocess.Process | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.pending: dict[int, asyncio.Future[Any]] = {}
-        self.next_id = 0
-        self.alive = False
-        #: brought to the current deployment; only ready workers get commands
-        self.ready = False
-        self.started_at = 0.0
-        self.restarts = 0
-        self.fd_channel: socket.socket | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    async def start(self) -> None:
-        counters = self.manager.limits
-        assert counters is not None
-        if self.proc is not None and self.proc.returncode is not None:
-            counters.reclaim(self.id)   # the counts of the process before us
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fd_parent.settimeout(5.0)
-        if self.fd_channel is not None:
-            self.fd_channel.close()
-        self.fd_channel = fd_parent
-        env = dict(os.environ)
-        env["HOTPROXY_WORKER_ID"] = str(self.id)   # for logs and test-only fault injection
-        if self.manager.core == "python":
-            env["HOTPROXY_NO_EXTENSIONS"] = "1"
-        elif self.manager.core == "compiled":
-            env.pop("HOTPROXY_NO_EXTENSIONS", None)
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "hotproxy.worker", "--fd", str(child.fileno()), "--id", str(self.id),
-                "--fd-channel", str(fd_child.fileno()), "--counters-fd", str(counters.fd),
-                pass_fds=(child.fileno(), fd_child.fileno(), counters.fd), env=env,
-                stdin=asyncio.subprocess.DEVNULL)
-        finally:
-            child.close()
-            fd_child.close()
-        self.started_at = time.monotonic()
-        reader, self.writer = await asyncio.open_connection(sock=parent)
-        cpus = sorted(os.sched_getaffinity(0))
-        write_message(self.writer, {
-            "sys_path": list(sys.path),
-            "drain_timeout": self.manager.drain_timeout,
-            "log_level": logging.getLevelName(logging.getLogger("hotproxy").getEffectiveLevel()),
-            "log_format": logs.current()[1],
-            "cpu": cpus[self.id % len(cpus)] if self.manager.cpu_affinity else None,
-        })
-        try:
-            msg = await asyncio.wait_for(read_message(reader), self.manager.boot_timeout)
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as exc:
-            self.writer.close()
-            self._kill()
-            raise WorkerError(self.id, f"did not start ({type(exc).__name__})") from None
-        if msg[0] != "ready":
-            self._kill()
-            raise WorkerError(self.id, f"bad hello {msg!r}")
-        self.alive = True
-        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, self.writer))
-
-    def _kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                kind, req_id, ok, payload = await read_message(reader)
-                fut = self.pending.pop(req_id, None)
-                if fut is None or fut.done():
-                    continue
-                if ok:
-                    fut.set_result(payload)
-                else:
-                    fut.set_exception(payload)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        except Exception:  # pragma: no cover - a protocol bug
-            log.exception("worker %d: bad message on the control channel", self.id)
-        finally:
-            writer.close()   # this incarnation's end of the channel
-            if self.writer is writer:
-                self.alive = False
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(WorkerError(self.id, "exited"))
-            self.pending.clear()
-
-    async def _call(self, *message: Any) -> Any:
-        if not self.alive or self.writer is None:
-            raise WorkerError(self.id, "not running")
-        req_id = self.next_id = self.next_id + 1
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[req_id] = fut
-        try:
-            write_message(self.writer, (message[0], req_id, *message[1:]))
-            await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
-            self.pending.pop(req_id, None)
-            raise WorkerError(self.id, f"control channel: {exc}") from None
-        try:
-            return await fut
-        finally:
-            # given up on (a deadline): forget it, the late answer is dropped
-            self.pending.pop(req_id, None)
-
-    def kill_silent(self, seconds: float, what: str) -> None:
-        """Kill a worker that has not answered *what* for *seconds*.
-
-        Every request still waiting for it fails with ``WorkerTimeoutError``
-        now; the supervisor sees the exit and restarts it from the record.
-        """
-        error = WorkerTimeoutError(self.id, f"pid {self.pid} did not answer {what} within {seconds:g}s: "
-                                            "killed, restarting it")
-        log.error("%s", error)
-        self.alive = self.ready = False
-        self._kill()
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(error)
-        self.pending.clear()
-
-    async def execute(self, command: Any) -> Any:
-        lf = getattr(command, "listener_factory", None)
-        if isinstance(lf, UnixListenerFactory) and self.manager._master_owned(lf):
-            try:
-                command = self._with_inherited(command, lf)
-            except DeployError as exc:
-                raise exc.on_worker(self.id)
-        return await self._call("cmd", command)
-
-    def _with_inherited(self, command: Any, lf: UnixListenerFactory) -> Any:
-        """Send the master's socket for *lf*; return *command* naming it by token."""
-        bound = self.manager._shared_listener(command.name, lf)
-        token = self.manager._next_token()
-        if not self.alive or self.fd_channel is None:
-            raise WorkerError(self.id, "not running")
-        try:
-            send_listener_fd(self.fd_channel, token, bound.sock.fileno())
-        except OSError as exc:
-            raise WorkerError(self.id, f"cannot send listener {lf.address}: {exc}") from None
-        return replace(command, listener_factory=InheritedListenerFactory(lf, token))
-
-    async def status(self) -> dict[str, Any]:
-        return await self._call("status")  # type: ignore[no-any-return]
-
-    async def set_logging(self, level: str, fmt: str) -> None:
-        await self._call("logging", level, fmt)
-
-    async def stop(self, graceful: bool, timeout: float | None) -> None:
-        """Ask the worker to stop; kill it if it has not exited by the deadline.
-
-        The deadline is the drain time (graceful) plus ``STOP_GRACE``: a
-        worker that cannot even read the request (stopped, wedged) is
-        killed then, so a stop always keeps ``drain_timeout``.
-        """
-        if self.proc is None:
-            return
-        drain = (timeout if timeout is not None else self.manager.drain_timeout) if graceful else 0.0
-        deadline = time.monotonic() + drain + STOP_GRACE
-        if self.alive:
-            try:
-                await asyncio.wait_for(self._call("stop", graceful, timeout), STOP_GRACE)
-            except (WorkerError, asyncio.TimeoutError):
-                pass
-        try:
-            await asyncio.wait_for(self.proc.wait(), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            self._kill()
-            await self.proc.wait()
-        if self.writer is not None:
-            self.writer.close()
-        if self.fd_channel is not None:
-            self.fd_channel.close()
-            self.fd_channel = None
-        self.alive = False
-
-
-#: seconds a worker gets, beyond the drain time, to exit when told to stop
-STOP_GRACE = 2.0
-
 #: seconds ``status`` waits for a worker's answer before reporting it as not answering
 STATUS_TIMEOUT = 1.0
 
@@ -362,7 +146,8 @@ class WorkerManager:
         #: the silence deadline of a dispatch that gives none, and of the
         #: replay that brings a restarted worker back (None: wait forever)
         self.command_timeout = command_timeout
-        self.workers: list[Any] = []
+        #: one handle per worker, by id (``WorkerHandle``: what the rest may use of them)
+        self.workers: list[WorkerHandle] = []
         self.deployments: dict[str, Deployment] = {}
         self._staged: dict[str, _Staged] = {}
         self._lock = asyncio.Lock()
@@ -375,9 +160,8 @@ class WorkerManager:
         #: successful restarts, and attempts that failed (backed off), for status
         self.restarts = 0
         self.failed_restarts = 0
-        #: listening sockets the master owns (Unix sockets), by path
-        self._shared: dict[str, BoundListener] = {}
-        self._token = 0
+        #: listening sockets the master owns (Unix sockets)
+        self._shared = SharedSockets()
         #: the instance's connection counters (made by ``start``)
         self.limits: Segment | None = None
 
@@ -392,19 +176,20 @@ class WorkerManager:
         """Start every worker; raise ``WorkerError`` if one cannot start."""
         self.limits = Segment.create(self.count, worker=0 if self.inline else -1)
         if self.inline:
-            self.workers = [_InlineWorker(0, self.drain_timeout)]
+            self.workers = [InlineWorker(0, self.drain_timeout)]
             return
-        self.workers = [_ProcessWorker(i, self) for i in range(self.count)]
+        procs = [ProcessWorker(i, self) for i in range(self.count)]
+        self.workers = list(procs)
         try:
-            await asyncio.gather(*(w.start() for w in self.workers))
-            for w in self.workers:
+            await asyncio.gather(*(w.start() for w in procs))
+            for w in procs:
                 w.ready = True
         except BaseException:
-            await asyncio.gather(*(w.stop(False, 0) for w in self.workers), return_exceptions=True)
+            await asyncio.gather(*(w.stop(False, 0) for w in procs), return_exceptions=True)
             self.limits.close()
             raise
         loop = asyncio.get_running_loop()
-        self._supervisors = [loop.create_task(self._supervise(w)) for w in self.workers]
+        self._supervisors = [loop.create_task(self._supervise(w)) for w in procs]
 
     # -- commands -------------------------------------------------------------
 
@@ -412,6 +197,22 @@ class WorkerManager:
     def stopping(self) -> bool:
         """True once ``stop`` was called."""
         return self._stopping
+
+    def live_workers(self) -> list[WorkerHandle]:
+        """The workers that take commands now: alive and brought to the deployment."""
+        return [w for w in self.workers if w.alive and w.ready]
+
+    def down_workers(self) -> list[int]:
+        """The ids of the others: they get the deployment when they are back."""
+        return [w.id for w in self.workers if not (w.alive and w.ready)]
+
+    def kill_all(self) -> None:
+        """Kill every worker process now (a second stop request: no more draining).
+
+        Does not wait: the stop in progress reaps them.
+        """
+        for w in self.workers:
+            w.kill()
 
     async def dispatch(self, command: Any, *, timeout: float | None = None) -> ResultGroup:
         """Run *command* on every live worker concurrently; one result each.
@@ -444,9 +245,9 @@ class WorkerManager:
         if self.limits is not None:
             commands = [self.limits.stamp(cmd) for cmd in commands]
         async with self._lock:
-            live = [w for w in self.workers if w.alive and w.ready]
+            live = self.live_workers()
             try:
-                per_worker = await asyncio.gather(*(_in_order(w, commands, timeout) for w in live))
+                per_worker = await asyncio.gather(*(self._in_order(w, commands, timeout) for w in live))
                 return [self._gathered(cmd, live, [outs[i] for outs in per_worker])
                         for i, cmd in enumerate(commands)]
             finally:
@@ -455,7 +256,7 @@ class WorkerManager:
                 # because an earlier one was recorded first.
                 self._release_shared()
 
-    def _gathered(self, command: Any, live: list[Any], outcomes: Sequence[Any]) -> ResultGroup:
+    def _gathered(self, command: Any, live: list[WorkerHandle], outcomes: Sequence[Any]) -> ResultGroup:
         results = []
         for w, out in zip(live, outcomes):
             if isinstance(out, BaseException):
@@ -467,7 +268,7 @@ class WorkerManager:
                     # worker that was already down; its restart replays the
                     # deployment record, which this command updates below.
                     log.warning("worker %d died during %s %r: it gets the result when it restarts",
-                                w.id, type(command).__name__, getattr(command, "name", ""))
+                                w.id, type(command).__name__, site_of(command) or "")
                     continue
                 results.append(WorkerResult(w.id, error=out))
             else:
@@ -507,48 +308,51 @@ class WorkerManager:
             self._staged.pop(name, None)
             self.deployments.pop(name, None)
 
-    # -- listeners the master owns ---------------------------------------------
+    async def _in_order(self, worker: WorkerHandle, commands: Sequence[Any],
+                        timeout: float | None) -> list[Any]:
+        """Each command's outcome on *worker* (a value or an exception), in order.
 
-    def _master_owned(self, lf: ListenerFactory) -> bool:
-        # Unix paths cannot be bound once per worker; TCP uses SO_REUSEPORT.
-        return not self.inline and isinstance(lf, UnixListenerFactory)
-
-    def _shared_listener(self, site: str, lf: UnixListenerFactory) -> BoundListener:
-        """The master's socket at *lf*'s path: the one already bound, or a new one.
-
-        Keyed by path alone: a backlog change, a move onto a path another
-        site leaves in the same reload (a swap), or a restarted worker all
-        get the socket already listening there -- binding the path again
-        would fail, and unlinking it would lose the file.  The worker sets
-        the backlog when it listens (Linux lets ``listen()`` change it).
-        One service per address is the config checker's rule, as it is
-        for TCP ports, where ``SO_REUSEPORT`` overlaps the same way.
+        Every command is written to the worker before the first reply is
+        awaited: the tasks start in creation order (the loop runs callbacks
+        first in, first out) and each writes its request before it awaits.
+        With a *timeout*, a worker that answers none of the commands still
+        pending for that long is killed (``kill_silent``), which fails them.
         """
-        bound = self._shared.get(lf.path)
-        if bound is None:
-            try:
-                bound = self._shared[lf.path] = lf.bind()
-            except OSError as exc:
-                raise BuildListenerError(site, f"{lf.address}: {exc.strerror or exc}") from None
-        return bound
+        tasks = [asyncio.ensure_future(self._execute(worker, c)) for c in commands]
+        # (an inline worker runs in our own loop: it cannot be silent, nor killed)
+        if timeout is not None and isinstance(worker, ProcessWorker):
+            pending: set[asyncio.Future[Any]] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=timeout,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    worker.kill_silent(timeout, f"{len(pending)} of {len(commands)} commands")
+                    break
+        return await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _next_token(self) -> int:
-        self._token += 1
-        return self._token
+    async def _execute(self, worker: WorkerHandle, command: Any) -> Any:
+        """*command* on *worker*; a Unix listener it names is the master's socket.
+
+        (Unix paths cannot be bound once per worker; TCP uses ``SO_REUSEPORT``.)
+        """
+        if isinstance(worker, ProcessWorker):
+            try:
+                command = self._shared.for_worker(command, worker)
+            except DeployError as exc:
+                raise exc.on_worker(worker.id)
+        return await worker.execute(command)
 
     def _release_shared(self) -> None:
-        """Close (and unlink, if still ours) the master's sockets nothing uses.
+        """Close the master's sockets nothing uses (``SharedSockets.release_unused``).
 
         A path is in use while a deployment or a staged command names it.
         Called once per dispatch, after every command of it is recorded, so
         no command is in flight: a socket bound for a command that failed
         everywhere (not recorded) is released here too.
         """
-        used = {d.listener_factory for d in self.deployments.values()}
-        used |= {s.listener_factory for s in self._staged.values() if s.listener_factory is not None}
-        paths = {lf.path for lf in used if isinstance(lf, UnixListenerFactory)}
-        for path in [p for p in self._shared if p not in paths]:
-            self._shared.pop(path).close()
+        used = [d.listener_factory for d in self.deployments.values()]
+        used += [s.listener_factory for s in self._staged.values() if s.listener_factory is not None]
+        self._shared.release_unused(used)
 
     async def status(self, timeout: float = STATUS_TIMEOUT) -> list[dict[str, Any]]:
         """Each worker's status (sites, generations, connections), or its error.
@@ -560,7 +364,7 @@ class WorkerManager:
         return list(await asyncio.gather(*(self._worker_status(w, timeout) for w in self.workers)))
 
     @staticmethod
-    async def _worker_status(w: Any, timeout: float) -> dict[str, Any]:
+    async def _worker_status(w: WorkerHandle, timeout: float) -> dict[str, Any]:
         entry: dict[str, Any] = {"worker": w.id, "pid": w.pid, "alive": w.alive, "ready": w.ready,
                                  "answering": False}
         if w.alive:
@@ -570,13 +374,13 @@ class WorkerManager:
             except asyncio.TimeoutError:
                 entry["error"] = f"not answering (no status within {timeout:g}s)"
             except HotproxyError as exc:
-                entry["error"] = str(exc) or type(exc).__name__
+                entry["error"] = describe(exc)
         return entry
 
     async def set_logging(self, level: str, fmt: str) -> None:
         """Tell every live worker its new log level and format (best effort, bounded)."""
-        async def one(w: Any) -> None:
-            if not w.alive or not hasattr(w, "set_logging"):
+        async def one(w: WorkerHandle) -> None:
+            if not w.alive:
                 return
             try:
                 await asyncio.wait_for(w.set_logging(level, fmt), STATUS_TIMEOUT)
@@ -586,12 +390,11 @@ class WorkerManager:
 
     # -- supervision ----------------------------------------------------------
 
-    async def _supervise(self, w: _ProcessWorker) -> None:
+    async def _supervise(self, w: ProcessWorker) -> None:
         delay = 0.0
         self._fd_reserve.refill()
         while not self._stopping:
-            assert w.proc is not None
-            code = await w.proc.wait()
+            code = await w.wait()
             w.alive = w.ready = False
             if self._stopping:
                 return
@@ -623,9 +426,9 @@ class WorkerManager:
                         await self._replay(w)
                         w.ready = True
                 except (HotproxyError, OSError) as exc:
-                    w._kill()
+                    w.kill()
                     if w.proc is not None:
-                        await w.proc.wait()
+                        await w.wait()
                     w.alive = w.ready = False
                     self.failed_restarts += 1
                     delay = min(max(delay * 2, 0.05), 10.0)
@@ -636,7 +439,7 @@ class WorkerManager:
                 log.info("worker %d restarted (pid %s) with %d sites", w.id, w.pid, len(self.deployments))
                 break
 
-    async def _replay(self, w: _ProcessWorker) -> None:
+    async def _replay(self, w: ProcessWorker) -> None:
         """Bring a fresh worker to the recorded deployment: bind all, then serve all.
 
         Bounded like a dispatch: a replay during which the worker stays
@@ -648,7 +451,7 @@ class WorkerManager:
         # a prepare phase in progress: stage what the other workers have staged
         commands += [Precommit(name, staged.factory, staged.listener_factory)
                      for name, staged in self._staged.items() if staged.factory is not None]
-        for out in await _in_order(w, commands, self.command_timeout):
+        for out in await self._in_order(w, commands, self.command_timeout):
             if isinstance(out, BaseException):
                 raise out
 
@@ -662,29 +465,6 @@ class WorkerManager:
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         await asyncio.gather(*(w.stop(graceful, timeout) for w in self.workers), return_exceptions=True)
         self._fd_reserve.release()
-        for bound in self._shared.values():
-            bound.close()
-        self._shared.clear()
+        self._shared.close()
         if self.limits is not None:
             self.limits.close()
-
-
-async def _in_order(worker: Any, commands: Sequence[Any], timeout: float | None) -> list[Any]:
-    """Each command's outcome on *worker* (a value or an exception), in order.
-
-    Every command is written to the worker before the first reply is
-    awaited: the tasks start in creation order (the loop runs callbacks
-    first in, first out) and each writes its request before it awaits.
-    With a *timeout*, a worker that answers none of the commands still
-    pending for that long is killed (``kill_silent``), which fails them.
-    """
-    tasks = [asyncio.ensure_future(worker.execute(c)) for c in commands]
-    # (an inline worker runs in our own loop: it cannot be silent, nor killed)
-    if timeout is not None and isinstance(worker, _ProcessWorker):
-        pending: set[asyncio.Future[Any]] = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                worker.kill_silent(timeout, f"{len(pending)} of {len(commands)} commands")
-                break
-    return await asyncio.gather(*tasks, return_exceptions=True)

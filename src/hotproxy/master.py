@@ -41,8 +41,8 @@ from typing import Any
 
 from . import early_signals, logs
 from .admin import AdminError, AdminServer
-from .config import Config, inspect_pidfile, load_config
-from .errors import HotproxyError
+from .config import Config, inspect_pidfile, load_config, pid_alive
+from .errors import HotproxyError, describe
 from .manager import WorkerManager
 from .reload import ReloadReport, Reloader
 from .sdnotify import Notifier
@@ -185,7 +185,7 @@ class Master:
             await self.metrics.start()
         except (OSError, ValueError) as exc:
             self.metrics = None
-            raise MetricsError(f"runtime.metrics {address}: {getattr(exc, 'strerror', None) or exc}") from None
+            raise MetricsError(f"runtime.metrics {address}: {describe(exc)}") from None
         log.info("metrics on http://%s/metrics", address)
 
     def _log_serving(self) -> None:
@@ -226,16 +226,9 @@ class Master:
         elif self._stopping == "graceful" and not graceful:
             self._stopping = "fast"
             log.warning("stopping at once: killing the workers")
-            self._kill_workers()
+            if self.manager is not None:
+                self.manager.kill_all()
 
-    def _kill_workers(self) -> None:
-        if self.manager is None:
-            return
-        for w in self.manager.workers:
-            proc = getattr(w, "proc", None)
-            if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
 
     # -- signals ----------------------------------------------------------------
 
@@ -398,11 +391,11 @@ class Master:
             old += site.get("old_versions", 0)
             for gen, n in (site.get("versions") or {}).items():
                 versions[str(gen)] = versions.get(str(gen), 0) + n
+            # every count is reported once (the site's open connections are
+            # ``active`` above; a service's stats hold its other counters)
             for key, value in (site.get("stats") or {}).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("limit",):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     totals[key] = totals.get(key, 0) + value
-        totals.pop("active", None)          # the site's own count is the one shown
-        totals.pop("limited_active", None)
         changed = self.changed_at.get(name)
         upstreams = _upstreams(name, workers)
         return {
@@ -450,7 +443,7 @@ class Master:
         problem, other = inspect_pidfile(path)
         if problem is not None:
             raise PidfileError(f"pidfile {path}: {problem}")
-        if other and other != os.getpid() and _pid_alive(other):
+        if other and other != os.getpid() and pid_alive(other):
             raise PidfileError(f"pidfile {path}: hotproxy already running as pid {other}")
         tmp = f"{path}.{os.getpid()}.tmp"
         with contextlib.suppress(OSError):
@@ -488,16 +481,6 @@ class Master:
                     os.unlink(path)
         except OSError:
             pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _upstreams(name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:

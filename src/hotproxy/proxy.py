@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import random
 import socket
@@ -44,16 +43,16 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import core, limits
+from . import addresses, core, limits
+from .addresses import Address, is_literal
+from .errors import describe
 from .limits import CounterSlot, NextSlot
-from .listeners import is_literal, lookup, parse_host_port
+from .listeners import lookup
+from .options import PROXY_OPTIONS, check_fields
 from .service import MakeService, MaybeAwaitable, Service
 
 log = logging.getLogger("hotproxy.proxy")
 access_log = logging.getLogger("hotproxy.access")
-
-#: the balancing policies ``balance`` accepts
-BALANCE_POLICIES = ("round_robin", "random", "least_conn", "hash")
 
 #: the first read buffer of each direction; it doubles on full reads (bulk
 #: transfers) up to MAX_BUFFER_SIZE, so idle and chatty connections stay small
@@ -64,73 +63,48 @@ MAX_BUFFER_SIZE = 256 * 1024
 _HASH_PROBES = 20
 
 
-@dataclass(frozen=True)
-class Upstream:
-    """One parsed upstream address: TCP (``host``/``port``) or Unix (``path``)."""
-
-    address: str
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
+#: one parsed upstream address (``text``; ``host`` and ``port``, or ``path``)
+Upstream = Address
 
 
 def parse_upstream(text: str) -> Upstream:
-    """``host:port``, ``[v6]:port`` or ``unix:/path`` -> an ``Upstream``; ``ValueError`` if bad."""
-    if not isinstance(text, str):
-        raise ValueError(f"bad address {text!r}: expected a string")
-    if text.startswith("unix:"):
-        path = text[5:]
-        if not path:
-            raise ValueError(f"bad address {text!r}: expected unix:/path")
-        return Upstream(text, path=path)
-    host, port = parse_host_port(text)
-    if port == 0:
+    """``host:port``, ``[v6]:port`` or ``unix:/path`` -> an ``Upstream``; ``ValueError`` if bad
+    (``addresses.parse``, and a port to connect to: not 0)."""
+    up = addresses.parse(text)
+    if up.port == 0:
         raise ValueError(f"bad address {text!r}: port must be 1-65535")
-    return Upstream(text, host=host, port=port)
+    return up
 
 
-def _number(name: str, value: Any, *, minimum: float, strict: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name}: must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
-
-
-def _integer(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: expected a whole number, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
+#: the declared defaults (``options.PROXY_OPTIONS``), by key
+_OPT = {key: opt.default for key, opt in PROXY_OPTIONS.items()}
 
 
 @dataclass(frozen=True)
 class ProxyFactory(MakeService):
     """Builds proxy services; a plain picklable value (the ``kind = "proxy"`` config).
 
-    ``upstreams``       addresses: ``host:port``, ``[v6]:port`` or ``unix:/path``
-    ``balance``         ``round_robin`` | ``random`` | ``least_conn`` | ``hash`` (client IP)
-    ``connect_timeout`` seconds per connect attempt
-    ``idle_timeout``    close a connection with no traffic either way for this long (0: never)
-    ``max_connections`` open connections over all versions and all workers; more are closed at once
-    ``retries``         other upstreams tried when a connect is refused or times out
-    ``max_fails``       consecutive connect failures that eject an upstream (0: never eject)
-    ``fail_timeout``    seconds an ejected upstream gets no connections
-    ``keepalive``       TCP keepalive on both sides
-    ``access_log``      one line per closed connection on the ``hotproxy.access`` logger
-    ``counter``         where ``max_connections`` counts: the slot the ``WorkerManager``
-                        gives it (``with_shared_counters``); None: this process only
+    Every field but ``counter`` is the config key of the same name, declared
+    once -- type, default, range, what it does -- in ``options.PROXY_OPTIONS``
+    (``hotproxy check --keys`` lists them) and checked by the same rules as
+    the config file.  ``upstreams`` are ``host:port``, ``[v6]:port`` or
+    ``unix:/path``, each listed once.
+
+    ``counter`` is where ``max_connections`` counts: the slot the
+    ``WorkerManager`` gives it (``with_shared_counters``); None: this
+    process only.
     """
 
     upstreams: tuple[str, ...]
-    balance: str = "round_robin"
-    connect_timeout: float = 2.0
-    idle_timeout: float = 300.0
-    max_connections: int = 10000
-    retries: int = 2
-    max_fails: int = 3
-    fail_timeout: float = 10.0
-    keepalive: bool = False
-    access_log: bool = False
+    balance: str = _OPT["balance"]
+    connect_timeout: float = _OPT["connect_timeout"]
+    idle_timeout: float = _OPT["idle_timeout"]
+    max_connections: int = _OPT["max_connections"]
+    retries: int = _OPT["retries"]
+    max_fails: int = _OPT["max_fails"]
+    fail_timeout: float = _OPT["fail_timeout"]
+    keepalive: bool = _OPT["keepalive"]
+    access_log: bool = _OPT["access_log"]
     counter: CounterSlot | None = None
 
     def __post_init__(self) -> None:
@@ -153,17 +127,7 @@ class ProxyFactory(MakeService):
                 raise ValueError(f"upstreams[{i}]: {addr!r} is listed twice")
             seen.add(addr)
         object.__setattr__(self, "upstreams", ups)
-        if self.balance not in BALANCE_POLICIES:
-            raise ValueError(f"balance: expected one of {', '.join(BALANCE_POLICIES)}, got {self.balance!r}")
-        _number("connect_timeout", self.connect_timeout, minimum=0, strict=True)
-        _number("idle_timeout", self.idle_timeout, minimum=0, strict=False)
-        _integer("max_connections", self.max_connections, minimum=1)
-        _integer("retries", self.retries, minimum=0)
-        _integer("max_fails", self.max_fails, minimum=0)
-        _number("fail_timeout", self.fail_timeout, minimum=0, strict=True)
-        for name in ("keepalive", "access_log"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        check_fields(self, PROXY_OPTIONS, skip=("upstreams",))
 
     def with_shared_counters(self, next_slot: NextSlot) -> ProxyFactory:
         """This factory counting ``max_connections`` in the instance's slot *next_slot()*."""
@@ -198,7 +162,7 @@ class ProxyFactory(MakeService):
     async def _build_after_lookup(self, shared: _Shared, states: dict[str, Any],
                                   names: list[Upstream]) -> ProxyService:
         found = await asyncio.gather(*(lookup_upstream(up) for up in names))
-        return ProxyService(self, shared, states, {up.address: info for up, info in zip(names, found)})
+        return ProxyService(self, shared, states, {up.text: info for up, info in zip(names, found)})
 
 
 class _Shared:
@@ -220,7 +184,7 @@ async def lookup_upstream(up: Upstream) -> tuple[int, Any]:
     try:
         infos = await lookup(up.host, up.port)
     except (socket.gaierror, UnicodeError) as exc:
-        raise ValueError(f"{up.address}: cannot resolve {up.host!r}: {exc}") from None
+        raise ValueError(f"{up.text}: cannot resolve {up.host!r}: {exc}") from None
     return infos[0][0], infos[0][4]
 
 
@@ -236,7 +200,7 @@ def resolve(up: Upstream, found: tuple[int, Any] | None = None) -> tuple[int, by
     if up.path is not None:
         path = os.fsencode(up.path)
         if len(path) >= _UNIX_PATH_MAX:
-            raise ValueError(f"{up.address}: the path is longer than {_UNIX_PATH_MAX - 1} bytes")
+            raise ValueError(f"{up.text}: the path is longer than {_UNIX_PATH_MAX - 1} bytes")
         return socket.AF_UNIX, struct.pack("=H", socket.AF_UNIX) + path + b"\0", up.path
     assert up.host is not None and up.port is not None
     if found is None:
@@ -244,7 +208,7 @@ def resolve(up: Upstream, found: tuple[int, Any] | None = None) -> tuple[int, by
         try:
             infos = socket.getaddrinfo(up.host, up.port, type=socket.SOCK_STREAM, flags=flags)
         except (socket.gaierror, UnicodeError) as exc:
-            raise ValueError(f"{up.address}: cannot resolve {up.host!r}: {exc}") from None
+            raise ValueError(f"{up.text}: cannot resolve {up.host!r}: {exc}") from None
         found = infos[0][0], infos[0][4]
     family, addr = found
     host, port = str(addr[0]), int(addr[1])
@@ -258,7 +222,7 @@ def resolve(up: Upstream, found: tuple[int, Any] | None = None) -> tuple[int, by
         raw = (struct.pack("=H", family) + struct.pack("!HI", port, flowinfo)
                + socket.inet_pton(family, host.partition("%")[0]) + struct.pack("=I", scope_id))
     else:
-        raise ValueError(f"{up.address}: unsupported address family {family!r}")
+        raise ValueError(f"{up.text}: unsupported address family {family!r}")
     return family, raw, addr
 
 
@@ -327,20 +291,31 @@ class ProxyService(Service):
 
     # -- status and logs -------------------------------------------------------
 
+    def owns(self, conn: object) -> bool:
+        """True for a relay of this version: the core's ``Connection`` keeps
+        the version's ``RelayConfig`` as ``cfg`` (status only)."""
+        return isinstance(conn, self._Connection) and conn.cfg is self.relay
+
     def all_states(self) -> dict[str, Any]:
         """Every upstream state this version knows: its upstreams and retired ones."""
         states = dict(self.retired)
-        states.update((t.up.address, t.state) for t in self.targets)
+        states.update((t.up.text, t.state) for t in self.targets)
         return states
 
     @property
     def upstream_states(self) -> dict[str, Any]:
         """This version's upstreams' states, by address."""
-        return {t.up.address: t.state for t in self.targets}
+        return {t.up.text: t.state for t in self.targets}
 
     def stats(self) -> dict[str, Any]:
-        """Counters (shared by every version) and per-upstream state, for ``hotproxy status``."""
+        """Counters (shared by every version) and per-upstream state, for ``hotproxy status``.
+
+        ``accepted`` counts the connections served, ``refused`` the ones
+        closed at once over ``max_connections``; the open ones are the
+        site's count (``active`` in its status), not repeated here.
+        """
         out: dict[str, Any] = self.counters.as_dict()
+        del out["active"]
         now = time.monotonic()
         ups: dict[str, Any] = {}
         for addr, st in self.all_states().items():
@@ -394,9 +369,9 @@ class _Balancer:
             st.ejected_until = now + self.factory.fail_timeout
             if not was_ejected:
                 log.warning("upstream %s ejected for %.1fs after %d connect failures (last: %s)",
-                            st.address, self.factory.fail_timeout, st.fails, _reason(exc))
+                            st.address, self.factory.fail_timeout, st.fails, describe(exc))
         else:
-            log.info("upstream %s: connect failed (%s)", st.address, _reason(exc))
+            log.info("upstream %s: connect failed (%s)", st.address, describe(exc))
 
     def succeeded(self, target: Any) -> None:
         """*target* connected after failures: it is healthy again."""
@@ -477,15 +452,6 @@ def _log_refused(peer: Any) -> None:
 
 def _peer(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return f"unix:{peer}" if peer else "unix"
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+        return addresses.format_host_port(str(peer[0]), peer[1])
+    return addresses.unix_address(str(peer)) if peer else "unix"
 

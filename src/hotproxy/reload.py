@@ -36,18 +36,22 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from .commands import Abort, Commit, Precommit, Remove, Update
 from .config import Config, NeedsLookup, ServiceConfig, listen_sockaddrs, no_services_error, probe_bind
-from .errors import ConfigError, HotproxyError, SiteNotFoundError, WorkerTimeoutError
+from .errors import ConfigError, HotproxyError, SiteNotFoundError, WorkerTimeoutError, describe
 from .listeners import TcpListenerFactory
 from .report import failure_line, summary_line
+
+if TYPE_CHECKING:
+    from .manager import ResultGroup
+    from .workers import WorkerHandle
 
 log = logging.getLogger("hotproxy.reload")
 
 #: runtime keys a reload cannot change (they need a restart); the others
-#: (drain_timeout, log_level) apply at once
+#: (drain_timeout, log_level, log_format, reload_timeout, admin_idle_timeout) apply at once
 RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req", "metrics")
 
 
@@ -145,13 +149,32 @@ class ReloadReport:
         return cls(**kw)
 
 
+class Workers(Protocol):
+    """What a reload uses of the ``WorkerManager``."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def live_workers(self) -> list[WorkerHandle]:
+        """The workers that take commands now."""
+
+    def down_workers(self) -> list[int]:
+        """The ids of the workers that do not (they get the deployment when they are back)."""
+
+    async def dispatch_many(self, commands: Sequence[Any], *, timeout: float | None = None) -> list[ResultGroup]:
+        """Run *commands* in order on every live worker; one result group each."""
+
+    async def set_logging(self, level: str, fmt: str) -> None:
+        """Tell every live worker its new log level."""
+
+
 class Reloader:
     """Applies configs to a ``WorkerManager``, all or nothing, one at a time.
 
     ``current`` is the config that runs (None before the first apply).
     """
 
-    def __init__(self, manager: Any) -> None:
+    def __init__(self, manager: Workers) -> None:
         self.manager = manager
         self.current: Config | None = None
         self.last: ReloadReport | None = None
@@ -206,7 +229,7 @@ class Reloader:
                 # into ConfigError): one line in the report, never a task
                 # exception nobody retrieves
                 error = str(exc) if isinstance(exc, ConfigError) else \
-                    f"cannot load the config: {type(exc).__name__}: {_one_line(exc)}"
+                    f"cannot load the config: {describe(exc, typed=True)}"
                 report.error = error
                 report.failures.append(Failure("config", error))
             else:
@@ -244,12 +267,11 @@ class Reloader:
         report.added, report.changed, report.moved = d.added, d.changed, d.moved
         report.removed, report.unchanged = d.removed, d.unchanged
         config = self._runtime(config, report)
-        workers = list(getattr(self.manager, "workers", ()))
-        for w in workers:
-            if not (w.alive and getattr(w, "ready", True)):
-                # the manager brings it to the recorded deployment when it is back
-                report.notes.append(f"worker {w.id} is down: it gets this config when it restarts")
-        if (d.added or d.changed) and workers and not any(w.alive and getattr(w, "ready", True) for w in workers):
+        down = self.manager.down_workers()
+        for worker_id in down:
+            # the manager brings it to the recorded deployment when it is back
+            report.notes.append(f"worker {worker_id} is down: it gets this config when it restarts")
+        if (d.added or d.changed) and down and not self.manager.live_workers():
             # Nobody could build the new services, so nothing would check them:
             # refuse rather than record a config no worker has proved.
             report.error = "no worker is running to build the new services on; the old config stays; retry"
@@ -373,22 +395,20 @@ class Reloader:
                     continue   # one line per silent worker, not one per command
                 if timed_out:
                     seen.add(r.worker)
-                failures.append(Failure(phase, _one_line(r.error), service=None if timed_out else cmd.name,
+                failures.append(Failure(phase, describe(r.error), service=None if timed_out else cmd.name,
                                         worker=None if timed_out else r.worker, timeout=timed_out))
             out.append(failures)
         return out
 
     def _stopping(self) -> bool:
-        return bool(getattr(self.manager, "stopping", False))
+        return self.manager.stopping
 
     async def _set_logging(self, level: str, fmt: str) -> None:
         """``runtime.log_level`` and ``log_format`` apply at once: here and on every worker."""
         from . import logs
 
         logs.configure(level, fmt, "master")
-        set_logging = getattr(self.manager, "set_logging", None)
-        if set_logging is not None:
-            await set_logging(level, fmt)
+        await self.manager.set_logging(level, fmt)
 
     async def _abort(self, names: list[str]) -> None:
         """Drop everything this reload staged, on every worker."""
@@ -401,14 +421,7 @@ class Reloader:
             for r in group.failures:
                 # a worker where the Precommit of a new site failed has no such site
                 if not isinstance(r.error, SiteNotFoundError):
-                    log.error("abort %r on worker %d: %s", name, r.worker, _one_line(r.error))
-
-
-def _one_line(exc: BaseException | None) -> str:
-    text = str(exc) if exc is not None else "unknown error"
-    if not text:
-        text = type(exc).__name__
-    return " ".join(text.split())
+                    log.error("abort %r on worker %d: %s", name, r.worker, describe(r.error))
 
 
 __all__ = ["Diff", "Failure", "ReloadReport", "Reloader", "diff"]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Awaitable, ClassVar, TypeVar, Union
 
 from . import core, limits
+from .options import MAX_CONNECTIONS, check_fields
 
 if TYPE_CHECKING:
     from .limits import CounterSlot, NextSlot
@@ -53,7 +54,14 @@ async def maybe_await(value: MaybeAwaitable[T]) -> T:
 
 
 class Service(abc.ABC):
-    """One version of a site's service on one worker."""
+    """One version of a site's service on one worker.
+
+    This class is the declared interface between a service and what serves
+    it: the executor and the listeners use ``new_connection`` (the one
+    method to write), ``accepts_raw`` and ``new_raw_connection`` (the core's
+    accept), ``stats`` (status), ``version`` and ``owns`` (which version an
+    open connection belongs to, for status) -- and nothing else.
+    """
 
     @abc.abstractmethod
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
@@ -75,8 +83,28 @@ class Service(abc.ABC):
         raise NotImplementedError
 
     def stats(self) -> dict[str, Any]:
-        """Counters for status and metrics (override to add some)."""
+        """Counters for status and metrics (override to add some).
+
+        Numbers add up over the workers (``hotproxy status`` sums them).  A
+        count is reported once: the site itself reports its open
+        connections (``active``), so a service does not.
+        """
         return {}
+
+    @property
+    def version(self) -> Service:
+        """What stands for this version while any of its connections is open:
+        the service its connections hold (a layer's: its inner service's)."""
+        return self
+
+    def owns(self, conn: object) -> bool:
+        """True if *conn*, an open connection of the site, is one of this version's.
+
+        Asked by status, never on the accept path.  By default the
+        convention of hotproxy's protocols: a ``service`` attribute that is
+        this service.
+        """
+        return getattr(conn, "service", None) is self
 
 
 class MakeService(abc.ABC):
@@ -110,8 +138,7 @@ class LayerService(Service):
 
     def __init__(self, inner: Service) -> None:
         self.inner = inner
-        self.accepts_raw = (getattr(inner, "accepts_raw", False) is True
-                            and _defines_raw(type(self)))
+        self.accepts_raw = inner.accepts_raw is True and _defines_raw(type(self))
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
         return self.inner.new_connection(conns)
@@ -121,6 +148,14 @@ class LayerService(Service):
 
     def stats(self) -> dict[str, Any]:
         return self.inner.stats()
+
+    @property
+    def version(self) -> Service:
+        # a layer only passes the accept through: its connections hold the inner service
+        return self.inner.version
+
+    def owns(self, conn: object) -> bool:
+        return self.inner.owns(conn)
 
 
 def _defines_raw(cls: type) -> bool:
@@ -166,8 +201,7 @@ class Layer(MakeService):
         inner = self.inner
         if inner is None:
             return self   # building it fails anyway, and says why
-        with_slots = getattr(inner, "with_shared_counters", None)
-        new = with_slots(next_slot) if with_slots is not None else inner
+        new = inner.with_shared_counters(next_slot)
         return self if new is inner else replace(self, inner=new)
 
 
@@ -179,28 +213,37 @@ def stack(factory: MakeService, *layers: Layer) -> MakeService:
 
 
 # -- two real layers ---------------------------------------------------------
+#
+# Each count is made once: the site counts the open connections of every
+# version (``active`` in its status); ``CountConnections`` counts the
+# connections it passes on, ``LimitConnections`` the ones it admits and the
+# ones it refuses.  The state passes from each version to the next, so the
+# counts survive every update.
+
+
+class Accepted:
+    """How many connections a ``CountConnections`` passed on, over every version."""
+
+    __slots__ = ("accepted",)
+
+    def __init__(self) -> None:
+        self.accepted = 0
 
 
 class ConnectionStats:
-    """Counters shared by every version of one site's service on a worker.
+    """A ``LimitConnections``' state, shared by every version on a worker.
 
-    The same object passes from each version to the next, so the counts
-    survive every update.  ``conns`` holds the open connections of all
-    versions; with a *limit* (a core ``SharedCounter``) each holds one
-    count of it, given back when it leaves the set.
+    ``conns`` holds the open connections it admitted, on any version; each
+    holds one count of *limit* (a core ``SharedCounter``), given back when
+    it leaves the set.
     """
 
     __slots__ = ("accepted", "refused", "conns")
 
-    def __init__(self, limit: Any = None) -> None:
+    def __init__(self, limit: Any) -> None:
         self.accepted = 0
         self.refused = 0
         self.conns = core.impl.ConnectionSet(None, limit)
-
-    @property
-    def active(self) -> int:
-        """Connections open now, on any version."""
-        return len(self.conns)
 
     def joined(self, conns: Any) -> Any:
         """Our set, chained into the site's *conns* (done by the first connection)."""
@@ -211,22 +254,20 @@ class ConnectionStats:
 
 
 class _CountingService(LayerService):
-    def __init__(self, inner: Service, state: ConnectionStats) -> None:
+    def __init__(self, inner: Service, state: Accepted) -> None:
         super().__init__(inner)
         self.state = state
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
         self.state.accepted += 1
-        return self.inner.new_connection(self.state.joined(conns))
+        return self.inner.new_connection(conns)
 
     def new_raw_connection(self, conns: Any) -> Any:
         self.state.accepted += 1
-        return self.inner.new_raw_connection(self.state.joined(conns))
+        return self.inner.new_raw_connection(conns)
 
     def stats(self) -> dict[str, Any]:
-        out = dict(self.inner.stats())
-        out.update(accepted=self.state.accepted, active=self.state.active)
-        return out
+        return {**self.inner.stats(), "accepted": self.state.accepted}
 
 
 class _LimitService(LayerService):
@@ -242,7 +283,7 @@ class _LimitService(LayerService):
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
         mine = self.state.joined(conns)
-        if self.limit <= 0 or not self.counter.acquire(self.limit):
+        if not self.counter.acquire(self.limit):
             self.state.refused += 1
             return _Refuse(mine)
         try:
@@ -251,11 +292,12 @@ class _LimitService(LayerService):
             self.counter.release()
             raise
         mine.add(proto)
+        self.state.accepted += 1
         return proto
 
     def new_raw_connection(self, conns: Any) -> Any:
         mine = self.state.joined(conns)
-        if self.limit <= 0 or not self.counter.acquire(self.limit):
+        if not self.counter.acquire(self.limit):
             self.state.refused += 1
             return None
         try:
@@ -267,12 +309,11 @@ class _LimitService(LayerService):
             self.counter.release()
             return None
         mine.add(conn)
+        self.state.accepted += 1
         return conn
 
     def stats(self) -> dict[str, Any]:
-        out = dict(self.inner.stats())
-        out.update(limit=self.limit, limited_active=self.state.active, refused=self.state.refused)
-        return out
+        return {**self.inner.stats(), "accepted": self.state.accepted, "refused": self.state.refused}
 
 
 class _Refuse(asyncio.Protocol):
@@ -294,12 +335,13 @@ class _Refuse(asyncio.Protocol):
 
 @dataclass(frozen=True)
 class CountConnections(Layer):
-    """Counts accepted and open connections; the counts survive every update."""
+    """Counts the connections it passes on (``accepted``); the count survives
+    every update.  (Open connections are the site's count: ``active``.)"""
 
     service_type: ClassVar[type[LayerService]] = _CountingService
 
     def wrap(self, inner: Service, old: Any) -> Service:
-        state = old.state if old is not None else ConnectionStats()
+        state = old.state if old is not None else Accepted()
         return _CountingService(inner, state)
 
 
@@ -309,18 +351,19 @@ class LimitConnections(Layer):
     and, under a ``WorkerManager``, over all its workers (``counter``: the
     slot the manager gives it; None: this process only).
 
-    A connection over the limit is closed at once and counted as refused.
-    The open count carries over updates, so a reload cannot double the limit
-    while old connections drain.
+    A connection over the limit is closed at once and counted as
+    ``refused``; one it admits is counted as ``accepted``.  The open count
+    carries over updates, so a reload cannot double the limit while old
+    connections drain.  ``max_connections`` is the config key of that name
+    (``options.MAX_CONNECTIONS``: its default and range).
     """
 
-    max_connections: int = 1000
+    max_connections: int = MAX_CONNECTIONS.default
     counter: CounterSlot | None = None
     service_type: ClassVar[type[LayerService]] = _LimitService
 
     def __post_init__(self) -> None:
-        if self.max_connections < 0:
-            raise ValueError("max_connections must be >= 0")
+        check_fields(self, {"max_connections": MAX_CONNECTIONS})
 
     def with_shared_counters(self, next_slot: NextSlot) -> MakeService:
         mine = next_slot()

@@ -2,9 +2,9 @@
 
 Started by ``WorkerManager`` as ``python -m hotproxy.worker --fd N --id I
 --fd-channel M --counters-fd C``: N is the control channel, M the socket on
-which the master sends the listening sockets it owns (see
-listeners.InheritedListenerFactory), C the instance's connection counters
-(see limits.Segment).
+which the master sends the listening sockets it owns (the worker's
+``fdchannel.FdReceiver``), C the instance's connection counters (see
+limits.Segment).
 It runs the commands the master sends, one at a time in order, answers
 status requests at once, and exits when told to, on ``SIGTERM`` (graceful:
 stop accepting, drain, exit), on ``SIGQUIT`` (at once), or when the master
@@ -28,7 +28,7 @@ from typing import Any
 
 from . import logs
 from .channel import EXIT_BOOT_FAILURE, read_message, write_message
-from .listeners import InheritedListenerFactory, release_inherited, set_fd_channel
+from .fdchannel import FdReceiver
 
 log = logging.getLogger("hotproxy.worker")
 
@@ -46,9 +46,11 @@ def _die_with_parent() -> None:
 class WorkerProcess:
     """The worker's main object: owns the executor and talks to the master."""
 
-    def __init__(self, sock: socket.socket, worker_id: int) -> None:
+    def __init__(self, sock: socket.socket, worker_id: int, fds: FdReceiver | None = None) -> None:
         self.sock = sock
         self.worker_id = worker_id
+        #: where the listening sockets the master owns arrive (None: no channel)
+        self.fds = fds
         self.executor: Any = None
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.stop_requested: asyncio.Future[tuple[bool, float | None]] | None = None
@@ -117,23 +119,24 @@ class WorkerProcess:
             self._request_stop(True, None)
 
     async def _run_commands(self, writer: asyncio.StreamWriter) -> None:
-        from .errors import HotproxyError, WorkerError
+        from .errors import HotproxyError, WorkerError, describe
 
         while True:
             req_id, command = await self.queue.get()
+            if self.fds is not None:
+                command = self.fds.received(command)
             try:
                 value = await self.executor.execute(command)
             except HotproxyError as exc:
                 reply: tuple[Any, ...] = ("res", req_id, False, exc)
             except Exception as exc:  # a bug or a bad command: report, keep serving
                 log.exception("command %r failed", command)
-                reply = ("res", req_id, False, WorkerError(self.worker_id, f"{type(exc).__name__}: {exc}"))
+                reply = ("res", req_id, False, WorkerError(self.worker_id, describe(exc, typed=True)))
             else:
                 reply = ("res", req_id, True, value)
             finally:
-                lf = getattr(command, "listener_factory", None)
-                if isinstance(lf, InheritedListenerFactory):
-                    release_inherited(lf.token)
+                if self.fds is not None:
+                    self.fds.done(command)   # a descriptor no listener took is closed
             try:
                 write_message(writer, reply)
             except Exception as exc:  # e.g. an unpicklable error
@@ -158,13 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         sock = socket.socket(fileno=args.fd)
-        if args.fd_channel is not None:
-            set_fd_channel(socket.socket(fileno=args.fd_channel))
+        fds = FdReceiver(socket.socket(fileno=args.fd_channel)) if args.fd_channel is not None else None
         if args.counters_fd is not None:
             from .limits import Segment
 
             Segment.attach(args.counters_fd, args.id)
-        worker = WorkerProcess(sock, args.id)
+        worker = WorkerProcess(sock, args.id, fds)
     except Exception as exc:
         print(f"hotproxy worker {args.id}: cannot start: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILURE

@@ -1,0 +1,195 @@
+"""Listening sockets the master owns, passed to its workers (``SCM_RIGHTS``).
+
+A Unix socket path cannot be bound by several processes the way
+``SO_REUSEPORT`` lets them share a TCP port.  So in multi-process mode the
+master binds it once (``sharedsockets``) and hands each worker a duplicate
+of the descriptor over the worker's *fd channel*, a socketpair next to its
+control channel; every worker accepts from the one socket.
+
+Rules of this module:
+
+* The master's end is an ``FdSender`` its worker handle owns; the worker's
+  end an ``FdReceiver`` the worker process owns.  No module state: two
+  channels in one process (tests, embedding) do not meet.
+* A descriptor travels with a *token*; the command that uses it names the
+  token (an ``InheritedListenerFactory``).  The master sends the descriptor
+  before the command, so it is normally waiting already.
+* The worker reads its end without blocking: the loop never waits in
+  ``recvmsg()``; ``make()`` waits in the loop, bounded.
+* Every descriptor received is either taken by a listener or closed: the
+  worker calls ``done(command)`` after every command, so a command that
+  failed before binding leaves no descriptor behind, and a token given up
+  before its descriptor arrived has the descriptor closed when it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .commands import listener_factory_of, with_listener_factory
+from .listeners import BoundListener, ListenerFactory
+
+
+class FdSender:
+    """The master's end of one worker's fd channel."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
+        sock.settimeout(timeout)
+        self.sock = sock
+
+    def send(self, token: int, fd: int) -> None:
+        """Send *fd* with *token* (the worker claims it by token)."""
+        socket.send_fds(self.sock, [token.to_bytes(8, "big")], [fd])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FdReceiver:
+    """A worker's end of its fd channel: the descriptors the master sent, by token."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._received: dict[int, int] = {}
+        #: tokens a listener took (``done`` has nothing to close for them)
+        self._claimed: set[int] = set()
+        #: tokens released before their descriptor was read: closed when it arrives
+        self._unwanted: set[int] = set()
+
+    # -- commands ---------------------------------------------------------------
+
+    def received(self, command: Any) -> Any:
+        """*command*, its inherited listener (if any) taking descriptors from this channel."""
+        lf = listener_factory_of(command)
+        if isinstance(lf, InheritedListenerFactory):
+            return with_listener_factory(command, replace(lf, channel=self))
+        return command
+
+    def done(self, command: Any) -> None:
+        """After *command* ran: close its descriptor unless a listener took it."""
+        lf = listener_factory_of(command)
+        if isinstance(lf, InheritedListenerFactory):
+            self.release(lf.token)
+
+    # -- descriptors ------------------------------------------------------------
+
+    def claim(self, token: int) -> int:
+        """The descriptor sent with *token*; ``BlockingIOError`` if it is not there yet."""
+        while token not in self._received:
+            msg, fds, _, _ = socket.recv_fds(self.sock, 8, 1)   # BlockingIOError: not yet
+            if not msg or not fds:
+                raise OSError(errno.EPIPE, "inherited listener channel closed")
+            got = int.from_bytes(msg, "big")
+            if got in self._unwanted:
+                self._unwanted.discard(got)
+                os.close(fds[0])
+            else:
+                self._received[got] = fds[0]
+        self._claimed.add(token)
+        return self._received.pop(token)
+
+    async def claim_async(self, token: int, timeout: float = 10.0) -> int:
+        """``claim``, waiting (in the loop, bounded) for the descriptor to arrive."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                return self.claim(token)
+            except BlockingIOError:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise OSError(errno.ETIMEDOUT, "the inherited listener did not arrive")
+            readable: asyncio.Future[None] = loop.create_future()
+            fd = self.sock.fileno()
+
+            def wake() -> None:
+                if not readable.done():
+                    readable.set_result(None)
+
+            loop.add_reader(fd, wake)
+            try:
+                await asyncio.wait_for(readable, remaining)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(fd)
+
+    def release(self, token: int) -> None:
+        """Close the descriptor sent with *token* unless a listener took it."""
+        if token in self._claimed:
+            self._claimed.discard(token)
+            return
+        try:
+            fd = self.claim(token)
+        except BlockingIOError:
+            self._unwanted.add(token)   # not read yet: closed when it is
+            return
+        except OSError:
+            return
+        self._claimed.discard(token)
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class InheritedListenerFactory(ListenerFactory):
+    """A listener whose socket the master bound and sent to this worker.
+
+    The manager substitutes it for listener factories that workers cannot
+    bind each on their own (Unix sockets); ``original`` is what the user gave.
+    In the worker, ``FdReceiver.received`` sets ``channel``, where the
+    descriptor comes from.
+    """
+
+    original: ListenerFactory
+    token: int
+    channel: FdReceiver | None = field(default=None, repr=False)
+
+    @property
+    def backlog(self) -> int:  # type: ignore[override]
+        return self.original.backlog
+
+    @property
+    def address(self) -> str:
+        return self.original.address
+
+    def _channel(self) -> FdReceiver:
+        if self.channel is None:
+            raise OSError(errno.EBADF, "no inherited listener channel (not a worker process)")
+        return self.channel
+
+    def bind(self) -> BoundListener:
+        """The socket, if its descriptor has arrived (``BlockingIOError`` if not)."""
+        return self._wrap(self._channel().claim(self.token))
+
+    async def make(self) -> BoundListener:
+        """The socket; waits in the loop (never in ``recvmsg()``) if it is not there yet."""
+        return self._wrap(await self._channel().claim_async(self.token))
+
+    def _wrap(self, fd: int) -> BoundListener:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        # the master owns the path; workers never unlink it
+        return BoundListener(sock, self)
+
+    def __eq__(self, other: object) -> bool:
+        # the same listener as the one the user asked for
+        if isinstance(other, InheritedListenerFactory):
+            return self.original == other.original
+        return self.original == other
+
+    def __hash__(self) -> int:
+        return hash(self.original)
+
+    def __reduce__(self) -> Any:
+        # the channel is this process's: it does not travel
+        return (type(self), (self.original, self.token))
+
+
+__all__ = ["FdReceiver", "FdSender", "InheritedListenerFactory"]

@@ -1,0 +1,226 @@
+"""Every option hotproxy has, declared once: type, default, range, choices, doc.
+
+The config loader (``config.py``) checks a file's keys against these tables,
+and the factories that the keys become (``ProxyFactory``, ``EchoFactory``,
+``LimitConnections``) take their defaults from them and check their fields
+with the same ``check_value``: a value the file may hold is exactly a value
+the factory accepts, and both say what is wrong in the same words.
+
+Rules of this module:
+
+* One ``Option`` per fact.  A key two kinds share (``max_connections``) is
+  one object in both tables.
+* ``check_value`` returns the value (a float option turns an integer into a
+  float) or raises ``ValueError("expected ..., got ...")``; the caller puts
+  the key (and the file) in front, so the message stays one line.
+* What needs more than the value -- a path relative to the config file, a
+  host name that must resolve, an upstream listed twice -- is the caller's
+  business; ``upstreams`` and ``path`` are only named here.
+* It imports nothing of hotproxy and no asyncio, so ``hotproxy check`` and
+  ``--keys`` read it as cheaply as a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its type, default and limits.
+
+    ``type`` is one of ``int``, ``float``, ``bool``, ``str``, ``path`` (a
+    non-empty string; the config loader takes a relative one relative to the
+    file's directory), ``upstreams`` (a non-empty list of ``host:port`` /
+    ``[v6]:port`` / ``unix:/path``; see ``config`` and ``proxy``).
+    """
+
+    type: str
+    default: Any = None
+    required: bool = False
+    min: float | None = None
+    #: the largest value (huge numbers overflow the C integers and timers
+    #: they end up in, or ask for a million workers)
+    max: float | None = None
+    #: the minimum is exclusive (``> min`` rather than ``>= min``)
+    above: bool = False
+    choices: tuple[str, ...] | None = None
+    doc: str = ""
+
+
+#: the upper bound of every duration (seconds)
+YEAR = 365 * 24 * 3600
+
+#: the log levels ``log_level`` accepts
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+#: the balancing policies ``balance`` accepts (``proxy._Balancer`` has one ``_choose_*`` each)
+BALANCE_POLICIES = ("round_robin", "random", "least_conn", "hash")
+
+
+RUNTIME_OPTIONS: dict[str, Option] = {
+    "workers": Option("int", None, min=1, max=1024, doc="worker processes (default: CPU count)"),
+    "cpu_affinity": Option("bool", False, doc="pin worker i to CPU i mod ncpu"),
+    "drain_timeout": Option("float", 30.0, min=0, max=YEAR, doc="seconds a removed or stopping service may drain"),
+    "pidfile": Option("path", None, doc="write the master's pid here"),
+    "admin_socket": Option("path", None, doc="the admin Unix socket (default: derived from the config path)"),
+    "admin_idle_timeout": Option("float", 10.0, min=0, max=YEAR, above=True,
+                                 doc="seconds an admin connection may stay without sending a complete request"),
+    "log_level": Option("str", "info", choices=LOG_LEVELS, doc="master and worker log level"),
+    "log_format": Option("str", "text", choices=("text", "json"),
+                         doc="text, or json: one JSON object per line (applies on reload)"),
+    "metrics": Option("str", None, doc="serve Prometheus metrics on GET /metrics at this address "
+                      "(host:port, [v6]:port or unix:/path; default: off; restart to change)"),
+    "reload_timeout": Option("float", 10.0, min=0, max=YEAR, above=True,
+                             doc="seconds a worker may stay silent during a reload before it is killed "
+                                 "and restarted (a reload that keeps making progress is never cut short)"),
+    "tcp_migrate_req": Option("bool", False, doc="at start, set the network-wide sysctl "
+                              "net.ipv4.tcp_migrate_req=1 (if permitted), so that a killed worker's "
+                              "queued connections move to another worker instead of being reset"),
+}
+
+#: keys every service has, whatever its kind
+COMMON_OPTIONS: dict[str, Option] = {
+    "kind": Option("str", None, required=True, doc="the service kind: proxy or echo"),
+    "listen": Option("str", None, required=True, doc="127.0.0.1:80, [::1]:80 or unix:/path"),
+    "backlog": Option("int", 1024, min=1, max=65535, doc="listen backlog"),
+}
+
+#: a service's open connections over the whole instance (the echo's limit layer, the proxy)
+MAX_CONNECTIONS = Option("int", 10000, min=1, max=10_000_000,
+                         doc="open connections at most, over all workers and versions (more are closed at once)")
+
+ECHO_OPTIONS: dict[str, Option] = {
+    "greeting": Option("str", "", doc="sent first on every connection (tells versions apart)"),
+    "max_connections": MAX_CONNECTIONS,
+}
+
+PROXY_OPTIONS: dict[str, Option] = {
+    "upstreams": Option("upstreams", None, required=True, doc="where to connect"),
+    "balance": Option("str", "round_robin", choices=BALANCE_POLICIES,
+                      doc="how to pick an upstream (hash: by client IP)"),
+    "connect_timeout": Option("float", 2.0, min=0, max=YEAR, above=True, doc="seconds per connect attempt"),
+    "idle_timeout": Option("float", 300.0, min=0, max=YEAR,
+                           doc="close a connection with no traffic either way for this many seconds (0: never)"),
+    "max_connections": MAX_CONNECTIONS,
+    "retries": Option("int", 2, min=0, max=100, doc="other upstreams to try when a connect is refused or times out"),
+    "max_fails": Option("int", 3, min=0, max=1_000_000,
+                        doc="consecutive connect failures that eject an upstream (0: never)"),
+    "fail_timeout": Option("float", 10.0, min=0, max=YEAR, above=True,
+                           doc="seconds an ejected upstream gets no connections"),
+    "keepalive": Option("bool", False, doc="TCP keepalive on both sides"),
+    "access_log": Option("bool", False, doc="log one line per closed connection (the hotproxy.access logger)"),
+}
+
+
+def check_value(value: Any, opt: Option) -> Any:
+    """*value* checked against *opt* (an int given for a float option becomes a
+    float); ``ValueError("expected ..., got ...")`` if it does not fit.
+
+    ``upstreams`` values are left to the caller (only their container is a
+    matter of type: see ``config`` and ``proxy``).
+    """
+    t = opt.type
+    if t == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {show(value)}")
+        return value
+    if t == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer{_range(opt)}, got {show(value)}")
+        _check_range(value, opt)
+        return value
+    if t == "float":
+        # NaN compares false with every bound: refused here; inf by ``max``
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"expected a number{_range(opt)}, got {show(value)}")
+        _check_range(value, opt)
+        return float(value)
+    if t in ("str", "path"):
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {show(value)}")
+        if opt.choices is not None and value not in opt.choices:
+            raise ValueError(f"expected one of {', '.join(opt.choices)}{lowercase_hint(value, opt.choices)}, "
+                             f"got {show(value)}")
+        if t == "path" and not value:
+            raise ValueError("expected a path, got an empty string")
+        return value
+    if t == "upstreams":
+        return value
+    raise AssertionError(f"unknown option type {t!r}")  # pragma: no cover - a bug in a table
+
+
+def check_fields(obj: Any, options: Mapping[str, Option], skip: Iterable[str] = ()) -> None:
+    """Check the attributes of *obj* (a factory) named like *options*' keys;
+    ``ValueError("key: expected ..., got ...")`` for the first that does not fit."""
+    for key, opt in options.items():
+        if key in skip:
+            continue
+        try:
+            check_value(getattr(obj, key), opt)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+
+
+def _check_range(value: float, opt: Option) -> None:
+    what = "an integer" if opt.type == "int" else "a number"
+    if opt.max is not None and value > opt.max:
+        raise ValueError(f"expected {what} <= {int(opt.max)}, got {show(value)}")
+    if opt.min is not None and (value < opt.min or (opt.above and value == opt.min)):
+        raise ValueError(f"expected {what}{_range(opt)}, got {show(value)}")
+
+
+def _range(opt: Option) -> str:
+    if opt.min is None:
+        return ""
+    return f" > {opt.min:g}" if opt.above else f" >= {opt.min:g}"
+
+
+def lowercase_hint(value: Any, choices: Iterable[str]) -> str:
+    """`` (lowercase)`` when *value* differs from one of *choices* only in case (one rule: exact lowercase)."""
+    if isinstance(value, str) and value.lower() in choices:
+        return " (lowercase)"
+    return ""
+
+
+def expected(opt: Option) -> str:
+    """What a missing *opt* should have been, for "missing (expected ...)"."""
+    if opt.choices:
+        return "one of " + ", ".join(opt.choices)
+    return {"upstreams": "a list of addresses", "str": "a string", "path": "a path", "int": "an integer",
+            "float": "a number", "bool": "true or false"}.get(opt.type, opt.type) + \
+        (f" ({opt.doc})" if opt.doc else "")
+
+
+def type_name(value: Any) -> str:
+    """How a TOML value's type is called in messages: "a table", "an integer" ..."""
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def show(value: Any) -> str:
+    """*value* as a message shows it: TOML's words for booleans, tables and
+    arrays by their type, anything else by its (shortened) repr."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return type_name(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def default_text(opt: Option) -> str:
+    """The default as ``--keys`` and the README show it."""
+    if opt.required:
+        return "required"
+    if opt.default is None:
+        return "-"
+    return show(opt.default)
+
+
+__all__ = [
+    "BALANCE_POLICIES", "COMMON_OPTIONS", "ECHO_OPTIONS", "LOG_LEVELS", "MAX_CONNECTIONS", "Option",
+    "PROXY_OPTIONS", "RUNTIME_OPTIONS", "YEAR", "check_fields", "check_value", "default_text", "expected",
+    "lowercase_hint", "show", "type_name",
+]
