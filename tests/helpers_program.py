@@ -286,6 +286,18 @@ class EchoClient:
         got = await asyncio.wait_for(self.reader.readexactly(len(msg)), 10)
         assert got == msg
 
+    async def check_cut(self) -> None:
+        """Prove the connection was cut: what we send is answered by an end of
+        file or a reset (within 10 s), never by bytes, right or wrong."""
+        self.n += 1
+        try:
+            self.writer.write(b"ping %d\n" % self.n)
+            await self.writer.drain()
+            got = await asyncio.wait_for(self.reader.read(100), 10)
+        except ConnectionError:
+            return
+        assert got == b"", f"the connection was not cut: it answered {got!r}"
+
     async def close(self) -> None:
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
