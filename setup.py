@@ -14,6 +14,7 @@ generated C.  Build switches are environment variables:
 * (default) release: ``-O3``, Cython's default checks (bounds and negative
   indices checked; no None or overflow checks).
 * ``HOTPROXY_ANNOTATE=1`` -- write Cython's HTML annotation next to the .pyx
+  (a debug build writes its C and annotation under ``build/cython-debug/``)
 """
 
 import os
@@ -59,8 +60,9 @@ def cythonize(exts):
         language_level=3,
         annotate=ANNOTATE,
         compiler_directives=directives,
-        # a switch changes the C Cython writes: never reuse C from the other kind
-        force=True,
+        # a debug build's C (and annotation) under build/, so that C of one
+        # kind is never taken, as up to date, for the other
+        build_dir="build/cython-debug" if DEBUG else None,
     )
 
 
