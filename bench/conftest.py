@@ -15,7 +15,11 @@ import uvloop
 
 from hotproxy import core
 
-CORES = ["compiled", "python"] if core.COMPILED_AVAILABLE else ["python"]
+#: without the extension the compiled core is skipped with the reason, never dropped
+CORES = ["compiled", "python"] if core.COMPILED_AVAILABLE else [
+    pytest.param("compiled", marks=pytest.mark.skip(
+        reason=f"the compiled core cannot be imported: {core.UNAVAILABLE_REASON}")),
+    "python"]
 
 
 @pytest.fixture(params=CORES)

@@ -119,14 +119,14 @@ class Program:
 
     def __init__(self, config: Path | None, log: Path, *, test_kinds: bool = False,
                  env: dict[str, str] | None = None, args: list[str] | None = None,
-                 nofile: int | None = None) -> None:
+                 nofile: int | None = None, module: str | None = None) -> None:
         self.config = config
         self.log_path = log
         self.cwd = config.parent if config is not None else log.parent
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join([TESTS, self.env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.env.update(env or {})
-        module = "helpers_program" if test_kinds else "hotproxy.cli"
+        module = module or ("helpers_program" if test_kinds else "hotproxy.cli")
         cmd = [sys.executable, "-m", module, "run"]
         if args is None:
             args = ["-c", str(config)] if config is not None else []
@@ -285,6 +285,18 @@ class EchoClient:
         await self.writer.drain()
         got = await asyncio.wait_for(self.reader.readexactly(len(msg)), 10)
         assert got == msg
+
+    async def check_cut(self) -> None:
+        """Prove the connection was cut: what we send is answered by an end of
+        file or a reset (within 10 s), never by bytes, right or wrong."""
+        self.n += 1
+        try:
+            self.writer.write(b"ping %d\n" % self.n)
+            await self.writer.drain()
+            got = await asyncio.wait_for(self.reader.read(100), 10)
+        except ConnectionError:
+            return
+        assert got == b"", f"the connection was not cut: it answered {got!r}"
 
     async def close(self) -> None:
         self.writer.close()

@@ -7,7 +7,7 @@ import functools
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hotproxy.service import MakeService, Service
@@ -48,10 +48,27 @@ class TaggedService(Service):
         return {"connections": self.counts[0], "tag": self.tag.decode()}
 
 
+class Gate:
+    """Holds a build until the test opens it (in the test's own process and loop):
+    ``entered`` is set once a build waits at the gate."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def pass_through(self) -> None:
+        self.entered.set()
+        await asyncio.wait_for(self.opened.wait(), 60)   # bounded: a test that forgets fails
+
+    def open(self) -> None:
+        self.opened.set()
+
+
 @dataclass(frozen=True)
 class TaggedFactory(MakeService):
     """``fail``: raise while building; ``fail_on_worker``: raise only on that worker id;
     ``delay``: await that long while building (the old version keeps serving);
+    ``gate``: wait at that ``Gate`` while building (in-process executors only);
     ``fail_if_exists``: raise while that file exists (to break restarts)."""
 
     tag: bytes
@@ -59,10 +76,13 @@ class TaggedFactory(MakeService):
     fail_on_worker: int | None = None
     delay: float = 0.0
     fail_if_exists: str | None = None
+    gate: Gate | None = field(default=None, compare=False, repr=False)
 
     async def make_via_ref(self, old: Service | None) -> Service:
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.pass_through()
         if self.fail_if_exists is not None and os.path.exists(self.fail_if_exists):
             raise RuntimeError(f"{self.fail_if_exists} exists")
         if self.fail or (self.fail_on_worker is not None

@@ -21,7 +21,7 @@ from hotproxy.listeners import BoundListener
 from hotproxy.service import Service
 
 from conftest import echo_roundtrip, eventually, free_port, run
-from services import TaggedFactory, ask
+from services import Gate, TaggedFactory, ask
 
 HOST = "127.0.0.1"
 
@@ -130,13 +130,15 @@ def test_async_factory_old_version_serves_while_building(core_name: str) -> None
         ex = ServiceExecutor()
         port = free_port()
         await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v1"), lf(port)))
-        building = asyncio.create_task(ex.execute(Precommit("t", TaggedFactory(b"v2", delay=0.5))))
-        await asyncio.sleep(0.05)
+        gate = Gate()
+        building = asyncio.create_task(ex.execute(Precommit("t", TaggedFactory(b"v2", gate=gate))))
+        await asyncio.wait_for(gate.entered.wait(), 10)   # v2 is being built...
         for _ in range(5):
             r, w = await connect(port)
-            assert await ask(r, w, b"q") == b"v1:q"
+            assert await ask(r, w, b"q") == b"v1:q"      # ...and v1 serves meanwhile
             w.close()
         assert not building.done()
+        gate.open()
         await building
         await ex.execute(Update("t"))
         r, w = await connect(port)
@@ -288,10 +290,18 @@ def test_commands_run_in_order() -> None:
         ex = ServiceExecutor()
         port = free_port()
         await ex.execute(PrepareAndCommit("t", TaggedFactory(b"v0"), lf(port)))
-        # a slow Precommit, then an Update sent right after: Update must wait for it
+        # a Precommit held in its build, then an Update sent right after: the
+        # Update must wait for it (run at once, it would find nothing staged)
+        gate = Gate()
+
+        async def open_once_both_are_sent() -> None:
+            await gate.entered.wait()
+            gate.open()
+
         results = await asyncio.gather(
-            ex.execute(Precommit("t", TaggedFactory(b"v1", delay=0.3))),
-            ex.execute(Update("t")))
+            ex.execute(Precommit("t", TaggedFactory(b"v1", gate=gate))),
+            ex.execute(Update("t")),
+            open_once_both_are_sent())
         assert results[1]["generation"] == 2
         r, w = await connect(port)
         assert await ask(r, w, b"a") == b"v1:a"

@@ -472,10 +472,21 @@ def test_kill_9_a_worker_under_load_others_serve_it_returns_with_the_reload_made
         try:
             for c in longs:
                 await c.check()
-            owners = _socket_owner_pids(a, pids)
-            on_victim = [c for c in longs if owners.get(c.writer.get_extra_info("sockname")[1]) == victim]
-            elsewhere = [c for c in longs if c not in on_victim]
-            assert len(on_victim) + len(elsewhere) == len(longs)
+
+            def owners() -> list[int | None]:
+                """The worker holding each of ``longs``."""
+                found = _socket_owner_pids(a, pids)
+                return [found.get(c.writer.get_extra_info("sockname")[1]) for c in longs]
+
+            # SO_REUSEPORT spreads them: more until each worker holds some (bounded)
+            where = owners()
+            while set(where) != set(pids) and len(longs) < 60:
+                longs.append(await EchoClient.open(a, 3))
+                await longs[-1].check()
+                where = owners()
+            assert set(where) == set(pids), where     # each one's worker found; each worker has some
+            on_victim = [c for c, pid in zip(longs, where) if pid == victim]
+            elsewhere = [c for c, pid in zip(longs, where) if pid != victim]
             await asyncio.sleep(0.5)
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
@@ -499,9 +510,7 @@ def test_kill_9_a_worker_under_load_others_serve_it_returns_with_the_reload_made
             for c in elsewhere:
                 await c.check()
             for c in on_victim:
-                with pytest.raises((ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError,
-                                    AssertionError)):
-                    await c.check()
+                await c.check_cut()
             # every worker, the restarted one too, serves the config of the reload made meanwhile
             # (a restarted worker numbers its sites' generations from 1 again: the
             # greeting tells the versions apart)
@@ -603,6 +612,12 @@ def _fds(pid: int) -> int:
         return -1
 
 
+def _blocked(pid: int) -> bool:
+    """True if *pid*'s main thread sleeps in the kernel right now (state S in /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(") ", 1)[1][:1] == "S"
+
+
 def test_out_of_file_descriptors_refuses_then_recovers_without_spinning(start: Start) -> None:
     """``ulimit -n 64`` on the program: a flood of connections runs the worker out of
     descriptors.  It must not crash or spin; the master must keep answering; once
@@ -627,13 +642,23 @@ def test_out_of_file_descriptors_refuses_then_recovers_without_spinning(start: S
                     outcomes["failed"] += 1
             await asyncio.sleep(1.5)
             print(f"worker fds while flooded: {_fds(worker)} of 64")
-            # exhausted: measure the worker's CPU over 2 s (a busy accept loop would use ~2 s)
-            cpu0, t0 = proc_cpu_seconds(worker), time.monotonic()
-            await asyncio.sleep(2.0)
+            # Exhausted, with connections still queued: is the worker blocked in
+            # the kernel (waiting in epoll for its next retry), or spinning on
+            # the ever-readable listener?  Look at its scheduler state 100
+            # times.  A spinning loop never blocks, so it is never seen
+            # sleeping, however fast or loaded the machine; an idle one is
+            # seen sleeping unless a look falls on one of its short wake-ups
+            # (accept retries every 0.25 s, timers).  An observation of state,
+            # not of time: the pause between looks sets no bound.
+            cpu0 = proc_cpu_seconds(worker)
+            sleeping = 0
+            for _ in range(100):
+                sleeping += _blocked(worker)
+                await asyncio.sleep(0.01)
             cpu = proc_cpu_seconds(worker) - cpu0
-            wall = time.monotonic() - t0
-            print(f"worker CPU while out of descriptors: {cpu:.2f}s in {wall:.2f}s")
-            assert cpu < wall / 2, (cpu, wall)     # not a busy loop (a bound, not a timing)
+            print(f"worker while out of descriptors: seen blocked in {sleeping} of 100 looks; "
+                  f"{cpu:.2f}s CPU meanwhile")
+            assert sleeping >= 50, sleeping        # not a busy loop
             # what became of the flood: alive connections still echo, the rest were closed
             alive = closed = 0
             for s in held:
@@ -812,6 +837,15 @@ def _connect_nowait(port: int) -> socket.socket:
     return s
 
 
+def _connected(s: socket.socket) -> bool:
+    """True once the handshake of *s* (a ``_connect_nowait`` socket) is done."""
+    try:
+        s.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 async def _kill_with_a_full_accept_queue(prog: Program, port: int, n: int) -> dict[str, int]:
     """Stop one worker, queue *n* connections on the port (SO_REUSEPORT spreads them over
     both workers' queues), kill -9 it, and count what became of them."""
@@ -822,7 +856,8 @@ async def _kill_with_a_full_accept_queue(prog: Program, port: int, n: int) -> di
     try:
         for _ in range(n):
             socks.append(_connect_nowait(port))
-        await asyncio.sleep(0.5)           # handshakes done: queued on both listeners
+        # every handshake done: each connection is queued on one of the listeners
+        await eventually(lambda: all(_connected(s) for s in socks), timeout=30)
         os.kill(victim, signal.SIGKILL)
         loop = asyncio.get_running_loop()
         counts = {"echoed": 0, "reset": 0, "other": 0}

@@ -1,50 +1,111 @@
 """Choose the compiled core or its pure-Python twin.
 
 ``HOTPROXY_NO_EXTENSIONS=1`` (read at import) or a missing extension selects
-the twin.  Code elsewhere reads ``core.impl`` when it builds something, never
-at import time, so tests can run the same code on both with ``select``.
+the twin.  ``HOTPROXY_REQUIRE_EXTENSIONS=1`` (read at import) turns a missing
+or broken extension into an ``ImportError`` naming the reason, instead of a
+silent fall-back: CI sets it, so a build that lost the compiled core fails
+rather than skipping its tests.  Code elsewhere reads ``core.impl`` when it
+builds something, never at import time, so tests can run the same code on
+both with ``select``.
+
+``impl``, ``module()`` and ``select()`` are typed as ``Core``: the public
+names of ``_core.pyi``, which both cores implement (the suite runs every core
+test on both).  Type checkers check callers against the stub.
 """
 
 from __future__ import annotations
 
 import os
-from types import ModuleType
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Protocol, cast
 
 from . import _core_py
+from .errors import describe
 
-_compiled: Optional[ModuleType]
+if TYPE_CHECKING:  # the stub: what callers of either core may rely on
+    from . import _core as _stub
+
+#: the environment switches (read once, at import)
+NO_EXTENSIONS = "HOTPROXY_NO_EXTENSIONS"
+REQUIRE_EXTENSIONS = "HOTPROXY_REQUIRE_EXTENSIONS"
+
+
+class Core(Protocol):
+    """A core module as callers see it: the names ``_core.pyi`` declares."""
+
+    # pylint: disable=invalid-name,missing-function-docstring
+    @property
+    def Slot(self) -> type[_stub.Slot]: ...
+    @property
+    def CounterTable(self) -> type[_stub.CounterTable]: ...
+    @property
+    def SharedCounter(self) -> type[_stub.SharedCounter]: ...
+    @property
+    def ConnectionSet(self) -> type[_stub.ConnectionSet]: ...
+    @property
+    def Acceptor(self) -> type[_stub.Acceptor]: ...
+    @property
+    def ProxyCounters(self) -> type[_stub.ProxyCounters]: ...
+    @property
+    def UpstreamState(self) -> type[_stub.UpstreamState]: ...
+    @property
+    def Target(self) -> type[_stub.Target]: ...
+    @property
+    def RelayConfig(self) -> type[_stub.RelayConfig]: ...
+    @property
+    def Connection(self) -> type[_stub.Connection]: ...
+    @property
+    def Listener(self) -> type[_stub.Listener]: ...
+    def table_size(self, slots: int, workers: int) -> int: ...
+    def private_counter(self) -> _stub.SharedCounter: ...
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+#: the twin, seen through the stub: its classes are not the stub's, but
+#: they expose the same names and behaviour (tests/ runs both on every test)
+_python: Core = cast(Core, _core_py)
+
+_compiled: Optional[Core]
+#: why the extension could not be imported ("" if it could)
+UNAVAILABLE_REASON = ""
 try:
-    from . import _core as _compiled  # type: ignore[attr-defined, no-redef]
-except ImportError:  # pragma: no cover - exercised on installs without a compiler
+    from . import _core as _compiled_module
+    _compiled = _compiled_module
+except ImportError as exc:  # pragma: no cover - exercised on installs without a compiler
     _compiled = None
+    UNAVAILABLE_REASON = describe(exc)
+    if _flag(REQUIRE_EXTENSIONS):
+        raise ImportError(f"hotproxy._core cannot be imported and {REQUIRE_EXTENSIONS}=1: "
+                          f"{UNAVAILABLE_REASON}") from exc
 
 #: True when the compiled extension could be imported at all.
 COMPILED_AVAILABLE: bool = _compiled is not None
 
 
-def _default() -> ModuleType:
-    if os.environ.get("HOTPROXY_NO_EXTENSIONS", "") not in ("", "0") or _compiled is None:
-        return _core_py
+def _default() -> Core:
+    if _flag(NO_EXTENSIONS) or _compiled is None:
+        return _python
     return _compiled
 
 
 #: The core in use: ``hotproxy._core`` or ``hotproxy._core_py``.
-impl: ModuleType = _default()
+impl: Core = _default()
 
 
-def module(name: str) -> ModuleType:
+def module(name: str) -> Core:
     """The ``"compiled"`` or the ``"python"`` core, without selecting it."""
     if name == "compiled":
         if _compiled is None:
-            raise ImportError("hotproxy._core is not built (pip install . compiles it)")
+            raise ImportError(f"hotproxy._core is not built (pip install . compiles it): {UNAVAILABLE_REASON}")
         return _compiled
     if name == "python":
-        return _core_py
+        return _python
     raise ValueError(f"unknown core {name!r}: expected 'compiled' or 'python'")
 
 
-def select(name: str) -> ModuleType:
+def select(name: str) -> Core:
     """Use the ``"compiled"`` or the ``"python"`` core from now on; return it."""
     global impl
     impl = module(name)
@@ -53,4 +114,4 @@ def select(name: str) -> ModuleType:
 
 def name() -> str:
     """``"compiled"`` or ``"python"``: the core in use."""
-    return "python" if impl is _core_py else "compiled"
+    return "python" if impl is _python else "compiled"

@@ -12,6 +12,11 @@ imports nothing: the light CLI commands use it.
 
 from __future__ import annotations
 
+#: ``typing.TYPE_CHECKING`` without importing typing (the CLI's control commands stay light)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 
 class HotproxyError(Exception):
     """Root of every error hotproxy raises."""
@@ -36,7 +41,7 @@ class DeployError(HotproxyError):
         msg = f"{self.what}: {where}"
         return f"{msg}: {self.detail}" if self.detail else msg
 
-    def __reduce__(self):  # type: ignore[override]
+    def __reduce__(self) -> tuple[type[DeployError], tuple[str, str, int | None]]:
         return (type(self), (self.site, self.detail, self.worker))
 
     def on_worker(self, worker: int) -> DeployError:
@@ -93,7 +98,7 @@ class WorkerError(HotproxyError):
     def __str__(self) -> str:
         return f"worker {self.worker}: {self.detail}"
 
-    def __reduce__(self):  # type: ignore[override]
+    def __reduce__(self) -> tuple[type[WorkerError], tuple[int, str]]:
         return (type(self), (self.worker, self.detail))
 
 
@@ -143,8 +148,10 @@ def describe(exc: BaseException | None, *, typed: bool = False) -> str:
     return one_line(text)
 
 
-class CommandGroupError(ExceptionGroup, HotproxyError):  # type: ignore[misc]
+class CommandGroupError(ExceptionGroup[Exception], HotproxyError):
     """The failures of one command across workers, raised together."""
 
-    def derive(self, excs):  # type: ignore[no-untyped-def, override]
+    # the base's overloads (Exception vs BaseException members) cannot be
+    # narrowed to this class's one kind of member
+    def derive(self, excs: Sequence[Exception]) -> CommandGroupError:  # type: ignore[override]
         return CommandGroupError(self.message, excs)

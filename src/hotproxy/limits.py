@@ -36,11 +36,13 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, replace
-from types import ModuleType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import core
 from .commands import PrepareAndCommit, Precommit
+
+if TYPE_CHECKING:
+    from ._core import CounterTable, SharedCounter
 
 #: counter slots in a segment: services (with a limit) one run can name
 SLOTS = 4096
@@ -96,7 +98,7 @@ class Segment:
         #: names this segment in ``CounterSlot``: the memfd's inode, the same in every process
         self.key = os.fstat(fd).st_ino
         self.mm = mmap.mmap(fd, core.impl.table_size(slots, workers))
-        self._tables: dict[ModuleType, Any] = {}
+        self._tables: dict[core.Core, CounterTable] = {}
         #: (service name, n-th limit of its stack) -> slot; the manager's side only
         self._names: dict[tuple[str, int], int] = {}
 
@@ -136,7 +138,7 @@ class Segment:
         _attached[seg.key] = seg
         return seg
 
-    def table(self, impl: ModuleType | None = None) -> Any:
+    def table(self, impl: core.Core | None = None) -> CounterTable:
         """The segment as a ``CounterTable`` of core *impl* (default: the one in use)."""
         impl = impl or core.impl
         table = self._tables.get(impl)
@@ -145,7 +147,7 @@ class Segment:
                                                            self.worker, self._fd)
         return table
 
-    def counter(self, slot: int) -> Any:
+    def counter(self, slot: int) -> SharedCounter:
         """The ``SharedCounter`` of *slot*, updated as this process's worker."""
         return self.table().counter(slot)
 
@@ -155,7 +157,7 @@ class Segment:
         built, whichever core the workers use: it takes the pure-Python
         core's locks as well as doing atomic operations."""
         impl = core.module("compiled") if core.COMPILED_AVAILABLE else core.module("python")
-        return int(self.table(impl).reclaim(worker))
+        return self.table(impl).reclaim(worker)
 
     # -- the manager's side: slots by service name ------------------------------------
 
@@ -194,7 +196,7 @@ class Segment:
 _attached: dict[int, Segment] = {}
 
 
-def counter(where: CounterSlot | None) -> Any:
+def counter(where: CounterSlot | None) -> SharedCounter:
     """The core ``SharedCounter`` a service counts its connections in.
 
     *where* is the slot the manager stamped into its factory; None (a factory

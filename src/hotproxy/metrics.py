@@ -273,7 +273,7 @@ class MetricsServer:
 
         snap = await self.snapshot()
         encoder, content_type = choose_encoder(accept)
-        return encoder(_Registry(snap)), content_type  # type: ignore[arg-type]
+        return encoder(_Registry(snap)), content_type
 
 
 class _Registry:

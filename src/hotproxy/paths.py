@@ -54,9 +54,8 @@ def admin_socket_for(path: str | None) -> str:
             os.close(fd)
     except OSError:
         return default_admin_socket(apath)
-    found, value = _plain_admin_socket(raw)
-    if not found:
-        value = _toml_admin_socket(raw)
+    found, plain = _plain_admin_socket(raw)
+    value = plain if found else _toml_admin_socket(raw)
     if isinstance(value, str) and value:
         return relative_to(value, apath)
     return default_admin_socket(apath)
