@@ -1,0 +1,27 @@
+# The engine: one epoll instance per event loop (_core_engine.pxi).
+
+cdef enum:
+    _EVENTS = 64   # epoll events taken per epoll_wait()
+
+
+cdef class Connection
+cdef class Listener
+
+
+cdef class _Engine:
+    cdef int epfd
+    cdef object loop
+    cdef list graveyard             # objects whose fd was closed: an event may still name them
+    cdef list ready                 # connections with bytes left to read
+    cdef Connection head            # every connection of this loop (timeouts)
+    cdef object timer
+    cdef double timer_at
+    cdef epoll_event evs[_EVENTS]
+
+    cdef close(self)
+    cdef int register(self, object obj, int fd, uint32_t events, int tag) except -1
+    cdef forget(self, object obj)
+    cdef defer(self, Connection conn)
+    cdef link(self, Connection conn)
+    cdef unlink(self, Connection conn)
+    cdef want_tick(self, double when)
