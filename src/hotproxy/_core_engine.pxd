@@ -1,5 +1,7 @@
 # The engine: one epoll instance per event loop (_core_engine.pxi).
 
+from hotproxy._core_machine cimport TimerWheel
+
 cdef enum:
     _EVENTS = 64   # epoll events taken per epoll_wait()
 
@@ -13,7 +15,8 @@ cdef class _Engine:
     cdef object loop
     cdef list graveyard             # objects whose fd was closed: an event may still name them
     cdef list ready                 # connections with bytes left to read
-    cdef Connection head            # every connection of this loop (timeouts)
+    cdef Connection head            # every connection of this loop (close())
+    cdef TimerWheel wheel           # the connections' deadlines
     cdef object timer
     cdef double timer_at
     cdef epoll_event evs[_EVENTS]
@@ -24,4 +27,5 @@ cdef class _Engine:
     cdef defer(self, Connection conn)
     cdef link(self, Connection conn)
     cdef unlink(self, Connection conn)
+    cdef arm(self, Connection conn, double at)
     cdef want_tick(self, double when)

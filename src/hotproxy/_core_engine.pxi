@@ -42,6 +42,7 @@ cdef class _Engine:
         self.graveyard = []
         self.ready = []
         self.timer_at = 0.0
+        self.wheel = TimerWheel(_TICK)
         loop.add_reader(self.epfd, self._on_ready)
 
     def __dealloc__(self):
@@ -70,6 +71,7 @@ cdef class _Engine:
         self.graveyard.clear()
         self.ready.clear()
         self.timer = None
+        self.wheel = TimerWheel(_TICK)
         self.loop = None
 
     cdef int register(self, object obj, int fd, uint32_t events, int tag) except -1:
@@ -137,7 +139,7 @@ cdef class _Engine:
         if self.graveyard:
             self.graveyard.clear()
 
-    # -- timeouts ----------------------------------------------------------------
+    # -- every connection of this loop (close()) ---------------------------------
 
     cdef link(self, Connection conn):
         conn.t_next = self.head
@@ -147,6 +149,7 @@ cdef class _Engine:
         conn.t_linked = True
 
     cdef unlink(self, Connection conn):
+        # the connection is finished: it has no deadline either
         if not conn.t_linked:
             return
         if conn.t_prev is not None:
@@ -157,6 +160,19 @@ cdef class _Engine:
             conn.t_next.t_prev = conn.t_prev
         conn.t_prev = conn.t_next = None
         conn.t_linked = False
+        self.wheel.discard(conn)
+
+    # -- timeouts ----------------------------------------------------------------
+    #
+    # Deadlines are in a timer wheel (buckets of _TICK seconds): a tick takes
+    # out the connections that are due and costs nothing for the others.  A
+    # connection due by its old deadline that has been active since (an
+    # idle timeout moves with every chunk, without timer work) is armed
+    # again for its new one.
+
+    cdef arm(self, Connection conn, double at):
+        # make sure the timer looks at conn by *at*
+        self.want_tick(self.wheel.arm(conn, at))
 
     cdef want_tick(self, double when):
         # make sure the timer fires by *when* (but not within _TICK of now)
@@ -176,33 +192,22 @@ cdef class _Engine:
     def _tick(self):
         cdef Connection conn
         cdef double now = _now()
-        cdef double next_at = 0.0
         cdef double at
-        cdef list due = None
+        cdef list due
         self.timer = None
-        conn = self.head
-        while conn is not None:
+        due = self.wheel.expire(now)
+        for conn in due:
+            try:
+                conn._timed_out(now)
+            except Exception as exc:
+                conn._crashed(exc)
+        # not due yet (active since), or given another try: armed again
+        for conn in due:
             at = conn._deadline()
             if at > 0.0:
-                if at <= now:
-                    if due is None:
-                        due = []
-                    due.append(conn)
-                elif next_at == 0.0 or at < next_at:
-                    next_at = at
-            conn = conn.t_next
-        if due is not None:
-            for conn in due:
-                try:
-                    conn._timed_out(now)
-                except Exception as exc:
-                    conn._crashed(exc)
-            # a connection given another try has a new deadline
-            for conn in due:
-                at = conn._deadline()
-                if at > 0.0 and (next_at == 0.0 or at < next_at):
-                    next_at = at
-        if next_at > 0.0:
-            self.want_tick(next_at)
+                self.wheel.arm(conn, at)
+        at = self.wheel.next_at()
+        if at > 0.0:
+            self.want_tick(at)
         if self.graveyard:
             self.graveyard.clear()

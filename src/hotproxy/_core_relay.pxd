@@ -1,6 +1,11 @@
 # The relay: a proxied connection and what its service version shares
 # (_core_relay.pxi).
 
+from hotproxy._core_machine cimport (
+    Direction, D_HOLD, D_OPEN, D_BLOCKED, D_CLOSING, D_CLOSED, EV_FULL,
+    EV_DRAINED, EV_EOF, EV_CONNECTED, EV_CLOSE, EV_ERROR, ACT_SHUT, ACT_CLOSE, M_COPY, M_BULK,
+    M_SPLICE, may_read)
+
 cdef class ProxyCounters:
     cdef public long long accepted
     cdef public long long active
@@ -66,101 +71,68 @@ cdef class Connection:
     cdef Target attempt             # the connect attempt in progress
     cdef list tried                 # targets that failed
     cdef int attempts
-    cdef double deadline            # of the attempt in progress
+    cdef double deadline            # of the attempt in progress, or of lingering
     cdef UpstreamState ustate       # the connected upstream's shared state
-    cdef bytearray c_buf            # client -> upstream read buffer
-    cdef bytearray u_buf            # upstream -> client read buffer
-    cdef object c_mv
-    cdef object u_mv
-    cdef Py_ssize_t c_size
-    cdef Py_ssize_t u_size
-    cdef Py_ssize_t c_next
-    cdef Py_ssize_t u_next
-    cdef Py_ssize_t early           # client bytes held in c_buf before connecting
-    cdef Py_ssize_t c_pend_off      # c_buf[c_pend_off:c_pend_end]: not sent yet
-    cdef Py_ssize_t c_pend_end
-    cdef Py_ssize_t u_pend_off      # raw: u_buf[u_pend_off:u_pend_end] not sent to the client
-    cdef Py_ssize_t u_pend_end
-    cdef long long c2u
-    cdef long long u2c
+    cdef Direction c2u              # client -> upstream
+    cdef Direction u2c              # upstream -> client
+    cdef Py_ssize_t early           # client bytes held in c2u's buffer before connecting
     cdef double started
     cdef double ended
     cdef double last_active
     cdef readonly object peername
-    cdef int up_state
+    cdef int state                  # C_*: the connection as a whole
+    cdef int up_state               # UP_*: the upstream socket
     cdef int end_code
-    cdef bint client_open
-    cdef bint c_reading
-    cdef bint c_eof
-    cdef bint u_eof
-    cdef bint u_readable            # the upstream socket may hold bytes
-    cdef bint c_readable            # raw: the client socket may hold bytes
-    cdef bint c_rdhup               # raw: the client sent its EOF: read to the end
-    cdef bint c_eof_pending         # raw: send our EOF to the client once u_pend_* is sent
-    cdef bint c_close_pending       # raw: close the client once u_pend_* is sent
+    cdef bint client_open           # the client side is open
+    cdef bint c_reading             # the client is being read (its transport resumed)
+    cdef bint c_early_full          # connecting, and the held bytes fill the buffer
     cdef bint deferred              # in the engine's ready list
-    cdef bint c_splice              # raw: client -> upstream is bulk: move it through a pipe
-    cdef bint u_splice              # raw: upstream -> client is bulk
-    cdef int cp_r                   # the client -> upstream pipe (-1: none)
-    cdef int cp_w
-    cdef int up_r                   # the upstream -> client pipe (-1: none)
-    cdef int up_w
-    cdef bint c_spliced             # the client -> upstream pipe was used
-    cdef bint u_spliced
-    cdef bint u_rdhup               # the upstream sent its EOF: read to the end
-    cdef bint u_shut                # our EOF was sent to the upstream
-    cdef bint u_close_pending       # close the upstream once c_pend_* is sent
-    cdef bint c_paused_by_up
-    cdef bint u_paused_by_c
-    cdef bint c_early_full
-    cdef bint closing
-    cdef bint lingering             # no upstream: waiting for the client's EOF
     cdef bint admitted              # holds one count of cfg.limit (released when finished)
-    cdef bint _finished
 
+    cdef bint _admit(self)
+    cdef _client_bytes(self, Py_ssize_t nbytes)
+    cdef _client_lost(self, bint error)
     cdef _next_attempt(self)
     cdef int _start_attempt(self, Target t) except -1
     cdef _connected(self)
-    cdef Target _drop_attempt(self, int state)
+    cdef Target _drop_attempt(self, int up)
     cdef _attempt_failed(self, object exc)
     cdef _count_failure(self, Target t, object exc)
     cdef _no_upstream(self)
     cdef double _deadline(self)
     cdef _timed_out(self, double now)
     cdef _crashed(self, object exc)
-    cdef bint _admit(self)
     cdef _upstream_event(self, uint32_t events)
-    cdef int _start_raw(self, _Engine engine, int fd, sockaddr_storage *addr,
-                        socklen_t alen) except -1
     cdef _client_event(self, uint32_t events)
-    cdef _client_bytes(self, Py_ssize_t nbytes)
-    cdef _client_eof(self)
-    cdef _client_lost(self, bint error)
-    cdef _read_client(self)
-    cdef _flush_client(self)
-    cdef _run_deferred(self)
-    cdef _c_write_eof(self)
-    cdef _c_close(self, bint hard)
-    cdef _c_gone(self, bint error)
-    cdef _splice_c2u(self)
-    cdef _splice_u2c(self)
+    cdef int _src(self, Direction d) noexcept
+    cdef int _dst(self, Direction d) noexcept
+    cdef _failed(self, bint client_side, int err)
+    cdef _socket_event(self, Direction src_of, Direction dst_of, uint32_t events)
+    cdef bint _may_read(self, Direction d)
+    cdef _new_buf(self, Direction d, Py_ssize_t size)
+    cdef _read(self, Direction d)
+    cdef bint _read_ended(self, Direction d, ssize_t r)
+    cdef _send(self, Direction d, Py_ssize_t start, Py_ssize_t n, bint from_read)
+    cdef _flush(self, Direction d)
+    cdef _drained(self, Direction d)
+    cdef _shut_dst(self, Direction d)
+    cdef _src_eof(self, Direction d)
+    cdef bint _splice(self, Direction d)
     cdef _close_pipes(self)
-    cdef _new_c_buf(self, Py_ssize_t size)
-    cdef _new_u_buf(self, Py_ssize_t size)
-    cdef _to_upstream(self, Py_ssize_t start, Py_ssize_t n, bint from_read)
-    cdef _flush_upstream(self)
-    cdef _flushed_upstream(self)
-    cdef _shutdown_upstream(self)
-    cdef _read_upstream(self)
-    cdef bint _upstream_read_ended(self, ssize_t r)
-    cdef bint _client_read_ended(self, ssize_t r)
     cdef _to_client(self, Py_ssize_t n)
     cdef _hold(self, object data)
     cdef _sync_client_reading(self)
-    cdef _upstream_eof(self)
+    cdef _run_deferred(self)
     cdef _upstream_error(self, int err)
+    cdef int _start_raw(self, _Engine engine, int fd, sockaddr_storage *addr,
+                        socklen_t alen) except -1
+    cdef _c_write_eof(self)
+    cdef _c_close(self, bint hard)
+    cdef _c_gone(self, bint error)
+    cdef _closing(self)
     cdef _set_end(self, int code)
     cdef _close_fd(self)
     cdef _close_upstream(self, bint hard)
+    cdef _upstream_closed(self)
     cdef _shut(self, int code, bint hard)
     cdef _finish(self)

@@ -1,29 +1,47 @@
 # -- the proxy's data path ----------------------------------------------------
 #
 # One proxied connection is one ``Connection``: the asyncio protocol of the
-# accepted client socket, and the owner of the upstream socket, which it
-# drives itself -- a non-blocking connect() and raw send()/recv() on a file
-# descriptor registered, edge-triggered, in the loop's ``_Engine`` (one epoll
-# instance per event loop, itself watched by the loop).  The upstream side
-# therefore costs no transport, no coroutine, no Task, no future and no
-# timer handle; its bytes never become Python objects.
+# accepted client socket (or, accepted by the core, the owner of that
+# socket), and the owner of the upstream socket, which it drives itself --
+# a non-blocking connect() and raw send()/recv() on a file descriptor
+# registered, edge-triggered, in the loop's ``_Engine`` (one epoll instance
+# per event loop, itself watched by the loop).  The upstream side therefore
+# costs no transport, no coroutine, no Task, no future and no timer handle;
+# its bytes never become Python objects.
 #
-# Lifecycle:  accepted -> connecting (client bytes held, bounded) -> open
-# (relaying both ways) -> closing -> finished.  It is finished, exactly
-# once, when the client transport is gone *and* the upstream socket is
-# closed or was never made; finishing releases every count it took.
+# The connection as a whole (``state``, ``C_*``):  new -> connecting
+# (client bytes held, bounded) -> open (relaying both ways) -> closing ->
+# finished; or connecting -> lingering (no upstream: the client gets our
+# EOF, and is closed once it sends its own) -> closing -> finished.  It is
+# finished, exactly once, when the client side is gone *and* the upstream
+# socket is closed or was never made; finishing releases every count it
+# took.  The upstream socket has its own state (``up_state``, ``UP_*``).
 #
-# Flow control: bytes from the client are sent to the upstream at once;
-# what the upstream cannot take stays in the client buffer (``c_pend_*``)
-# and the client is paused until EPOLLOUT lets it drain.  Bytes from the
-# upstream are read only while the client transport is below its high-water
-# mark (``u_paused_by_c``); ``u_readable`` remembers that the socket may
-# still hold data, since an edge-triggered socket reports it only once.
+# Each way has a ``Direction`` (``c2u``: client to upstream, ``u2c``:
+# upstream to client) run by the state machine of ``_core_machine`` (one
+# source for both cores): read the source, write the destination; what the
+# destination cannot take stays pending (in the buffer, or in the splice
+# pipe) and the source is not read until EPOLLOUT lets it drain; the
+# source's EOF is passed on once nothing is pending.  ``readable`` remembers
+# that a socket may still hold data, since an edge-triggered socket reports
+# it only once.  The relay code below is one function per step for both
+# directions (``_read``, ``_send``, ``_flush``, ``_splice``, ``_src_eof``).
 #
-# Timeouts (connect and idle) are checked by one timer per engine, armed
-# for the earliest deadline and at most every ``_TICK`` seconds.
+# Timeouts (connect, lingering and idle) are in the engine's timer wheel:
+# a connection is armed for its deadline; an idle one that was active
+# since is armed again when that deadline comes, so relaying does no timer
+# work.
 
 
+cdef enum:
+    C_NEW = 0           # not started (or refused)
+    C_CONNECTING = 1    # the upstream is being connected; client bytes are held
+    C_OPEN = 2          # relaying
+    C_LINGERING = 3     # no upstream: waiting for the client's EOF
+    C_CLOSING = 4       # each side closes once its pending bytes are written
+    C_FINISHED = 5      # both sides closed, every count released
+
+_CONN_NAMES = ("new", "connecting", "open", "lingering", "closing", "finished")
 
 cdef enum:
     UP_NONE = 0         # no connect attempt in progress (not started yet)
@@ -252,9 +270,8 @@ cdef class Connection:
         self.owner = owner
         self.ufd = -1
         self.cfd = -1
-        self.cp_r = self.cp_w = self.up_r = self.up_w = -1
-        self.c_next = cfg.buffer_size
-        self.u_next = cfg.buffer_size
+        self.c2u = Direction(D_HOLD, cfg.buffer_size)
+        self.u2c = Direction(D_OPEN, cfg.buffer_size)
         self.started = _now()
         self.last_active = self.started
 
@@ -265,7 +282,7 @@ cdef class Connection:
         cdef RelayConfig cfg = self.cfg
         if not cfg.limit._acquire(cfg.max_connections):
             self.counters.refused += 1
-            self._finished = self.closing = True
+            self.state = C_FINISHED
             self.owner = None
             # a layer above may have counted it in its own set already
             self.conns.discard(self)
@@ -287,8 +304,9 @@ cdef class Connection:
         self.client = transport
         self.c_write = transport.write
         self.client_open = True
+        self.state = C_CONNECTING
         # uvloop starts reading right after this returns even if we paused
-        # here, so early bytes are held in c_buf (bounded) instead.
+        # here, so early bytes are held in the c2u buffer (bounded) instead.
         self.c_reading = True
         self.conns.add(self)
         if cfg.want_peername:
@@ -298,71 +316,56 @@ cdef class Connection:
         self.engine = _get_engine()
         self.engine.link(self)
         if cfg.idle_timeout > 0:
-            self.engine.want_tick(self.started + cfg.idle_timeout)
+            self.engine.arm(self, self.started + cfg.idle_timeout)
         self._next_attempt()
 
     def get_buffer(self, Py_ssize_t sizehint):
-        if self.c_buf is None or (self.c_size < self.c_next and not self.early
-                                  and self.c_pend_end == 0):
-            self._new_c_buf(self.c_next)
+        cdef Direction d = self.c2u
+        if d.buf is None or (d.size < d.next and not self.early and d.pend_end == 0):
+            self._new_buf(d, d.next)
         if self.early:
-            return self.c_mv[self.early:]
-        return self.c_buf
+            return d.mv[self.early:]
+        return d.buf
 
     def buffer_updated(self, Py_ssize_t nbytes):
         self._client_bytes(nbytes)
 
     cdef _client_bytes(self, Py_ssize_t nbytes):
-        # nbytes more client bytes in c_buf (at 0, or after the early ones)
+        # nbytes more client bytes in the c2u buffer (at 0, or after the held ones)
         self.last_active = _now()
-        if self.up_state == UP_OPEN:
-            if not self.closing:
-                self._to_upstream(0, nbytes, True)
-        elif self.up_state != UP_CLOSED:
+        if self.state == C_OPEN:
+            self._send(self.c2u, 0, nbytes, True)
+        elif self.state == C_CONNECTING:
             self.early += nbytes
-            if self.early >= self.c_size:
+            if self.early >= self.c2u.size:
                 self.c_early_full = True
                 self._sync_client_reading()
+        # else (lingering, closing): dropped
 
     def data_received(self, data):
         # Loops that do not use get_buffer() (asyncio's own, for an object
         # that is not an asyncio.BufferedProtocol) deliver bytes here.
         cdef Py_ssize_t n = len(data)
+        cdef Direction d = self.c2u
         self.last_active = _now()
-        if self.up_state == UP_OPEN:
-            if not self.closing:
-                if self.c_buf is None or self.c_size < n:
-                    self._new_c_buf(max(n, self.cfg.buffer_size))
-                self.c_buf[:n] = data
-                self._to_upstream(0, n, False)
-        elif self.up_state != UP_CLOSED:
+        if self.state == C_OPEN:
+            if d.buf is None or d.size < n:
+                self._new_buf(d, max(n, self.cfg.buffer_size))
+            d.buf[:n] = data
+            self._send(d, 0, n, False)
+        elif self.state == C_CONNECTING:
             self._hold(data)
 
     def eof_received(self):
-        self._client_eof()
+        self._src_eof(self.c2u)
         return True   # keep the other direction open: a half-close
-
-    cdef _client_eof(self):
-        self.c_eof = True
-        self.c_reading = False   # a transport stops reading by itself
-        if self.lingering:
-            self.lingering = False
-            self._c_close(False)
-            return
-        if self.up_state == UP_OPEN and not self.closing:
-            if self.u_eof:
-                self._shut(END_EOF, False)   # both done: close, no shutdown() first
-            elif self.c_pend_end == 0:
-                self._shutdown_upstream()
 
     def pause_writing(self):
         # the client reads slower than the upstream sends
-        self.u_paused_by_c = True
+        self.u2c.step(EV_FULL)
 
     def resume_writing(self):
-        self.u_paused_by_c = False
-        if self.u_readable:
-            self._read_upstream()
+        self._drained(self.u2c)
 
     def connection_lost(self, exc):
         self._client_lost(exc is not None)
@@ -371,13 +374,14 @@ cdef class Connection:
         # the client's side is closed (by us, by the peer, or it failed)
         self.client_open = False
         self.c_reading = False
+        self.u2c.state = D_CLOSED   # its destination is gone
         self._set_end(END_CLIENT_ERROR if error else END_CLOSED)
         if self.up_state == UP_OPEN:
-            self.closing = True
+            self._closing()
             self._close_upstream(error)
         elif self.up_state == UP_CONNECTING:
             # the client left while we connected: no failure to count
-            self.closing = True
+            self._closing()
             self._drop_attempt(UP_CLOSED)
             self._finish()
         else:
@@ -414,18 +418,19 @@ cdef class Connection:
     @property
     def bytes_in(self):
         """Bytes relayed from the client to the upstream."""
-        return self.c2u
+        return self.c2u.nbytes
 
     @property
     def bytes_out(self):
         """Bytes relayed from the upstream to the client."""
-        return self.u2c
+        return self.u2c.nbytes
 
     @property
     def spliced(self):
         """Which directions moved bulk with splice(2): "", "in" (client to
         upstream), "out" (upstream to client) or "both"."""
-        return ("", "in", "out", "both")[self.c_spliced + 2 * self.u_spliced]
+        return ("", "in", "out", "both")[(self.c2u.mode == M_SPLICE)
+                                         + 2 * (self.u2c.mode == M_SPLICE)]
 
     @property
     def held(self):
@@ -435,7 +440,7 @@ cdef class Connection:
     @property
     def duration(self):
         """Seconds from accept to finish (or until now)."""
-        return (self.ended if self._finished else _now()) - self.started
+        return (self.ended if self.state == C_FINISHED else _now()) - self.started
 
     @property
     def end(self):
@@ -446,25 +451,33 @@ cdef class Connection:
     @property
     def closed(self):
         """True once the client connection is gone."""
-        return self._finished or ((self.client is not None or self.raw) and not self.client_open)
+        return self.state == C_FINISHED or ((self.client is not None or self.raw)
+                                            and not self.client_open)
 
     @property
     def finished(self):
         """True once both sides are gone and every count is released."""
-        return self._finished
+        return self.state == C_FINISHED
 
     @property
     def buffered(self):
         """Bytes this connection holds in memory: its read buffers and the
         client transport's write buffer (for tests of back-pressure)."""
-        cdef Py_ssize_t n = self.c_size + self.u_size
+        cdef Py_ssize_t n = self.c2u.size + self.u2c.size
         if self.client is not None and self.client_open:
             n += self.client.get_write_buffer_size()
         return n
 
+    @property
+    def directions(self):
+        """The state of each direction and of the whole:
+        ``(connection, client to upstream, upstream to client)`` names."""
+        return (_CONN_NAMES[self.state], STATE_NAMES[self.c2u.state],
+                STATE_NAMES[self.u2c.state])
+
     def __repr__(self):
         return (f"<Connection {self.peername!r} up={self.ustate.address if self.ustate else None} "
-                f"in={self.c2u} out={self.u2c} {self.end}>")
+                f"in={self.c2u.nbytes} out={self.u2c.nbytes} {self.end}>")
 
     # -- connecting --------------------------------------------------------------
 
@@ -521,44 +534,49 @@ cdef class Connection:
             self._connected()
         else:
             self.deadline = _now() + self.cfg.connect_timeout
-            self.engine.want_tick(self.deadline)
+            self.engine.arm(self, self.deadline)
         return 0
 
     cdef _connected(self):
         cdef Target t = self.attempt
         cdef UpstreamState st = t.state
+        cdef Direction d = self.c2u
+        cdef Py_ssize_t n
         self.attempt = None
         self.deadline = 0.0
         self.ustate = st
         self.up_state = UP_OPEN
+        self.state = C_OPEN
         st.connections += 1
         if (st.fails or st.ejected_until > 0) and self.cfg.connector is not None:
             self.cfg.connector.succeeded(t)
+        d.step(EV_CONNECTED)
         if self.early:
             n = self.early
             self.early = 0
             self.c_early_full = False
-            self._to_upstream(0, n, False)
-        if self.c_eof and self.c_pend_end == 0 and self.up_state == UP_OPEN:
-            self._shutdown_upstream()
-        self._sync_client_reading()
+            self._send(d, 0, n, False)
+        if self.up_state == UP_OPEN and d.pend_end == 0:
+            self._drained(d)   # the held bytes (or none) are sent: a held EOF follows them
+        else:
+            self._sync_client_reading()
 
-    cdef Target _drop_attempt(self, int state):
+    cdef Target _drop_attempt(self, int up):
         # Close the attempt in progress and release its count (no failure is
-        # counted here); the upstream side goes to *state*.
+        # counted here); the upstream side goes to *up*.
         cdef Target t = self.attempt
         self._close_fd()
         t.state.active -= 1
         self.attempt = None
         self.deadline = 0.0
-        self.up_state = state
+        self.up_state = up
         return t
 
     cdef _attempt_failed(self, object exc):
         # The attempt in progress failed: release and count it, then try the
         # next target if the client is still there.
         self._count_failure(self._drop_attempt(UP_NONE), exc)
-        if self.client_open and not self.closing:
+        if self.client_open and self.state == C_CONNECTING:
             self._next_attempt()
         else:
             self.up_state = UP_CLOSED
@@ -586,32 +604,34 @@ cdef class Connection:
         if not self.client_open:
             self._finish()
             return
-        self.closing = True
-        if self.c_eof:
+        if self.c2u.eof():
+            self._closing()
             self._c_close(False)
             return
-        self.lingering = True
+        self.state = C_LINGERING
         self.deadline = _now() + _LINGER
-        self.engine.want_tick(self.deadline)
+        self.engine.arm(self, self.deadline)
         self._c_write_eof()
         self._sync_client_reading()
 
     # -- the engine's calls ------------------------------------------------------
 
     cdef double _deadline(self):
-        if self.up_state == UP_CONNECTING or self.lingering:
+        if self.up_state == UP_CONNECTING or self.state == C_LINGERING:
             return self.deadline
-        if self.cfg.idle_timeout > 0 and not self._finished:
+        if self.cfg.idle_timeout > 0 and self.state != C_FINISHED:
             # closing too: a client that never reads what is left for it
             return self.last_active + self.cfg.idle_timeout
         return 0.0
 
     cdef _timed_out(self, double now):
+        # the engine's timer found this connection due: act if it really is
+        # (an idle one may have been active since it was armed)
         cdef double at = self._deadline()
         if at == 0.0 or now < at:
             return
-        if self.lingering:
-            self.lingering = False
+        if self.state == C_LINGERING:
+            self.state = C_CLOSING
             if self.client_open:
                 self._c_close(False)
         elif self.up_state == UP_CONNECTING:
@@ -624,7 +644,7 @@ cdef class Connection:
         # a bug in the relay or a callback: this connection only
         _log.error("proxy connection failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
         self._set_end(END_ABORTED)
-        if not self._finished:
+        if self.state != C_FINISHED:
             self._shut(END_ABORTED, True)
 
     cdef _upstream_event(self, uint32_t events):
@@ -643,52 +663,143 @@ cdef class Connection:
             self._connected()   # writable, no error: connected
         if self.up_state != UP_OPEN:
             return
-        if events & EPOLLERR:
-            getsockopt(self.ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
-            if err:
-                self._upstream_error(err)
-                return
-        if events & EPOLLOUT and self.c_pend_end:
-            self._flush_upstream()
-        if self.ufd >= 0 and events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
-            if events & (EPOLLRDHUP | EPOLLHUP):
-                self.u_rdhup = True
-            self.u_readable = True
-            self._read_upstream()
+        self._socket_event(self.u2c, self.c2u, events)
 
-    # -- relaying ------------------------------------------------------------------
+    cdef _client_event(self, uint32_t events):
+        if self.cfd < 0:
+            return   # closed earlier in this batch
+        self._socket_event(self.c2u, self.u2c, events)
+
+    # -- relaying: one code for both directions -----------------------------------
+    #
+    # Direction ``c2u`` reads the client and writes the upstream; ``u2c`` the
+    # reverse.  Each moves its bytes the same way (below); where they
+    # differ, it is the client side being a transport (not raw) -- then the
+    # transport reads c2u's bytes and writes u2c's -- and c2u holding the
+    # client's bytes while the upstream connects.
+
+    cdef int _src(self, Direction d) noexcept:
+        return self.cfd if d is self.c2u else self.ufd
+
+    cdef int _dst(self, Direction d) noexcept:
+        return self.ufd if d is self.c2u else self.cfd
+
+    cdef _failed(self, bint client_side, int err):
+        # a socket failed: the client's, or the upstream's
+        if client_side:
+            self._c_gone(True)
+        else:
+            self._upstream_error(err)
+
+    cdef _socket_event(self, Direction src_of, Direction dst_of, uint32_t events):
+        # epoll's events for a socket that is src_of's source and dst_of's
+        # destination
+        cdef int fd = self._src(src_of)
+        cdef int err = 0
+        cdef socklen_t elen = sizeof(err)
+        if events & EPOLLERR:
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err:
+                self._failed(src_of is self.c2u, err)
+                return
+        if events & EPOLLOUT and dst_of.pend_end:
+            self._flush(dst_of)
+        if self._src(src_of) >= 0 and events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            if events & (EPOLLRDHUP | EPOLLHUP):
+                src_of.rdhup = True
+            src_of.readable = True
+            self._read(src_of)
+
+    cdef bint _may_read(self, Direction d):
+        if d is self.c2u:
+            return self.c_reading
+        return d.state == D_OPEN and self.state == C_OPEN and self.client_open
 
     # Read buffers are not zeroed (bytearray(n) would memset them): every
     # byte relayed from them was first written by recv() or the transport.
 
-    cdef _new_c_buf(self, Py_ssize_t size):
-        self.c_buf = PyByteArray_FromStringAndSize(NULL, size)
+    cdef _new_buf(self, Direction d, Py_ssize_t size):
+        d.buf = PyByteArray_FromStringAndSize(NULL, size)
         if not self.raw:
-            self.c_mv = memoryview(self.c_buf)   # for get_buffer()
-        self.c_size = size
+            d.mv = memoryview(d.buf)   # for get_buffer() and the transport's write()
+        d.size = size
 
-    cdef _new_u_buf(self, Py_ssize_t size):
-        self.u_buf = PyByteArray_FromStringAndSize(NULL, size)
-        if not self.raw:
-            self.u_mv = memoryview(self.u_buf)   # for the transport's write()
-        self.u_size = size
-
-    cdef _to_upstream(self, Py_ssize_t start, Py_ssize_t n, bint from_read):
-        # send c_buf[start:start+n]; keep what the upstream cannot take
+    cdef _read(self, Direction d):
+        # Read d's source (a raw socket) while it may hold bytes, and pass
+        # them on.
         cdef ssize_t r
-        cdef Py_ssize_t size = self.c_size
-        cdef char *p = PyByteArray_AS_STRING(self.c_buf)
-        self.c2u += n
-        self.counters.bytes_in += n
+        cdef Py_ssize_t room, held
+        cdef int fd, reads = 0
+        while d.readable:
+            fd = self._src(d)
+            if fd < 0 or not self._may_read(d):
+                return
+            if d.mode != M_COPY and d.state == D_OPEN and d.pend_end == 0:
+                if self._splice(d):
+                    return
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)   # let the other connections run
+                return
+            held = self.early if d is self.c2u else 0
+            if d.buf is None or (d.size < d.next and not held and d.pend_end == 0):
+                self._new_buf(d, d.next)
+            room = d.size - held
+            r = recv(fd, PyByteArray_AS_STRING(d.buf) + held, room, 0)
+            if r > 0:
+                reads += 1
+                if d is self.c2u:
+                    self._client_bytes(r)
+                else:
+                    self.last_active = _now()
+                    self._to_client(r)
+                if r < room:
+                    # A short read took all there was: more data raises a
+                    # new edge, and if the source's FIN is already here
+                    # (RDHUP), nothing follows it -- the EOF, without the
+                    # recv() that would return 0.
+                    d.readable = False
+                    if d.rdhup and self._src(d) >= 0 and not d.eof():
+                        self._src_eof(d)
+                    return
+            elif self._read_ended(d, r):
+                return
+
+    cdef bint _read_ended(self, Direction d, ssize_t r):
+        # recv()/splice() from d's source returned r <= 0: the EOF, nothing
+        # more for now, or an error.  False: interrupted, read again.
+        if r == 0:
+            d.readable = False
+            if not d.eof():
+                self._src_eof(d)
+        elif errno == EAGAIN:
+            d.readable = False
+        elif errno == EINTR:
+            return False
+        else:
+            self._failed(d is self.c2u, errno)
+        return True
+
+    cdef _send(self, Direction d, Py_ssize_t start, Py_ssize_t n, bint from_read):
+        # Send d.buf[start:start+n] to d's destination (a raw socket); keep
+        # what it cannot take (pending) and stop reading the source.
+        cdef ssize_t r
+        cdef Py_ssize_t size = d.size
+        cdef char *p = PyByteArray_AS_STRING(d.buf)
+        cdef int fd = self._dst(d)
+        d.nbytes += n
+        if d is self.c2u:
+            self.counters.bytes_in += n
+        else:
+            self.counters.bytes_out += n
         if from_read and n == size:
             # a full read: a bulk transfer, read bigger chunks (and at the
             # largest, splice a raw connection's)
             if size < self.cfg.max_buffer_size:
-                self.c_next = min(size * 2, self.cfg.max_buffer_size)
+                d.next = min(size * 2, self.cfg.max_buffer_size)
             elif self.raw and _SPLICE:
-                self.c_splice = True
+                d.mode = M_BULK
         while True:
-            r = send(self.ufd, p + start, n, MSG_NOSIGNAL)
+            r = send(fd, p + start, n, MSG_NOSIGNAL)
             if r >= 0:
                 break
             if errno == EINTR:
@@ -696,185 +807,212 @@ cdef class Connection:
             if errno == EAGAIN:
                 r = 0
                 break
-            self._upstream_error(errno)
+            self._failed(d is self.u2c, errno)
             return
         if r == n:
             return
-        self.c_pend_off = start + r
-        self.c_pend_end = start + n
-        self.c_paused_by_up = True
-        self._sync_client_reading()
+        d.pend_off = start + r
+        d.pend_end = start + n
+        d.step(EV_FULL)
+        if d is self.c2u:
+            self._sync_client_reading()
 
-    cdef _flush_upstream(self):
+    cdef _flush(self, Direction d):
+        # d's destination is writable: send what is pending
         cdef ssize_t r
         cdef char *p
-        if self.cp_r >= 0:
-            r = _drain_pipe(self.cp_r, self.ufd, self.c_pend_end - self.c_pend_off)
+        cdef int fd = self._dst(d)
+        if d.pipe_r >= 0:
+            r = _drain_pipe(d.pipe_r, fd, d.pend_end - d.pend_off)
             if r <= 0:
                 if r < 0:
-                    self._upstream_error(-r)
+                    self._failed(d is self.u2c, -r)
                 return
-            self.c_pend_off += r
-            self.last_active = _now()
-            if self.c_pend_off < self.c_pend_end:
-                return
-            self._flushed_upstream()
-            return
-        p = PyByteArray_AS_STRING(self.c_buf)
-        while True:
-            r = send(self.ufd, p + self.c_pend_off, self.c_pend_end - self.c_pend_off, MSG_NOSIGNAL)
-            if r >= 0:
-                break
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN:
-                return
-            self._upstream_error(errno)
-            return
-        self.c_pend_off += r
-        self.last_active = _now()
-        if self.c_pend_off < self.c_pend_end:
-            return
-        self._flushed_upstream()
-
-    cdef _flushed_upstream(self):
-        # everything the client sent has reached the upstream
-        self.c_pend_off = self.c_pend_end = 0
-        if self.u_close_pending:
-            self._close_upstream(False)
-            return
-        if self.c_eof:
-            self._shutdown_upstream()
-        self.c_paused_by_up = False
-        self._sync_client_reading()
-
-    cdef _shutdown_upstream(self):
-        if not self.u_shut and self.ufd >= 0:
-            self.u_shut = True
-            shutdown(self.ufd, SHUT_WR)
-
-    cdef _read_upstream(self):
-        cdef ssize_t r
-        cdef int reads = 0
-        while self.u_readable and self.ufd >= 0:
-            if self.u_paused_by_c or self.closing or not self.client_open:
-                return
-            if self.u_splice and not self.u_pend_end:
-                self._splice_u2c()
-                return
-            if reads == _READS_PER_EVENT:
-                self.engine.defer(self)   # let the other connections run
-                return
-            if self.u_buf is None or self.u_size < self.u_next:
-                self._new_u_buf(self.u_next)
-            r = recv(self.ufd, PyByteArray_AS_STRING(self.u_buf), self.u_size, 0)
-            if r > 0:
-                reads += 1
-                self.last_active = _now()
-                if r < self.u_size:
-                    # A short read took all there was: more data raises a
-                    # new edge, and if the upstream's FIN is already here
-                    # (RDHUP), nothing follows it -- the EOF, without the
-                    # recv() that would return 0.
-                    self.u_readable = False
-                    self._to_client(r)
-                    if self.u_rdhup and self.ufd >= 0 and not self.u_eof:
-                        self._upstream_eof()
-                    return
-                self._to_client(r)
-            elif self._upstream_read_ended(r):
-                return
-
-    cdef bint _upstream_read_ended(self, ssize_t r):
-        # recv()/splice() from the upstream returned r <= 0: the EOF, nothing
-        # more for now, or an error.  False: interrupted, read again.
-        if r == 0:
-            self.u_readable = False
-            self._upstream_eof()
-        elif errno == EAGAIN:
-            self.u_readable = False
-        elif errno == EINTR:
-            return False
         else:
-            self._upstream_error(errno)
-        return True
-
-    cdef _to_client(self, Py_ssize_t n):
-        cdef Py_ssize_t size = self.u_size
-        cdef ssize_t r
-        self.u2c += n
-        self.counters.bytes_out += n
-        if self.raw:
-            # u_buf is ours until sent: what the client cannot take now is
-            # kept (u_pend_*) and upstream reads stop until EPOLLOUT.
-            if n == size:
-                if size < self.cfg.max_buffer_size:
-                    self.u_next = min(size * 2, self.cfg.max_buffer_size)
-                elif _SPLICE:
-                    self.u_splice = True
+            p = PyByteArray_AS_STRING(d.buf)
             while True:
-                r = send(self.cfd, PyByteArray_AS_STRING(self.u_buf), n, MSG_NOSIGNAL)
+                r = send(fd, p + d.pend_off, d.pend_end - d.pend_off, MSG_NOSIGNAL)
                 if r >= 0:
                     break
                 if errno == EINTR:
                     continue
                 if errno == EAGAIN:
-                    r = 0
-                    break
-                self._c_gone(True)
+                    return
+                self._failed(d is self.u2c, errno)
                 return
-            if r < n:
-                self.u_pend_off = r
-                self.u_pend_end = n
-                self.u_paused_by_c = True
+        d.pend_off += r
+        self.last_active = _now()
+        if d.pend_off < d.pend_end:
             return
-        self.c_write(self.u_buf if n == size else self.u_mv[:n])
+        d.pend_off = d.pend_end = 0
+        self._drained(d)
+
+    cdef _drained(self, Direction d):
+        # Everything d had pending is written (or its transport resumed):
+        # what the state machine says follows.
+        cdef int act = d.step(EV_DRAINED)
+        if act == ACT_CLOSE:
+            if d is self.c2u:
+                self._upstream_closed()
+            else:
+                self._c_gone(False)
+            return
+        if act == ACT_SHUT:
+            self._shut_dst(d)
+        if d is self.c2u:
+            self._sync_client_reading()
+        elif d.readable:
+            self._read(d)
+
+    cdef _shut_dst(self, Direction d):
+        # send d's destination our EOF
+        if d is self.c2u:
+            if self.ufd >= 0:
+                shutdown(self.ufd, SHUT_WR)
+        elif not self.raw:
+            self.client.write_eof()
+        elif self.cfd >= 0:
+            shutdown(self.cfd, SHUT_WR)
+
+    cdef _src_eof(self, Direction d):
+        # d's source sent its EOF
+        cdef Direction other = self.u2c if d is self.c2u else self.c2u
+        cdef int act
+        if d is self.c2u:
+            self.c_reading = False   # a transport stops reading by itself
+            if self.state == C_LINGERING:
+                d.step(EV_EOF)
+                self.state = C_CLOSING
+                self._c_close(False)
+                return
+        act = d.step(EV_EOF)
+        if self.state != C_OPEN:
+            return   # connecting: c2u holds the EOF; closing: nothing to pass on
+        if other.eof():
+            self._shut(END_EOF, False)   # both done: close, no shutdown() first
+        elif act == ACT_SHUT:
+            self._shut_dst(d)
+
+    # Bulk: once a direction has filled a max_buffer_size read, its bytes
+    # move socket -> pipe -> socket with splice(2) and never reach user
+    # space.  What the pipe still holds is the pending count, so flow
+    # control, half-close and closing work as with a buffer.
+
+    cdef bint _splice(self, Direction d):
+        # Move d's bytes through its pipe; False: no pipe could be made
+        # (no descriptors to spare), copy instead.
+        cdef ssize_t r
+        cdef int src, reads = 0
+        cdef Py_ssize_t chunk = self.cfg.max_buffer_size
+        if d.pipe_r < 0:
+            if _open_pipe(&d.pipe_r, &d.pipe_w, chunk) < 0:
+                d.mode = M_COPY
+                return False
+            d.mode = M_SPLICE
+            d.buf = None   # not needed any more
+            d.size = 0
+        while d.readable:
+            src = self._src(d)
+            if src < 0 or not self._may_read(d):
+                return True
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)
+                return True
+            r = splice(src, NULL, d.pipe_w, NULL, chunk, _SPLICE_FLAGS)
+            if r > 0:
+                reads += 1
+                self.last_active = _now()
+                d.nbytes += r
+                if d is self.c2u:
+                    self.counters.bytes_in += r
+                else:
+                    self.counters.bytes_out += r
+                d.pend_off = 0
+                d.pend_end = r
+                r = _drain_pipe(d.pipe_r, self._dst(d), r)
+                if r < 0:
+                    self._failed(d is self.u2c, -r)
+                    return True
+                d.pend_off = r
+                if d.pend_off < d.pend_end:
+                    d.step(EV_FULL)
+                    if d is self.c2u:
+                        self._sync_client_reading()
+                    return True
+                d.pend_off = d.pend_end = 0
+            elif self._read_ended(d, r):
+                return True
+        return True
+
+    cdef _close_pipes(self):
+        cdef Direction d
+        for d in (self.c2u, self.u2c):
+            if d.pipe_r >= 0:
+                _close(d.pipe_r)
+                _close(d.pipe_w)
+                d.pipe_r = d.pipe_w = -1
+
+    cdef _to_client(self, Py_ssize_t n):
+        # n bytes read from the upstream into u2c's buffer: to the client
+        cdef Direction d = self.u2c
+        cdef Py_ssize_t size = d.size
+        if self.raw:
+            # the buffer is ours until sent: what the client cannot take now
+            # is kept (pending) and upstream reads stop until EPOLLOUT
+            self._send(d, 0, n, True)
+            return
+        d.nbytes += n
+        self.counters.bytes_out += n
+        self.c_write(d.buf if n == size else d.mv[:n])
         if n == size and size < self.cfg.max_buffer_size:
-            self.u_next = min(size * 2, self.cfg.max_buffer_size)
-            self.u_buf = None
-            self.u_size = 0
+            d.next = min(size * 2, self.cfg.max_buffer_size)
+            d.buf = None
+            d.size = 0
         elif self.client_open and self.client.get_write_buffer_size():
-            # the transport still holds a view of u_buf: take a fresh one
-            self.u_buf = None
-            self.u_size = 0
+            # the transport still holds a view of the buffer: take a fresh one
+            d.buf = None
+            d.size = 0
 
     cdef _hold(self, object data):
-        # data_received() before the upstream is connected: copy into c_buf,
-        # growing it if needed; reading pauses once buffer_size bytes are held.
+        # data_received() before the upstream is connected: copy into c2u's
+        # buffer, growing it if needed; reading pauses once buffer_size bytes
+        # are held.
+        cdef Direction d = self.c2u
         cdef Py_ssize_t n = len(data)
         cdef Py_ssize_t need = self.early + n
-        if self.c_buf is None or need > self.c_size:
-            old, old_n = self.c_buf, self.early
-            self._new_c_buf(max(need, self.cfg.buffer_size))
+        if d.buf is None or need > d.size:
+            old, old_n = d.buf, self.early
+            self._new_buf(d, max(need, self.cfg.buffer_size))
             if old_n:
-                self.c_buf[:old_n] = old[:old_n]
-        self.c_buf[self.early:need] = data
+                d.buf[:old_n] = old[:old_n]
+        d.buf[self.early:need] = data
         self.early = need
         if self.early >= self.cfg.buffer_size:
             self.c_early_full = True
             self._sync_client_reading()
 
     cdef _sync_client_reading(self):
-        cdef bint want = (self.client_open and not self.c_eof and (self.lingering or (
-            not self.closing and not self.c_paused_by_up and not self.c_early_full)))
+        # read the client while c2u may read and the connection wants it
+        cdef bint want = self.client_open and (self.state == C_LINGERING or (
+            (self.state == C_OPEN or self.state == C_CONNECTING)
+            and may_read(self.c2u.state) and not self.c_early_full))
         if want != self.c_reading:
             self.c_reading = want
             if self.raw:
                 # an edge-triggered socket does not report bytes that were
                 # already there: read them soon (not from inside this call)
-                if want and self.c_readable:
+                if want and self.c2u.readable:
                     self.engine.defer(self)
             elif want:
                 self.client.resume_reading()
             else:
                 self.client.pause_reading()
 
-    cdef _upstream_eof(self):
-        self.u_eof = True
-        if self.client_open and not self.closing:
-            self._c_write_eof()
-            if self.c_eof:
-                self._shut(END_EOF, False)
+    cdef _run_deferred(self):
+        if self.raw and self.c2u.readable:
+            self._read(self.c2u)
+        if self.u2c.readable:
+            self._read(self.u2c)
 
     cdef _upstream_error(self, int err):
         # the upstream socket failed (reset, ...): close both sides at once
@@ -886,8 +1024,8 @@ cdef class Connection:
     # -- the client socket, when the core accepted it (raw) -------------------------
     #
     # The same relay as with a transport; these stand in for the transport's
-    # reads, writes and callbacks.  Writes to the client go straight from
-    # u_buf; closing the client socket runs connection_lost's logic at once.
+    # reads, writes and callbacks.  Closing the client socket runs
+    # connection_lost's logic at once.
 
     cdef int _start_raw(self, _Engine engine, int fd, sockaddr_storage *addr,
                         socklen_t alen) except -1:
@@ -913,6 +1051,7 @@ cdef class Connection:
             return 0
         self.cfd = fd
         self.client_open = True
+        self.state = C_CONNECTING
         self.c_reading = True
         self.conns.add(self)
         self.engine.link(self)
@@ -921,224 +1060,31 @@ cdef class Connection:
         if cfg.keepalive and addr.ss_family != AF_UNIX:
             setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one))
         if cfg.idle_timeout > 0:
-            self.engine.want_tick(self.started + cfg.idle_timeout)
+            self.engine.arm(self, self.started + cfg.idle_timeout)
         self._next_attempt()
         return 0
 
-    cdef _client_event(self, uint32_t events):
-        cdef int err = 0
-        cdef socklen_t elen = sizeof(err)
-        if self.cfd < 0:
-            return   # closed earlier in this batch
-        if events & EPOLLERR:
-            getsockopt(self.cfd, SOL_SOCKET, SO_ERROR, &err, &elen)
-            if err:
-                self._c_gone(True)
-                return
-        if events & EPOLLOUT and self.u_pend_end:
-            self._flush_client()
-        if self.cfd >= 0 and events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
-            if events & (EPOLLRDHUP | EPOLLHUP):
-                self.c_rdhup = True
-            self.c_readable = True
-            self._read_client()
-
-    cdef _read_client(self):
-        cdef ssize_t r
-        cdef Py_ssize_t room
-        cdef int reads = 0
-        while self.c_readable and self.cfd >= 0 and self.c_reading:
-            if self.c_splice and self.up_state == UP_OPEN and not self.early and not self.c_pend_end:
-                self._splice_c2u()
-                return
-            if reads == _READS_PER_EVENT:
-                self.engine.defer(self)   # let the other connections run
-                return
-            if self.c_buf is None or (self.c_size < self.c_next and not self.early
-                                      and self.c_pend_end == 0):
-                self._new_c_buf(self.c_next)
-            room = self.c_size - self.early
-            r = recv(self.cfd, PyByteArray_AS_STRING(self.c_buf) + self.early, room, 0)
-            if r > 0:
-                reads += 1
-                self._client_bytes(r)
-                if r < room:
-                    # all there was (see _read_upstream)
-                    self.c_readable = False
-                    if self.c_rdhup and self.cfd >= 0 and not self.c_eof:
-                        self._client_eof()
-                    return
-            elif self._client_read_ended(r):
-                return
-
-    cdef bint _client_read_ended(self, ssize_t r):
-        # the same for the client socket
-        if r == 0:
-            self.c_readable = False
-            if not self.c_eof:
-                self._client_eof()
-        elif errno == EAGAIN:
-            self.c_readable = False
-        elif errno == EINTR:
-            return False
-        else:
-            self._c_gone(True)
-        return True
-
-    cdef _flush_client(self):
-        cdef ssize_t r
-        cdef char *p
-        if self.up_r >= 0:
-            r = _drain_pipe(self.up_r, self.cfd, self.u_pend_end - self.u_pend_off)
-            if r <= 0:
-                if r < 0:
-                    self._c_gone(True)
-                return
-        else:
-            p = PyByteArray_AS_STRING(self.u_buf)
-            while True:
-                r = send(self.cfd, p + self.u_pend_off, self.u_pend_end - self.u_pend_off,
-                         MSG_NOSIGNAL)
-                if r >= 0:
-                    break
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    return
-                self._c_gone(True)
-                return
-        self.u_pend_off += r
-        self.last_active = _now()
-        if self.u_pend_off < self.u_pend_end:
-            return
-        self.u_pend_off = self.u_pend_end = 0
-        if self.c_close_pending:
-            self._c_gone(False)
-            return
-        if self.c_eof_pending:
-            self.c_eof_pending = False
-            shutdown(self.cfd, SHUT_WR)
-        self.u_paused_by_c = False
-        if self.u_readable:
-            self._read_upstream()
-
-    # Bulk: once a direction has filled a max_buffer_size read, its bytes
-    # move socket -> pipe -> socket with splice(2) and never reach user
-    # space.  What the pipe still holds is the pending count (c_pend_* or
-    # u_pend_*), so flow control, half-close and closing work as with a
-    # buffer.
-
-    cdef _splice_c2u(self):
-        cdef ssize_t r
-        cdef int reads = 0
-        cdef Py_ssize_t chunk = self.cfg.max_buffer_size
-        if self.cp_r < 0:
-            if _open_pipe(&self.cp_r, &self.cp_w, chunk) < 0:
-                self.c_splice = False   # no descriptors to spare: keep copying
-                return
-            self.c_spliced = True
-            self.c_buf = None           # not needed any more
-            self.c_size = 0
-        while self.c_readable and self.cfd >= 0 and self.c_reading:
-            if reads == _READS_PER_EVENT:
-                self.engine.defer(self)
-                return
-            r = splice(self.cfd, NULL, self.cp_w, NULL, chunk, _SPLICE_FLAGS)
-            if r > 0:
-                reads += 1
-                self.last_active = _now()
-                self.c2u += r
-                self.counters.bytes_in += r
-                self.c_pend_off = 0
-                self.c_pend_end = r
-                r = _drain_pipe(self.cp_r, self.ufd, r)
-                if r < 0:
-                    self._upstream_error(-r)
-                    return
-                self.c_pend_off = r
-                if self.c_pend_off < self.c_pend_end:
-                    self.c_paused_by_up = True
-                    self._sync_client_reading()
-                    return
-                self.c_pend_off = self.c_pend_end = 0
-            elif self._client_read_ended(r):
-                return
-
-    cdef _splice_u2c(self):
-        cdef ssize_t r
-        cdef int reads = 0
-        cdef Py_ssize_t chunk = self.cfg.max_buffer_size
-        if self.up_r < 0:
-            if _open_pipe(&self.up_r, &self.up_w, chunk) < 0:
-                self.u_splice = False
-                return
-            self.u_spliced = True
-            self.u_buf = None
-            self.u_size = 0
-        while self.u_readable and self.ufd >= 0:
-            if self.u_paused_by_c or self.closing or not self.client_open:
-                return
-            if reads == _READS_PER_EVENT:
-                self.engine.defer(self)
-                return
-            r = splice(self.ufd, NULL, self.up_w, NULL, chunk, _SPLICE_FLAGS)
-            if r > 0:
-                reads += 1
-                self.last_active = _now()
-                self.u2c += r
-                self.counters.bytes_out += r
-                self.u_pend_off = 0
-                self.u_pend_end = r
-                r = _drain_pipe(self.up_r, self.cfd, r)
-                if r < 0:
-                    self._c_gone(True)
-                    return
-                self.u_pend_off = r
-                if self.u_pend_off < self.u_pend_end:
-                    self.u_paused_by_c = True
-                    return
-                self.u_pend_off = self.u_pend_end = 0
-            elif self._upstream_read_ended(r):
-                return
-
-    cdef _close_pipes(self):
-        if self.cp_r >= 0:
-            _close(self.cp_r)
-            _close(self.cp_w)
-            self.cp_r = self.cp_w = -1
-        if self.up_r >= 0:
-            _close(self.up_r)
-            _close(self.up_w)
-            self.up_r = self.up_w = -1
-
-    cdef _run_deferred(self):
-        if self.raw and self.c_readable:
-            self._read_client()
-        if self.u_readable:
-            self._read_upstream()
-
     cdef _c_write_eof(self):
-        if not self.raw:
-            self.client.write_eof()
-        elif self.u_pend_end:
-            self.c_eof_pending = True
-        elif self.cfd >= 0:
-            shutdown(self.cfd, SHUT_WR)
+        # send the client our EOF (once what it has pending is sent)
+        if self.u2c.step(EV_EOF) == ACT_SHUT:
+            self._shut_dst(self.u2c)
 
     cdef _c_close(self, bint hard):
         # Close the client side: at once, or once what it has not taken yet
-        # is sent.  A transport calls connection_lost later; a raw socket
-        # is gone before this returns.
+        # is sent.  A transport sends that itself and calls connection_lost
+        # later; a raw socket is gone before this returns.
         if not self.raw:
+            self.u2c.state = D_CLOSED
             if hard:
                 self.client.abort()
             else:
                 self.client.close()
             return
-        if not hard and self.u_pend_end and self.cfd >= 0:
-            self.c_close_pending = True
-            self._sync_client_reading()
-            return
+        if not hard and self.cfd >= 0:
+            self.u2c.step(EV_CLOSE)
+            if self.u2c.state == D_CLOSING:
+                self._sync_client_reading()
+                return
         self._c_gone(False)
 
     cdef _c_gone(self, bint error):
@@ -1148,11 +1094,15 @@ cdef class Connection:
         self.cfd = -1
         _close(fd)   # also takes it out of the epoll set
         self.engine.forget(self)
-        self.u_pend_off = self.u_pend_end = 0
-        self.c_readable = False
+        self.u2c.pend_off = self.u2c.pend_end = 0
+        self.c2u.readable = False
         self._client_lost(error)
 
     # -- closing -------------------------------------------------------------------
+
+    cdef _closing(self):
+        if self.state < C_CLOSING:
+            self.state = C_CLOSING
 
     cdef _set_end(self, int code):
         if self.end_code == END_NONE:
@@ -1170,21 +1120,28 @@ cdef class Connection:
         # not taken yet are sent.
         if self.up_state != UP_OPEN:
             return
-        if not hard and self.c_pend_end and self.ufd >= 0:
-            self.u_close_pending = True
-            return
+        if hard or self.ufd < 0:
+            self.c2u.step(EV_ERROR)
+        else:
+            self.c2u.step(EV_CLOSE)
+            if self.c2u.state == D_CLOSING:
+                return
+        self._upstream_closed()
+
+    cdef _upstream_closed(self):
         self._close_fd()
         self.up_state = UP_CLOSED
-        self.u_readable = False
+        self.c2u.state = D_CLOSED
+        self.u2c.readable = False
         if not self.client_open:
             self._finish()
 
     cdef _shut(self, int code, bint hard):
         # Close both sides: gracefully (flush what is buffered) or at once.
         self._set_end(code)
-        if self._finished:
+        if self.state == C_FINISHED:
             return
-        self.closing = True
+        self._closing()
         if self.client_open:
             self._c_close(hard)   # raw: may finish the connection right here
         if self.up_state == UP_OPEN:
@@ -1195,10 +1152,10 @@ cdef class Connection:
                 self._finish()
 
     cdef _finish(self):
-        if self._finished:
+        cdef Direction d
+        if self.state == C_FINISHED:
             return
-        self._finished = True
-        self.closing = True
+        self.state = C_FINISHED
         self.ended = _now()
         self._close_fd()
         if self.cfd >= 0:
@@ -1215,13 +1172,15 @@ cdef class Connection:
             self.cfg.limit._release()
         if self.ustate is not None:
             self.ustate.active -= 1
-            self.ustate.bytes_in += self.c2u
-            self.ustate.bytes_out += self.u2c
+            self.ustate.bytes_in += self.c2u.nbytes
+            self.ustate.bytes_out += self.u2c.nbytes
         self.attempt = None
         self.tried = None
-        self.c_buf = self.u_buf = None
-        self.c_mv = self.u_mv = None
-        self.c_size = self.u_size = 0
+        for d in (self.c2u, self.u2c):
+            d.state = D_CLOSED
+            d.buf = None
+            d.mv = None
+            d.size = 0
         self.c_write = None
         self.client = None
         self.conns.discard(self)
