@@ -1,7 +1,13 @@
 """The pure-Python twin of ``_core.pyx``: same names, same behaviour.
 
 Used when the extension is missing or ``HOTPROXY_NO_EXTENSIONS=1``; the
-test-suite runs against both.  Keep the two files in step.
+test-suite runs against both (and ``tests/test_core_equivalence.py`` checks
+that the two expose the same API).  The decisions of the relay -- each
+direction's state machine -- and the timer wheel are not repeated here:
+they are ``_core_machine.py``, which the compiled core builds and this
+module runs as Python.  What is here is the other half, written twice: the
+system calls (socket methods and ``os.splice`` here, C calls there).  Keep
+the two in step, function for function.
 """
 
 from __future__ import annotations
@@ -14,8 +20,33 @@ import mmap as _mmap
 import os as _os
 import select as _select
 import socket as _socket
+import sys
 import time
-from typing import Any
+from importlib import util as _importlib_util
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._core_machine import Direction
+
+
+def _load_machine() -> ModuleType:
+    # _core_machine.py as plain Python: the compiled core builds the same
+    # file into an extension of that name, which a plain import would pick.
+    name = __name__.rpartition(".")[0] + "._core_machine_py"
+    mod = sys.modules.get(name)
+    if mod is None:
+        path = _os.path.join(_os.path.dirname(__file__), "_core_machine.py")
+        spec = _importlib_util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = _importlib_util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+#: The direction state machine and the timer wheel, run as Python.
+_machine = _load_machine()
 
 
 class Slot:
@@ -454,6 +485,10 @@ _TAG_UPSTREAM, _TAG_CLIENT, _TAG_LISTENER = 0, 1, 2
 _EPOLLIN, _EPOLLOUT, _EPOLLERR = _select.EPOLLIN, _select.EPOLLOUT, _select.EPOLLERR
 _EPOLLHUP, _EPOLLRDHUP = _select.EPOLLHUP, _select.EPOLLRDHUP
 
+# move bulk transfers of raw connections with splice(2) (HOTPROXY_SPLICE=0: never)
+_SPLICE = _os.environ.get("HOTPROXY_SPLICE", "1") not in ("", "0")
+_SPLICE_FLAGS = _os.SPLICE_F_MOVE | _os.SPLICE_F_NONBLOCK
+
 _engines: dict[Any, _Engine] = {}
 _last_engine: _Engine | None = None
 
@@ -480,10 +515,11 @@ class _Engine:
         self.ep = _select.epoll()
         self.loop = loop
         self.by_fd: dict[int, tuple[Any, int]] = {}
-        self.conns: dict[Connection, None] = {}   # every connection (timeouts)
+        self.conns: dict[Connection, None] = {}   # every connection (close())
         self.ready: list[Connection] = []
         self.timer: Any = None
         self.timer_at = 0.0
+        self.wheel = _machine.TimerWheel(_TICK)
         loop.add_reader(self.ep.fileno(), self._on_ready)
 
     def close(self) -> None:
@@ -496,11 +532,13 @@ class _Engine:
                 conn.csock.close()
                 conn.csock = None
                 conn.cfd = -1
+            conn._close_pipes()
         self.ep.close()
         self.by_fd.clear()
         self.conns.clear()
         self.ready.clear()
         self.timer = None
+        self.wheel = _machine.TimerWheel(_TICK)
         self.loop = None
 
     def register(self, obj: Any, fd: int, events: int, tag: int) -> int:
@@ -521,7 +559,7 @@ class _Engine:
                 pass
 
     def _on_ready(self) -> None:
-        # one batch per call (see _core.pyx)
+        # one batch per call (see _core_engine.pxi)
         for fd, ev in self.ep.poll(0, _EVENTS):
             entry = self.by_fd.get(fd)
             if entry is None:
@@ -560,6 +598,12 @@ class _Engine:
 
     def unlink(self, conn: Connection) -> None:
         self.conns.pop(conn, None)
+        self.wheel.discard(conn)
+
+    # -- timeouts (see _core_engine.pxi) -------------------------------------------
+
+    def arm(self, conn: Connection, at: float) -> None:
+        self.want_tick(self.wheel.arm(conn, at))
 
     def want_tick(self, when: float) -> None:
         if self.timer is not None and self.timer_at <= when:
@@ -576,16 +620,8 @@ class _Engine:
 
     def _tick(self) -> None:
         now = _now()
-        next_at = 0.0
-        due = []
         self.timer = None
-        for conn in self.conns:
-            at = conn._deadline()
-            if at > 0.0:
-                if at <= now:
-                    due.append(conn)
-                elif next_at == 0.0 or at < next_at:
-                    next_at = at
+        due = self.wheel.expire(now)
         for conn in due:
             try:
                 conn._timed_out(now)
@@ -593,25 +629,77 @@ class _Engine:
                 conn._crashed(exc)
         for conn in due:
             at = conn._deadline()
-            if at > 0.0 and (next_at == 0.0 or at < next_at):
-                next_at = at
-        if next_at > 0.0:
-            self.want_tick(next_at)
+            if at > 0.0:
+                self.wheel.arm(conn, at)
+        at = self.wheel.next_at()
+        if at > 0.0:
+            self.want_tick(at)
+
+
+# -- system calls as the compiled core makes them: a count, or -errno ------------------
+
+def _recv_into(sock: _socket.socket, buf: Any, n: int) -> int:
+    try:
+        return sock.recv_into(buf, n)
+    except OSError as exc:
+        return -(exc.errno or _errno.EIO)
+
+
+def _send(sock: _socket.socket, data: Any) -> int:
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return -_errno.EAGAIN
+    except OSError as exc:
+        return -(exc.errno or _errno.EPIPE)
+
+
+def _splice(src: int, dst: int, n: int) -> int:
+    try:
+        return _os.splice(src, dst, n, flags=_SPLICE_FLAGS)
+    except OSError as exc:
+        return -(exc.errno or _errno.EIO)
+
+
+def _drain_pipe(pr: int, dst: int, n: int) -> int:
+    # move up to n bytes from the pipe to dst: bytes moved, 0 if dst is full, or -errno
+    r = _splice(pr, dst, n)
+    return 0 if r == -_errno.EAGAIN else r
+
+
+def _open_pipe(size: int) -> tuple[int, int] | None:
+    try:
+        r, w = _os.pipe2(_os.O_NONBLOCK | _os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        _fcntl.fcntl(w, _fcntl.F_SETPIPE_SZ, size)   # best effort: the default is 64 KiB
+    except OSError:
+        pass
+    return r, w
+
+
+# The connection as a whole (see _core_relay.pxi)
+C_NEW, C_CONNECTING, C_OPEN, C_LINGERING, C_CLOSING, C_FINISHED = range(6)
+_CONN_NAMES = ("new", "connecting", "open", "lingering", "closing", "finished")
+
+D_HOLD, D_OPEN, D_CLOSING, D_CLOSED = _machine.D_HOLD, _machine.D_OPEN, _machine.D_CLOSING, _machine.D_CLOSED
+EV_FULL, EV_DRAINED, EV_EOF = _machine.EV_FULL, _machine.EV_DRAINED, _machine.EV_EOF
+EV_CONNECTED, EV_CLOSE, EV_ERROR = _machine.EV_CONNECTED, _machine.EV_CLOSE, _machine.EV_ERROR
+ACT_SHUT, ACT_CLOSE = _machine.ACT_SHUT, _machine.ACT_CLOSE
+M_COPY, M_BULK, M_SPLICE = _machine.M_COPY, _machine.M_BULK, _machine.M_SPLICE
+_may_read_state = _machine.may_read
 
 
 class Connection:
     """One proxied connection: the protocol of the accepted client socket and
-    the owner of its upstream socket (see ``_core.pyx``)."""
+    the owner of its upstream socket (see ``_core_relay.pxi``)."""
 
     __slots__ = ("cfg", "counters", "conns", "owner", "engine", "client", "c_write", "sock", "ufd",
-                 "attempt", "tried", "attempts", "deadline", "ustate", "c_buf", "u_buf", "c_mv",
-                 "u_mv", "c_size", "u_size", "c_next", "u_next", "early", "c_pend_off",
-                 "c_pend_end", "c2u", "u2c", "started", "ended", "last_active", "peername",
-                 "up_state", "end_code", "client_open", "c_reading", "c_eof", "u_eof",
-                 "u_readable", "u_rdhup", "u_shut", "u_close_pending", "c_paused_by_up",
-                 "u_paused_by_c", "c_early_full", "closing", "lingering", "_finished",
-                 "csock", "cfd", "raw", "u_pend_off", "u_pend_end", "c_readable", "c_rdhup",
-                 "c_eof_pending", "c_close_pending", "deferred", "admitted", "__weakref__")
+                 "csock", "cfd", "raw", "attempt", "tried", "attempts", "deadline", "ustate",
+                 "c2u", "u2c", "early", "started", "ended", "last_active", "peername", "state",
+                 "up_state", "end_code", "client_open", "c_reading", "c_early_full", "deferred",
+                 "admitted", "__weakref__")
 
     def __init__(self, cfg: RelayConfig, conns: Any, owner: Any = None) -> None:
         if not isinstance(cfg, RelayConfig):
@@ -625,42 +713,33 @@ class Connection:
         self.c_write: Any = None
         self.sock: _socket.socket | None = None
         self.ufd = -1
+        self.csock: _socket.socket | None = None
+        self.cfd = -1
+        self.raw = False
         self.attempt: Target | None = None
         self.tried: list[Target] | None = None
         self.attempts = 0
         self.deadline = 0.0
         self.ustate: UpstreamState | None = None
-        self.c_buf: bytearray | None = None
-        self.u_buf: bytearray | None = None
-        self.c_mv: memoryview | None = None
-        self.u_mv: memoryview | None = None
-        self.c_size = self.u_size = 0
-        self.c_next = self.u_next = cfg.buffer_size
-        self.early = self.c_pend_off = self.c_pend_end = 0
-        self.c2u = self.u2c = 0
+        self.c2u = _machine.Direction(D_HOLD, cfg.buffer_size)
+        self.u2c = _machine.Direction(D_OPEN, cfg.buffer_size)
+        self.early = 0
         self.started = self.last_active = _now()
         self.ended = 0.0
         self.peername: Any = None
+        self.state = C_NEW
         self.up_state = UP_NONE
         self.end_code = END_NONE
-        self.client_open = self.c_reading = self.c_eof = self.u_eof = False
-        self.u_readable = self.u_rdhup = self.u_shut = self.u_close_pending = False
-        self.c_paused_by_up = self.u_paused_by_c = self.c_early_full = False
-        self.closing = self.lingering = self._finished = False
-        self.csock: _socket.socket | None = None
-        self.cfd = -1
-        self.raw = False
-        self.u_pend_off = self.u_pend_end = 0
-        self.c_readable = self.c_rdhup = self.c_eof_pending = self.c_close_pending = False
+        self.client_open = self.c_reading = self.c_early_full = False
         self.deferred = False
         self.admitted = False
 
     def _admit(self) -> bool:
-        # count it in the instance's count, unless that is full (see _core.pyx)
+        # count it in the instance's count, unless that is full (see _core_relay.pxi)
         cfg = self.cfg
         if not cfg.limit.acquire(cfg.max_connections):
             self.counters.refused += 1
-            self._finished = self.closing = True
+            self.state = C_FINISHED
             self.owner = None
             self.conns.discard(self)
             return False
@@ -681,6 +760,7 @@ class Connection:
         self.client = transport
         self.c_write = transport.write
         self.client_open = True
+        self.state = C_CONNECTING
         self.c_reading = True
         self.conns.add(self)
         if cfg.want_peername:
@@ -690,67 +770,51 @@ class Connection:
         self.engine = _get_engine()
         self.engine.link(self)
         if cfg.idle_timeout > 0:
-            self.engine.want_tick(self.started + cfg.idle_timeout)
+            self.engine.arm(self, self.started + cfg.idle_timeout)
         self._next_attempt()
 
     def get_buffer(self, sizehint: int) -> Any:
-        if self.c_buf is None or (self.c_size < self.c_next and not self.early
-                                  and self.c_pend_end == 0):
-            self._new_c_buf(self.c_next)
+        d = self.c2u
+        if d.buf is None or (d.size < d.next and not self.early and d.pend_end == 0):
+            self._new_buf(d, d.next)
         if self.early:
-            return self.c_mv[self.early:]  # type: ignore[index]
-        return self.c_buf
+            return d.mv[self.early:]
+        return d.buf
 
     def buffer_updated(self, nbytes: int) -> None:
         self._client_bytes(nbytes)
 
     def _client_bytes(self, nbytes: int) -> None:
         self.last_active = _now()
-        if self.up_state == UP_OPEN:
-            if not self.closing:
-                self._to_upstream(0, nbytes, True)
-        elif self.up_state != UP_CLOSED:
+        if self.state == C_OPEN:
+            self._send(self.c2u, 0, nbytes, True)
+        elif self.state == C_CONNECTING:
             self.early += nbytes
-            if self.early >= self.c_size:
+            if self.early >= self.c2u.size:
                 self.c_early_full = True
                 self._sync_client_reading()
 
     def data_received(self, data: bytes) -> None:
         n = len(data)
+        d = self.c2u
         self.last_active = _now()
-        if self.up_state == UP_OPEN:
-            if not self.closing:
-                if self.c_buf is None or self.c_size < n:
-                    self._new_c_buf(max(n, self.cfg.buffer_size))
-                self.c_buf[:n] = data  # type: ignore[index]
-                self._to_upstream(0, n, False)
-        elif self.up_state != UP_CLOSED:
+        if self.state == C_OPEN:
+            if d.buf is None or d.size < n:
+                self._new_buf(d, max(n, self.cfg.buffer_size))
+            d.buf[:n] = data
+            self._send(d, 0, n, False)
+        elif self.state == C_CONNECTING:
             self._hold(data)
 
     def eof_received(self) -> bool:
-        self._client_eof()
+        self._src_eof(self.c2u)
         return True
 
-    def _client_eof(self) -> None:
-        self.c_eof = True
-        self.c_reading = False
-        if self.lingering:
-            self.lingering = False
-            self._c_close(False)
-            return
-        if self.up_state == UP_OPEN and not self.closing:
-            if self.u_eof:
-                self._shut(END_EOF, False)
-            elif self.c_pend_end == 0:
-                self._shutdown_upstream()
-
     def pause_writing(self) -> None:
-        self.u_paused_by_c = True
+        self.u2c.step(EV_FULL)
 
     def resume_writing(self) -> None:
-        self.u_paused_by_c = False
-        if self.u_readable:
-            self._read_upstream()
+        self._drained(self.u2c)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._client_lost(exc is not None)
@@ -758,12 +822,13 @@ class Connection:
     def _client_lost(self, error: bool) -> None:
         self.client_open = False
         self.c_reading = False
+        self.u2c.state = D_CLOSED
         self._set_end(END_CLIENT_ERROR if error else END_CLOSED)
         if self.up_state == UP_OPEN:
-            self.closing = True
+            self._closing()
             self._close_upstream(error)
         elif self.up_state == UP_CONNECTING:
-            self.closing = True
+            self._closing()
             self._drop_attempt(UP_CLOSED)
             self._finish()
         else:
@@ -778,63 +843,82 @@ class Connection:
 
     @property
     def upstream(self) -> UpstreamState | None:
+        """The connected upstream's UpstreamState (None if none was reached)."""
         return self.ustate
 
     @property
     def client_transport(self) -> Any:
+        """The client's transport (None once finished)."""
         return self.client
 
     @property
     def client_fileno(self) -> int:
+        """The client socket's file descriptor when the core accepted it."""
         return self.cfd
 
     @property
     def upstream_fileno(self) -> int:
+        """The upstream socket's file descriptor (-1 when there is none)."""
         return self.ufd
 
     @property
     def bytes_in(self) -> int:
-        return self.c2u
+        """Bytes relayed from the client to the upstream."""
+        return self.c2u.nbytes  # type: ignore[no-any-return]
 
     @property
     def bytes_out(self) -> int:
-        return self.u2c
+        """Bytes relayed from the upstream to the client."""
+        return self.u2c.nbytes  # type: ignore[no-any-return]
 
     @property
     def spliced(self) -> str:
-        # this core always copies (see _core.pyx)
-        return ""
+        """Which directions moved bulk with splice(2): "", "in", "out" or "both"."""
+        return ("", "in", "out", "both")[(self.c2u.mode == M_SPLICE) + 2 * (self.u2c.mode == M_SPLICE)]
 
     @property
     def held(self) -> int:
+        """Client bytes held while the upstream connects."""
         return self.early
 
     @property
     def duration(self) -> float:
-        return (self.ended if self._finished else _now()) - self.started
+        """Seconds from accept to finish (or until now)."""
+        return (self.ended if self.state == C_FINISHED else _now()) - self.started
 
     @property
     def end(self) -> str:
+        """How it ended (or "open")."""
         return _END_NAMES[self.end_code]
 
     @property
     def closed(self) -> bool:
-        return self._finished or ((self.client is not None or self.raw) and not self.client_open)
+        """True once the client connection is gone."""
+        return self.state == C_FINISHED or ((self.client is not None or self.raw)
+                                            and not self.client_open)
 
     @property
     def finished(self) -> bool:
-        return self._finished
+        """True once both sides are gone and every count is released."""
+        return self.state == C_FINISHED
 
     @property
     def buffered(self) -> int:
-        n = self.c_size + self.u_size
+        """Bytes this connection holds in memory (see ``_core_relay.pxi``)."""
+        n = self.c2u.size + self.u2c.size
         if self.client is not None and self.client_open:
             n += self.client.get_write_buffer_size()
-        return n
+        return n  # type: ignore[no-any-return]
+
+    @property
+    def directions(self) -> tuple[str, str, str]:
+        """``(connection, client to upstream, upstream to client)`` state names."""
+        return (_CONN_NAMES[self.state], _machine.STATE_NAMES[self.c2u.state],
+                _machine.STATE_NAMES[self.u2c.state])
 
     def __repr__(self) -> str:
         return (f"<Connection {self.peername!r} up={self.ustate.address if self.ustate else None} "
-                f"in={self.c2u} out={self.u2c} {self.end}>")
+                f"in={self.c2u.nbytes} out={self.u2c.nbytes} {self.end}>")
 
     # -- connecting --------------------------------------------------------------
 
@@ -887,41 +971,46 @@ class Connection:
             self._connected()
         else:
             self.deadline = _now() + self.cfg.connect_timeout
-            self.engine.want_tick(self.deadline)  # type: ignore[union-attr]
+            self.engine.arm(self, self.deadline)  # type: ignore[union-attr]
         return 0
 
     def _connected(self) -> None:
         t = self.attempt
-        st = t.state  # type: ignore[union-attr]
+        assert t is not None
+        st = t.state
+        d = self.c2u
         self.attempt = None
         self.deadline = 0.0
         self.ustate = st
         self.up_state = UP_OPEN
+        self.state = C_OPEN
         st.connections += 1
         if (st.fails or st.ejected_until > 0) and self.cfg.connector is not None:
             self.cfg.connector.succeeded(t)
+        d.step(EV_CONNECTED)
         if self.early:
             n = self.early
             self.early = 0
             self.c_early_full = False
-            self._to_upstream(0, n, False)
-        if self.c_eof and self.c_pend_end == 0 and self.up_state == UP_OPEN:
-            self._shutdown_upstream()
-        self._sync_client_reading()
+            self._send(d, 0, n, False)
+        if self.up_state == UP_OPEN and d.pend_end == 0:
+            self._drained(d)
+        else:
+            self._sync_client_reading()
 
-    def _drop_attempt(self, state: int) -> Target:
+    def _drop_attempt(self, up: int) -> Target:
         t = self.attempt
         assert t is not None
         self._close_fd()
         t.state.active -= 1
         self.attempt = None
         self.deadline = 0.0
-        self.up_state = state
+        self.up_state = up
         return t
 
     def _attempt_failed(self, exc: BaseException) -> None:
         self._count_failure(self._drop_attempt(UP_NONE), exc)
-        if self.client_open and not self.closing:
+        if self.client_open and self.state == C_CONNECTING:
             self._next_attempt()
         else:
             self.up_state = UP_CLOSED
@@ -945,22 +1034,22 @@ class Connection:
         if not self.client_open:
             self._finish()
             return
-        self.closing = True
-        if self.c_eof:
+        if self.c2u.eof():
+            self._closing()
             self._c_close(False)
             return
-        self.lingering = True
+        self.state = C_LINGERING
         self.deadline = _now() + _LINGER
-        self.engine.want_tick(self.deadline)  # type: ignore[union-attr]
+        self.engine.arm(self, self.deadline)  # type: ignore[union-attr]
         self._c_write_eof()
         self._sync_client_reading()
 
     # -- the engine's calls ------------------------------------------------------
 
     def _deadline(self) -> float:
-        if self.up_state == UP_CONNECTING or self.lingering:
+        if self.up_state == UP_CONNECTING or self.state == C_LINGERING:
             return self.deadline
-        if self.cfg.idle_timeout > 0 and not self._finished:
+        if self.cfg.idle_timeout > 0 and self.state != C_FINISHED:
             return self.last_active + self.cfg.idle_timeout
         return 0.0
 
@@ -968,8 +1057,8 @@ class Connection:
         at = self._deadline()
         if at == 0.0 or now < at:
             return
-        if self.lingering:
-            self.lingering = False
+        if self.state == C_LINGERING:
+            self.state = C_CLOSING
             if self.client_open:
                 self._c_close(False)
         elif self.up_state == UP_CONNECTING:
@@ -981,7 +1070,7 @@ class Connection:
     def _crashed(self, exc: BaseException) -> None:
         _log.error("proxy connection failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
         self._set_end(END_ABORTED)
-        if not self._finished:
+        if self.state != C_FINISHED:
             self._shut(END_ABORTED, True)
 
     def _upstream_event(self, events: int) -> None:
@@ -998,173 +1087,296 @@ class Connection:
             self._connected()
         if self.up_state != UP_OPEN:
             return
+        self._socket_event(self.u2c, self.c2u, events)
+
+    def _client_event(self, events: int) -> None:
+        if self.csock is None:
+            return
+        self._socket_event(self.c2u, self.u2c, events)
+
+    # -- relaying: one code for both directions (see _core_relay.pxi) ---------------
+
+    def _src(self, d: Direction) -> _socket.socket | None:
+        return self.csock if d is self.c2u else self.sock
+
+    def _dst(self, d: Direction) -> _socket.socket | None:
+        return self.sock if d is self.c2u else self.csock
+
+    def _failed(self, client_side: bool, err: int) -> None:
+        if client_side:
+            self._c_gone(True)
+        else:
+            self._upstream_error(err)
+
+    def _socket_event(self, src_of: Direction, dst_of: Direction, events: int) -> None:
+        sock = self._src(src_of)
+        assert sock is not None
         if events & _EPOLLERR:
             err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
             if err:
-                self._upstream_error(err)
+                self._failed(src_of is self.c2u, err)
                 return
-        if events & _EPOLLOUT and self.c_pend_end:
-            self._flush_upstream()
-        if self.sock is not None and events & (_EPOLLIN | _EPOLLRDHUP | _EPOLLHUP):
+        if events & _EPOLLOUT and dst_of.pend_end:
+            self._flush(dst_of)
+        if self._src(src_of) is not None and events & (_EPOLLIN | _EPOLLRDHUP | _EPOLLHUP):
             if events & (_EPOLLRDHUP | _EPOLLHUP):
-                self.u_rdhup = True
-            self.u_readable = True
-            self._read_upstream()
+                src_of.rdhup = True
+            src_of.readable = True
+            self._read(src_of)
 
-    # -- relaying ------------------------------------------------------------------
+    def _may_read(self, d: Direction) -> bool:
+        if d is self.c2u:
+            return self.c_reading
+        return d.state == D_OPEN and self.state == C_OPEN and self.client_open
 
-    def _new_c_buf(self, size: int) -> None:
-        self.c_buf = bytearray(size)
-        self.c_mv = memoryview(self.c_buf)
-        self.c_size = size
+    def _new_buf(self, d: Direction, size: int) -> None:
+        d.buf = bytearray(size)
+        d.mv = memoryview(d.buf)
+        d.size = size
 
-    def _new_u_buf(self, size: int) -> None:
-        self.u_buf = bytearray(size)
-        self.u_mv = memoryview(self.u_buf)
-        self.u_size = size
-
-    def _send(self, start: int, end: int) -> int:
-        # bytes of c_buf[start:end] the upstream took (0: none now); -1: failed
-        while True:
-            try:
-                return self.sock.send(self.c_mv[start:end])  # type: ignore[union-attr,index]
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                return 0
-            except OSError as exc:
-                self._upstream_error(exc.errno or _errno.EPIPE)
-                return -1
-
-    def _to_upstream(self, start: int, n: int, from_read: bool) -> None:
-        size = self.c_size
-        self.c2u += n
-        self.counters.bytes_in += n
-        if from_read and n == size and size < self.cfg.max_buffer_size:
-            self.c_next = min(size * 2, self.cfg.max_buffer_size)
-        r = self._send(start, start + n)
-        if r < 0 or r == n:
-            return
-        self.c_pend_off = start + r
-        self.c_pend_end = start + n
-        self.c_paused_by_up = True
-        self._sync_client_reading()
-
-    def _flush_upstream(self) -> None:
-        r = self._send(self.c_pend_off, self.c_pend_end)
-        if r <= 0:
-            return
-        self.c_pend_off += r
-        self.last_active = _now()
-        if self.c_pend_off < self.c_pend_end:
-            return
-        self.c_pend_off = self.c_pend_end = 0
-        if self.u_close_pending:
-            self._close_upstream(False)
-            return
-        if self.c_eof:
-            self._shutdown_upstream()
-        self.c_paused_by_up = False
-        self._sync_client_reading()
-
-    def _shutdown_upstream(self) -> None:
-        if not self.u_shut and self.sock is not None:
-            self.u_shut = True
-            try:
-                self.sock.shutdown(_socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def _read_upstream(self) -> None:
+    def _read(self, d: Direction) -> None:
         reads = 0
-        while self.u_readable and self.sock is not None:
-            if self.u_paused_by_c or self.closing or not self.client_open:
+        while d.readable:
+            sock = self._src(d)
+            if sock is None or not self._may_read(d):
                 return
+            if d.mode != M_COPY and d.state == D_OPEN and d.pend_end == 0:
+                if self._splice(d):
+                    return
             if reads == _READS_PER_EVENT:
                 self.engine.defer(self)  # type: ignore[union-attr]
                 return
-            if self.u_buf is None or self.u_size < self.u_next:
-                self._new_u_buf(self.u_next)
+            held = self.early if d is self.c2u else 0
+            if d.buf is None or (d.size < d.next and not held and d.pend_end == 0):
+                self._new_buf(d, d.next)
+            room = d.size - held
+            r = _recv_into(sock, d.mv[held:], room)
+            if r > 0:
+                reads += 1
+                if d is self.c2u:
+                    self._client_bytes(r)
+                else:
+                    self.last_active = _now()
+                    self._to_client(r)
+                if r < room:
+                    d.readable = False
+                    if d.rdhup and self._src(d) is not None and not d.eof():
+                        self._src_eof(d)
+                    return
+            elif self._read_ended(d, r):
+                return
+
+    def _read_ended(self, d: Direction, r: int) -> bool:
+        # r <= 0 from d's source: the EOF, nothing more for now (-EAGAIN), or an error
+        if r == 0:
+            d.readable = False
+            if not d.eof():
+                self._src_eof(d)
+        elif r == -_errno.EAGAIN:
+            d.readable = False
+        else:
+            self._failed(d is self.c2u, -r)
+        return True
+
+    def _send(self, d: Direction, start: int, n: int, from_read: bool) -> None:
+        size = d.size
+        sock = self._dst(d)
+        assert sock is not None
+        d.nbytes += n
+        if d is self.c2u:
+            self.counters.bytes_in += n
+        else:
+            self.counters.bytes_out += n
+        if from_read and n == size:
+            if size < self.cfg.max_buffer_size:
+                d.next = min(size * 2, self.cfg.max_buffer_size)
+            elif self.raw and _SPLICE:
+                d.mode = M_BULK
+        r = _send(sock, d.mv[start:start + n])
+        if r == -_errno.EAGAIN:
+            r = 0
+        elif r < 0:
+            self._failed(d is self.u2c, -r)
+            return
+        if r == n:
+            return
+        d.pend_off = start + r
+        d.pend_end = start + n
+        d.step(EV_FULL)
+        if d is self.c2u:
+            self._sync_client_reading()
+
+    def _flush(self, d: Direction) -> None:
+        sock = self._dst(d)
+        assert sock is not None
+        if d.pipe_r >= 0:
+            r = _drain_pipe(d.pipe_r, sock.fileno(), d.pend_end - d.pend_off)
+            if r <= 0:
+                if r < 0:
+                    self._failed(d is self.u2c, -r)
+                return
+        else:
+            r = _send(sock, d.mv[d.pend_off:d.pend_end])
+            if r == -_errno.EAGAIN:
+                return
+            if r < 0:
+                self._failed(d is self.u2c, -r)
+                return
+        d.pend_off += r
+        self.last_active = _now()
+        if d.pend_off < d.pend_end:
+            return
+        d.pend_off = d.pend_end = 0
+        self._drained(d)
+
+    def _drained(self, d: Direction) -> None:
+        act = d.step(EV_DRAINED)
+        if act == ACT_CLOSE:
+            if d is self.c2u:
+                self._upstream_closed()
+            else:
+                self._c_gone(False)
+            return
+        if act == ACT_SHUT:
+            self._shut_dst(d)
+        if d is self.c2u:
+            self._sync_client_reading()
+        elif d.readable:
+            self._read(d)
+
+    def _shut_dst(self, d: Direction) -> None:
+        if d is self.u2c and not self.raw:
+            self.client.write_eof()
+            return
+        sock = self._dst(d)
+        if sock is not None:
             try:
-                r = self.sock.recv_into(self.u_buf, self.u_size)  # type: ignore[arg-type]
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                self.u_readable = False
+                sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _src_eof(self, d: Direction) -> None:
+        other = self.u2c if d is self.c2u else self.c2u
+        if d is self.c2u:
+            self.c_reading = False
+            if self.state == C_LINGERING:
+                d.step(EV_EOF)
+                self.state = C_CLOSING
+                self._c_close(False)
                 return
-            except OSError as exc:
-                self._upstream_error(exc.errno or _errno.ECONNRESET)
-                return
+        act = d.step(EV_EOF)
+        if self.state != C_OPEN:
+            return
+        if other.eof():
+            self._shut(END_EOF, False)
+        elif act == ACT_SHUT:
+            self._shut_dst(d)
+
+    def _splice(self, d: Direction) -> bool:
+        chunk = self.cfg.max_buffer_size
+        if d.pipe_r < 0:
+            pipe = _open_pipe(chunk)
+            if pipe is None:
+                d.mode = M_COPY
+                return False
+            d.pipe_r, d.pipe_w = pipe
+            d.mode = M_SPLICE
+            d.buf = d.mv = None
+            d.size = 0
+        reads = 0
+        while d.readable:
+            src = self._src(d)
+            if src is None or not self._may_read(d):
+                return True
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)  # type: ignore[union-attr]
+                return True
+            r = _splice(src.fileno(), d.pipe_w, chunk)
             if r > 0:
                 reads += 1
                 self.last_active = _now()
-                if r < self.u_size:
-                    self.u_readable = False
-                    self._to_client(r)
-                    if self.u_rdhup and self.sock is not None and not self.u_eof:
-                        self._upstream_eof()
-                    return
-                self._to_client(r)
-            else:
-                self.u_readable = False
-                self._upstream_eof()
-                return
+                d.nbytes += r
+                if d is self.c2u:
+                    self.counters.bytes_in += r
+                else:
+                    self.counters.bytes_out += r
+                d.pend_off = 0
+                d.pend_end = r
+                dst = self._dst(d)
+                assert dst is not None
+                r = _drain_pipe(d.pipe_r, dst.fileno(), r)
+                if r < 0:
+                    self._failed(d is self.u2c, -r)
+                    return True
+                d.pend_off = r
+                if d.pend_off < d.pend_end:
+                    d.step(EV_FULL)
+                    if d is self.c2u:
+                        self._sync_client_reading()
+                    return True
+                d.pend_off = d.pend_end = 0
+            elif self._read_ended(d, r):
+                return True
+        return True
+
+    def _close_pipes(self) -> None:
+        for d in (self.c2u, self.u2c):
+            if d.pipe_r >= 0:
+                _os.close(d.pipe_r)
+                _os.close(d.pipe_w)
+                d.pipe_r = d.pipe_w = -1
 
     def _to_client(self, n: int) -> None:
-        size = self.u_size
-        self.u2c += n
-        self.counters.bytes_out += n
+        d = self.u2c
+        size = d.size
         if self.raw:
-            if n == size and size < self.cfg.max_buffer_size:
-                self.u_next = min(size * 2, self.cfg.max_buffer_size)
-            r = self._send_client(0, n)
-            if 0 <= r < n:
-                self.u_pend_off = r
-                self.u_pend_end = n
-                self.u_paused_by_c = True
+            self._send(d, 0, n, True)
             return
-        self.c_write(self.u_buf if n == size else self.u_mv[:n])  # type: ignore[index]
+        d.nbytes += n
+        self.counters.bytes_out += n
+        self.c_write(d.buf if n == size else d.mv[:n])
         if n == size and size < self.cfg.max_buffer_size:
-            self.u_next = min(size * 2, self.cfg.max_buffer_size)
-            self.u_buf = None
-            self.u_size = 0
+            d.next = min(size * 2, self.cfg.max_buffer_size)
+            d.buf = d.mv = None
+            d.size = 0
         elif self.client_open and self.client.get_write_buffer_size():
-            self.u_buf = None
-            self.u_size = 0
+            d.buf = d.mv = None
+            d.size = 0
 
     def _hold(self, data: bytes) -> None:
+        d = self.c2u
         n = len(data)
         need = self.early + n
-        if self.c_buf is None or need > self.c_size:
-            old, old_n = self.c_buf, self.early
-            self._new_c_buf(max(need, self.cfg.buffer_size))
+        if d.buf is None or need > d.size:
+            old, old_n = d.buf, self.early
+            self._new_buf(d, max(need, self.cfg.buffer_size))
             if old_n:
-                self.c_buf[:old_n] = old[:old_n]  # type: ignore[index]
-        self.c_buf[self.early:need] = data  # type: ignore[index]
+                d.buf[:old_n] = old[:old_n]
+        d.buf[self.early:need] = data
         self.early = need
         if self.early >= self.cfg.buffer_size:
             self.c_early_full = True
             self._sync_client_reading()
 
     def _sync_client_reading(self) -> None:
-        want = (self.client_open and not self.c_eof and (self.lingering or (
-            not self.closing and not self.c_paused_by_up and not self.c_early_full)))
+        want = self.client_open and (self.state == C_LINGERING or (
+            (self.state == C_OPEN or self.state == C_CONNECTING)
+            and _may_read_state(self.c2u.state) and not self.c_early_full))
         if want != self.c_reading:
             self.c_reading = want
             if self.raw:
-                if want and self.c_readable:
+                if want and self.c2u.readable:
                     self.engine.defer(self)  # type: ignore[union-attr]
             elif want:
                 self.client.resume_reading()
             else:
                 self.client.pause_reading()
 
-    def _upstream_eof(self) -> None:
-        self.u_eof = True
-        if self.client_open and not self.closing:
-            self._c_write_eof()
-            if self.c_eof:
-                self._shut(END_EOF, False)
+    def _run_deferred(self) -> None:
+        if self.raw and self.c2u.readable:
+            self._read(self.c2u)
+        if self.u2c.readable:
+            self._read(self.u2c)
 
     def _upstream_error(self, err: int) -> None:
         self._set_end(END_UPSTREAM_ERROR)
@@ -1172,7 +1384,7 @@ class Connection:
         if self.client_open:
             self._shut(END_CLOSED, True)
 
-    # -- the client socket, when the core accepted it (raw; see _core.pyx) ----------
+    # -- the client socket, when the core accepted it (raw; see _core_relay.pxi) ----
 
     def _start_raw(self, engine: _Engine, sock: _socket.socket, peer: Any) -> None:
         cfg = self.cfg
@@ -1193,6 +1405,7 @@ class Connection:
         self.csock = sock
         self.cfd = fd
         self.client_open = True
+        self.state = C_CONNECTING
         self.c_reading = True
         self.conns.add(self)
         engine.link(self)
@@ -1201,122 +1414,26 @@ class Connection:
         if cfg.keepalive and sock.family != _socket.AF_UNIX:
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
         if cfg.idle_timeout > 0:
-            engine.want_tick(self.started + cfg.idle_timeout)
+            engine.arm(self, self.started + cfg.idle_timeout)
         self._next_attempt()
 
-    def _client_event(self, events: int) -> None:
-        sock = self.csock
-        if sock is None:
-            return
-        if events & _EPOLLERR:
-            if sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR):
-                self._c_gone(True)
-                return
-        if events & _EPOLLOUT and self.u_pend_end:
-            self._flush_client()
-        if self.csock is not None and events & (_EPOLLIN | _EPOLLRDHUP | _EPOLLHUP):
-            if events & (_EPOLLRDHUP | _EPOLLHUP):
-                self.c_rdhup = True
-            self.c_readable = True
-            self._read_client()
-
-    def _read_client(self) -> None:
-        reads = 0
-        while self.c_readable and self.csock is not None and self.c_reading:
-            if reads == _READS_PER_EVENT:
-                self.engine.defer(self)  # type: ignore[union-attr]
-                return
-            if self.c_buf is None or (self.c_size < self.c_next and not self.early
-                                      and self.c_pend_end == 0):
-                self._new_c_buf(self.c_next)
-            room = self.c_size - self.early
-            try:
-                r = self.csock.recv_into(self.c_mv[self.early:], room)  # type: ignore[index]
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                self.c_readable = False
-                return
-            except OSError:
-                self._c_gone(True)
-                return
-            if r > 0:
-                reads += 1
-                self._client_bytes(r)
-                if r < room:
-                    self.c_readable = False
-                    if self.c_rdhup and self.csock is not None and not self.c_eof:
-                        self._client_eof()
-                    return
-            else:
-                self.c_readable = False
-                if not self.c_eof:
-                    self._client_eof()
-                return
-
-    def _send_client(self, start: int, end: int) -> int:
-        # bytes of u_buf[start:end] the client took (0: none now); -1: failed
-        while True:
-            try:
-                return self.csock.send(self.u_mv[start:end])  # type: ignore[union-attr,index]
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                return 0
-            except OSError:
-                self._c_gone(True)
-                return -1
-
-    def _flush_client(self) -> None:
-        r = self._send_client(self.u_pend_off, self.u_pend_end)
-        if r <= 0:
-            return
-        self.u_pend_off += r
-        self.last_active = _now()
-        if self.u_pend_off < self.u_pend_end:
-            return
-        self.u_pend_off = self.u_pend_end = 0
-        if self.c_close_pending:
-            self._c_gone(False)
-            return
-        if self.c_eof_pending:
-            self.c_eof_pending = False
-            self._shutdown_client()
-        self.u_paused_by_c = False
-        if self.u_readable:
-            self._read_upstream()
-
-    def _shutdown_client(self) -> None:
-        try:
-            self.csock.shutdown(_socket.SHUT_WR)  # type: ignore[union-attr]
-        except OSError:
-            pass
-
-    def _run_deferred(self) -> None:
-        if self.raw and self.c_readable:
-            self._read_client()
-        if self.u_readable:
-            self._read_upstream()
-
     def _c_write_eof(self) -> None:
-        if not self.raw:
-            self.client.write_eof()
-        elif self.u_pend_end:
-            self.c_eof_pending = True
-        elif self.csock is not None:
-            self._shutdown_client()
+        if self.u2c.step(EV_EOF) == ACT_SHUT:
+            self._shut_dst(self.u2c)
 
     def _c_close(self, hard: bool) -> None:
         if not self.raw:
+            self.u2c.state = D_CLOSED
             if hard:
                 self.client.abort()
             else:
                 self.client.close()
             return
-        if not hard and self.u_pend_end and self.csock is not None:
-            self.c_close_pending = True
-            self._sync_client_reading()
-            return
+        if not hard and self.csock is not None:
+            self.u2c.step(EV_CLOSE)
+            if self.u2c.state == D_CLOSING:
+                self._sync_client_reading()
+                return
         self._c_gone(False)
 
     def _c_gone(self, error: bool) -> None:
@@ -1327,11 +1444,15 @@ class Connection:
         self.csock = None
         self.cfd = -1
         sock.close()
-        self.u_pend_off = self.u_pend_end = 0
-        self.c_readable = False
+        self.u2c.pend_off = self.u2c.pend_end = 0
+        self.c2u.readable = False
         self._client_lost(error)
 
     # -- closing -------------------------------------------------------------------
+
+    def _closing(self) -> None:
+        if self.state < C_CLOSING:
+            self.state = C_CLOSING
 
     def _set_end(self, code: int) -> None:
         if self.end_code == END_NONE:
@@ -1348,20 +1469,27 @@ class Connection:
     def _close_upstream(self, hard: bool) -> None:
         if self.up_state != UP_OPEN:
             return
-        if not hard and self.c_pend_end and self.sock is not None:
-            self.u_close_pending = True
-            return
+        if hard or self.sock is None:
+            self.c2u.step(EV_ERROR)
+        else:
+            self.c2u.step(EV_CLOSE)
+            if self.c2u.state == D_CLOSING:
+                return
+        self._upstream_closed()
+
+    def _upstream_closed(self) -> None:
         self._close_fd()
         self.up_state = UP_CLOSED
-        self.u_readable = False
+        self.c2u.state = D_CLOSED
+        self.u2c.readable = False
         if not self.client_open:
             self._finish()
 
     def _shut(self, code: int, hard: bool) -> None:
         self._set_end(code)
-        if self._finished:
+        if self.state == C_FINISHED:
             return
-        self.closing = True
+        self._closing()
         if self.client_open:
             self._c_close(hard)
         if self.up_state == UP_OPEN:
@@ -1372,10 +1500,9 @@ class Connection:
                 self._finish()
 
     def _finish(self) -> None:
-        if self._finished:
+        if self.state == C_FINISHED:
             return
-        self._finished = True
-        self.closing = True
+        self.state = C_FINISHED
         self.ended = _now()
         self._close_fd()
         if self.csock is not None:
@@ -1384,6 +1511,7 @@ class Connection:
             self.csock = None
             self.cfd = -1
             self.client_open = False
+        self._close_pipes()
         if self.engine is not None:
             self.engine.unlink(self)
         if self.admitted:
@@ -1392,13 +1520,14 @@ class Connection:
             self.cfg.limit.release()
         if self.ustate is not None:
             self.ustate.active -= 1
-            self.ustate.bytes_in += self.c2u
-            self.ustate.bytes_out += self.u2c
+            self.ustate.bytes_in += self.c2u.nbytes
+            self.ustate.bytes_out += self.u2c.nbytes
         self.attempt = None
         self.tried = None
-        self.c_buf = self.u_buf = None
-        self.c_mv = self.u_mv = None
-        self.c_size = self.u_size = 0
+        for d in (self.c2u, self.u2c):
+            d.state = D_CLOSED
+            d.buf = d.mv = None
+            d.size = 0
         self.c_write = None
         self.client = None
         self.conns.discard(self)
