@@ -16,7 +16,10 @@ cdef class _Engine:
     cdef list graveyard             # objects whose fd was closed: an event may still name them
     cdef list ready                 # connections with bytes left to read
     cdef Connection head            # every connection of this loop (close())
+    cdef Py_ssize_t nconns          # connections in that list
     cdef TimerWheel wheel           # the connections' deadlines
+    cdef unsigned long long ticks   # timer runs
+    cdef unsigned long long checked # connections the timer runs took out of the wheel
     cdef object timer
     cdef double timer_at
     cdef epoll_event evs[_EVENTS]
@@ -28,4 +31,5 @@ cdef class _Engine:
     cdef link(self, Connection conn)
     cdef unlink(self, Connection conn)
     cdef arm(self, Connection conn, double at)
+    cdef rearm(self, Connection conn)
     cdef want_tick(self, double when)

@@ -19,6 +19,16 @@ cdef _Engine _get_engine():
     return engine
 
 
+def engine_stats():
+    """What the running loop's engine holds and did: ``connections`` (not
+    finished), ``armed`` (with a deadline in the timer wheel), ``ticks``
+    (timer runs) and ``checked`` (connections the timer runs looked at: only
+    those that were due)."""
+    cdef _Engine e = _get_engine()
+    return {"connections": e.nconns, "armed": len(e.wheel), "ticks": e.ticks,
+            "checked": e.checked}
+
+
 # What an epoll event names: the object's address, tagged in its low bits
 # (objects are at least 8-byte aligned) with which of its sockets it is.
 cdef enum:
@@ -68,6 +78,7 @@ cdef class _Engine:
             _close(self.epfd)
             self.epfd = -1
         self.head = None
+        self.nconns = 0
         self.graveyard.clear()
         self.ready.clear()
         self.timer = None
@@ -147,6 +158,7 @@ cdef class _Engine:
             self.head.t_prev = conn
         self.head = conn
         conn.t_linked = True
+        self.nconns += 1
 
     cdef unlink(self, Connection conn):
         # the connection is finished: it has no deadline either
@@ -160,6 +172,7 @@ cdef class _Engine:
             conn.t_next.t_prev = conn.t_prev
         conn.t_prev = conn.t_next = None
         conn.t_linked = False
+        self.nconns -= 1
         self.wheel.discard(conn)
 
     # -- timeouts ----------------------------------------------------------------
@@ -173,6 +186,14 @@ cdef class _Engine:
     cdef arm(self, Connection conn, double at):
         # make sure the timer looks at conn by *at*
         self.want_tick(self.wheel.arm(conn, at))
+
+    cdef rearm(self, Connection conn):
+        # conn's deadline moved later (it connected): arm it for the new one
+        # at once rather than look at it when the old one comes
+        cdef double at = conn._deadline()
+        self.wheel.discard(conn)
+        if at > 0.0:
+            self.arm(conn, at)
 
     cdef want_tick(self, double when):
         # make sure the timer fires by *when* (but not within _TICK of now)
@@ -196,6 +217,8 @@ cdef class _Engine:
         cdef list due
         self.timer = None
         due = self.wheel.expire(now)
+        self.ticks += 1
+        self.checked += len(due)
         for conn in due:
             try:
                 conn._timed_out(now)

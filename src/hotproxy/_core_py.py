@@ -508,8 +508,15 @@ def _get_engine() -> _Engine:
     return engine
 
 
+def engine_stats() -> dict[str, int]:
+    """What the running loop's engine holds and did (see ``_core_engine.pxi``)."""
+    e = _get_engine()
+    return {"connections": len(e.conns), "armed": len(e.wheel), "ticks": e.ticks,
+            "checked": e.checked}
+
+
 class _Engine:
-    """The sockets the core drives itself on one event loop (see ``_core.pyx``)."""
+    """The sockets the core drives itself on one event loop (see ``_core_engine.pxi``)."""
 
     def __init__(self, loop: Any) -> None:
         self.ep = _select.epoll()
@@ -520,6 +527,8 @@ class _Engine:
         self.timer: Any = None
         self.timer_at = 0.0
         self.wheel = _machine.TimerWheel(_TICK)
+        self.ticks = 0
+        self.checked = 0
         loop.add_reader(self.ep.fileno(), self._on_ready)
 
     def close(self) -> None:
@@ -605,6 +614,12 @@ class _Engine:
     def arm(self, conn: Connection, at: float) -> None:
         self.want_tick(self.wheel.arm(conn, at))
 
+    def rearm(self, conn: Connection) -> None:
+        at = conn._deadline()
+        self.wheel.discard(conn)
+        if at > 0.0:
+            self.arm(conn, at)
+
     def want_tick(self, when: float) -> None:
         if self.timer is not None and self.timer_at <= when:
             return
@@ -622,6 +637,8 @@ class _Engine:
         now = _now()
         self.timer = None
         due = self.wheel.expire(now)
+        self.ticks += 1
+        self.checked += len(due)
         for conn in due:
             try:
                 conn._timed_out(now)
@@ -987,6 +1004,7 @@ class Connection:
         st.connections += 1
         if (st.fails or st.ejected_until > 0) and self.cfg.connector is not None:
             self.cfg.connector.succeeded(t)
+        self.engine.rearm(self)  # type: ignore[union-attr]
         d.step(EV_CONNECTED)
         if self.early:
             n = self.early

@@ -550,6 +550,7 @@ cdef class Connection:
         st.connections += 1
         if (st.fails or st.ejected_until > 0) and self.cfg.connector is not None:
             self.cfg.connector.succeeded(t)
+        self.engine.rearm(self)   # from the connect deadline to the idle one
         d.step(EV_CONNECTED)
         if self.early:
             n = self.early
