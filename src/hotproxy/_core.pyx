@@ -37,7 +37,7 @@ import os as _os
 import socket as _socket
 import time
 
-from hotproxy._core_machine import STATE_NAMES
+from hotproxy._core_machine import STATE_NAMES as _STATE_NAMES
 
 cdef object _accept_log = logging.getLogger("hotproxy.accept")
 cdef object _monotonic = time.monotonic

@@ -1168,7 +1168,7 @@ class Connection:
             if d.buf is None or (d.size < d.next and not held and d.pend_end == 0):
                 self._new_buf(d, d.next)
             room = d.size - held
-            r = _recv_into(sock, d.mv[held:], room)
+            r = _recv_into(sock, d.mv[held:], room)  # type: ignore[index]
             if r > 0:
                 reads += 1
                 if d is self.c2u:
@@ -1210,7 +1210,7 @@ class Connection:
                 d.next = min(size * 2, self.cfg.max_buffer_size)
             elif self.raw and _SPLICE:
                 d.mode = M_BULK
-        r = _send(sock, d.mv[start:start + n])
+        r = _send(sock, d.mv[start:start + n])  # type: ignore[index]
         if r == -_errno.EAGAIN:
             r = 0
         elif r < 0:
@@ -1234,7 +1234,7 @@ class Connection:
                     self._failed(d is self.u2c, -r)
                 return
         else:
-            r = _send(sock, d.mv[d.pend_off:d.pend_end])
+            r = _send(sock, d.mv[d.pend_off:d.pend_end])  # type: ignore[index]
             if r == -_errno.EAGAIN:
                 return
             if r < 0:

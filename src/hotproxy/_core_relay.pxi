@@ -472,8 +472,8 @@ cdef class Connection:
     def directions(self):
         """The state of each direction and of the whole:
         ``(connection, client to upstream, upstream to client)`` names."""
-        return (_CONN_NAMES[self.state], STATE_NAMES[self.c2u.state],
-                STATE_NAMES[self.u2c.state])
+        return (_CONN_NAMES[self.state], _STATE_NAMES[self.c2u.state],
+                _STATE_NAMES[self.u2c.state])
 
     def __repr__(self):
         return (f"<Connection {self.peername!r} up={self.ustate.address if self.ustate else None} "
