@@ -108,7 +108,7 @@ cdef class Connection:
     cdef int _dst(self, Direction d) noexcept
     cdef _failed(self, bint client_side, int err)
     cdef _socket_event(self, Direction src_of, Direction dst_of, uint32_t events)
-    cdef bint _may_read(self, Direction d)
+    cdef bint _may_read(self, Direction d) noexcept
     cdef _new_buf(self, Direction d, Py_ssize_t size)
     cdef _read(self, Direction d)
     cdef bint _read_ended(self, Direction d, ssize_t r)

@@ -711,7 +711,7 @@ cdef class Connection:
             src_of.readable = True
             self._read(src_of)
 
-    cdef bint _may_read(self, Direction d):
+    cdef bint _may_read(self, Direction d) noexcept:
         if d is self.c2u:
             return self.c_reading
         return d.state == D_OPEN and self.state == C_OPEN and self.client_open
