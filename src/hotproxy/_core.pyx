@@ -5,7 +5,13 @@ Rules of this file:
 
 * Everything here is also in ``_core_py.py`` with the same names, arguments
   and behaviour; the test-suite runs against both (``HOTPROXY_NO_EXTENSIONS=1``
-  picks the pure-Python twin).
+  picks the pure-Python twin), and ``tests/test_core_equivalence.py`` checks
+  that the two expose the same API.  The relay's decisions (each direction's
+  state machine) and the timer wheel are not written twice: they are
+  ``_core_machine.py``, built as ``hotproxy._core_machine`` and cimported.
+* This file is the module's glue; the code is in one ``.pxi`` per concern
+  (below), each declared in the ``.pxd`` of the same name, and every C
+  declaration is in ``_core_includes.pxd``.
 * The accept path (``Acceptor.__call__``) takes one reference from the slot and
   calls the service: no lock, no allocation of its own, no await.
 * A slot is published by one reference assignment (``Slot.swap``); a reader
