@@ -1,10 +1,11 @@
 """The two cores expose the same API and do the same on a scripted conversation.
 
 The compiled core (``hotproxy._core``) and the pure-Python twin
-(``hotproxy._core_py``) share the relay's state machine and timer wheel
-(``_core_machine.py``, one source); the rest -- the system calls, the
-engine, the connection's glue -- is written twice.  This file is the check
-that the two halves stay twins: every public class, function, method,
+(``hotproxy._core_py``) share the relay's logic (``_core_machine.py``, one
+source: the state machines, the timer wheel, the connection's decisions);
+the rest -- the system calls, the engine, the listener, the shared
+counters -- is written twice.  This file is the check that the two halves
+stay twins: every public class, function, method,
 property and attribute of one is in the other with the same parameters
 (names, kinds, defaults) and vice versa, and one scripted run of
 connections -- a round trip and half-close each way, the upstream's EOF
@@ -40,8 +41,8 @@ def public(module: ModuleType) -> dict[str, Any]:
         obj = getattr(module, name)
         if name.startswith("_") or not (inspect.isclass(obj) or callable(obj)):
             continue
-        if getattr(obj, "__module__", None) != module.__name__:
-            continue   # imported (typing, asyncio, ...)
+        if not str(getattr(obj, "__module__", "")).startswith("hotproxy._core"):
+            continue   # imported (typing, asyncio, ...); the core's own or _core_machine's
         out[name] = obj
     return out
 
@@ -74,6 +75,15 @@ def test_same_members_and_signatures(name: str) -> None:
         assert params(c_obj) == params(p_obj)
         return
     c_members, p_members = members(c_obj), members(p_obj)
+    # the twin's fields are instance attributes: take them from an instance
+    p_args = sample(_core_py, name)
+    try:
+        inst = p_obj(**p_args)
+        p_members.update((n, v) for n, v in getattr(inst, "__dict__", {}).items()
+                         if not n.startswith("_"))
+    finally:
+        if "sock" in p_args:
+            p_args["sock"].close()
     for attr, c_m in c_members.items():
         # everything the compiled class shows, the twin has: a method with the
         # same parameters, a property, or a field

@@ -43,7 +43,7 @@ import os as _os
 import socket as _socket
 import time
 
-from hotproxy._core_machine import STATE_NAMES as _STATE_NAMES
+import hotproxy._core_machine as _machine
 
 cdef object _accept_log = logging.getLogger("hotproxy.accept")
 cdef object _monotonic = time.monotonic
@@ -68,6 +68,12 @@ cdef object _oserror(int err):
 # _core.pxd includes): one extension, so calls between them stay direct C
 # calls that the compiler can inline.
 include "_core_slot.pxi"       # Slot, CounterTable, SharedCounter, ConnectionSet, Acceptor
-include "_core_relay.pxi"      # ProxyCounters, UpstreamState, Target, RelayConfig, Connection
+include "_core_relay.pxi"      # Connection: the relay's system calls
 include "_core_engine.pxi"     # _Engine: epoll, deferred reads, timers
 include "_core_listener.pxi"   # Listener: accept4() in the core
+
+# What a service version shares with its connections is _core_machine's,
+# one source for both cores: this module's names for it.
+_machine.use_counters(SharedCounter, private_counter)
+globals().update(ProxyCounters=ProxyCounters, UpstreamState=UpstreamState, Target=Target,
+                 RelayConfig=RelayConfig)

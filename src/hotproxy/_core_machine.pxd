@@ -56,3 +56,159 @@ cdef class TimerWheel:
     cpdef list expire(self, double now)
     @cython.locals(ticks=list, bucket=dict)
     cpdef double next_at(self)
+
+
+# -- what a service version shares with its connections ---------------------------------
+
+cdef int C_NEW, C_CONNECTING, C_OPEN, C_LINGERING, C_CLOSING, C_FINISHED
+cdef int UP_NONE, UP_CONNECTING, UP_OPEN, UP_CLOSED
+cdef int END_NONE, END_EOF, END_CLIENT_ERROR, END_UPSTREAM_ERROR, END_IDLE, END_ABORTED
+cdef int END_NO_UPSTREAM, END_CLOSED
+cdef double LINGER
+
+
+@cython.final
+cdef class ProxyCounters:
+    cdef public long long accepted
+    cdef public long long active
+    cdef public long long bytes_in
+    cdef public long long bytes_out
+    cdef public long long connect_failures
+    cdef public long long refused
+    cdef public long long idle_closed
+    cdef public long long no_upstream
+
+
+@cython.final
+cdef class UpstreamState:
+    cdef readonly str address
+    cdef public long long active
+    cdef public long long fails
+    cdef public double ejected_until
+    cdef public long long connections
+    cdef public long long failures
+    cdef public long long bytes_in
+    cdef public long long bytes_out
+
+
+@cython.final
+cdef class Target:
+    cdef readonly UpstreamState state
+    cdef readonly object up
+    cdef readonly int family
+    cdef readonly bytes sockaddr
+    cdef readonly object address
+
+
+@cython.final
+cdef class RelayConfig:
+    cdef readonly ProxyCounters counters
+    cdef readonly double idle_timeout
+    cdef readonly bint keepalive
+    cdef readonly object connector
+    cdef readonly object on_close
+    cdef readonly bint want_peername
+    cdef readonly Py_ssize_t buffer_size
+    cdef readonly Py_ssize_t max_buffer_size
+    cdef readonly tuple targets
+    cdef Target single
+    cdef readonly double connect_timeout
+    cdef readonly int attempts
+    cdef readonly long long max_connections
+    cdef readonly object limit             # the core's SharedCounter
+    cdef readonly object on_refuse
+
+
+# -- the relay of one proxied connection (each core's Connection adds the system calls)
+
+cdef class Relay:
+    cdef readonly RelayConfig cfg
+    cdef ProxyCounters counters
+    cdef object conns
+    cdef object owner               # the service version, alive while we are
+    cdef object client              # the client's transport (None when raw)
+    cdef object c_write             # client.write
+    cdef int cfd                    # raw: the client socket (-1: none, or a transport)
+    cdef int ufd                    # the upstream socket (-1: none)
+    cdef bint raw                   # the client socket is ours, not a transport's
+    cdef Target attempt             # the connect attempt in progress
+    cdef list tried                 # targets that failed
+    cdef int attempts
+    cdef double deadline            # of the attempt in progress, or of lingering
+    cdef UpstreamState ustate       # the connected upstream's shared state
+    cdef Direction c2u              # client -> upstream
+    cdef Direction u2c              # upstream -> client
+    cdef Py_ssize_t early           # client bytes held in c2u's buffer before connecting
+    cdef double started
+    cdef double ended
+    cdef double last_active
+    cdef readonly object peername
+    cdef int state                  # C_*: the connection as a whole
+    cdef int up_state               # UP_*: the upstream socket
+    cdef int end_code
+    cdef bint client_open           # the client side is open
+    cdef bint c_reading             # the client is being read (its transport resumed)
+    cdef bint c_early_full          # connecting, and the held bytes fill the buffer
+    cdef bint admitted              # holds one count of cfg.limit (released when finished)
+
+    cdef bint _admit(self) except -1
+    cdef _client_bytes(self, Py_ssize_t nbytes)
+    cdef _client_lost(self, bint error)
+    @cython.locals(cfg=RelayConfig, t=Target, err=int)
+    cdef _next_attempt(self)
+    cdef _attempting(self, Target t, bint connected)
+    @cython.locals(t=Target, st=UpstreamState, n=Py_ssize_t)
+    cdef _connected(self)
+    @cython.locals(t=Target)
+    cdef Target _drop_attempt(self, int up)
+    cdef _attempt_failed(self, object exc)
+    cdef _count_failure(self, Target t, object exc)
+    cdef _no_upstream(self)
+    cdef double _deadline(self) noexcept
+    @cython.locals(at=double)
+    cdef _timed_out(self, double now)
+    cdef _crashed(self, object exc)
+    cdef bint _may_read(self, Direction d) noexcept
+    @cython.locals(act=int)
+    cdef _drained(self, Direction d)
+    cdef _shut_dst(self, Direction d)
+    @cython.locals(other=Direction, act=int)
+    cdef _src_eof(self, Direction d)
+    @cython.locals(size=Py_ssize_t)
+    cdef _to_client(self, Py_ssize_t n)
+    @cython.locals(n=Py_ssize_t, need=Py_ssize_t)
+    cdef _hold(self, object data)
+    @cython.locals(want=bint)
+    cdef _sync_client_reading(self)
+    cdef _run_deferred(self)
+    cdef _upstream_error(self, int err)
+    cdef _failed(self, bint client_side, int err)
+    cdef _started_raw(self, object peer)
+    cdef _c_write_eof(self)
+    cdef _c_close(self, bint hard)
+    cdef _c_gone(self, bint error)
+    cdef _closing(self)
+    cdef _set_end(self, int code)
+    cdef _close_upstream(self, bint hard)
+    cdef _upstream_closed(self)
+    cdef _shut(self, int code, bint hard)
+    @cython.locals(d=Direction)
+    cdef _finish(self)
+
+    # what each core's Connection provides
+    cdef double _clock(self) noexcept
+    cdef bint _acquire(self) except -1
+    cdef _release(self)
+    cdef _attach(self)
+    cdef _detach(self)
+    cdef _arm(self, double at)
+    cdef _rearm(self)
+    cdef _defer(self)
+    cdef int _start_attempt(self, Target t) except -1
+    cdef _close_fd(self)
+    cdef bint _close_client(self) except -1
+    cdef _close_pipes(self)
+    cdef _shutdown(self, bint client_side)
+    cdef _new_buf(self, Direction d, Py_ssize_t size)
+    cdef _send(self, Direction d, Py_ssize_t start, Py_ssize_t n, bint from_read)
+    cdef _read(self, Direction d)

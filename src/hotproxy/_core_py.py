@@ -27,7 +27,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._core_machine import Direction
+    from ._core_machine import Direction, ProxyCounters, RelayConfig, Target, UpstreamState
+    from ._core_machine import Relay as _Relay
 
 
 def _load_machine() -> ModuleType:
@@ -343,141 +344,25 @@ class _Dropped(asyncio.Protocol):
         transport.abort()  # type: ignore[attr-defined]
 
 
-# -- the proxy's data path (see _core.pyx for the rules) ---------------------
+# -- the proxy's data path (see _core_relay.pxi) ------------------------------
 
-UP_NONE, UP_CONNECTING, UP_OPEN, UP_CLOSED = 0, 1, 2, 3
-(END_NONE, END_EOF, END_CLIENT_ERROR, END_UPSTREAM_ERROR, END_IDLE, END_ABORTED,
- END_NO_UPSTREAM, END_CLOSED) = range(8)
-_END_NAMES = ("open", "eof", "client_error", "upstream_error", "idle", "aborted",
-              "no_upstream", "closed")
+# What a service version shares with its connections, and the relay's logic,
+# are _core_machine's (one source for both cores).
+_machine.use_counters(SharedCounter, private_counter)
+if not TYPE_CHECKING:
+    ProxyCounters = _machine.ProxyCounters
+    UpstreamState = _machine.UpstreamState
+    Target = _machine.Target
+    RelayConfig = _machine.RelayConfig
+    _Relay = _machine.Relay
 
 _now = time.monotonic
-_log = logging.getLogger("hotproxy.proxy")
-
-
-def _oserror(err: int) -> OSError:
-    return OSError(err, _os.strerror(err))
-
-
-def _set_keepalive(transport: Any) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (_socket.AF_INET, _socket.AF_INET6):
-        return
-    try:
-        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
-    except OSError:
-        pass
-
-
-class ProxyCounters:
-    """A proxy's service counters, shared by every version of the service."""
-
-    __slots__ = ("accepted", "active", "bytes_in", "bytes_out", "connect_failures", "refused",
-                 "idle_closed", "no_upstream")
-
-    def __init__(self) -> None:
-        self.accepted = self.active = self.bytes_in = self.bytes_out = 0
-        self.connect_failures = self.refused = self.idle_closed = self.no_upstream = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __repr__(self) -> str:
-        return f"<ProxyCounters {self.as_dict()!r}>"
-
-
-class UpstreamState:
-    """One upstream address's live state, shared by every service version."""
-
-    __slots__ = ("address", "active", "fails", "ejected_until", "connections", "failures",
-                 "bytes_in", "bytes_out")
-
-    def __init__(self, address: str) -> None:
-        if address is None:
-            raise TypeError("address must be a str")
-        self.address = address
-        self.active = self.fails = self.connections = self.failures = 0
-        self.bytes_in = self.bytes_out = 0
-        self.ejected_until = 0.0
-
-    def __repr__(self) -> str:
-        return (f"<UpstreamState {self.address} active={self.active} fails={self.fails} "
-                f"ejected_until={self.ejected_until:.3f}>")
-
-
-class Target:
-    """An upstream of one service version: its shared state and where to connect."""
-
-    __slots__ = ("state", "up", "family", "sockaddr", "address")
-
-    def __init__(self, state: UpstreamState, up: Any, family: int, sockaddr: bytes,
-                 address: Any) -> None:
-        if not isinstance(state, UpstreamState):
-            raise TypeError("state must be an UpstreamState")
-        if not isinstance(sockaddr, bytes) or len(sockaddr) < 2:
-            raise ValueError("sockaddr: too short")
-        self.state = state
-        self.up = up
-        self.family = family
-        self.sockaddr = sockaddr
-        self.address = address
-
-    def __repr__(self) -> str:
-        return f"<Target {self.state.address}>"
-
-
-class RelayConfig:
-    """What every connection of one service version shares (see ``_core.pyx``)."""
-
-    __slots__ = ("counters", "idle_timeout", "keepalive", "connector", "on_close", "want_peername",
-                 "buffer_size", "max_buffer_size", "targets", "single", "connect_timeout",
-                 "attempts", "max_connections", "limit", "on_refuse")
-
-    def __init__(self, counters: ProxyCounters, idle_timeout: float = 0.0, keepalive: bool = False,
-                 connector: Any = None, on_close: Any = None, want_peername: bool = False,
-                 buffer_size: int = 16384, max_buffer_size: int = 262144,
-                 targets: tuple[Target, ...] = (), connect_timeout: float = 2.0,
-                 attempts: int = 1, max_connections: int = 0, on_refuse: Any = None,
-                 limit: SharedCounter | None = None) -> None:
-        if not isinstance(counters, ProxyCounters):
-            raise TypeError("counters must be a ProxyCounters")
-        if buffer_size < 1 or max_buffer_size < buffer_size:
-            raise ValueError("need 1 <= buffer_size <= max_buffer_size")
-        if attempts < 1 or not connect_timeout > 0:
-            raise ValueError("need attempts >= 1 and connect_timeout > 0")
-        if not isinstance(targets, tuple):
-            raise TypeError("targets must be a tuple")
-        for t in targets:
-            if not isinstance(t, Target):
-                raise TypeError(f"targets: expected Target, got {type(t).__name__}")
-        if len(targets) > 1 and connector is None:
-            raise ValueError("more than one target needs a connector to pick")
-        if max_connections < 0:
-            raise ValueError("need max_connections >= 0 (0: no limit)")
-        if limit is not None and not isinstance(limit, SharedCounter):
-            raise TypeError("limit must be a SharedCounter")
-        self.counters = counters
-        self.idle_timeout = float(idle_timeout)
-        self.keepalive = bool(keepalive)
-        self.connector = connector
-        self.on_close = on_close
-        self.want_peername = bool(want_peername)
-        self.buffer_size = buffer_size
-        self.max_buffer_size = max_buffer_size
-        self.targets = targets
-        self.single = targets[0] if len(targets) == 1 else None
-        self.connect_timeout = float(connect_timeout)
-        self.attempts = int(attempts)
-        self.max_connections = int(max_connections)
-        self.limit = limit if limit is not None else private_counter()
-        self.on_refuse = on_refuse
+_oserror = _machine._oserror
 
 
 # -- the engine: one epoll instance per event loop ------------------------------
 
 _TICK = 0.05
-_LINGER = 2.0
 _READS_PER_EVENT = 16
 _EVENTS = 64
 _EPOLL_FLAGS = _select.EPOLLIN | _select.EPOLLOUT | _select.EPOLLRDHUP | _select.EPOLLET
@@ -696,269 +581,51 @@ def _open_pipe(size: int) -> tuple[int, int] | None:
     return r, w
 
 
-# The connection as a whole (see _core_relay.pxi)
-C_NEW, C_CONNECTING, C_OPEN, C_LINGERING, C_CLOSING, C_FINISHED = range(6)
-_CONN_NAMES = ("new", "connecting", "open", "lingering", "closing", "finished")
-
-D_HOLD, D_OPEN, D_CLOSING, D_CLOSED = _machine.D_HOLD, _machine.D_OPEN, _machine.D_CLOSING, _machine.D_CLOSED
-EV_FULL, EV_DRAINED, EV_EOF = _machine.EV_FULL, _machine.EV_DRAINED, _machine.EV_EOF
-EV_CONNECTED, EV_CLOSE, EV_ERROR = _machine.EV_CONNECTED, _machine.EV_CLOSE, _machine.EV_ERROR
-ACT_SHUT, ACT_CLOSE = _machine.ACT_SHUT, _machine.ACT_CLOSE
+D_OPEN, EV_FULL = _machine.D_OPEN, _machine.EV_FULL
 M_COPY, M_BULK, M_SPLICE = _machine.M_COPY, _machine.M_BULK, _machine.M_SPLICE
-_may_read_state = _machine.may_read
+UP_CONNECTING, UP_OPEN, UP_CLOSED = _machine.UP_CONNECTING, _machine.UP_OPEN, _machine.UP_CLOSED
+END_CLIENT_ERROR = _machine.END_CLIENT_ERROR
 
 
-class Connection:
+class Connection(_Relay):
     """One proxied connection: the protocol of the accepted client socket and
-    the owner of its upstream socket (see ``_core_relay.pxi``)."""
-
-    __slots__ = ("cfg", "counters", "conns", "owner", "engine", "client", "c_write", "sock", "ufd",
-                 "csock", "cfd", "raw", "attempt", "tried", "attempts", "deadline", "ustate",
-                 "c2u", "u2c", "early", "started", "ended", "last_active", "peername", "state",
-                 "up_state", "end_code", "client_open", "c_reading", "c_early_full", "deferred",
-                 "admitted", "__weakref__")
+    the owner of its upstream socket (a ``Relay``, see ``_core_machine.py``,
+    with the system calls; see ``_core_relay.pxi``)."""
 
     def __init__(self, cfg: RelayConfig, conns: Any, owner: Any = None) -> None:
-        if not isinstance(cfg, RelayConfig):
-            raise TypeError("cfg must be a RelayConfig")
-        self.cfg = cfg
-        self.counters = cfg.counters
-        self.conns = conns
-        self.owner = owner
         self.engine: _Engine | None = None
-        self.client: Any = None
-        self.c_write: Any = None
-        self.sock: _socket.socket | None = None
-        self.ufd = -1
-        self.csock: _socket.socket | None = None
-        self.cfd = -1
-        self.raw = False
-        self.attempt: Target | None = None
-        self.tried: list[Target] | None = None
-        self.attempts = 0
-        self.deadline = 0.0
-        self.ustate: UpstreamState | None = None
-        self.c2u = _machine.Direction(D_HOLD, cfg.buffer_size)
-        self.u2c = _machine.Direction(D_OPEN, cfg.buffer_size)
-        self.early = 0
-        self.started = self.last_active = _now()
-        self.ended = 0.0
-        self.peername: Any = None
-        self.state = C_NEW
-        self.up_state = UP_NONE
-        self.end_code = END_NONE
-        self.client_open = self.c_reading = self.c_early_full = False
-        self.deferred = False
-        self.admitted = False
+        self.sock: _socket.socket | None = None     # the upstream socket
+        self.csock: _socket.socket | None = None    # raw: the client socket
+        self.deferred = False                        # in the engine's ready list
+        super().__init__(cfg, conns, owner)
 
-    def _admit(self) -> bool:
-        # count it in the instance's count, unless that is full (see _core_relay.pxi)
-        cfg = self.cfg
-        if not cfg.limit.acquire(cfg.max_connections):
-            self.counters.refused += 1
-            self.state = C_FINISHED
-            self.owner = None
-            self.conns.discard(self)
-            return False
-        self.admitted = True
-        self.counters.accepted += 1
-        self.counters.active += 1
-        return True
+    # -- the hooks of Relay ------------------------------------------------------
 
-    # -- the client transport's callbacks --------------------------------------
+    def _clock(self) -> float:
+        return _now()
 
-    def connection_made(self, transport: Any) -> None:
-        cfg = self.cfg
-        if not self._admit():
-            if cfg.on_refuse is not None:
-                cfg.on_refuse(transport.get_extra_info("peername"))
-            transport.abort()
-            return
-        self.client = transport
-        self.c_write = transport.write
-        self.client_open = True
-        self.state = C_CONNECTING
-        self.c_reading = True
-        self.conns.add(self)
-        if cfg.want_peername:
-            self.peername = transport.get_extra_info("peername")
-        if cfg.keepalive:
-            _set_keepalive(transport)
+    def _acquire(self) -> bool:
+        return self.cfg.limit.acquire(self.cfg.max_connections)  # type: ignore[no-any-return]
+
+    def _release(self) -> None:
+        self.cfg.limit.release()
+
+    def _attach(self) -> None:
         self.engine = _get_engine()
         self.engine.link(self)
-        if cfg.idle_timeout > 0:
-            self.engine.arm(self, self.started + cfg.idle_timeout)
-        self._next_attempt()
 
-    def get_buffer(self, sizehint: int) -> Any:
-        d = self.c2u
-        if d.buf is None or (d.size < d.next and not self.early and d.pend_end == 0):
-            self._new_buf(d, d.next)
-        if self.early:
-            return d.mv[self.early:]
-        return d.buf
+    def _detach(self) -> None:
+        if self.engine is not None:
+            self.engine.unlink(self)
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self._client_bytes(nbytes)
+    def _arm(self, at: float) -> None:
+        self.engine.arm(self, at)  # type: ignore[union-attr]
 
-    def _client_bytes(self, nbytes: int) -> None:
-        self.last_active = _now()
-        if self.state == C_OPEN:
-            self._send(self.c2u, 0, nbytes, True)
-        elif self.state == C_CONNECTING:
-            self.early += nbytes
-            if self.early >= self.c2u.size:
-                self.c_early_full = True
-                self._sync_client_reading()
+    def _rearm(self) -> None:
+        self.engine.rearm(self)  # type: ignore[union-attr]
 
-    def data_received(self, data: bytes) -> None:
-        n = len(data)
-        d = self.c2u
-        self.last_active = _now()
-        if self.state == C_OPEN:
-            if d.buf is None or d.size < n:
-                self._new_buf(d, max(n, self.cfg.buffer_size))
-            d.buf[:n] = data
-            self._send(d, 0, n, False)
-        elif self.state == C_CONNECTING:
-            self._hold(data)
-
-    def eof_received(self) -> bool:
-        self._src_eof(self.c2u)
-        return True
-
-    def pause_writing(self) -> None:
-        self.u2c.step(EV_FULL)
-
-    def resume_writing(self) -> None:
-        self._drained(self.u2c)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._client_lost(exc is not None)
-
-    def _client_lost(self, error: bool) -> None:
-        self.client_open = False
-        self.c_reading = False
-        self.u2c.state = D_CLOSED
-        self._set_end(END_CLIENT_ERROR if error else END_CLOSED)
-        if self.up_state == UP_OPEN:
-            self._closing()
-            self._close_upstream(error)
-        elif self.up_state == UP_CONNECTING:
-            self._closing()
-            self._drop_attempt(UP_CLOSED)
-            self._finish()
-        else:
-            self.up_state = UP_CLOSED
-            self._finish()
-
-    def abort(self) -> None:
-        """Close both sides at once (a drain timed out)."""
-        self._shut(END_ABORTED, True)
-
-    # -- read-only views ---------------------------------------------------------
-
-    @property
-    def upstream(self) -> UpstreamState | None:
-        """The connected upstream's UpstreamState (None if none was reached)."""
-        return self.ustate
-
-    @property
-    def client_transport(self) -> Any:
-        """The client's transport (None once finished)."""
-        return self.client
-
-    @property
-    def client_fileno(self) -> int:
-        """The client socket's file descriptor when the core accepted it."""
-        return self.cfd
-
-    @property
-    def upstream_fileno(self) -> int:
-        """The upstream socket's file descriptor (-1 when there is none)."""
-        return self.ufd
-
-    @property
-    def bytes_in(self) -> int:
-        """Bytes relayed from the client to the upstream."""
-        return self.c2u.nbytes  # type: ignore[no-any-return]
-
-    @property
-    def bytes_out(self) -> int:
-        """Bytes relayed from the upstream to the client."""
-        return self.u2c.nbytes  # type: ignore[no-any-return]
-
-    @property
-    def spliced(self) -> str:
-        """Which directions moved bulk with splice(2): "", "in", "out" or "both"."""
-        return ("", "in", "out", "both")[(self.c2u.mode == M_SPLICE) + 2 * (self.u2c.mode == M_SPLICE)]
-
-    @property
-    def held(self) -> int:
-        """Client bytes held while the upstream connects."""
-        return self.early
-
-    @property
-    def duration(self) -> float:
-        """Seconds from accept to finish (or until now)."""
-        return (self.ended if self.state == C_FINISHED else _now()) - self.started
-
-    @property
-    def end(self) -> str:
-        """How it ended (or "open")."""
-        return _END_NAMES[self.end_code]
-
-    @property
-    def closed(self) -> bool:
-        """True once the client connection is gone."""
-        return self.state == C_FINISHED or ((self.client is not None or self.raw)
-                                            and not self.client_open)
-
-    @property
-    def finished(self) -> bool:
-        """True once both sides are gone and every count is released."""
-        return self.state == C_FINISHED
-
-    @property
-    def buffered(self) -> int:
-        """Bytes this connection holds in memory (see ``_core_relay.pxi``)."""
-        n = self.c2u.size + self.u2c.size
-        if self.client is not None and self.client_open:
-            n += self.client.get_write_buffer_size()
-        return n  # type: ignore[no-any-return]
-
-    @property
-    def directions(self) -> tuple[str, str, str]:
-        """``(connection, client to upstream, upstream to client)`` state names."""
-        return (_CONN_NAMES[self.state], _machine.STATE_NAMES[self.c2u.state],
-                _machine.STATE_NAMES[self.u2c.state])
-
-    def __repr__(self) -> str:
-        return (f"<Connection {self.peername!r} up={self.ustate.address if self.ustate else None} "
-                f"in={self.c2u.nbytes} out={self.u2c.nbytes} {self.end}>")
-
-    # -- connecting --------------------------------------------------------------
-
-    def _next_attempt(self) -> None:
-        cfg = self.cfg
-        while True:
-            if self.attempts >= cfg.attempts:
-                self._no_upstream()
-                return
-            if cfg.single is not None:
-                t = cfg.single if self.tried is None else None
-            elif cfg.connector is not None:
-                t = cfg.connector.pick(self, self.tried if self.tried is not None else ())
-            else:
-                t = None
-            if t is None:
-                self._no_upstream()
-                return
-            self.attempts += 1
-            err = self._start_attempt(t)
-            if err == 0:
-                return
-            self._count_failure(t, _oserror(err))
+    def _defer(self) -> None:
+        self.engine.defer(self)  # type: ignore[union-attr]
 
     def _start_attempt(self, t: Target) -> int:
         try:
@@ -981,115 +648,73 @@ class Connection:
             return err
         self.sock = sock
         self.ufd = fd
-        self.attempt = t
-        t.state.active += 1
-        self.up_state = UP_CONNECTING
-        if r == 0:
-            self._connected()
-        else:
-            self.deadline = _now() + self.cfg.connect_timeout
-            self.engine.arm(self, self.deadline)  # type: ignore[union-attr]
+        self._attempting(t, r == 0)
         return 0
 
-    def _connected(self) -> None:
-        t = self.attempt
-        assert t is not None
-        st = t.state
-        d = self.c2u
-        self.attempt = None
-        self.deadline = 0.0
-        self.ustate = st
-        self.up_state = UP_OPEN
-        self.state = C_OPEN
-        st.connections += 1
-        if (st.fails or st.ejected_until > 0) and self.cfg.connector is not None:
-            self.cfg.connector.succeeded(t)
-        self.engine.rearm(self)  # type: ignore[union-attr]
-        d.step(EV_CONNECTED)
-        if self.early:
-            n = self.early
-            self.early = 0
-            self.c_early_full = False
-            self._send(d, 0, n, False)
-        if self.up_state == UP_OPEN and d.pend_end == 0:
-            self._drained(d)
-        else:
-            self._sync_client_reading()
+    def _close_fd(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            self.engine.forget(self, self.ufd)  # type: ignore[union-attr]
+            self.sock = None
+            self.ufd = -1
+            sock.close()
 
-    def _drop_attempt(self, up: int) -> Target:
-        t = self.attempt
-        assert t is not None
-        self._close_fd()
-        t.state.active -= 1
-        self.attempt = None
-        self.deadline = 0.0
-        self.up_state = up
-        return t
+    def _close_client(self) -> bool:
+        sock = self.csock
+        if sock is None:
+            return False
+        self.engine.forget(self, self.cfd)  # type: ignore[union-attr]
+        self.csock = None
+        self.cfd = -1
+        sock.close()
+        return True
 
-    def _attempt_failed(self, exc: BaseException) -> None:
-        self._count_failure(self._drop_attempt(UP_NONE), exc)
-        if self.client_open and self.state == C_CONNECTING:
-            self._next_attempt()
-        else:
+    def _close_pipes(self) -> None:
+        for d in (self.c2u, self.u2c):
+            if d.pipe_r >= 0:
+                _os.close(d.pipe_r)
+                _os.close(d.pipe_w)
+                d.pipe_r = d.pipe_w = -1
+
+    def _shutdown(self, client_side: bool) -> None:
+        sock = self.csock if client_side else self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _new_buf(self, d: Direction, size: int) -> None:
+        d.buf = bytearray(size)
+        d.mv = memoryview(d.buf)
+        d.size = size
+
+    # -- the client socket, when the core accepted it (raw) --------------------------
+
+    def _start_raw(self, engine: _Engine, sock: _socket.socket, peer: Any) -> None:
+        cfg = self.cfg
+        self.raw = True
+        if not self._admit():
+            sock.close()
+            if cfg.on_refuse is not None:
+                cfg.on_refuse(peer)
+            return
+        self.engine = engine
+        fd = sock.fileno()
+        if engine.register(self, fd, _EPOLL_FLAGS, _TAG_CLIENT):
+            sock.close()
+            self._set_end(END_CLIENT_ERROR)
             self.up_state = UP_CLOSED
             self._finish()
-
-    def _count_failure(self, t: Target, exc: BaseException) -> None:
-        if self.tried is None:
-            self.tried = []
-        self.tried.append(t)
-        if self.cfg.connector is not None:
-            self.cfg.connector.failed(t, exc)
-        else:
-            self.counters.connect_failures += 1
-
-    def _no_upstream(self) -> None:
-        self.up_state = UP_CLOSED
-        self.counters.no_upstream += 1
-        self._set_end(END_NO_UPSTREAM)
-        self.early = 0
-        self.c_early_full = False
-        if not self.client_open:
-            self._finish()
             return
-        if self.c2u.eof():
-            self._closing()
-            self._c_close(False)
-            return
-        self.state = C_LINGERING
-        self.deadline = _now() + _LINGER
-        self.engine.arm(self, self.deadline)  # type: ignore[union-attr]
-        self._c_write_eof()
-        self._sync_client_reading()
+        self.csock = sock
+        self.cfd = fd
+        engine.link(self)
+        if cfg.keepalive and sock.family != _socket.AF_UNIX:
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+        self._started_raw(peer)
 
-    # -- the engine's calls ------------------------------------------------------
-
-    def _deadline(self) -> float:
-        if self.up_state == UP_CONNECTING or self.state == C_LINGERING:
-            return self.deadline
-        if self.cfg.idle_timeout > 0 and self.state != C_FINISHED:
-            return self.last_active + self.cfg.idle_timeout
-        return 0.0
-
-    def _timed_out(self, now: float) -> None:
-        at = self._deadline()
-        if at == 0.0 or now < at:
-            return
-        if self.state == C_LINGERING:
-            self.state = C_CLOSING
-            if self.client_open:
-                self._c_close(False)
-        elif self.up_state == UP_CONNECTING:
-            self._attempt_failed(TimeoutError())
-        else:
-            self.counters.idle_closed += 1
-            self._shut(END_IDLE, True)
-
-    def _crashed(self, exc: BaseException) -> None:
-        _log.error("proxy connection failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-        self._set_end(END_ABORTED)
-        if self.state != C_FINISHED:
-            self._shut(END_ABORTED, True)
+    # -- the engine's events -------------------------------------------------------
 
     def _upstream_event(self, events: int) -> None:
         sock = self.sock
@@ -1112,20 +737,6 @@ class Connection:
             return
         self._socket_event(self.c2u, self.u2c, events)
 
-    # -- relaying: one code for both directions (see _core_relay.pxi) ---------------
-
-    def _src(self, d: Direction) -> _socket.socket | None:
-        return self.csock if d is self.c2u else self.sock
-
-    def _dst(self, d: Direction) -> _socket.socket | None:
-        return self.sock if d is self.c2u else self.csock
-
-    def _failed(self, client_side: bool, err: int) -> None:
-        if client_side:
-            self._c_gone(True)
-        else:
-            self._upstream_error(err)
-
     def _socket_event(self, src_of: Direction, dst_of: Direction, events: int) -> None:
         sock = self._src(src_of)
         assert sock is not None
@@ -1142,15 +753,13 @@ class Connection:
             src_of.readable = True
             self._read(src_of)
 
-    def _may_read(self, d: Direction) -> bool:
-        if d is self.c2u:
-            return self.c_reading
-        return d.state == D_OPEN and self.state == C_OPEN and self.client_open
+    # -- relaying: one code for both directions (see _core_relay.pxi) ---------------
 
-    def _new_buf(self, d: Direction, size: int) -> None:
-        d.buf = bytearray(size)
-        d.mv = memoryview(d.buf)
-        d.size = size
+    def _src(self, d: Direction) -> _socket.socket | None:
+        return self.csock if d is self.c2u else self.sock
+
+    def _dst(self, d: Direction) -> _socket.socket | None:
+        return self.sock if d is self.c2u else self.csock
 
     def _read(self, d: Direction) -> None:
         reads = 0
@@ -1247,49 +856,6 @@ class Connection:
         d.pend_off = d.pend_end = 0
         self._drained(d)
 
-    def _drained(self, d: Direction) -> None:
-        act = d.step(EV_DRAINED)
-        if act == ACT_CLOSE:
-            if d is self.c2u:
-                self._upstream_closed()
-            else:
-                self._c_gone(False)
-            return
-        if act == ACT_SHUT:
-            self._shut_dst(d)
-        if d is self.c2u:
-            self._sync_client_reading()
-        elif d.readable:
-            self._read(d)
-
-    def _shut_dst(self, d: Direction) -> None:
-        if d is self.u2c and not self.raw:
-            self.client.write_eof()
-            return
-        sock = self._dst(d)
-        if sock is not None:
-            try:
-                sock.shutdown(_socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def _src_eof(self, d: Direction) -> None:
-        other = self.u2c if d is self.c2u else self.c2u
-        if d is self.c2u:
-            self.c_reading = False
-            if self.state == C_LINGERING:
-                d.step(EV_EOF)
-                self.state = C_CLOSING
-                self._c_close(False)
-                return
-        act = d.step(EV_EOF)
-        if self.state != C_OPEN:
-            return
-        if other.eof():
-            self._shut(END_EOF, False)
-        elif act == ACT_SHUT:
-            self._shut_dst(d)
-
     def _splice(self, d: Direction) -> bool:
         chunk = self.cfg.max_buffer_size
         if d.pipe_r < 0:
@@ -1336,222 +902,6 @@ class Connection:
             elif self._read_ended(d, r):
                 return True
         return True
-
-    def _close_pipes(self) -> None:
-        for d in (self.c2u, self.u2c):
-            if d.pipe_r >= 0:
-                _os.close(d.pipe_r)
-                _os.close(d.pipe_w)
-                d.pipe_r = d.pipe_w = -1
-
-    def _to_client(self, n: int) -> None:
-        d = self.u2c
-        size = d.size
-        if self.raw:
-            self._send(d, 0, n, True)
-            return
-        d.nbytes += n
-        self.counters.bytes_out += n
-        self.c_write(d.buf if n == size else d.mv[:n])
-        if n == size and size < self.cfg.max_buffer_size:
-            d.next = min(size * 2, self.cfg.max_buffer_size)
-            d.buf = d.mv = None
-            d.size = 0
-        elif self.client_open and self.client.get_write_buffer_size():
-            d.buf = d.mv = None
-            d.size = 0
-
-    def _hold(self, data: bytes) -> None:
-        d = self.c2u
-        n = len(data)
-        need = self.early + n
-        if d.buf is None or need > d.size:
-            old, old_n = d.buf, self.early
-            self._new_buf(d, max(need, self.cfg.buffer_size))
-            if old_n:
-                d.buf[:old_n] = old[:old_n]
-        d.buf[self.early:need] = data
-        self.early = need
-        if self.early >= self.cfg.buffer_size:
-            self.c_early_full = True
-            self._sync_client_reading()
-
-    def _sync_client_reading(self) -> None:
-        want = self.client_open and (self.state == C_LINGERING or (
-            (self.state == C_OPEN or self.state == C_CONNECTING)
-            and _may_read_state(self.c2u.state) and not self.c_early_full))
-        if want != self.c_reading:
-            self.c_reading = want
-            if self.raw:
-                if want and self.c2u.readable:
-                    self.engine.defer(self)  # type: ignore[union-attr]
-            elif want:
-                self.client.resume_reading()
-            else:
-                self.client.pause_reading()
-
-    def _run_deferred(self) -> None:
-        if self.raw and self.c2u.readable:
-            self._read(self.c2u)
-        if self.u2c.readable:
-            self._read(self.u2c)
-
-    def _upstream_error(self, err: int) -> None:
-        self._set_end(END_UPSTREAM_ERROR)
-        self._close_upstream(True)
-        if self.client_open:
-            self._shut(END_CLOSED, True)
-
-    # -- the client socket, when the core accepted it (raw; see _core_relay.pxi) ----
-
-    def _start_raw(self, engine: _Engine, sock: _socket.socket, peer: Any) -> None:
-        cfg = self.cfg
-        self.raw = True
-        if not self._admit():
-            sock.close()
-            if cfg.on_refuse is not None:
-                cfg.on_refuse(peer)
-            return
-        self.engine = engine
-        fd = sock.fileno()
-        if engine.register(self, fd, _EPOLL_FLAGS, _TAG_CLIENT):
-            sock.close()
-            self._set_end(END_CLIENT_ERROR)
-            self.up_state = UP_CLOSED
-            self._finish()
-            return
-        self.csock = sock
-        self.cfd = fd
-        self.client_open = True
-        self.state = C_CONNECTING
-        self.c_reading = True
-        self.conns.add(self)
-        engine.link(self)
-        if cfg.want_peername:
-            self.peername = peer
-        if cfg.keepalive and sock.family != _socket.AF_UNIX:
-            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
-        if cfg.idle_timeout > 0:
-            engine.arm(self, self.started + cfg.idle_timeout)
-        self._next_attempt()
-
-    def _c_write_eof(self) -> None:
-        if self.u2c.step(EV_EOF) == ACT_SHUT:
-            self._shut_dst(self.u2c)
-
-    def _c_close(self, hard: bool) -> None:
-        if not self.raw:
-            self.u2c.state = D_CLOSED
-            if hard:
-                self.client.abort()
-            else:
-                self.client.close()
-            return
-        if not hard and self.csock is not None:
-            self.u2c.step(EV_CLOSE)
-            if self.u2c.state == D_CLOSING:
-                self._sync_client_reading()
-                return
-        self._c_gone(False)
-
-    def _c_gone(self, error: bool) -> None:
-        sock = self.csock
-        if sock is None:
-            return
-        self.engine.forget(self, self.cfd)  # type: ignore[union-attr]
-        self.csock = None
-        self.cfd = -1
-        sock.close()
-        self.u2c.pend_off = self.u2c.pend_end = 0
-        self.c2u.readable = False
-        self._client_lost(error)
-
-    # -- closing -------------------------------------------------------------------
-
-    def _closing(self) -> None:
-        if self.state < C_CLOSING:
-            self.state = C_CLOSING
-
-    def _set_end(self, code: int) -> None:
-        if self.end_code == END_NONE:
-            self.end_code = code
-
-    def _close_fd(self) -> None:
-        sock = self.sock
-        if sock is not None:
-            self.engine.forget(self, self.ufd)  # type: ignore[union-attr]
-            self.sock = None
-            self.ufd = -1
-            sock.close()
-
-    def _close_upstream(self, hard: bool) -> None:
-        if self.up_state != UP_OPEN:
-            return
-        if hard or self.sock is None:
-            self.c2u.step(EV_ERROR)
-        else:
-            self.c2u.step(EV_CLOSE)
-            if self.c2u.state == D_CLOSING:
-                return
-        self._upstream_closed()
-
-    def _upstream_closed(self) -> None:
-        self._close_fd()
-        self.up_state = UP_CLOSED
-        self.c2u.state = D_CLOSED
-        self.u2c.readable = False
-        if not self.client_open:
-            self._finish()
-
-    def _shut(self, code: int, hard: bool) -> None:
-        self._set_end(code)
-        if self.state == C_FINISHED:
-            return
-        self._closing()
-        if self.client_open:
-            self._c_close(hard)
-        if self.up_state == UP_OPEN:
-            self._close_upstream(hard)
-        elif self.up_state == UP_CONNECTING:
-            self._drop_attempt(UP_CLOSED)
-            if not self.client_open:
-                self._finish()
-
-    def _finish(self) -> None:
-        if self.state == C_FINISHED:
-            return
-        self.state = C_FINISHED
-        self.ended = _now()
-        self._close_fd()
-        if self.csock is not None:
-            self.engine.forget(self, self.cfd)  # type: ignore[union-attr]
-            self.csock.close()
-            self.csock = None
-            self.cfd = -1
-            self.client_open = False
-        self._close_pipes()
-        if self.engine is not None:
-            self.engine.unlink(self)
-        if self.admitted:
-            self.admitted = False
-            self.counters.active -= 1
-            self.cfg.limit.release()
-        if self.ustate is not None:
-            self.ustate.active -= 1
-            self.ustate.bytes_in += self.c2u.nbytes
-            self.ustate.bytes_out += self.u2c.nbytes
-        self.attempt = None
-        self.tried = None
-        for d in (self.c2u, self.u2c):
-            d.state = D_CLOSED
-            d.buf = d.mv = None
-            d.size = 0
-        self.c_write = None
-        self.client = None
-        self.conns.discard(self)
-        if self.cfg.on_close is not None:
-            self.cfg.on_close(self)
-        self.owner = None
 
 
 # -- accepting in the core (see _core.pyx) ---------------------------------------------
