@@ -6,9 +6,11 @@ Rules of this file:
 * Everything here is also in ``_core_py.py`` with the same names, arguments
   and behaviour; the test-suite runs against both (``HOTPROXY_NO_EXTENSIONS=1``
   picks the pure-Python twin), and ``tests/test_core_equivalence.py`` checks
-  that the two expose the same API.  The relay's decisions (each direction's
-  state machine) and the timer wheel are not written twice: they are
-  ``_core_machine.py``, built as ``hotproxy._core_machine`` and cimported.
+  that the two expose the same API.  The relay's logic (``Relay``: a
+  connection's states and decisions, each direction's state machine), the
+  timer wheel and ``RelayConfig`` & co. are not written twice: they are
+  ``_core_machine.py``, built as ``hotproxy._core_machine`` and cimported;
+  what is here is what makes system calls.
 * This file is the module's glue; the code is in one ``.pxi`` per concern
   (below), each declared in the ``.pxd`` of the same name, and every C
   declaration is in ``_core_includes.pxd``.

@@ -2,12 +2,14 @@
 
 Used when the extension is missing or ``HOTPROXY_NO_EXTENSIONS=1``; the
 test-suite runs against both (and ``tests/test_core_equivalence.py`` checks
-that the two expose the same API).  The decisions of the relay -- each
-direction's state machine -- and the timer wheel are not repeated here:
-they are ``_core_machine.py``, which the compiled core builds and this
-module runs as Python.  What is here is the other half, written twice: the
-system calls (socket methods and ``os.splice`` here, C calls there).  Keep
-the two in step, function for function.
+that the two expose the same API and do the same).  The relay's logic is
+not repeated here: ``Relay`` (a connection's states and decisions), the
+direction state machine, the timer wheel and ``RelayConfig`` & co. are
+``_core_machine.py``, which the compiled core builds and this module runs
+as Python.  What is here is the other half, written twice because it is
+system calls: socket methods, ``select.epoll``, ``os.splice`` and ``lockf``
+here, C calls and atomics there.  Keep the two in step, function for
+function.
 """
 
 from __future__ import annotations
