@@ -5,7 +5,7 @@
 
 from hotproxy._core_includes cimport *
 
-include "_core_slot.pxd"
+include "_core_counters.pxd"
 include "_core_engine.pxd"
 include "_core_relay.pxd"
 include "_core_listener.pxd"

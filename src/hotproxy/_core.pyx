@@ -48,6 +48,7 @@ import time
 import hotproxy._core_machine as _machine
 
 cdef object _accept_log = logging.getLogger("hotproxy.accept")
+cdef object _accept_failed = _machine.accept_failed
 cdef object _monotonic = time.monotonic
 
 cdef object _get_running_loop = asyncio.get_running_loop
@@ -69,13 +70,15 @@ cdef object _oserror(int err):
 # The parts, by concern (each declared in the .pxd of the same name, which
 # _core.pxd includes): one extension, so calls between them stay direct C
 # calls that the compiler can inline.
-include "_core_slot.pxi"       # Slot, CounterTable, SharedCounter, ConnectionSet, Acceptor
+include "_core_counters.pxi"   # CounterTable, SharedCounter
 include "_core_relay.pxi"      # Connection: the relay's system calls
 include "_core_engine.pxi"     # _Engine: epoll, deferred reads, timers
 include "_core_listener.pxi"   # Listener: accept4() in the core
 
-# What a service version shares with its connections is _core_machine's,
-# one source for both cores: this module's names for it.
-_machine.use_counters(SharedCounter, private_counter)
-globals().update(ProxyCounters=ProxyCounters, UpstreamState=UpstreamState, Target=Target,
+# A site's slot, connection sets and acceptor, and what a service version
+# shares with its connections, are _core_machine's (one source for both
+# cores): this module's names for them.
+_machine.use_counters(private_counter)
+globals().update(Slot=Slot, ConnectionSet=ConnectionSet, Acceptor=Acceptor,
+                 ProxyCounters=ProxyCounters, UpstreamState=UpstreamState, Target=Target,
                  RelayConfig=RelayConfig)

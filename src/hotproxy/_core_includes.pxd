@@ -111,7 +111,7 @@ cdef extern from "<string.h>" nogil:
 
 
 # Atomic updates of the counters that the processes of an instance share
-# (see _core_slot.pxi).
+# (see _core_counters.pxi).
 cdef extern from *:
     """
     static inline int hp_count_acquire(long long *total, long long *share, long long limit) {

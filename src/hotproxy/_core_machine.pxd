@@ -58,6 +58,39 @@ cdef class TimerWheel:
     cpdef double next_at(self)
 
 
+# -- a site's slot, connection sets and acceptor -------------------------------------------
+
+@cython.final
+cdef class Slot:
+    cdef object _current
+    cpdef object swap(self, object new)
+
+
+cdef class Counter:
+    cdef bint _acquire(self, long long limit) noexcept
+    cdef void _release(self) noexcept
+
+
+@cython.final
+cdef class ConnectionSet:
+    cdef set _conns
+    cdef public ConnectionSet parent
+    cdef readonly Counter limit
+    cdef list _waiters
+    cpdef add(self, object conn)
+    cpdef discard(self, object conn)
+    cdef _wake(self)
+
+
+@cython.final
+cdef class Acceptor:
+    cdef readonly Slot slot
+    cdef readonly ConnectionSet conns
+    cdef readonly str name
+    cdef readonly unsigned long long errors
+    cdef double _logged_at
+
+
 # -- what a service version shares with its connections ---------------------------------
 
 cdef int C_NEW, C_CONNECTING, C_OPEN, C_LINGERING, C_CLOSING, C_FINISHED
@@ -115,7 +148,7 @@ cdef class RelayConfig:
     cdef readonly double connect_timeout
     cdef readonly int attempts
     cdef readonly long long max_connections
-    cdef readonly object limit             # the core's SharedCounter
+    cdef readonly Counter limit            # the core's SharedCounter
     cdef readonly object on_refuse
 
 
@@ -197,8 +230,6 @@ cdef class Relay:
 
     # what each core's Connection provides
     cdef double _clock(self) noexcept
-    cdef bint _acquire(self) except -1
-    cdef _release(self)
     cdef _attach(self)
     cdef _detach(self)
     cdef _arm(self, double at)

@@ -19,6 +19,9 @@ What lives here:
   what.
 * ``TimerWheel``: the connections' deadlines, in buckets of ``resolution``
   seconds, so a tick touches only the connections that are due.
+* ``Slot``, ``ConnectionSet``, ``Acceptor``: a site's current service, its
+  open connections, and the protocol factory it serves with (``Counter``:
+  what each core's ``SharedCounter`` is).
 * ``ProxyCounters``, ``UpstreamState``, ``Target``, ``RelayConfig``: what a
   service version shares with its connections.
 * ``Relay``: one proxied connection -- connecting, holding, relaying each
@@ -49,9 +52,13 @@ Actions (``ACT_*``): NONE; SHUT (send the destination our EOF); CLOSE
 (close the destination now); ABORT (close both sides at once).
 """
 
+from __future__ import annotations
+
+import asyncio as _asyncio
 import logging
 import os as _os
 import socket as _socket
+import time as _time
 from heapq import heappop as _heappop, heappush as _heappush
 from typing import Any
 
@@ -309,6 +316,177 @@ class TimerWheel:
         return list(self._where)
 
 
+# -- a site's slot, connection sets and acceptor ------------------------------------------
+
+
+class Slot:
+    """The current service of one site.
+
+    Read on every accepted connection, replaced by ``swap`` on ``Update``: a
+    slot is published by one reference assignment, so a reader sees the old
+    service or the new one, never anything in between.
+    """
+
+    def __init__(self, current: Any = None) -> None:
+        self._current = current
+
+    @property
+    def current(self) -> Any:
+        """The service that new connections get (None before the first commit)."""
+        return self._current
+
+    def swap(self, new: Any) -> Any:
+        """Publish *new*; return the service it replaces."""
+        old = self._current
+        self._current = new
+        return old
+
+    def __repr__(self) -> str:
+        return f"<Slot {self._current!r}>"
+
+
+class Counter:
+    """What counts connections: each core's ``SharedCounter`` is one (with
+    atomic operations in the compiled core, locks in the pure-Python one)."""
+
+    def _acquire(self, limit: int) -> bool:
+        """Count one more unless *limit* (> 0) are counted already; True if counted."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Count one less."""
+        raise NotImplementedError
+
+
+class ConnectionSet:
+    """The open connections of a site (or of one layer's services).
+
+    A connection object is anything with an ``abort()`` method; it adds
+    itself when it starts and discards itself when it ends.  A set with a
+    parent mirrors every add and discard into it, so a layer can count its
+    own connections while the site still sees all of them.
+
+    A set with a *limit* (a ``SharedCounter``) holds counted connections:
+    whoever adds one has acquired a count for it, and a connection leaving
+    the set releases that count.
+    """
+
+    def __init__(self, parent: ConnectionSet | None = None, limit: Counter | None = None) -> None:
+        if parent is not None and not isinstance(parent, ConnectionSet):
+            raise TypeError("parent must be a ConnectionSet")
+        if limit is not None and not isinstance(limit, Counter):
+            raise TypeError("limit must be a SharedCounter")
+        self._conns: set[Any] = set()
+        self.parent = parent
+        self.limit = limit
+        self._waiters: list[Any] | None = None
+
+    def add(self, conn: Any) -> None:
+        """Track *conn* (and in the parent set, if any)."""
+        self._conns.add(conn)
+        if self.parent is not None:
+            self.parent.add(conn)
+
+    def discard(self, conn: Any) -> None:
+        """Stop tracking *conn*; wake ``wait_empty`` waiters when none are left."""
+        if self.limit is None:
+            self._conns.discard(conn)
+        elif conn in self._conns:
+            self._conns.discard(conn)
+            self.limit._release()
+        if self.parent is not None:
+            self.parent.discard(conn)
+        if self._waiters is not None and not self._conns:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        self._waiters = None
+        for fut in waiters:  # type: ignore[union-attr]
+            if not fut.done():
+                fut.set_result(None)
+
+    def wait_empty(self) -> Any:
+        """A future that is done once no connection is left."""
+        fut = _asyncio.get_running_loop().create_future()
+        if not self._conns:
+            fut.set_result(None)
+        else:
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(fut)
+        return fut
+
+    def abort_all(self) -> int:
+        """Abort every connection still open; return how many there were."""
+        conns = list(self._conns)
+        for conn in conns:
+            conn.abort()
+        return len(conns)
+
+    def snapshot(self) -> list[Any]:
+        """A list of the connections open now."""
+        return list(self._conns)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __contains__(self, conn: object) -> bool:
+        return conn in self._conns
+
+    def __repr__(self) -> str:
+        return f"<ConnectionSet open={len(self._conns)}>"
+
+
+class Acceptor:
+    """The protocol factory a site's listener serves with.
+
+    Each accepted connection reads the slot once and asks that service for
+    a protocol (no lock, no allocation of its own, no await); the
+    connection keeps that service for its whole life.
+    """
+
+    def __init__(self, slot: Slot, conns: ConnectionSet, name: str = "") -> None:
+        if not isinstance(slot, Slot) or not isinstance(conns, ConnectionSet):
+            raise TypeError("need a Slot and a ConnectionSet")
+        self.slot = slot
+        self.conns = conns
+        self.name = name
+        self.errors = 0
+        self._logged_at = -1e9
+
+    def __call__(self) -> Any:
+        # An exception escaping a protocol factory makes uvloop close the
+        # listening socket for good: one buggy connection must not take the
+        # site down, so it is counted, logged and that connection dropped.
+        try:
+            return self.slot._current.new_connection(self.conns)
+        except Exception as exc:
+            self.errors += 1
+            self._logged_at = accept_failed(self.name, exc, self.errors, self._logged_at)
+            return _Dropped()
+
+
+_accept_log = logging.getLogger("hotproxy.accept")
+
+
+def accept_failed(name: str, exc: BaseException, errors: int, logged_at: float) -> float:
+    """Log a failed accept, at most every 10 s per site; return when it logged."""
+    now = _time.monotonic()
+    if now - logged_at >= 10.0:
+        _accept_log.error("site %r: new_connection failed (%d so far), connection dropped: %s: %s",
+                          name, errors, type(exc).__name__, exc)
+        return now
+    return logged_at
+
+
+class _Dropped(_asyncio.Protocol):
+    """The protocol of a connection whose service could not start it."""
+
+    def connection_made(self, transport: Any) -> None:
+        transport.abort()
+
+
 # -- what a service version shares with its connections ------------------------------
 
 # The connection as a whole (Relay.state)
@@ -344,17 +522,14 @@ LINGER = 2.0
 
 _log = logging.getLogger("hotproxy.proxy")
 
-# Set by the core that uses this module (use_counters): its SharedCounter
-# class, and a function that makes one in private memory.
-_counter_class: Any = None
+# Set by the core that uses this module (use_counters): a function that
+# makes a SharedCounter in private memory (RelayConfig's default limit).
 _private_counter: Any = None
 
 
-def use_counters(counter_class: Any, private_counter: Any) -> None:
-    """Tell this module the core's ``SharedCounter`` and ``private_counter``
-    (``RelayConfig`` checks and defaults its ``limit`` with them)."""
-    global _counter_class, _private_counter
-    _counter_class = counter_class
+def use_counters(private_counter: Any) -> None:
+    """Tell this module the core's ``private_counter``."""
+    global _private_counter
     _private_counter = private_counter
 
 
@@ -488,7 +663,7 @@ class RelayConfig:
             raise ValueError("more than one target needs a connector to pick")
         if max_connections < 0:
             raise ValueError("need max_connections >= 0 (0: no limit)")
-        if limit is not None and not isinstance(limit, _counter_class):
+        if limit is not None and not isinstance(limit, Counter):
             raise TypeError("limit must be a SharedCounter")
         self.counters = counters
         self.idle_timeout = float(idle_timeout)
@@ -569,7 +744,7 @@ class Relay:
         # Count this connection in the instance's count, unless it is full
         # (the compiled core: one atomic compare-and-swap, so a burst of
         # accepts in every worker at once admits exactly max_connections).
-        if not self._acquire():
+        if not self.cfg.limit._acquire(self.cfg.max_connections):
             self.counters.refused += 1
             self.state = C_FINISHED
             self.owner = None
@@ -1144,7 +1319,7 @@ class Relay:
         if self.admitted:
             self.admitted = False
             self.counters.active -= 1
-            self._release()
+            self.cfg.limit._release()
         if self.ustate is not None:
             self.ustate.active -= 1
             self.ustate.bytes_in += self.c2u.nbytes
@@ -1167,14 +1342,6 @@ class Relay:
 
     def _clock(self) -> float:
         """time.monotonic()"""
-        raise NotImplementedError
-
-    def _acquire(self) -> bool:
-        """Count this connection in cfg.limit unless cfg.max_connections are counted."""
-        raise NotImplementedError
-
-    def _release(self) -> None:
-        """Give the count back."""
         raise NotImplementedError
 
     def _attach(self) -> None:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._core_machine import Direction, ProxyCounters, RelayConfig, Target, UpstreamState
+    from ._core_machine import Acceptor, ConnectionSet, Slot
+    from ._core_machine import Counter as _Counter
     from ._core_machine import Relay as _Relay
 
 
@@ -48,31 +50,18 @@ def _load_machine() -> ModuleType:
     return mod
 
 
-#: The direction state machine and the timer wheel, run as Python.
+#: The relay's logic, the state machine, the timer wheel, Slot & co., run as Python.
 _machine = _load_machine()
 
-
-class Slot:
-    """The current service of one site (see ``_core.pyx``)."""
-
-    __slots__ = ("_current",)
-
-    def __init__(self, current: Any = None) -> None:
-        self._current = current
-
-    @property
-    def current(self) -> Any:
-        """The service that new connections get (None before the first commit)."""
-        return self._current
-
-    def swap(self, new: Any) -> Any:
-        """Publish *new*; return the service it replaces."""
-        old = self._current
-        self._current = new
-        return old
-
-    def __repr__(self) -> str:
-        return f"<Slot {self._current!r}>"
+# A site's slot, connection sets and acceptor are _core_machine's (one
+# source for both cores).
+if not TYPE_CHECKING:
+    Slot = _machine.Slot
+    ConnectionSet = _machine.ConnectionSet
+    Acceptor = _machine.Acceptor
+    _Counter = _machine.Counter
+_accept_failed = _machine.accept_failed
+_accept_log = logging.getLogger("hotproxy.accept")
 
 
 # -- connection counts shared by the processes of an instance (see _core.pyx) ------
@@ -168,7 +157,7 @@ class CounterTable:
         return f"<CounterTable slots={self.slots} workers={self.workers} worker={self.worker}>"
 
 
-class SharedCounter:
+class SharedCounter(_Counter):
     """One slot of a ``CounterTable``, updated as this process's worker (see ``_core.pyx``)."""
 
     __slots__ = ("table", "slot", "_words", "_t", "_s", "_lock", "_off")
@@ -230,6 +219,10 @@ class SharedCounter:
     def __repr__(self) -> str:
         return f"<SharedCounter slot={self.slot} value={self.value} mine={self.mine}>"
 
+    # what ConnectionSet and the relay call (Counter's; C calls in the compiled core)
+    _acquire = acquire
+    _release = release
+
 
 def private_counter() -> SharedCounter:
     """A ``SharedCounter`` in memory of its own that no other process maps."""
@@ -237,120 +230,11 @@ def private_counter() -> SharedCounter:
 
 
 
-class ConnectionSet:
-    """The open connections of a site (see ``_core.pyx``)."""
-
-    __slots__ = ("_conns", "parent", "limit", "_waiters")
-
-    def __init__(self, parent: ConnectionSet | None = None, limit: SharedCounter | None = None) -> None:
-        if limit is not None and not isinstance(limit, SharedCounter):
-            raise TypeError("limit must be a SharedCounter")
-        self._conns: set[Any] = set()
-        self.parent = parent
-        self.limit = limit
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def add(self, conn: Any) -> None:
-        """Track *conn* (and in the parent set, if any)."""
-        self._conns.add(conn)
-        if self.parent is not None:
-            self.parent.add(conn)
-
-    def discard(self, conn: Any) -> None:
-        """Stop tracking *conn*; wake ``wait_empty`` waiters when none are left."""
-        if self.limit is None:
-            self._conns.discard(conn)
-        elif conn in self._conns:
-            self._conns.discard(conn)
-            self.limit.release()
-        if self.parent is not None:
-            self.parent.discard(conn)
-        if self._waiters is not None and not self._conns:
-            waiters, self._waiters = self._waiters, None
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-
-    def wait_empty(self) -> asyncio.Future[None]:
-        """A future that is done once no connection is left."""
-        fut = asyncio.get_running_loop().create_future()
-        if not self._conns:
-            fut.set_result(None)
-        else:
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(fut)
-        return fut
-
-    def abort_all(self) -> int:
-        """Abort every connection still open; return how many there were."""
-        conns = list(self._conns)
-        for conn in conns:
-            conn.abort()
-        return len(conns)
-
-    def snapshot(self) -> list[Any]:
-        """A list of the connections open now."""
-        return list(self._conns)
-
-    def __len__(self) -> int:
-        return len(self._conns)
-
-    def __contains__(self, conn: object) -> bool:
-        return conn in self._conns
-
-    def __repr__(self) -> str:
-        return f"<ConnectionSet open={len(self._conns)}>"
-
-
-class Acceptor:
-    """The protocol factory a site's listener serves with (see ``_core.pyx``)."""
-
-    __slots__ = ("slot", "conns", "name", "errors", "_logged_at")
-
-    def __init__(self, slot: Slot, conns: ConnectionSet, name: str = "") -> None:
-        self.slot = slot
-        self.conns = conns
-        self.name = name
-        self.errors = 0
-        self._logged_at = -1e9
-
-    def __call__(self) -> asyncio.BaseProtocol:
-        # An exception escaping a protocol factory makes the loop close the
-        # listening socket for good: count it, log it, drop that connection.
-        try:
-            return self.slot._current.new_connection(self.conns)  # type: ignore[no-any-return]
-        except Exception as exc:
-            self.errors += 1
-            self._logged_at = _accept_failed(self.name, exc, self.errors, self._logged_at)
-            return _Dropped()
-
-
-_accept_log = logging.getLogger("hotproxy.accept")
-
-
-def _accept_failed(name: str, exc: Exception, errors: int, logged_at: float) -> float:
-    """Log a failed accept, at most every 10 s per site; return when it logged."""
-    now = time.monotonic()
-    if now - logged_at >= 10.0:
-        _accept_log.error("site %r: new_connection failed (%d so far), connection dropped: %s: %s",
-                          name, errors, type(exc).__name__, exc)
-        return now
-    return logged_at
-
-
-class _Dropped(asyncio.Protocol):
-    """The protocol of a connection whose service could not start it."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # type: ignore[attr-defined]
-
-
 # -- the proxy's data path (see _core_relay.pxi) ------------------------------
 
 # What a service version shares with its connections, and the relay's logic,
-# are _core_machine's (one source for both cores).
-_machine.use_counters(SharedCounter, private_counter)
+# are _core_machine's too.
+_machine.use_counters(private_counter)
 if not TYPE_CHECKING:
     ProxyCounters = _machine.ProxyCounters
     UpstreamState = _machine.UpstreamState
@@ -605,12 +489,6 @@ class Connection(_Relay):
 
     def _clock(self) -> float:
         return _now()
-
-    def _acquire(self) -> bool:
-        return self.cfg.limit.acquire(self.cfg.max_connections)  # type: ignore[no-any-return]
-
-    def _release(self) -> None:
-        self.cfg.limit.release()
 
     def _attach(self) -> None:
         self.engine = _get_engine()

@@ -16,8 +16,6 @@ cdef class Connection(Relay):
 
     # the hooks of Relay
     cdef double _clock(self) noexcept
-    cdef bint _acquire(self) except -1
-    cdef _release(self)
     cdef _attach(self)
     cdef _detach(self)
     cdef _arm(self, double at)

@@ -99,13 +99,6 @@ cdef class Connection(Relay):
     cdef double _clock(self) noexcept:
         return _now()
 
-    cdef bint _acquire(self) except -1:
-        # one atomic compare-and-swap
-        return (<SharedCounter>self.cfg.limit)._acquire(self.cfg.max_connections)
-
-    cdef _release(self):
-        (<SharedCounter>self.cfg.limit)._release()
-
     cdef _attach(self):
         self.engine = _get_engine()
         self.engine.link(self)

@@ -1,33 +1,7 @@
-# -- the slot, shared counters, connection sets, the acceptor ------------------
-#
-# Included by _core.pyx; declared in _core_slot.pxd.
-
-@cython.final
-cdef class Slot:
-    """The current service of one site.
-
-    Read on every accepted connection, replaced by ``swap`` on ``Update``.
-    """
-
-    def __cinit__(self, object current=None):
-        self._current = current
-
-    @property
-    def current(self):
-        """The service that new connections get (None before the first commit)."""
-        return self._current
-
-    cpdef object swap(self, object new):
-        """Publish *new*; return the service it replaces."""
-        old = self._current
-        self._current = new
-        return old
-
-    def __repr__(self):
-        return f"<Slot {self._current!r}>"
-
-
 # -- connection counts shared by the processes of an instance ---------------------
+#
+# Included by _core.pyx; declared in _core_counters.pxd.  (Slot, ConnectionSet
+# and Acceptor are _core_machine's: one source for both cores.)
 #
 # A ``CounterTable`` lays counters out in memory that every process of an
 # instance maps (``hotproxy.limits`` makes it: a memfd the master creates and
@@ -49,6 +23,7 @@ cdef class Slot:
 # pure-Python core cannot do atomic operations on shared memory: it takes a
 # lock on the total's bytes (``fcntl.lockf``; the kernel drops it when a
 # process dies) around each change, and ``reclaim`` here takes it too, so a
+# compiled master can reclaim for pure-Python workers.
 
 cdef enum:
     _TABLE_HEADER = 64
@@ -151,7 +126,7 @@ cdef class CounterTable:
 
 
 @cython.final
-cdef class SharedCounter:
+cdef class SharedCounter(Counter):
     """One slot of a ``CounterTable``: open connections of one service over
     every process of the instance, updated as this process's worker.
 
@@ -200,125 +175,3 @@ cdef class SharedCounter:
 def private_counter():
     """A ``SharedCounter`` in memory of its own that no other process maps."""
     return CounterTable(_mmap.mmap(-1, table_size(1, 1)), 1, 1, 0).counter(0)
-
-
-
-@cython.final
-cdef class ConnectionSet:
-    """The open connections of a site (or of one layer's services).
-
-    A connection object is anything with an ``abort()`` method; it adds
-    itself when it starts and discards itself when it ends.  A set with a
-    parent mirrors every add and discard into it, so a layer can count its
-    own connections while the site still sees all of them.
-
-    A set with a *limit* (a ``SharedCounter``) holds counted connections:
-    whoever adds one has acquired a count for it, and a connection leaving
-    the set releases that count.
-    """
-
-    def __cinit__(self, ConnectionSet parent=None, SharedCounter limit=None):
-        self._conns = set()
-        self.parent = parent
-        self.limit = limit
-        self._waiters = None
-
-    cpdef add(self, object conn):
-        """Track *conn* (and in the parent set, if any)."""
-        self._conns.add(conn)
-        if self.parent is not None:
-            self.parent.add(conn)
-
-    cpdef discard(self, object conn):
-        """Stop tracking *conn*; wake ``wait_empty`` waiters when none are left."""
-        if self.limit is None:
-            self._conns.discard(conn)
-        elif conn in self._conns:
-            self._conns.discard(conn)
-            self.limit._release()
-        if self.parent is not None:
-            self.parent.discard(conn)
-        if self._waiters is not None and not self._conns:
-            self._wake()
-
-    cdef _wake(self):
-        waiters = self._waiters
-        self._waiters = None
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-    def wait_empty(self):
-        """A future that is done once no connection is left."""
-        fut = asyncio.get_running_loop().create_future()
-        if not self._conns:
-            fut.set_result(None)
-        else:
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(fut)
-        return fut
-
-    def abort_all(self):
-        """Abort every connection still open; return how many there were."""
-        conns = list(self._conns)
-        for conn in conns:
-            conn.abort()
-        return len(conns)
-
-    def snapshot(self):
-        """A list of the connections open now."""
-        return list(self._conns)
-
-    def __len__(self):
-        return len(self._conns)
-
-    def __contains__(self, conn):
-        return conn in self._conns
-
-    def __repr__(self):
-        return f"<ConnectionSet open={len(self._conns)}>"
-
-
-@cython.final
-cdef class Acceptor:
-    """The protocol factory a site's listener serves with.
-
-    Each accepted connection reads the slot once and asks that service for
-    a protocol; the connection keeps that service for its whole life.
-    """
-
-    def __cinit__(self, Slot slot, ConnectionSet conns, str name=""):
-        self.slot = slot
-        self.conns = conns
-        self.name = name
-        self.errors = 0
-        self._logged_at = -1e9
-
-    def __call__(self):
-        # An exception escaping a protocol factory makes uvloop close the
-        # listening socket for good: one buggy connection must not take the
-        # site down, so it is counted, logged and that connection dropped.
-        try:
-            return self.slot._current.new_connection(self.conns)
-        except Exception as exc:
-            self.errors += 1
-            self._logged_at = _accept_failed(self.name, exc, self.errors, self._logged_at)
-            return _Dropped()
-
-
-def _accept_failed(name, exc, errors, logged_at):
-    """Log a failed accept, at most every 10 s per site; return when it logged."""
-    now = _monotonic()
-    if now - logged_at >= 10.0:
-        _accept_log.error("site %r: new_connection failed (%d so far), connection dropped: %s: %s",
-                          name, errors, type(exc).__name__, exc)
-        return now
-    return logged_at
-
-
-class _Dropped(asyncio.Protocol):
-    """The protocol of a connection whose service could not start it."""
-
-    def connection_made(self, transport):
-        transport.abort()

@@ -1,9 +1,6 @@
-# Slot, shared counters, connection sets and the acceptor (_core_slot.pxi).
+# The counters shared by the processes of an instance (_core_counters.pxi).
 
-cdef class Slot:
-    cdef object _current
-    cpdef object swap(self, object new)
-
+from hotproxy._core_machine cimport Slot, Counter, ConnectionSet, Acceptor
 
 # -- connection counts shared by the processes of an instance ------------------
 
@@ -19,28 +16,10 @@ cdef class CounterTable:
     cdef long long *_share(self, int worker, int slot) noexcept
 
 
-cdef class SharedCounter:
+cdef class SharedCounter(Counter):
     cdef readonly CounterTable table
     cdef readonly int slot
     cdef long long *total           # the instance's count
     cdef long long *share           # this worker's part of it
     cdef bint _acquire(self, long long limit) noexcept
     cdef void _release(self) noexcept
-
-
-cdef class ConnectionSet:
-    cdef set _conns
-    cdef public ConnectionSet parent
-    cdef readonly SharedCounter limit
-    cdef list _waiters
-    cpdef add(self, object conn)
-    cpdef discard(self, object conn)
-    cdef _wake(self)
-
-
-cdef class Acceptor:
-    cdef readonly Slot slot
-    cdef readonly ConnectionSet conns
-    cdef readonly str name
-    cdef readonly unsigned long long errors
-    cdef double _logged_at
