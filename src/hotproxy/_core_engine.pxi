@@ -39,21 +39,24 @@ cdef enum:
 
 
 @cython.final
-cdef class _Engine:
+cdef class _Engine(EngineBase):
     """The sockets the core drives itself on one event loop: an epoll
-    instance the loop watches as one reader, the connections' timer, and
-    the connections that yielded with bytes still to read."""
+    instance the loop watches as one reader (the connections' timer and
+    ready list are EngineBase's, one source for both cores)."""
 
     def __cinit__(self, object loop):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise _oserror(errno)
-        self.loop = loop
         self.graveyard = []
-        self.ready = []
-        self.timer_at = 0.0
-        self.wheel = TimerWheel(_TICK)
         loop.add_reader(self.epfd, self._on_ready)
+
+    cdef double _clock(self) noexcept:
+        return _now()
+
+    cdef _after_batch(self):
+        if self.graveyard:
+            self.graveyard.clear()
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -82,7 +85,7 @@ cdef class _Engine:
         self.graveyard.clear()
         self.ready.clear()
         self.timer = None
-        self.wheel = TimerWheel(_TICK)
+        self.wheel = TimerWheel(TICK)
         self.loop = None
 
     cdef int register(self, object obj, int fd, uint32_t events, int tag) except -1:
@@ -127,29 +130,6 @@ cdef class _Engine:
         if self.graveyard:
             self.graveyard.clear()
 
-    # -- connections with bytes left to read -----------------------------------
-
-    cdef defer(self, Connection conn):
-        if conn.deferred:
-            return
-        if not self.ready:
-            self.loop.call_soon(self._run_ready)
-        conn.deferred = True
-        self.ready.append(conn)
-
-    def _run_ready(self):
-        cdef Connection conn
-        ready = self.ready
-        self.ready = []
-        for conn in ready:
-            conn.deferred = False
-            try:
-                conn._run_deferred()
-            except Exception as exc:
-                conn._crashed(exc)
-        if self.graveyard:
-            self.graveyard.clear()
-
     # -- every connection of this loop (close()) ---------------------------------
 
     cdef link(self, Connection conn):
@@ -174,63 +154,3 @@ cdef class _Engine:
         conn.t_linked = False
         self.nconns -= 1
         self.wheel.discard(conn)
-
-    # -- timeouts ----------------------------------------------------------------
-    #
-    # Deadlines are in a timer wheel (buckets of _TICK seconds): a tick takes
-    # out the connections that are due and costs nothing for the others.  A
-    # connection due by its old deadline that has been active since (an
-    # idle timeout moves with every chunk, without timer work) is armed
-    # again for its new one.
-
-    cdef arm(self, Connection conn, double at):
-        # make sure the timer looks at conn by *at*
-        self.want_tick(self.wheel.arm(conn, at))
-
-    cdef rearm(self, Connection conn):
-        # conn's deadline moved later (it connected): arm it for the new one
-        # at once rather than look at it when the old one comes
-        cdef double at = conn._deadline()
-        self.wheel.discard(conn)
-        if at > 0.0:
-            self.arm(conn, at)
-
-    cdef want_tick(self, double when):
-        # make sure the timer fires by *when* (but not within _TICK of now)
-        cdef double now
-        if self.timer is not None and self.timer_at <= when:
-            return
-        now = _now()
-        if when < now + _TICK:
-            when = now + _TICK
-            if self.timer is not None and self.timer_at <= when:
-                return
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer_at = when
-        self.timer = self.loop.call_later(when - now, self._tick)
-
-    def _tick(self):
-        cdef Connection conn
-        cdef double now = _now()
-        cdef double at
-        cdef list due
-        self.timer = None
-        due = self.wheel.expire(now)
-        self.ticks += 1
-        self.checked += len(due)
-        for conn in due:
-            try:
-                conn._timed_out(now)
-            except Exception as exc:
-                conn._crashed(exc)
-        # not due yet (active since), or given another try: armed again
-        for conn in due:
-            at = conn._deadline()
-            if at > 0.0:
-                self.wheel.arm(conn, at)
-        at = self.wheel.next_at()
-        if at > 0.0:
-            self.want_tick(at)
-        if self.graveyard:
-            self.graveyard.clear()

@@ -183,6 +183,7 @@ cdef class Relay:
     cdef bint c_reading             # the client is being read (its transport resumed)
     cdef bint c_early_full          # connecting, and the held bytes fill the buffer
     cdef bint admitted              # holds one count of cfg.limit (released when finished)
+    cdef bint deferred              # in the engine's ready list
 
     cdef bint _admit(self) except -1
     cdef _client_bytes(self, Py_ssize_t nbytes)
@@ -243,3 +244,31 @@ cdef class Relay:
     cdef _new_buf(self, Direction d, Py_ssize_t size)
     cdef _send(self, Direction d, Py_ssize_t start, Py_ssize_t n, bint from_read)
     cdef _read(self, Direction d)
+
+
+# -- an engine's timers and ready list ------------------------------------------------
+
+cdef double TICK
+
+
+cdef class EngineBase:
+    cdef readonly object loop
+    cdef list ready                 # connections with bytes left to read
+    cdef TimerWheel wheel           # the connections' deadlines
+    cdef object timer
+    cdef double timer_at
+    cdef unsigned long long ticks   # timer runs
+    cdef unsigned long long checked # connections the timer runs took out of the wheel
+
+    cdef defer(self, Relay conn)
+    @cython.locals(ready=list, conn=Relay)
+    cdef _ready_batch(self)
+    cdef arm(self, Relay conn, double at)
+    @cython.locals(at=double)
+    cdef rearm(self, Relay conn)
+    @cython.locals(now=double)
+    cdef want_tick(self, double when)
+    @cython.locals(now=double, at=double, due=list, conn=Relay)
+    cdef _expire(self)
+    cdef double _clock(self) noexcept
+    cdef _after_batch(self)

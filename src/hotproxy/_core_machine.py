@@ -18,7 +18,9 @@ What lives here:
   are one table (``transition``), the only place that says what follows
   what.
 * ``TimerWheel``: the connections' deadlines, in buckets of ``resolution``
-  seconds, so a tick touches only the connections that are due.
+  seconds, so a tick touches only the connections that are due;
+  ``EngineBase``: an engine's timer over it and its ready list (each core's
+  engine adds its epoll set).
 * ``Slot``, ``ConnectionSet``, ``Acceptor``: a site's current service, its
   open connections, and the protocol factory it serves with (``Counter``:
   what each core's ``SharedCounter`` is).
@@ -739,6 +741,7 @@ class Relay:
         self.c_reading = False            # the client is being read (its transport resumed)
         self.c_early_full = False         # connecting, and the held bytes fill the buffer
         self.admitted = False             # holds one count of cfg.limit
+        self.deferred = False             # in the engine's ready list
 
     def _admit(self) -> bool:
         # Count this connection in the instance's count, unless it is full
@@ -1395,3 +1398,117 @@ class Relay:
     def _read(self, d: Direction) -> None:
         """Read d's source (a raw socket) while it may hold bytes, and pass them on."""
         raise NotImplementedError
+
+
+# -- an engine's timers and ready list -------------------------------------------------
+
+# the engine's timer never fires more often than this (seconds)
+TICK = 0.05
+
+
+class EngineBase:
+    """What each core's engine (one per event loop) does besides its epoll
+    set: the connections' timer and the connections that yielded with bytes
+    still to read.
+
+    Deadlines are in a timer wheel (buckets of ``TICK`` seconds): a timer run
+    takes out the connections that are due and costs nothing for the others.
+    A connection due by its old deadline that has been active since (an idle
+    timeout moves with every chunk, without timer work) is armed again for
+    its new one.
+    """
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.ready: list[Relay] = []    # connections with bytes left to read
+        self.wheel = TimerWheel(TICK)   # the connections' deadlines
+        self.timer: Any = None
+        self.timer_at = 0.0
+        self.ticks = 0                  # timer runs
+        self.checked = 0                # connections the timer runs took out of the wheel
+
+    # -- connections with bytes left to read -----------------------------------
+
+    def defer(self, conn: Relay) -> None:
+        """Have *conn*'s _run_deferred() called soon (after the loop's other callbacks)."""
+        if conn.deferred:
+            return
+        if not self.ready:
+            self.loop.call_soon(self._run_ready)
+        conn.deferred = True
+        self.ready.append(conn)
+
+    def _run_ready(self) -> None:
+        self._ready_batch()
+
+    def _ready_batch(self) -> None:
+        ready = self.ready
+        self.ready = []
+        for conn in ready:
+            conn.deferred = False
+            try:
+                conn._run_deferred()
+            except Exception as exc:
+                conn._crashed(exc)
+        self._after_batch()
+
+    # -- timeouts ----------------------------------------------------------------
+
+    def arm(self, conn: Relay, at: float) -> None:
+        """Make sure the timer looks at *conn* by *at*."""
+        self.want_tick(self.wheel.arm(conn, at))
+
+    def rearm(self, conn: Relay) -> None:
+        """*conn*'s deadline moved later (it connected): arm it for the new one
+        at once rather than look at it when the old one comes."""
+        at = conn._deadline()
+        self.wheel.discard(conn)
+        if at > 0.0:
+            self.arm(conn, at)
+
+    def want_tick(self, when: float) -> None:
+        """Make sure the timer fires by *when* (but not within TICK of now)."""
+        if self.timer is not None and self.timer_at <= when:
+            return
+        now = self._clock()
+        if when < now + TICK:
+            when = now + TICK
+            if self.timer is not None and self.timer_at <= when:
+                return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = self.loop.call_later(when - now, self._tick)
+
+    def _tick(self) -> None:
+        self._expire()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        self.timer = None
+        due: list[Any] = self.wheel.expire(now)
+        self.ticks += 1
+        self.checked += len(due)
+        for conn in due:
+            try:
+                conn._timed_out(now)
+            except Exception as exc:
+                conn._crashed(exc)
+        # not due yet (active since), or given another try: armed again
+        for conn in due:
+            at = conn._deadline()
+            if at > 0.0:
+                self.wheel.arm(conn, at)
+        at = self.wheel.next_at()
+        if at > 0.0:
+            self.want_tick(at)
+        self._after_batch()
+
+    # -- what each core's engine may change ---------------------------------------
+
+    def _clock(self) -> float:
+        """time.monotonic()"""
+        return _time.monotonic()
+
+    def _after_batch(self) -> None:
+        """Called after each batch of callbacks into connections."""

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ._core_machine import Direction, ProxyCounters, RelayConfig, Target, UpstreamState
     from ._core_machine import Acceptor, ConnectionSet, Slot
     from ._core_machine import Counter as _Counter
+    from ._core_machine import EngineBase as _EngineBase
     from ._core_machine import Relay as _Relay
 
 
@@ -241,6 +242,7 @@ if not TYPE_CHECKING:
     Target = _machine.Target
     RelayConfig = _machine.RelayConfig
     _Relay = _machine.Relay
+    _EngineBase = _machine.EngineBase
 
 _now = time.monotonic
 _oserror = _machine._oserror
@@ -248,7 +250,6 @@ _oserror = _machine._oserror
 
 # -- the engine: one epoll instance per event loop ------------------------------
 
-_TICK = 0.05
 _READS_PER_EVENT = 16
 _EVENTS = 64
 _EPOLL_FLAGS = _select.EPOLLIN | _select.EPOLLOUT | _select.EPOLLRDHUP | _select.EPOLLET
@@ -286,20 +287,15 @@ def engine_stats() -> dict[str, int]:
             "checked": e.checked}
 
 
-class _Engine:
-    """The sockets the core drives itself on one event loop (see ``_core_engine.pxi``)."""
+class _Engine(_EngineBase):
+    """The sockets the core drives itself on one event loop (see
+    ``_core_engine.pxi``; the timer and ready list are EngineBase's)."""
 
     def __init__(self, loop: Any) -> None:
+        super().__init__(loop)
         self.ep = _select.epoll()
-        self.loop = loop
         self.by_fd: dict[int, tuple[Any, int]] = {}
         self.conns: dict[Connection, None] = {}   # every connection (close())
-        self.ready: list[Connection] = []
-        self.timer: Any = None
-        self.timer_at = 0.0
-        self.wheel = _machine.TimerWheel(_TICK)
-        self.ticks = 0
-        self.checked = 0
         loop.add_reader(self.ep.fileno(), self._on_ready)
 
     def close(self) -> None:
@@ -318,7 +314,7 @@ class _Engine:
         self.conns.clear()
         self.ready.clear()
         self.timer = None
-        self.wheel = _machine.TimerWheel(_TICK)
+        self.wheel = _machine.TimerWheel(_machine.TICK)
         self.loop = None
 
     def register(self, obj: Any, fd: int, events: int, tag: int) -> int:
@@ -356,72 +352,12 @@ class _Engine:
             except Exception as exc:
                 obj._crashed(exc)
 
-    def defer(self, conn: Connection) -> None:
-        if conn.deferred:
-            return
-        if not self.ready:
-            self.loop.call_soon(self._run_ready)
-        conn.deferred = True
-        self.ready.append(conn)
-
-    def _run_ready(self) -> None:
-        ready, self.ready = self.ready, []
-        for conn in ready:
-            conn.deferred = False
-            try:
-                conn._run_deferred()
-            except Exception as exc:
-                conn._crashed(exc)
-
     def link(self, conn: Connection) -> None:
         self.conns[conn] = None
 
     def unlink(self, conn: Connection) -> None:
         self.conns.pop(conn, None)
         self.wheel.discard(conn)
-
-    # -- timeouts (see _core_engine.pxi) -------------------------------------------
-
-    def arm(self, conn: Connection, at: float) -> None:
-        self.want_tick(self.wheel.arm(conn, at))
-
-    def rearm(self, conn: Connection) -> None:
-        at = conn._deadline()
-        self.wheel.discard(conn)
-        if at > 0.0:
-            self.arm(conn, at)
-
-    def want_tick(self, when: float) -> None:
-        if self.timer is not None and self.timer_at <= when:
-            return
-        now = _now()
-        if when < now + _TICK:
-            when = now + _TICK
-            if self.timer is not None and self.timer_at <= when:
-                return
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer_at = when
-        self.timer = self.loop.call_later(when - now, self._tick)
-
-    def _tick(self) -> None:
-        now = _now()
-        self.timer = None
-        due = self.wheel.expire(now)
-        self.ticks += 1
-        self.checked += len(due)
-        for conn in due:
-            try:
-                conn._timed_out(now)
-            except Exception as exc:
-                conn._crashed(exc)
-        for conn in due:
-            at = conn._deadline()
-            if at > 0.0:
-                self.wheel.arm(conn, at)
-        at = self.wheel.next_at()
-        if at > 0.0:
-            self.want_tick(at)
 
 
 # -- system calls as the compiled core makes them: a count, or -errno ------------------
@@ -482,7 +418,6 @@ class Connection(_Relay):
         self.engine: _Engine | None = None
         self.sock: _socket.socket | None = None     # the upstream socket
         self.csock: _socket.socket | None = None    # raw: the client socket
-        self.deferred = False                        # in the engine's ready list
         super().__init__(cfg, conns, owner)
 
     # -- the hooks of Relay ------------------------------------------------------

@@ -12,7 +12,6 @@ cdef class Connection(Relay):
     cdef Connection t_prev          # the engine's list
     cdef Connection t_next
     cdef bint t_linked
-    cdef bint deferred              # in the engine's ready list
 
     # the hooks of Relay
     cdef double _clock(self) noexcept

@@ -24,9 +24,6 @@
 # edge-triggered socket reports it only once.
 
 
-# the engine's timer never fires more often than this (seconds)
-cdef double _TICK = 0.05
-
 cdef enum:
     # reads in one go before a busy connection lets the others run
     _READS_PER_EVENT = 16
