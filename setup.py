@@ -38,12 +38,13 @@ DEBUG_DIRECTIVES = {
 def extensions():
     cflags = ["-Wall", "-Wno-unused-function"]
     cflags += ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
-    ext = Extension(
-        "hotproxy._core",
-        ["src/hotproxy/_core.pyx"],
-        extra_compile_args=cflags,
-    )
-    return [ext]
+    return [
+        # the I/O-free state machine and timer wheel: a .py that the
+        # pure-Python core runs as it is, typed by _core_machine.pxd here
+        Extension("hotproxy._core_machine", ["src/hotproxy/_core_machine.py"], extra_compile_args=cflags),
+        # the core: _core.pyx includes its parts (_core_*.pxi)
+        Extension("hotproxy._core", ["src/hotproxy/_core.pyx"], extra_compile_args=cflags),
+    ]
 
 
 def cythonize(exts):

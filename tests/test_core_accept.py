@@ -308,8 +308,8 @@ def test_bulk_moves_through_pipes_both_ways_and_leaves_no_descriptor(core_name: 
             svc = ex.sites["s"].service
             assert svc.counters.bytes_in == svc.counters.bytes_out == len(data)
             assert conn.end == "eof" and conn.bytes_in == conn.bytes_out == len(data)
-            # the pure-Python core always copies
-            assert conn.spliced == ("both" if core_name == "compiled" else "")
+            # both cores splice (the pure-Python one with os.splice)
+            assert conn.spliced == "both"
             await eventually(lambda: _open_fds() == before)   # the pipes are closed too
         finally:
             await ex.shutdown(2.0)

@@ -187,6 +187,12 @@ class Connection:
     def finished(self) -> bool: ...
     @property
     def buffered(self) -> int: ...
+    @property
+    def directions(self) -> tuple[str, str, str]:
+        """(connection, client to upstream, upstream to client) state names."""
+
+def engine_stats() -> dict[str, int]:
+    """The running loop's engine: connections, armed, ticks, checked."""
 
 # -- accepting in the core ---------------------------------------------------------
 

@@ -1,7 +1,15 @@
 """The pure-Python twin of ``_core.pyx``: same names, same behaviour.
 
 Used when the extension is missing or ``HOTPROXY_NO_EXTENSIONS=1``; the
-test-suite runs against both.  Keep the two files in step.
+test-suite runs against both (and ``tests/test_core_equivalence.py`` checks
+that the two expose the same API and do the same).  The relay's logic is
+not repeated here: ``Relay`` (a connection's states and decisions), the
+direction state machine, the timer wheel and ``RelayConfig`` & co. are
+``_core_machine.py``, which the compiled core builds and this module runs
+as Python.  What is here is the other half, written twice because it is
+system calls: socket methods, ``select.epoll``, ``os.splice`` and ``lockf``
+here, C calls and atomics there.  Keep the two in step, function for
+function.
 """
 
 from __future__ import annotations
@@ -14,31 +22,47 @@ import mmap as _mmap
 import os as _os
 import select as _select
 import socket as _socket
+import sys
 import time
-from typing import Any
+from importlib import util as _importlib_util
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._core_machine import Direction, ProxyCounters, RelayConfig, Target, UpstreamState
+    from ._core_machine import Acceptor, ConnectionSet, Slot
+    from ._core_machine import Counter as _Counter
+    from ._core_machine import EngineBase as _EngineBase
+    from ._core_machine import Relay as _Relay
 
 
-class Slot:
-    """The current service of one site (see ``_core.pyx``)."""
+def _load_machine() -> ModuleType:
+    # _core_machine.py as plain Python: the compiled core builds the same
+    # file into an extension of that name, which a plain import would pick.
+    name = __name__.rpartition(".")[0] + "._core_machine_py"
+    mod = sys.modules.get(name)
+    if mod is None:
+        path = _os.path.join(_os.path.dirname(__file__), "_core_machine.py")
+        spec = _importlib_util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = _importlib_util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod
 
-    __slots__ = ("_current",)
 
-    def __init__(self, current: Any = None) -> None:
-        self._current = current
+#: The relay's logic, the state machine, the timer wheel, Slot & co., run as Python.
+_machine = _load_machine()
 
-    @property
-    def current(self) -> Any:
-        """The service that new connections get (None before the first commit)."""
-        return self._current
-
-    def swap(self, new: Any) -> Any:
-        """Publish *new*; return the service it replaces."""
-        old = self._current
-        self._current = new
-        return old
-
-    def __repr__(self) -> str:
-        return f"<Slot {self._current!r}>"
+# A site's slot, connection sets and acceptor are _core_machine's (one
+# source for both cores).
+if not TYPE_CHECKING:
+    Slot = _machine.Slot
+    ConnectionSet = _machine.ConnectionSet
+    Acceptor = _machine.Acceptor
+    _Counter = _machine.Counter
+_accept_failed = _machine.accept_failed
+_accept_log = logging.getLogger("hotproxy.accept")
 
 
 # -- connection counts shared by the processes of an instance (see _core.pyx) ------
@@ -134,7 +158,7 @@ class CounterTable:
         return f"<CounterTable slots={self.slots} workers={self.workers} worker={self.worker}>"
 
 
-class SharedCounter:
+class SharedCounter(_Counter):
     """One slot of a ``CounterTable``, updated as this process's worker (see ``_core.pyx``)."""
 
     __slots__ = ("table", "slot", "_words", "_t", "_s", "_lock", "_off")
@@ -196,6 +220,10 @@ class SharedCounter:
     def __repr__(self) -> str:
         return f"<SharedCounter slot={self.slot} value={self.value} mine={self.mine}>"
 
+    # what ConnectionSet and the relay call (Counter's; C calls in the compiled core)
+    _acquire = acquire
+    _release = release
+
 
 def private_counter() -> SharedCounter:
     """A ``SharedCounter`` in memory of its own that no other process maps."""
@@ -203,256 +231,35 @@ def private_counter() -> SharedCounter:
 
 
 
-class ConnectionSet:
-    """The open connections of a site (see ``_core.pyx``)."""
+# -- the proxy's data path (see _core_relay.pxi) ------------------------------
 
-    __slots__ = ("_conns", "parent", "limit", "_waiters")
-
-    def __init__(self, parent: ConnectionSet | None = None, limit: SharedCounter | None = None) -> None:
-        if limit is not None and not isinstance(limit, SharedCounter):
-            raise TypeError("limit must be a SharedCounter")
-        self._conns: set[Any] = set()
-        self.parent = parent
-        self.limit = limit
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def add(self, conn: Any) -> None:
-        """Track *conn* (and in the parent set, if any)."""
-        self._conns.add(conn)
-        if self.parent is not None:
-            self.parent.add(conn)
-
-    def discard(self, conn: Any) -> None:
-        """Stop tracking *conn*; wake ``wait_empty`` waiters when none are left."""
-        if self.limit is None:
-            self._conns.discard(conn)
-        elif conn in self._conns:
-            self._conns.discard(conn)
-            self.limit.release()
-        if self.parent is not None:
-            self.parent.discard(conn)
-        if self._waiters is not None and not self._conns:
-            waiters, self._waiters = self._waiters, None
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-
-    def wait_empty(self) -> asyncio.Future[None]:
-        """A future that is done once no connection is left."""
-        fut = asyncio.get_running_loop().create_future()
-        if not self._conns:
-            fut.set_result(None)
-        else:
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(fut)
-        return fut
-
-    def abort_all(self) -> int:
-        """Abort every connection still open; return how many there were."""
-        conns = list(self._conns)
-        for conn in conns:
-            conn.abort()
-        return len(conns)
-
-    def snapshot(self) -> list[Any]:
-        """A list of the connections open now."""
-        return list(self._conns)
-
-    def __len__(self) -> int:
-        return len(self._conns)
-
-    def __contains__(self, conn: object) -> bool:
-        return conn in self._conns
-
-    def __repr__(self) -> str:
-        return f"<ConnectionSet open={len(self._conns)}>"
-
-
-class Acceptor:
-    """The protocol factory a site's listener serves with (see ``_core.pyx``)."""
-
-    __slots__ = ("slot", "conns", "name", "errors", "_logged_at")
-
-    def __init__(self, slot: Slot, conns: ConnectionSet, name: str = "") -> None:
-        self.slot = slot
-        self.conns = conns
-        self.name = name
-        self.errors = 0
-        self._logged_at = -1e9
-
-    def __call__(self) -> asyncio.BaseProtocol:
-        # An exception escaping a protocol factory makes the loop close the
-        # listening socket for good: count it, log it, drop that connection.
-        try:
-            return self.slot._current.new_connection(self.conns)  # type: ignore[no-any-return]
-        except Exception as exc:
-            self.errors += 1
-            self._logged_at = _accept_failed(self.name, exc, self.errors, self._logged_at)
-            return _Dropped()
-
-
-_accept_log = logging.getLogger("hotproxy.accept")
-
-
-def _accept_failed(name: str, exc: Exception, errors: int, logged_at: float) -> float:
-    """Log a failed accept, at most every 10 s per site; return when it logged."""
-    now = time.monotonic()
-    if now - logged_at >= 10.0:
-        _accept_log.error("site %r: new_connection failed (%d so far), connection dropped: %s: %s",
-                          name, errors, type(exc).__name__, exc)
-        return now
-    return logged_at
-
-
-class _Dropped(asyncio.Protocol):
-    """The protocol of a connection whose service could not start it."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # type: ignore[attr-defined]
-
-
-# -- the proxy's data path (see _core.pyx for the rules) ---------------------
-
-UP_NONE, UP_CONNECTING, UP_OPEN, UP_CLOSED = 0, 1, 2, 3
-(END_NONE, END_EOF, END_CLIENT_ERROR, END_UPSTREAM_ERROR, END_IDLE, END_ABORTED,
- END_NO_UPSTREAM, END_CLOSED) = range(8)
-_END_NAMES = ("open", "eof", "client_error", "upstream_error", "idle", "aborted",
-              "no_upstream", "closed")
+# What a service version shares with its connections, and the relay's logic,
+# are _core_machine's too.
+_machine.use_counters(private_counter)
+if not TYPE_CHECKING:
+    ProxyCounters = _machine.ProxyCounters
+    UpstreamState = _machine.UpstreamState
+    Target = _machine.Target
+    RelayConfig = _machine.RelayConfig
+    _Relay = _machine.Relay
+    _EngineBase = _machine.EngineBase
 
 _now = time.monotonic
-_log = logging.getLogger("hotproxy.proxy")
-
-
-def _oserror(err: int) -> OSError:
-    return OSError(err, _os.strerror(err))
-
-
-def _set_keepalive(transport: Any) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (_socket.AF_INET, _socket.AF_INET6):
-        return
-    try:
-        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
-    except OSError:
-        pass
-
-
-class ProxyCounters:
-    """A proxy's service counters, shared by every version of the service."""
-
-    __slots__ = ("accepted", "active", "bytes_in", "bytes_out", "connect_failures", "refused",
-                 "idle_closed", "no_upstream")
-
-    def __init__(self) -> None:
-        self.accepted = self.active = self.bytes_in = self.bytes_out = 0
-        self.connect_failures = self.refused = self.idle_closed = self.no_upstream = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __repr__(self) -> str:
-        return f"<ProxyCounters {self.as_dict()!r}>"
-
-
-class UpstreamState:
-    """One upstream address's live state, shared by every service version."""
-
-    __slots__ = ("address", "active", "fails", "ejected_until", "connections", "failures",
-                 "bytes_in", "bytes_out")
-
-    def __init__(self, address: str) -> None:
-        if address is None:
-            raise TypeError("address must be a str")
-        self.address = address
-        self.active = self.fails = self.connections = self.failures = 0
-        self.bytes_in = self.bytes_out = 0
-        self.ejected_until = 0.0
-
-    def __repr__(self) -> str:
-        return (f"<UpstreamState {self.address} active={self.active} fails={self.fails} "
-                f"ejected_until={self.ejected_until:.3f}>")
-
-
-class Target:
-    """An upstream of one service version: its shared state and where to connect."""
-
-    __slots__ = ("state", "up", "family", "sockaddr", "address")
-
-    def __init__(self, state: UpstreamState, up: Any, family: int, sockaddr: bytes,
-                 address: Any) -> None:
-        if not isinstance(state, UpstreamState):
-            raise TypeError("state must be an UpstreamState")
-        if not isinstance(sockaddr, bytes) or len(sockaddr) < 2:
-            raise ValueError("sockaddr: too short")
-        self.state = state
-        self.up = up
-        self.family = family
-        self.sockaddr = sockaddr
-        self.address = address
-
-    def __repr__(self) -> str:
-        return f"<Target {self.state.address}>"
-
-
-class RelayConfig:
-    """What every connection of one service version shares (see ``_core.pyx``)."""
-
-    __slots__ = ("counters", "idle_timeout", "keepalive", "connector", "on_close", "want_peername",
-                 "buffer_size", "max_buffer_size", "targets", "single", "connect_timeout",
-                 "attempts", "max_connections", "limit", "on_refuse")
-
-    def __init__(self, counters: ProxyCounters, idle_timeout: float = 0.0, keepalive: bool = False,
-                 connector: Any = None, on_close: Any = None, want_peername: bool = False,
-                 buffer_size: int = 16384, max_buffer_size: int = 262144,
-                 targets: tuple[Target, ...] = (), connect_timeout: float = 2.0,
-                 attempts: int = 1, max_connections: int = 0, on_refuse: Any = None,
-                 limit: SharedCounter | None = None) -> None:
-        if not isinstance(counters, ProxyCounters):
-            raise TypeError("counters must be a ProxyCounters")
-        if buffer_size < 1 or max_buffer_size < buffer_size:
-            raise ValueError("need 1 <= buffer_size <= max_buffer_size")
-        if attempts < 1 or not connect_timeout > 0:
-            raise ValueError("need attempts >= 1 and connect_timeout > 0")
-        if not isinstance(targets, tuple):
-            raise TypeError("targets must be a tuple")
-        for t in targets:
-            if not isinstance(t, Target):
-                raise TypeError(f"targets: expected Target, got {type(t).__name__}")
-        if len(targets) > 1 and connector is None:
-            raise ValueError("more than one target needs a connector to pick")
-        if max_connections < 0:
-            raise ValueError("need max_connections >= 0 (0: no limit)")
-        if limit is not None and not isinstance(limit, SharedCounter):
-            raise TypeError("limit must be a SharedCounter")
-        self.counters = counters
-        self.idle_timeout = float(idle_timeout)
-        self.keepalive = bool(keepalive)
-        self.connector = connector
-        self.on_close = on_close
-        self.want_peername = bool(want_peername)
-        self.buffer_size = buffer_size
-        self.max_buffer_size = max_buffer_size
-        self.targets = targets
-        self.single = targets[0] if len(targets) == 1 else None
-        self.connect_timeout = float(connect_timeout)
-        self.attempts = int(attempts)
-        self.max_connections = int(max_connections)
-        self.limit = limit if limit is not None else private_counter()
-        self.on_refuse = on_refuse
+_oserror = _machine._oserror
 
 
 # -- the engine: one epoll instance per event loop ------------------------------
 
-_TICK = 0.05
-_LINGER = 2.0
 _READS_PER_EVENT = 16
 _EVENTS = 64
 _EPOLL_FLAGS = _select.EPOLLIN | _select.EPOLLOUT | _select.EPOLLRDHUP | _select.EPOLLET
 _TAG_UPSTREAM, _TAG_CLIENT, _TAG_LISTENER = 0, 1, 2
 _EPOLLIN, _EPOLLOUT, _EPOLLERR = _select.EPOLLIN, _select.EPOLLOUT, _select.EPOLLERR
 _EPOLLHUP, _EPOLLRDHUP = _select.EPOLLHUP, _select.EPOLLRDHUP
+
+# move bulk transfers of raw connections with splice(2) (HOTPROXY_SPLICE=0: never)
+_SPLICE = _os.environ.get("HOTPROXY_SPLICE", "1") not in ("", "0")
+_SPLICE_FLAGS = _os.SPLICE_F_MOVE | _os.SPLICE_F_NONBLOCK
 
 _engines: dict[Any, _Engine] = {}
 _last_engine: _Engine | None = None
@@ -473,17 +280,22 @@ def _get_engine() -> _Engine:
     return engine
 
 
-class _Engine:
-    """The sockets the core drives itself on one event loop (see ``_core.pyx``)."""
+def engine_stats() -> dict[str, int]:
+    """What the running loop's engine holds and did (see ``_core_engine.pxi``)."""
+    e = _get_engine()
+    return {"connections": len(e.conns), "armed": len(e.wheel), "ticks": e.ticks,
+            "checked": e.checked}
+
+
+class _Engine(_EngineBase):
+    """The sockets the core drives itself on one event loop (see
+    ``_core_engine.pxi``; the timer and ready list are EngineBase's)."""
 
     def __init__(self, loop: Any) -> None:
+        super().__init__(loop)
         self.ep = _select.epoll()
-        self.loop = loop
         self.by_fd: dict[int, tuple[Any, int]] = {}
-        self.conns: dict[Connection, None] = {}   # every connection (timeouts)
-        self.ready: list[Connection] = []
-        self.timer: Any = None
-        self.timer_at = 0.0
+        self.conns: dict[Connection, None] = {}   # every connection (close())
         loop.add_reader(self.ep.fileno(), self._on_ready)
 
     def close(self) -> None:
@@ -496,11 +308,13 @@ class _Engine:
                 conn.csock.close()
                 conn.csock = None
                 conn.cfd = -1
+            conn._close_pipes()
         self.ep.close()
         self.by_fd.clear()
         self.conns.clear()
         self.ready.clear()
         self.timer = None
+        self.wheel = _machine.TimerWheel(_machine.TICK)
         self.loop = None
 
     def register(self, obj: Any, fd: int, events: int, tag: int) -> int:
@@ -521,7 +335,7 @@ class _Engine:
                 pass
 
     def _on_ready(self) -> None:
-        # one batch per call (see _core.pyx)
+        # one batch per call (see _core_engine.pxi)
         for fd, ev in self.ep.poll(0, _EVENTS):
             entry = self.by_fd.get(fd)
             if entry is None:
@@ -538,326 +352,95 @@ class _Engine:
             except Exception as exc:
                 obj._crashed(exc)
 
-    def defer(self, conn: Connection) -> None:
-        if conn.deferred:
-            return
-        if not self.ready:
-            self.loop.call_soon(self._run_ready)
-        conn.deferred = True
-        self.ready.append(conn)
-
-    def _run_ready(self) -> None:
-        ready, self.ready = self.ready, []
-        for conn in ready:
-            conn.deferred = False
-            try:
-                conn._run_deferred()
-            except Exception as exc:
-                conn._crashed(exc)
-
     def link(self, conn: Connection) -> None:
         self.conns[conn] = None
 
     def unlink(self, conn: Connection) -> None:
         self.conns.pop(conn, None)
-
-    def want_tick(self, when: float) -> None:
-        if self.timer is not None and self.timer_at <= when:
-            return
-        now = _now()
-        if when < now + _TICK:
-            when = now + _TICK
-            if self.timer is not None and self.timer_at <= when:
-                return
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer_at = when
-        self.timer = self.loop.call_later(when - now, self._tick)
-
-    def _tick(self) -> None:
-        now = _now()
-        next_at = 0.0
-        due = []
-        self.timer = None
-        for conn in self.conns:
-            at = conn._deadline()
-            if at > 0.0:
-                if at <= now:
-                    due.append(conn)
-                elif next_at == 0.0 or at < next_at:
-                    next_at = at
-        for conn in due:
-            try:
-                conn._timed_out(now)
-            except Exception as exc:
-                conn._crashed(exc)
-        for conn in due:
-            at = conn._deadline()
-            if at > 0.0 and (next_at == 0.0 or at < next_at):
-                next_at = at
-        if next_at > 0.0:
-            self.want_tick(next_at)
+        self.wheel.discard(conn)
 
 
-class Connection:
+# -- system calls as the compiled core makes them: a count, or -errno ------------------
+
+def _recv_into(sock: _socket.socket, buf: Any, n: int) -> int:
+    try:
+        return sock.recv_into(buf, n)
+    except OSError as exc:
+        return -(exc.errno or _errno.EIO)
+
+
+def _send(sock: _socket.socket, data: Any) -> int:
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return -_errno.EAGAIN
+    except OSError as exc:
+        return -(exc.errno or _errno.EPIPE)
+
+
+def _splice(src: int, dst: int, n: int) -> int:
+    try:
+        return _os.splice(src, dst, n, flags=_SPLICE_FLAGS)
+    except OSError as exc:
+        return -(exc.errno or _errno.EIO)
+
+
+def _drain_pipe(pr: int, dst: int, n: int) -> int:
+    # move up to n bytes from the pipe to dst: bytes moved, 0 if dst is full, or -errno
+    r = _splice(pr, dst, n)
+    return 0 if r == -_errno.EAGAIN else r
+
+
+def _open_pipe(size: int) -> tuple[int, int] | None:
+    try:
+        r, w = _os.pipe2(_os.O_NONBLOCK | _os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        _fcntl.fcntl(w, _fcntl.F_SETPIPE_SZ, size)   # best effort: the default is 64 KiB
+    except OSError:
+        pass
+    return r, w
+
+
+D_OPEN, EV_FULL = _machine.D_OPEN, _machine.EV_FULL
+M_COPY, M_BULK, M_SPLICE = _machine.M_COPY, _machine.M_BULK, _machine.M_SPLICE
+UP_CONNECTING, UP_OPEN, UP_CLOSED = _machine.UP_CONNECTING, _machine.UP_OPEN, _machine.UP_CLOSED
+END_CLIENT_ERROR = _machine.END_CLIENT_ERROR
+
+
+class Connection(_Relay):
     """One proxied connection: the protocol of the accepted client socket and
-    the owner of its upstream socket (see ``_core.pyx``)."""
-
-    __slots__ = ("cfg", "counters", "conns", "owner", "engine", "client", "c_write", "sock", "ufd",
-                 "attempt", "tried", "attempts", "deadline", "ustate", "c_buf", "u_buf", "c_mv",
-                 "u_mv", "c_size", "u_size", "c_next", "u_next", "early", "c_pend_off",
-                 "c_pend_end", "c2u", "u2c", "started", "ended", "last_active", "peername",
-                 "up_state", "end_code", "client_open", "c_reading", "c_eof", "u_eof",
-                 "u_readable", "u_rdhup", "u_shut", "u_close_pending", "c_paused_by_up",
-                 "u_paused_by_c", "c_early_full", "closing", "lingering", "_finished",
-                 "csock", "cfd", "raw", "u_pend_off", "u_pend_end", "c_readable", "c_rdhup",
-                 "c_eof_pending", "c_close_pending", "deferred", "admitted", "__weakref__")
+    the owner of its upstream socket (a ``Relay``, see ``_core_machine.py``,
+    with the system calls; see ``_core_relay.pxi``)."""
 
     def __init__(self, cfg: RelayConfig, conns: Any, owner: Any = None) -> None:
-        if not isinstance(cfg, RelayConfig):
-            raise TypeError("cfg must be a RelayConfig")
-        self.cfg = cfg
-        self.counters = cfg.counters
-        self.conns = conns
-        self.owner = owner
         self.engine: _Engine | None = None
-        self.client: Any = None
-        self.c_write: Any = None
-        self.sock: _socket.socket | None = None
-        self.ufd = -1
-        self.attempt: Target | None = None
-        self.tried: list[Target] | None = None
-        self.attempts = 0
-        self.deadline = 0.0
-        self.ustate: UpstreamState | None = None
-        self.c_buf: bytearray | None = None
-        self.u_buf: bytearray | None = None
-        self.c_mv: memoryview | None = None
-        self.u_mv: memoryview | None = None
-        self.c_size = self.u_size = 0
-        self.c_next = self.u_next = cfg.buffer_size
-        self.early = self.c_pend_off = self.c_pend_end = 0
-        self.c2u = self.u2c = 0
-        self.started = self.last_active = _now()
-        self.ended = 0.0
-        self.peername: Any = None
-        self.up_state = UP_NONE
-        self.end_code = END_NONE
-        self.client_open = self.c_reading = self.c_eof = self.u_eof = False
-        self.u_readable = self.u_rdhup = self.u_shut = self.u_close_pending = False
-        self.c_paused_by_up = self.u_paused_by_c = self.c_early_full = False
-        self.closing = self.lingering = self._finished = False
-        self.csock: _socket.socket | None = None
-        self.cfd = -1
-        self.raw = False
-        self.u_pend_off = self.u_pend_end = 0
-        self.c_readable = self.c_rdhup = self.c_eof_pending = self.c_close_pending = False
-        self.deferred = False
-        self.admitted = False
+        self.sock: _socket.socket | None = None     # the upstream socket
+        self.csock: _socket.socket | None = None    # raw: the client socket
+        super().__init__(cfg, conns, owner)
 
-    def _admit(self) -> bool:
-        # count it in the instance's count, unless that is full (see _core.pyx)
-        cfg = self.cfg
-        if not cfg.limit.acquire(cfg.max_connections):
-            self.counters.refused += 1
-            self._finished = self.closing = True
-            self.owner = None
-            self.conns.discard(self)
-            return False
-        self.admitted = True
-        self.counters.accepted += 1
-        self.counters.active += 1
-        return True
+    # -- the hooks of Relay ------------------------------------------------------
 
-    # -- the client transport's callbacks --------------------------------------
+    def _clock(self) -> float:
+        return _now()
 
-    def connection_made(self, transport: Any) -> None:
-        cfg = self.cfg
-        if not self._admit():
-            if cfg.on_refuse is not None:
-                cfg.on_refuse(transport.get_extra_info("peername"))
-            transport.abort()
-            return
-        self.client = transport
-        self.c_write = transport.write
-        self.client_open = True
-        self.c_reading = True
-        self.conns.add(self)
-        if cfg.want_peername:
-            self.peername = transport.get_extra_info("peername")
-        if cfg.keepalive:
-            _set_keepalive(transport)
+    def _attach(self) -> None:
         self.engine = _get_engine()
         self.engine.link(self)
-        if cfg.idle_timeout > 0:
-            self.engine.want_tick(self.started + cfg.idle_timeout)
-        self._next_attempt()
 
-    def get_buffer(self, sizehint: int) -> Any:
-        if self.c_buf is None or (self.c_size < self.c_next and not self.early
-                                  and self.c_pend_end == 0):
-            self._new_c_buf(self.c_next)
-        if self.early:
-            return self.c_mv[self.early:]  # type: ignore[index]
-        return self.c_buf
+    def _detach(self) -> None:
+        if self.engine is not None:
+            self.engine.unlink(self)
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self._client_bytes(nbytes)
+    def _arm(self, at: float) -> None:
+        self.engine.arm(self, at)  # type: ignore[union-attr]
 
-    def _client_bytes(self, nbytes: int) -> None:
-        self.last_active = _now()
-        if self.up_state == UP_OPEN:
-            if not self.closing:
-                self._to_upstream(0, nbytes, True)
-        elif self.up_state != UP_CLOSED:
-            self.early += nbytes
-            if self.early >= self.c_size:
-                self.c_early_full = True
-                self._sync_client_reading()
+    def _rearm(self) -> None:
+        self.engine.rearm(self)  # type: ignore[union-attr]
 
-    def data_received(self, data: bytes) -> None:
-        n = len(data)
-        self.last_active = _now()
-        if self.up_state == UP_OPEN:
-            if not self.closing:
-                if self.c_buf is None or self.c_size < n:
-                    self._new_c_buf(max(n, self.cfg.buffer_size))
-                self.c_buf[:n] = data  # type: ignore[index]
-                self._to_upstream(0, n, False)
-        elif self.up_state != UP_CLOSED:
-            self._hold(data)
-
-    def eof_received(self) -> bool:
-        self._client_eof()
-        return True
-
-    def _client_eof(self) -> None:
-        self.c_eof = True
-        self.c_reading = False
-        if self.lingering:
-            self.lingering = False
-            self._c_close(False)
-            return
-        if self.up_state == UP_OPEN and not self.closing:
-            if self.u_eof:
-                self._shut(END_EOF, False)
-            elif self.c_pend_end == 0:
-                self._shutdown_upstream()
-
-    def pause_writing(self) -> None:
-        self.u_paused_by_c = True
-
-    def resume_writing(self) -> None:
-        self.u_paused_by_c = False
-        if self.u_readable:
-            self._read_upstream()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._client_lost(exc is not None)
-
-    def _client_lost(self, error: bool) -> None:
-        self.client_open = False
-        self.c_reading = False
-        self._set_end(END_CLIENT_ERROR if error else END_CLOSED)
-        if self.up_state == UP_OPEN:
-            self.closing = True
-            self._close_upstream(error)
-        elif self.up_state == UP_CONNECTING:
-            self.closing = True
-            self._drop_attempt(UP_CLOSED)
-            self._finish()
-        else:
-            self.up_state = UP_CLOSED
-            self._finish()
-
-    def abort(self) -> None:
-        """Close both sides at once (a drain timed out)."""
-        self._shut(END_ABORTED, True)
-
-    # -- read-only views ---------------------------------------------------------
-
-    @property
-    def upstream(self) -> UpstreamState | None:
-        return self.ustate
-
-    @property
-    def client_transport(self) -> Any:
-        return self.client
-
-    @property
-    def client_fileno(self) -> int:
-        return self.cfd
-
-    @property
-    def upstream_fileno(self) -> int:
-        return self.ufd
-
-    @property
-    def bytes_in(self) -> int:
-        return self.c2u
-
-    @property
-    def bytes_out(self) -> int:
-        return self.u2c
-
-    @property
-    def spliced(self) -> str:
-        # this core always copies (see _core.pyx)
-        return ""
-
-    @property
-    def held(self) -> int:
-        return self.early
-
-    @property
-    def duration(self) -> float:
-        return (self.ended if self._finished else _now()) - self.started
-
-    @property
-    def end(self) -> str:
-        return _END_NAMES[self.end_code]
-
-    @property
-    def closed(self) -> bool:
-        return self._finished or ((self.client is not None or self.raw) and not self.client_open)
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
-    @property
-    def buffered(self) -> int:
-        n = self.c_size + self.u_size
-        if self.client is not None and self.client_open:
-            n += self.client.get_write_buffer_size()
-        return n
-
-    def __repr__(self) -> str:
-        return (f"<Connection {self.peername!r} up={self.ustate.address if self.ustate else None} "
-                f"in={self.c2u} out={self.u2c} {self.end}>")
-
-    # -- connecting --------------------------------------------------------------
-
-    def _next_attempt(self) -> None:
-        cfg = self.cfg
-        while True:
-            if self.attempts >= cfg.attempts:
-                self._no_upstream()
-                return
-            if cfg.single is not None:
-                t = cfg.single if self.tried is None else None
-            elif cfg.connector is not None:
-                t = cfg.connector.pick(self, self.tried if self.tried is not None else ())
-            else:
-                t = None
-            if t is None:
-                self._no_upstream()
-                return
-            self.attempts += 1
-            err = self._start_attempt(t)
-            if err == 0:
-                return
-            self._count_failure(t, _oserror(err))
+    def _defer(self) -> None:
+        self.engine.defer(self)  # type: ignore[union-attr]
 
     def _start_attempt(self, t: Target) -> int:
         try:
@@ -880,299 +463,48 @@ class Connection:
             return err
         self.sock = sock
         self.ufd = fd
-        self.attempt = t
-        t.state.active += 1
-        self.up_state = UP_CONNECTING
-        if r == 0:
-            self._connected()
-        else:
-            self.deadline = _now() + self.cfg.connect_timeout
-            self.engine.want_tick(self.deadline)  # type: ignore[union-attr]
+        self._attempting(t, r == 0)
         return 0
 
-    def _connected(self) -> None:
-        t = self.attempt
-        st = t.state  # type: ignore[union-attr]
-        self.attempt = None
-        self.deadline = 0.0
-        self.ustate = st
-        self.up_state = UP_OPEN
-        st.connections += 1
-        if (st.fails or st.ejected_until > 0) and self.cfg.connector is not None:
-            self.cfg.connector.succeeded(t)
-        if self.early:
-            n = self.early
-            self.early = 0
-            self.c_early_full = False
-            self._to_upstream(0, n, False)
-        if self.c_eof and self.c_pend_end == 0 and self.up_state == UP_OPEN:
-            self._shutdown_upstream()
-        self._sync_client_reading()
-
-    def _drop_attempt(self, state: int) -> Target:
-        t = self.attempt
-        assert t is not None
-        self._close_fd()
-        t.state.active -= 1
-        self.attempt = None
-        self.deadline = 0.0
-        self.up_state = state
-        return t
-
-    def _attempt_failed(self, exc: BaseException) -> None:
-        self._count_failure(self._drop_attempt(UP_NONE), exc)
-        if self.client_open and not self.closing:
-            self._next_attempt()
-        else:
-            self.up_state = UP_CLOSED
-            self._finish()
-
-    def _count_failure(self, t: Target, exc: BaseException) -> None:
-        if self.tried is None:
-            self.tried = []
-        self.tried.append(t)
-        if self.cfg.connector is not None:
-            self.cfg.connector.failed(t, exc)
-        else:
-            self.counters.connect_failures += 1
-
-    def _no_upstream(self) -> None:
-        self.up_state = UP_CLOSED
-        self.counters.no_upstream += 1
-        self._set_end(END_NO_UPSTREAM)
-        self.early = 0
-        self.c_early_full = False
-        if not self.client_open:
-            self._finish()
-            return
-        self.closing = True
-        if self.c_eof:
-            self._c_close(False)
-            return
-        self.lingering = True
-        self.deadline = _now() + _LINGER
-        self.engine.want_tick(self.deadline)  # type: ignore[union-attr]
-        self._c_write_eof()
-        self._sync_client_reading()
-
-    # -- the engine's calls ------------------------------------------------------
-
-    def _deadline(self) -> float:
-        if self.up_state == UP_CONNECTING or self.lingering:
-            return self.deadline
-        if self.cfg.idle_timeout > 0 and not self._finished:
-            return self.last_active + self.cfg.idle_timeout
-        return 0.0
-
-    def _timed_out(self, now: float) -> None:
-        at = self._deadline()
-        if at == 0.0 or now < at:
-            return
-        if self.lingering:
-            self.lingering = False
-            if self.client_open:
-                self._c_close(False)
-        elif self.up_state == UP_CONNECTING:
-            self._attempt_failed(TimeoutError())
-        else:
-            self.counters.idle_closed += 1
-            self._shut(END_IDLE, True)
-
-    def _crashed(self, exc: BaseException) -> None:
-        _log.error("proxy connection failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-        self._set_end(END_ABORTED)
-        if not self._finished:
-            self._shut(END_ABORTED, True)
-
-    def _upstream_event(self, events: int) -> None:
+    def _close_fd(self) -> None:
         sock = self.sock
+        if sock is not None:
+            self.engine.forget(self, self.ufd)  # type: ignore[union-attr]
+            self.sock = None
+            self.ufd = -1
+            sock.close()
+
+    def _close_client(self) -> bool:
+        sock = self.csock
         if sock is None:
-            return
-        if self.up_state == UP_CONNECTING:
-            if events & (_EPOLLERR | _EPOLLHUP):
-                err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
-                self._attempt_failed(_oserror(err or _errno.ECONNREFUSED))
-                return
-            if not events & _EPOLLOUT:
-                return
-            self._connected()
-        if self.up_state != UP_OPEN:
-            return
-        if events & _EPOLLERR:
-            err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
-            if err:
-                self._upstream_error(err)
-                return
-        if events & _EPOLLOUT and self.c_pend_end:
-            self._flush_upstream()
-        if self.sock is not None and events & (_EPOLLIN | _EPOLLRDHUP | _EPOLLHUP):
-            if events & (_EPOLLRDHUP | _EPOLLHUP):
-                self.u_rdhup = True
-            self.u_readable = True
-            self._read_upstream()
+            return False
+        self.engine.forget(self, self.cfd)  # type: ignore[union-attr]
+        self.csock = None
+        self.cfd = -1
+        sock.close()
+        return True
 
-    # -- relaying ------------------------------------------------------------------
+    def _close_pipes(self) -> None:
+        for d in (self.c2u, self.u2c):
+            if d.pipe_r >= 0:
+                _os.close(d.pipe_r)
+                _os.close(d.pipe_w)
+                d.pipe_r = d.pipe_w = -1
 
-    def _new_c_buf(self, size: int) -> None:
-        self.c_buf = bytearray(size)
-        self.c_mv = memoryview(self.c_buf)
-        self.c_size = size
-
-    def _new_u_buf(self, size: int) -> None:
-        self.u_buf = bytearray(size)
-        self.u_mv = memoryview(self.u_buf)
-        self.u_size = size
-
-    def _send(self, start: int, end: int) -> int:
-        # bytes of c_buf[start:end] the upstream took (0: none now); -1: failed
-        while True:
+    def _shutdown(self, client_side: bool) -> None:
+        sock = self.csock if client_side else self.sock
+        if sock is not None:
             try:
-                return self.sock.send(self.c_mv[start:end])  # type: ignore[union-attr,index]
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                return 0
-            except OSError as exc:
-                self._upstream_error(exc.errno or _errno.EPIPE)
-                return -1
-
-    def _to_upstream(self, start: int, n: int, from_read: bool) -> None:
-        size = self.c_size
-        self.c2u += n
-        self.counters.bytes_in += n
-        if from_read and n == size and size < self.cfg.max_buffer_size:
-            self.c_next = min(size * 2, self.cfg.max_buffer_size)
-        r = self._send(start, start + n)
-        if r < 0 or r == n:
-            return
-        self.c_pend_off = start + r
-        self.c_pend_end = start + n
-        self.c_paused_by_up = True
-        self._sync_client_reading()
-
-    def _flush_upstream(self) -> None:
-        r = self._send(self.c_pend_off, self.c_pend_end)
-        if r <= 0:
-            return
-        self.c_pend_off += r
-        self.last_active = _now()
-        if self.c_pend_off < self.c_pend_end:
-            return
-        self.c_pend_off = self.c_pend_end = 0
-        if self.u_close_pending:
-            self._close_upstream(False)
-            return
-        if self.c_eof:
-            self._shutdown_upstream()
-        self.c_paused_by_up = False
-        self._sync_client_reading()
-
-    def _shutdown_upstream(self) -> None:
-        if not self.u_shut and self.sock is not None:
-            self.u_shut = True
-            try:
-                self.sock.shutdown(_socket.SHUT_WR)
+                sock.shutdown(_socket.SHUT_WR)
             except OSError:
                 pass
 
-    def _read_upstream(self) -> None:
-        reads = 0
-        while self.u_readable and self.sock is not None:
-            if self.u_paused_by_c or self.closing or not self.client_open:
-                return
-            if reads == _READS_PER_EVENT:
-                self.engine.defer(self)  # type: ignore[union-attr]
-                return
-            if self.u_buf is None or self.u_size < self.u_next:
-                self._new_u_buf(self.u_next)
-            try:
-                r = self.sock.recv_into(self.u_buf, self.u_size)  # type: ignore[arg-type]
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                self.u_readable = False
-                return
-            except OSError as exc:
-                self._upstream_error(exc.errno or _errno.ECONNRESET)
-                return
-            if r > 0:
-                reads += 1
-                self.last_active = _now()
-                if r < self.u_size:
-                    self.u_readable = False
-                    self._to_client(r)
-                    if self.u_rdhup and self.sock is not None and not self.u_eof:
-                        self._upstream_eof()
-                    return
-                self._to_client(r)
-            else:
-                self.u_readable = False
-                self._upstream_eof()
-                return
+    def _new_buf(self, d: Direction, size: int) -> None:
+        d.buf = bytearray(size)
+        d.mv = memoryview(d.buf)
+        d.size = size
 
-    def _to_client(self, n: int) -> None:
-        size = self.u_size
-        self.u2c += n
-        self.counters.bytes_out += n
-        if self.raw:
-            if n == size and size < self.cfg.max_buffer_size:
-                self.u_next = min(size * 2, self.cfg.max_buffer_size)
-            r = self._send_client(0, n)
-            if 0 <= r < n:
-                self.u_pend_off = r
-                self.u_pend_end = n
-                self.u_paused_by_c = True
-            return
-        self.c_write(self.u_buf if n == size else self.u_mv[:n])  # type: ignore[index]
-        if n == size and size < self.cfg.max_buffer_size:
-            self.u_next = min(size * 2, self.cfg.max_buffer_size)
-            self.u_buf = None
-            self.u_size = 0
-        elif self.client_open and self.client.get_write_buffer_size():
-            self.u_buf = None
-            self.u_size = 0
-
-    def _hold(self, data: bytes) -> None:
-        n = len(data)
-        need = self.early + n
-        if self.c_buf is None or need > self.c_size:
-            old, old_n = self.c_buf, self.early
-            self._new_c_buf(max(need, self.cfg.buffer_size))
-            if old_n:
-                self.c_buf[:old_n] = old[:old_n]  # type: ignore[index]
-        self.c_buf[self.early:need] = data  # type: ignore[index]
-        self.early = need
-        if self.early >= self.cfg.buffer_size:
-            self.c_early_full = True
-            self._sync_client_reading()
-
-    def _sync_client_reading(self) -> None:
-        want = (self.client_open and not self.c_eof and (self.lingering or (
-            not self.closing and not self.c_paused_by_up and not self.c_early_full)))
-        if want != self.c_reading:
-            self.c_reading = want
-            if self.raw:
-                if want and self.c_readable:
-                    self.engine.defer(self)  # type: ignore[union-attr]
-            elif want:
-                self.client.resume_reading()
-            else:
-                self.client.pause_reading()
-
-    def _upstream_eof(self) -> None:
-        self.u_eof = True
-        if self.client_open and not self.closing:
-            self._c_write_eof()
-            if self.c_eof:
-                self._shut(END_EOF, False)
-
-    def _upstream_error(self, err: int) -> None:
-        self._set_end(END_UPSTREAM_ERROR)
-        self._close_upstream(True)
-        if self.client_open:
-            self._shut(END_CLOSED, True)
-
-    # -- the client socket, when the core accepted it (raw; see _core.pyx) ----------
+    # -- the client socket, when the core accepted it (raw) --------------------------
 
     def _start_raw(self, engine: _Engine, sock: _socket.socket, peer: Any) -> None:
         cfg = self.cfg
@@ -1192,219 +524,199 @@ class Connection:
             return
         self.csock = sock
         self.cfd = fd
-        self.client_open = True
-        self.c_reading = True
-        self.conns.add(self)
         engine.link(self)
-        if cfg.want_peername:
-            self.peername = peer
         if cfg.keepalive and sock.family != _socket.AF_UNIX:
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
-        if cfg.idle_timeout > 0:
-            engine.want_tick(self.started + cfg.idle_timeout)
-        self._next_attempt()
+        self._started_raw(peer)
 
-    def _client_event(self, events: int) -> None:
-        sock = self.csock
+    # -- the engine's events -------------------------------------------------------
+
+    def _upstream_event(self, events: int) -> None:
+        sock = self.sock
         if sock is None:
             return
-        if events & _EPOLLERR:
-            if sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR):
-                self._c_gone(True)
+        if self.up_state == UP_CONNECTING:
+            if events & (_EPOLLERR | _EPOLLHUP):
+                err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+                self._attempt_failed(_oserror(err or _errno.ECONNREFUSED))
                 return
-        if events & _EPOLLOUT and self.u_pend_end:
-            self._flush_client()
-        if self.csock is not None and events & (_EPOLLIN | _EPOLLRDHUP | _EPOLLHUP):
-            if events & (_EPOLLRDHUP | _EPOLLHUP):
-                self.c_rdhup = True
-            self.c_readable = True
-            self._read_client()
+            if not events & _EPOLLOUT:
+                return
+            self._connected()
+        if self.up_state != UP_OPEN:
+            return
+        self._socket_event(self.u2c, self.c2u, events)
 
-    def _read_client(self) -> None:
+    def _client_event(self, events: int) -> None:
+        if self.csock is None:
+            return
+        self._socket_event(self.c2u, self.u2c, events)
+
+    def _socket_event(self, src_of: Direction, dst_of: Direction, events: int) -> None:
+        sock = self._src(src_of)
+        assert sock is not None
+        if events & _EPOLLERR:
+            err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+            if err:
+                self._failed(src_of is self.c2u, err)
+                return
+        if events & _EPOLLOUT and dst_of.pend_end:
+            self._flush(dst_of)
+        if self._src(src_of) is not None and events & (_EPOLLIN | _EPOLLRDHUP | _EPOLLHUP):
+            if events & (_EPOLLRDHUP | _EPOLLHUP):
+                src_of.rdhup = True
+            src_of.readable = True
+            self._read(src_of)
+
+    # -- relaying: one code for both directions (see _core_relay.pxi) ---------------
+
+    def _src(self, d: Direction) -> _socket.socket | None:
+        return self.csock if d is self.c2u else self.sock
+
+    def _dst(self, d: Direction) -> _socket.socket | None:
+        return self.sock if d is self.c2u else self.csock
+
+    def _read(self, d: Direction) -> None:
         reads = 0
-        while self.c_readable and self.csock is not None and self.c_reading:
+        while d.readable:
+            sock = self._src(d)
+            if sock is None or not self._may_read(d):
+                return
+            if d.mode != M_COPY and d.state == D_OPEN and d.pend_end == 0:
+                if self._splice(d):
+                    return
             if reads == _READS_PER_EVENT:
                 self.engine.defer(self)  # type: ignore[union-attr]
                 return
-            if self.c_buf is None or (self.c_size < self.c_next and not self.early
-                                      and self.c_pend_end == 0):
-                self._new_c_buf(self.c_next)
-            room = self.c_size - self.early
-            try:
-                r = self.csock.recv_into(self.c_mv[self.early:], room)  # type: ignore[index]
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                self.c_readable = False
-                return
-            except OSError:
-                self._c_gone(True)
-                return
+            held = self.early if d is self.c2u else 0
+            if d.buf is None or (d.size < d.next and not held and d.pend_end == 0):
+                self._new_buf(d, d.next)
+            room = d.size - held
+            r = _recv_into(sock, d.mv[held:], room)  # type: ignore[index]
             if r > 0:
                 reads += 1
-                self._client_bytes(r)
+                if d is self.c2u:
+                    self._client_bytes(r)
+                else:
+                    self.last_active = _now()
+                    self._to_client(r)
                 if r < room:
-                    self.c_readable = False
-                    if self.c_rdhup and self.csock is not None and not self.c_eof:
-                        self._client_eof()
+                    d.readable = False
+                    if d.rdhup and self._src(d) is not None and not d.eof():
+                        self._src_eof(d)
                     return
-            else:
-                self.c_readable = False
-                if not self.c_eof:
-                    self._client_eof()
+            elif self._read_ended(d, r):
                 return
 
-    def _send_client(self, start: int, end: int) -> int:
-        # bytes of u_buf[start:end] the client took (0: none now); -1: failed
-        while True:
-            try:
-                return self.csock.send(self.u_mv[start:end])  # type: ignore[union-attr,index]
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                return 0
-            except OSError:
-                self._c_gone(True)
-                return -1
+    def _read_ended(self, d: Direction, r: int) -> bool:
+        # r <= 0 from d's source: the EOF, nothing more for now (-EAGAIN), or an error
+        if r == 0:
+            d.readable = False
+            if not d.eof():
+                self._src_eof(d)
+        elif r == -_errno.EAGAIN:
+            d.readable = False
+        else:
+            self._failed(d is self.c2u, -r)
+        return True
 
-    def _flush_client(self) -> None:
-        r = self._send_client(self.u_pend_off, self.u_pend_end)
-        if r <= 0:
+    def _send(self, d: Direction, start: int, n: int, from_read: bool) -> None:
+        size = d.size
+        sock = self._dst(d)
+        assert sock is not None
+        d.nbytes += n
+        if d is self.c2u:
+            self.counters.bytes_in += n
+        else:
+            self.counters.bytes_out += n
+        if from_read and n == size:
+            if size < self.cfg.max_buffer_size:
+                d.next = min(size * 2, self.cfg.max_buffer_size)
+            elif self.raw and _SPLICE:
+                d.mode = M_BULK
+        r = _send(sock, d.mv[start:start + n])  # type: ignore[index]
+        if r == -_errno.EAGAIN:
+            r = 0
+        elif r < 0:
+            self._failed(d is self.u2c, -r)
             return
-        self.u_pend_off += r
-        self.last_active = _now()
-        if self.u_pend_off < self.u_pend_end:
+        if r == n:
             return
-        self.u_pend_off = self.u_pend_end = 0
-        if self.c_close_pending:
-            self._c_gone(False)
-            return
-        if self.c_eof_pending:
-            self.c_eof_pending = False
-            self._shutdown_client()
-        self.u_paused_by_c = False
-        if self.u_readable:
-            self._read_upstream()
-
-    def _shutdown_client(self) -> None:
-        try:
-            self.csock.shutdown(_socket.SHUT_WR)  # type: ignore[union-attr]
-        except OSError:
-            pass
-
-    def _run_deferred(self) -> None:
-        if self.raw and self.c_readable:
-            self._read_client()
-        if self.u_readable:
-            self._read_upstream()
-
-    def _c_write_eof(self) -> None:
-        if not self.raw:
-            self.client.write_eof()
-        elif self.u_pend_end:
-            self.c_eof_pending = True
-        elif self.csock is not None:
-            self._shutdown_client()
-
-    def _c_close(self, hard: bool) -> None:
-        if not self.raw:
-            if hard:
-                self.client.abort()
-            else:
-                self.client.close()
-            return
-        if not hard and self.u_pend_end and self.csock is not None:
-            self.c_close_pending = True
+        d.pend_off = start + r
+        d.pend_end = start + n
+        d.step(EV_FULL)
+        if d is self.c2u:
             self._sync_client_reading()
+
+    def _flush(self, d: Direction) -> None:
+        sock = self._dst(d)
+        assert sock is not None
+        if d.pipe_r >= 0:
+            r = _drain_pipe(d.pipe_r, sock.fileno(), d.pend_end - d.pend_off)
+            if r <= 0:
+                if r < 0:
+                    self._failed(d is self.u2c, -r)
+                return
+        else:
+            r = _send(sock, d.mv[d.pend_off:d.pend_end])  # type: ignore[index]
+            if r == -_errno.EAGAIN:
+                return
+            if r < 0:
+                self._failed(d is self.u2c, -r)
+                return
+        d.pend_off += r
+        self.last_active = _now()
+        if d.pend_off < d.pend_end:
             return
-        self._c_gone(False)
+        d.pend_off = d.pend_end = 0
+        self._drained(d)
 
-    def _c_gone(self, error: bool) -> None:
-        sock = self.csock
-        if sock is None:
-            return
-        self.engine.forget(self, self.cfd)  # type: ignore[union-attr]
-        self.csock = None
-        self.cfd = -1
-        sock.close()
-        self.u_pend_off = self.u_pend_end = 0
-        self.c_readable = False
-        self._client_lost(error)
-
-    # -- closing -------------------------------------------------------------------
-
-    def _set_end(self, code: int) -> None:
-        if self.end_code == END_NONE:
-            self.end_code = code
-
-    def _close_fd(self) -> None:
-        sock = self.sock
-        if sock is not None:
-            self.engine.forget(self, self.ufd)  # type: ignore[union-attr]
-            self.sock = None
-            self.ufd = -1
-            sock.close()
-
-    def _close_upstream(self, hard: bool) -> None:
-        if self.up_state != UP_OPEN:
-            return
-        if not hard and self.c_pend_end and self.sock is not None:
-            self.u_close_pending = True
-            return
-        self._close_fd()
-        self.up_state = UP_CLOSED
-        self.u_readable = False
-        if not self.client_open:
-            self._finish()
-
-    def _shut(self, code: int, hard: bool) -> None:
-        self._set_end(code)
-        if self._finished:
-            return
-        self.closing = True
-        if self.client_open:
-            self._c_close(hard)
-        if self.up_state == UP_OPEN:
-            self._close_upstream(hard)
-        elif self.up_state == UP_CONNECTING:
-            self._drop_attempt(UP_CLOSED)
-            if not self.client_open:
-                self._finish()
-
-    def _finish(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self.closing = True
-        self.ended = _now()
-        self._close_fd()
-        if self.csock is not None:
-            self.engine.forget(self, self.cfd)  # type: ignore[union-attr]
-            self.csock.close()
-            self.csock = None
-            self.cfd = -1
-            self.client_open = False
-        if self.engine is not None:
-            self.engine.unlink(self)
-        if self.admitted:
-            self.admitted = False
-            self.counters.active -= 1
-            self.cfg.limit.release()
-        if self.ustate is not None:
-            self.ustate.active -= 1
-            self.ustate.bytes_in += self.c2u
-            self.ustate.bytes_out += self.u2c
-        self.attempt = None
-        self.tried = None
-        self.c_buf = self.u_buf = None
-        self.c_mv = self.u_mv = None
-        self.c_size = self.u_size = 0
-        self.c_write = None
-        self.client = None
-        self.conns.discard(self)
-        if self.cfg.on_close is not None:
-            self.cfg.on_close(self)
-        self.owner = None
+    def _splice(self, d: Direction) -> bool:
+        chunk = self.cfg.max_buffer_size
+        if d.pipe_r < 0:
+            pipe = _open_pipe(chunk)
+            if pipe is None:
+                d.mode = M_COPY
+                return False
+            d.pipe_r, d.pipe_w = pipe
+            d.mode = M_SPLICE
+            d.buf = d.mv = None
+            d.size = 0
+        reads = 0
+        while d.readable:
+            src = self._src(d)
+            if src is None or not self._may_read(d):
+                return True
+            if reads == _READS_PER_EVENT:
+                self.engine.defer(self)  # type: ignore[union-attr]
+                return True
+            r = _splice(src.fileno(), d.pipe_w, chunk)
+            if r > 0:
+                reads += 1
+                self.last_active = _now()
+                d.nbytes += r
+                if d is self.c2u:
+                    self.counters.bytes_in += r
+                else:
+                    self.counters.bytes_out += r
+                d.pend_off = 0
+                d.pend_end = r
+                dst = self._dst(d)
+                assert dst is not None
+                r = _drain_pipe(d.pipe_r, dst.fileno(), r)
+                if r < 0:
+                    self._failed(d is self.u2c, -r)
+                    return True
+                d.pend_off = r
+                if d.pend_off < d.pend_end:
+                    d.step(EV_FULL)
+                    if d is self.c2u:
+                        self._sync_client_reading()
+                    return True
+                d.pend_off = d.pend_end = 0
+            elif self._read_ended(d, r):
+                return True
+        return True
 
 
 # -- accepting in the core (see _core.pyx) ---------------------------------------------
