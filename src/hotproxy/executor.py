@@ -104,7 +104,8 @@ class ServiceExecutor:
         self.drain_timeout = drain_timeout
         self.sites: dict[str, Site] = {}
         self._lock = asyncio.Lock()
-        self._drains: set[asyncio.Task[None]] = set()
+        #: removed sites draining, by their drain task
+        self._drains: dict[asyncio.Task[None], Site] = {}
 
     # -- the commands ---------------------------------------------------------
 
@@ -262,9 +263,12 @@ class ServiceExecutor:
         draining = len(site.conns)
         if draining:
             task = asyncio.get_running_loop().create_task(self._drain(site, timeout))
-            self._drains.add(task)
-            task.add_done_callback(self._drains.discard)
+            self._drains[task] = site
+            task.add_done_callback(self._drain_done)
         return {"draining": draining}
+
+    def _drain_done(self, task: asyncio.Task[None]) -> None:
+        self._drains.pop(task, None)
 
     async def _drain(self, site: Site, timeout: float) -> None:
         try:
@@ -308,6 +312,8 @@ class ServiceExecutor:
             "worker": self.worker_id,
             "sites": {name: site.status() for name, site in self.sites.items()},
             "draining": len(self._drains),
+            #: open connections of the removed sites still draining
+            "draining_connections": sum(len(site.conns) for site in self._drains.values()),
         }
 
     async def wait_drained(self) -> None:

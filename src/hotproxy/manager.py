@@ -457,14 +457,34 @@ class WorkerManager:
 
     # -- stopping -------------------------------------------------------------
 
-    async def stop(self, graceful: bool = True, timeout: float | None = None) -> None:
-        """Stop every worker: graceful drains (bounded by *timeout*), else at once."""
+    # -- sockets a master upgrade hands over ------------------------------------
+
+    def adopt_unix(self, path: str, sock: Any) -> None:
+        """Serve Unix path *path* on *sock*, the socket the master this one
+        upgrades passed (``SharedSockets.adopt``); call before ``start``."""
+        self._shared.adopt(path, sock)
+
+    def own_adopted(self) -> None:
+        """The upgrade is done: the adopted Unix paths are this manager's."""
+        self._shared.own_adopted()
+        self._release_shared()
+
+    def unix_sockets(self) -> dict[str, int]:
+        """The descriptor of every Unix listening socket the master owns, by path."""
+        return self._shared.sockets()
+
+    async def stop(self, graceful: bool = True, timeout: float | None = None, *,
+                   keep_files: bool = False) -> None:
+        """Stop every worker: graceful drains (bounded by *timeout*), else at once.
+
+        *keep_files*: leave the Unix socket files in place (a new master serves them).
+        """
         self._stopping = True
         for task in self._supervisors:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         await asyncio.gather(*(w.stop(graceful, timeout) for w in self.workers), return_exceptions=True)
         self._fd_reserve.release()
-        self._shared.close()
+        self._shared.close(keep_files=keep_files)
         if self.limits is not None:
             self.limits.close()

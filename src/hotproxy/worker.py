@@ -81,10 +81,11 @@ class WorkerProcess:
         runner = loop.create_task(self._run_commands(writer))
         reading = loop.create_task(self._read(reader, writer))
         graceful, timeout = await self.stop_requested
-        reading.cancel()
         runner.cancel()
         if graceful:
+            # (still answering status: how many connections are left to drain)
             await self.executor.shutdown(timeout)
+        reading.cancel()
         try:
             writer.close()
         except Exception:
@@ -111,7 +112,6 @@ class WorkerProcess:
                 elif kind == "stop":
                     write_message(writer, ("res", msg[1], True, None))
                     self._request_stop(msg[2], msg[3])
-                    return
                 else:
                     write_message(writer, ("res", msg[1], False, ValueError(f"unknown message {kind!r}")))
         except (asyncio.IncompleteReadError, ConnectionError):

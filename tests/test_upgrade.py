@@ -1,0 +1,205 @@
+"""Upgrading hotproxy itself (issue 16): a new master takes over from the running one.
+
+Every test runs the real program (``hotproxy run``), upgrades it with
+``hotproxy upgrade`` or SIGUSR2 while ``tests/traffic.py`` processes check
+every byte of long and short connections -- direct to echo services (TCP
+and Unix) and through a proxy -- and checks that no connection was refused,
+reset or corrupted, that the connections opened before an upgrade finish on
+the old processes, that the master's pid changes each time, and that no
+process is left behind.  Failing upgrades (the new code does not import, a
+bad file, a new master killed with -9 mid-way or silent past
+``upgrade_timeout``) leave the old master serving.  Figures are printed
+(``pytest -s``) for the README.
+
+The long run (20 upgrades in a row):
+
+    pytest -m slow tests/test_upgrade.py -s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from conftest import eventually, free_port, run
+from helpers_program import Program, Traffic, alive, children, roundtrip, toml
+
+HOST = "127.0.0.1"
+Start = Callable[..., Program]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (Unix socket paths are at most 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="hpu-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def start(short_dir: Path) -> Iterator[Start]:
+    """``start(config_text, **kw)`` -> a started ``Program``; every process it led to is killed at the end."""
+    started: list[Program] = []
+
+    def _start(text: str, *, name: str = "hotproxy.toml", **kw: Any) -> Program:
+        cfg = short_dir / name
+        cfg.write_text(text)
+        prog = Program(cfg, short_dir / f"{name}.log", **kw)
+        started.append(prog)
+        return prog
+
+    yield _start
+    for prog in started:
+        prog.kill()
+        print(f"---- log of {prog.config} (last 6000 chars) ----\n{prog.log()[-6000:]}")
+
+
+@pytest.fixture
+def traffic() -> Iterator[Callable[..., Traffic]]:
+    started: list[Traffic] = []
+
+    def _traffic(targets: list[str], **kw: Any) -> Traffic:
+        t = Traffic(targets, **kw)
+        started.append(t)
+        return t
+
+    yield _traffic
+    for t in started:
+        t.kill()
+
+
+def services(e: int, px: int, unix: Path, **proxy: Any) -> dict[str, dict[str, Any]]:
+    return {
+        "e": {"kind": "echo", "listen": f"{HOST}:{e}"},
+        "u": {"kind": "echo", "listen": f"unix:{unix}"},
+        "px": {"kind": "proxy", "listen": f"{HOST}:{px}", "upstreams": [f"{HOST}:{e}"], **proxy},
+    }
+
+
+async def upgrade(prog: Program, how: str) -> tuple[dict[str, Any], float]:
+    """Upgrade *prog* by *how* (``cli`` | ``sigusr2``); the new master's status, and the seconds it took."""
+    assert prog.config is not None
+    before = (await prog.follow())["pid"]
+    t0 = time.monotonic()
+    if how == "cli":
+        code, out, err = await prog.cli("upgrade", "-c", str(prog.config), timeout=120)
+        assert code == 0 and out.startswith(f"upgrade ok: pid {before} -> pid "), (code, out, err)
+        assert "Traceback" not in err
+    else:
+        os.kill(before, signal.SIGUSR2)
+
+    async def moved() -> Any:
+        status = await prog.follow()
+        return status if status["pid"] != before and status["ready"] else None
+
+    status = await eventually(moved, timeout=120, interval=0.02)
+    took = time.monotonic() - t0
+    assert status["upgraded_from"] == before, status
+    return status, took
+
+
+async def upgrades_under_traffic(prog: Program, n: int, e: int, px: int, unix: Path,
+                                 traffic: Callable[..., Traffic]) -> dict[str, Any]:
+    """*n* upgrades of *prog* under verified traffic; every check of the module's docstring; the figures."""
+    first = await prog.wait_ready()
+    await prog.follow()
+    masters = [first["pid"]]
+    direct = traffic([f"{HOST}:{e}", f"unix:{unix}"], long=2, short=2, seed=11)
+    through = traffic([f"{HOST}:{px}"], long=2, short=2, seed=12)
+    # the long connections are open (on the first master's workers) before the first upgrade
+    await eventually(lambda: sum(s["active"] for s in first["services"]) >= 0 and prog.status(), timeout=5)
+
+    async def long_ones_open() -> bool:
+        s = await prog.status()
+        return sum(svc["active"] for svc in s["services"] if svc["name"] in ("e", "u", "px")) >= 4
+
+    await eventually(long_ones_open, timeout=30)
+    took: list[float] = []
+    workers_seen: set[int] = set()
+    for i in range(n):
+        how = "sigusr2" if i % 4 == 3 else "cli"
+        status, seconds = await upgrade(prog, how)
+        took.append(seconds)
+        assert status["pid"] not in masters, (status["pid"], masters)   # a new master each time
+        masters.append(status["pid"])
+        workers_seen.update(w["pid"] for w in status["workers"])
+        assert status["pid"] not in workers_seen
+        # what the old masters still drain: the first one holds the long connections
+        olds = {m["pid"]: m for m in status["old_masters"]}
+        assert masters[0] in olds and (olds[masters[0]]["connections"] or 0) >= 4, status["old_masters"]
+        assert await roundtrip(e) == b"hello" and await roundtrip(px) == b"hello"
+    status = await prog.follow()
+    cli_status = await prog.cli("status", "-c", str(prog.config))
+    figures: dict[str, Any] = {
+        "upgrades": n, "seconds_per_upgrade": [round(t, 2) for t in took],
+        "old_masters_draining_at_the_end": [(m["pid"], m["connections"]) for m in status["old_masters"]],
+        "status_lines": [line for line in cli_status[1].splitlines() if "old master" in line],
+        "direct": await direct.finish(), "through_proxy": await through.finish(),
+    }
+    for key in ("direct", "through_proxy"):
+        tot = figures[key]
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0, (key, tot)
+        # the long connections lived through every upgrade, on the first master's workers
+        assert tot["long_ok"] == 2 and tot["short_ok"] > 0, (key, tot)
+
+    # once they have finished, every old master has drained and exited
+    async def drained() -> bool:
+        return (await prog.follow())["old_masters"] == []
+
+    await eventually(drained, timeout=60)
+    await eventually(lambda: all(not alive(pid) for pid in masters[:-1]), timeout=30)
+    assert prog.proc.poll() == 0, prog.proc.poll()   # the first master exited by itself, with 0
+    current = (await prog.follow())
+    old_workers = workers_seen - {w["pid"] for w in current["workers"]}
+    await eventually(lambda: all(not alive(pid) for pid in old_workers), timeout=30)
+    figures["masters"] = masters
+    return figures
+
+
+def test_upgrades_under_verified_traffic(start: Start, short_dir: Path,
+                                         traffic: Callable[..., Traffic]) -> None:
+    """CI version: 5 upgrades (``hotproxy upgrade`` and SIGUSR2), 0 failed connections."""
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    prog = start(toml(services(e, px, unix), drain=60.0))
+
+    async def main() -> None:
+        figures = await upgrades_under_traffic(prog, 5, e, px, unix, traffic)
+        print("upgrade figures:", json.dumps(figures))
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 170)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_20_upgrades_in_a_row_under_verified_traffic(start: Start, short_dir: Path,
+                                                     traffic: Callable[..., Traffic]) -> None:
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    prog = start(toml(services(e, px, unix), drain=300.0))
+
+    async def main() -> None:
+        figures = await upgrades_under_traffic(prog, 20, e, px, unix, traffic)
+        print("UPGRADE-20 figures:", json.dumps(figures))
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 850)
+
+
+async def stop_and_check_nothing_left(prog: Program) -> None:
+    """``hotproxy stop``: the master and its workers exit; nothing seen is left running."""
+    assert prog.config is not None
+    status = await prog.follow()
+    code, out, err = await prog.cli("stop", "-c", str(prog.config))
+    assert code == 0 and f"stopped hotproxy (pid {status['pid']})" in out, (code, out, err)
+    await eventually(lambda: [pid for pid in prog.seen_pids if alive(pid)] == [], timeout=30)
+    assert not os.path.exists(prog.socket_path())
+    assert "Traceback" not in prog.log()
