@@ -203,3 +203,106 @@ async def stop_and_check_nothing_left(prog: Program) -> None:
     await eventually(lambda: [pid for pid in prog.seen_pids if alive(pid)] == [], timeout=30)
     assert not os.path.exists(prog.socket_path())
     assert "Traceback" not in prog.log()
+
+
+# -- failing upgrades: the old master serves on ----------------------------------------------------
+
+
+async def failed_upgrade(prog: Program, expect: str) -> str:
+    """``hotproxy upgrade`` that must fail: exit 1, one line naming *expect*; the line."""
+    assert prog.config is not None
+    before = (await prog.follow())["pid"]
+    code, out, err = await prog.cli("upgrade", "-c", str(prog.config), timeout=120)
+    lines = err.strip().splitlines()
+    assert code == 1 and out == "" and len(lines) == 1, (code, out, err)
+    assert lines[0].startswith("upgrade failed: ") and expect in lines[0], lines[0]
+    assert lines[0].endswith(")") and f"; pid {before} keeps serving (" in lines[0], lines[0]
+    status = await prog.follow()
+    assert status["pid"] == before and status["ready"] and status["upgrading"] is None, status
+    assert status["last_upgrade"]["ok"] is False and expect in status["last_upgrade"]["error"], status
+    return lines[0]
+
+
+def test_an_upgrade_whose_new_code_does_not_import_leaves_the_old_master_serving(
+        start: Start, short_dir: Path, traffic: Callable[..., Traffic]) -> None:
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    prog = start(toml(services(e, px, unix), drain=30.0), env={"HOTPROXY_TEST_FAIL_UPGRADE": "import"})
+
+    async def main() -> None:
+        await prog.wait_ready()
+        load = traffic([f"{HOST}:{e}", f"unix:{unix}", f"{HOST}:{px}"], long=3, short=3, seed=21)
+        line = await failed_upgrade(prog, "HOTPROXY_TEST_FAIL_UPGRADE=import: the new code does not import")
+        print("import failure:", line)
+        assert "failed: cannot start: ImportError: " in line
+        tot = await load.finish()
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0 and tot["long_ok"] == 3, tot
+        assert await roundtrip(e) == b"hello" and os.path.exists(unix)
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 120)
+
+
+def test_failing_upgrades_bad_file_failing_worker_deadline_kill_9_leave_the_old_master_serving(
+        start: Start, short_dir: Path, traffic: Callable[..., Traffic]) -> None:
+    """One old master, four failed upgrades under traffic, then a reload: it serves on as before.
+
+    The new master is made to stop short of saying it is ready (the test-only
+    ``HOTPROXY_TEST_FAIL_UPGRADE=hang``) after its workers serve: once past
+    ``upgrade_timeout``, once killed with -9 by the test.  A reload asked
+    for during the upgrade is refused with a line that says why.
+    """
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    good = services(e, px, unix)
+    text = lambda svcs, timeout: toml(svcs, drain=30.0, upgrade_timeout=timeout)  # noqa: E731
+    prog = start(text(good, 3.0), env={"HOTPROXY_TEST_FAIL_UPGRADE": "hang"}, test_kinds=True)
+    assert prog.config is not None
+
+    async def main() -> None:
+        assert prog.config is not None
+        first = await prog.wait_ready()
+        load = traffic([f"{HOST}:{e}", f"unix:{unix}", f"{HOST}:{px}"], long=3, short=3, seed=22)
+        lines = []
+        # 1. a file that does not load
+        prog.config.write_text(text(good, 3.0) + "[services.broken\n")
+        lines.append(await failed_upgrade(prog, f"{prog.config}: "))
+        # 2. a service that fails to build on one worker (the new master runs the same module: the test kinds)
+        failing = dict(good, f={"kind": "fail_on_worker", "listen": f"{HOST}:{free_port()}", "fail_worker": 1})
+        prog.config.write_text(text(failing, 3.0))
+        lines.append(await failed_upgrade(prog, "injected failure on worker 1"))
+        # 3. a new master that serves but never says so: killed at upgrade_timeout
+        prog.config.write_text(text(good, 3.0))
+        lines.append(await failed_upgrade(prog, "did not serve within 3s (runtime.upgrade_timeout): killed"))
+        # 4. one killed with -9 mid-way, its workers serving; a reload meanwhile is refused
+        prog.config.write_text(text(good, 120.0))
+        code, out, err = await prog.cli("reload", "-c", str(prog.config))
+        assert code == 0, out + err
+        upgrading = asyncio.ensure_future(failed_upgrade(prog, "was killed by signal 9 before it served"))
+
+        async def new_master() -> int | None:
+            return ((await prog.status())["upgrading"] or {}).get("pid")
+
+        pid = await eventually(new_master, timeout=30)
+        await eventually(lambda: prog.log().count("never says it is ready") == 2, timeout=60)
+        prog.track(pid)
+        new_workers = children(pid)
+        assert len(new_workers) == 2, new_workers
+        code, out, err = await prog.cli("reload", "-c", str(prog.config))
+        assert code == 1 and err.strip() == (f"hotproxy: error: an upgrade is running (new master pid {pid}): "
+                                             "reload refused; run it again once the upgrade has ended"), err
+        os.kill(pid, signal.SIGKILL)
+        lines.append(await asyncio.wait_for(upgrading, 60))
+        print("failed upgrades:\n  " + "\n  ".join(lines))
+        # its workers drained what they had accepted and exited
+        await eventually(lambda: not any(alive(p) for p in [pid, *new_workers]), timeout=60)
+        tot = await load.finish()
+        print("traffic through 4 failed upgrades:", tot)
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0 and tot["long_ok"] == 3, tot
+        status = await prog.follow()
+        assert status["pid"] == first["pid"] and status["restarts"] == 0
+        assert [w["pid"] for w in status["workers"]] == [w["pid"] for w in first["workers"]]
+        code, out, err = await prog.cli("reload", "-c", str(prog.config))
+        assert code == 0, out + err
+        assert await roundtrip(e) == b"hello" and await roundtrip(px) == b"hello"
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 170)
