@@ -306,3 +306,98 @@ def test_failing_upgrades_bad_file_failing_worker_deadline_kill_9_leave_the_old_
         await stop_and_check_nothing_left(prog)
 
     run(main(), 170)
+
+
+# -- state crosses the upgrade --------------------------------------------------------------------
+
+
+def test_state_crosses_the_upgrade_ejected_upstream_stays_ejected_counters_continue(
+        start: Start, short_dir: Path) -> None:
+    """A proxy with a dead upstream ejected on every worker (``fail_timeout = 300``);
+    an upgrade that also changes ``workers`` from 2 to 3: the dead upstream is
+    still ejected on every new worker (never tried again: its failures do not
+    grow), and every counter continues from where it was, each counted once."""
+    e, px, dead, unix = free_port(), free_port(), free_port(), short_dir / "u.sock"
+    svcs = services(e, px, unix, max_fails=1, fail_timeout=300.0, retries=1)
+    svcs["px"]["upstreams"] = [f"{HOST}:{dead}", f"{HOST}:{e}"]
+    prog = start(toml(svcs, drain=5.0))
+    assert prog.config is not None
+
+    def upstream(status: dict[str, Any], addr: int) -> dict[str, Any]:
+        px_status = next(s for s in status["services"] if s["name"] == "px")
+        return px_status["upstreams"][f"{HOST}:{addr}"]  # type: ignore[no-any-return]
+
+    def totals(status: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return {s["name"]: s["totals"] for s in status["services"]}
+
+    async def main() -> None:
+        assert prog.config is not None
+        await prog.wait_ready()
+
+        async def ejected_everywhere() -> bool:
+            assert await roundtrip(px) == b"hello"
+            return upstream(await prog.status(), dead)["ejected_workers"] == [0, 1]
+
+        await eventually(ejected_everywhere, timeout=60, interval=0.01)
+        before = await prog.follow()
+        prog.config.write_text(toml(svcs, drain=5.0, workers=3))
+        after, _ = await upgrade(prog, "cli")
+        assert len(after["workers"]) == 3
+        print("before:", totals(before), upstream(before, dead))
+        print("after: ", totals(after), upstream(after, dead))
+        # counters continue (nothing connected during the upgrade: equal)
+        for name in ("e", "px", "u"):
+            for key, value in totals(before)[name].items():
+                assert totals(after)[name][key] == value, (name, key, totals(before), totals(after))
+        up = upstream(after, dead)
+        assert up["ejected_workers"] == [0, 1, 2] and up["ejected_for"] > 200, up
+        assert up["failures"] == upstream(before, dead)["failures"] and up["connections"] == 0
+        assert upstream(after, e)["connections"] == upstream(before, e)["connections"]
+        for _ in range(30):
+            assert await roundtrip(px) == b"hello"
+        status = await prog.follow()
+        assert totals(status)["px"]["accepted"] == totals(before)["px"]["accepted"] + 30
+        assert upstream(status, dead)["failures"] == upstream(before, dead)["failures"]   # never tried again
+        assert upstream(status, e)["connections"] == upstream(before, e)["connections"] + 30
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 120)
+
+
+def test_a_snapshot_this_version_cannot_read_is_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from hotproxy.echo import EchoFactory
+    from hotproxy.executor import ServiceExecutor
+    from hotproxy.service import Seed
+    from hotproxy.upgrade import STATE_FORMAT, parse_state, read_state, seeds_for, write_state
+
+    for data, why in ((b"{nope", "not JSON"), (b"[]", "not a hotproxy state snapshot"),
+                      (json.dumps({"format": STATE_FORMAT, "version": 99, "workers": []}).encode(),
+                       "snapshot version 99; this hotproxy reads version 1")):
+        with pytest.raises(ValueError, match=why):
+            parse_state(data)
+    fd = os.memfd_create("t")
+    os.write(fd, b"garbage")
+    assert read_state(fd) is None
+    assert "the state of the old master's services was dropped (not JSON" in caplog.text
+    fd = write_state([{"worker": 0, "sites": {"e": {"type": "echo", "v": 1, "bytes": 7}}}])
+    assert fd is not None and read_state(fd) == [{"worker": 0, "sites": {"e": {"type": "echo", "v": 1, "bytes": 7}}}]
+    # three old workers into two new ones: every count once; the view of old worker j % 3
+    old = [{"worker": k, "sites": {"e": {"type": "echo", "v": 1, "bytes": 10 ** k}}} for k in range(3)]
+    seeds = seeds_for(old, 2)
+    assert [s["e"].total("bytes") for s in seeds.values()] == [101, 10]
+    assert seeds[1]["e"].like == old[1]["sites"]["e"]
+
+    async def main() -> None:
+        from hotproxy.commands import Precommit
+
+        ex = ServiceExecutor()
+        # a snapshot of another version (or kind): the service is built afresh, with a warning
+        ex.seed({"a": Seed(({"type": "echo", "v": 2, "bytes": 5},)), "b": Seed(({"type": "echo", "v": 1, "bytes": 5},))})
+        await ex.execute(Precommit("a", EchoFactory()))
+        await ex.execute(Precommit("b", EchoFactory()))
+        assert ex.sites["a"].staged.stats() == {"bytes": 0}   # type: ignore[union-attr]
+        assert ex.sites["b"].staged.stats() == {"bytes": 5}   # type: ignore[union-attr]
+
+    run(main(), 10)
+    assert "site 'a': the state from before the upgrade was dropped (ValueError: expected a snapshot of " \
+           "type 'echo' v1, got 'echo' v2); built afresh" in caplog.text

@@ -26,7 +26,7 @@ from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
 from .errors import (BuildListenerError, BuildServiceError, DeployError, NothingDeployedError,
                      NothingStagedError, SiteNotFoundError, describe)
 from .listeners import BoundListener, ListenerFactory
-from .service import MakeService, Service, maybe_await
+from .service import MakeService, Seed, Service, maybe_await
 
 log = logging.getLogger("hotproxy.executor")
 
@@ -106,6 +106,31 @@ class ServiceExecutor:
         self._lock = asyncio.Lock()
         #: removed sites draining, by their drain task
         self._drains: dict[asyncio.Task[None], Site] = {}
+        #: state from before an upgrade of the program, by site: the first
+        #: version of the site is built from it (``MakeService.make_via_snapshot``)
+        self._seeds: dict[str, Seed] = {}
+
+    # -- state across an upgrade of the program ------------------------------------
+
+    def seed(self, seeds: dict[str, Seed]) -> None:
+        """Build each named site's first version from its ``Seed`` (then forget it)."""
+        self._seeds.update(seeds)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every serving site's ``Service.snapshot()``, by name (plain data)."""
+        out: dict[str, Any] = {}
+        for name, site in self.sites.items():
+            svc = site.service
+            if svc is None:
+                continue
+            try:
+                snap = svc.snapshot()
+            except Exception as exc:   # a service's bug must not stop an upgrade
+                log.warning("site %r: no state carried over (snapshot failed: %s)", name, describe(exc, typed=True))
+                continue
+            if snap is not None:
+                out[name] = snap
+        return out
 
     # -- the commands ---------------------------------------------------------
 
@@ -128,6 +153,16 @@ class ServiceExecutor:
 
     async def _build(self, name: str, factory: MakeService, old: Service | None,
                      fresh: bool = False) -> Service:
+        seed = self._seeds.pop(name, None) if old is None and not fresh else None
+        if seed is not None:
+            try:
+                svc = await maybe_await(factory.make_via_snapshot(seed))
+                if isinstance(svc, Service):
+                    return svc
+                raise TypeError(f"make_via_snapshot returned {svc!r}")
+            except Exception as exc:
+                log.warning("site %r: the state from before the upgrade was dropped (%s); built afresh",
+                            name, describe(exc, typed=True))
         try:
             if fresh:
                 svc = await maybe_await(factory.make())

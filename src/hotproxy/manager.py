@@ -457,6 +457,27 @@ class WorkerManager:
 
     # -- stopping -------------------------------------------------------------
 
+    # -- state a master upgrade hands over ----------------------------------------
+
+    async def snapshot(self, timeout: float = STATUS_TIMEOUT) -> list[dict[str, Any]]:
+        """Each live worker's services' state (``ServiceExecutor.snapshot``):
+        ``{"worker": id, "sites": {...}}``; a worker that does not answer
+        within *timeout* is left out (its state is not carried)."""
+        async def one(w: WorkerHandle) -> dict[str, Any] | None:
+            try:
+                return {"worker": w.id, "sites": await asyncio.wait_for(w.snapshot(), timeout)}
+            except (HotproxyError, asyncio.TimeoutError) as exc:
+                log.warning("worker %d: its state is not carried over (%s)", w.id, describe(exc))
+                return None
+        got = await asyncio.gather(*(one(w) for w in self.live_workers()))
+        return [g for g in got if g is not None]
+
+    async def seed(self, seeds: dict[int, dict[str, Any]]) -> None:
+        """Give worker *id* its seeds (``ServiceExecutor.seed``), before the first apply."""
+        for w in self.live_workers():
+            if seeds.get(w.id):
+                await w.seed(seeds[w.id])
+
     # -- sockets a master upgrade hands over ------------------------------------
 
     def adopt_unix(self, path: str, sock: Any) -> None:

@@ -58,7 +58,8 @@ from .workers import STOP_GRACE
 from .reload import ReloadReport, Reloader
 from .sdnotify import Notifier
 from .upgrade import (Hello, Link, NewMasterProcess, OldMaster, OldMasters, UpgradeError, UpgradeResult,
-                      send_everything, serve_new_master, test_failure, wait_ready)
+                      read_state, seeds_for, send_everything, serve_new_master, test_failure, wait_ready,
+                      write_state)
 
 log = logging.getLogger("hotproxy.master")
 
@@ -180,6 +181,10 @@ class Master:
             if hello is not None:
                 # the old master's addresses are ours to share (SO_REUSEPORT), not a stranger's
                 self.reloader.held = list(hello.listen)
+                # its services' state: the first version of each is built from it
+                old_state = read_state(hello.fds.pop("state")) if "state" in hello.fds else None
+                if old_state:
+                    await self.manager.seed(seeds_for(old_state, self.manager.count))
             # (a config without services was refused or allowed by the caller)
             report = await self.reloader.reload(self.config, trigger="start" if hello is None else "upgrade",
                                                 allow_empty=True)
@@ -585,11 +590,18 @@ class Master:
             child = NewMasterProcess.start(self.path)
             self.upgrading = {"pid": child.pid, "since": at}
             log.info("upgrade (%s): started the new master, pid %d", trigger, child.pid)
+            fds = self._hand_over_fds()
+            state = write_state(await self.manager.snapshot())
+            if state is not None:
+                fds.append(({"name": "state"}, state))
             try:
-                await send_everything(child, self._hand_over_fds(), self._hello())
+                await send_everything(child, fds, self._hello())
             except OSError as exc:
                 # gone already: wait_ready tells how (its failure message is queued)
                 log.debug("upgrade: cannot send to the new master: %s", exc)
+            finally:
+                if state is not None:
+                    os.close(state)
             msg = await wait_ready(child, self.reloader.current.runtime.upgrade_timeout)
             if self._stopping:
                 raise UpgradeError("stopping: the upgrade is abandoned")

@@ -196,6 +196,87 @@ def report_failure(fd: int, error: str) -> None:
             sock.detach()
 
 
+# -- the state snapshot ------------------------------------------------------------------------
+#
+# Every service's state, per old worker, as plain data in a memfd (no size
+# limit on the channel):  {"format": "hotproxy-state", "version": 1,
+# "workers": [{"worker": 0, "sites": {NAME: Service.snapshot()}}, ...]}.
+# A snapshot this version cannot read is dropped with a warning: the
+# services start afresh, the upgrade goes on.
+
+STATE_FORMAT = "hotproxy-state"
+STATE_VERSION = 1
+
+#: the largest snapshot read (a few hundred bytes per service and worker)
+MAX_STATE = 64 * 1024 * 1024
+
+
+def write_state(workers: list[dict[str, Any]]) -> int | None:
+    """A memfd holding the snapshot of *workers* (``WorkerManager.snapshot``); None if it cannot be made."""
+    try:
+        data = json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION, "workers": workers},
+                          separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        log.warning("upgrade: the services' state is not plain data (%s): not carried over", exc)
+        return None
+    fd = os.memfd_create("hotproxy-state", os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def read_state(fd: int) -> list[dict[str, Any]] | None:
+    """The old workers' snapshots from the memfd *fd* (closed); None, with a warning, if unreadable."""
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_STATE:
+            raise ValueError(f"{size} bytes is more than {MAX_STATE}")
+        return parse_state(os.pread(fd, size, 0))
+    except (OSError, ValueError) as exc:
+        log.warning("upgrade: the state of the old master's services was dropped (%s); they start afresh", exc)
+        return None
+    finally:
+        os.close(fd)
+
+
+def parse_state(data: bytes) -> list[dict[str, Any]]:
+    """The old workers' snapshots from *data*; ``ValueError`` naming what is wrong."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise ValueError("not a hotproxy state snapshot")
+    if doc.get("version") != STATE_VERSION:
+        raise ValueError(f"snapshot version {doc.get('version')!r}; this hotproxy reads version {STATE_VERSION}")
+    workers = doc.get("workers")
+    if not isinstance(workers, list) or not all(isinstance(w, dict) and isinstance(w.get("sites"), dict)
+                                                for w in workers):
+        raise ValueError("the snapshot's workers are not a list of {worker, sites}")
+    return workers
+
+
+def seeds_for(old: list[dict[str, Any]], count: int) -> dict[int, dict[str, Any]]:
+    """Each new worker's seeds (``service.Seed`` by site name) from the old workers' snapshots.
+
+    New worker *j* continues the counts of old workers *k* with ``k % count
+    == j`` (each count carried exactly once, whatever the two worker counts)
+    and takes the view (health, positions) of old worker ``j % len(old)``.
+    """
+    from .service import Seed   # here: the channel's side of this module needs no service
+
+    out: dict[int, dict[str, Any]] = {}
+    if not old:
+        return out
+    for j in range(count):
+        carried = [w["sites"] for k, w in enumerate(old) if k % count == j]
+        like = old[j % len(old)]["sites"]
+        names = set(like).union(*carried)
+        out[j] = {name: Seed(tuple(s[name] for s in carried if name in s), like.get(name)) for name in names}
+    return out
+
+
 # -- the old master's side -------------------------------------------------------------------
 
 

@@ -105,6 +105,11 @@ class WorkerProcess:
                     self.queue.put_nowait((msg[1], msg[2]))
                 elif kind == "status":
                     write_message(writer, ("res", msg[1], True, self.executor.status()))
+                elif kind == "snapshot":
+                    write_message(writer, ("res", msg[1], True, self.executor.snapshot()))
+                elif kind == "seed":
+                    self.executor.seed(msg[2])
+                    write_message(writer, ("res", msg[1], True, None))
                 elif kind == "logging":
                     # a reload changed runtime.log_level or log_format: it applies at once
                     logs.configure(msg[2], msg[3], logs.worker_role(self.worker_id))

@@ -68,6 +68,12 @@ class WorkerHandle(Protocol):
     async def set_logging(self, level: str, fmt: str) -> None:
         """Apply a new ``runtime.log_level`` and ``log_format``."""
 
+    async def snapshot(self) -> dict[str, Any]:
+        """The worker's ``ServiceExecutor.snapshot()`` (plain data, for an upgrade)."""
+
+    async def seed(self, seeds: dict[str, Any]) -> None:
+        """``ServiceExecutor.seed``: build these sites' first versions from their seeds."""
+
     async def stop(self, graceful: bool, timeout: float | None) -> None:
         """Stop (graceful: drain within *timeout*), bounded."""
 
@@ -108,6 +114,12 @@ class InlineWorker:
 
     async def set_logging(self, level: str, fmt: str) -> None:
         pass   # the caller's own process: the reload sets its logging
+
+    async def snapshot(self) -> dict[str, Any]:
+        return self.executor.snapshot()
+
+    async def seed(self, seeds: dict[str, Any]) -> None:
+        self.executor.seed(seeds)
 
     async def stop(self, graceful: bool, timeout: float | None) -> None:
         if graceful:
@@ -276,6 +288,12 @@ class ProcessWorker:
 
     async def set_logging(self, level: str, fmt: str) -> None:
         await self._call("logging", level, fmt)
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self._call("snapshot")  # type: ignore[no-any-return]
+
+    async def seed(self, seeds: dict[str, Any]) -> None:
+        await self._call("seed", seeds)
 
     async def stop(self, graceful: bool, timeout: float | None) -> None:
         """Ask the worker to stop; kill it if it has not exited by the deadline.
