@@ -401,3 +401,50 @@ def test_a_snapshot_this_version_cannot_read_is_dropped_with_a_warning(caplog: p
     run(main(), 10)
     assert "site 'a': the state from before the upgrade was dropped (ValueError: expected a snapshot of " \
            "type 'echo' v1, got 'echo' v2); built afresh" in caplog.text
+
+
+def test_connections_draining_on_the_old_master_still_count_against_max_connections(
+        start: Start, short_dir: Path) -> None:
+    """``max_connections = 3`` on an echo: 3 connections held across an upgrade
+    still count (the counters' memfd is handed over, each generation counts
+    in its own regions): a 4th, on the new master, is refused; once one old
+    connection ends, a new one is served."""
+    from helpers_program import EchoClient
+
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    svcs = services(e, px, unix)
+    svcs["e"]["max_connections"] = 3
+    prog = start(toml(svcs, drain=30.0))
+
+    async def main() -> None:
+        await prog.wait_ready()
+        held = [await EchoClient.open(e) for _ in range(3)]
+        try:
+            for c in held:
+                await c.check()
+            first, _ = await upgrade(prog, "cli")
+            refused_before = next(s for s in first["services"] if s["name"] == "e")["totals"]["refused"]
+            extra = await EchoClient.open(e)
+            await extra.check_cut()     # over the limit: the old master's 3 still count
+            await extra.close()
+            status = await prog.follow()
+            e_status = next(s for s in status["services"] if s["name"] == "e")
+            assert e_status["totals"]["refused"] == refused_before + 1, e_status
+            assert status["old_masters"][0]["connections"] >= 3, status["old_masters"]
+            for c in held:
+                await c.check()         # never cut: they drain on the old master
+            await held.pop().close()
+
+            async def served() -> bool:
+                try:
+                    return await roundtrip(e) == b"hello"
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    return False
+
+            await eventually(served, timeout=30)
+        finally:
+            for c in held:
+                await c.close()
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 120)

@@ -171,6 +171,10 @@ class Master:
                 for path, sock in hello.unix.items():
                     self.manager.adopt_unix(path, sock)
                 hello.unix.clear()
+                if "counters" in hello.fds:
+                    # one max_connections count for both generations while the old one drains
+                    self.manager.adopt_counters(hello.fds.pop("counters"), hello.used_regions(),
+                                                hello.counter_slots())
             try:
                 await self.manager.start()
             except (HotproxyError, OSError) as exc:
@@ -634,16 +638,25 @@ class Master:
             fds.append(({"name": "admin"}, sock.fileno()))
         fds += [({"name": "listener", "path": path}, fd) for path, fd in self.manager.unix_sockets().items()]
         fds += self.old_masters.hand_over()
+        if self.manager.limits is not None:
+            fds.append(({"name": "counters"}, self.manager.limits.fd))
         return fds
 
     def _hello(self) -> dict[str, Any]:
         from . import __version__
 
         assert self.reloader is not None and self.reloader.current is not None
+        assert self.manager is not None
         cur = self.reloader.current
+        limits = self.manager.limits
+        # the counter regions each generation still counts in: this one's, and the draining ones'
+        regions = {str(m.pid): m.regions for m in self.old_masters.alive()}
+        if limits is not None:
+            regions[str(os.getpid())] = [limits.region(w.id) for w in self.manager.workers]
         return {"pid": os.getpid(), "version": __version__,
                 "admin_socket": self.admin.path if self.admin is not None else None,
-                "listen": [svc.listen for svc in cur.services.values()]}
+                "listen": [svc.listen for svc in cur.services.values()],
+                "counters": {"slots": limits.slot_names() if limits is not None else [], "regions": regions}}
 
     async def _hand_over(self, child: NewMasterProcess, ready: dict[str, Any]) -> None:
         """The new master serves: stop accepting, release what it takes over, drain."""
@@ -728,9 +741,9 @@ class Master:
                 log.error("upgrade: %s", exc)
         self.upgraded_from = hello.pid
         if released:
-            self.old_masters.add(OldMaster(hello.pid, self.link.channel))
+            self.old_masters.add(OldMaster(hello.pid, self.link.channel, regions=hello.regions_of(hello.pid)))
         for pid, channel in hello.old_masters:
-            self.old_masters.add(OldMaster(pid, channel))
+            self.old_masters.add(OldMaster(pid, channel, regions=hello.regions_of(pid)))
         hello.old_masters.clear()
         log.info("upgrade: took over from pid %d (%d old master%s draining)", hello.pid,
                  len(self.old_masters.alive()), "" if len(self.old_masters.alive()) == 1 else "s")

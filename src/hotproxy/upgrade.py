@@ -468,6 +468,27 @@ class Hello:
     old_masters: list[tuple[int, Channel]] = field(default_factory=list)
     fields: dict[str, Any] = field(default_factory=dict)
 
+    def _counters(self) -> dict[str, Any]:
+        counters = self.fields.get("counters")
+        return counters if isinstance(counters, dict) else {}
+
+    def regions_of(self, pid: int) -> list[int]:
+        """The counter regions master *pid* counts in (``limits.Segment``)."""
+        regions = (self._counters().get("regions") or {}).get(str(pid)) or []
+        return [r for r in regions if isinstance(r, int)]
+
+    def used_regions(self) -> set[int]:
+        """Every counter region a master still running counts in."""
+        out: set[int] = set()
+        for regions in (self._counters().get("regions") or {}).values():
+            out.update(r for r in regions or () if isinstance(r, int))
+        return out
+
+    def counter_slots(self) -> list[Any]:
+        """The services' counter slots (``Segment.slot_names``)."""
+        slots = self._counters().get("slots")
+        return [s for s in slots if isinstance(s, list) and len(s) == 3] if isinstance(slots, list) else []
+
     def close(self) -> None:
         """Close every descriptor nobody took."""
         for sock in self.unix.values():
@@ -575,9 +596,12 @@ class Link:
 class OldMaster:
     """A master that handed over and drains, as the newest master sees it (through its channel)."""
 
-    def __init__(self, pid: int, channel: Channel, since: float | None = None) -> None:
+    def __init__(self, pid: int, channel: Channel, since: float | None = None,
+                 regions: list[int] | None = None) -> None:
         self.pid = pid
         self.channel = channel
+        #: the counter regions its workers count in (``limits.Segment``)
+        self.regions = regions or []
         self.since = since if since is not None else time.time()
         self._lock = asyncio.Lock()
         self._replies: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()

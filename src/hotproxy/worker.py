@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", type=int, required=True)
     parser.add_argument("--fd-channel", type=int, default=None)
     parser.add_argument("--counters-fd", type=int, default=None)
+    # the region of the counters this worker counts in (default: its id)
+    parser.add_argument("--counters-region", type=int, default=None)
     args = parser.parse_args(argv)
     # The master decides what SIGHUP and SIGINT mean (a terminal's hang-up or
     # ^C reaches the whole process group): ignored from the first moment.
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.counters_fd is not None:
             from .limits import Segment
 
-            Segment.attach(args.counters_fd, args.id)
+            Segment.attach(args.counters_fd, args.id if args.counters_region is None else args.counters_region)
         worker = WorkerProcess(sock, args.id, fds)
     except Exception as exc:
         print(f"hotproxy worker {args.id}: cannot start: {exc}", file=sys.stderr)

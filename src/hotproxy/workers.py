@@ -159,7 +159,7 @@ class ProcessWorker:
         counters = self.settings.limits
         assert counters is not None
         if self.proc is not None and self.proc.returncode is not None:
-            counters.reclaim(self.id)   # the counts of the process before us
+            counters.reclaim(counters.region(self.id))   # the counts of the process before us
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         if self.fds is not None:
@@ -175,6 +175,7 @@ class ProcessWorker:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "hotproxy.worker", "--fd", str(child.fileno()), "--id", str(self.id),
                 "--fd-channel", str(fd_child.fileno()), "--counters-fd", str(counters.fd),
+                "--counters-region", str(counters.region(self.id)),
                 pass_fds=(child.fileno(), fd_child.fileno(), counters.fd), env=env,
                 stdin=asyncio.subprocess.DEVNULL)
         finally:
