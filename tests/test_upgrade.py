@@ -145,6 +145,8 @@ async def upgrades_under_traffic(prog: Program, n: int, e: int, px: int, unix: P
         "status_lines": [line for line in cli_status[1].splitlines() if "old master" in line],
         "direct": await direct.finish(), "through_proxy": await through.finish(),
     }
+    assert any(line.startswith(f"old master pid {masters[0]} draining since ") and line.endswith(" left")
+               for line in figures["status_lines"]), cli_status
     for key in ("direct", "through_proxy"):
         tot = figures[key]
         assert tot["long_failed"] == 0 and tot["short_failed"] == 0, (key, tot)
@@ -446,5 +448,49 @@ def test_connections_draining_on_the_old_master_still_count_against_max_connecti
             for c in held:
                 await c.close()
         await stop_and_check_nothing_left(prog)
+
+    run(main(), 120)
+
+
+# -- the pidfile, status and stop follow the new master -------------------------------------------
+
+
+def test_pidfile_status_and_stop_follow_the_new_master(start: Start, short_dir: Path) -> None:
+    """The pidfile names the new master (not refused as "already running"),
+    ``status`` shows the old masters while they drain (pid, connections
+    left), and ``stop`` stops the new master and every draining one."""
+    from helpers_program import EchoClient
+
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    pidfile = short_dir / "hp.pid"
+    prog = start(toml(services(e, px, unix), drain=60.0, pidfile=str(pidfile)))
+    assert prog.config is not None
+
+    async def main() -> None:
+        assert prog.config is not None
+        first = await prog.wait_ready()
+        assert pidfile.read_text() == f"{first['pid']}\n"
+        held = await EchoClient.open(e)
+        await held.check()
+        try:
+            second, _ = await upgrade(prog, "cli")
+            await eventually(lambda: pidfile.read_text() == f"{second['pid']}\n", timeout=10)
+            third, _ = await upgrade(prog, "sigusr2")
+            await eventually(lambda: pidfile.read_text() == f"{third['pid']}\n", timeout=10)
+            code, out, err = await prog.cli("status", "-c", str(prog.config))
+            print(out)
+            assert code == 0, err
+            assert f"old master pid {first['pid']} draining since " in out and ": 1 connection left" in out, out
+            assert f"upgraded from pid {second['pid']}" in out, out
+            await held.check()      # on the first master's worker, through two upgrades
+            code, out, err = await prog.cli("stop", "--fast", "-c", str(prog.config))
+            assert code == 0 and f"stopped hotproxy (pid {third['pid']})" in out, out + err
+            await held.check_cut()  # the first master stopped too
+        finally:
+            await held.close()
+        await eventually(lambda: [pid for pid in prog.seen_pids if alive(pid)] == [], timeout=30)
+        assert prog.proc.poll() == 0
+        assert not pidfile.exists() and not os.path.exists(prog.socket_path())
+        assert not unix.exists()
 
     run(main(), 120)

@@ -526,6 +526,23 @@ def format_status(status: dict[str, Any]) -> str:
         queued = status.get("reload_queued") or 0
         lines.append("a reload is running" + (f" ({queued} request{'' if queued == 1 else 's'} queued behind it)"
                                               if queued else ""))
+    if status.get("upgraded_from"):
+        lines.append(f"upgraded from pid {status['upgraded_from']}")
+    for old in status.get("old_masters") or ():
+        left = old.get("connections")
+        lines.append(f"old master pid {old['pid']} draining since {_when(old.get('since'))}: "
+                     + (f"{left} connection{'' if left == 1 else 's'} left" if old.get("answering")
+                        else "not answering"))
+    if status.get("upgrading"):
+        lines.append(f"an upgrade is running: new master pid {status['upgrading'].get('pid')}")
+    last_upgrade = status.get("last_upgrade")
+    if last_upgrade:
+        from .report import upgrade_line
+
+        lines.append(f"last upgrade ({last_upgrade.get('trigger')}) at {_when(last_upgrade.get('at'))}: "
+                     f"{upgrade_line(last_upgrade)}")
+    if status.get("handed_over_to"):
+        lines.append(f"handed over to pid {status['handed_over_to']}: draining")
     if status.get("stopping"):
         lines.append(f"stopping ({status['stopping']})")
     return "\n".join(lines)

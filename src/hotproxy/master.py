@@ -686,7 +686,8 @@ class Master:
 
     async def _drain_status(self) -> dict[str, Any]:
         """What the new master shows of this one while it drains."""
-        workers = await self.manager.status() if self.manager is not None else []
+        # (answered well within the 2 s the new master waits: a worker exiting is not waited for)
+        workers = await self.manager.status(0.5) if self.manager is not None else []
         left = 0
         for w in workers:
             left += w.get("draining_connections") or 0

@@ -638,7 +638,7 @@ class OldMaster:
             except (OSError, asyncio.TimeoutError):
                 return None
 
-    async def status(self, timeout: float = 1.0) -> dict[str, Any]:
+    async def status(self, timeout: float = 2.0) -> dict[str, Any]:
         """``{"pid", "connections", "since", "answering"}`` (connections left to drain)."""
         reply = await self._ask({"type": "status"}, timeout)
         out: dict[str, Any] = {"pid": self.pid, "since": self.since, "answering": reply is not None}
