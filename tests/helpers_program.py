@@ -142,6 +142,8 @@ class Program:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=self.env, cwd=str(self.cwd), preexec_fn=preexec)
         self.worker_pids: list[int] = []
+        #: every master and worker pid seen (``follow``): masters started by upgrades, their workers
+        self.seen_pids: set[int] = set()
 
     @property
     def pid(self) -> int:
@@ -228,12 +230,29 @@ class Program:
             await asyncio.sleep(0.05)
         return self.proc.returncode
 
+    async def follow(self) -> dict[str, Any]:
+        """The status of whichever master answers now (an upgrade changes it);
+        its pid and its workers' are remembered for ``kill``."""
+        status = await self.status()
+        self.seen_pids.add(status["pid"])
+        self.seen_pids.update(w["pid"] for w in status["workers"] if w["pid"])
+        self.seen_pids.update(m["pid"] for m in status.get("old_masters") or ())
+        return status
+
+    def track(self, pid: int) -> None:
+        """Kill *pid* (and its children) in ``kill`` too."""
+        self.seen_pids.add(pid)
+        self.seen_pids.update(_children(pid))
+
     def alive_workers(self) -> list[int]:
         return [pid for pid in self.worker_pids if _alive(pid)]
 
     def kill(self) -> None:
         """Make sure nothing we started survives (master and workers)."""
         pids = set(self.worker_pids) | set(_children(self.proc.pid))
+        for pid in list(self.seen_pids):
+            pids.add(pid)
+            pids.update(_children(pid))
         if self.proc.poll() is None:
             self.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -250,6 +269,16 @@ def _children(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
+
+
+def alive(pid: int) -> bool:
+    """True if process *pid* runs (a zombie does not)."""
+    return _alive(pid)
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of *pid*."""
+    return _children(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -107,3 +107,40 @@ def test_the_unit_file_verifies(tmp_path: Path) -> None:
     problems = [line for line in (proc.stdout + proc.stderr).splitlines()
                 if "hotproxy.service" in line and "Documentation" not in line]
     assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr
+
+
+def test_notify_messages_for_an_upgrade_mainpid_then_ready_from_the_new_master(tmp_path: Path) -> None:
+    """``hotproxy upgrade`` under systemd: the old master says ``RELOADING=1``
+    (``STATUS=upgrading``); the new one, once it has taken over, ``MAINPID=``
+    its pid with ``READY=1``; then the stop is the new master's."""
+    e = free_port()
+    cfg = tmp_path / "hotproxy.toml"
+    cfg.write_text(toml({"e": {"kind": "echo", "listen": f"127.0.0.1:{e}"}}, drain=5.0))
+    systemd = FakeSystemd(str(tmp_path / "notify.sock"))
+    prog = Program(cfg, tmp_path / "hotproxy.log", env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    try:
+        async def main() -> None:
+            ready = await systemd.next()
+            assert ready["READY"] == "1" and ready["MAINPID"] == str(prog.pid), ready
+            await prog.wait_ready()
+            code, out, err = await prog.cli("upgrade", "-c", str(cfg))
+            assert code == 0, out + err
+            new_pid = int(out.split(" -> pid ")[1].split()[0])
+            prog.track(new_pid)
+            upgrading = await systemd.next()
+            assert upgrading["RELOADING"] == "1" and upgrading["STATUS"] == "upgrading", upgrading
+            assert int(upgrading["MONOTONIC_USEC"]) > 0
+            handed = await systemd.next()
+            assert handed == {"READY": "1", "MAINPID": str(new_pid),
+                              "STATUS": f"upgraded from pid {prog.pid}: serving 1 services on 2 workers"}, handed
+            code, out, err = await prog.cli("stop", "-c", str(cfg))
+            assert code == 0 and f"(pid {new_pid})" in out, out + err
+            assert await systemd.next() == {"STOPPING": "1", "STATUS": "stopping (graceful)"}
+            assert await prog.wait_exit(30) == 0
+            assert systemd.messages == [ready, upgrading, handed, {"STOPPING": "1", "STATUS": "stopping (graceful)"}]
+
+        run(main(), 90)
+    finally:
+        prog.kill()
+        systemd.close()
+        print(prog.log())

@@ -120,6 +120,31 @@ class AdminServer:
         self._server = await asyncio.start_unix_server(
             self._client, sock=sock, limit=MAX_REQUEST)
 
+    async def start_inherited(self, sock: socket.socket) -> None:
+        """Serve on *sock*, the admin socket bound at ``path`` by the master this
+        one upgrades (connections queued on it meanwhile are served)."""
+        st = os.stat(self.path)
+        self._ident = (st.st_dev, st.st_ino)
+        sock.setblocking(False)
+        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_REQUEST)
+
+    def listening_socket(self) -> socket.socket | None:
+        """The bound socket (to pass to a new master), or None when not serving."""
+        server: Any = self._server   # asyncio's and uvloop's servers have .sockets
+        socks = server.sockets if server is not None else None
+        return socks[0] if socks else None
+
+    def hand_over(self, unlink: bool) -> None:
+        """Stop accepting, for a new master that has the socket: open connections
+        go on (the ``upgrade`` client waits for its reply); the file stays
+        unless *unlink* (the new master serves another path)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if unlink:
+            self._unlink()
+        self._ident = None
+
     async def close(self) -> None:
         """Stop accepting, drop idle clients, remove the socket file (if still ours).
 

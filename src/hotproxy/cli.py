@@ -5,8 +5,9 @@
     hotproxy reload [-c FILE]     reload the instance started with FILE; wait; report
     hotproxy status [-c FILE]     a table of services, generations, connections
     hotproxy stop   [-c FILE]     graceful stop (--fast: at once)
+    hotproxy upgrade [-c FILE]    replace the running master by the hotproxy installed now
 
-``reload``, ``status`` and ``stop`` find the running instance through its
+``reload``, ``status``, ``stop`` and ``upgrade`` find the running instance through its
 admin socket: ``runtime.admin_socket`` in FILE, or the path derived from
 FILE's absolute path (see ``paths.default_admin_socket``); ``--socket``
 overrides both.  Every error is one line on stderr and exit code 1 --
@@ -109,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Help, description="A TCP proxy whose services are replaced while it runs.",
         epilog="Run 'hotproxy COMMAND --help' for a command's options.  "
-               "Signals to the master: SIGHUP reload, SIGTERM/SIGINT graceful stop, SIGQUIT fast stop.")
+               "Signals to the master: SIGHUP reload, SIGTERM/SIGINT graceful stop, SIGQUIT fast stop, "
+               "SIGUSR2 upgrade.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -133,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="print the embedded default config and exit")
     run.add_argument("--allow-empty", action="store_true",
                      help="start even if FILE declares no service (refused otherwise)")
+    # how a running master starts its successor (``hotproxy upgrade``): not for people
+    run.add_argument("--upgrade-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     check = add("check", _cmd_check, "validate a config file",
                 "Check FILE as a start or a reload would, without changing anything: syntax,\n"
@@ -160,7 +164,18 @@ def _parser() -> argparse.ArgumentParser:
         ("stop", _cmd_stop, "stop the running instance",
          "Stop the instance started with FILE: gracefully (stop accepting, drain open\n"
          "connections within runtime.drain_timeout), or at once with --fast.  Waits\n"
-         "until it has stopped unless --no-wait."),
+         "until it has stopped unless --no-wait.  Old masters still draining after an\n"
+         "upgrade stop with it."),
+        ("upgrade", _cmd_upgrade, "replace the running master by the hotproxy installed now",
+         "Make the instance started with FILE start a new master from the hotproxy\n"
+         "installed now, and hand it every listening socket, the admin socket and\n"
+         "the services' state.  The new master builds its workers from FILE as it is\n"
+         "now; once every one serves, the old master stops accepting and drains its\n"
+         "connections (runtime.drain_timeout).  All or nothing: if the new master\n"
+         "fails (it does not start, FILE is bad, a worker fails, it dies, or it does not\n"
+         "serve within runtime.upgrade_timeout), the old one serves on as before.\n"
+         "Prints one line; exit 0 if the new master serves, else 1.  SIGUSR2 to the\n"
+         "master does the same."),
     ):
         sp = add(name, func, help, desc)
         sp.add_argument("-s", "--socket", metavar="PATH",
@@ -178,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "stop":
             sp.add_argument("--fast", action="store_true", help="close every connection at once")
             sp.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
+        if name == "upgrade":
+            sp.add_argument("--json", action="store_true", help="print the raw outcome as JSON")
     return p
 
 
@@ -185,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.upgrade_fd is not None:
+        return _run_upgrade(args)
     from .config import default_config_text, load_config
 
     if args.print_default:
@@ -209,6 +228,75 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(Master(config).run())
+
+
+def _run_upgrade(args: argparse.Namespace) -> int:
+    """``run --upgrade-fd N``: the new master of an upgrade.
+
+    Whatever stops it before it serves -- the new code does not import, the
+    file is bad -- is told to the old master on the channel, in one line,
+    before this process exits 1 (the old master serves on and reports it).
+    """
+    fd = int(args.upgrade_fd)
+    try:
+        from . import upgrade
+
+        if upgrade.test_failure("import"):
+            raise ImportError(f"{upgrade.TEST_FAILURE_ENV}=import: the new code does not import")
+        from .config import load_config, no_services_error
+
+        config = load_config(args.config)
+        if not config.services:
+            raise no_services_error(config.source, "an upgrade never empties hotproxy")
+        import asyncio
+
+        import uvloop
+
+        from .master import Master, setup_logging
+
+        link = upgrade.Link(fd)
+    except Exception as exc:
+        from .upgrade import report_failure
+
+        line = describe(exc) if isinstance(exc, (HotproxyError, OSError)) else f"cannot start: " \
+            f"{describe(exc, typed=True)}"
+        report_failure(fd, line)
+        _error(f"upgrade: {line}")
+        return 1
+    setup_logging(config.runtime.log_level, config.runtime.log_format)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(Master(config, link=link).run())
+    except Exception as exc:
+        link.failed(f"the new master crashed: {describe(exc, typed=True)}")
+        raise
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    from .adminclient import AdminTimeout
+
+    timeout = args.timeout or 300.0
+    with _connect(args, timeout) as conn:
+        try:
+            reply = conn.request("upgrade", timeout)
+        except AdminTimeout:
+            _error(f"no answer to 'upgrade' within {timeout:g}s: it may still be running; its outcome will be "
+                   "in the log and in `hotproxy status` (last upgrade)")
+            return 1
+    result = reply.get("upgrade")
+    if not isinstance(result, dict):
+        _error(str(reply.get("error") or "the running hotproxy did not upgrade"))
+        return 1
+    if args.json:
+        import json
+
+        print(json.dumps(result, indent=2))
+        return 0 if result.get("ok") else 1
+    from .report import upgrade_line
+
+    line = upgrade_line(result)
+    print(line, file=sys.stdout if result.get("ok") else sys.stderr)
+    return 0 if result.get("ok") else 1
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -438,6 +526,23 @@ def format_status(status: dict[str, Any]) -> str:
         queued = status.get("reload_queued") or 0
         lines.append("a reload is running" + (f" ({queued} request{'' if queued == 1 else 's'} queued behind it)"
                                               if queued else ""))
+    if status.get("upgraded_from"):
+        lines.append(f"upgraded from pid {status['upgraded_from']}")
+    for old in status.get("old_masters") or ():
+        left = old.get("connections")
+        lines.append(f"old master pid {old['pid']} draining since {_when(old.get('since'))}: "
+                     + (f"{left} connection{'' if left == 1 else 's'} left" if old.get("answering")
+                        else "not answering"))
+    if status.get("upgrading"):
+        lines.append(f"an upgrade is running: new master pid {status['upgrading'].get('pid')}")
+    last_upgrade = status.get("last_upgrade")
+    if last_upgrade:
+        from .report import upgrade_line
+
+        lines.append(f"last upgrade ({last_upgrade.get('trigger')}) at {_when(last_upgrade.get('at'))}: "
+                     f"{upgrade_line(last_upgrade)}")
+    if status.get("handed_over_to"):
+        lines.append(f"handed over to pid {status['handed_over_to']}: draining")
     if status.get("stopping"):
         lines.append(f"stopping ({status['stopping']})")
     return "\n".join(lines)

@@ -119,6 +119,7 @@ class RuntimeConfig:
     log_level: str = RUNTIME_OPTIONS["log_level"].default
     log_format: str = RUNTIME_OPTIONS["log_format"].default
     reload_timeout: float = RUNTIME_OPTIONS["reload_timeout"].default
+    upgrade_timeout: float = RUNTIME_OPTIONS["upgrade_timeout"].default
     tcp_migrate_req: bool = RUNTIME_OPTIONS["tcp_migrate_req"].default
     #: the metrics endpoint's address (``ListenerFactory.address`` form), or None: off
     metrics: str | None = None

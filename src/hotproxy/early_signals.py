@@ -1,6 +1,6 @@
 """The master's signals, caught from the first instants of ``hotproxy run``.
 
-The default action of SIGHUP, SIGTERM, SIGINT and SIGQUIT ends the process.
+The default action of SIGHUP, SIGTERM, SIGINT, SIGQUIT and SIGUSR2 ends the process.
 ``hotproxy run`` imports asyncio, uvloop and the compiled core before the
 master's loop can handle them, and a SIGHUP sent in that window (a deploy
 script that starts the proxy and reloads it at once) would kill it.  So the
@@ -16,7 +16,7 @@ import signal
 from typing import Any
 
 #: the signals the master handles
-SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2)
 
 _caught: list[int] = []
 

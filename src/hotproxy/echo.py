@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .options import ECHO_OPTIONS, show
-from .service import MakeService, Service
+from .service import MakeService, Seed, Service
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -76,6 +76,9 @@ class EchoService(Service):
     def stats(self) -> dict[str, Any]:
         return {"bytes": self.counts[0]}
 
+    def snapshot(self) -> dict[str, Any]:
+        return {"type": "echo", "v": 1, "bytes": self.counts[0]}
+
 
 @dataclass(frozen=True)
 class EchoFactory(MakeService):
@@ -91,3 +94,7 @@ class EchoFactory(MakeService):
     def make_via_ref(self, old: Service | None) -> EchoService:
         counts = old.counts if isinstance(old, EchoService) else None
         return EchoService(self.greeting, counts)
+
+    def make_via_snapshot(self, seed: Seed) -> EchoService:
+        """The byte count carried over an upgrade (the old workers' summed)."""
+        return EchoService(self.greeting, [seed.of_type("echo").total("bytes")])

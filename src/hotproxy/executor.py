@@ -26,7 +26,7 @@ from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update
 from .errors import (BuildListenerError, BuildServiceError, DeployError, NothingDeployedError,
                      NothingStagedError, SiteNotFoundError, describe)
 from .listeners import BoundListener, ListenerFactory
-from .service import MakeService, Service, maybe_await
+from .service import MakeService, Seed, Service, maybe_await
 
 log = logging.getLogger("hotproxy.executor")
 
@@ -104,7 +104,33 @@ class ServiceExecutor:
         self.drain_timeout = drain_timeout
         self.sites: dict[str, Site] = {}
         self._lock = asyncio.Lock()
-        self._drains: set[asyncio.Task[None]] = set()
+        #: removed sites draining, by their drain task
+        self._drains: dict[asyncio.Task[None], Site] = {}
+        #: state from before an upgrade of the program, by site: the first
+        #: version of the site is built from it (``MakeService.make_via_snapshot``)
+        self._seeds: dict[str, Seed] = {}
+
+    # -- state across an upgrade of the program ------------------------------------
+
+    def seed(self, seeds: dict[str, Seed]) -> None:
+        """Build each named site's first version from its ``Seed`` (then forget it)."""
+        self._seeds.update(seeds)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every serving site's ``Service.snapshot()``, by name (plain data)."""
+        out: dict[str, Any] = {}
+        for name, site in self.sites.items():
+            svc = site.service
+            if svc is None:
+                continue
+            try:
+                snap = svc.snapshot()
+            except Exception as exc:   # a service's bug must not stop an upgrade
+                log.warning("site %r: no state carried over (snapshot failed: %s)", name, describe(exc, typed=True))
+                continue
+            if snap is not None:
+                out[name] = snap
+        return out
 
     # -- the commands ---------------------------------------------------------
 
@@ -127,6 +153,16 @@ class ServiceExecutor:
 
     async def _build(self, name: str, factory: MakeService, old: Service | None,
                      fresh: bool = False) -> Service:
+        seed = self._seeds.pop(name, None) if old is None and not fresh else None
+        if seed is not None:
+            try:
+                svc = await maybe_await(factory.make_via_snapshot(seed))
+                if isinstance(svc, Service):
+                    return svc
+                raise TypeError(f"make_via_snapshot returned {svc!r}")
+            except Exception as exc:
+                log.warning("site %r: the state from before the upgrade was dropped (%s); built afresh",
+                            name, describe(exc, typed=True))
         try:
             if fresh:
                 svc = await maybe_await(factory.make())
@@ -262,9 +298,12 @@ class ServiceExecutor:
         draining = len(site.conns)
         if draining:
             task = asyncio.get_running_loop().create_task(self._drain(site, timeout))
-            self._drains.add(task)
-            task.add_done_callback(self._drains.discard)
+            self._drains[task] = site
+            task.add_done_callback(self._drain_done)
         return {"draining": draining}
+
+    def _drain_done(self, task: asyncio.Task[None]) -> None:
+        self._drains.pop(task, None)
 
     async def _drain(self, site: Site, timeout: float) -> None:
         try:
@@ -308,6 +347,8 @@ class ServiceExecutor:
             "worker": self.worker_id,
             "sites": {name: site.status() for name, site in self.sites.items()},
             "draining": len(self._drains),
+            #: open connections of the removed sites still draining
+            "draining_connections": sum(len(site.conns) for site in self._drains.values()),
         }
 
     async def wait_drained(self) -> None:

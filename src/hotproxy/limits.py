@@ -25,6 +25,12 @@ Rules of this module:
   worker process is gone, the master subtracts its part (``reclaim``)
   before it starts the next one with that id, so a ``kill -9`` does not
   leak capacity.
+* An upgrade of the program hands the segment to the new master
+  (``adopt``): its workers count in regions no other generation uses
+  (``GENERATIONS`` sets of regions per segment), in the same slots, so the
+  connections the old processes still drain count against
+  ``max_connections`` until they end.  A master maps worker id ->
+  region (``regions``); a worker is told its region when it starts.
 * A factory that was never stamped (used without a manager) counts in a
   private counter that it carries from version to version: per process.
 """
@@ -46,6 +52,10 @@ if TYPE_CHECKING:
 
 #: counter slots in a segment: services (with a limit) one run can name
 SLOTS = 4096
+
+#: sets of worker regions a manager's segment has: the generations of
+#: masters (one serving, the others draining after upgrades) that can count in it at once
+GENERATIONS = 4
 
 _MAGIC = b"HPCOUNT1"
 _HEADER = struct.Struct("=8sqq")   # magic, slots, workers
@@ -101,6 +111,12 @@ class Segment:
         self._tables: dict[core.Core, CounterTable] = {}
         #: (service name, n-th limit of its stack) -> slot; the manager's side only
         self._names: dict[tuple[str, int], int] = {}
+        #: worker id -> the region it counts in (the manager's side)
+        self.regions: list[int] = list(range(workers))
+
+    def region(self, worker_id: int) -> int:
+        """The region worker *worker_id* counts in."""
+        return self.regions[worker_id] if worker_id < len(self.regions) else worker_id
 
     @property
     def fd(self) -> int:
@@ -108,18 +124,49 @@ class Segment:
         return self._fd.fd
 
     @classmethod
-    def create(cls, workers: int, worker: int = -1, slots: int = SLOTS) -> Segment:
-        """A new zeroed segment for *workers* workers, registered in this process."""
+    def create(cls, workers: int, worker: int = -1, slots: int = SLOTS, generations: int = 1) -> Segment:
+        """A new zeroed segment for *workers* workers (times *generations*:
+        room for masters after upgrades), registered in this process."""
+        regions = workers * generations
         fd = os.memfd_create("hotproxy-counters", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, core.impl.table_size(slots, workers))
-            os.pwrite(fd, _HEADER.pack(_MAGIC, slots, workers), 0)
-            seg = cls(fd, slots, workers, worker)
+            os.ftruncate(fd, core.impl.table_size(slots, regions))
+            os.pwrite(fd, _HEADER.pack(_MAGIC, slots, regions), 0)
+            seg = cls(fd, slots, regions, worker)
         except BaseException:
             os.close(fd)
             raise
+        seg.regions = list(range(workers))
         _attached[seg.key] = seg
         return seg
+
+    @classmethod
+    def adopt(cls, fd: int, workers: int, used: set[int], names: list[Any]) -> Segment:
+        """The segment of the master this one upgrades (*fd*, ours now), for
+        *workers* workers in regions not in *used* (the other generations'),
+        with its service slots *names* (``slot_names``).  ``ValueError`` if
+        it is not a segment or has no room."""
+        try:
+            magic, slots, regions = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
+        except (OSError, struct.error) as exc:
+            raise ValueError(f"not a hotproxy counter segment: {exc}") from None
+        if magic != _MAGIC or slots < 1 or regions < 1 or os.fstat(fd).st_size < core.impl.table_size(slots, regions):
+            raise ValueError("not a hotproxy counter segment")
+        free = [r for r in range(regions) if r not in used]
+        if len(free) < workers:
+            raise ValueError(f"no room for {workers} more workers ({regions} regions, {len(used)} in use by "
+                             "masters still draining)")
+        seg = cls(fd, slots, regions, -1)
+        seg.regions = free[:workers]
+        for name, index, slot in names:
+            if isinstance(name, str) and isinstance(index, int) and isinstance(slot, int) and 0 <= slot < slots:
+                seg._names[(name, index)] = slot
+        _attached[seg.key] = seg
+        return seg
+
+    def slot_names(self) -> list[list[Any]]:
+        """``[[service name, n-th limit, slot], ...]``: what ``adopt`` needs to keep every count in its slot."""
+        return [[name, index, slot] for (name, index), slot in self._names.items()]
 
     @classmethod
     def attach(cls, fd: int, worker: int) -> Segment:
@@ -165,9 +212,13 @@ class Segment:
         """The slot of the *index*-th limit of service *name* (allocated the first time)."""
         slot = self._names.get((name, index))
         if slot is None:
-            if len(self._names) >= self.slots:
+            taken = set(self._names.values())
+            if len(taken) >= self.slots:
                 return CounterSlot(self.key, -1)
-            slot = self._names[(name, index)] = len(self._names)
+            slot = len(self._names)
+            while slot in taken:   # (slots adopted from before an upgrade are kept)
+                slot = (slot + 1) % self.slots
+            self._names[(name, index)] = slot
         return CounterSlot(self.key, slot)
 
     def stamp(self, command: Any) -> Any:

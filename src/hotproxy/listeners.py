@@ -259,6 +259,12 @@ class BoundListener:
         _pending_accepts.add(task)
         task.add_done_callback(_accept_done)
 
+    def own_file(self, on_close: Callable[[], None] | None) -> None:
+        """What to do with the socket's file when it closes (None: leave it):
+        a master that hands its sockets over leaves the files to the new one,
+        which takes them once the hand-over is done."""
+        self._on_close = on_close
+
     def close(self) -> int:
         """Stop accepting; open connections are not touched.
 
@@ -436,7 +442,15 @@ class UnixListenerFactory(ListenerFactory):
         except BaseException:
             sock.close()
             raise
-        ident = (st.st_dev, st.st_ino)
+        return BoundListener(sock, self, on_close=self._unlinker((st.st_dev, st.st_ino)))
+
+    def adopt(self, sock: socket.socket) -> BoundListener:
+        """*sock*, bound at ``path`` by another process (the master this one
+        upgrades), as ours; closing it leaves the file (see ``BoundListener.own_file``)."""
+        sock.setblocking(False)
+        return BoundListener(sock, self)
+
+    def _unlinker(self, ident: tuple[int, int]) -> Callable[[], None]:
         path = self.path
 
         def unlink_if_ours() -> None:
@@ -450,7 +464,15 @@ class UnixListenerFactory(ListenerFactory):
                 except OSError:
                     pass
 
-        return BoundListener(sock, self, on_close=unlink_if_ours)
+        return unlink_if_ours
+
+    def unlinker_now(self) -> Callable[[], None] | None:
+        """What removes the file at ``path`` as it is now, if it is ours to remove (None if absent)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return self._unlinker((st.st_dev, st.st_ino))
 
 
 def _remove_stale_unix_socket(path: str) -> None:

@@ -48,7 +48,7 @@ from .channel import EXIT_BOOT_FAILURE
 from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update, site_of
 from .errors import CommandGroupError, DeployError, HotproxyError, WorkerError, WorkerTimeoutError, describe
 from .fdreserve import FdReserve
-from .limits import Segment
+from .limits import GENERATIONS, Segment
 from .listeners import ListenerFactory
 from .service import MakeService
 from .sharedsockets import SharedSockets
@@ -164,6 +164,8 @@ class WorkerManager:
         self._shared = SharedSockets()
         #: the instance's connection counters (made by ``start``)
         self.limits: Segment | None = None
+        #: (fd, regions in use, slot names) of counters to adopt at ``start`` (an upgrade)
+        self._adopt_counters: tuple[int, set[int], list[Any]] | None = None
 
     async def __aenter__(self) -> WorkerManager:
         await self.start()
@@ -174,7 +176,18 @@ class WorkerManager:
 
     async def start(self) -> None:
         """Start every worker; raise ``WorkerError`` if one cannot start."""
-        self.limits = Segment.create(self.count, worker=0 if self.inline else -1)
+        if self._adopt_counters is not None:
+            fd, used, names = self._adopt_counters
+            self._adopt_counters = None
+            try:
+                self.limits = Segment.adopt(fd, self.count, used, names)
+            except ValueError as exc:
+                os.close(fd)
+                log.warning("the connection counters of the master before the upgrade cannot be shared (%s): "
+                            "max_connections does not count the connections it still drains", exc)
+        if self.limits is None:
+            self.limits = Segment.create(self.count, worker=0 if self.inline else -1,
+                                         generations=1 if self.inline else GENERATIONS)
         if self.inline:
             self.workers = [InlineWorker(0, self.drain_timeout)]
             return
@@ -399,7 +412,7 @@ class WorkerManager:
             if self._stopping:
                 return
             assert self.limits is not None
-            self.limits.reclaim(w.id)   # its connections are gone with it
+            self.limits.reclaim(self.limits.region(w.id))   # its connections are gone with it
             lived = time.monotonic() - w.started_at
             log.warning("worker %d (pid %s) exited with %s after %.1fs", w.id, w.pid, code, lived)
             if self.on_worker_exit is not None:
@@ -457,14 +470,65 @@ class WorkerManager:
 
     # -- stopping -------------------------------------------------------------
 
-    async def stop(self, graceful: bool = True, timeout: float | None = None) -> None:
-        """Stop every worker: graceful drains (bounded by *timeout*), else at once."""
+    # -- state a master upgrade hands over ----------------------------------------
+
+    async def snapshot(self, timeout: float = STATUS_TIMEOUT) -> list[dict[str, Any]]:
+        """Each live worker's services' state (``ServiceExecutor.snapshot``):
+        ``{"worker": id, "sites": {...}}``; a worker that does not answer
+        within *timeout* is left out (its state is not carried)."""
+        async def one(w: WorkerHandle) -> dict[str, Any] | None:
+            try:
+                return {"worker": w.id, "sites": await asyncio.wait_for(w.snapshot(), timeout)}
+            except (HotproxyError, asyncio.TimeoutError) as exc:
+                log.warning("worker %d: its state is not carried over (%s)", w.id, describe(exc))
+                return None
+        got = await asyncio.gather(*(one(w) for w in self.live_workers()))
+        return [g for g in got if g is not None]
+
+    async def seed(self, seeds: dict[int, dict[str, Any]]) -> None:
+        """Give worker *id* its seeds (``ServiceExecutor.seed``), before the first apply."""
+        for w in self.live_workers():
+            if seeds.get(w.id):
+                await w.seed(seeds[w.id])
+
+    # -- sockets a master upgrade hands over ------------------------------------
+
+    def adopt_unix(self, path: str, sock: Any) -> None:
+        """Serve Unix path *path* on *sock*, the socket the master this one
+        upgrades passed (``SharedSockets.adopt``); call before ``start``."""
+        self._shared.adopt(path, sock)
+
+    def adopt_counters(self, fd: int, used: set[int], names: list[Any]) -> None:
+        """Count in the segment *fd* of the master this one upgrades (``Segment.adopt``);
+        call before ``start``.  The fd is the manager's from now on."""
+        self._adopt_counters = (fd, used, names)
+
+    def own_adopted(self) -> None:
+        """The upgrade is done: the adopted Unix paths are this manager's."""
+        self._shared.own_adopted()
+        self._release_shared()
+
+    def unix_sockets(self) -> dict[str, int]:
+        """The descriptor of every Unix listening socket the master owns, by path."""
+        return self._shared.sockets()
+
+    async def stop(self, graceful: bool = True, timeout: float | None = None, *,
+                   keep_files: bool = False) -> None:
+        """Stop every worker: graceful drains (bounded by *timeout*), else at once.
+
+        *keep_files*: leave the Unix socket files in place (a new master serves them).
+        """
         self._stopping = True
         for task in self._supervisors:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         await asyncio.gather(*(w.stop(graceful, timeout) for w in self.workers), return_exceptions=True)
+        if self.limits is not None and not self.inline:
+            # every worker has exited: what a killed one still counted is given back
+            # (the segment may live on in a new master's processes after an upgrade)
+            for w in self.workers:
+                self.limits.reclaim(self.limits.region(w.id))
         self._fd_reserve.release()
-        self._shared.close()
+        self._shared.close(keep_files=keep_files)
         if self.limits is not None:
             self.limits.close()

@@ -9,6 +9,7 @@ SIGHUP     reload the config file (a bad one is reported; the old keeps serving)
 SIGTERM    graceful stop: stop accepting, drain within ``drain_timeout``, exit 0
 SIGINT     the same (a second one stops at once)
 SIGQUIT    fast stop: close every connection, exit 0
+SIGUSR2    upgrade: start a new master from the code on disk and hand over (``upgrade``)
 =========  ===================================================================
 
 Signal handlers only schedule work on the loop (``loop.add_signal_handler``).
@@ -22,6 +23,15 @@ of SIGHUPs, several ``hotproxy reload`` -- are merged into one reload of the
 file as it is when that reload starts, and every waiting caller gets its
 outcome.  The admin socket serves until the process exits: ``status`` and
 ``stop --fast`` work during a graceful stop's drain.
+
+An upgrade (``hotproxy upgrade``, SIGUSR2; the protocol is in ``upgrade``)
+runs one at a time, and not during a reload: a reload running when it is
+asked for ends first, and reload requests that arrive during the upgrade are
+refused with a line that says so.  A master started with ``--upgrade-fd``
+(``link``) is the new side: it takes the old master's sockets and state,
+and the admin socket, pidfile and systemd's ``MAINPID`` once the old master
+has released them; it then answers for the old masters still draining
+(``status``, ``stop``).
 
 Exit codes: 0 after a stop, 1 if the instance could not start (admin socket,
 pidfile, workers, or the initial config could not be applied).
@@ -44,13 +54,17 @@ from .admin import AdminError, AdminServer
 from .config import Config, inspect_pidfile, load_config, pid_alive
 from .errors import HotproxyError, describe
 from .manager import WorkerManager
+from .workers import STOP_GRACE
 from .reload import ReloadReport, Reloader
 from .sdnotify import Notifier
+from .upgrade import (Hello, Link, NewMasterProcess, OldMaster, OldMasters, UpgradeError, UpgradeResult,
+                      read_state, seeds_for, send_everything, serve_new_master, test_failure, wait_ready,
+                      write_state)
 
 log = logging.getLogger("hotproxy.master")
 
 #: what the admin socket answers
-ADMIN_COMMANDS = ("reload", "status", "stop")
+ADMIN_COMMANDS = ("reload", "status", "stop", "upgrade")
 
 
 class PidfileError(HotproxyError):
@@ -65,8 +79,11 @@ class MetricsError(HotproxyError):
 class Master:
     """One hotproxy instance.  ``await Master(config).run()`` returns the exit code."""
 
-    def __init__(self, config: Config, *, manager_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: Config, *, manager_options: dict[str, Any] | None = None,
+                 link: Link | None = None) -> None:
         self.config = config
+        #: this master is an upgrade: the channel to the master it takes over from
+        self.link = link
         #: None for the embedded default: a reload re-reads it (and changes nothing)
         self.path = config.path
         self.manager: WorkerManager | None = None
@@ -96,6 +113,21 @@ class Master:
         self._hup_while_starting = False
         #: (st_dev, st_ino) of the pidfile this master created: only that file is removed
         self._pidfile_ident: tuple[int, int] | None = None
+        #: the upgrade running now, the requests it answers, and the last one's outcome
+        self._upgrade: asyncio.Task[UpgradeResult] | None = None
+        self._upgrade_requests = 0
+        #: {"pid", "since"} of the new master while an upgrade runs
+        self.upgrading: dict[str, Any] | None = None
+        self.last_upgrade: UpgradeResult | None = None
+        #: the pid of the new master this one handed over to, and when
+        self.handed_over_to: int | None = None
+        self._handed_over_at = 0.0
+        #: this master's task answering the new one while it drains
+        self._serving_new: asyncio.Task[None] | None = None
+        #: the pid of the master this one took over from (an upgrade)
+        self.upgraded_from: int | None = None
+        #: masters that handed over and still drain (the newest master answers for them)
+        self.old_masters = OldMasters()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -105,17 +137,28 @@ class Master:
         self._stop = loop.create_future()
         self._install_signals(loop)
         rt = self.config.runtime
+        hello: Hello | None = None
         try:
-            self._write_pidfile(rt.pidfile)
+            if self.link is not None:
+                hello = await self.link.receive()
+                self._follow_watchdog(hello.pid)
+                # written once the old master has released it (it names the old one until then)
+                self._check_pidfile(rt.pidfile, hello.pid)
+            else:
+                self._write_pidfile(rt.pidfile)
             self.admin = AdminServer(rt.admin_socket, self._admin_request, ADMIN_COMMANDS,
                                      idle_timeout=rt.admin_idle_timeout)
-            await self.admin.start()
-            if rt.metrics is not None:
+            if not self._inherits_admin(hello):
+                await self.admin.start()
+            if rt.metrics is not None and hello is None:
                 await self._start_metrics(rt.metrics)
-        except (AdminError, PidfileError, MetricsError) as exc:
+        except (AdminError, PidfileError, MetricsError, UpgradeError) as exc:
             log.error("cannot start: %s", exc)
+            self._upgrade_failed(str(exc))
             if self.admin is not None:
                 await self.admin.close()
+            if hello is not None:
+                hello.close()
             self._remove_pidfile()
             return 1
         if rt.tcp_migrate_req:
@@ -124,22 +167,44 @@ class Master:
             self.manager = WorkerManager(rt.workers, drain_timeout=rt.drain_timeout,
                                          cpu_affinity=rt.cpu_affinity, command_timeout=rt.reload_timeout,
                                          **self._manager_options)
+            if hello is not None:
+                for path, sock in hello.unix.items():
+                    self.manager.adopt_unix(path, sock)
+                hello.unix.clear()
+                if "counters" in hello.fds:
+                    # one max_connections count for both generations while the old one drains
+                    self.manager.adopt_counters(hello.fds.pop("counters"), hello.used_regions(),
+                                                hello.counter_slots())
             try:
                 await self.manager.start()
             except (HotproxyError, OSError) as exc:
                 log.error("cannot start workers: %s", exc)
+                self._upgrade_failed(f"cannot start workers: {describe(exc)}")
                 return 1
             self.reloader = Reloader(self.manager)
+            if hello is not None:
+                # the old master's addresses are ours to share (SO_REUSEPORT), not a stranger's
+                self.reloader.held = list(hello.listen)
+                # its services' state: the first version of each is built from it
+                old_state = read_state(hello.fds.pop("state")) if "state" in hello.fds else None
+                if old_state:
+                    await self.manager.seed(seeds_for(old_state, self.manager.count))
             # (a config without services was refused or allowed by the caller)
-            report = await self.reloader.reload(self.config, trigger="start", allow_empty=True)
+            report = await self.reloader.reload(self.config, trigger="start" if hello is None else "upgrade",
+                                                allow_empty=True)
             self._note_changes(report)
             if not report.ok:
                 log.error("cannot start: the config could not be applied")
+                self._upgrade_failed(f"the config could not be applied: {report.error}")
                 await self.manager.stop(graceful=False)
                 return 1
+            if hello is not None and not await self._take_over(hello):
+                await self._shutdown(await self._stop)
+                return 0
             self.ready = True
             self._log_serving()
-            self.notify.ready(f"serving {len(report.added)} services on {self.manager.count} workers")
+            serving = f"serving {len(report.added)} services on {self.manager.count} workers"
+            self.notify.ready(serving if hello is None else f"upgraded from pid {hello.pid}: {serving}")
             if self.notify.watchdog_interval is not None:
                 self._watchdog = loop.create_task(self._ping_watchdog(self.notify.watchdog_interval))
             if self._hup_while_starting and not self._stopping:
@@ -155,6 +220,11 @@ class Master:
             raise
         finally:
             self._remove_signals(loop)
+            if hello is not None:
+                hello.close()
+            if self._serving_new is not None:
+                self._serving_new.cancel()
+            self.old_masters.close()
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self.notify.close()
@@ -208,10 +278,23 @@ class Master:
         self.reloader.close()
         self.notify.stopping("stopping (graceful)" if graceful else "stopping (fast)")
         drain = self.reloader.current.runtime.drain_timeout if self.reloader.current else None
-        log.info("stopping (%s)%s", "graceful" if graceful else "fast",
-                 f": draining up to {drain:g}s" if graceful and drain is not None else "")
+        if self.handed_over_to is not None:
+            log.info("handed over to pid %d: stopped accepting%s", self.handed_over_to,
+                     f", draining up to {drain:g}s" if graceful and drain is not None else "")
+        else:
+            log.info("stopping (%s)%s", "graceful" if graceful else "fast",
+                     f": draining up to {drain:g}s" if graceful and drain is not None else "")
         t0 = time.monotonic()
-        await self.manager.stop(graceful=graceful, timeout=drain)
+        olds = self.old_masters.alive()
+        if olds:
+            # the old masters still draining stop with us (each bounded by its drain_timeout)
+            log.info("stopping %d old master%s still draining: pid %s", len(olds), "" if len(olds) == 1 else "s",
+                     ", ".join(str(m.pid) for m in olds))
+            await self.old_masters.stop(graceful)
+        # after a hand-over the socket files are the new master's
+        await self.manager.stop(graceful=graceful, timeout=drain, keep_files=self.handed_over_to is not None)
+        if olds and not await self.old_masters.wait_gone((drain or 0.0) + STOP_GRACE + 1.0):
+            log.warning("old masters still running: pid %s", ", ".join(str(m.pid) for m in self.old_masters.alive()))
         if self._tasks:   # reloads whose workers just went away: they end now
             await asyncio.wait(list(self._tasks), timeout=5.0)
         log.info("stopped in %.1f s", time.monotonic() - t0)
@@ -228,13 +311,16 @@ class Master:
             log.warning("stopping at once: killing the workers")
             if self.manager is not None:
                 self.manager.kill_all()
+            if self.old_masters.alive():
+                self._spawn(self.old_masters.stop(False))
 
 
     # -- signals ----------------------------------------------------------------
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         handlers = {signal.SIGHUP: (self._on_sighup,), signal.SIGTERM: (self._on_stop_signal, "SIGTERM"),
-                    signal.SIGINT: (self._on_stop_signal, "SIGINT"), signal.SIGQUIT: (self.request_stop, False)}
+                    signal.SIGINT: (self._on_stop_signal, "SIGINT"), signal.SIGQUIT: (self.request_stop, False),
+                    signal.SIGUSR2: (self._on_sigusr2,)}
         for sig, (callback, *args) in handlers.items():
             loop.add_signal_handler(sig, callback, *args)
         # what arrived before (early_signals.catch), in order
@@ -252,11 +338,21 @@ class Master:
         if self._stopping:
             log.warning("SIGHUP ignored: stopping")
             return
+        if self._upgrade_running():
+            log.warning("SIGHUP ignored: an upgrade is running (new master pid %s); send it again once it has "
+                        "ended", (self.upgrading or {}).get("pid", "?"))
+            return
         if not self.ready:
             # the first config is not applied yet: reload once it is
             self._hup_while_starting = True
             return
         self._spawn(self.request_reload("SIGHUP"))
+
+    def _on_sigusr2(self) -> None:
+        if self._stopping or not self.ready:
+            log.warning("SIGUSR2 ignored: %s", "stopping" if self._stopping else "starting")
+            return
+        self._spawn(self.request_upgrade("SIGUSR2"))
 
     def _on_stop_signal(self, name: str) -> None:
         # the first one drains; a second one (an impatient operator) stops at once
@@ -341,7 +437,8 @@ class Master:
     async def status(self) -> dict[str, Any]:
         """Everything ``hotproxy status`` shows, JSON-able."""
         assert self.manager is not None
-        return self._status_from(await self.manager.status())
+        workers, olds = await asyncio.gather(self.manager.status(), self.old_masters.status())
+        return {**self._status_from(workers), "old_masters": olds}
 
     async def _metrics_snapshot(self) -> Any:
         """One scrape's data (see ``metrics``): every worker asked at once, none waited for."""
@@ -371,6 +468,11 @@ class Master:
             "reloads": self.reloader.seq,
             "last_reload": last.to_dict() if last is not None else None,
             "restarts": self.manager.restarts,
+            #: {"pid", "since"} of the new master while an upgrade runs
+            "upgrading": self.upgrading,
+            "last_upgrade": self.last_upgrade.to_dict() if self.last_upgrade is not None else None,
+            "handed_over_to": self.handed_over_to,
+            "upgraded_from": self.upgraded_from,
             "workers": [{**{k: w.get(k) for k in ("worker", "pid", "alive", "answering", "draining", "error")},
                          "sites": sorted(w.get("sites") or ())} for w in workers],
             "services": services,
@@ -416,8 +518,15 @@ class Master:
                 return {"ok": False, "error": "starting"}, False
             return {"ok": True, "status": await self.status()}, False
         if cmd == "reload":
+            if self.handed_over_to is not None:
+                return {"ok": False, "error": f"this master (pid {os.getpid()}) handed over to pid "
+                                              f"{self.handed_over_to} and drains: no reload"}, False
             if self._stopping:
                 return {"ok": False, "error": "stopping: no reload"}, False
+            if self._upgrade_running():
+                return {"ok": False, "error": f"an upgrade is running (new master pid "
+                                              f"{(self.upgrading or {}).get('pid', '?')}): reload refused; "
+                                              "run it again once the upgrade has ended"}, False
             if not self.ready:
                 return {"ok": False, "error": "starting: the first config is not applied yet; try again"}, False
             allow_empty = request.get("allow_empty", False)
@@ -425,6 +534,11 @@ class Master:
                 return {"ok": False, "error": "malformed request: allow_empty must be true or false"}, False
             report = await self.request_reload("admin", allow_empty=allow_empty)
             return {"ok": report.ok, "report": report.to_dict()}, False
+        if cmd == "upgrade":
+            if not self.ready and not self._stopping and self.handed_over_to is None:
+                return {"ok": False, "error": "starting: the first config is not applied yet; try again"}, False
+            result = await self.request_upgrade("admin")
+            return {"ok": result.ok, "upgrade": result.to_dict()}, False
         if cmd == "stop":
             graceful = request.get("graceful", True)
             if not isinstance(graceful, bool):
@@ -433,17 +547,231 @@ class Master:
             return {"ok": True, "stopping": True, "pid": os.getpid()}, True
         return {"ok": False, "error": f"unknown command {cmd!r}"}, False   # pragma: no cover
 
+    # -- upgrade: the old master's side ---------------------------------------------
+
+    def _upgrade_running(self) -> bool:
+        return self._upgrade is not None and not self._upgrade.done()
+
+    async def request_upgrade(self, trigger: str) -> UpgradeResult:
+        """Start a new master from the code on disk and hand over to it (``upgrade``).
+
+        Requests that arrive while one runs get its outcome.  Refused while
+        starting or stopping, and by a master that has handed over already.
+        """
+        if self._upgrade_running():
+            assert self._upgrade is not None
+            self._upgrade_requests += 1
+            return await asyncio.shield(self._upgrade)
+        refusal = None
+        if self.handed_over_to is not None:
+            refusal = (f"this master (pid {os.getpid()}) handed over to pid {self.handed_over_to} and drains: "
+                       "upgrade that one")
+        elif self._stopping:
+            refusal = "stopping: no upgrade"
+        elif not self.ready:
+            refusal = "starting: the first config is not applied yet; try again"
+        if refusal is not None:
+            result = UpgradeResult(False, os.getpid(), error=refusal, trigger=trigger, at=time.time())
+            log.error("%s", result.line())
+            return result
+        self._upgrade_requests = 1
+        task = self._upgrade = self._spawn(self._upgrade_now(trigger))
+        return await asyncio.shield(task)
+
+    async def _upgrade_now(self, trigger: str) -> UpgradeResult:
+        assert self.manager is not None and self.reloader is not None and self.reloader.current is not None
+        started, at = time.monotonic(), time.time()
+        result = UpgradeResult(False, os.getpid(), trigger=trigger, at=at)
+        # a reload running (or queued) ends first; none starts until the upgrade has ended
+        for task in (self._reload_running, self._reload_next):
+            if task is not None and not task.done():
+                await asyncio.wait([task])
+        self.notify.reloading("upgrading")
+        child: NewMasterProcess | None = None
+        try:
+            if self._stopping:
+                raise UpgradeError("stopping: no upgrade")
+            child = NewMasterProcess.start(self.path)
+            self.upgrading = {"pid": child.pid, "since": at}
+            log.info("upgrade (%s): started the new master, pid %d", trigger, child.pid)
+            fds = self._hand_over_fds()
+            state = write_state(await self.manager.snapshot())
+            if state is not None:
+                fds.append(({"name": "state"}, state))
+            try:
+                await send_everything(child, fds, self._hello())
+            except OSError as exc:
+                # gone already: wait_ready tells how (its failure message is queued)
+                log.debug("upgrade: cannot send to the new master: %s", exc)
+            finally:
+                if state is not None:
+                    os.close(state)
+            msg = await wait_ready(child, self.reloader.current.runtime.upgrade_timeout)
+            if self._stopping:
+                raise UpgradeError("stopping: the upgrade is abandoned")
+        except UpgradeError as exc:
+            result.error = str(exc)
+            if child is not None:
+                await child.kill()
+        else:
+            assert child is not None
+            await self._hand_over(child, msg)
+            result.ok, result.new_pid = True, child.pid
+        finally:
+            self.upgrading = None
+        result.duration_ms = (time.monotonic() - started) * 1000.0
+        result.requests = self._upgrade_requests
+        if self._stopping and self.handed_over_to is None and result.ok is False and result.error is None:
+            result.error = "stopping"
+        self.last_upgrade = result
+        (log.info if result.ok else log.error)("%s", result.line())
+        if not result.ok and not self._stopping:
+            self.notify.send("READY=1", f"STATUS={result.line()}")
+        return result
+
+    def _hand_over_fds(self) -> list[tuple[dict[str, Any], int]]:
+        """What the new master gets: the admin socket, the Unix listeners, the old masters' channels."""
+        assert self.manager is not None
+        fds: list[tuple[dict[str, Any], int]] = []
+        sock = self.admin.listening_socket() if self.admin is not None else None
+        if sock is not None:
+            fds.append(({"name": "admin"}, sock.fileno()))
+        fds += [({"name": "listener", "path": path}, fd) for path, fd in self.manager.unix_sockets().items()]
+        fds += self.old_masters.hand_over()
+        if self.manager.limits is not None:
+            fds.append(({"name": "counters"}, self.manager.limits.fd))
+        return fds
+
+    def _hello(self) -> dict[str, Any]:
+        from . import __version__
+
+        assert self.reloader is not None and self.reloader.current is not None
+        assert self.manager is not None
+        cur = self.reloader.current
+        limits = self.manager.limits
+        # the counter regions each generation still counts in: this one's, and the draining ones'
+        regions = {str(m.pid): m.regions for m in self.old_masters.alive()}
+        if limits is not None:
+            regions[str(os.getpid())] = [limits.region(w.id) for w in self.manager.workers]
+        return {"pid": os.getpid(), "version": __version__,
+                "admin_socket": self.admin.path if self.admin is not None else None,
+                "listen": [svc.listen for svc in cur.services.values()],
+                "counters": {"slots": limits.slot_names() if limits is not None else [], "regions": regions}}
+
+    async def _hand_over(self, child: NewMasterProcess, ready: dict[str, Any]) -> None:
+        """The new master serves: stop accepting, release what it takes over, drain."""
+        inherited = ready.get("admin") == "inherited"
+        if self.admin is not None:
+            # admin connections queue on the socket for the new master from now on
+            self.admin.hand_over(unlink=not inherited)
+        self.handed_over_to, self._handed_over_at = child.pid, time.time()
+        # systemd hears the new master from now on (MAINPID)
+        self.notify.close()
+        self.notify = Notifier({})
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
+        try:
+            await child.channel.send({"type": "released"})
+        except OSError as exc:
+            log.error("the new master (pid %d) is gone right after saying ready (%s)", child.pid, exc)
+        # the old masters still draining are the new master's to answer for now
+        self.old_masters.close()
+        child.close()   # the process lives on: only its pidfd is closed here
+        self._serving_new = asyncio.get_running_loop().create_task(
+            serve_new_master(child.channel, self._drain_status, self.request_stop))
+        self.request_stop(True)
+
+    async def _drain_status(self) -> dict[str, Any]:
+        """What the new master shows of this one while it drains."""
+        # (answered well within the 2 s the new master waits: a worker exiting is not waited for)
+        workers = await self.manager.status(0.5) if self.manager is not None else []
+        left = 0
+        for w in workers:
+            left += w.get("draining_connections") or 0
+            left += sum(site.get("active", 0) for site in (w.get("sites") or {}).values())
+        drain = self.reloader.current.runtime.drain_timeout if self.reloader and self.reloader.current else None
+        return {"pid": os.getpid(), "connections": left, "since": self._handed_over_at, "drain_timeout": drain,
+                "workers": sum(1 for w in workers if w.get("alive"))}
+
+    # -- upgrade: the new master's side ------------------------------------------------
+
+    def _upgrade_failed(self, error: str) -> None:
+        """Tell the old master this upgrade failed (a new master that cannot serve)."""
+        if self.link is not None:
+            self.link.failed(error)
+
+    def _inherits_admin(self, hello: Hello | None) -> bool:
+        return hello is not None and hello.admin is not None and hello.admin_socket == self.config.runtime.admin_socket
+
+    def _follow_watchdog(self, old_pid: int) -> None:
+        """systemd's watchdog was the old master's: it is ours (and our successors') now."""
+        if os.environ.get("WATCHDOG_PID") == str(old_pid):
+            os.environ["WATCHDOG_PID"] = str(os.getpid())
+            self.notify = Notifier()
+
+    async def _take_over(self, hello: Hello) -> bool:
+        """Every worker serves: say ready, wait for the old master to release, take
+        the admin socket, the pidfile and systemd's MAINPID.  False if told to stop first."""
+        assert self.link is not None and self.admin is not None and self.manager is not None
+        assert self._stop is not None
+        if test_failure("hang"):
+            log.warning("HOTPROXY_TEST_FAIL_UPGRADE=hang: this new master never says it is ready")
+            await self._stop
+            return False
+        inherited = self._inherits_admin(hello)
+        released = await self.link.ready(inherited)
+        if not released:
+            log.warning("the old master (pid %d) went away before releasing: taking over", hello.pid)
+        if inherited:
+            assert hello.admin is not None
+            sock, hello.admin = hello.admin, None
+            await self.admin.start_inherited(sock)
+        self.manager.own_adopted()
+        rt = self.config.runtime
+        try:
+            self._write_pidfile(rt.pidfile, replacing=hello.pid)
+        except PidfileError as exc:
+            log.error("upgrade: %s", exc)
+        if rt.metrics is not None:
+            try:
+                await self._start_metrics(rt.metrics)
+            except MetricsError as exc:
+                log.error("upgrade: %s", exc)
+        self.upgraded_from = hello.pid
+        if released:
+            self.old_masters.add(OldMaster(hello.pid, self.link.channel, regions=hello.regions_of(hello.pid)))
+        for pid, channel in hello.old_masters:
+            self.old_masters.add(OldMaster(pid, channel, regions=hello.regions_of(pid)))
+        hello.old_masters.clear()
+        log.info("upgrade: took over from pid %d (%d old master%s draining)", hello.pid,
+                 len(self.old_masters.alive()), "" if len(self.old_masters.alive()) == 1 else "s")
+        return True
+
     # -- pidfile ----------------------------------------------------------------
 
-    def _write_pidfile(self, path: str | None) -> None:
-        """Write our pid to *path*: only over nothing, or over a pidfile of a
-        process that is gone (``config.inspect_pidfile`` says what else is refused)."""
+    def _check_pidfile(self, path: str | None, replacing: int) -> None:
+        """``_write_pidfile``'s checks, writing nothing (the old master's pid is expected there)."""
         if path is None:
             return
         problem, other = inspect_pidfile(path)
         if problem is not None:
             raise PidfileError(f"pidfile {path}: {problem}")
-        if other and other != os.getpid() and pid_alive(other):
+        if other and other not in (os.getpid(), replacing) and pid_alive(other):
+            raise PidfileError(f"pidfile {path}: hotproxy already running as pid {other}")
+
+    def _write_pidfile(self, path: str | None, replacing: int | None = None) -> None:
+        """Write our pid to *path*: only over nothing, over a pidfile of a
+        process that is gone, or over the pid of the master we upgrade
+        (*replacing*) (``config.inspect_pidfile`` says what else is refused)."""
+        if path is None:
+            return
+        problem, other = inspect_pidfile(path)
+        if problem is not None:
+            raise PidfileError(f"pidfile {path}: {problem}")
+        if other and other not in (os.getpid(), replacing) and pid_alive(other):
             raise PidfileError(f"pidfile {path}: hotproxy already running as pid {other}")
         tmp = f"{path}.{os.getpid()}.tmp"
         with contextlib.suppress(OSError):

@@ -75,6 +75,9 @@ RUNTIME_OPTIONS: dict[str, Option] = {
     "reload_timeout": Option("float", 10.0, min=0, max=YEAR, above=True,
                              doc="seconds a worker may stay silent during a reload before it is killed "
                                  "and restarted (a reload that keeps making progress is never cut short)"),
+    "upgrade_timeout": Option("float", 60.0, min=0, max=YEAR, above=True,
+                              doc="seconds a new master started by hotproxy upgrade may take to serve "
+                                  "before it is killed and the running one serves on"),
     "tcp_migrate_req": Option("bool", False, doc="at start, set the network-wide sysctl "
                               "net.ipv4.tcp_migrate_req=1 (if permitted), so that a killed worker's "
                               "queued connections move to another worker instead of being reset"),

@@ -49,7 +49,7 @@ from .errors import describe
 from .limits import CounterSlot, NextSlot
 from .listeners import lookup
 from .options import PROXY_OPTIONS, check_fields
-from .service import MakeService, MaybeAwaitable, Service
+from .service import MakeService, MaybeAwaitable, Seed, Service
 
 log = logging.getLogger("hotproxy.proxy")
 access_log = logging.getLogger("hotproxy.access")
@@ -146,6 +146,34 @@ class ProxyFactory(MakeService):
             return self._build(old.shared, old.all_states())
         return self._build(_Shared(limits.counter(self.counter)), {})
 
+    def make_via_snapshot(self, seed: Seed) -> MaybeAwaitable[ProxyService]:
+        """The first version after an upgrade of the program: the counters and
+        each upstream's counts continue (summed over ``seed.carry``), the
+        round-robin position and passive health (an ejection's remaining
+        time) are ``seed.like``'s.  ``ValueError`` if the snapshots cannot be read."""
+        seed = seed.of_type("proxy")
+        shared = _Shared(limits.counter(self.counter))
+        counters = shared.counters
+        for key in ("accepted", "bytes_in", "bytes_out", "connect_failures", "refused", "idle_closed",
+                    "no_upstream"):
+            setattr(counters, key, sum(_number(s.get("counters", {}).get(key, 0), key) for s in seed.carry))
+        like = seed.like or {}
+        shared.rr = _number(like.get("rr", 0), "rr")
+        now = time.monotonic()
+        states: dict[str, Any] = {}
+        for addr in self.upstreams:
+            st = core.impl.UpstreamState(addr)
+            for key in ("connections", "failures", "bytes_in", "bytes_out"):
+                setattr(st, key, sum(_number(s.get("upstreams", {}).get(addr, {}).get(key, 0), key)
+                                     for s in seed.carry))
+            view = (like.get("upstreams") or {}).get(addr) or {}
+            st.fails = _number(view.get("fails", 0), "fails")
+            ejected_for = float(view.get("ejected_for", 0.0))
+            if ejected_for > 0:
+                st.ejected_until = now + min(ejected_for, self.fail_timeout)
+            states[addr] = st
+        return self._build(shared, states)
+
     def make(self) -> MaybeAwaitable[ProxyService]:
         """A fresh service: zero counters, every upstream healthy (the
         instance's open-connection count is the slot's, as it stands; a
@@ -163,6 +191,12 @@ class ProxyFactory(MakeService):
                                   names: list[Upstream]) -> ProxyService:
         found = await asyncio.gather(*(lookup_upstream(up) for up in names))
         return ProxyService(self, shared, states, {up.text: info for up, info in zip(names, found)})
+
+
+def _number(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key}: expected a count, got {value!r}")
+    return value
 
 
 class _Shared:
@@ -301,6 +335,18 @@ class ProxyService(Service):
         states = dict(self.retired)
         states.update((t.up.text, t.state) for t in self.targets)
         return states
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters, the round-robin position and each upstream's counts and
+        health (an ejection as the seconds it has left), as plain data."""
+        counters = self.counters.as_dict()
+        del counters["active"]   # open connections stay on the old processes
+        now = time.monotonic()
+        ups = {addr: {"connections": st.connections, "failures": st.failures, "bytes_in": st.bytes_in,
+                      "bytes_out": st.bytes_out, "fails": st.fails,
+                      "ejected_for": round(max(0.0, st.ejected_until - now), 3)}
+               for addr, st in self.all_states().items()}
+        return {"type": "proxy", "v": 1, "counters": counters, "rr": self.shared.rr, "upstreams": ups}
 
     @property
     def upstream_states(self) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 from .commands import Abort, Commit, Precommit, Remove, Update
 from .config import Config, NeedsLookup, ServiceConfig, listen_sockaddrs, no_services_error, probe_bind
 from .errors import ConfigError, HotproxyError, SiteNotFoundError, WorkerTimeoutError, describe
-from .listeners import TcpListenerFactory
+from .listeners import TcpListenerFactory, parse_address
 from .report import failure_line, summary_line
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ log = logging.getLogger("hotproxy.reload")
 #: runtime keys a reload cannot change (they need a restart); the others
 #: (drain_timeout, log_level, log_format, reload_timeout, admin_idle_timeout) apply at once
 RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req", "metrics")
+# (an upgrade -- ``hotproxy upgrade`` -- is a restart that refuses nobody: it applies them all)
 
 
 @dataclass
@@ -183,6 +184,9 @@ class Reloader:
         self.results = {"ok": 0, "failed": 0}
         self._closed = False
         self._lock = asyncio.Lock()
+        #: listen addresses another master of this instance holds (the one an
+        #: upgrade takes over from): ours to share, not probed as a stranger's
+        self.held: list[str] = []
 
     def close(self) -> None:
         """Refuse reloads from now on (the instance is stopping); one running finishes."""
@@ -362,6 +366,13 @@ class Reloader:
             for svc in self.current.services.values():
                 if isinstance(svc.listener, TcpListenerFactory):
                     ours.update(listen_sockaddrs(svc.listener))
+        for address in self.held:
+            try:
+                held = parse_address(address)
+            except ValueError:
+                continue
+            if isinstance(held, TcpListenerFactory):
+                ours.update(listen_sockaddrs(held))
         failures = []
         for name in d.added + d.moved:
             lf = config.services[name].listener

@@ -1,4 +1,5 @@
-"""The words of a reload report: the lines the master logs and ``hotproxy reload|status`` print.
+"""The words of a reload report (and of an upgrade's outcome): the lines the master
+logs and ``hotproxy reload|status|upgrade`` print.
 
 A report is a ``reload.ReloadReport`` in the master and its ``to_dict()``
 over the admin socket.  The text is made here, from that dict form (a
@@ -14,6 +15,14 @@ from __future__ import annotations
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Mapping
+
+
+def upgrade_line(result: Mapping[str, Any]) -> str:
+    """An upgrade's outcome (``upgrade.UpgradeResult``'s dict form) in one line."""
+    old, ms = result.get("old_pid"), result.get("duration_ms") or 0.0
+    if result.get("ok"):
+        return f"upgrade ok: pid {old} -> pid {result.get('new_pid')} in {ms:.1f} ms; pid {old} drains its connections"
+    return f"upgrade failed: {result.get('error')}; pid {old} keeps serving ({ms:.1f} ms)"
 
 
 def summary_line(report: Mapping[str, Any]) -> str:

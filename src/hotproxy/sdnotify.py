@@ -62,9 +62,9 @@ class Notifier:
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
 
-    def reloading(self) -> None:
+    def reloading(self, status: str = "reloading") -> None:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={status}")
 
     def stopping(self, status: str) -> None:
         self.send("STOPPING=1", f"STATUS={status}")

@@ -22,6 +22,16 @@ values, because the manager sends them to worker processes.
 **Layers** wrap a factory: each layer's ``make_via_ref`` hands the old *inner*
 service to the inner factory, so state flows through the whole stack.
 
+**State across an upgrade** of hotproxy itself (a new program, so no
+object can be shared): a service's ``snapshot()`` is plain data (JSON-able
+dicts of numbers and strings, tagged with its ``type`` and a version
+``v``), and the new program's factory builds its first version from it
+with ``make_via_snapshot(seed)``.  A ``Seed`` holds the snapshots of the
+old workers whose counts the new worker continues (``carry``: counters
+add up) and the one whose view it takes (``like``: health, positions).  A
+snapshot a factory cannot read raises; the executor then drops it with a
+warning and builds the service fresh -- never a failed upgrade.
+
 A factory whose services limit their open connections (``LimitConnections``,
 the proxy's ``max_connections``) counts them in a counter that every worker
 of the instance shares (``hotproxy.limits``): the ``WorkerManager`` gives it
@@ -97,6 +107,14 @@ class Service(abc.ABC):
         the service its connections hold (a layer's: its inner service's)."""
         return self
 
+    def snapshot(self) -> dict[str, Any] | None:
+        """This version's state as plain data for an upgrade of the program (None: nothing to carry).
+
+        JSON-able: dicts, lists, strings and numbers only, with ``"type"``
+        (what reads it: ``MakeService.make_via_snapshot``) and ``"v"``.
+        """
+        return None
+
     def owns(self, conn: object) -> bool:
         """True if *conn*, an open connection of the site, is one of this version's.
 
@@ -124,6 +142,53 @@ class MakeService(abc.ABC):
         ``next_slot()``, outermost first.  The default: no limit, ``self``."""
         return self
 
+    def make_via_snapshot(self, seed: Seed) -> MaybeAwaitable[Service]:
+        """The first version in a new program (an upgrade), from the old
+        program's snapshots (``Service.snapshot``); raise if they cannot be
+        read (the service is then built with ``make()``).  The default: ``make()``."""
+        return self.make()
+
+
+@dataclass(frozen=True)
+class Seed:
+    """What one new worker builds a service from after an upgrade (plain data).
+
+    ``carry``: the snapshots of the old workers whose counts this worker
+    continues (their counters are added up: over the new workers every
+    count is carried once); ``like``: the snapshot of the old worker whose
+    view it takes (passive health, balancer position).
+    """
+
+    carry: tuple[dict[str, Any], ...] = ()
+    like: dict[str, Any] | None = None
+
+    def of_type(self, kind: str, version: int = 1) -> Seed:
+        """The snapshots of *kind* and *version*; ``ValueError`` if there are some and none is."""
+        ok = lambda snap: isinstance(snap, dict) and snap.get("type") == kind and snap.get("v") == version  # noqa: E731
+        carry = tuple(s for s in self.carry if ok(s))
+        like = self.like if ok(self.like) else None
+        if (self.carry or self.like) and not carry and like is None:
+            found = {(s.get("type"), s.get("v")) for s in (*self.carry, self.like) if isinstance(s, dict)}
+            raise ValueError(f"expected a snapshot of type {kind!r} v{version}, got "
+                             f"{', '.join(f'{t!r} v{v}' for t, v in sorted(found, key=str)) or 'none'}")
+        return Seed(carry, like)
+
+    def inner(self) -> Seed:
+        """The snapshots of the service a layer wraps."""
+        return Seed(tuple(s["inner"] for s in self.carry if isinstance(s.get("inner"), dict)),
+                    self.like.get("inner") if self.like is not None and isinstance(self.like.get("inner"), dict)
+                    else None)
+
+    def total(self, key: str) -> int:
+        """The sum of the integer *key* over ``carry`` (``ValueError`` if one is not an integer)."""
+        return sum(_count(s.get(key, 0), key) for s in self.carry)
+
+
+def _count(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key}: expected a count, got {value!r}")
+    return value
+
 
 # -- layers ------------------------------------------------------------------
 
@@ -148,6 +213,19 @@ class LayerService(Service):
 
     def stats(self) -> dict[str, Any]:
         return self.inner.stats()
+
+    #: the snapshot type of this layer's own state (None: it has none)
+    snapshot_type: ClassVar[str | None] = None
+
+    def layer_state(self) -> dict[str, Any]:
+        """This layer's own part of ``snapshot()``."""
+        return {}
+
+    def snapshot(self) -> dict[str, Any] | None:
+        inner = self.inner.snapshot()
+        if self.snapshot_type is None:
+            return inner
+        return {"type": self.snapshot_type, "v": 1, **self.layer_state(), "inner": inner}
 
     @property
     def version(self) -> Service:
@@ -195,6 +273,19 @@ class Layer(MakeService):
     @abc.abstractmethod
     def wrap(self, inner: Service, old: Any) -> Service:
         """Wrap *inner*; *old* is this layer's previous service or None."""
+
+    async def make_via_snapshot(self, seed: Seed) -> Service:
+        kind = self.service_type.snapshot_type
+        if kind is None:
+            inner = await maybe_await(self._inner().make_via_snapshot(seed))
+            return self.wrap(inner, None)
+        mine = seed.of_type(kind)
+        inner = await maybe_await(self._inner().make_via_snapshot(mine.inner()))
+        return self.wrap_restored(inner, mine)
+
+    def wrap_restored(self, inner: Service, seed: Seed) -> Service:
+        """Wrap *inner* with this layer's state from *seed* (its own snapshots).  Default: fresh."""
+        return self.wrap(inner, None)
 
     def with_shared_counters(self, next_slot: NextSlot) -> MakeService:
         """The inner factory's counters set (a layer with a limit also sets its own)."""
@@ -254,6 +345,11 @@ class ConnectionStats:
 
 
 class _CountingService(LayerService):
+    snapshot_type = "count"
+
+    def layer_state(self) -> dict[str, Any]:
+        return {"accepted": self.state.accepted}
+
     def __init__(self, inner: Service, state: Accepted) -> None:
         super().__init__(inner)
         self.state = state
@@ -275,6 +371,12 @@ class _LimitService(LayerService):
     # (one atomic operation in the compiled core), at accept: the layer then
     # adds it to its set, and it gives the count back when it leaves the set
     # -- when it ends, or when something below refuses it.
+    snapshot_type = "limit"
+
+    def layer_state(self) -> dict[str, Any]:
+        # (the open count is the instance's, in the shared counters)
+        return {"accepted": self.state.accepted, "refused": self.state.refused}
+
     def __init__(self, inner: Service, state: ConnectionStats, limit: int) -> None:
         super().__init__(inner)
         self.state = state
@@ -344,6 +446,11 @@ class CountConnections(Layer):
         state = old.state if old is not None else Accepted()
         return _CountingService(inner, state)
 
+    def wrap_restored(self, inner: Service, seed: Seed) -> Service:
+        state = Accepted()
+        state.accepted = seed.total("accepted")
+        return _CountingService(inner, state)
+
 
 @dataclass(frozen=True)
 class LimitConnections(Layer):
@@ -372,4 +479,10 @@ class LimitConnections(Layer):
 
     def wrap(self, inner: Service, old: Any) -> Service:
         state = old.state if old is not None else ConnectionStats(limits.counter(self.counter))
+        return _LimitService(inner, state, self.max_connections)
+
+    def wrap_restored(self, inner: Service, seed: Seed) -> Service:
+        accepted, refused = seed.total("accepted"), seed.total("refused")
+        state = ConnectionStats(limits.counter(self.counter))
+        state.accepted, state.refused = accepted, refused
         return _LimitService(inner, state, self.max_connections)

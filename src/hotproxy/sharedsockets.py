@@ -36,6 +36,31 @@ class SharedSockets:
     def __init__(self) -> None:
         self._bound: dict[str, BoundListener] = {}
         self._token = 0
+        #: paths adopted from the master this one upgrades, not ours until ``own_adopted``
+        self._adopted: set[str] = set()
+
+    def adopt(self, path: str, sock: Any) -> None:
+        """Serve *path* on *sock*, bound and listening in the master this one
+        upgrades (the same socket: connections queued on it are not lost).
+        Until ``own_adopted`` it is neither released nor unlinked here."""
+        old = self._bound.pop(path, None)
+        if old is not None:
+            old.close()
+        self._bound[path] = UnixListenerFactory(path).adopt(sock)
+        self._adopted.add(path)
+
+    def own_adopted(self) -> None:
+        """The hand-over is done: the adopted paths are ours (released and
+        unlinked like any other once nothing names them)."""
+        for path in self._adopted:
+            bound = self._bound.get(path)
+            if bound is not None and isinstance(bound.factory, UnixListenerFactory):
+                bound.own_file(bound.factory.unlinker_now())
+        self._adopted.clear()
+
+    def sockets(self) -> dict[str, int]:
+        """The descriptor of every socket, by path (to pass to a new master)."""
+        return {path: bound.sock.fileno() for path, bound in self._bound.items()}
 
     def for_worker(self, command: Any, worker: ProcessWorker) -> Any:
         """*command* as *worker* gets it: a Unix listener it names replaced by the
@@ -66,13 +91,16 @@ class SharedSockets:
 
     def release_unused(self, used: Iterable[ListenerFactory]) -> None:
         """Close (and unlink, if still ours) the sockets no factory of *used* names."""
-        paths = {lf.path for lf in used if isinstance(lf, UnixListenerFactory)}
+        paths = {lf.path for lf in used if isinstance(lf, UnixListenerFactory)} | self._adopted
         for path in [p for p in self._bound if p not in paths]:
             self._bound.pop(path).close()
 
-    def close(self) -> None:
-        """Close every socket (the manager stops)."""
+    def close(self, keep_files: bool = False) -> None:
+        """Close every socket (the manager stops); *keep_files*: leave every
+        file in place (a new master serves them now)."""
         for bound in self._bound.values():
+            if keep_files:
+                bound.own_file(None)
             bound.close()
         self._bound.clear()
 

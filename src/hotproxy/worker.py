@@ -81,10 +81,11 @@ class WorkerProcess:
         runner = loop.create_task(self._run_commands(writer))
         reading = loop.create_task(self._read(reader, writer))
         graceful, timeout = await self.stop_requested
-        reading.cancel()
         runner.cancel()
         if graceful:
+            # (still answering status: how many connections are left to drain)
             await self.executor.shutdown(timeout)
+        reading.cancel()
         try:
             writer.close()
         except Exception:
@@ -104,6 +105,11 @@ class WorkerProcess:
                     self.queue.put_nowait((msg[1], msg[2]))
                 elif kind == "status":
                     write_message(writer, ("res", msg[1], True, self.executor.status()))
+                elif kind == "snapshot":
+                    write_message(writer, ("res", msg[1], True, self.executor.snapshot()))
+                elif kind == "seed":
+                    self.executor.seed(msg[2])
+                    write_message(writer, ("res", msg[1], True, None))
                 elif kind == "logging":
                     # a reload changed runtime.log_level or log_format: it applies at once
                     logs.configure(msg[2], msg[3], logs.worker_role(self.worker_id))
@@ -111,7 +117,6 @@ class WorkerProcess:
                 elif kind == "stop":
                     write_message(writer, ("res", msg[1], True, None))
                     self._request_stop(msg[2], msg[3])
-                    return
                 else:
                     write_message(writer, ("res", msg[1], False, ValueError(f"unknown message {kind!r}")))
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", type=int, required=True)
     parser.add_argument("--fd-channel", type=int, default=None)
     parser.add_argument("--counters-fd", type=int, default=None)
+    # the region of the counters this worker counts in (default: its id)
+    parser.add_argument("--counters-region", type=int, default=None)
     args = parser.parse_args(argv)
     # The master decides what SIGHUP and SIGINT mean (a terminal's hang-up or
     # ^C reaches the whole process group): ignored from the first moment.
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.counters_fd is not None:
             from .limits import Segment
 
-            Segment.attach(args.counters_fd, args.id)
+            Segment.attach(args.counters_fd, args.id if args.counters_region is None else args.counters_region)
         worker = WorkerProcess(sock, args.id, fds)
     except Exception as exc:
         print(f"hotproxy worker {args.id}: cannot start: {exc}", file=sys.stderr)

@@ -68,6 +68,12 @@ class WorkerHandle(Protocol):
     async def set_logging(self, level: str, fmt: str) -> None:
         """Apply a new ``runtime.log_level`` and ``log_format``."""
 
+    async def snapshot(self) -> dict[str, Any]:
+        """The worker's ``ServiceExecutor.snapshot()`` (plain data, for an upgrade)."""
+
+    async def seed(self, seeds: dict[str, Any]) -> None:
+        """``ServiceExecutor.seed``: build these sites' first versions from their seeds."""
+
     async def stop(self, graceful: bool, timeout: float | None) -> None:
         """Stop (graceful: drain within *timeout*), bounded."""
 
@@ -109,6 +115,12 @@ class InlineWorker:
     async def set_logging(self, level: str, fmt: str) -> None:
         pass   # the caller's own process: the reload sets its logging
 
+    async def snapshot(self) -> dict[str, Any]:
+        return self.executor.snapshot()
+
+    async def seed(self, seeds: dict[str, Any]) -> None:
+        self.executor.seed(seeds)
+
     async def stop(self, graceful: bool, timeout: float | None) -> None:
         if graceful:
             await self.executor.shutdown(timeout)
@@ -147,7 +159,7 @@ class ProcessWorker:
         counters = self.settings.limits
         assert counters is not None
         if self.proc is not None and self.proc.returncode is not None:
-            counters.reclaim(self.id)   # the counts of the process before us
+            counters.reclaim(counters.region(self.id))   # the counts of the process before us
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         if self.fds is not None:
@@ -163,6 +175,7 @@ class ProcessWorker:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "hotproxy.worker", "--fd", str(child.fileno()), "--id", str(self.id),
                 "--fd-channel", str(fd_child.fileno()), "--counters-fd", str(counters.fd),
+                "--counters-region", str(counters.region(self.id)),
                 pass_fds=(child.fileno(), fd_child.fileno(), counters.fd), env=env,
                 stdin=asyncio.subprocess.DEVNULL)
         finally:
@@ -276,6 +289,12 @@ class ProcessWorker:
 
     async def set_logging(self, level: str, fmt: str) -> None:
         await self._call("logging", level, fmt)
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self._call("snapshot")  # type: ignore[no-any-return]
+
+    async def seed(self, seeds: dict[str, Any]) -> None:
+        await self._call("seed", seeds)
 
     async def stop(self, graceful: bool, timeout: float | None) -> None:
         """Ask the worker to stop; kill it if it has not exited by the deadline.

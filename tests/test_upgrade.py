@@ -1,0 +1,496 @@
+"""Upgrading hotproxy itself (issue 16): a new master takes over from the running one.
+
+Every test runs the real program (``hotproxy run``), upgrades it with
+``hotproxy upgrade`` or SIGUSR2 while ``tests/traffic.py`` processes check
+every byte of long and short connections -- direct to echo services (TCP
+and Unix) and through a proxy -- and checks that no connection was refused,
+reset or corrupted, that the connections opened before an upgrade finish on
+the old processes, that the master's pid changes each time, and that no
+process is left behind.  Failing upgrades (the new code does not import, a
+bad file, a new master killed with -9 mid-way or silent past
+``upgrade_timeout``) leave the old master serving.  Figures are printed
+(``pytest -s``) for the README.
+
+The long run (20 upgrades in a row):
+
+    pytest -m slow tests/test_upgrade.py -s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from conftest import eventually, free_port, run
+from helpers_program import Program, Traffic, alive, children, roundtrip, toml
+
+HOST = "127.0.0.1"
+Start = Callable[..., Program]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (Unix socket paths are at most 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="hpu-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def start(short_dir: Path) -> Iterator[Start]:
+    """``start(config_text, **kw)`` -> a started ``Program``; every process it led to is killed at the end."""
+    started: list[Program] = []
+
+    def _start(text: str, *, name: str = "hotproxy.toml", **kw: Any) -> Program:
+        cfg = short_dir / name
+        cfg.write_text(text)
+        prog = Program(cfg, short_dir / f"{name}.log", **kw)
+        started.append(prog)
+        return prog
+
+    yield _start
+    for prog in started:
+        prog.kill()
+        print(f"---- log of {prog.config} (last 6000 chars) ----\n{prog.log()[-6000:]}")
+
+
+@pytest.fixture
+def traffic() -> Iterator[Callable[..., Traffic]]:
+    started: list[Traffic] = []
+
+    def _traffic(targets: list[str], **kw: Any) -> Traffic:
+        t = Traffic(targets, **kw)
+        started.append(t)
+        return t
+
+    yield _traffic
+    for t in started:
+        t.kill()
+
+
+def services(e: int, px: int, unix: Path, **proxy: Any) -> dict[str, dict[str, Any]]:
+    return {
+        "e": {"kind": "echo", "listen": f"{HOST}:{e}"},
+        "u": {"kind": "echo", "listen": f"unix:{unix}"},
+        "px": {"kind": "proxy", "listen": f"{HOST}:{px}", "upstreams": [f"{HOST}:{e}"], **proxy},
+    }
+
+
+async def upgrade(prog: Program, how: str) -> tuple[dict[str, Any], float]:
+    """Upgrade *prog* by *how* (``cli`` | ``sigusr2``); the new master's status, and the seconds it took."""
+    assert prog.config is not None
+    before = (await prog.follow())["pid"]
+    t0 = time.monotonic()
+    if how == "cli":
+        code, out, err = await prog.cli("upgrade", "-c", str(prog.config), timeout=120)
+        assert code == 0 and out.startswith(f"upgrade ok: pid {before} -> pid "), (code, out, err)
+        assert "Traceback" not in err
+    else:
+        os.kill(before, signal.SIGUSR2)
+
+    async def moved() -> Any:
+        status = await prog.follow()
+        return status if status["pid"] != before and status["ready"] else None
+
+    status = await eventually(moved, timeout=120, interval=0.02)
+    took = time.monotonic() - t0
+    assert status["upgraded_from"] == before, status
+    return status, took
+
+
+async def upgrades_under_traffic(prog: Program, n: int, e: int, px: int, unix: Path,
+                                 traffic: Callable[..., Traffic]) -> dict[str, Any]:
+    """*n* upgrades of *prog* under verified traffic; every check of the module's docstring; the figures."""
+    first = await prog.wait_ready()
+    await prog.follow()
+    masters = [first["pid"]]
+    direct = traffic([f"{HOST}:{e}", f"unix:{unix}"], long=2, short=2, seed=11)
+    through = traffic([f"{HOST}:{px}"], long=2, short=2, seed=12)
+    # the long connections are open (on the first master's workers) before the first upgrade
+    await eventually(lambda: sum(s["active"] for s in first["services"]) >= 0 and prog.status(), timeout=5)
+
+    async def long_ones_open() -> bool:
+        s = await prog.status()
+        return sum(svc["active"] for svc in s["services"] if svc["name"] in ("e", "u", "px")) >= 4
+
+    await eventually(long_ones_open, timeout=30)
+    took: list[float] = []
+    workers_seen: set[int] = set()
+    for i in range(n):
+        how = "sigusr2" if i % 4 == 3 else "cli"
+        status, seconds = await upgrade(prog, how)
+        took.append(seconds)
+        assert status["pid"] not in masters, (status["pid"], masters)   # a new master each time
+        masters.append(status["pid"])
+        workers_seen.update(w["pid"] for w in status["workers"])
+        assert status["pid"] not in workers_seen
+        # what the old masters still drain: the first one holds the long connections
+        olds = {m["pid"]: m for m in status["old_masters"]}
+        assert masters[0] in olds and (olds[masters[0]]["connections"] or 0) >= 4, status["old_masters"]
+        assert await roundtrip(e) == b"hello" and await roundtrip(px) == b"hello"
+    status = await prog.follow()
+    cli_status = await prog.cli("status", "-c", str(prog.config))
+    figures: dict[str, Any] = {
+        "upgrades": n, "seconds_per_upgrade": [round(t, 2) for t in took],
+        "old_masters_draining_at_the_end": [(m["pid"], m["connections"]) for m in status["old_masters"]],
+        "status_lines": [line for line in cli_status[1].splitlines() if "old master" in line],
+        "direct": await direct.finish(), "through_proxy": await through.finish(),
+    }
+    assert any(line.startswith(f"old master pid {masters[0]} draining since ") and line.endswith(" left")
+               for line in figures["status_lines"]), cli_status
+    for key in ("direct", "through_proxy"):
+        tot = figures[key]
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0, (key, tot)
+        # the long connections lived through every upgrade, on the first master's workers
+        assert tot["long_ok"] == 2 and tot["short_ok"] > 0, (key, tot)
+
+    # once they have finished, every old master has drained and exited
+    async def drained() -> bool:
+        return (await prog.follow())["old_masters"] == []
+
+    await eventually(drained, timeout=60)
+    await eventually(lambda: all(not alive(pid) for pid in masters[:-1]), timeout=30)
+    assert prog.proc.poll() == 0, prog.proc.poll()   # the first master exited by itself, with 0
+    current = (await prog.follow())
+    old_workers = workers_seen - {w["pid"] for w in current["workers"]}
+    await eventually(lambda: all(not alive(pid) for pid in old_workers), timeout=30)
+    figures["masters"] = masters
+    return figures
+
+
+def test_upgrades_under_verified_traffic(start: Start, short_dir: Path,
+                                         traffic: Callable[..., Traffic]) -> None:
+    """CI version: 5 upgrades (``hotproxy upgrade`` and SIGUSR2), 0 failed connections."""
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    prog = start(toml(services(e, px, unix), drain=60.0))
+
+    async def main() -> None:
+        figures = await upgrades_under_traffic(prog, 5, e, px, unix, traffic)
+        print("upgrade figures:", json.dumps(figures))
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 170)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_20_upgrades_in_a_row_under_verified_traffic(start: Start, short_dir: Path,
+                                                     traffic: Callable[..., Traffic]) -> None:
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    prog = start(toml(services(e, px, unix), drain=300.0))
+
+    async def main() -> None:
+        figures = await upgrades_under_traffic(prog, 20, e, px, unix, traffic)
+        print("UPGRADE-20 figures:", json.dumps(figures))
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 850)
+
+
+async def stop_and_check_nothing_left(prog: Program) -> None:
+    """``hotproxy stop``: the master and its workers exit; nothing seen is left running."""
+    assert prog.config is not None
+    status = await prog.follow()
+    code, out, err = await prog.cli("stop", "-c", str(prog.config))
+    assert code == 0 and f"stopped hotproxy (pid {status['pid']})" in out, (code, out, err)
+    await eventually(lambda: [pid for pid in prog.seen_pids if alive(pid)] == [], timeout=30)
+    assert not os.path.exists(prog.socket_path())
+    assert "Traceback" not in prog.log()
+
+
+# -- failing upgrades: the old master serves on ----------------------------------------------------
+
+
+async def failed_upgrade(prog: Program, expect: str) -> str:
+    """``hotproxy upgrade`` that must fail: exit 1, one line naming *expect*; the line."""
+    assert prog.config is not None
+    before = (await prog.follow())["pid"]
+    code, out, err = await prog.cli("upgrade", "-c", str(prog.config), timeout=120)
+    lines = err.strip().splitlines()
+    assert code == 1 and out == "" and len(lines) == 1, (code, out, err)
+    assert lines[0].startswith("upgrade failed: ") and expect in lines[0], lines[0]
+    assert lines[0].endswith(")") and f"; pid {before} keeps serving (" in lines[0], lines[0]
+    status = await prog.follow()
+    assert status["pid"] == before and status["ready"] and status["upgrading"] is None, status
+    assert status["last_upgrade"]["ok"] is False and expect in status["last_upgrade"]["error"], status
+    return lines[0]
+
+
+def test_an_upgrade_whose_new_code_does_not_import_leaves_the_old_master_serving(
+        start: Start, short_dir: Path, traffic: Callable[..., Traffic]) -> None:
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    prog = start(toml(services(e, px, unix), drain=30.0), env={"HOTPROXY_TEST_FAIL_UPGRADE": "import"})
+
+    async def main() -> None:
+        await prog.wait_ready()
+        load = traffic([f"{HOST}:{e}", f"unix:{unix}", f"{HOST}:{px}"], long=3, short=3, seed=21)
+        line = await failed_upgrade(prog, "HOTPROXY_TEST_FAIL_UPGRADE=import: the new code does not import")
+        print("import failure:", line)
+        assert "failed: cannot start: ImportError: " in line
+        tot = await load.finish()
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0 and tot["long_ok"] == 3, tot
+        assert await roundtrip(e) == b"hello" and os.path.exists(unix)
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 120)
+
+
+def test_failing_upgrades_bad_file_failing_worker_deadline_kill_9_leave_the_old_master_serving(
+        start: Start, short_dir: Path, traffic: Callable[..., Traffic]) -> None:
+    """One old master, four failed upgrades under traffic, then a reload: it serves on as before.
+
+    The new master is made to stop short of saying it is ready (the test-only
+    ``HOTPROXY_TEST_FAIL_UPGRADE=hang``) after its workers serve: once past
+    ``upgrade_timeout``, once killed with -9 by the test.  A reload asked
+    for during the upgrade is refused with a line that says why.
+    """
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    good = services(e, px, unix)
+    text = lambda svcs, timeout: toml(svcs, drain=30.0, upgrade_timeout=timeout)  # noqa: E731
+    prog = start(text(good, 3.0), env={"HOTPROXY_TEST_FAIL_UPGRADE": "hang"}, test_kinds=True)
+    assert prog.config is not None
+
+    async def main() -> None:
+        assert prog.config is not None
+        first = await prog.wait_ready()
+        load = traffic([f"{HOST}:{e}", f"unix:{unix}", f"{HOST}:{px}"], long=3, short=3, seed=22)
+        lines = []
+        # 1. a file that does not load
+        prog.config.write_text(text(good, 3.0) + "[services.broken\n")
+        lines.append(await failed_upgrade(prog, f"{prog.config}: "))
+        # 2. a service that fails to build on one worker (the new master runs the same module: the test kinds)
+        failing = dict(good, f={"kind": "fail_on_worker", "listen": f"{HOST}:{free_port()}", "fail_worker": 1})
+        prog.config.write_text(text(failing, 3.0))
+        lines.append(await failed_upgrade(prog, "injected failure on worker 1"))
+        # 3. a new master that serves but never says so: killed at upgrade_timeout
+        prog.config.write_text(text(good, 3.0))
+        lines.append(await failed_upgrade(prog, "did not serve within 3s (runtime.upgrade_timeout): killed"))
+        # 4. one killed with -9 mid-way, its workers serving; a reload meanwhile is refused
+        prog.config.write_text(text(good, 120.0))
+        code, out, err = await prog.cli("reload", "-c", str(prog.config))
+        assert code == 0, out + err
+        upgrading = asyncio.ensure_future(failed_upgrade(prog, "was killed by signal 9 before it served"))
+
+        async def new_master() -> int | None:
+            return ((await prog.status())["upgrading"] or {}).get("pid")
+
+        pid = await eventually(new_master, timeout=30)
+        await eventually(lambda: prog.log().count("never says it is ready") == 2, timeout=60)
+        prog.track(pid)
+        new_workers = children(pid)
+        assert len(new_workers) == 2, new_workers
+        code, out, err = await prog.cli("reload", "-c", str(prog.config))
+        assert code == 1 and err.strip() == (f"hotproxy: error: an upgrade is running (new master pid {pid}): "
+                                             "reload refused; run it again once the upgrade has ended"), err
+        os.kill(pid, signal.SIGKILL)
+        lines.append(await asyncio.wait_for(upgrading, 60))
+        print("failed upgrades:\n  " + "\n  ".join(lines))
+        # its workers drained what they had accepted and exited
+        await eventually(lambda: not any(alive(p) for p in [pid, *new_workers]), timeout=60)
+        tot = await load.finish()
+        print("traffic through 4 failed upgrades:", tot)
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0 and tot["long_ok"] == 3, tot
+        status = await prog.follow()
+        assert status["pid"] == first["pid"] and status["restarts"] == 0
+        assert [w["pid"] for w in status["workers"]] == [w["pid"] for w in first["workers"]]
+        code, out, err = await prog.cli("reload", "-c", str(prog.config))
+        assert code == 0, out + err
+        assert await roundtrip(e) == b"hello" and await roundtrip(px) == b"hello"
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 170)
+
+
+# -- state crosses the upgrade --------------------------------------------------------------------
+
+
+def test_state_crosses_the_upgrade_ejected_upstream_stays_ejected_counters_continue(
+        start: Start, short_dir: Path) -> None:
+    """A proxy with a dead upstream ejected on every worker (``fail_timeout = 300``);
+    an upgrade that also changes ``workers`` from 2 to 3: the dead upstream is
+    still ejected on every new worker (never tried again: its failures do not
+    grow), and every counter continues from where it was, each counted once."""
+    e, px, dead, unix = free_port(), free_port(), free_port(), short_dir / "u.sock"
+    svcs = services(e, px, unix, max_fails=1, fail_timeout=300.0, retries=1)
+    svcs["px"]["upstreams"] = [f"{HOST}:{dead}", f"{HOST}:{e}"]
+    prog = start(toml(svcs, drain=5.0))
+    assert prog.config is not None
+
+    def upstream(status: dict[str, Any], addr: int) -> dict[str, Any]:
+        px_status = next(s for s in status["services"] if s["name"] == "px")
+        return px_status["upstreams"][f"{HOST}:{addr}"]  # type: ignore[no-any-return]
+
+    def totals(status: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return {s["name"]: s["totals"] for s in status["services"]}
+
+    async def main() -> None:
+        assert prog.config is not None
+        await prog.wait_ready()
+
+        async def ejected_everywhere() -> bool:
+            assert await roundtrip(px) == b"hello"
+            return upstream(await prog.status(), dead)["ejected_workers"] == [0, 1]
+
+        await eventually(ejected_everywhere, timeout=60, interval=0.01)
+        before = await prog.follow()
+        prog.config.write_text(toml(svcs, drain=5.0, workers=3))
+        after, _ = await upgrade(prog, "cli")
+        assert len(after["workers"]) == 3
+        print("before:", totals(before), upstream(before, dead))
+        print("after: ", totals(after), upstream(after, dead))
+        # counters continue (nothing connected during the upgrade: equal)
+        for name in ("e", "px", "u"):
+            for key, value in totals(before)[name].items():
+                assert totals(after)[name][key] == value, (name, key, totals(before), totals(after))
+        up = upstream(after, dead)
+        assert up["ejected_workers"] == [0, 1, 2] and up["ejected_for"] > 200, up
+        assert up["failures"] == upstream(before, dead)["failures"] and up["connections"] == 0
+        assert upstream(after, e)["connections"] == upstream(before, e)["connections"]
+        for _ in range(30):
+            assert await roundtrip(px) == b"hello"
+        status = await prog.follow()
+        assert totals(status)["px"]["accepted"] == totals(before)["px"]["accepted"] + 30
+        assert upstream(status, dead)["failures"] == upstream(before, dead)["failures"]   # never tried again
+        assert upstream(status, e)["connections"] == upstream(before, e)["connections"] + 30
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 120)
+
+
+def test_a_snapshot_this_version_cannot_read_is_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from hotproxy.echo import EchoFactory
+    from hotproxy.executor import ServiceExecutor
+    from hotproxy.service import Seed
+    from hotproxy.upgrade import STATE_FORMAT, parse_state, read_state, seeds_for, write_state
+
+    for data, why in ((b"{nope", "not JSON"), (b"[]", "not a hotproxy state snapshot"),
+                      (json.dumps({"format": STATE_FORMAT, "version": 99, "workers": []}).encode(),
+                       "snapshot version 99; this hotproxy reads version 1")):
+        with pytest.raises(ValueError, match=why):
+            parse_state(data)
+    fd = os.memfd_create("t")
+    os.write(fd, b"garbage")
+    assert read_state(fd) is None
+    assert "the state of the old master's services was dropped (not JSON" in caplog.text
+    fd = write_state([{"worker": 0, "sites": {"e": {"type": "echo", "v": 1, "bytes": 7}}}])
+    assert fd is not None and read_state(fd) == [{"worker": 0, "sites": {"e": {"type": "echo", "v": 1, "bytes": 7}}}]
+    # three old workers into two new ones: every count once; the view of old worker j % 3
+    old = [{"worker": k, "sites": {"e": {"type": "echo", "v": 1, "bytes": 10 ** k}}} for k in range(3)]
+    seeds = seeds_for(old, 2)
+    assert [s["e"].total("bytes") for s in seeds.values()] == [101, 10]
+    assert seeds[1]["e"].like == old[1]["sites"]["e"]
+
+    async def main() -> None:
+        from hotproxy.commands import Precommit
+
+        ex = ServiceExecutor()
+        # a snapshot of another version (or kind): the service is built afresh, with a warning
+        ex.seed({"a": Seed(({"type": "echo", "v": 2, "bytes": 5},)), "b": Seed(({"type": "echo", "v": 1, "bytes": 5},))})
+        await ex.execute(Precommit("a", EchoFactory()))
+        await ex.execute(Precommit("b", EchoFactory()))
+        assert ex.sites["a"].staged.stats() == {"bytes": 0}   # type: ignore[union-attr]
+        assert ex.sites["b"].staged.stats() == {"bytes": 5}   # type: ignore[union-attr]
+
+    run(main(), 10)
+    assert "site 'a': the state from before the upgrade was dropped (ValueError: expected a snapshot of " \
+           "type 'echo' v1, got 'echo' v2); built afresh" in caplog.text
+
+
+def test_connections_draining_on_the_old_master_still_count_against_max_connections(
+        start: Start, short_dir: Path) -> None:
+    """``max_connections = 3`` on an echo: 3 connections held across an upgrade
+    still count (the counters' memfd is handed over, each generation counts
+    in its own regions): a 4th, on the new master, is refused; once one old
+    connection ends, a new one is served."""
+    from helpers_program import EchoClient
+
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    svcs = services(e, px, unix)
+    svcs["e"]["max_connections"] = 3
+    prog = start(toml(svcs, drain=30.0))
+
+    async def main() -> None:
+        await prog.wait_ready()
+        held = [await EchoClient.open(e) for _ in range(3)]
+        try:
+            for c in held:
+                await c.check()
+            first, _ = await upgrade(prog, "cli")
+            refused_before = next(s for s in first["services"] if s["name"] == "e")["totals"]["refused"]
+            extra = await EchoClient.open(e)
+            await extra.check_cut()     # over the limit: the old master's 3 still count
+            await extra.close()
+            status = await prog.follow()
+            e_status = next(s for s in status["services"] if s["name"] == "e")
+            assert e_status["totals"]["refused"] == refused_before + 1, e_status
+            assert status["old_masters"][0]["connections"] >= 3, status["old_masters"]
+            for c in held:
+                await c.check()         # never cut: they drain on the old master
+            await held.pop().close()
+
+            async def served() -> bool:
+                try:
+                    return await roundtrip(e) == b"hello"
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    return False
+
+            await eventually(served, timeout=30)
+        finally:
+            for c in held:
+                await c.close()
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 120)
+
+
+# -- the pidfile, status and stop follow the new master -------------------------------------------
+
+
+def test_pidfile_status_and_stop_follow_the_new_master(start: Start, short_dir: Path) -> None:
+    """The pidfile names the new master (not refused as "already running"),
+    ``status`` shows the old masters while they drain (pid, connections
+    left), and ``stop`` stops the new master and every draining one."""
+    from helpers_program import EchoClient
+
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    pidfile = short_dir / "hp.pid"
+    prog = start(toml(services(e, px, unix), drain=60.0, pidfile=str(pidfile)))
+    assert prog.config is not None
+
+    async def main() -> None:
+        assert prog.config is not None
+        first = await prog.wait_ready()
+        assert pidfile.read_text() == f"{first['pid']}\n"
+        held = await EchoClient.open(e)
+        await held.check()
+        try:
+            second, _ = await upgrade(prog, "cli")
+            await eventually(lambda: pidfile.read_text() == f"{second['pid']}\n", timeout=10)
+            third, _ = await upgrade(prog, "sigusr2")
+            await eventually(lambda: pidfile.read_text() == f"{third['pid']}\n", timeout=10)
+            code, out, err = await prog.cli("status", "-c", str(prog.config))
+            print(out)
+            assert code == 0, err
+            assert f"old master pid {first['pid']} draining since " in out and ": 1 connection left" in out, out
+            assert f"upgraded from pid {second['pid']}" in out, out
+            await held.check()      # on the first master's worker, through two upgrades
+            code, out, err = await prog.cli("stop", "--fast", "-c", str(prog.config))
+            assert code == 0 and f"stopped hotproxy (pid {third['pid']})" in out, out + err
+            await held.check_cut()  # the first master stopped too
+        finally:
+            await held.close()
+        await eventually(lambda: [pid for pid in prog.seen_pids if alive(pid)] == [], timeout=30)
+        assert prog.proc.poll() == 0
+        assert not pidfile.exists() and not os.path.exists(prog.socket_path())
+        assert not unix.exists()
+
+    run(main(), 120)
