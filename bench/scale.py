@@ -1236,7 +1236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_results:
         write_results(Path(args.write_results), body)
         log(f"wrote {args.write_results}")
-    return 0 if all(not r.error for r in results) else 1
+    # (goals missed are results, not errors; a size that could not run or a reload that failed are)
+    broken = [r for r in results if r.error or any(rel.failed for rel in r.reloads.values())]
+    return 1 if broken or (hap is not None and hap.error) else 0
 
 
 def report(command: str, results: list[SizeResult], hap: HAProxyResult | None, notes: list[str], nofile: int,
