@@ -35,7 +35,9 @@ Per size N, with the real ``hotproxy run -c FILE`` (2 workers):
 * **status latency**: ``{"cmd": "status"}`` from this process with
   ``hotproxy.adminclient.AdminConnection`` (a new connection per call, as
   the CLI makes; no CLI start-up measured): from connecting to the last
-  byte of the reply line (the JSON is not decoded).  At rest: 10 calls.
+  byte of the reply line (the JSON is not decoded).  At rest: 10 calls,
+  one after the other, with the probe (below) watching, then as long
+  without them: a status call asks every worker for its figures.
   During a reload: back to back (10 ms apart) from a thread while the
   second K-changed reload runs; only that reload is polled, so the polling
   never inflates the other reloads' figures.
@@ -48,7 +50,8 @@ Per size N, with the real ``hotproxy run -c FILE`` (2 workers):
   reload's window runs from 0.2 s before the request to 0.2 s after its
   reply; right after it, the probe runs as long again without a reload
   (capped at 30 s): the baseline.  The stall above baseline is the
-  difference of the two largest gaps.
+  difference of the two largest gaps.  The goal's worst case leaves out
+  the reload during which status was polled (shown on its own row).
 * **RSS** of the master and each worker (``/proc/PID/status`` ``VmRSS``)
   after the reloads; KiB per service is over the smallest size's figure.
 
@@ -546,6 +549,9 @@ class SizeResult:
     startup_s: float | None = None
     reloads: dict[str, Reload] = field(default_factory=dict)
     status_rest: list[float] = field(default_factory=list)
+    #: the probe's largest gap (ms) while the status calls at rest ran, and without them as long
+    status_stall: float | None = None
+    status_stall_baseline: float | None = None
     status_bytes: int = 0
     status_during: list[float] = field(default_factory=list)
     status_errors: list[str] = field(default_factory=list)
@@ -646,15 +652,25 @@ class SizeRun:
         return res
 
     def status_at_rest(self) -> None:
-        t_end = time.monotonic() + 120.0
+        """STATUS_AT_REST calls one after the other, the probe watching (each asks every worker)."""
+        assert self.probe is not None
+        self.probe.mark()
+        t0 = time.monotonic()
+        t_end = t0 + 120.0
         for _ in range(STATUS_AT_REST):
             latency, size = timed_status(self.layout.admin_socket)
             self.res.status_rest.append(latency)
             self.res.status_bytes = size
             if time.monotonic() > t_end:
                 break
+        window = time.monotonic() - t0
+        gap, _ = worst_gap(self.probe.mark())
+        time.sleep(min(window, BASELINE_CAP))
+        base, _ = worst_gap(self.probe.mark())
+        self.res.status_stall, self.res.status_stall_baseline = gap * 1000.0, base * 1000.0
         log(f"N={self.layout.n}: status at rest {statistics.median(self.res.status_rest) * 1000:.1f} ms "
-            f"(median of {len(self.res.status_rest)}, {self.res.status_bytes / 1024:.0f} KiB)")
+            f"(median of {len(self.res.status_rest)}, {self.res.status_bytes / 1024:.0f} KiB); probe gap "
+            f"{gap * 1000:.1f} ms, without status calls {base * 1000:.1f} ms")
 
     def reload_once(self, rel: Reload, poll: bool = False) -> float:
         """Rewrite the file, reload, measure; the wall seconds of the reload request."""
@@ -692,8 +708,9 @@ class SizeRun:
         rel.stall = max(rel.stall, gap * 1000.0)
         rel.baseline = max(rel.baseline, base * 1000.0)
         rel.probe_errors += errors
-        log(f"N={self.layout.n}: reload {rel.label}: {report.get('duration_ms', float('nan')):.1f} ms "
-            f"(prepare {report.get('prepare_ms', float('nan')):.1f}, commit {report.get('commit_ms', float('nan')):.1f}); "
+        nan = float("nan")
+        log(f"N={self.layout.n}: reload {rel.label}: {report.get('duration_ms', nan):.1f} ms "
+            f"(prepare {report.get('prepare_ms', nan):.1f}, commit {report.get('commit_ms', nan):.1f}); "
             f"probe gap {gap * 1000:.1f} ms, without reload {base * 1000:.1f} ms"
             + (f"; {errors} probe errors ({'; '.join(str(t['error']) for t in during.values() if t['error'])})"
                if errors else ""))
@@ -840,12 +857,16 @@ backend echo
 def run_haproxy(n: int, ports: list[int], extra_ports: list[int], echo_port: int, tmp: Path,
                 procs: Procs) -> HAProxyResult:
     res = HAProxyResult(n)
-    hdir = tmp / "haproxy"
+    hdir = tmp / f"haproxy-{n}"
     hdir.mkdir()
     cfg = hdir / "haproxy.cfg"
     logfile = hdir / "haproxy.log"
-    version = subprocess.run(["haproxy", "-v"], capture_output=True, timeout=30).stdout.decode()
-    res.version = version.split("\n", 1)[0].replace("HAProxy version ", "").split(" ")[0]
+    try:
+        version = subprocess.run(["haproxy", "-v"], capture_output=True, timeout=30).stdout.decode()
+        res.version = version.split("\n", 1)[0].replace("HAProxy version ", "").split(" ")[0]
+    except (OSError, subprocess.SubprocessError) as exc:
+        res.error = f"haproxy -v: {exc}"
+        return res
     echo = procs.start([sys.executable, "-c", ECHO_SRC, str(echo_port)], stdin=subprocess.DEVNULL,
                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     master: subprocess.Popen[bytes] | None = None
@@ -1047,11 +1068,16 @@ def table(results: list[SizeResult], haps: list[HAProxyResult]) -> str:
     row("… 1 changed", lambda r: stall_cell(r, ("1 changed",)), lambda h: same)
     row("… 1 added", lambda r: stall_cell(r, ("1 added",)), lambda h: same)
     row("… 1 removed", lambda r: stall_cell(r, ("1 removed",)), lambda h: same)
-    row("… many changed (both reloads)", lambda r: stall_cell(r, ("many", "many polled")))
+    row("… many changed", lambda r: stall_cell(r, ("many",)))
+    row("… many changed, with `status` polled during it", lambda r: stall_cell(r, ("many polled",)))
     row("`status` at rest: median / max (reply size)",
         lambda r: status_cell(r.status_rest) + f", {r.status_bytes / 1024:,.0f} KiB")
     row("`status` during the second many-changed reload: median / max",
         lambda r: status_cell(r.status_during, r.status_errors))
+    row("largest probe gap while the status calls at rest ran / without (above)",
+        lambda r: (f"{ms(r.status_stall)} / {ms(r.status_stall_baseline)} "
+                   f"(+{ms(r.status_stall - r.status_stall_baseline)})"
+                   if r.status_stall is not None and r.status_stall_baseline is not None else "–"))
     row("RSS master · HAProxy: all its processes",
         lambda r: f"{r.rss_master / 1024:,.1f} MiB" if r.rss_master else "–",
         lambda h: f"{h.rss / 1024:,.1f} MiB ({h.processes} processes)" if h.rss else "–")
@@ -1113,13 +1139,17 @@ def goals(results: list[SizeResult], haps: list[HAProxyResult]) -> str:
                 q <= 3.0 and not big.status_errors)
         worst_above, where = None, ""
         for r in ok:
-            for rel in r.reloads.values():
+            # (the reload with status polled is left out: status calls stall workers by themselves)
+            for key, rel in r.reloads.items():
+                if key == "many polled":
+                    continue
                 above = rel.stall - rel.baseline
                 if worst_above is None or above > worst_above:
                     worst_above, where = above, f"{r.n:,} services, {rel.label}"
         if worst_above is not None:
             add("worker loop stall during a reload ≤ 20 ms above the probe's largest gap without reloads "
-                "(worst over every size and reload)", f"+{ms(worst_above)} ({where})", worst_above <= 20.0)
+                "(worst over every size and reload; not the one with status polled)",
+                f"+{ms(worst_above)} ({where})", worst_above <= 20.0)
     check = next((r for r in results if r.n == 10000 and r.check_s is not None), None)
     if check is not None and check.check_s is not None:
         add("`hotproxy check` of 10,000 services < 1 s",
@@ -1226,9 +1256,10 @@ def main(argv: list[str] | None = None) -> int:
                 run = SizeRun(n, ports[:n], extra, tmp, procs, hp)
                 try:
                     run.run()
-                except (RuntimeError, OSError, AdminError, subprocess.SubprocessError) as exc:
-                    log(f"N={n}: FAILED: {exc}")
-                    run.res.error = " ".join(str(exc).split())
+                except Exception as exc:   # (a bug here too: the other sizes' figures are still printed)
+                    known = isinstance(exc, (RuntimeError, OSError, AdminError, subprocess.SubprocessError))
+                    log(f"N={n}: FAILED: {exc if known else repr(exc)}")
+                    run.res.error = " ".join((str(exc) if known else repr(exc)).split())
                 results.append(run.res)
             if have_haproxy:
                 # the largest size; and the largest hotproxy served, if that is another
@@ -1238,7 +1269,11 @@ def main(argv: list[str] | None = None) -> int:
                         notes.append(f"HAProxy with {n:,} frontends skipped: it needs more descriptors than "
                                      f"the hard RLIMIT_NOFILE ({hard:,})")
                         continue
-                    haps.append(run_haproxy(n, ports, extra, ports[-1], tmp, procs))
+                    try:
+                        haps.append(run_haproxy(n, ports, extra, ports[-1], tmp, procs))
+                    except Exception as exc:
+                        log(f"HAProxy N={n}: FAILED: {exc!r}")
+                        haps.append(HAProxyResult(n, error=repr(exc)))
             elif not args.no_haproxy:
                 notes.append("HAProxy not installed (apt-get install haproxy): no comparison")
     except KeyboardInterrupt:
