@@ -6,3 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pytest bench/ -q -p no:cacheprovider --benchmark-disable "$@"
+# The many-services bench at its smallest (10 and 300 services, ~30 s; no
+# goal is asserted: it fails only if hotproxy cannot start or reload).
+python bench/scale.py --quick --no-haproxy
