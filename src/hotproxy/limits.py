@@ -50,8 +50,11 @@ from .commands import PrepareAndCommit, Precommit
 if TYPE_CHECKING:
     from ._core import CounterTable, SharedCounter
 
-#: counter slots in a segment: services (with a limit) one run can name
-SLOTS = 4096
+#: counter slots in a segment: services (with a limit) one run can name.
+#: The memfd is sparse: only the pages of slots in use are ever touched
+#: (a total is 64 bytes, a worker's share 8), so 10,000 services cost
+#: about 1 MiB however large this is.
+SLOTS = 65536
 
 #: sets of worker regions a manager's segment has: the generations of
 #: masters (one serving, the others draining after upgrades) that can count in it at once
