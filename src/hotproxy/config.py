@@ -248,6 +248,8 @@ class _Checker:
         self._infos: dict[tuple[str, int, bool], list[Any]] = {}
         #: service name -> its listen key (see ``listen_key``)
         self._listen_keys: dict[str, tuple[Any, ...]] = {}
+        #: the listen keys by ``_bucket`` (built on first use, after every key is known)
+        self._by_bucket: dict[tuple[Any, ...], list[tuple[str, tuple[Any, ...]]]] | None = None
         #: ``runtime.metrics`` as a listener factory (None: off)
         self.metrics_listener: ListenerFactory | None = None
         #: address -> whether this host has it (wildcard listeners are reached through it)
@@ -422,14 +424,18 @@ class _Checker:
         """One service per address: with SO_REUSEPORT two services on one port
         would both bind and silently split its traffic, so it is caught here.
         A wildcard address (0.0.0.0, ::) overlaps every address of its family."""
-        taken: list[tuple[tuple[Any, ...], str]] = []
+        # Only keys in one bucket (a Unix path; a family and port) can
+        # overlap: each service is compared with its bucket, not with all
+        # (10,000 services: 10,000 comparisons, not 50 million).
+        taken: dict[tuple[Any, ...], list[tuple[tuple[Any, ...], str]]] = {}
         if self.metrics_listener is not None:
             # (not a service: it never enters _listen_keys or the loop graph)
             metrics = self.listen_key("runtime.metrics", self.metrics_listener)
         for name, svc in services.items():
             key = self.listen_key(name, svc.listener)
             self._listen_keys[name] = key
-            for other_key, other in taken:
+            same = taken.setdefault(_bucket(key), [])
+            for other_key, other in same:
                 if _overlap(key, other_key):
                     raise self.fail(f"services.{name}.listen",
                                     f"address {svc.listen} overlaps services.{other}.listen "
@@ -437,7 +443,7 @@ class _Checker:
             if self.metrics_listener is not None and _overlap(key, metrics):
                 raise self.fail(f"services.{name}.listen", f"address {svc.listen} overlaps runtime.metrics "
                                 f"({self.metrics_listener.address})")
-            taken.append((key, name))
+            same.append((key, name))
 
     def listen_key(self, name: str, lf: ListenerFactory) -> tuple[Any, ...]:
         if isinstance(lf, UnixListenerFactory):
@@ -533,12 +539,23 @@ class _Checker:
         addr = addresses.parse(upstream)
         if addr.path is not None:
             real = os.path.realpath(addr.path)
-            return [name for name, lk in self._listen_keys.items() if lk == ("unix", real)]
+            return [name for name, _ in self.listeners_on(("unix", real))]
         host, port = addr.host, addr.port
         assert host is not None and port is not None
         addrs = {_plain_ip(info[4][0]) for info in self.resolve_all(key, host, port, passive=False)}
-        return [name for name, lk in self._listen_keys.items()
-                if lk[0] == "tcp" and any(self.reaches(a, port, lk) for a in addrs)]
+        found: list[str] = []
+        for version in sorted({a.version for a in addrs}):
+            found += [name for name, lk in self.listeners_on(("tcp", version, port))
+                      if any(self.reaches(a, port, lk) for a in addrs)]
+        return found
+
+    def listeners_on(self, bucket: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
+        """The (service, listen key) pairs of one ``_bucket`` (the index is built once per file)."""
+        if self._by_bucket is None:
+            self._by_bucket = {}
+            for name, lk in self._listen_keys.items():
+                self._by_bucket.setdefault(_bucket(lk), []).append((name, lk))
+        return self._by_bucket.get(bucket, [])
 
     def reaches(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, lk: tuple[Any, ...]) -> bool:
         """Does a connect(2) to *addr*:*port* land on the listener of listen key *lk*?"""
@@ -579,6 +596,11 @@ def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
+
+
+def _bucket(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Listen keys that can overlap share a bucket: a Unix path, or a TCP family and port."""
+    return key[:2] if key[0] == "unix" else key[:3]
 
 
 def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:

@@ -412,10 +412,13 @@ class Master:
         notify = not self._stopping   # (after STOPPING=1 systemd hears nothing else)
         if notify:
             self.notify.reloading()
-        # a file of address literals loads in the loop; host names in a thread
+        # A small file of address literals loads in the loop (no thread hop);
+        # host names, or a big file, in a thread, so that the loop keeps
+        # answering status and signals while thousands of services are parsed.
+        quick = None if _big(self.path) else (lambda: load_config(self.path, lookups=False))
         report = await self.reloader.reload(
             lambda: load_config(self.path), trigger=trigger, started=started,
-            quick_load=lambda: load_config(self.path, lookups=False), allow_empty=allow_empty)
+            quick_load=quick, allow_empty=allow_empty)
         self._note_changes(report)
         if notify and not self._stopping:
             self.notify.send("READY=1", f"STATUS={report.summary()}")
@@ -752,7 +755,7 @@ class Master:
 
     # -- pidfile ----------------------------------------------------------------
 
-    def _check_pidfile(self, path: str | None, replacing: int) -> None:
+    def _check_pidfile(self, path: str | None, replacing: int | None) -> None:
         """``_write_pidfile``'s checks, writing nothing (the old master's pid is expected there)."""
         if path is None:
             return
@@ -768,11 +771,7 @@ class Master:
         (*replacing*) (``config.inspect_pidfile`` says what else is refused)."""
         if path is None:
             return
-        problem, other = inspect_pidfile(path)
-        if problem is not None:
-            raise PidfileError(f"pidfile {path}: {problem}")
-        if other and other not in (os.getpid(), replacing) and pid_alive(other):
-            raise PidfileError(f"pidfile {path}: hotproxy already running as pid {other}")
+        self._check_pidfile(path, replacing)
         tmp = f"{path}.{os.getpid()}.tmp"
         with contextlib.suppress(OSError):
             if stat.S_ISREG(os.lstat(tmp).st_mode):
@@ -809,6 +808,17 @@ class Master:
                     os.unlink(path)
         except OSError:
             pass
+
+
+#: a config file larger than this is parsed off the master's loop (about 300 services)
+QUICK_LOAD_BYTES = 32 * 1024
+
+
+def _big(path: str | None) -> bool:
+    try:
+        return path is not None and os.stat(path).st_size > QUICK_LOAD_BYTES
+    except OSError:
+        return False   # the load reports it
 
 
 def _upstreams(name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
