@@ -121,3 +121,30 @@ async def eventually(pred: Callable[[], Any], timeout: float = 10.0, interval: f
 
 
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+
+@pytest.fixture
+def start(tmp_path: Any) -> Any:
+    """``start(config_text, *, name=..., **kw)`` -> a started ``hotproxy run``
+    (see ``helpers_program.started_programs``); all stopped at the end."""
+    from helpers_program import started_programs
+
+    with started_programs(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture
+def traffic() -> Any:
+    """``traffic(targets, **kw)`` -> a running ``helpers_program.Traffic``; all killed at the end."""
+    from helpers_program import Traffic
+
+    started: list[Any] = []
+
+    def _traffic(targets: list[str], **kw: Any) -> Any:
+        t = Traffic(targets, **kw)
+        started.append(t)
+        return t
+
+    yield _traffic
+    for t in started:
+        t.kill()

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from hotproxy.admin import AdminClient, AdminError
 from hotproxy.config import Option, ServiceKind, register_kind
@@ -287,6 +287,38 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][:1] != "Z"
     except (OSError, IndexError):
         return False
+
+
+@contextlib.contextmanager
+def started_programs(directory: Path, *, log_tail: int | None = None) -> Iterator[Callable[..., Program]]:
+    """``start(config_text, *, name="hotproxy.toml", **kw)`` -> a started ``Program``.
+
+    The file (and the log, ``NAME.log``) go in *directory*; ``config_text``
+    None runs the embedded default.  At the end every program started is
+    continued (a test may have stopped its workers with SIGSTOP) and killed,
+    with everything it led to, and its log printed (pytest shows it when the
+    test failed; *log_tail*: only the last that many characters).
+    """
+    started: list[Program] = []
+
+    def start(text: str | None, *, name: str = "hotproxy.toml", **kw: Any) -> Program:
+        cfg = directory / name
+        if text is not None:
+            cfg.write_text(text)
+        prog = Program(cfg if text is not None else None, directory / f"{name}.log", **kw)
+        started.append(prog)
+        return prog
+
+    try:
+        yield start
+    finally:
+        for prog in started:
+            for pid in prog.worker_pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            prog.kill()
+            text = prog.log()
+            print(f"---- log of {prog.config or 'hotproxy run'} ----\n{text[-log_tail:] if log_tail else text}")
 
 
 # -- clients -------------------------------------------------------------------------

@@ -18,32 +18,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import pytest
 
 from conftest import eventually, free_port, run
 from helpers_program import Program, roundtrip, toml
 from hotproxy.admin import AdminServer
 
 Start = Callable[..., Program]
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    started: list[Program] = []
-
-    def _start(text: str, **kw: Any) -> Program:
-        cfg = tmp_path / "hotproxy.toml"
-        cfg.write_text(text)
-        prog = Program(cfg, tmp_path / "hotproxy.log", **kw)
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        prog.kill()
-        print(f"---- log of {prog.config} (last 4000 chars) ----\n{prog.log()[-4000:]}")
 
 
 def _fds(pid: int) -> int:

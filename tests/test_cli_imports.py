@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -53,23 +53,6 @@ def probe(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
     assert last.startswith("PROBE "), (proc.stdout, proc.stderr)
     result = json.loads(last[len("PROBE "):])
     return result["code"], set(result["modules"]), proc.stderr
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    started: list[Program] = []
-
-    def _start(text: str, **kw: Any) -> Program:
-        cfg = tmp_path / "hotproxy.toml"
-        cfg.write_text(text)
-        prog = Program(cfg, tmp_path / "hotproxy.log", **kw)
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        prog.kill()
-        print(f"---- log of {prog.config} ----\n{prog.log()}")
 
 
 def test_reload_status_and_stop_import_neither_asyncio_nor_the_core_nor_the_config_loader(start: Start) -> None:

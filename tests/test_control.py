@@ -9,38 +9,16 @@ asserts on timing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import pytest
 
 from conftest import eventually, free_port, run
 from helpers_program import EchoClient, Program, roundtrip, toml
 
 Start = Callable[..., Program]
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    started: list[Program] = []
-
-    def _start(text: str, *, name: str = "hotproxy.toml", **kw: Any) -> Program:
-        cfg = tmp_path / name
-        cfg.write_text(text)
-        prog = Program(cfg, tmp_path / f"{name}.log", **kw)
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        for pid in prog.worker_pids:   # a stopped worker must not outlive the test
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        prog.kill()
-        print(f"---- log of {prog.config} ----\n{prog.log()}")
 
 
 def echo(port: int, greeting: str = "", **kw: Any) -> dict[str, Any]:

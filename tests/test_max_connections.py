@@ -15,8 +15,7 @@ import contextlib
 import os
 import signal
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -26,23 +25,6 @@ from helpers_program import HOST, Program, toml
 LIMIT = 5
 
 Start = Callable[[str], Program]
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    started: list[Program] = []
-
-    def _start(text: str) -> Program:
-        cfg = tmp_path / "hotproxy.toml"
-        cfg.write_text(text)
-        prog = Program(cfg, tmp_path / "hotproxy.log")
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        prog.kill()
-        print(f"---- log ----\n{prog.log()}")
 
 
 @dataclass

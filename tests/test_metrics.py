@@ -14,9 +14,8 @@ import os
 import re
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import pytest
 
 from conftest import eventually, free_port, run
 from helpers_program import Program, ShortLoop, roundtrip, toml
@@ -24,26 +23,6 @@ from hotproxy.metrics import METRICS, parse
 
 Start = Callable[..., Program]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    started: list[Program] = []
-
-    def _start(text: str, **kw: Any) -> Program:
-        cfg = tmp_path / "hotproxy.toml"
-        cfg.write_text(text)
-        prog = Program(cfg, tmp_path / "hotproxy.log", **kw)
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        for pid in prog.worker_pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        prog.kill()
-        print(f"---- log of {prog.config} ----\n{prog.log()}")
 
 
 async def http(port: int, path: str = "/metrics", *, method: str = "GET",

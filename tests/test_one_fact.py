@@ -21,8 +21,7 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -33,23 +32,6 @@ from hotproxy.config import parse_config
 from hotproxy.options import ECHO_OPTIONS, PROXY_OPTIONS
 
 Start = Callable[[str], Program]
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    started: list[Program] = []
-
-    def _start(text: str) -> Program:
-        cfg = tmp_path / "hotproxy.toml"
-        cfg.write_text(text)
-        prog = Program(cfg, tmp_path / "hotproxy.log")
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        prog.kill()
-        print(f"---- log ----\n{prog.log()}")
 
 
 # -- one schema: the file and the factories agree ----------------------------------------------

@@ -16,7 +16,7 @@ import signal
 import socket
 import stat
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -27,28 +27,6 @@ HAVE_PROXY = importlib.util.find_spec("hotproxy.proxy") is not None
 needs_proxy = pytest.mark.skipif(not HAVE_PROXY, reason="hotproxy.proxy is not there yet")
 
 Start = Callable[..., Program]
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    """``start(config_text, **kw)`` -> a started ``Program``; all killed at the end."""
-    started: list[Program] = []
-
-    def _start(text: str | None, *, name: str = "hotproxy.toml", **kw: Any) -> Program:
-        cfg = tmp_path / name
-        if text is not None:
-            cfg.write_text(text)
-        prog = Program(cfg if text is not None else None, tmp_path / f"{name}.log", **kw)
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        prog.kill()
-        # shown by pytest when the test failed
-        print(f"---- log of {prog.config or 'hotproxy run'} ----\n{prog.log()}")
-
-
 
 
 def echo(port: int, greeting: str = "", **kw: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -32,42 +32,6 @@ from helpers_program import EchoClient, Program, Traffic, proc_rss_kib, refuses,
 
 Start = Callable[..., Program]
 HOST = "127.0.0.1"
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    """``start(config_text, **kw)`` -> a started ``Program``; all killed at the end."""
-    started: list[Program] = []
-
-    def _start(text: str, *, name: str = "hotproxy.toml", **kw: Any) -> Program:
-        cfg = tmp_path / name
-        cfg.write_text(text)
-        prog = Program(cfg, tmp_path / f"{name}.log", **kw)
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        prog.kill()
-        log = prog.log()
-        print(f"---- log of {prog.config} (last 4000 chars) ----\n{log[-4000:]}")
-
-
-@pytest.fixture
-def traffic() -> Iterator[Callable[..., Traffic]]:
-    """``traffic(targets, **kw)`` -> a running ``Traffic``; all killed at the end."""
-    started: list[Traffic] = []
-
-    def _traffic(targets: list[str], **kw: Any) -> Traffic:
-        t = Traffic(targets, **kw)
-        started.append(t)
-        return t
-
-    yield _traffic
-    for t in started:
-        t.kill()
-
-
 
 
 def echo(port: int, **kw: Any) -> dict[str, Any]:

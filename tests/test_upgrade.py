@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import eventually, free_port, run
-from helpers_program import Program, Traffic, alive, children, roundtrip, toml
+from helpers_program import Program, Traffic, alive, children, roundtrip, started_programs, toml
 
 HOST = "127.0.0.1"
 Start = Callable[..., Program]
@@ -47,34 +47,9 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def start(short_dir: Path) -> Iterator[Start]:
-    """``start(config_text, **kw)`` -> a started ``Program``; every process it led to is killed at the end."""
-    started: list[Program] = []
-
-    def _start(text: str, *, name: str = "hotproxy.toml", **kw: Any) -> Program:
-        cfg = short_dir / name
-        cfg.write_text(text)
-        prog = Program(cfg, short_dir / f"{name}.log", **kw)
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        prog.kill()
-        print(f"---- log of {prog.config} (last 6000 chars) ----\n{prog.log()[-6000:]}")
-
-
-@pytest.fixture
-def traffic() -> Iterator[Callable[..., Traffic]]:
-    started: list[Traffic] = []
-
-    def _traffic(targets: list[str], **kw: Any) -> Traffic:
-        t = Traffic(targets, **kw)
-        started.append(t)
-        return t
-
-    yield _traffic
-    for t in started:
-        t.kill()
+    """``start(config_text, **kw)`` in *short_dir*; every process it led to is killed at the end."""
+    with started_programs(short_dir, log_tail=6000) as start:
+        yield start
 
 
 def services(e: int, px: int, unix: Path, **proxy: Any) -> dict[str, dict[str, Any]]:
