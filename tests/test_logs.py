@@ -50,7 +50,12 @@ def test_log_format_json_from_start_and_back_to_text_on_reload(tmp_path: Path) -
             assert all({"ts", "level", "logger", "msg"} <= doc.keys() for doc in docs)
             assert {doc["process"] for doc in docs} >= {"master", "worker[0]"} or \
                 {doc["process"] for doc in docs} >= {"master", "worker[1]"}
-            assert "in=4 out=4" in access_lines()[0]["msg"]
+            line = access_lines()[0]
+            assert "in=4 out=4" in line["msg"] and line["msg"].startswith("service p: ")
+            # the access line's fields, as keys of their own
+            assert (line["service"], line["upstream"], line["bytes_in"], line["bytes_out"], line["end"]) == \
+                ("p", f"127.0.0.1:{e}", 4, 4, "eof"), line
+            assert line["client"].startswith("127.0.0.1:") and line["duration"] >= 0
 
             cfg.write_text(toml(services))   # log_format = "text" (the default)
             code, out, err = await prog.cli("reload", "-c", str(cfg))
@@ -58,7 +63,8 @@ def test_log_format_json_from_start_and_back_to_text_on_reload(tmp_path: Path) -
             assert await roundtrip(p, 0, b"plain!") == b"plain!"
 
             def text_access() -> bool:
-                return any("hotproxy.access" in line and "in=6 out=6" in line and not line.startswith("{")
+                return any("hotproxy.access: service p: 127.0.0.1:" in line and "in=6 out=6" in line
+                           and not line.startswith("{")
                            for line in prog.log().splitlines())
 
             await eventually(text_access)

@@ -103,6 +103,7 @@ def test_metrics_count_what_happened(start: Start) -> None:
                                upstream=f"127.0.0.1:{dead}") or 0) >= 1)
 
         await eventually(ejected)
+        assert f"service q: upstream 127.0.0.1:{dead} ejected" in prog.log()   # the line names its service
 
         # a reload that applies, then one that fails
         good = toml(dict(services, e=dict(services["e"], greeting="v2\n")), metrics=f"127.0.0.1:{m}")

@@ -349,7 +349,7 @@ class _Checker:
         backlog = opts.pop("backlog")
         del opts["kind"]
         try:
-            factory = kind.build(dict(opts))
+            factory = kind.build(dict(opts)).named(name)
         except ConfigError:
             raise
         except (ValueError, TypeError) as exc:

@@ -106,6 +106,9 @@ class ProxyFactory(MakeService):
     keepalive: bool = _OPT["keepalive"]
     access_log: bool = _OPT["access_log"]
     counter: CounterSlot | None = None
+    #: the service's name in the config ("" for a factory made in code): in
+    #: every log line about it, and in the JSON ``service`` field
+    service: str = ""
 
     def __post_init__(self) -> None:
         ups = self.upstreams
@@ -128,6 +131,9 @@ class ProxyFactory(MakeService):
             seen.add(addr)
         object.__setattr__(self, "upstreams", ups)
         check_fields(self, PROXY_OPTIONS, skip=("upstreams",))
+
+    def named(self, name: str) -> ProxyFactory:
+        return replace(self, service=name)
 
     def with_shared_counters(self, next_slot: NextSlot) -> ProxyFactory:
         """This factory counting ``max_connections`` in the instance's slot *next_slot()*."""
@@ -306,7 +312,7 @@ class ProxyService(Service):
             connect_timeout=float(factory.connect_timeout),
             attempts=1 + factory.retries,
             max_connections=factory.max_connections,
-            on_refuse=_log_refused if factory.access_log else None,
+            on_refuse=self.balancer.log_refused if factory.access_log else None,
             limit=shared.limit,
         )
 
@@ -414,16 +420,19 @@ class _Balancer:
             was_ejected = st.ejected_until > 0
             st.ejected_until = now + self.factory.fail_timeout
             if not was_ejected:
-                log.warning("upstream %s ejected for %.1fs after %d connect failures (last: %s)",
-                            st.address, self.factory.fail_timeout, st.fails, describe(exc))
+                log.warning("%supstream %s ejected for %.1fs after %d connect failures (last: %s)", self._who,
+                            st.address, self.factory.fail_timeout, st.fails, describe(exc),
+                            extra=self._fields(upstream=st.address, reason=describe(exc)))
         else:
-            log.info("upstream %s: connect failed (%s)", st.address, describe(exc))
+            log.info("%supstream %s: connect failed (%s)", self._who, st.address, describe(exc),
+                     extra=self._fields(upstream=st.address, reason=describe(exc)))
 
     def succeeded(self, target: Any) -> None:
         """*target* connected after failures: it is healthy again."""
         st = target.state
         if st.ejected_until > 0:
-            log.warning("upstream %s is back after %d connect failures", st.address, st.fails)
+            log.warning("%supstream %s is back after %d connect failures", self._who, st.address, st.fails,
+                        extra=self._fields(upstream=st.address))
         st.fails = 0
         st.ejected_until = 0.0
 
@@ -485,15 +494,30 @@ class _Balancer:
             h = zlib.crc32(b"%d" % probe, h)
         return cands[zlib.crc32(key) % len(cands)]
 
+    @property
+    def _who(self) -> str:
+        """``service NAME: `` before a line about this service (nothing for an unnamed one)."""
+        return f"service {self.factory.service}: " if self.factory.service else ""
+
+    def _fields(self, **fields: Any) -> dict[str, Any]:
+        """The ``extra=`` of a line about this service (the JSON log format's keys)."""
+        return {"service": self.factory.service or None, **fields}
+
     def log_close(self, conn: Any) -> None:
+        """The access line of a finished connection."""
         up = conn.upstream
-        access_log.info("%s -> %s in=%d out=%d time=%.3fs end=%s", _peer(conn.peername),
-                        up.address if up is not None else "-", conn.bytes_in, conn.bytes_out,
-                        conn.duration, conn.end)
+        client, upstream, duration = _peer(conn.peername), up.address if up is not None else "-", conn.duration
+        access_log.info("%s%s -> %s in=%d out=%d time=%.3fs end=%s", self._who, client, upstream,
+                        conn.bytes_in, conn.bytes_out, duration, conn.end,
+                        extra=self._fields(client=client, upstream=upstream, bytes_in=conn.bytes_in,
+                                           bytes_out=conn.bytes_out, duration=round(duration, 6), end=conn.end))
 
-
-def _log_refused(peer: Any) -> None:
-    access_log.info("%s -> - in=0 out=0 time=0.000s end=refused", _peer(peer))
+    def log_refused(self, peer: Any) -> None:
+        """The access line of a connection refused by ``max_connections``."""
+        client = _peer(peer)
+        access_log.info("%s%s -> - in=0 out=0 time=0.000s end=refused", self._who, client,
+                        extra=self._fields(client=client, upstream="-", bytes_in=0, bytes_out=0, duration=0.0,
+                                           end="refused"))
 
 
 def _peer(peer: Any) -> str:

@@ -142,6 +142,11 @@ class MakeService(abc.ABC):
         ``next_slot()``, outermost first.  The default: no limit, ``self``."""
         return self
 
+    def named(self, name: str) -> MakeService:
+        """This factory for the service called *name* in the config (for its
+        log lines).  The default: the name is not used, ``self``."""
+        return self
+
     def make_via_snapshot(self, seed: Seed) -> MaybeAwaitable[Service]:
         """The first version in a new program (an upgrade), from the old
         program's snapshots (``Service.snapshot``); raise if they cannot be
@@ -293,6 +298,14 @@ class Layer(MakeService):
         if inner is None:
             return self   # building it fails anyway, and says why
         new = inner.with_shared_counters(next_slot)
+        return self if new is inner else replace(self, inner=new)
+
+    def named(self, name: str) -> MakeService:
+        """The inner factory named."""
+        inner = self.inner
+        if inner is None:
+            return self
+        new = inner.named(name)
         return self if new is inner else replace(self, inner=new)
 
 
