@@ -210,12 +210,12 @@ class SharedCounter(_Counter):
     @property
     def value(self) -> int:
         """Open connections counted, over every process."""
-        return self._words[self._t]  # type: ignore[no-any-return]
+        return self._words[self._t]
 
     @property
     def mine(self) -> int:
         """This process's part of ``value``."""
-        return self._words[self._s]  # type: ignore[no-any-return]
+        return self._words[self._s]
 
     def __repr__(self) -> str:
         return f"<SharedCounter slot={self.slot} value={self.value} mine={self.mine}>"

@@ -77,7 +77,7 @@ class ResultGroup(Sequence[WorkerResult]):
         self.command = command
         self.results = results
 
-    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+    def __getitem__(self, i: Any) -> Any:
         return self.results[i]
 
     def __len__(self) -> int:
@@ -209,6 +209,9 @@ class WorkerManager:
     @property
     def stopping(self) -> bool:
         """True once ``stop`` was called."""
+        return self._stopping
+
+    def _stop_asked(self) -> bool:
         return self._stopping
 
     def live_workers(self) -> list[WorkerHandle]:
@@ -406,10 +409,12 @@ class WorkerManager:
     async def _supervise(self, w: ProcessWorker) -> None:
         delay = 0.0
         self._fd_reserve.refill()
-        while not self._stopping:
+        # (a method, not self._stopping: stop() sets it while this awaits, which
+        # a type checker narrowing the attribute cannot know)
+        while not self._stop_asked():
             code = await w.wait()
             w.alive = w.ready = False
-            if self._stopping:
+            if self._stop_asked():
                 return
             assert self.limits is not None
             self.limits.reclaim(self.limits.region(w.id))   # its connections are gone with it
@@ -421,9 +426,9 @@ class WorkerManager:
             delay = 0.0 if lived > 10.0 else min(max(delay * 2, 0.05), 10.0)
             if code == EXIT_BOOT_FAILURE:
                 delay = max(delay, 1.0)
-            while not self._stopping:
+            while not self._stop_asked():
                 await asyncio.sleep(delay)
-                if self._stopping:
+                if self._stop_asked():
                     return
                 try:
                     # Boot outside the lock: a reload in progress does not
@@ -434,7 +439,7 @@ class WorkerManager:
                     finally:
                         self._fd_reserve.refill()
                     async with self._lock:
-                        if self._stopping:
+                        if self._stop_asked():
                             return
                         await self._replay(w)
                         w.ready = True

@@ -112,7 +112,7 @@ class ProxyFactory(MakeService):
 
     def __post_init__(self) -> None:
         ups = self.upstreams
-        if isinstance(ups, str):
+        if isinstance(ups, str):   # type: ignore[unreachable]  # typed a tuple; code may still pass a str
             raise ValueError(f"upstreams: expected a list of addresses, got the string {ups!r}")
         try:
             ups = tuple(ups)
@@ -327,7 +327,7 @@ class ProxyService(Service):
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
         """A relay for one accepted client; it refuses over ``max_connections`` itself."""
-        return self._Connection(self.relay, conns, self)  # type: ignore[no-any-return]
+        return self._Connection(self.relay, conns, self)
 
     # -- status and logs -------------------------------------------------------
 
@@ -454,7 +454,7 @@ class _Balancer:
                 return None
         if len(cands) == 1:
             return cands[0]
-        return self._choose(self, conn, cands)  # type: ignore[no-any-return]
+        return self._choose(self, conn, cands)
 
     def _choose_round_robin(self, conn: Any, cands: list[Any]) -> Any:
         shared = self.shared

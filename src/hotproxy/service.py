@@ -59,8 +59,8 @@ MaybeAwaitable = Union[T, Awaitable[T]]
 async def maybe_await(value: MaybeAwaitable[T]) -> T:
     """Await *value* if it is awaitable, else return it."""
     if inspect.isawaitable(value):
-        return await value  # type: ignore[no-any-return]
-    return value  # type: ignore[return-value]
+        return await value
+    return value
 
 
 class Service(abc.ABC):
@@ -169,7 +169,9 @@ class Seed:
 
     def of_type(self, kind: str, version: int = 1) -> Seed:
         """The snapshots of *kind* and *version*; ``ValueError`` if there are some and none is."""
-        ok = lambda snap: isinstance(snap, dict) and snap.get("type") == kind and snap.get("v") == version  # noqa: E731
+        def ok(snap: object) -> bool:
+            return isinstance(snap, dict) and snap.get("type") == kind and snap.get("v") == version
+
         carry = tuple(s for s in self.carry if ok(s))
         like = self.like if ok(self.like) else None
         if (self.carry or self.like) and not carry and like is None:
