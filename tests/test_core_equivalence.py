@@ -29,7 +29,8 @@ import pytest
 from conftest import eventually, free_port, run
 from hotproxy import _core_py, core, listeners
 from hotproxy.proxy import ProxyFactory
-from test_proxy import Backend, close, connect, drained, proxy_site, service, site_address
+from test_proxy import (Backend, close, connect, connect_not_reading, drained, proxy_site, service,
+                        site_address)
 
 pytestmark = pytest.mark.skipif(not core.COMPILED_AVAILABLE, reason="extension not built")
 
@@ -215,12 +216,7 @@ async def conversation() -> list[Any]:
     payload = bytes(range(256)) * 65536
     b = await Backend(mode="stream", payload=payload).start()
     async with proxy_site(ProxyFactory((b.address,))) as ex:
-        host, _, port = site_address(ex).rpartition(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-        r, w = await asyncio.open_connection(sock=sock)
+        r, w = await connect_not_reading(ex)
         await eventually(lambda: len(ex.sites["p"].conns) == 1)
         c = conn_of(ex)
         await eventually(lambda: c.directions[2] in ("blocked", "eof_pend"))

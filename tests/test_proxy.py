@@ -171,6 +171,18 @@ def site_address(ex: ServiceExecutor, name: str = "p") -> str:
     return listener.address
 
 
+async def connect_not_reading(ex: ServiceExecutor, name: str = "p") -> tuple[asyncio.StreamReader,
+                                                                              asyncio.StreamWriter]:
+    """A client of site *name* with a small receive buffer that reads nothing
+    until the test does: the upstream-to-client direction backs up."""
+    host, _, port = site_address(ex, name).rpartition(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    return await asyncio.open_connection(sock=sock)
+
+
 def service(ex: ServiceExecutor, name: str = "p") -> ProxyService:
     svc = ex.sites[name].service
     assert isinstance(svc, ProxyService)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from types import ModuleType
 from typing import Any
@@ -28,7 +27,8 @@ from hypothesis import strategies as st
 from conftest import eventually, run
 from hotproxy import _core_py, core
 from hotproxy.proxy import ProxyFactory
-from test_proxy import Backend, close, connect, drained, proxy_site, service, site_address
+from test_proxy import (Backend, close, connect, connect_not_reading, drained, proxy_site, service,
+                        site_address)
 
 # names of states, events and actions: the pure build's module globals (the
 # compiled build keeps them as C variables)
@@ -324,12 +324,7 @@ def test_directions_under_back_pressure(core_name: str) -> None:
         payload = bytes(range(256)) * 65536   # 16 MiB: more than the kernel buffers hold
         b = await Backend(mode="stream", payload=payload).start()
         async with proxy_site(ProxyFactory((b.address,))) as ex:
-            host, _, port = site_address(ex).rpartition(":")
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-            r, w = await asyncio.open_connection(sock=sock)
+            r, w = await connect_not_reading(ex)
             await eventually(lambda: len(ex.sites["p"].conns) == 1)
             conn = find_conn(ex, "p")
             # not reading: the proxy stops reading the upstream (the EOF, if
