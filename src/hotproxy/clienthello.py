@@ -1,0 +1,218 @@
+"""The server name of a TLS ClientHello, read without terminating TLS.
+
+``server_name(data)`` looks at the first bytes a client sent and says one
+of three things: more bytes are needed (``None``), here is the name the
+client asked for (a ``str``, ``""`` when it sent no ``server_name``
+extension), or this is not a ClientHello hotproxy accepts
+(``ClientHelloError``, one line).  It never consumes anything: the caller
+keeps the bytes and relays them untouched, so the TLS session stays end to
+end (HAProxy's ``req.ssl_sni``, nginx's ``ssl_preread``).
+
+The parser is strict and bounded -- it reads bytes a stranger sent:
+
+* only TLS handshake records (content type 22) of version 3.x, each at
+  most 2**14 bytes of payload (RFC 8446 5.1);
+* the first handshake message must be a ClientHello; it may span several
+  records, but the message is at most ``MAX_HELLO`` bytes and the records
+  that carry it at most ``MAX_RECORDS`` (so the bytes buffered are bounded
+  by ``MAX_BUFFERED`` whatever the peer sends);
+* every length is checked against the bytes that hold it before it is
+  used; an extension type seen twice, a ``server_name`` list with two host
+  names, an empty or over-long name, a name that is not ASCII letters,
+  digits, ``-``, ``_`` and dots, or bytes left over after the extensions
+  are errors.
+
+The name is returned lower-cased, without a trailing dot, since DNS names
+compare that way (RFC 6066 3: the name is ASCII, with no trailing dot).
+
+Everything here is pure computation on ``bytes``, one call per arrival of
+data while the hello is incomplete (a client sends it in one segment in
+practice), so it costs one parse per connection.
+"""
+
+from __future__ import annotations
+
+#: the largest ClientHello handshake message accepted (header included)
+MAX_HELLO = 16 * 1024
+#: the most TLS records it may span
+MAX_RECORDS = 8
+#: the most bytes a caller ever needs to buffer to get an answer
+MAX_BUFFERED = MAX_HELLO + MAX_RECORDS * 5
+
+_HANDSHAKE = 22
+_CLIENT_HELLO = 1
+_MAX_RECORD = 1 << 14
+_EXT_SERVER_NAME = 0
+_HOST_NAME = 0
+_NAME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+class ClientHelloError(ValueError):
+    """The bytes are not a ClientHello hotproxy accepts (the message says why, in one line)."""
+
+
+def server_name(data: bytes) -> str | None:
+    """The server name in the ClientHello that starts *data*.
+
+    None: *data* is a valid beginning but incomplete (read more, up to
+    ``MAX_BUFFERED`` bytes in all); ``""``: a complete ClientHello without
+    a server name; else the name (lower case, no trailing dot).
+    ``ClientHelloError`` for anything else.
+    """
+    hello = _handshake_message(data)
+    if hello is None:
+        return None
+    return _parse_hello(hello)
+
+
+def _handshake_message(data: bytes) -> bytes | None:
+    """The first handshake message, reassembled from its records; None if incomplete."""
+    body = bytearray()
+    need = -1          # the message's length (header included), once its header is in
+    pos = 0
+    records = 0
+    n = len(data)
+    while need < 0 or len(body) < need:
+        if pos + 5 > n:
+            _check_prefix(data, pos)
+            return None
+        ctype, major, length = data[pos], data[pos + 1], (data[pos + 3] << 8) | data[pos + 4]
+        if ctype != _HANDSHAKE:
+            raise ClientHelloError(f"not a TLS handshake (record type {ctype})")
+        if major != 3:
+            raise ClientHelloError(f"not TLS (record version {major}.{data[pos + 2]})")
+        if length == 0 or length > _MAX_RECORD:
+            raise ClientHelloError(f"bad TLS record length {length}")
+        records += 1
+        if records > MAX_RECORDS:
+            raise ClientHelloError(f"ClientHello spread over more than {MAX_RECORDS} records")
+        start = pos + 5
+        chunk = data[start:start + length]
+        before = len(body)
+        body += chunk
+        if need < 0 and len(body) >= 4:
+            if body[0] != _CLIENT_HELLO:
+                raise ClientHelloError(f"the first handshake message is not a ClientHello (type {body[0]})")
+            need = 4 + ((body[1] << 16) | (body[2] << 8) | body[3])
+            if need > MAX_HELLO:
+                raise ClientHelloError(f"ClientHello of {need} bytes (at most {MAX_HELLO})")
+        if need >= 0 and before + length > need:
+            # another handshake message follows in the same record: a client
+            # sends nothing after its ClientHello before the server answers
+            # (so the bytes buffered never pass MAX_BUFFERED)
+            raise ClientHelloError("bytes after the ClientHello in its record")
+        if len(chunk) < length:
+            return None        # this record is still arriving
+        pos = start + length
+    return bytes(body[:need])
+
+
+def _check_prefix(data: bytes, pos: int) -> None:
+    """Reject a partial record header as soon as its known bytes are wrong."""
+    n = len(data) - pos
+    if n >= 1 and data[pos] != _HANDSHAKE:
+        raise ClientHelloError(f"not a TLS handshake (record type {data[pos]})")
+    if n >= 2 and data[pos + 1] != 3:
+        raise ClientHelloError(f"not TLS (record version {data[pos + 1]}.x)")
+
+
+class _Reader:
+    """Bounds-checked reads over one message (every length is checked before use)."""
+
+    __slots__ = ("data", "pos", "end")
+
+    def __init__(self, data: bytes, pos: int, end: int) -> None:
+        self.data = data
+        self.pos = pos
+        self.end = end
+
+    def take(self, n: int, what: str) -> int:
+        """Skip *n* bytes; their start."""
+        start = self.pos
+        if n > self.end - start:
+            raise ClientHelloError(f"ClientHello truncated in {what}")
+        self.pos = start + n
+        return start
+
+    def u8(self, what: str) -> int:
+        return self.data[self.take(1, what)]
+
+    def u16(self, what: str) -> int:
+        i = self.take(2, what)
+        return (self.data[i] << 8) | self.data[i + 1]
+
+    def sub(self, n: int, what: str) -> _Reader:
+        """A reader over the next *n* bytes (skipped here)."""
+        start = self.take(n, what)
+        return _Reader(self.data, start, start + n)
+
+    def left(self) -> int:
+        return self.end - self.pos
+
+
+def _parse_hello(msg: bytes) -> str:
+    r = _Reader(msg, 4, len(msg))
+    version = r.u16("the version")
+    if version >> 8 != 3:
+        raise ClientHelloError(f"not TLS (ClientHello version {version >> 8}.{version & 0xff})")
+    r.take(32, "the random")
+    sid = r.u8("the session id")
+    if sid > 32:
+        raise ClientHelloError(f"session id of {sid} bytes (at most 32)")
+    r.take(sid, "the session id")
+    suites = r.u16("the cipher suites")
+    if suites == 0 or suites % 2:
+        raise ClientHelloError(f"bad cipher suites length {suites}")
+    r.take(suites, "the cipher suites")
+    methods = r.u8("the compression methods")
+    if methods == 0:
+        raise ClientHelloError("no compression methods")
+    r.take(methods, "the compression methods")
+    if r.left() == 0:
+        return ""              # no extensions at all (allowed before TLS 1.3)
+    exts = r.sub(r.u16("the extensions"), "the extensions")
+    if r.left():
+        raise ClientHelloError(f"{r.left()} bytes after the extensions")
+    seen: set[int] = set()
+    name = ""
+    while exts.left():
+        etype = exts.u16("an extension")
+        ext = exts.sub(exts.u16("an extension"), "an extension")
+        if etype in seen:
+            raise ClientHelloError(f"extension {etype} appears twice")
+        seen.add(etype)
+        if etype == _EXT_SERVER_NAME:
+            name = _parse_server_name(ext)
+    return name
+
+
+def _parse_server_name(ext: _Reader) -> str:
+    if ext.left() == 0:
+        return ""              # an empty server_name extension (a server's echo; tolerated)
+    names = ext.sub(ext.u16("server_name"), "server_name")
+    if ext.left():
+        raise ClientHelloError("bytes after the server_name list")
+    host = ""
+    while names.left():
+        kind = names.u8("server_name")
+        n = names.u16("server_name")
+        start = names.take(n, "server_name")
+        if kind != _HOST_NAME:
+            continue           # other name types are skipped (none is defined)
+        if host:
+            raise ClientHelloError("two host names in server_name")
+        host = _host(names.data[start:start + n])
+    if not host:
+        raise ClientHelloError("server_name without a host name")
+    return host
+
+
+def _host(raw: bytes) -> str:
+    name = raw.lower()
+    if name.endswith(b"."):
+        name = name[:-1]
+    if not name or len(name) > 253:
+        raise ClientHelloError(f"server name of {len(raw)} bytes")
+    if not _NAME_CHARS.issuperset(name) or b".." in name or name.startswith(b"."):
+        raise ClientHelloError(f"bad server name {raw[:64]!r}")
+    return name.decode("ascii")
