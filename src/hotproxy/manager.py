@@ -503,6 +503,15 @@ class WorkerManager:
         upgrades passed (``SharedSockets.adopt``); call before ``start``."""
         self._shared.adopt(path, sock)
 
+    def activate(self, sock: Any) -> str | None:
+        """Serve the sites on *sock*'s address on *sock*, a listening socket systemd
+        passed (``SharedSockets.activate``); its address, or None if it is not usable."""
+        return self._shared.activate(sock)
+
+    def activated_sockets(self) -> list[int]:
+        """The descriptors of the sockets systemd passed (kept for the manager's life)."""
+        return self._shared.activated()
+
     def adopt_counters(self, fd: int, used: set[int], names: list[Any]) -> None:
         """Count in the segment *fd* of the master this one upgrades (``Segment.adopt``);
         call before ``start``.  The fd is the manager's from now on."""

@@ -49,7 +49,7 @@ import stat
 import time
 from typing import Any
 
-from . import early_signals, logs
+from . import activation, early_signals, logs
 from .admin import AdminError, AdminServer
 from .config import Config, inspect_pidfile, load_config, pid_alive
 from .errors import HotproxyError, describe
@@ -128,6 +128,8 @@ class Master:
         self.upgraded_from: int | None = None
         #: masters that handed over and still drain (the newest master answers for them)
         self.old_masters = OldMasters()
+        #: the addresses of the listening sockets systemd passed (``activation``)
+        self._activated: list[str] = []
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -167,6 +169,12 @@ class Master:
             self.manager = WorkerManager(rt.workers, drain_timeout=rt.drain_timeout,
                                          cpu_affinity=rt.cpu_affinity, command_timeout=rt.reload_timeout,
                                          **self._manager_options)
+            activated = activation.listen_fds() if hello is None else hello.activated
+            for sock in activated:
+                address = self.manager.activate(sock)
+                if address is not None:
+                    self._activated.append(address)
+            activated.clear()
             if hello is not None:
                 for path, sock in hello.unix.items():
                     self.manager.adopt_unix(path, sock)
@@ -182,9 +190,11 @@ class Master:
                 self._upgrade_failed(f"cannot start workers: {describe(exc)}")
                 return 1
             self.reloader = Reloader(self.manager)
+            # the addresses of the sockets systemd passed are ours, not a stranger's
+            self.reloader.held = list(self._activated)
             if hello is not None:
                 # the old master's addresses are ours to share (SO_REUSEPORT), not a stranger's
-                self.reloader.held = list(hello.listen)
+                self.reloader.held += hello.listen
                 # its services' state: the first version of each is built from it
                 old_state = read_state(hello.fds.pop("state")) if "state" in hello.fds else None
                 if old_state:
@@ -640,6 +650,7 @@ class Master:
         if sock is not None:
             fds.append(({"name": "admin"}, sock.fileno()))
         fds += [({"name": "listener", "path": path}, fd) for path, fd in self.manager.unix_sockets().items()]
+        fds += [({"name": "activated"}, fd) for fd in self.manager.activated_sockets()]
         fds += self.old_masters.hand_over()
         if self.manager.limits is not None:
             fds.append(({"name": "counters"}, self.manager.limits.fd))

@@ -462,6 +462,8 @@ class Hello:
     #: the old master's Unix listening sockets, by path
     unix: dict[str, socket.socket] = field(default_factory=dict)
     admin: socket.socket | None = None
+    #: the listening sockets systemd passed to the first master (``activation``)
+    activated: list[socket.socket] = field(default_factory=list)
     #: descriptors of other kinds, by name (the counters, the state)
     fds: dict[str, int] = field(default_factory=dict)
     #: channels to older masters still draining: (pid, channel)
@@ -494,6 +496,9 @@ class Hello:
         for sock in self.unix.values():
             sock.close()
         self.unix.clear()
+        for sock in self.activated:
+            sock.close()
+        self.activated.clear()
         if self.admin is not None:
             self.admin.close()
             self.admin = None
@@ -556,6 +561,8 @@ class Link:
             hello.admin = socket.socket(fileno=fd)
         elif name == "listener" and isinstance(msg.get("path"), str):
             hello.unix[msg["path"]] = socket.socket(fileno=fd)
+        elif name == "activated":
+            hello.activated.append(socket.socket(fileno=fd))
         elif name == "old-master":
             hello.old_masters.append((int(msg.get("pid") or 0), Channel(socket.socket(fileno=fd))))
         else:
