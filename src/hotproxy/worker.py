@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 from . import logs
@@ -130,6 +131,9 @@ class WorkerProcess:
             req_id, command = await self.queue.get()
             if self.fds is not None:
                 command = self.fds.received(command)
+            # reload phases at debug level: once per command, never on the data path
+            debug = log.isEnabledFor(logging.DEBUG)
+            t0 = time.perf_counter() if debug else 0.0
             try:
                 value = await self.executor.execute(command)
             except HotproxyError as exc:
@@ -142,10 +146,19 @@ class WorkerProcess:
             finally:
                 if self.fds is not None:
                     self.fds.done(command)   # a descriptor no listener took is closed
+            if debug:
+                outcome = "ok" if reply[2] else f"failed: {reply[3]}"
+                log.debug("reload phase %s of site %r: %s in %.1f ms", PHASES.get(type(command).__name__, "command"),
+                          getattr(command, "name", "?"), outcome, (time.perf_counter() - t0) * 1000.0)
             try:
                 write_message(writer, reply)
             except Exception as exc:  # e.g. an unpicklable error
                 write_message(writer, ("res", req_id, False, WorkerError(self.worker_id, repr(exc))))
+
+
+#: what each command is, as the debug log names it (the reload's phases on this worker)
+PHASES = {"Precommit": "prepare", "Commit": "commit", "Abort": "abort", "Update": "update",
+          "Remove": "remove", "PrepareAndCommit": "prepare+commit"}
 
 
 def main(argv: list[str] | None = None) -> int:
