@@ -41,7 +41,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from . import addresses, core, limits
 from .addresses import Address, is_literal
@@ -358,6 +358,22 @@ class ProxyService(Service):
                for addr, st in self.all_states().items()}
         return {"type": "proxy", "v": 1, "counters": counters, "rr": self.shared.rr, "upstreams": ups}
 
+    def carry_late(self, before: Seed, after: Seed) -> None:
+        """Add the counts the old workers made between the two snapshots (``Service.carry_late``)."""
+        before, after = before.of_type("proxy"), after.of_type("proxy")
+
+        def late(get: Callable[[dict[str, Any]], int]) -> int:
+            return max(0, sum(get(s) for s in after.carry) - sum(get(s) for s in before.carry))
+
+        counters = self.counters
+        for key in _CARRIED_COUNTERS:
+            n = late(lambda s: _number(s.get("counters", {}).get(key, 0), key))
+            setattr(counters, key, getattr(counters, key) + n)
+        for addr, st in self.all_states().items():
+            for key in ("connections", "failures", "bytes_in", "bytes_out"):
+                n = late(lambda s: _number(s.get("upstreams", {}).get(addr, {}).get(key, 0), key))
+                setattr(st, key, getattr(st, key) + n)
+
     @property
     def upstream_states(self) -> dict[str, Any]:
         """This version's upstreams' states, by address."""
@@ -392,6 +408,10 @@ class ProxyService(Service):
 
     def __repr__(self) -> str:
         return f"<ProxyService {self.factory.balance} {list(self.factory.upstreams)}>"
+
+
+#: the service counters an upgrade carries (``ProxyFactory.make_via_snapshot``, ``carry_late``)
+_CARRIED_COUNTERS = ("accepted", "bytes_in", "bytes_out", "connect_failures", "refused", "idle_closed", "no_upstream")
 
 
 class _Balancer:

@@ -107,7 +107,11 @@ class WorkerProcess:
                 elif kind == "status":
                     write_message(writer, ("res", msg[1], True, self.executor.status()))
                 elif kind == "snapshot":
-                    write_message(writer, ("res", msg[1], True, self.executor.snapshot()))
+                    final = len(msg) > 2 and msg[2] is True
+                    write_message(writer, ("res", msg[1], True, self.executor.snapshot(final)))
+                elif kind == "late":
+                    self.executor.carry_late(msg[2])
+                    write_message(writer, ("res", msg[1], True, None))
                 elif kind == "seed":
                     self.executor.seed(msg[2])
                     write_message(writer, ("res", msg[1], True, None))
