@@ -25,7 +25,7 @@ import os
 import socket
 from typing import Any
 
-from .addresses import format_host_port
+from .addresses import format_host_port, unix_address
 
 log = logging.getLogger("hotproxy.activation")
 
@@ -109,7 +109,7 @@ def address_of(sock: socket.socket) -> str:
     if key is None:
         return "?"
     if key[0] == "unix":
-        return f"unix:{key[1]}"
+        return unix_address(key[1])
     return format_host_port(key[1], key[2])
 
 

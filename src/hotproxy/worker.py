@@ -129,6 +129,7 @@ class WorkerProcess:
             self._request_stop(True, None)
 
     async def _run_commands(self, writer: asyncio.StreamWriter) -> None:
+        from .commands import site_of
         from .errors import HotproxyError, WorkerError, describe
 
         while True:
@@ -153,7 +154,7 @@ class WorkerProcess:
             if debug:
                 outcome = "ok" if reply[2] else f"failed: {reply[3]}"
                 log.debug("reload phase %s of site %r: %s in %.1f ms", PHASES.get(type(command).__name__, "command"),
-                          getattr(command, "name", "?"), outcome, (time.perf_counter() - t0) * 1000.0)
+                          site_of(command) or "?", outcome, (time.perf_counter() - t0) * 1000.0)
             try:
                 write_message(writer, reply)
             except Exception as exc:  # e.g. an unpicklable error
