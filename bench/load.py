@@ -28,8 +28,16 @@ What it does:
 Then, for the proxies that reload, the ``Connection: close`` load runs
 steady, while the proxy reloads every 0.5 s (and with ``--storm`` faster),
 and steady again, with configs that really differ each time (one upstream
-and round-robin, then two upstreams and least-connections).  The full run
-ends with the micro-benchmarks (``pytest bench/``).
+and round-robin, then two upstreams and least-connections).  Then the
+"upgrade under load" row: the same load, steady, while the proxy replaces
+its own program every 2 s (a bounded count), and steady again: ``hotproxy
+upgrade``; HAProxy ``-W`` master-worker re-executing itself on ``SIGUSR2``
+(its binary upgrade, the listeners passed through ``expose-fd
+listeners``); nginx's binary upgrade (``USR2`` to the master, then
+``WINCH`` and ``QUIT`` to the old one; nginx runs as a daemon for this row,
+since it ignores ``USR2`` while its parent is the process that started
+it).  Masters that a replaced one started are found by pidfile and
+stopped too.  The full run ends with the micro-benchmarks (``pytest bench/``).
 
 Rules of this file:
 
@@ -458,6 +466,8 @@ class Proxy:
 
     name = "?"
     can_reload = False
+    #: ``upgrade()`` replaces the proxy's own program under load (the upgrade row)
+    can_upgrade = False
 
     def __init__(self, index: int, tmp: Path) -> None:
         self.port = PROXY_BASE_PORT + 10 * index
@@ -505,6 +515,51 @@ class Proxy:
     def reload(self) -> None:
         """Switch to the other config variant and signal the proxy."""
         raise NotImplementedError
+
+    def upgrade(self) -> tuple[bool, float, str]:
+        """Replace the running program by the one on disk, same config:
+        (done, milliseconds until the new one serves, what went wrong)."""
+        raise NotImplementedError
+
+
+def pid_running(pid: int) -> bool:
+    """True if *pid* exists and is not a zombie (a reparented master is reaped by whoever is PID 1)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def pidfile_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+    """Poll *pred* until true or *timeout* seconds; whether it came true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def stop_by_pid(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 8.0) -> None:
+    """*sig* to *pid*, then SIGKILL to it and every process under it that is still there."""
+    if pid is None or not pid_running(pid):
+        return
+    tree = process_tree(pid)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    wait_until(lambda: not pid_running(pid), timeout, 0.05)
+    for p in [pid, *tree]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class Direct(Proxy):
@@ -591,6 +646,22 @@ listen iperf
         os.kill(self.proc.pid, signal.SIGUSR2)
         self.reloads += 1
 
+    can_upgrade = True
+
+    def _loaded(self) -> int:
+        f = self.tmp / "log"
+        return f.read_text(errors="replace").count("Loading success") if f.exists() else 0
+
+    def upgrade(self) -> tuple[bool, float, str]:
+        """``SIGUSR2`` to the ``-W`` master: it re-executes the haproxy binary on disk
+        (same pid), which takes the listeners over the stats socket and forks a new
+        worker; the old worker finishes its connections (``-sf``, done by the master)."""
+        assert self.proc is not None
+        before, t0 = self._loaded(), time.monotonic()
+        os.kill(self.proc.pid, signal.SIGUSR2)
+        ok = wait_until(lambda: self._loaded() > before, 10.0)
+        return ok, (time.monotonic() - t0) * 1000.0, "" if ok else "no 'Loading success' within 10 s"
+
 
 class NginxStream(Proxy):
     """nginx ``stream`` proxy, 1 worker; reload = SIGHUP (what ``nginx -s reload`` sends)."""
@@ -623,8 +694,8 @@ stream {{
 
     def launch(self) -> Proc:
         cfg = self.write_config()
-        return Proc(self.name, ["nginx", "-p", str(self.tmp), "-c", str(cfg), "-g", "daemon off;"],
-                    logfile=self.tmp / "log")
+        return Proc(self.name, [shutil.which("nginx") or "nginx", "-p", str(self.tmp), "-c", str(cfg),
+                                "-g", "daemon off;"], logfile=self.tmp / "log")
 
     def reload(self) -> None:
         self.variant += 1
@@ -632,6 +703,69 @@ stream {{
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGHUP)
         self.reloads += 1
+
+
+class NginxUpgrade(NginxStream):
+    """nginx as ``nginx-stream``, but a daemon (found by its pidfile), for its
+    binary upgrade: ``USR2`` to the master starts a new master from the binary
+    on disk (exec'd by absolute path) on the same sockets; ``WINCH`` then
+    ``QUIT`` to the old master stop its workers gracefully and end it.  (A
+    master whose parent is still the process that started it -- ``daemon
+    off`` under this script, or the old master -- ignores ``USR2``: so one
+    upgrade at a time, each waiting for the old master to be gone.)"""
+
+    can_upgrade = True
+
+    @property
+    def pidfile(self) -> Path:
+        return self.tmp / "nginx.pid"
+
+    @property
+    def pid(self) -> int | None:
+        return pidfile_pid(self.pidfile)
+
+    def alive(self) -> bool:
+        pid = self.pid
+        return pid is not None and pid_running(pid)
+
+    def start(self) -> None:
+        self.variant = 0
+        cfg = self.write_config()
+        for f in (self.pidfile, self.tmp / "nginx.pid.oldbin"):
+            f.unlink(missing_ok=True)
+        out = subprocess.run([shutil.which("nginx") or "nginx", "-p", str(self.tmp), "-c", str(cfg)],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(f"nginx (daemon) exited with {out.returncode}: {(out.stderr or out.stdout)[-200:]}")
+        if not wait_until(lambda: self.pid is not None, 10.0):
+            raise RuntimeError("nginx (daemon) wrote no pidfile")
+        wait_port(self.port, timeout=30.0)
+        check_http(self.port, "/small", 100)
+
+    def upgrade(self) -> tuple[bool, float, str]:
+        old = self.pid
+        if old is None or not pid_running(old):
+            return False, 0.0, "no nginx master"
+        t0 = time.monotonic()
+        os.kill(old, signal.SIGUSR2)
+
+        def new_master() -> bool:
+            new = self.pid
+            return new is not None and new != old and pid_running(new)
+
+        if not wait_until(new_master, 10.0):
+            return False, (time.monotonic() - t0) * 1000.0, "no new master within 10 s (USR2 ignored?)"
+        took = (time.monotonic() - t0) * 1000.0
+        os.kill(old, signal.SIGWINCH)   # the old workers stop accepting and finish
+        os.kill(old, signal.SIGQUIT)    # the old master ends once they have
+        if not wait_until(lambda: not pid_running(old), 15.0):
+            return False, took, f"old master {old} still running 15 s after QUIT"
+        return True, took, ""
+
+    def stop(self) -> None:
+        for f in (self.tmp / "nginx.pid.oldbin", self.pidfile):
+            stop_by_pid(pidfile_pid(f), signal.SIGQUIT)
+        super().stop()
 
 
 RELOAD_OK = re.compile(r"reload ok: .* in ([0-9.]+) ms")
@@ -708,6 +842,37 @@ upstreams = ["{HOST}:{IPERF_PORT}"]
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGHUP)
         self.reloads += 1
+
+    can_upgrade = True
+
+    @property
+    def master_pid(self) -> int | None:
+        """The master serving now (the pidfile follows upgrades)."""
+        return pidfile_pid(self.tmp / "hotproxy.pid")
+
+    def alive(self) -> bool:
+        pid = self.master_pid
+        return super().alive() or (pid is not None and pid_running(pid))
+
+    def upgrade(self) -> tuple[bool, float, str]:
+        """``hotproxy upgrade -c FILE``: returns once the new master serves (or failed)."""
+        t0 = time.monotonic()
+        try:
+            out = subprocess.run(hotproxy_argv() + ["upgrade", "-c", str(self.tmp / "hotproxy.toml")],
+                                 capture_output=True, text=True, timeout=120, env=self.env())
+        except subprocess.TimeoutExpired:
+            return False, (time.monotonic() - t0) * 1000.0, "hotproxy upgrade: no answer in 120 s"
+        took = (time.monotonic() - t0) * 1000.0
+        lines = ((out.stdout or "") + (out.stderr or "")).strip().splitlines()
+        return out.returncode == 0, took, "" if out.returncode == 0 else (lines[-1] if lines else "?")
+
+    def stop(self) -> None:
+        # the master now and the old ones still draining are in the first one's
+        # process group (Proc.stop); the current one is stopped by pidfile first
+        pid = self.master_pid
+        if pid is not None and (self.proc is None or pid != self.proc.pid):
+            stop_by_pid(pid)
+        super().stop()
 
     def reload_log(self) -> tuple[list[float], list[str]]:
         """(latencies in ms of the ``reload ok`` lines, ``reload failed`` reasons) so far."""
@@ -899,6 +1064,98 @@ def measure_reload(proxy: Proxy, driver: Driver, s: Settings, interval: float) -
                          pct_of_one_cpu(st1 - st0, t1 - t0))
 
 
+@dataclass
+class UpgradeOutcome:
+    """One proxy, one round of the upgrade row."""
+
+    steady: LoadResult
+    during: LoadResult
+    upgrades: int
+    ok: int
+    took_ms: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    steal_pct: float = 0.0
+
+
+#: seconds between the starts of two upgrades (one starts as soon as the last has ended, if later)
+UPGRADE_INTERVAL = 2.0
+
+
+def measure_upgrade(proxy: Proxy, driver: Driver, s: Settings, interval: float = UPGRADE_INTERVAL) -> UpgradeOutcome:
+    """Connection: close load, steady, then with an upgrade every *interval* seconds, then steady."""
+    _, t0, st0 = machine_cpu()
+    if s.warmup:
+        driver.run(proxy.port, "/small", s.connections, s.warmup, close=True)
+    steady_before = driver.run(proxy.port, "/small", s.connections, s.reload_duration, close=True)
+    stop = threading.Event()
+    results: list[tuple[bool, float, str]] = []
+    # bounded in count as well as time
+    limit = int(s.reload_duration / interval) + 1
+
+    def upgrader() -> None:
+        next_at = time.monotonic() + interval / 2
+        while not stop.is_set() and len(results) < limit:
+            delay = next_at - time.monotonic()
+            if delay > 0 and stop.wait(delay):
+                break
+            try:
+                results.append(proxy.upgrade())
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                results.append((False, 0.0, f"{type(exc).__name__}: {exc}"))
+            next_at += interval
+
+    t = threading.Thread(target=upgrader, name="upgrader", daemon=True)
+    t.start()
+    try:
+        during = driver.run(proxy.port, "/small", s.connections, s.reload_duration, close=True)
+    finally:
+        stop.set()
+        t.join(150.0)   # an upgrade under way ends (each is bounded)
+    time.sleep(1.0)     # settle: the old processes drain
+    steady_after = driver.run(proxy.port, "/small", s.connections, s.reload_duration, close=True)
+    _, t1, st1 = machine_cpu()
+    return UpgradeOutcome(combine(steady_before, steady_after), during, len(results),
+                          sum(1 for ok, _, _ in results if ok), [ms for ok, ms, _ in results if ok],
+                          [why for ok, _, why in results if not ok], pct_of_one_cpu(st1 - st0, t1 - t0))
+
+
+def upgrade_row(live: list[Proxy], driver: Driver, s: Settings, args: argparse.Namespace, res: Results,
+                notes: list[str], tmp: Path) -> None:
+    """The upgrade row for each proxy that upgrades (the same set as the reload rows)."""
+    for rnd in range(s.reload_rounds):
+        for proxy in rotate([p for p in live if p.can_upgrade and reload_wanted(p, args)], rnd):
+            log(f"upgrade every {UPGRADE_INTERVAL:g}s, round {rnd + 1}/{s.reload_rounds}: {proxy.name}")
+            try:
+                if not proxy.alive():
+                    raise RuntimeError("the proxy is not running")
+                o = measure_upgrade(proxy, driver, s)
+                res.upgrade.setdefault(proxy.name, []).append(o)
+                log(f"  upgrades={o.upgrades} ok={o.ok} errors={o.during.errors} "
+                    f"tput={o.during.rps / max(1.0, o.steady.rps):.3f} took={[round(x) for x in o.took_ms]} "
+                    f"fails={o.failures[:2]}")
+            except Exception as exc:  # noqa: BLE001
+                fail(proxy, f"upgrade round {rnd + 1}", exc, notes)
+
+
+def upgradable(live: list[Proxy], tmp: Path) -> list[Proxy]:
+    """*live* with nginx-stream replaced by the same nginx as a daemon (its binary upgrade
+    needs one); the replacement is started here and must be stopped by the caller."""
+    out: list[Proxy] = []
+    for p in live:
+        if isinstance(p, NginxStream) and not isinstance(p, NginxUpgrade):
+            p.stop()
+            daemon = NginxUpgrade((p.port - PROXY_BASE_PORT) // 10, tmp)
+            try:
+                daemon.start()
+            except Exception:
+                daemon.stop()
+                raise
+            out.append(daemon)
+        else:
+            out.append(p)
+    return out
+
+
 def combine(a: LoadResult, b: LoadResult) -> LoadResult:
     """Two runs of the same load as one: summed counts, mean percentiles."""
     errors = {k: a.errors.get(k, 0) + b.errors.get(k, 0) for k in set(a.errors) | set(b.errors)}
@@ -954,6 +1211,7 @@ class Results:
         self.rounds: list[dict[str, dict[str, float]]] = []
         self.idle: dict[str, dict[str, float]] = {}
         self.reload: dict[tuple[str, float], list[ReloadOutcome]] = {}
+        self.upgrade: dict[str, list[UpgradeOutcome]] = {}
         #: CPU use of the machine before each round, while idle here
         self.background: list[float] = []
         #: CPU the hypervisor took from this VM during each kept round (% of one CPU)
@@ -1043,6 +1301,33 @@ def reload_table(res: Results) -> str:
         lines.append(f"| {p} | {interval:g} s | {reloads} | {errs}{detail} ({errs_steady}) | "
                      f"{fmt_ratio(tput)} | {fmt_ratio(p99)} | {lat_s} | "
                      f"{fails if isinstance(outs[0], ReloadOutcome) and p.startswith('hotproxy') else '—'} | "
+                     f"{max(o.steal_pct for o in outs):.0f} |")
+    return "\n".join(lines)
+
+
+def upgrade_table(res: Results) -> str:
+    lines = ["| proxy | how | upgrades (done) | errors during (steady) | req/s during ÷ steady | "
+             "p99 during ÷ steady | until the new one serves p50 / max ms | failed | stolen CPU % (max) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    how = {"hotproxy": "`hotproxy upgrade`", "haproxy": "`-W` master, `SIGUSR2` (re-exec, fds via stats socket)",
+           "nginx": "`USR2`, `WINCH` + `QUIT` to the old master"}
+    for p, outs in res.upgrade.items():
+        kinds: dict[str, int] = {}
+        for o in outs:
+            for k, v in o.during.errors.items():
+                if v:
+                    kinds[k] = kinds.get(k, 0) + v
+        detail = f" ({', '.join(f'{k} {v}' for k, v in kinds.items())})" if kinds else ""
+        tput = median([o.during.rps / o.steady.rps for o in outs if o.steady.rps])
+        p99 = median([o.during.p99_us / o.steady.p99_us for o in outs if o.steady.p99_us])
+        took = [x for o in outs for x in o.took_ms]
+        took_s = f"{statistics.median(took):.0f} / {max(took):.0f}" if took else "—"
+        fails = [f for o in outs for f in o.failures]
+        lines.append(f"| {p} | {next((v for k, v in how.items() if p.startswith(k)), '?')} | "
+                     f"{sum(o.upgrades for o in outs)} ({sum(o.ok for o in outs)}) | "
+                     f"{sum(o.during.error_count for o in outs)}{detail} "
+                     f"({sum(o.steady.error_count for o in outs)}) | {fmt_ratio(tput)} | {fmt_ratio(p99)} | "
+                     f"{took_s} | {len(fails)}{': ' + fails[0] if fails else ''} | "
                      f"{max(o.steal_pct for o in outs):.0f} |")
     return "\n".join(lines)
 
@@ -1418,6 +1703,19 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                                     f"lat={o.latencies_ms[:5]} fails={o.failures[:2]}")
                             except Exception as exc:  # noqa: BLE001
                                 fail(proxy, f"reload {interval:g}s round {rnd + 1}", exc, notes)
+            if "upgrade" in s.scenarios:
+                # last: an upgraded proxy's processes are no longer the ones started above
+                try:
+                    live = upgradable(live, tmp)
+                except Exception as exc:  # noqa: BLE001
+                    notes.append(f"upgrade row: nginx as a daemon could not start: {exc}")
+                    live = [p for p in live if not isinstance(p, NginxStream)]
+                started_here = [p for p in live if isinstance(p, NginxUpgrade)]
+                try:
+                    upgrade_row(live, driver, s, args, res, notes, tmp)
+                finally:
+                    for p in started_here:
+                        p.stop()
         finally:
             for p in proxies:
                 p.stop()
@@ -1595,6 +1893,20 @@ def report(args: argparse.Namespace, s: Settings, res: Results, names: list[str]
         out.append("")
         out.append(reload_table(res))
         out.append("")
+    if res.upgrade:
+        out.append("### Upgrade under `Connection: close` load")
+        out.append("")
+        out.append(f"Each run: {s.reload_duration:g} s steady, {s.reload_duration:g} s while the proxy "
+                   f"replaces its own program every {UPGRADE_INTERVAL:g} s (the next one starts when the "
+                   f"last has ended, if later; at most {int(s.reload_duration / UPGRADE_INTERVAL) + 1}), "
+                   f"{s.reload_duration:g} s steady again (averaged with the first), {s.reload_rounds} "
+                   "rounds, the same config throughout.  Errors are wrk's socket errors (connect = "
+                   "refused) plus non-2xx answers.  \"Until the new one serves\": `hotproxy upgrade`'s "
+                   "wall time (it returns when every new worker serves); HAProxy: `SIGUSR2` → "
+                   "`Loading success` in the master's log; nginx: `USR2` → the new master's pidfile.")
+        out.append("")
+        out.append(upgrade_table(res))
+        out.append("")
     if res.idle:
         out.append("### Memory: idle proxied connections")
         out.append("")
@@ -1673,13 +1985,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     ap.add_argument("--reload-rounds", type=int, help="rounds of the reload scenario (default 3)")
     ap.add_argument("-c", "--connections", type=int, default=50)
     ap.add_argument("--scenarios", default=None,
-                    help="comma list of keepalive,close,bulk,iperf3,reload (default: all)")
+                    help="comma list of keepalive,close,bulk,iperf3,reload,upgrade (default: all)")
     ap.add_argument("--proxies", default=None,
                     help="comma list of names or prefixes: direct,haproxy,haproxy-tuned,"
                          "haproxy-again (the A/A control),nginx-stream,plain-uvloop,"
                          "hotproxy-c-1w,hotproxy-c-2w,hotproxy-py-1w (default: all)")
     ap.add_argument("--reload-proxies", default=None,
-                    help="which proxies to reload (default: hotproxy-c-Nw, haproxy, nginx-stream)")
+                    help="which proxies to reload and upgrade (default: hotproxy-c-Nw, haproxy, nginx-stream)")
     ap.add_argument("--workers", type=int, default=None, help="N for hotproxy with N workers (default: CPUs)")
     ap.add_argument("--storm", action="store_true", help="also reload every 0.05 s (a reload storm)")
     ap.add_argument("--storm-interval", type=float, default=0.05)
@@ -1724,7 +2036,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         s.reload_duration = args.reload_duration
     if args.reload_rounds is not None:
         s.reload_rounds = args.reload_rounds
-    all_scen = ("keepalive", "close", "bulk", "iperf3", "reload")
+    all_scen = ("keepalive", "close", "bulk", "iperf3", "reload", "upgrade")
     s.scenarios = tuple(x.strip() for x in args.scenarios.split(",")) if args.scenarios else all_scen
     bad = [x for x in s.scenarios if x not in all_scen]
     if bad:

@@ -119,7 +119,7 @@ class Program:
 
     def __init__(self, config: Path | None, log: Path, *, test_kinds: bool = False,
                  env: dict[str, str] | None = None, args: list[str] | None = None,
-                 nofile: int | None = None, module: str | None = None) -> None:
+                 nofile: int | None = None, module: str | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.config = config
         self.log_path = log
         self.cwd = config.parent if config is not None else log.parent
@@ -140,7 +140,7 @@ class Program:
 
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=str(self.cwd), preexec_fn=preexec)
+                                     env=self.env, cwd=str(self.cwd), preexec_fn=preexec, pass_fds=pass_fds)
         self.worker_pids: list[int] = []
         #: every master and worker pid seen (``follow``): masters started by upgrades, their workers
         self.seen_pids: set[int] = set()

@@ -19,6 +19,7 @@ The long run (20 upgrades in a row):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -339,6 +340,105 @@ def test_state_crosses_the_upgrade_ejected_upstream_stays_ejected_counters_conti
         await stop_and_check_nothing_left(prog)
 
     run(main(), 120)
+
+
+def test_counts_the_old_workers_make_between_the_snapshot_and_the_hand_over_are_carried(
+        start: Start, short_dir: Path) -> None:
+    """The new master is held serving for 3 s before it says ready
+    (``HOTPROXY_TEST_UPGRADE_PAUSE``, test-only), after the old master took
+    the snapshot it was built from; the connections made meanwhile are
+    accepted by old and new workers alike (TCP, ``SO_REUSEPORT``).  At the
+    hand-over the old workers stop accepting and send their final counts:
+    after the upgrade every counter is what the test did -- accepted
+    connections, bytes, the upstream's connections, the echo bytes."""
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    prog = start(toml(services(e, px, unix), drain=5.0), env={"HOTPROXY_TEST_UPGRADE_PAUSE": "3"})
+    assert prog.config is not None
+
+    def totals(status: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return {s["name"]: s["totals"] for s in status["services"]}
+
+    async def main() -> None:
+        assert prog.config is not None
+        await prog.wait_ready()
+        for _ in range(10):
+            assert await roundtrip(px) == b"hello"
+        before = await prog.follow()
+        upgrading = asyncio.ensure_future(upgrade(prog, "cli"))
+        # the new master has its state and serves: the old one took the snapshot
+        await eventually(lambda: "HOTPROXY_TEST_UPGRADE_PAUSE: serving" in prog.log() or upgrading.done(),
+                         timeout=60)
+        assert not upgrading.done()
+        window = 30
+        for _ in range(window):
+            assert await roundtrip(px) == b"hello"
+        after, _ = await upgrading
+        status = await prog.follow()
+        print("before:", totals(before)["px"], "after:", totals(status)["px"])
+        px_before, px_after = totals(before)["px"], totals(status)["px"]
+        assert px_after["accepted"] == px_before["accepted"] + window, (px_before, px_after)
+        assert px_after["bytes_in"] == px_before["bytes_in"] + 5 * window, (px_before, px_after)
+        assert px_after["bytes_out"] == px_before["bytes_out"] + 5 * window, (px_before, px_after)
+        ups = next(s for s in status["services"] if s["name"] == "px")["upstreams"][f"{HOST}:{e}"]
+        ups_before = next(s for s in before["services"] if s["name"] == "px")["upstreams"][f"{HOST}:{e}"]
+        assert ups["connections"] == ups_before["connections"] + window, (ups_before, ups)
+        assert totals(status)["e"]["bytes"] == totals(before)["e"]["bytes"] + 5 * window
+        print(f"{window} connections made while the new master waited to take over: all counted after it")
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 120)
+
+
+def test_the_metrics_endpoint_answers_every_scrape_across_upgrades(start: Start, short_dir: Path) -> None:
+    """``runtime.metrics`` during upgrades: the old master hands its listening
+    socket to the new one, which serves the scrapes that queued on it
+    meanwhile -- scraping back to back through 3 upgrades, none is refused
+    and every one is answered (200), the last ones by the newest master."""
+    e, px, unix, mport = free_port(), free_port(), short_dir / "u.sock", free_port()
+    prog = start(toml(services(e, px, unix), drain=5.0, metrics=f"{HOST}:{mport}"))
+
+    async def get() -> str:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, mport), 10)
+        try:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(), 30)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        return data.split(b"\r\n", 1)[0].decode()
+
+    async def main() -> None:
+        await prog.wait_ready()
+        outcomes: dict[str, int] = {}
+        done = asyncio.Event()
+
+        async def scraper() -> None:
+            for _ in range(100_000):   # bounded: ends with the upgrades
+                if done.is_set():
+                    return
+                try:
+                    line = await get()
+                    key = "200" if line.startswith("HTTP/1.1 200") else f"other: {line!r}"
+                except ConnectionRefusedError:
+                    key = "refused"
+                except (OSError, asyncio.TimeoutError) as exc:
+                    key = f"error: {type(exc).__name__}"
+                outcomes[key] = outcomes.get(key, 0) + 1
+
+        task = asyncio.ensure_future(scraper())
+        pids = []
+        for _ in range(3):
+            status, _ = await upgrade(prog, "cli")
+            pids.append(status["pid"])
+        done.set()
+        await task
+        print(f"metrics across 3 upgrades: {outcomes}")
+        assert outcomes.get("200", 0) > 10 and set(outcomes) == {"200"}, outcomes
+        assert (await get()).startswith("HTTP/1.1 200")
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 240)
 
 
 def test_a_snapshot_this_version_cannot_read_is_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -116,8 +116,16 @@ class ServiceExecutor:
         """Build each named site's first version from its ``Seed`` (then forget it)."""
         self._seeds.update(seeds)
 
-    def snapshot(self) -> dict[str, Any]:
-        """Every serving site's ``Service.snapshot()``, by name (plain data)."""
+    def snapshot(self, final: bool = False) -> dict[str, Any]:
+        """Every serving site's ``Service.snapshot()``, by name (plain data).
+
+        *final*: an upgrade's hand-over -- the new program serves, so every
+        site first stops accepting (what the kernel queued is taken and
+        served here): the counts are final, but for the open connections."""
+        if final:
+            for site in self.sites.values():
+                if site.listener is not None:
+                    site.listener.close()
         out: dict[str, Any] = {}
         for name, site in self.sites.items():
             svc = site.service
@@ -131,6 +139,21 @@ class ServiceExecutor:
             if snap is not None:
                 out[name] = snap
         return out
+
+    def carry_late(self, late: dict[str, tuple[Seed, Seed]]) -> None:
+        """Add to each named site's serving version what the old program's
+        workers counted after its seed (``Service.carry_late``); one that
+        cannot is logged, never raised."""
+        for name, (before, after) in late.items():
+            site = self.sites.get(name)
+            svc = site.service if site is not None else None
+            if svc is None:
+                continue
+            try:
+                svc.carry_late(before, after)
+            except Exception as exc:   # a service's bug must not stop an upgrade
+                log.warning("site %r: the last counts from before the upgrade were dropped (%s)",
+                            name, describe(exc, typed=True))
 
     # -- the commands ---------------------------------------------------------
 

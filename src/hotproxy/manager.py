@@ -477,13 +477,14 @@ class WorkerManager:
 
     # -- state a master upgrade hands over ----------------------------------------
 
-    async def snapshot(self, timeout: float = STATUS_TIMEOUT) -> list[dict[str, Any]]:
+    async def snapshot(self, timeout: float = STATUS_TIMEOUT, *, final: bool = False) -> list[dict[str, Any]]:
         """Each live worker's services' state (``ServiceExecutor.snapshot``):
         ``{"worker": id, "sites": {...}}``; a worker that does not answer
-        within *timeout* is left out (its state is not carried)."""
+        within *timeout* is left out (its state is not carried).  *final*:
+        the workers stop accepting first (an upgrade's hand-over)."""
         async def one(w: WorkerHandle) -> dict[str, Any] | None:
             try:
-                return {"worker": w.id, "sites": await asyncio.wait_for(w.snapshot(), timeout)}
+                return {"worker": w.id, "sites": await asyncio.wait_for(w.snapshot(final), timeout)}
             except (HotproxyError, asyncio.TimeoutError) as exc:
                 log.warning("worker %d: its state is not carried over (%s)", w.id, describe(exc))
                 return None
@@ -496,12 +497,31 @@ class WorkerManager:
             if seeds.get(w.id):
                 await w.seed(seeds[w.id])
 
+    async def carry_late(self, late: dict[int, dict[str, Any]]) -> None:
+        """Give worker *id* the old workers' last counts (``ServiceExecutor.carry_late``)."""
+        for w in self.live_workers():
+            if late.get(w.id):
+                try:
+                    await w.carry_late(late[w.id])
+                except HotproxyError as exc:
+                    log.warning("worker %d: the last counts from before the upgrade were not carried (%s)",
+                                w.id, describe(exc))
+
     # -- sockets a master upgrade hands over ------------------------------------
 
     def adopt_unix(self, path: str, sock: Any) -> None:
         """Serve Unix path *path* on *sock*, the socket the master this one
         upgrades passed (``SharedSockets.adopt``); call before ``start``."""
         self._shared.adopt(path, sock)
+
+    def activate(self, sock: Any) -> str | None:
+        """Serve the sites on *sock*'s address on *sock*, a listening socket systemd
+        passed (``SharedSockets.activate``); its address, or None if it is not usable."""
+        return self._shared.activate(sock)
+
+    def activated_sockets(self) -> list[int]:
+        """The descriptors of the sockets systemd passed (kept for the manager's life)."""
+        return self._shared.activated()
 
     def adopt_counters(self, fd: int, used: set[int], names: list[Any]) -> None:
         """Count in the segment *fd* of the master this one upgrades (``Segment.adopt``);

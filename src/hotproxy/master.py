@@ -45,21 +45,23 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
 import time
 from typing import Any
 
-from . import early_signals, logs
+from . import activation, early_signals, logs
 from .admin import AdminError, AdminServer
-from .config import Config, inspect_pidfile, load_config, pid_alive
+from .config import Config, inspect_pidfile, listen_sockaddrs, load_config, pid_alive
 from .errors import HotproxyError, describe
+from .listeners import BoundListener, ListenerFactory, TcpListenerFactory, UnixListenerFactory
 from .manager import WorkerManager
 from .workers import STOP_GRACE
 from .reload import ReloadReport, Reloader
 from .sdnotify import Notifier
 from .upgrade import (Hello, Link, NewMasterProcess, OldMaster, OldMasters, UpgradeError, UpgradeResult,
-                      read_state, seeds_for, send_everything, serve_new_master, test_failure, wait_ready,
-                      write_state)
+                      late_seeds_for, read_state, seeds_for, send_everything, serve_new_master, test_failure,
+                      test_pause, wait_ready, write_state)
 
 log = logging.getLogger("hotproxy.master")
 
@@ -128,6 +130,10 @@ class Master:
         self.upgraded_from: int | None = None
         #: masters that handed over and still drain (the newest master answers for them)
         self.old_masters = OldMasters()
+        #: the addresses of the listening sockets systemd passed (``activation``)
+        self._activated: list[str] = []
+        #: the old master's state this one's services were built from (an upgrade), until the hand-over
+        self._seeded_from: list[dict[str, Any]] | None = None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -167,6 +173,12 @@ class Master:
             self.manager = WorkerManager(rt.workers, drain_timeout=rt.drain_timeout,
                                          cpu_affinity=rt.cpu_affinity, command_timeout=rt.reload_timeout,
                                          **self._manager_options)
+            activated = activation.listen_fds() if hello is None else hello.activated
+            for sock in activated:
+                address = self.manager.activate(sock)
+                if address is not None:
+                    self._activated.append(address)
+            activated.clear()
             if hello is not None:
                 for path, sock in hello.unix.items():
                     self.manager.adopt_unix(path, sock)
@@ -182,13 +194,16 @@ class Master:
                 self._upgrade_failed(f"cannot start workers: {describe(exc)}")
                 return 1
             self.reloader = Reloader(self.manager)
+            # the addresses of the sockets systemd passed are ours, not a stranger's
+            self.reloader.held = list(self._activated)
             if hello is not None:
                 # the old master's addresses are ours to share (SO_REUSEPORT), not a stranger's
-                self.reloader.held = list(hello.listen)
+                self.reloader.held += hello.listen
                 # its services' state: the first version of each is built from it
                 old_state = read_state(hello.fds.pop("state")) if "state" in hello.fds else None
                 if old_state:
                     await self.manager.seed(seeds_for(old_state, self.manager.count))
+                    self._seeded_from = old_state
             # (a config without services was refused or allowed by the caller)
             report = await self.reloader.reload(self.config, trigger="start" if hello is None else "upgrade",
                                                 allow_empty=True)
@@ -241,15 +256,24 @@ class Master:
             self.notify.watchdog()
             await asyncio.sleep(interval)
 
-    async def _start_metrics(self, address: str) -> None:
-        """Serve ``/metrics`` on *address* (``runtime.metrics``); ``MetricsError`` if it cannot."""
-        from .listeners import TcpListenerFactory, parse_address
+    async def _start_metrics(self, address: str, handed: Any = None) -> None:
+        """Serve ``/metrics`` on *address* (``runtime.metrics``); ``MetricsError`` if it cannot.
+
+        *handed*: the listening socket of the master this one upgrades, if it
+        served the same address: served as it is (the scrapes that queued
+        on it during the hand-over are answered, none is refused)."""
+        from .listeners import ListenerFactory, TcpListenerFactory, parse_address
         from .metrics import MetricsServer
 
-        listener = parse_address(address)
-        if isinstance(listener, TcpListenerFactory):
-            # a plain bind: the port is ours alone, not shared with SO_REUSEPORT
-            listener = dataclasses.replace(listener, reuse_port=False)
+        listener: ListenerFactory = parse_address(address)
+        if handed is not None and _same_address(handed, listener):
+            listener = HandedListener(handed, listener)
+        else:
+            if handed is not None:
+                handed.close()
+            if isinstance(listener, TcpListenerFactory):
+                # a plain bind: the port is ours alone, not shared with SO_REUSEPORT
+                listener = dataclasses.replace(listener, reuse_port=False)
         self.metrics = MetricsServer(listener, self._metrics_snapshot)
         try:
             await self.metrics.start()
@@ -640,9 +664,13 @@ class Master:
         if sock is not None:
             fds.append(({"name": "admin"}, sock.fileno()))
         fds += [({"name": "listener", "path": path}, fd) for path, fd in self.manager.unix_sockets().items()]
+        fds += [({"name": "activated"}, fd) for fd in self.manager.activated_sockets()]
         fds += self.old_masters.hand_over()
         if self.manager.limits is not None:
             fds.append(({"name": "counters"}, self.manager.limits.fd))
+        metrics = self.metrics.listening_socket() if self.metrics is not None else None
+        if metrics is not None:
+            fds.append(({"name": "metrics"}, metrics.fileno()))
         return fds
 
     def _hello(self) -> dict[str, Any]:
@@ -674,12 +702,18 @@ class Master:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self.metrics is not None:
-            await self.metrics.close()
-            self.metrics = None
+            # its socket stays open in the new master, which serves what queues on it meanwhile;
+            # the scrapes accepted here are answered (the server closes when this master exits)
+            self.metrics.hand_over()
+        # the last counts: the old workers stop accepting (the new ones serve), then say what they counted
+        last = write_state(await self.manager.snapshot(final=True)) if self.manager is not None else None
         try:
-            await child.channel.send({"type": "released"})
+            await child.channel.send({"type": "released", "state": "final" if last is not None else None}, last)
         except OSError as exc:
             log.error("the new master (pid %d) is gone right after saying ready (%s)", child.pid, exc)
+        finally:
+            if last is not None:
+                os.close(last)
         # the old masters still draining are the new master's to answer for now
         self.old_masters.close()
         child.close()   # the process lives on: only its pidfd is closed here
@@ -725,9 +759,13 @@ class Master:
             await self._stop
             return False
         inherited = self._inherits_admin(hello)
+        if test_pause():
+            log.warning("HOTPROXY_TEST_UPGRADE_PAUSE: serving %gs before saying ready", test_pause())
+            await asyncio.sleep(test_pause())
         released = await self.link.ready(inherited)
         if not released:
             log.warning("the old master (pid %d) went away before releasing: taking over", hello.pid)
+        await self._carry_late()
         if inherited:
             assert hello.admin is not None
             sock, hello.admin = hello.admin, None
@@ -738,11 +776,15 @@ class Master:
             self._write_pidfile(rt.pidfile, replacing=hello.pid)
         except PidfileError as exc:
             log.error("upgrade: %s", exc)
+        handed = hello.fds.pop("metrics", None)
+        sock = socket.socket(fileno=handed) if handed is not None else None
         if rt.metrics is not None:
             try:
-                await self._start_metrics(rt.metrics)
+                await self._start_metrics(rt.metrics, sock)
             except MetricsError as exc:
                 log.error("upgrade: %s", exc)
+        elif sock is not None:
+            sock.close()
         self.upgraded_from = hello.pid
         if released:
             self.old_masters.add(OldMaster(hello.pid, self.link.channel, regions=hello.regions_of(hello.pid)))
@@ -752,6 +794,17 @@ class Master:
         log.info("upgrade: took over from pid %d (%d old master%s draining)", hello.pid,
                  len(self.old_masters.alive()), "" if len(self.old_masters.alive()) == 1 else "s")
         return True
+
+    async def _carry_late(self) -> None:
+        """Add what the old workers counted between the snapshot and the hand-over."""
+        assert self.link is not None and self.manager is not None
+        fd, self.link.last_state = self.link.last_state, None
+        first, self._seeded_from = self._seeded_from, None
+        if fd is None:
+            return
+        last = read_state(fd)   # (closes it; None, with a warning, if unreadable)
+        if first is not None and last is not None:
+            await self.manager.carry_late(late_seeds_for(first, last, self.manager.count))
 
     # -- pidfile ----------------------------------------------------------------
 
@@ -808,6 +861,39 @@ class Master:
                     os.unlink(path)
         except OSError:
             pass
+
+
+class HandedListener(ListenerFactory):
+    """*sock*, a listening socket a new master got from the old one, as the
+    listener of *original* (the same address): ``make()`` serves it as it is."""
+
+    backlog = 64
+
+    def __init__(self, sock: socket.socket, original: ListenerFactory) -> None:
+        self.sock = sock
+        self.original = original
+
+    @property
+    def address(self) -> str:
+        return self.original.address
+
+    def bind(self) -> BoundListener:
+        sock = self.sock
+        sock.setblocking(False)
+        # a Unix socket's file is ours now: removed when it closes (if still ours)
+        on_close = self.original.unlinker_now() if isinstance(self.original, UnixListenerFactory) else None
+        return BoundListener(sock, self.original, on_close=on_close)
+
+
+def _same_address(sock: socket.socket, listener: ListenerFactory) -> bool:
+    """True if *sock* listens where *listener* would (``activation``'s keys)."""
+    key = activation.key_of(sock)
+    if isinstance(listener, UnixListenerFactory):
+        return key == ("unix", listener.path)
+    if isinstance(listener, TcpListenerFactory):
+        addrs = listen_sockaddrs(listener)
+        return bool(addrs) and key == activation.key_of_sockaddr(next(iter(addrs)))
+    return False
 
 
 #: a config file larger than this is parsed off the master's loop (about 300 services)

@@ -267,6 +267,20 @@ class MetricsServer:
             task.cancel()
         await asyncio.gather(*self._clients, return_exceptions=True)
 
+    def listening_socket(self) -> Any:
+        """The listening socket (to hand to a new master on an upgrade), or None."""
+        return self._bound.sock if self._bound is not None else None
+
+    def hand_over(self) -> None:
+        """Stop accepting, leaving the socket (and its file) to the new master
+        that got it: it serves what queues meanwhile.  Scrapes accepted here
+        are still answered; ``close()`` ends the rest."""
+        if self._bound is not None:
+            self._bound.own_file(None)
+        if self._server is not None:
+            self._server.close()   # (closes this process's copy of the socket)
+            self._server = None
+
     async def render(self, accept: str) -> tuple[bytes, str]:
         """(body, content type) of one scrape."""
         from prometheus_client.exposition import choose_encoder

@@ -41,7 +41,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from . import addresses, core, limits
 from .addresses import Address, is_literal
@@ -299,20 +299,24 @@ class ProxyService(Service):
         # GC pass.  Each connection holds its service (``owner``) instead,
         # so a version is freed when its last connection finishes.
         self.balancer = _Balancer(factory, shared, self.targets)
+        # log_level = "debug" is looked at once per version: when it is off,
+        # the relay gets the balancer itself and nothing is added per connection
+        debug = log.isEnabledFor(logging.DEBUG)
+        on_refuse = self.balancer.log_refused if factory.access_log else None
         self.relay = impl.RelayConfig(
             shared.counters,
             idle_timeout=float(factory.idle_timeout),
             keepalive=factory.keepalive,
-            connector=self.balancer,
+            connector=_DebugConnector(self.balancer, 1 + factory.retries) if debug else self.balancer,
             on_close=self.balancer.log_close if factory.access_log else None,
-            want_peername=factory.access_log or factory.balance == "hash",
+            want_peername=factory.access_log or factory.balance == "hash" or debug,
             buffer_size=BUFFER_SIZE,
             max_buffer_size=MAX_BUFFER_SIZE,
             targets=tuple(self.targets),
             connect_timeout=float(factory.connect_timeout),
             attempts=1 + factory.retries,
             max_connections=factory.max_connections,
-            on_refuse=self.balancer.log_refused if factory.access_log else None,
+            on_refuse=_debug_refusal(self.balancer, on_refuse) if debug else on_refuse,
             limit=shared.limit,
         )
 
@@ -354,6 +358,22 @@ class ProxyService(Service):
                for addr, st in self.all_states().items()}
         return {"type": "proxy", "v": 1, "counters": counters, "rr": self.shared.rr, "upstreams": ups}
 
+    def carry_late(self, before: Seed, after: Seed) -> None:
+        """Add the counts the old workers made between the two snapshots (``Service.carry_late``)."""
+        before, after = before.of_type("proxy"), after.of_type("proxy")
+
+        def late(get: Callable[[dict[str, Any]], int]) -> int:
+            return max(0, sum(get(s) for s in after.carry) - sum(get(s) for s in before.carry))
+
+        counters = self.counters
+        for key in _CARRIED_COUNTERS:
+            n = late(lambda s: _number(s.get("counters", {}).get(key, 0), key))
+            setattr(counters, key, getattr(counters, key) + n)
+        for addr, st in self.all_states().items():
+            for key in ("connections", "failures", "bytes_in", "bytes_out"):
+                n = late(lambda s: _number(s.get("upstreams", {}).get(addr, {}).get(key, 0), key))
+                setattr(st, key, getattr(st, key) + n)
+
     @property
     def upstream_states(self) -> dict[str, Any]:
         """This version's upstreams' states, by address."""
@@ -388,6 +408,10 @@ class ProxyService(Service):
 
     def __repr__(self) -> str:
         return f"<ProxyService {self.factory.balance} {list(self.factory.upstreams)}>"
+
+
+#: the service counters an upgrade carries (``ProxyFactory.make_via_snapshot``, ``carry_late``)
+_CARRIED_COUNTERS = ("accepted", "bytes_in", "bytes_out", "connect_failures", "refused", "idle_closed", "no_upstream")
 
 
 class _Balancer:
@@ -518,6 +542,55 @@ class _Balancer:
         access_log.info("%s%s -> - in=0 out=0 time=0.000s end=refused", self._who, client,
                         extra=self._fields(client=client, upstream="-", bytes_in=0, bytes_out=0, duration=0.0,
                                            end="refused"))
+
+
+class _DebugConnector:
+    """The balancer as the relay's connector, with a debug line for every
+    connect attempt: which upstream, which try (a version built while
+    ``log_level = "debug"``).  With one upstream the core makes its single
+    attempt without asking ``pick``: only its failure is logged here."""
+
+    __slots__ = ("balancer", "attempts")
+
+    def __init__(self, balancer: _Balancer, attempts: int) -> None:
+        self.balancer = balancer
+        self.attempts = attempts
+
+    def pick(self, conn: Any, tried: Any) -> Any | None:
+        b = self.balancer
+        target = b.pick(conn, tried)
+        client = _peer(conn.peername)
+        if target is None:
+            log.debug("%s%s: no upstream left to try after %d attempt%s", b._who, client, len(tried),
+                      "" if len(tried) == 1 else "s", extra=b._fields(client=client))
+        else:
+            log.debug("%s%s: connect attempt %d of %d to %s", b._who, client, len(tried) + 1, self.attempts,
+                      target.state.address, extra=b._fields(client=client, upstream=target.state.address,
+                                                             attempt=len(tried) + 1))
+        return target
+
+    def failed(self, target: Any, exc: BaseException) -> None:
+        b = self.balancer
+        log.debug("%sconnect attempt to %s failed: %s", b._who, target.state.address, describe(exc),
+                  extra=b._fields(upstream=target.state.address, reason=describe(exc)))
+        b.failed(target, exc)
+
+    def succeeded(self, target: Any) -> None:
+        self.balancer.succeeded(target)
+
+
+def _debug_refusal(balancer: _Balancer, then: Any) -> Any:
+    """``on_refuse`` for a version built at debug level: why, then the access line (*then*) if any."""
+    limit = balancer.factory.max_connections
+
+    def refused(peer: Any) -> None:
+        client = _peer(peer)
+        log.debug("%s%s: refused: max_connections (%d) reached", balancer._who, client, limit,
+                  extra=balancer._fields(client=client, reason="max_connections"))
+        if then is not None:
+            then(peer)
+
+    return refused
 
 
 def _peer(peer: Any) -> str:

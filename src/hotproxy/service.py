@@ -115,6 +115,13 @@ class Service(abc.ABC):
         """
         return None
 
+    def carry_late(self, before: Seed, after: Seed) -> None:
+        """Add what the old program's workers counted after the snapshot this
+        version was built from: *before* is that seed, *after* the same old
+        workers' snapshots taken when they stopped accepting (an upgrade's
+        hand-over).  Raise ``ValueError`` if they cannot be read.  By default
+        nothing is carried."""
+
     def owns(self, conn: object) -> bool:
         """True if *conn*, an open connection of the site, is one of this version's.
 
@@ -233,6 +240,14 @@ class LayerService(Service):
         if self.snapshot_type is None:
             return inner
         return {"type": self.snapshot_type, "v": 1, **self.layer_state(), "inner": inner}
+
+    def carry_late(self, before: Seed, after: Seed) -> None:
+        # (this layer's own state is not counted late: its inner service's is)
+        kind = self.snapshot_type
+        if kind is None:
+            self.inner.carry_late(before, after)
+        else:
+            self.inner.carry_late(before.of_type(kind).inner(), after.of_type(kind).inner())
 
     @property
     def version(self) -> Service:

@@ -17,16 +17,20 @@ Rules of this module:
   socket already listening there -- binding the path again would fail,
   and unlinking it would lose the file.  The worker sets the backlog when
   it listens (Linux lets ``listen()`` change it).
+* Sockets systemd passed (``activation``) are served, TCP and Unix alike,
+  to the sites whose address is theirs, the same way; they are kept (never
+  released, never unlinked) until the master stops or hands over.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
+from . import activation
 from .commands import listener_factory_of, site_of, with_listener_factory
 from .errors import BuildListenerError, WorkerError, describe
 from .fdchannel import InheritedListenerFactory
-from .listeners import BoundListener, ListenerFactory, UnixListenerFactory
+from .listeners import BoundListener, ListenerFactory, TcpListenerFactory, UnixListenerFactory
 from .workers import ProcessWorker
 
 
@@ -38,6 +42,46 @@ class SharedSockets:
         self._token = 0
         #: paths adopted from the master this one upgrades, not ours until ``own_adopted``
         self._adopted: set[str] = set()
+        #: sockets systemd passed (or the master this one upgrades had been passed), by address key
+        self._activated: dict[activation.Key, BoundListener] = {}
+        #: a TCP factory's key (its bind address looked up once), for matching ``_activated``
+        self._tcp_keys: dict[TcpListenerFactory, activation.Key | None] = {}
+
+    def activate(self, sock: Any) -> str | None:
+        """Serve the sites listening on *sock*'s address on *sock* (a socket
+        systemd passed, listening already); its address as a config writes
+        it, or None (the socket is closed) if it is not TCP or a Unix path."""
+        key = activation.key_of(sock)
+        if key is None:
+            sock.close()
+            return None
+        old = self._activated.pop(key, None)
+        if old is not None:
+            old.close()
+        # a BoundListener without an unlinker: the file (if a path) is systemd's
+        self._activated[key] = BoundListener(sock, UnixListenerFactory(key[1], mode=None) if key[0] == "unix"
+                                             else TcpListenerFactory(key[1], key[2]))
+        return activation.address_of(sock)
+
+    def activated(self) -> list[int]:
+        """The descriptor of every socket systemd passed (to pass to a new master)."""
+        return [bound.sock.fileno() for bound in self._activated.values()]
+
+    def _activated_for(self, lf: ListenerFactory) -> BoundListener | None:
+        if not self._activated:
+            return None
+        if isinstance(lf, UnixListenerFactory):
+            return self._activated.get(("unix", lf.path))
+        if isinstance(lf, TcpListenerFactory):
+            if lf not in self._tcp_keys:
+                # (a host name is looked up here, once: a literal address needs no lookup)
+                from .config import listen_sockaddrs
+
+                addrs = listen_sockaddrs(lf)
+                self._tcp_keys[lf] = activation.key_of_sockaddr(next(iter(addrs))) if addrs else None
+            key = self._tcp_keys[lf]
+            return self._activated.get(key) if key is not None else None
+        return None
 
     def adopt(self, path: str, sock: Any) -> None:
         """Serve *path* on *sock*, bound and listening in the master this one
@@ -63,14 +107,18 @@ class SharedSockets:
         return {path: bound.sock.fileno() for path, bound in self._bound.items()}
 
     def for_worker(self, command: Any, worker: ProcessWorker) -> Any:
-        """*command* as *worker* gets it: a Unix listener it names replaced by the
-        master's socket, sent now over the worker's fd channel (any other
+        """*command* as *worker* gets it: a Unix listener it names, or one on
+        the address of a socket systemd passed, replaced by the master's socket, sent now over the worker's fd channel (any other
         command as it is).  ``BuildListenerError`` if the path cannot be
         bound, ``WorkerError`` if the worker cannot be sent the socket."""
         lf = listener_factory_of(command)
-        if not isinstance(lf, UnixListenerFactory):
+        if not isinstance(lf, (UnixListenerFactory, TcpListenerFactory)):
             return command
-        bound = self._bound_at(site_of(command) or "?", lf)
+        bound = self._activated_for(lf)
+        if bound is None:
+            if not isinstance(lf, UnixListenerFactory):
+                return command   # each worker binds its own (SO_REUSEPORT)
+            bound = self._bound_at(site_of(command) or "?", lf)
         self._token += 1
         token = self._token
         try:
@@ -103,6 +151,9 @@ class SharedSockets:
                 bound.own_file(None)
             bound.close()
         self._bound.clear()
+        for bound in self._activated.values():
+            bound.close()
+        self._activated.clear()
 
 
 __all__ = ["SharedSockets"]

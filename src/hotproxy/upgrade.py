@@ -91,6 +91,18 @@ class UpgradeError(Exception):
     """The upgrade cannot go on (one line: why)."""
 
 
+#: test-only: seconds a new master waits, serving, before it says it is ready (a wide hand-over window)
+TEST_PAUSE_ENV = "HOTPROXY_TEST_UPGRADE_PAUSE"
+
+
+def test_pause() -> float:
+    """The seconds ``HOTPROXY_TEST_UPGRADE_PAUSE`` asks a new master to wait before ``ready`` (0: none)."""
+    try:
+        return min(max(float(os.environ.get(TEST_PAUSE_ENV, "0")), 0.0), 60.0)
+    except ValueError:
+        return 0.0
+
+
 def test_failure(point: str) -> bool:
     """True if the test-only ``HOTPROXY_TEST_FAIL_UPGRADE`` asks the new master to fail at *point*."""
     return os.environ.get(TEST_FAILURE_ENV) == point
@@ -275,6 +287,18 @@ def seeds_for(old: list[dict[str, Any]], count: int) -> dict[int, dict[str, Any]
         names = set(like).union(*carried)
         out[j] = {name: Seed(tuple(s[name] for s in carried if name in s), like.get(name)) for name in names}
     return out
+
+
+def late_seeds_for(before: list[dict[str, Any]], after: list[dict[str, Any]],
+                   count: int) -> dict[int, dict[str, tuple[Any, Any]]]:
+    """Each new worker's (before, after) seeds by site name, for ``Service.carry_late``:
+    the old workers' snapshots at the start of the upgrade and at the hand-over,
+    matched by worker id, so that each old worker's late counts go to one new worker."""
+    first = {w.get("worker"): w for w in before}
+    last = [w for w in after if isinstance(w.get("sites"), dict)]
+    pairs_before = [first.get(w.get("worker")) or {"worker": w.get("worker"), "sites": {}} for w in last]
+    b, a = seeds_for(pairs_before, count), seeds_for(last, count)
+    return {j: {name: (b[j].get(name) or type(seed)(), seed) for name, seed in a[j].items()} for j in a}
 
 
 # -- the old master's side -------------------------------------------------------------------
@@ -462,6 +486,8 @@ class Hello:
     #: the old master's Unix listening sockets, by path
     unix: dict[str, socket.socket] = field(default_factory=dict)
     admin: socket.socket | None = None
+    #: the listening sockets systemd passed to the first master (``activation``)
+    activated: list[socket.socket] = field(default_factory=list)
     #: descriptors of other kinds, by name (the counters, the state)
     fds: dict[str, int] = field(default_factory=dict)
     #: channels to older masters still draining: (pid, channel)
@@ -494,6 +520,9 @@ class Hello:
         for sock in self.unix.values():
             sock.close()
         self.unix.clear()
+        for sock in self.activated:
+            sock.close()
+        self.activated.clear()
         if self.admin is not None:
             self.admin.close()
             self.admin = None
@@ -514,6 +543,8 @@ class Link:
         self.channel = Channel(socket.socket(fileno=fd))
         self.hello: Hello | None = None
         self.failed_reported = False
+        #: the state memfd the old master sent with ``released``: its workers' final snapshots
+        self.last_state: int | None = None
 
     async def receive(self, timeout: float = HELLO_TIMEOUT) -> Hello:
         """Everything the old master sends before its hello, and the hello; ``UpgradeError`` if it does not come."""
@@ -556,6 +587,8 @@ class Link:
             hello.admin = socket.socket(fileno=fd)
         elif name == "listener" and isinstance(msg.get("path"), str):
             hello.unix[msg["path"]] = socket.socket(fileno=fd)
+        elif name == "activated":
+            hello.activated.append(socket.socket(fileno=fd))
         elif name == "old-master":
             hello.old_masters.append((int(msg.get("pid") or 0), Channel(socket.socket(fileno=fd))))
         else:
@@ -577,6 +610,9 @@ class Link:
             if got is None:
                 return False
             msg, fd = got
+            if msg.get("type") == "released" and msg.get("state") == "final" and fd is not None:
+                self.last_state = fd
+                return True
             if fd is not None:
                 os.close(fd)
             if msg.get("type") == "released":

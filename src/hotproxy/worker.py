@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 from . import logs
@@ -106,7 +107,11 @@ class WorkerProcess:
                 elif kind == "status":
                     write_message(writer, ("res", msg[1], True, self.executor.status()))
                 elif kind == "snapshot":
-                    write_message(writer, ("res", msg[1], True, self.executor.snapshot()))
+                    final = len(msg) > 2 and msg[2] is True
+                    write_message(writer, ("res", msg[1], True, self.executor.snapshot(final)))
+                elif kind == "late":
+                    self.executor.carry_late(msg[2])
+                    write_message(writer, ("res", msg[1], True, None))
                 elif kind == "seed":
                     self.executor.seed(msg[2])
                     write_message(writer, ("res", msg[1], True, None))
@@ -124,12 +129,16 @@ class WorkerProcess:
             self._request_stop(True, None)
 
     async def _run_commands(self, writer: asyncio.StreamWriter) -> None:
+        from .commands import site_of
         from .errors import HotproxyError, WorkerError, describe
 
         while True:
             req_id, command = await self.queue.get()
             if self.fds is not None:
                 command = self.fds.received(command)
+            # reload phases at debug level: once per command, never on the data path
+            debug = log.isEnabledFor(logging.DEBUG)
+            t0 = time.perf_counter() if debug else 0.0
             try:
                 value = await self.executor.execute(command)
             except HotproxyError as exc:
@@ -142,10 +151,19 @@ class WorkerProcess:
             finally:
                 if self.fds is not None:
                     self.fds.done(command)   # a descriptor no listener took is closed
+            if debug:
+                outcome = "ok" if reply[2] else f"failed: {reply[3]}"
+                log.debug("reload phase %s of site %r: %s in %.1f ms", PHASES.get(type(command).__name__, "command"),
+                          site_of(command) or "?", outcome, (time.perf_counter() - t0) * 1000.0)
             try:
                 write_message(writer, reply)
             except Exception as exc:  # e.g. an unpicklable error
                 write_message(writer, ("res", req_id, False, WorkerError(self.worker_id, repr(exc))))
+
+
+#: what each command is, as the debug log names it (the reload's phases on this worker)
+PHASES = {"Precommit": "prepare", "Commit": "commit", "Abort": "abort", "Update": "update",
+          "Remove": "remove", "PrepareAndCommit": "prepare+commit"}
 
 
 def main(argv: list[str] | None = None) -> int:

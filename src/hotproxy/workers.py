@@ -68,8 +68,11 @@ class WorkerHandle(Protocol):
     async def set_logging(self, level: str, fmt: str) -> None:
         """Apply a new ``runtime.log_level`` and ``log_format``."""
 
-    async def snapshot(self) -> dict[str, Any]:
-        """The worker's ``ServiceExecutor.snapshot()`` (plain data, for an upgrade)."""
+    async def snapshot(self, final: bool = False) -> dict[str, Any]:
+        """The worker's ``ServiceExecutor.snapshot(final)`` (plain data, for an upgrade)."""
+
+    async def carry_late(self, late: dict[str, Any]) -> None:
+        """``ServiceExecutor.carry_late``: the old workers' last counts."""
 
     async def seed(self, seeds: dict[str, Any]) -> None:
         """``ServiceExecutor.seed``: build these sites' first versions from their seeds."""
@@ -115,8 +118,11 @@ class InlineWorker:
     async def set_logging(self, level: str, fmt: str) -> None:
         pass   # the caller's own process: the reload sets its logging
 
-    async def snapshot(self) -> dict[str, Any]:
-        return self.executor.snapshot()
+    async def snapshot(self, final: bool = False) -> dict[str, Any]:
+        return self.executor.snapshot(final)
+
+    async def carry_late(self, late: dict[str, Any]) -> None:
+        self.executor.carry_late(late)
 
     async def seed(self, seeds: dict[str, Any]) -> None:
         self.executor.seed(seeds)
@@ -290,8 +296,11 @@ class ProcessWorker:
     async def set_logging(self, level: str, fmt: str) -> None:
         await self._call("logging", level, fmt)
 
-    async def snapshot(self) -> dict[str, Any]:
-        return await self._call("snapshot")  # type: ignore[no-any-return]
+    async def snapshot(self, final: bool = False) -> dict[str, Any]:
+        return await self._call("snapshot", final)  # type: ignore[no-any-return]
+
+    async def carry_late(self, late: dict[str, Any]) -> None:
+        await self._call("late", late)
 
     async def seed(self, seeds: dict[str, Any]) -> None:
         await self._call("seed", seeds)
