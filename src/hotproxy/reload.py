@@ -52,7 +52,8 @@ log = logging.getLogger("hotproxy.reload")
 
 #: runtime keys a reload cannot change (they need a restart); the others
 #: (drain_timeout, log_level, log_format, reload_timeout, admin_idle_timeout) apply at once
-RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req", "metrics")
+RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req", "metrics",
+                "config_source", "instance_id", "listen_host", "fleet_lease_ttl")
 # (an upgrade -- ``hotproxy upgrade`` -- is a restart that refuses nobody: it applies them all)
 
 
