@@ -286,6 +286,10 @@ class FleetAgent:
         # from the revision read below on, every change is seen once
         current = await client.get(self.source.key("config"))
         start = await self._sync(current)
+        # a proposal made while this instance was away and still undecided: vote now
+        proposal = await client.get(self.source.key("proposal"))
+        if proposal is not None:
+            await self._prepare(int(proposal.mod_revision), bytes(proposal.value))
         watch = await client.watch_prefix(self.source.prefix.encode(), start_revision=start + 1)
         feeder = asyncio.ensure_future(self._feed(watch, queue))
         keeper = asyncio.ensure_future(self._keep_alive(queue))
@@ -376,6 +380,8 @@ class FleetAgent:
                 await self._apply_committed(rev, text)
 
     async def _prepare(self, rev: int, value: bytes) -> None:
+        if (self._staged is not None and self._staged[0] == rev) or (self.vote or {}).get("rev") == rev:
+            return   # seen at (re)join and again in the watch: one vote
         await self._drop_staged(f"superseded by proposal {rev}")
         proposal = _json(value)
         text = proposal.get("toml")
