@@ -362,6 +362,8 @@ def test_an_instance_in_a_fleet_refuses_a_local_reload_in_one_line(start: Start,
         code, out, err = await prog.cli("reload", "-c", str(prog.config))
         assert code == 1, out + err
         assert "this instance is in a fleet" in out + err and "hotproxy fleet apply" in out + err, out + err
+        code, out, err = await prog.cli("status", "-c", str(prog.config))
+        assert code == 0 and f"fleet {etcd.url()} as solo" in out, out + err
 
     run(main(), timeout=120)
 
@@ -380,6 +382,23 @@ def test_bad_fleet_input_is_one_line_and_nothing_is_proposed(start: Start, etcd:
         assert code == 1 and "no PREFIX" in err, err
         code, out, err = await prog.cli("fleet", "status", "--etcd", etcd.url(), "--json")
         assert code == 0 and json.loads(out)["proposal"] == 0, out + err
+        # without the etcd client library: one line saying what to install (the rest of hotproxy works)
+        hide = tmp_path / "no-aetcd" / "aetcd"
+        hide.mkdir(parents=True)
+        (hide / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+        env = {**prog.env, "PYTHONPATH": f"{hide.parent}{os.pathsep}{prog.env.get('PYTHONPATH', '')}"}
+        for args in (["fleet", "status", "--etcd", etcd.url()], ["run", "--etcd", etcd.url()]):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hotproxy.cli", *args, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            _, err_b = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 1 and err_b.decode() == (
+                "hotproxy: error: the etcd client library is not installed: pip install 'hotproxy[etcd]'\n"), err_b
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hotproxy.cli", "status", "-c", str(prog.config), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        out_b, err_b = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0 and b"SERVICE" in out_b, out_b + err_b
         # a local file with services and a config_source: refused at start, one line
         both = tmp_path / "both.toml"
         both.write_text(toml({"e": {"kind": "echo", "listen": f"127.0.0.1:{free_port()}"}}, workers=1,

@@ -278,7 +278,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.print_default:
         sys.stdout.write(default_config_text())
         return 0
-    config = load_config(args.config)   # a bad file: one line, exit 1, nothing started
+    if args.config is None and args.etcd is not None:
+        from .config import parse_config
+
+        config = parse_config("", None)   # a fleet instance with every runtime default
+    else:
+        config = load_config(args.config)   # a bad file: one line, exit 1, nothing started
     if args.etcd is not None:
         import dataclasses
 
@@ -610,6 +615,10 @@ def format_status(status: dict[str, Any]) -> str:
         queued = status.get("reload_queued") or 0
         lines.append("a reload is running" + (f" ({queued} request{'' if queued == 1 else 's'} queued behind it)"
                                               if queued else ""))
+    fleet = status.get("fleet")
+    if fleet:
+        lines.append(f"fleet {fleet['source']} as {fleet['id']}: revision {fleet['applied'] or 'none'} applied, "
+                     f"{fleet['outcome']}" + ("" if fleet.get("connected") else "; etcd not reached (retrying)"))
     if status.get("upgraded_from"):
         lines.append(f"upgraded from pid {status['upgraded_from']}")
     for old in status.get("old_masters") or ():

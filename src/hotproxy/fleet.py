@@ -258,6 +258,15 @@ class FleetAgent:
         while True:
             try:
                 await self._session(attempt)
+            except asyncio.CancelledError:
+                # stopping: leave the fleet now rather than when the lease runs out
+                lease = self._lease
+                if lease is not None:
+                    try:
+                        await asyncio.wait_for(lease.revoke(), 1.0)
+                    except Exception:   # etcd unreachable: the lease runs out on its own
+                        pass
+                raise
             except errors as exc:
                 log.warning("fleet: etcd %s: %s; serving revision %d; retrying in %.1f s",
                             self.source.url, describe(exc), self.applied, delay)

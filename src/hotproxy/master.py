@@ -603,6 +603,10 @@ class Master:
             refusal = "stopping: no upgrade"
         elif not self.ready:
             refusal = "starting: the first config is not applied yet; try again"
+        elif self.fleet is not None:
+            # the new master would start from the local file, which has no services
+            refusal = ("an instance in a fleet cannot be upgraded in place yet: restart it (it rejoins and "
+                       "applies the committed config)")
         if refusal is not None:
             result = UpgradeResult(False, os.getpid(), error=refusal, trigger=trigger, at=time.time())
             log.error("%s", result.line())
