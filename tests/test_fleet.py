@@ -253,6 +253,18 @@ def test_a_config_that_fails_on_one_instance_is_applied_by_none_and_the_report_n
             names = [s["name"] for s in (await fleet.progs[iid].status())["services"]]
             assert names == ["stable", "ver"], (iid, names)
         assert await fleet.greetings() == {iid: b"v1" for iid in HOSTS}
+        # an instance joining now applies the committed config, never the aborted proposal
+        late = start(toml({}, workers=1, admin="i5.sock", config_source=fleet.url, instance_id="i5",
+                          listen_host="127.0.0.5"), name="i5.toml")
+        await late.wait_ready()
+
+        async def joined() -> bool:
+            rec = (await fleet.status())["instances"].get("i5") or {}
+            return rec.get("applied") == rev
+
+        await eventually(joined, timeout=60, interval=0.2)
+        assert (await echo_roundtrip("127.0.0.5", fleet.ver, b"x", greeting=3))[:3] == b"v1\n"
+        assert await refuses_on("127.0.0.5", new)
         check_traffic(await load.finish(), "one instance fails")
 
     run(main(), timeout=240)
@@ -364,6 +376,8 @@ def test_an_instance_in_a_fleet_refuses_a_local_reload_in_one_line(start: Start,
         assert "this instance is in a fleet" in out + err and "hotproxy fleet apply" in out + err, out + err
         code, out, err = await prog.cli("status", "-c", str(prog.config))
         assert code == 0 and f"fleet {etcd.url()} as solo" in out, out + err
+        code, out, err = await prog.cli("upgrade", "-c", str(prog.config))
+        assert code == 1 and "cannot be upgraded in place" in out + err, out + err
 
     run(main(), timeout=120)
 
