@@ -222,6 +222,20 @@ def test_a_good_config_is_served_by_every_instance_at_the_revision_fleet_status_
         assert {iid: rec["applied"] for iid, rec in st["instances"].items()} == {iid: rev for iid in HOSTS}, st
         assert await fleet.greetings() == {iid: b"v2" for iid in HOSTS}
         check_traffic(await load.finish(), "good config")
+        # (its connections die with it: after the checked traffic)
+        # a worker killed beside the master's etcd (gRPC) connection is restarted with the fleet's config
+        prog = fleet.progs["i2"]
+        victim = (await prog.status())["workers"][0]["pid"]
+        prog.track(victim)
+        os.kill(victim, signal.SIGKILL)
+
+        async def restarted() -> bool:
+            st = await prog.status()
+            return bool(st["restarts"] >= 1 and all(w["alive"] and w["pid"] != victim for w in st["workers"]))
+
+        await eventually(restarted, timeout=60, interval=0.1)
+        assert await fleet.greetings() == {iid: b"v2" for iid in HOSTS}
+        assert "fork" not in prog.log(), prog.log()
 
     run(main(), timeout=240)
 

@@ -111,6 +111,9 @@ def parse_source(text: str, what: str = "config_source") -> EtcdSource:
 
 def client_module() -> Any:
     """The etcd client library (``aetcd``), imported on first use."""
+    # The master forks only to exec (its workers): gRPC's fork handlers would
+    # only log that they are skipped while its threads are busy.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     try:
         return importlib.import_module("aetcd")
     except ImportError:
@@ -119,9 +122,8 @@ def client_module() -> Any:
 
 def etcd_errors() -> tuple[type[BaseException], ...]:
     """What an unreachable or failing etcd raises."""
-    mod = client_module()
+    client_module()   # missing: the one line saying what to install
     exc = importlib.import_module("aetcd.exceptions")
-    del mod
     return (exc.ClientError, OSError, asyncio.TimeoutError, ConnectionError)
 
 
