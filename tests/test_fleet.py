@@ -355,6 +355,47 @@ def test_an_instance_stopped_during_prepare_aborts_after_the_deadline_and_never_
     run(main(), timeout=240)
 
 
+def test_a_proposer_killed_before_deciding_the_instances_drop_what_they_prepared_and_a_later_apply_wins(
+        start: Start, etcd: Etcd, tmp_path: Path) -> None:
+    async def main() -> None:
+        fleet = Fleet(start, etcd, tmp_path, ttl=3)
+        await fleet.start()
+        code, out, err = await fleet.apply(fleet.text("v1"))
+        assert code == 0, out + err
+        slow = fleet.progs["i4"]
+        slow.signal(signal.SIGSTOP)   # the proposal waits for i4's vote ...
+        try:
+            proposer = subprocess.Popen([sys.executable, "-m", "hotproxy.cli",
+                                         *fleet.apply_cmd(fleet.text("v2"), "--deadline", "3")],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, env=fleet.any.env)
+            try:
+                async def prepared() -> bool:
+                    st = await fleet.status()
+                    return all(str(st["instances"][i].get("outcome", "")).startswith("prepared")
+                               for i in ("i2", "i3"))
+
+                await eventually(prepared, timeout=60, interval=0.1)
+            finally:
+                proposer.kill()   # ... and its proposer dies before deciding
+                proposer.wait(10)
+        finally:
+            slow.signal(signal.SIGCONT)
+
+        async def dropped() -> bool:
+            st = await fleet.status()
+            return all(str(st["instances"][i].get("outcome", "")).startswith("aborted") for i in ("i2", "i3"))
+
+        await eventually(dropped, timeout=60, interval=0.2)
+        assert await fleet.greetings() == {iid: b"v1" for iid in HOSTS}
+        # the undecided proposal is aborted by the next apply once its deadline has passed
+        code, out, err = await fleet.apply(fleet.text("v3"))
+        assert code == 0, out + err
+        assert await fleet.greetings() == {iid: b"v3" for iid in HOSTS}
+
+    run(main(), timeout=240)
+
+
 def test_etcd_stopped_and_restarted_every_instance_serves_throughout_and_takes_a_later_change(
         start: Start, etcd: Etcd, tmp_path: Path, traffic: Callable[..., Traffic]) -> None:
     async def main() -> None:
