@@ -340,7 +340,7 @@ class FleetAgent:
             while True:
                 await asyncio.sleep(self.ttl / 3)
                 reply = await asyncio.wait_for(self._lease.refresh(), REQUEST_TIMEOUT)
-                if getattr(reply, "TTL", 1) <= 0:
+                if reply.TTL <= 0:   # a LeaseKeepAliveResponse: 0 once the lease is gone
                     raise FleetError("the membership lease expired")
         except asyncio.CancelledError:
             raise
