@@ -296,7 +296,7 @@ async def refuses_on(host: str, port: int) -> bool:
 def test_two_concurrent_applies_exactly_one_wins_the_other_is_told_why(
         start: Start, etcd: Etcd, tmp_path: Path) -> None:
     async def main() -> None:
-        fleet = Fleet(start, etcd, tmp_path)
+        fleet = Fleet(start, etcd, tmp_path, ttl=60)   # the stopped i4 stays a member
         await fleet.start()
         code, out, err = await fleet.apply(fleet.text("v1"))
         assert code == 0, out + err
@@ -358,7 +358,9 @@ def test_an_instance_stopped_during_prepare_aborts_after_the_deadline_and_never_
 def test_a_proposer_killed_before_deciding_the_instances_drop_what_they_prepared_and_a_later_apply_wins(
         start: Start, etcd: Etcd, tmp_path: Path) -> None:
     async def main() -> None:
-        fleet = Fleet(start, etcd, tmp_path, ttl=3)
+        # (a lease long enough that the stopped i4 stays a member while the
+        # proposer runs: the instances drop the undecided proposal 3 + 15 s on)
+        fleet = Fleet(start, etcd, tmp_path, ttl=15)
         await fleet.start()
         code, out, err = await fleet.apply(fleet.text("v1"))
         assert code == 0, out + err
