@@ -8,6 +8,10 @@ VENV=${VENV:-.venv-ci}
 # A compiled core that fails to build or import fails the run (hotproxy.core
 # raises at import) instead of skipping the compiled-core tests.
 export HOTPROXY_REQUIRE_EXTENSIONS=1
+# The fleet tests need a real etcd server: install it; a missing etcd (or etcd
+# client library) then fails those tests instead of skipping them.
+bash ci/etcd.sh
+export HOTPROXY_REQUIRE_PEERS=1
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 # shellcheck disable=SC1091

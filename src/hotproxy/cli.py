@@ -6,6 +6,8 @@
     hotproxy status [-c FILE]     a table of services, generations, connections
     hotproxy stop   [-c FILE]     graceful stop (--fast: at once)
     hotproxy upgrade [-c FILE]    replace the running master by the hotproxy installed now
+    hotproxy fleet apply -c FILE --etcd URL   apply FILE's services on every instance of a fleet, or none
+    hotproxy fleet status --etcd URL          every instance of a fleet: applied revision, last outcome
 
 ``reload``, ``status``, ``stop`` and ``upgrade`` find the running instance through its
 admin socket: ``runtime.admin_socket`` in FILE, or the path derived from
@@ -135,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="print the embedded default config and exit")
     run.add_argument("--allow-empty", action="store_true",
                      help="start even if FILE declares no service (refused otherwise)")
+    run.add_argument("--etcd", metavar="URL", default=None,
+                     help="etcd://HOST:PORT[,HOST:PORT]/PREFIX: serve the fleet's services from etcd "
+                          "(runtime.config_source; FILE then holds only [runtime])")
     # how a running master starts its successor (``hotproxy upgrade``): not for people
     run.add_argument("--upgrade-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -195,7 +200,71 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
         if name == "upgrade":
             sp.add_argument("--json", action="store_true", help="print the raw outcome as JSON")
+    fleet = sub.add_parser("fleet", help="apply a config on every instance of a fleet (etcd), or show it",
+                           formatter_class=_RawHelp,
+                           description="A fleet: instances whose services come from etcd (runtime.config_source).")
+    fleet.set_defaults(func=lambda a: _usage(fleet))
+    fsub = fleet.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fapply = fsub.add_parser(
+        "apply", help="propose FILE; commit it only if every live instance prepared it", formatter_class=_RawHelp,
+        description="Propose FILE (only [services.NAME] tables) to the fleet: every live instance\n"
+                    "prepares it as a local reload prepares (every check, every service built, every\n"
+                    "new listener bound) and answers.  Only if every one prepared it within\n"
+                    "--deadline is it committed (one etcd transaction), and each instance commits;\n"
+                    "else it is aborted everywhere and the fleet serves on as before.  Prints the\n"
+                    "outcome per instance; exit 0 if committed, else 1.")
+    fapply.set_defaults(func=_cmd_fleet_apply)
+    fapply.add_argument("-c", "--config", metavar="FILE", required=True, help="the fleet config (TOML)")
+    fapply.add_argument("--deadline", type=float, default=10.0, metavar="SECONDS",
+                        help="how long the instances have to prepare (default 10)")
+    fapply.add_argument("--json", action="store_true", help="print the raw outcome as JSON")
+    fstatus = fsub.add_parser("status", help="every live instance: applied revision, last outcome, health",
+                              formatter_class=_RawHelp, description="The fleet's committed revision and its "
+                              "live instances: id, address, applied revision, health, last outcome.")
+    fstatus.set_defaults(func=_cmd_fleet_status)
+    fstatus.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    for sp in (fapply, fstatus):
+        sp.add_argument("--etcd", metavar="URL", required=True, help="etcd://HOST:PORT[,HOST:PORT]/PREFIX")
     return p
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _cmd_fleet_apply(args: argparse.Namespace) -> int:
+    import json
+
+    from . import fleet
+
+    source = fleet.parse_source(args.etcd, "--etcd")
+    fleet.client_module()   # not installed: one line saying what to install
+    with open(args.config, encoding="utf-8") as f:
+        text = f.read()
+    fleet.check_fleet_file(text, args.config)   # a bad file: one line, nothing proposed
+    proposer = f"{os.uname().nodename}:{os.getpid()}"
+    result = fleet.run_async(fleet.apply(source, text, deadline=args.deadline, proposer=proposer))
+    if args.json:
+        print(json.dumps(vars(result), indent=2))
+    else:
+        lines = result.lines()
+        print("\n".join(lines[1:] if not result.ok else lines))
+        if not result.ok:
+            _error(lines[0][len("fleet apply: "):] if lines[0].startswith("fleet apply: ") else lines[0])
+    return 0 if result.ok else 1
+
+
+def _cmd_fleet_status(args: argparse.Namespace) -> int:
+    import json
+
+    from . import fleet
+
+    source = fleet.parse_source(args.etcd, "--etcd")
+    fleet.client_module()
+    st = fleet.run_async(fleet.status(source))
+    print(json.dumps(st, indent=2) if args.json else fleet.format_status(st))
+    return 0
 
 
 # -- run and check -------------------------------------------------------------
@@ -209,8 +278,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.print_default:
         sys.stdout.write(default_config_text())
         return 0
-    config = load_config(args.config)   # a bad file: one line, exit 1, nothing started
-    if not config.services and not args.allow_empty:
+    if args.config is None and args.etcd is not None:
+        from .config import parse_config
+
+        config = parse_config("", None)   # a fleet instance with every runtime default
+    else:
+        config = load_config(args.config)   # a bad file: one line, exit 1, nothing started
+    if args.etcd is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, config_source=args.etcd))
+    if config.runtime.config_source is not None:
+        from . import fleet
+
+        fleet.parse_source(config.runtime.config_source, f"{config.source}: runtime.config_source"
+                           if args.etcd is None else "--etcd")
+        fleet.client_module()
+        if config.services:
+            from .errors import ConfigError
+
+            raise ConfigError(f"{config.source}: services: not allowed with runtime.config_source (the "
+                                "services come from etcd: hotproxy fleet apply; this file holds [runtime])")
+    elif not config.services and not args.allow_empty:
         from .config import no_services_error
 
         raise no_services_error(config.source, "hotproxy run --allow-empty")
@@ -526,6 +615,10 @@ def format_status(status: dict[str, Any]) -> str:
         queued = status.get("reload_queued") or 0
         lines.append("a reload is running" + (f" ({queued} request{'' if queued == 1 else 's'} queued behind it)"
                                               if queued else ""))
+    fleet = status.get("fleet")
+    if fleet:
+        lines.append(f"fleet {fleet['source']} as {fleet['id']}: revision {fleet['applied'] or 'none'} applied, "
+                     f"{fleet['outcome']}" + ("" if fleet.get("connected") else "; etcd not reached (retrying)"))
     if status.get("upgraded_from"):
         lines.append(f"upgraded from pid {status['upgraded_from']}")
     for old in status.get("old_masters") or ():

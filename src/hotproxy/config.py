@@ -123,6 +123,12 @@ class RuntimeConfig:
     tcp_migrate_req: bool = RUNTIME_OPTIONS["tcp_migrate_req"].default
     #: the metrics endpoint's address (``ListenerFactory.address`` form), or None: off
     metrics: str | None = None
+    #: a fleet (``fleet.py``): where the services come from, this instance's id,
+    #: the host its shared TCP services listen on, its membership lease
+    config_source: str | None = None
+    instance_id: str | None = None
+    listen_host: str | None = None
+    fleet_lease_ttl: int = RUNTIME_OPTIONS["fleet_lease_ttl"].default
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,22 @@ def parse_config(text: str, path: str | None, *, lookups: bool = True) -> Config
         raise ConfigError(f"{path or DEFAULT_SOURCE}: cannot load: {describe(exc, typed=True)}") from exc
 
 
+def parse_config_doc(doc: dict[str, Any], path: str | None, source: str, *, lookups: bool = True) -> Config:
+    """Check an already parsed TOML document (a fleet's: ``fleet.py`` joins
+    the local ``[runtime]`` and the shared services); errors name *source*,
+    relative paths are relative to *path*'s directory."""
+    checker = _Checker(path, lookups)
+    checker.source = source
+    try:
+        return checker.check_doc(doc)
+    except (ConfigError, NeedsLookup):
+        raise
+    except RecursionError:
+        raise ConfigError(f"{path or DEFAULT_SOURCE}: nested too deeply to read") from None
+    except Exception as exc:
+        raise ConfigError(f"{path or DEFAULT_SOURCE}: cannot load: {describe(exc, typed=True)}") from exc
+
+
 def no_services_error(source: str, hint: str) -> ConfigError:
     """The error for a config without services: it would stop serving everything,
     which is refused unless asked for on purpose (*hint* says how)."""
@@ -274,6 +296,9 @@ class _Checker:
                 raise self.fail("", f"an integer too long to read (more than {sys.get_int_max_str_digits()} "
                                     "digits)") from None
             raise self.fail("", f"cannot parse: {exc}") from None
+        return self.check_doc(doc)
+
+    def check_doc(self, doc: dict[str, Any]) -> Config:
         for key in doc:
             if key not in ("runtime", "services"):
                 raise self.fail(key, "unknown section (expected [runtime] or [services.NAME])")

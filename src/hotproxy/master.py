@@ -57,7 +57,7 @@ from .errors import HotproxyError, describe
 from .listeners import BoundListener, ListenerFactory, TcpListenerFactory, UnixListenerFactory
 from .manager import WorkerManager
 from .workers import STOP_GRACE
-from .reload import ReloadReport, Reloader
+from .reload import Failure, ReloadReport, Reloader
 from .sdnotify import Notifier
 from .upgrade import (Hello, Link, NewMasterProcess, OldMaster, OldMasters, UpgradeError, UpgradeResult,
                       late_seeds_for, read_state, seeds_for, send_everything, serve_new_master, test_failure,
@@ -134,6 +134,9 @@ class Master:
         self._activated: list[str] = []
         #: the old master's state this one's services were built from (an upgrade), until the hand-over
         self._seeded_from: list[dict[str, Any]] | None = None
+        #: ``runtime.config_source``: this instance follows its fleet's config in etcd (``fleet.py``)
+        self.fleet: Any = None
+        self._fleet_task: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -222,6 +225,8 @@ class Master:
             self.notify.ready(serving if hello is None else f"upgraded from pid {hello.pid}: {serving}")
             if self.notify.watchdog_interval is not None:
                 self._watchdog = loop.create_task(self._ping_watchdog(self.notify.watchdog_interval))
+            if rt.config_source is not None:
+                self._start_fleet(rt.config_source)
             if self._hup_while_starting and not self._stopping:
                 log.info("SIGHUP during start-up: reloading now")
                 self._spawn(self.request_reload("SIGHUP"))
@@ -249,6 +254,21 @@ class Master:
                 await self.admin.close()
                 self.admin.notify_stopped()
             self._remove_pidfile()
+
+    def _start_fleet(self, source: str) -> None:
+        """Follow the fleet's committed config in etcd (the source was checked at start)."""
+        import tomllib
+
+        from .fleet import FleetAgent, parse_source
+
+        assert self.reloader is not None
+        local: dict[str, Any] = {}
+        if self.path is not None:
+            with open(self.path, "rb") as f:
+                local = tomllib.load(f).get("runtime", {})
+        local = {**local, "config_source": source}   # (``run --etcd`` sets it on the command line)
+        self.fleet = FleetAgent(parse_source(source), self.config, local, self.reloader, self._note_changes)
+        self._fleet_task = self._spawn(self.fleet.run())
 
     async def _ping_watchdog(self, interval: float) -> None:
         """``WATCHDOG=1`` every *interval* seconds while the master's loop turns."""
@@ -299,6 +319,10 @@ class Master:
         keeps answering (``status``, ``stop --fast``) until ``run`` returns.
         """
         assert self.manager is not None and self.reloader is not None
+        if self._fleet_task is not None:
+            # it aborts what it prepared and leaves the fleet (its lease ends with it)
+            self._fleet_task.cancel()
+            await asyncio.wait([self._fleet_task], timeout=5.0)
         self.reloader.close()
         self.notify.stopping("stopping (graceful)" if graceful else "stopping (fast)")
         drain = self.reloader.current.runtime.drain_timeout if self.reloader.current else None
@@ -433,6 +457,11 @@ class Master:
         """Re-read the config file and apply it, all or nothing (not merged: see
         ``request_reload``); one without services only if *allow_empty*."""
         assert self.reloader is not None
+        if self.fleet is not None:
+            error = (f"{self.config.source}: this instance is in a fleet ({self.fleet.source.url}): its services "
+                     "change only through hotproxy fleet apply; a local reload is refused")
+            log.error("reload refused: %s", error)
+            return ReloadReport(ok=False, trigger=trigger, error=error, failures=[Failure("config", error)])
         notify = not self._stopping   # (after STOPPING=1 systemd hears nothing else)
         if notify:
             self.notify.reloading()
@@ -490,6 +519,7 @@ class Master:
             "ready": self.ready,
             "stopping": self._stopping,
             "reloading": self.reloader.busy,
+            "fleet": self.fleet.status() if self.fleet is not None else None,
             #: requests waiting in the reload queued behind the running one
             "reload_queued": self._next_requests if self._reload_next is not None else 0,
             "reloads": self.reloader.seq,
@@ -597,6 +627,10 @@ class Master:
             refusal = "stopping: no upgrade"
         elif not self.ready:
             refusal = "starting: the first config is not applied yet; try again"
+        elif self.fleet is not None:
+            # the new master would start from the local file, which has no services
+            refusal = ("an instance in a fleet cannot be upgraded in place yet: restart it (it rejoins and "
+                       "applies the committed config)")
         if refusal is not None:
             result = UpgradeResult(False, os.getpid(), error=refusal, trigger=trigger, at=time.time())
             log.error("%s", result.line())

@@ -81,6 +81,15 @@ RUNTIME_OPTIONS: dict[str, Option] = {
     "tcp_migrate_req": Option("bool", False, doc="at start, set the network-wide sysctl "
                               "net.ipv4.tcp_migrate_req=1 (if permitted), so that a killed worker's "
                               "queued connections move to another worker instead of being reset"),
+    # a fleet (fleet.py): these stay in each instance's local file
+    "config_source": Option("str", None, doc="etcd://HOST:PORT[,HOST:PORT]/PREFIX: the services come from "
+                            "etcd, applied fleet-wide by hotproxy fleet apply (default: this file)"),
+    "instance_id": Option("str", None, doc="this instance's id in its fleet (default: the host name and "
+                          "the admin socket path)"),
+    "listen_host": Option("str", None, doc="in a fleet: the host every shared TCP service listens on here, "
+                          "instead of the host its listen key names"),
+    "fleet_lease_ttl": Option("int", 5, min=2, max=3600, doc="seconds an instance that stopped answering "
+                              "etcd stays a fleet member"),
 }
 
 #: keys every service has, whatever its kind

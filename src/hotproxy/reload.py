@@ -52,7 +52,8 @@ log = logging.getLogger("hotproxy.reload")
 
 #: runtime keys a reload cannot change (they need a restart); the others
 #: (drain_timeout, log_level, log_format, reload_timeout, admin_idle_timeout) apply at once
-RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req", "metrics")
+RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req", "metrics",
+                "config_source", "instance_id", "listen_host", "fleet_lease_ttl")
 # (an upgrade -- ``hotproxy upgrade`` -- is a restart that refuses nobody: it applies them all)
 
 
@@ -150,6 +151,22 @@ class ReloadReport:
         return cls(**kw)
 
 
+@dataclass
+class Staged:
+    """What ``Reloader.prepare`` staged on every worker, for ``commit`` or ``abort``."""
+
+    config: Config
+    diff: Diff
+    #: the services that ran when it was prepared
+    running: dict[str, ServiceConfig]
+    old_logging: tuple[str, str] | None
+    #: the services with a ``Precommit`` on every worker
+    prepared: list[str]
+    report: ReloadReport
+    #: ``time.monotonic()`` when ``prepare`` was asked for
+    started: float = 0.0
+
+
 class Workers(Protocol):
     """What a reload uses of the ``WorkerManager``."""
 
@@ -240,13 +257,7 @@ class Reloader:
                 report.source = config.source
                 await self._apply(config, report)
             report.duration_ms = (time.monotonic() - started) * 1000.0
-            self.last = report
-            self.results["ok" if report.ok else "failed"] += 1
-        (log.info if report.ok else log.error)("%s", report.summary())
-        for failure in report.failures[1:]:
-            log.error("reload failure: %s", failure)
-        for note in report.notes:
-            log.warning("reload: %s", note)
+            self._finish(report)
         return report
 
     @staticmethod
@@ -261,9 +272,80 @@ class Reloader:
                 pass
         return await asyncio.to_thread(load)
 
+    # -- prepare and commit as separate steps (a fleet: ``fleet.py``) -----------
+
+    async def prepare(self, config: Config, *, trigger: str = "") -> tuple[ReloadReport, Staged | None]:
+        """The first half of ``reload`` for an already loaded *config*: every
+        check and every ``Precommit``, nothing committed.
+
+        On success the reload lock stays held (local reloads wait) until
+        ``commit`` or ``abort`` is called with the returned ``Staged``, which
+        the caller must do; on failure everything prepared is aborted, the
+        lock is released and ``Staged`` is None.  Never raises for a config
+        that cannot be applied: the report says why.
+        """
+        started = time.monotonic()
+        await self._lock.acquire()
+        self.seq += 1
+        report = ReloadReport(ok=False, seq=self.seq, trigger=trigger, at=time.time(), source=config.source)
+        staged: Staged | None = None
+        try:
+            if self._closed:
+                report.error = "stopping: reload not applied"
+                report.failures.append(Failure("config", report.error))
+            else:
+                staged = await self._prepare(config, report)
+        finally:
+            if staged is None:
+                self._lock.release()
+        if staged is None:
+            report.duration_ms = (time.monotonic() - started) * 1000.0
+            self._finish(report)
+        else:
+            staged.started = started
+        return report, staged
+
+    async def commit(self, staged: Staged) -> ReloadReport:
+        """Commit what ``prepare`` staged (nothing should fail: listeners are bound)."""
+        try:
+            await self._commit(staged, staged.report)
+        finally:
+            self._lock.release()
+        staged.report.duration_ms = (time.monotonic() - staged.started) * 1000.0
+        self._finish(staged.report)
+        return staged.report
+
+    async def abort(self, staged: Staged, reason: str) -> ReloadReport:
+        """Drop what ``prepare`` staged, on every worker; the running config stays."""
+        try:
+            await self._abort(staged.prepared)
+        finally:
+            self._lock.release()
+        report = staged.report
+        report.error = reason
+        report.failures.append(Failure("prepare", reason))
+        report.duration_ms = (time.monotonic() - staged.started) * 1000.0
+        self._finish(report)
+        return report
+
+    def _finish(self, report: ReloadReport) -> None:
+        self.last = report
+        self.results["ok" if report.ok else "failed"] += 1
+        (log.info if report.ok else log.error)("%s", report.summary())
+        for failure in report.failures[1:]:
+            log.error("reload failure: %s", failure)
+        for note in report.notes:
+            log.warning("reload: %s", note)
+
     # -- the phases -------------------------------------------------------------
 
     async def _apply(self, config: Config, report: ReloadReport) -> None:
+        staged = await self._prepare(config, report)
+        if staged is not None:
+            await self._commit(staged, report)
+
+    async def _prepare(self, config: Config, report: ReloadReport) -> Staged | None:
+        """Diff, probe and ``Precommit``; None after a failure (all aborted)."""
         running = self.current.services if self.current is not None else {}
         old_logging = ((self.current.runtime.log_level, self.current.runtime.log_format)
                        if self.current is not None else None)
@@ -280,7 +362,7 @@ class Reloader:
             # refuse rather than record a config no worker has proved.
             report.error = "no worker is running to build the new services on; the old config stays; retry"
             report.failures.append(Failure("prepare", report.error))
-            return
+            return None
 
         timeout = config.runtime.reload_timeout
         t0 = time.monotonic()
@@ -303,9 +385,13 @@ class Reloader:
             report.failures.extend(failures)
             report.error = str(failures[0])
             await self._abort(prepared)
-            return
+            return None
+        return Staged(config, d, dict(running), old_logging, prepared, report)
 
-        # -- commit: nothing should fail below (listeners are bound, services built)
+    async def _commit(self, staged: Staged, report: ReloadReport) -> None:
+        """``Commit``/``Update``/``Remove``: nothing should fail here."""
+        config, d, running, old_logging = staged.config, staged.diff, staged.running, staged.old_logging
+        timeout = config.runtime.reload_timeout
         t1 = time.monotonic()
         services = dict(running)
         commits: list[tuple[str, Commit | Update | Remove]] = [(name, Commit(name)) for name in d.added + d.moved]
@@ -435,4 +521,4 @@ class Reloader:
                     log.error("abort %r on worker %d: %s", name, r.worker, describe(r.error))
 
 
-__all__ = ["Diff", "Failure", "ReloadReport", "Reloader", "diff"]
+__all__ = ["Diff", "Failure", "ReloadReport", "Reloader", "Staged", "diff"]
