@@ -316,6 +316,9 @@ class _Checker:
     def value(self, key: str, value: Any, opt: Option) -> Any:
         if opt.type == "upstreams":
             return self.upstreams(key, value)
+        if opt.type == "table" and isinstance(value, dict) and opt.fields is not None:
+            # each key named in full: services.NAME.health_check.rise
+            return self.options(key, value, opt.fields)
         try:
             value = check_value(value, opt)
         except ValueError as exc:

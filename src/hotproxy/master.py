@@ -53,6 +53,7 @@ from . import early_signals, logs
 from .admin import AdminError, AdminServer
 from .config import Config, inspect_pidfile, load_config, pid_alive
 from .errors import HotproxyError, describe
+from .health import Checker, wanted_checks
 from .manager import WorkerManager
 from .workers import STOP_GRACE
 from .reload import ReloadReport, Reloader
@@ -87,6 +88,8 @@ class Master:
         #: None for the embedded default: a reload re-reads it (and changes nothing)
         self.path = config.path
         self.manager: WorkerManager | None = None
+        #: the active health checks of every proxy service with ``health_check`` (once per instance)
+        self.checker: Checker | None = None
         self.reloader: Reloader | None = None
         self.admin: AdminServer | None = None
         self.metrics: Any = None
@@ -175,6 +178,9 @@ class Master:
                     # one max_connections count for both generations while the old one drains
                     self.manager.adopt_counters(hello.fds.pop("counters"), hello.used_regions(),
                                                 hello.counter_slots())
+                if "health" in hello.fds:
+                    # the health states go on where the old master left them
+                    self.manager.adopt_health(hello.fds.pop("health"))
             try:
                 await self.manager.start()
             except (HotproxyError, OSError) as exc:
@@ -182,6 +188,10 @@ class Master:
                 self._upgrade_failed(f"cannot start workers: {describe(exc)}")
                 return 1
             self.reloader = Reloader(self.manager)
+            assert self.manager.health is not None
+            self.checker = Checker(self.manager.health)
+            # a new master checks once it serves (the old one checks until it hands over)
+            self.checker.paused = hello is not None
             if hello is not None:
                 # the old master's addresses are ours to share (SO_REUSEPORT), not a stranger's
                 self.reloader.held = list(hello.listen)
@@ -201,6 +211,8 @@ class Master:
             if hello is not None and not await self._take_over(hello):
                 await self._shutdown(await self._stop)
                 return 0
+            if hello is not None:
+                self.checker.resume()
             self.ready = True
             self._log_serving()
             serving = f"serving {len(report.added)} services on {self.manager.count} workers"
@@ -276,6 +288,8 @@ class Master:
         """
         assert self.manager is not None and self.reloader is not None
         self.reloader.close()
+        if self.checker is not None:
+            self.checker.stop()
         self.notify.stopping("stopping (graceful)" if graceful else "stopping (fast)")
         drain = self.reloader.current.runtime.drain_timeout if self.reloader.current else None
         if self.handed_over_to is not None:
@@ -428,6 +442,10 @@ class Master:
         return report
 
     def _note_changes(self, report: ReloadReport) -> None:
+        if self.checker is not None and self.reloader is not None and self.reloader.current is not None \
+                and self.handed_over_to is None:
+            # what the serving config checks (slots a failed reload took are freed)
+            self.checker.configure(wanted_checks(self.reloader.current.services.values()))
         if not report.ok:
             return
         if self.admin is not None and self.reloader is not None and self.reloader.current is not None:
@@ -503,6 +521,11 @@ class Master:
                     totals[key] = totals.get(key, 0) + value
         changed = self.changed_at.get(name)
         upstreams = _upstreams(name, workers)
+        if self.checker is not None:
+            for addr, up in upstreams.items():
+                checked = self.checker.status(name, addr)
+                if checked is not None:
+                    up["health"] = checked
         return {
             **({"upstreams": upstreams} if upstreams else {}),
             "name": name, "kind": kind, "listen": listen,
@@ -643,6 +666,8 @@ class Master:
         fds += self.old_masters.hand_over()
         if self.manager.limits is not None:
             fds.append(({"name": "counters"}, self.manager.limits.fd))
+        if self.manager.health is not None:
+            fds.append(({"name": "health"}, self.manager.health.fd))
         return fds
 
     def _hello(self) -> dict[str, Any]:
@@ -668,6 +693,8 @@ class Master:
             # admin connections queue on the socket for the new master from now on
             self.admin.hand_over(unlink=not inherited)
         self.handed_over_to, self._handed_over_at = child.pid, time.time()
+        if self.checker is not None:
+            self.checker.stop()   # the new master checks on, from the same states
         # systemd hears the new master from now on (MAINPID)
         self.notify.close()
         self.notify = Notifier({})
