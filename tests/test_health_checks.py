@@ -165,7 +165,7 @@ async def spread(px: int, n: int) -> dict[str, int]:
 
 
 def test_connect_check_takes_a_dead_upstream_out_of_every_worker_and_brings_it_back(
-        start: Start, short_dir: Path) -> None:
+        start: Start, core_name: str) -> None:
     """Kill a backend: down after ``fall`` checks (status, CLI, metrics, log), and no worker
     tries it (the connect failures stay put over 40 connections); restart it: up after ``rise``."""
     px, metrics = free_port(), free_port()
@@ -233,7 +233,7 @@ def test_send_expect_check_fails_on_a_backend_that_answers_wrong(start: Start) -
     run(closing(main()), 90)
 
 
-def test_passive_ejection_marks_the_shared_state_down_until_checks_pass(start: Start) -> None:
+def test_passive_ejection_marks_the_shared_state_down_until_checks_pass(start: Start, core_name: str) -> None:
     """``max_fails`` in one worker takes the upstream out of every worker (the shared state),
     although its active checks would need 1000 failures; ``rise`` checks bring it back."""
     px = free_port()

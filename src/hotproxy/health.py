@@ -56,11 +56,11 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 from .addresses import parse as parse_address
 from .errors import describe
-from .options import HEALTH_CHECK_OPTIONS, check_fields
+from .options import HEALTH_CHECK_OPTIONS, PROXY_OPTIONS, check_fields, check_value
 
 log = logging.getLogger("hotproxy.health")
 
@@ -112,12 +112,8 @@ class HealthCheck:
         ``ValueError`` naming the key if it is not one."""
         if value is None or isinstance(value, HealthCheck):
             return value
-        if not isinstance(value, Mapping):
-            raise ValueError(f"expected a table {{ interval = ..., ... }}, got {type(value).__name__}")
-        for key in value:
-            if key not in HEALTH_CHECK_OPTIONS:
-                raise ValueError(f"{key}: unknown key (expected one of: {', '.join(HEALTH_CHECK_OPTIONS)})")
-        return cls(**value)
+        # the config file's rule, in its words (``options.check_value``)
+        return cls(**check_value(value, PROXY_OPTIONS["health_check"]))
 
 
 def key_digest(service: str, address: str) -> bytes:
