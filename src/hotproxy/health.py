@@ -1,8 +1,10 @@
 """Active health checks, run once per instance; their state, shared by every worker.
 
-A proxy service with ``health_check = { ... }`` has its upstreams checked by
-the master (``Checker``: asyncio, non-blocking, at most
-``MAX_CONCURRENT_CHECKS`` at once), never by the workers.  The outcome lives
+A proxy service with ``health_check = { ... }`` has its upstreams checked in
+the master process, never by the workers: the ``WorkerManager`` owns the
+``Checker`` (asyncio, non-blocking, at most ``MAX_CONCURRENT_CHECKS`` at
+once) and, after every batch of commands, has it check exactly what is
+deployed and staged -- so an embedded manager checks too.  The outcome lives
 in a ``HealthTable``: shared memory (a memfd) that the master creates and
 every worker maps, one ``SLOT_SIZE``-byte slot per (service, upstream).  A
 worker's pick reads one byte of it -- no message, no system call.
@@ -284,11 +286,12 @@ class HealthTable:
 
         if not isinstance(command, (Precommit, PrepareAndCommit)):
             return command
-        with_health = getattr(command.factory, "with_health", None)
-        if with_health is None:
+        from .service import MakeService   # here: service imports limits, which the workers load early
+
+        if not isinstance(command.factory, MakeService) or not command.factory.health_checks():
             return command
         name = command.name
-        factory = with_health(self.key, lambda addr: self.slot_for(name, addr))
+        factory = command.factory.with_health(self.key, lambda addr: self.slot_for(name, addr))
         return command if factory == command.factory else replace(command, factory=factory)
 
     def close(self) -> None:
@@ -359,16 +362,19 @@ def _short(data: bytes) -> str:
 class Checker:
     """The master's health checks: one task per checked (service, upstream).
 
-    ``configure`` (after every reload) starts, retunes and stops them; the
-    state of each is in the ``HealthTable``, so retuning keeps it.
+    ``configure`` (the ``WorkerManager``, after every batch of commands)
+    starts, retunes and stops them; the state of each is in the
+    ``HealthTable``, so retuning keeps it.  *paused*: no check runs until
+    ``resume`` (a new master during an upgrade: the old one checks until it
+    hands over).
     """
 
-    def __init__(self, table: HealthTable) -> None:
+    def __init__(self, table: HealthTable, paused: bool = False) -> None:
         self.table = table
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._checks: dict[tuple[str, str], HealthCheck] = {}
         self._gate = asyncio.Semaphore(MAX_CONCURRENT_CHECKS)
-        self.paused = False
+        self.paused = paused
         #: called (service, address, passed) after each check: the metrics' totals, tests
         self.on_check: Callable[[str, str, bool], None] | None = None
 
@@ -469,15 +475,10 @@ class Checker:
         mm[off + _SEEN] = state
 
 
-def wanted_checks(services: Iterable[Any]) -> list[Checked]:
-    """What to check for a config's services (``ServiceConfig``s): every upstream of each
-    service whose factory has a ``health_check``."""
-    out = []
-    for svc in services:
-        hc = getattr(svc.factory, "health_check", None)
-        if isinstance(hc, HealthCheck):
-            out += [Checked(svc.name, addr, hc) for addr in getattr(svc.factory, "upstreams", ())]
-    return out
+def wanted_checks(factories: Iterable[tuple[str, Any]]) -> list[Checked]:
+    """What to check for *factories* (``(service name, MakeService)``): their
+    ``health_checks()``."""
+    return [Checked(name, addr, hc) for name, factory in factories for addr, hc in factory.health_checks()]
 
 
 __all__ = ["Checked", "Checker", "HealthCheck", "HealthTable", "MAX_CONCURRENT_CHECKS", "check_once", "table",

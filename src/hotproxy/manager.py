@@ -50,7 +50,7 @@ from .channel import EXIT_BOOT_FAILURE
 from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update, site_of
 from .errors import CommandGroupError, DeployError, HotproxyError, WorkerError, WorkerTimeoutError, describe
 from .fdreserve import FdReserve
-from .health import HealthTable
+from .health import Checker, HealthTable, wanted_checks
 from .limits import GENERATIONS, Segment
 from .listeners import ListenerFactory
 from .service import MakeService
@@ -173,6 +173,10 @@ class WorkerManager:
         self.health: HealthTable | None = None
         #: the health table's fd to adopt at ``start`` (an upgrade)
         self._adopt_health: int | None = None
+        #: the active health checks of what is deployed (made by ``start``)
+        self.checker: Checker | None = None
+        #: ``start`` makes the checker paused (a new master during an upgrade; ``checker.resume()``)
+        self.health_checks_paused = False
 
     async def __aenter__(self) -> WorkerManager:
         await self.start()
@@ -202,6 +206,7 @@ class WorkerManager:
                             "every checked upstream starts up", exc)
         if self.health is None:
             self.health = HealthTable.create()
+        self.checker = Checker(self.health, paused=self.health_checks_paused)
         if self.limits is None:
             self.limits = Segment.create(self.count, worker=0 if self.inline else -1,
                                          generations=1 if self.inline else GENERATIONS)
@@ -291,6 +296,16 @@ class WorkerManager:
                 # bound for a later command of the batch is not released
                 # because an earlier one was recorded first.
                 self._release_shared()
+                self._follow_health()
+
+    def _follow_health(self) -> None:
+        """Check what is deployed and staged, nothing else (a slot stamped for a
+        command that failed everywhere is freed)."""
+        if self.checker is None:
+            return
+        factories = [(name, dep.factory) for name, dep in self.deployments.items()]
+        factories += [(name, st.factory) for name, st in self._staged.items() if st.factory is not None]
+        self.checker.configure(wanted_checks(factories))
 
     def _gathered(self, command: Any, live: list[WorkerHandle], outcomes: Sequence[Any]) -> ResultGroup:
         results = []
@@ -549,6 +564,8 @@ class WorkerManager:
         *keep_files*: leave the Unix socket files in place (a new master serves them).
         """
         self._stopping = True
+        if self.checker is not None:
+            self.checker.stop()
         for task in self._supervisors:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)

@@ -53,7 +53,6 @@ from . import early_signals, logs
 from .admin import AdminError, AdminServer
 from .config import Config, inspect_pidfile, load_config, pid_alive
 from .errors import HotproxyError, describe
-from .health import Checker, wanted_checks
 from .manager import WorkerManager
 from .workers import STOP_GRACE
 from .reload import ReloadReport, Reloader
@@ -88,8 +87,6 @@ class Master:
         #: None for the embedded default: a reload re-reads it (and changes nothing)
         self.path = config.path
         self.manager: WorkerManager | None = None
-        #: the active health checks of every proxy service with ``health_check`` (once per instance)
-        self.checker: Checker | None = None
         self.reloader: Reloader | None = None
         self.admin: AdminServer | None = None
         self.metrics: Any = None
@@ -181,6 +178,8 @@ class Master:
                 if "health" in hello.fds:
                     # the health states go on where the old master left them
                     self.manager.adopt_health(hello.fds.pop("health"))
+                # checks start once this master serves (the old one checks until it hands over)
+                self.manager.health_checks_paused = True
             try:
                 await self.manager.start()
             except (HotproxyError, OSError) as exc:
@@ -188,10 +187,6 @@ class Master:
                 self._upgrade_failed(f"cannot start workers: {describe(exc)}")
                 return 1
             self.reloader = Reloader(self.manager)
-            assert self.manager.health is not None
-            self.checker = Checker(self.manager.health)
-            # a new master checks once it serves (the old one checks until it hands over)
-            self.checker.paused = hello is not None
             if hello is not None:
                 # the old master's addresses are ours to share (SO_REUSEPORT), not a stranger's
                 self.reloader.held = list(hello.listen)
@@ -211,8 +206,8 @@ class Master:
             if hello is not None and not await self._take_over(hello):
                 await self._shutdown(await self._stop)
                 return 0
-            if hello is not None:
-                self.checker.resume()
+            if hello is not None and self.manager.checker is not None:
+                self.manager.checker.resume()
             self.ready = True
             self._log_serving()
             serving = f"serving {len(report.added)} services on {self.manager.count} workers"
@@ -288,8 +283,8 @@ class Master:
         """
         assert self.manager is not None and self.reloader is not None
         self.reloader.close()
-        if self.checker is not None:
-            self.checker.stop()
+        if self.manager.checker is not None:
+            self.manager.checker.stop()
         self.notify.stopping("stopping (graceful)" if graceful else "stopping (fast)")
         drain = self.reloader.current.runtime.drain_timeout if self.reloader.current else None
         if self.handed_over_to is not None:
@@ -442,10 +437,6 @@ class Master:
         return report
 
     def _note_changes(self, report: ReloadReport) -> None:
-        if self.checker is not None and self.reloader is not None and self.reloader.current is not None \
-                and self.handed_over_to is None:
-            # what the serving config checks (slots a failed reload took are freed)
-            self.checker.configure(wanted_checks(self.reloader.current.services.values()))
         if not report.ok:
             return
         if self.admin is not None and self.reloader is not None and self.reloader.current is not None:
@@ -521,9 +512,10 @@ class Master:
                     totals[key] = totals.get(key, 0) + value
         changed = self.changed_at.get(name)
         upstreams = _upstreams(name, workers)
-        if self.checker is not None:
+        checker = self.manager.checker if self.manager is not None else None
+        if checker is not None:
             for addr, up in upstreams.items():
-                checked = self.checker.status(name, addr)
+                checked = checker.status(name, addr)
                 if checked is not None:
                     up["health"] = checked
         return {
@@ -693,8 +685,8 @@ class Master:
             # admin connections queue on the socket for the new master from now on
             self.admin.hand_over(unlink=not inherited)
         self.handed_over_to, self._handed_over_at = child.pid, time.time()
-        if self.checker is not None:
-            self.checker.stop()   # the new master checks on, from the same states
+        if self.manager is not None and self.manager.checker is not None:
+            self.manager.checker.stop()   # the new master checks on, from the same states
         # systemd hears the new master from now on (MAINPID)
         self.notify.close()
         self.notify = Notifier({})

@@ -163,7 +163,8 @@ def collect(snap: Snapshot) -> Iterator[Metric]:
                 add("hotproxy_upstream_up", labels, 0 if up["ejected_workers"] else 1)
             add("hotproxy_upstream_ejected_workers", labels, len(up["ejected_workers"]))
             for wid in sorted(up["workers"], key=int):
-                add("hotproxy_upstream_worker_up", labels + (str(wid),), 0 if int(wid) in up["ejected_workers"] else 1)
+                worker_up = (checked["state"] == "up") if checked is not None else int(wid) not in up["ejected_workers"]
+                add("hotproxy_upstream_worker_up", labels + (str(wid),), 1 if worker_up else 0)
             add("hotproxy_upstream_connections", labels, up["connections"])
             add("hotproxy_upstream_connections_active", labels, up["active"])
             add("hotproxy_upstream_connect_failures", labels, up["failures"])

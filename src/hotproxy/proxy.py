@@ -49,7 +49,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from . import addresses, core, health, limits
 from .addresses import Address, is_literal
@@ -160,7 +160,12 @@ class ProxyFactory(MakeService):
         """This factory counting ``max_connections`` in the instance's slot *next_slot()*."""
         return replace(self, counter=next_slot())
 
-    def with_health(self, key: int, slot_of: Any) -> ProxyFactory:
+    def health_checks(self) -> list[tuple[str, Any]]:
+        """Each upstream with the service's ``health_check`` (none when it is off)."""
+        hc = self.health_check
+        return [] if hc is None else [(addr, hc) for addr in self.upstreams]
+
+    def with_health(self, key: int, slot_of: Callable[[str], int]) -> ProxyFactory:
         """This factory reading its upstreams' health in table *key*, slot
         ``slot_of(address)`` each (the manager's ``HealthTable.stamp``); without
         ``health_check``: no slots."""
