@@ -813,6 +813,8 @@ def describe_options() -> list[tuple[str, str, str, str]]:
     for kind in KINDS.values():
         for key, opt in kind.options.items():
             rows.append((f"services.NAME ({kind.name})", key, default_text(opt), opt.doc))
+            for sub, sub_opt in (opt.fields or {}).items():
+                rows.append((f"services.NAME ({kind.name})", f"{key}.{sub}", default_text(sub_opt), sub_opt.doc))
     return rows
 
 
