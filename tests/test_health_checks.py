@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 import urllib.request
@@ -211,7 +212,8 @@ def test_connect_check_takes_a_dead_upstream_out_of_every_worker_and_brings_it_b
 
 def test_send_expect_check_fails_on_a_backend_that_answers_wrong(start: Start) -> None:
     """``send``/``expect``: a backend that accepts but answers wrong is down, and gets no client
-    connection from any worker; answering right again brings it up after ``rise``."""
+    connection from any worker (nor from one restarted after ``kill -9``); answering right again
+    brings it up after ``rise``."""
     px = free_port()
 
     async def main() -> None:
@@ -226,6 +228,18 @@ def test_send_expect_check_fails_on_a_backend_that_answers_wrong(start: Start) -
         before = a.traffic
         assert await spread(px, 40) == {"B": 40}
         assert a.traffic == before == 0, a.traffic
+        # a worker killed and restarted maps the same shared state: it does not send A anything either
+        status = await prog.follow()
+        victim = status["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        async def restarted() -> bool:
+            s = await prog.follow()
+            return s["restarts"] >= 1 and all(w["alive"] and w["pid"] != victim for w in s["workers"])
+
+        await eventually(restarted, timeout=30)
+        assert await spread(px, 40) == {"B": 40}
+        assert a.traffic == 0, a.traffic
         a.good = True
         await state_is(prog, a.address, "up")
         assert "A" in await spread(px, 20)
@@ -394,6 +408,31 @@ listen = "{HOST}:{e2}"
         assert "Traceback" not in prog.log()
 
     run(closing(main()), 120)
+
+
+def test_health_table_slots_allocation_reuse_and_adoption() -> None:
+    """The table itself: a new slot is up; a freed one is reused zeroed; a table adopted from
+    its memfd (an upgrade) finds each slot by its key, with its state, and frees the unclaimed."""
+    from hotproxy.health import HealthTable
+
+    t = HealthTable.create(slots=4)
+    try:
+        s1, s2 = t.slot_for("px", "127.0.0.1:1"), t.slot_for("px", "127.0.0.1:2")
+        assert (s1, s2) == (0, 1) and t.slot_for("px", "127.0.0.1:1") == s1
+        assert t.is_up(s1) and t.read(s1)["state"] == "up"
+        assert t.mark_down(s1) and not t.mark_down(s1) and not t.is_up(s1)
+        t.free("px", "127.0.0.1:2")
+        assert t.slot_for("other", "127.0.0.1:9") == s2 and t.is_up(s2)   # reused, fresh
+        assert [t.slot_for("px", f"127.0.0.1:{p}") for p in (3, 4, 5)] == [2, 3, -1]   # full
+        adopted = HealthTable.adopt(os.dup(t.fd))
+        try:
+            assert adopted.slot_for("px", "127.0.0.1:1") == s1 and not adopted.is_up(s1)   # still down
+            adopted.forget_unclaimed()   # the others: freed, and reusable
+            assert adopted.read(s2)["state"] == "up" and adopted.slot_for("new", "127.0.0.1:7") in (s2, 2, 3)
+        finally:
+            adopted.close()
+    finally:
+        t.close()
 
 
 BAD = [

@@ -57,12 +57,14 @@ import mmap
 import os
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 from .addresses import parse as parse_address
+from .commands import PrepareAndCommit, Precommit
 from .errors import describe
 from .options import HEALTH_CHECK_OPTIONS, PROXY_OPTIONS, check_fields, check_value
+from .service import MakeService
 
 log = logging.getLogger("hotproxy.health")
 
@@ -156,6 +158,9 @@ class HealthTable:
         self._names: dict[tuple[str, str], int] = {}
         #: key digest -> slot of the slots adopted from the master before an upgrade, not claimed yet
         self._digests: dict[bytes, int] = {}
+        #: slots freed since they were first used, and the first never used (allocation is O(1))
+        self._freed: list[int] = []
+        self._next = 0
 
     @property
     def fd(self) -> int:
@@ -201,8 +206,11 @@ class HealthTable:
         """The table of the master this one upgrades: every slot in use is found
         again by its key (``find``); ``ValueError`` if *fd* is not a table."""
         table = cls._open(fd)
-        table._digests = {table.mm[table._off(s):table._off(s) + 16]: s for s in range(table.slots)
-                          if table.mm[table._off(s) + _STATE] != FREE}
+        used = [s for s in range(table.slots) if table.mm[table._off(s) + _STATE] != FREE]
+        table._digests = {bytes(table.mm[table._off(s):table._off(s) + 16]): s for s in used}
+        table._next = max(used) + 1 if used else 0
+        in_use = set(used)
+        table._freed = [s for s in range(table._next) if s not in in_use]
         return table
 
     def _off(self, slot: int) -> int:
@@ -234,26 +242,29 @@ class HealthTable:
         if found is not None:
             self._names[(service, address)] = found
             return found
-        taken = set(self._names.values()) | set(self._digests.values())
-        for slot in range(self.slots):
-            if slot not in taken and self.mm[self._off(slot) + _STATE] == FREE:
-                off = self._off(slot)
-                self.mm[off:off + SLOT_SIZE] = bytes(SLOT_SIZE)
-                self.mm[off:off + 16] = digest
-                self.mm[off + _SEEN] = UP
-                struct.pack_into("=d", self.mm, off + 32, time.time())
-                self.mm[off + _STATE] = UP
-                self._names[(service, address)] = slot
-                return slot
-        return -1
+        if self._freed:
+            slot = self._freed.pop()
+        elif self._next < self.slots:
+            slot, self._next = self._next, self._next + 1
+        else:
+            return -1
+        # the new-upstream rule: up, with no check yet
+        off = self._off(slot)
+        self.mm[off:off + SLOT_SIZE] = bytes(SLOT_SIZE)
+        self.mm[off:off + 16] = digest
+        self.mm[off + _SEEN] = UP
+        struct.pack_into("=d", self.mm, off + 32, time.time())
+        self.mm[off + _STATE] = UP
+        self._names[(service, address)] = slot
+        return slot
 
     def free(self, service: str, address: str) -> None:
         """Forget (*service*, *address*): its slot may be reused."""
         slot = self._names.pop((service, address), None)
         if slot is not None:
             off = self._off(slot)
-            self.mm[off + _STATE] = FREE
             self.mm[off:off + SLOT_SIZE] = bytes(SLOT_SIZE)
+            self._freed.append(slot)
 
     def names(self) -> list[tuple[str, str]]:
         return list(self._names)
@@ -263,7 +274,12 @@ class HealthTable:
         for slot in self._digests.values():
             off = self._off(slot)
             self.mm[off:off + SLOT_SIZE] = bytes(SLOT_SIZE)
+            self._freed.append(slot)
         self._digests = {}
+
+    def slot_of(self, service: str, address: str) -> int | None:
+        """The slot of (*service*, *address*), if it has one (no allocation)."""
+        return self._names.get((service, address))
 
     def read(self, slot: int) -> dict[str, Any]:
         """Everything slot *slot* holds, as plain data (status)."""
@@ -280,14 +296,8 @@ class HealthTable:
     def stamp(self, command: Any) -> Any:
         """*command* with its proxy factory's health slots set (a ``Precommit`` or
         ``PrepareAndCommit`` of a service with ``health_check``; others as they are)."""
-        from dataclasses import replace
-
-        from .commands import PrepareAndCommit, Precommit
-
         if not isinstance(command, (Precommit, PrepareAndCommit)):
             return command
-        from .service import MakeService   # here: service imports limits, which the workers load early
-
         if not isinstance(command.factory, MakeService) or not command.factory.health_checks():
             return command
         name = command.name
@@ -415,7 +425,7 @@ class Checker:
     def status(self, service: str, address: str) -> dict[str, Any] | None:
         """The health of *address* in *service* (None: not checked)."""
         hc = self._checks.get((service, address))
-        slot = self.table._names.get((service, address))
+        slot = self.table.slot_of(service, address)
         if hc is None or slot is None:
             return None
         return {**self.table.read(slot), "rise": hc.rise, "fall": hc.fall, "interval": hc.interval}
@@ -434,7 +444,7 @@ class Checker:
             await asyncio.sleep(hc.interval)
 
     def _record(self, key: tuple[str, str], hc: HealthCheck, passed: bool, result: str) -> None:
-        slot = self.table._names.get(key)
+        slot = self.table.slot_of(*key)
         if slot is None:
             return
         service, address = key
