@@ -437,7 +437,11 @@ class Checker:
             if hc is None:
                 return
             async with self._gate:
-                passed, result = await check_once(address, hc)
+                try:
+                    passed, result = await check_once(address, hc)
+                except Exception as exc:   # a bug must not end this upstream's checks silently
+                    log.exception("service %s: upstream %s: the health check failed", service, address)
+                    passed, result = False, describe(exc)
             self._record(key, hc, passed, result)
             if self.on_check is not None:
                 self.on_check(service, address, passed)
