@@ -586,6 +586,12 @@ def format_status(status: dict[str, Any]) -> str:
             ejected = up.get("ejected_workers") or []
             state = (f"ejected on worker {', '.join(map(str, ejected))} for {up.get('ejected_for', 0):.1f}s more"
                      if ejected else "up")
+            checked = up.get("health")
+            if checked is not None:
+                # active checks: the instance's shared state decides
+                state = (f"{checked['state']} since {_when(checked['changed_at'])} (health check: "
+                         f"{checked['successes']} passed, {checked['failures']} failed in a row; last: "
+                         f"{checked['last_result'] or 'none yet'})")
             lines.append(f"  {s['name']} -> {addr}: {state}; active={up['active']} connections={up['connections']} "
                          f"failures={up['failures']}" + (" (removed, draining)" if up.get("removed") else ""))
     # old versions that open connections still hold (freed with their last one)

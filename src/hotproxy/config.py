@@ -341,6 +341,9 @@ class _Checker:
     def value(self, key: str, value: Any, opt: Option) -> Any:
         if opt.type == "upstreams":
             return self.upstreams(key, value)
+        if opt.type == "table" and isinstance(value, dict) and opt.fields is not None:
+            # each key named in full: services.NAME.health_check.rise
+            return self.options(key, value, opt.fields)
         try:
             value = check_value(value, opt)
         except ValueError as exc:
@@ -835,6 +838,8 @@ def describe_options() -> list[tuple[str, str, str, str]]:
     for kind in KINDS.values():
         for key, opt in kind.options.items():
             rows.append((f"services.NAME ({kind.name})", key, default_text(opt), opt.doc))
+            for sub, sub_opt in (opt.fields or {}).items():
+                rows.append((f"services.NAME ({kind.name})", f"{key}.{sub}", default_text(sub_opt), sub_opt.doc))
     return rows
 
 

@@ -25,7 +25,9 @@ and tests.
 
 The manager also owns the instance's connection counters (``limits.Segment``:
 shared memory every worker maps): it gives each service's limits their
-slots as commands go out, and gives back a dead worker's counts.
+slots as commands go out, and gives back a dead worker's counts.  Likewise
+the instance's health table (``health.HealthTable``): each health-checked
+upstream's slot is stamped into its factory as commands go out.
 
 Split by what each part owns: the per-worker handles and their request and
 reply are ``workers.py`` (``WorkerHandle``); the Unix sockets the master
@@ -48,6 +50,7 @@ from .channel import EXIT_BOOT_FAILURE
 from .commands import Abort, Commit, PrepareAndCommit, Precommit, Remove, Update, site_of
 from .errors import CommandGroupError, DeployError, HotproxyError, WorkerError, WorkerTimeoutError, describe
 from .fdreserve import FdReserve
+from .health import Checker, HealthTable, wanted_checks
 from .limits import GENERATIONS, Segment
 from .listeners import ListenerFactory
 from .service import MakeService
@@ -166,6 +169,14 @@ class WorkerManager:
         self.limits: Segment | None = None
         #: (fd, regions in use, slot names) of counters to adopt at ``start`` (an upgrade)
         self._adopt_counters: tuple[int, set[int], list[Any]] | None = None
+        #: the instance's active health states (made by ``start``; the master's ``Checker`` fills them)
+        self.health: HealthTable | None = None
+        #: the health table's fd to adopt at ``start`` (an upgrade)
+        self._adopt_health: int | None = None
+        #: the active health checks of what is deployed (made by ``start``)
+        self.checker: Checker | None = None
+        #: ``start`` makes the checker paused (a new master during an upgrade; ``checker.resume()``)
+        self.health_checks_paused = False
 
     async def __aenter__(self) -> WorkerManager:
         await self.start()
@@ -185,6 +196,17 @@ class WorkerManager:
                 os.close(fd)
                 log.warning("the connection counters of the master before the upgrade cannot be shared (%s): "
                             "max_connections does not count the connections it still drains", exc)
+        if self._adopt_health is not None:
+            fd, self._adopt_health = self._adopt_health, None
+            try:
+                self.health = HealthTable.adopt(fd)
+            except ValueError as exc:
+                os.close(fd)
+                log.warning("the health states of the master before the upgrade cannot be read (%s): "
+                            "every checked upstream starts up", exc)
+        if self.health is None:
+            self.health = HealthTable.create()
+        self.checker = Checker(self.health, paused=self.health_checks_paused)
         if self.limits is None:
             self.limits = Segment.create(self.count, worker=0 if self.inline else -1,
                                          generations=1 if self.inline else GENERATIONS)
@@ -200,6 +222,7 @@ class WorkerManager:
         except BaseException:
             await asyncio.gather(*(w.stop(False, 0) for w in procs), return_exceptions=True)
             self.limits.close()
+            self.health.close()
             raise
         loop = asyncio.get_running_loop()
         self._supervisors = [loop.create_task(self._supervise(w)) for w in procs]
@@ -260,6 +283,8 @@ class WorkerManager:
             timeout = self.command_timeout
         if self.limits is not None:
             commands = [self.limits.stamp(cmd) for cmd in commands]
+        if self.health is not None:
+            commands = [self.health.stamp(cmd) for cmd in commands]
         async with self._lock:
             live = self.live_workers()
             try:
@@ -271,6 +296,16 @@ class WorkerManager:
                 # bound for a later command of the batch is not released
                 # because an earlier one was recorded first.
                 self._release_shared()
+                self._follow_health()
+
+    def _follow_health(self) -> None:
+        """Check what is deployed and staged, nothing else (a slot stamped for a
+        command that failed everywhere is freed)."""
+        if self.checker is None:
+            return
+        factories = [(name, dep.factory) for name, dep in self.deployments.items()]
+        factories += [(name, st.factory) for name, st in self._staged.items() if st.factory is not None]
+        self.checker.configure(wanted_checks(factories))
 
     def _gathered(self, command: Any, live: list[WorkerHandle], outcomes: Sequence[Any]) -> ResultGroup:
         results = []
@@ -528,6 +563,11 @@ class WorkerManager:
         call before ``start``.  The fd is the manager's from now on."""
         self._adopt_counters = (fd, used, names)
 
+    def adopt_health(self, fd: int) -> None:
+        """Keep the health states in table *fd* of the master this one upgrades
+        (``HealthTable.adopt``); call before ``start``.  The fd is the manager's from now on."""
+        self._adopt_health = fd
+
     def own_adopted(self) -> None:
         """The upgrade is done: the adopted Unix paths are this manager's."""
         self._shared.own_adopted()
@@ -544,6 +584,8 @@ class WorkerManager:
         *keep_files*: leave the Unix socket files in place (a new master serves them).
         """
         self._stopping = True
+        if self.checker is not None:
+            self.checker.stop()
         for task in self._supervisors:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
@@ -557,3 +599,5 @@ class WorkerManager:
         self._shared.close(keep_files=keep_files)
         if self.limits is not None:
             self.limits.close()
+        if self.health is not None:
+            self.health.close()

@@ -190,6 +190,11 @@ class Master:
                     # one max_connections count for both generations while the old one drains
                     self.manager.adopt_counters(hello.fds.pop("counters"), hello.used_regions(),
                                                 hello.counter_slots())
+                if "health" in hello.fds:
+                    # the health states go on where the old master left them
+                    self.manager.adopt_health(hello.fds.pop("health"))
+                # checks start once this master serves (the old one checks until it hands over)
+                self.manager.health_checks_paused = True
             try:
                 await self.manager.start()
             except (HotproxyError, OSError) as exc:
@@ -219,6 +224,8 @@ class Master:
             if hello is not None and not await self._take_over(hello):
                 await self._shutdown(await self._stop)
                 return 0
+            if hello is not None and self.manager.checker is not None:
+                self.manager.checker.resume()
             self.ready = True
             self._log_serving()
             serving = f"serving {len(report.added)} services on {self.manager.count} workers"
@@ -324,6 +331,8 @@ class Master:
             self._fleet_task.cancel()
             await asyncio.wait([self._fleet_task], timeout=5.0)
         self.reloader.close()
+        if self.manager.checker is not None:
+            self.manager.checker.stop()
         self.notify.stopping("stopping (graceful)" if graceful else "stopping (fast)")
         drain = self.reloader.current.runtime.drain_timeout if self.reloader.current else None
         if self.handed_over_to is not None:
@@ -557,6 +566,12 @@ class Master:
                     totals[key] = totals.get(key, 0) + value
         changed = self.changed_at.get(name)
         upstreams = _upstreams(name, workers)
+        checker = self.manager.checker if self.manager is not None else None
+        if checker is not None:
+            for addr, up in upstreams.items():
+                checked = checker.status(name, addr)
+                if checked is not None:
+                    up["health"] = checked
         return {
             **({"upstreams": upstreams} if upstreams else {}),
             "name": name, "kind": kind, "listen": listen,
@@ -705,6 +720,8 @@ class Master:
         metrics = self.metrics.listening_socket() if self.metrics is not None else None
         if metrics is not None:
             fds.append(({"name": "metrics"}, metrics.fileno()))
+        if self.manager.health is not None:
+            fds.append(({"name": "health"}, self.manager.health.fd))
         return fds
 
     def _hello(self) -> dict[str, Any]:
@@ -730,6 +747,8 @@ class Master:
             # admin connections queue on the socket for the new master from now on
             self.admin.hand_over(unlink=not inherited)
         self.handed_over_to, self._handed_over_at = child.pid, time.time()
+        if self.manager is not None and self.manager.checker is not None:
+            self.manager.checker.stop()   # the new master checks on, from the same states
         # systemd hears the new master from now on (MAINPID)
         self.notify.close()
         self.notify = Notifier({})

@@ -70,7 +70,10 @@ METRICS: dict[str, MetricDoc] = {
     "hotproxy_service_generation": MetricDoc("gauge", S, "the serving version's generation (highest over the workers)"),
     "hotproxy_service_old_versions": MetricDoc("gauge", S, "old versions still draining, summed over the workers"),
     # per upstream of a proxy service
-    "hotproxy_upstream_up": MetricDoc("gauge", U, "1 if no worker has the upstream ejected, else 0"),
+    "hotproxy_upstream_up": MetricDoc("gauge", U, "1 if the upstream may be picked: with health_check, its "
+                                      "shared state is up; without, no worker has it ejected"),
+    "hotproxy_health_checks": MetricDoc("counter", U + ("result",), "active health checks of the upstream, by "
+                                        "result (ok, failed), run by the master once per instance"),
     "hotproxy_upstream_ejected_workers": MetricDoc("gauge", U, "workers on which the upstream is ejected now"),
     "hotproxy_upstream_worker_up": MetricDoc("gauge", U + W, "1 if this worker sends connections to the upstream"),
     "hotproxy_upstream_connections": MetricDoc("counter", U, "connections made to the upstream"),
@@ -151,10 +154,17 @@ def collect(snap: Snapshot) -> Iterator[Metric]:
         add("hotproxy_service_old_versions", (name,), svc.get("old_versions", 0))
         for addr, up in (svc.get("upstreams") or {}).items():
             labels = (name, addr)
-            add("hotproxy_upstream_up", labels, 0 if up["ejected_workers"] else 1)
+            checked = up.get("health")
+            if checked is not None:
+                add("hotproxy_upstream_up", labels, 1 if checked["state"] == "up" else 0)
+                add("hotproxy_health_checks", labels + ("ok",), checked["checks_ok"])
+                add("hotproxy_health_checks", labels + ("failed",), checked["checks_failed"])
+            else:
+                add("hotproxy_upstream_up", labels, 0 if up["ejected_workers"] else 1)
             add("hotproxy_upstream_ejected_workers", labels, len(up["ejected_workers"]))
             for wid in sorted(up["workers"], key=int):
-                add("hotproxy_upstream_worker_up", labels + (str(wid),), 0 if int(wid) in up["ejected_workers"] else 1)
+                worker_up = (checked["state"] == "up") if checked is not None else int(wid) not in up["ejected_workers"]
+                add("hotproxy_upstream_worker_up", labels + (str(wid),), 1 if worker_up else 0)
             add("hotproxy_upstream_connections", labels, up["connections"])
             add("hotproxy_upstream_connections_active", labels, up["active"])
             add("hotproxy_upstream_connect_failures", labels, up["failures"])

@@ -33,7 +33,9 @@ class Option:
     ``type`` is one of ``int``, ``float``, ``bool``, ``str``, ``path`` (a
     non-empty string; the config loader takes a relative one relative to the
     file's directory), ``upstreams`` (a non-empty list of ``host:port`` /
-    ``[v6]:port`` / ``unix:/path``; see ``config`` and ``proxy``).
+    ``[v6]:port`` / ``unix:/path``; see ``config`` and ``proxy``), ``table``
+    (an inline table of the keys ``fields`` declares, each checked by its
+    own ``Option``; the default None: absent, off).
     """
 
     type: str
@@ -47,6 +49,8 @@ class Option:
     above: bool = False
     choices: tuple[str, ...] | None = None
     doc: str = ""
+    #: a ``table``'s keys
+    fields: Mapping[str, Option] | None = None
 
 
 #: the upper bound of every duration (seconds)
@@ -108,6 +112,17 @@ ECHO_OPTIONS: dict[str, Option] = {
     "max_connections": MAX_CONNECTIONS,
 }
 
+#: the keys of a proxy service's ``health_check = { ... }`` (``health.HealthCheck``)
+HEALTH_CHECK_OPTIONS: dict[str, Option] = {
+    "interval": Option("float", 2.0, min=0.01, max=YEAR, doc="seconds between two checks of an upstream"),
+    "timeout": Option("float", 1.0, min=0, max=YEAR, above=True,
+                      doc="seconds a check may take: connect, send, and the expected reply"),
+    "rise": Option("int", 2, min=1, max=1_000_000, doc="passing checks in a row that bring a down upstream up"),
+    "fall": Option("int", 3, min=1, max=1_000_000, doc="failing checks in a row that take an upstream down"),
+    "send": Option("str", "", max=4096, doc="written after connecting (UTF-8; TOML escapes like \\r\\n)"),
+    "expect": Option("str", "", max=4096, doc="the reply must start with these bytes (UTF-8; empty: connecting is enough)"),
+}
+
 PROXY_OPTIONS: dict[str, Option] = {
     "upstreams": Option("upstreams", None, required=True, doc="where to connect"),
     "balance": Option("str", "round_robin", choices=BALANCE_POLICIES,
@@ -123,6 +138,9 @@ PROXY_OPTIONS: dict[str, Option] = {
                            doc="seconds an ejected upstream gets no connections"),
     "keepalive": Option("bool", False, doc="TCP keepalive on both sides"),
     "access_log": Option("bool", False, doc="log one line per closed connection (the hotproxy.access logger)"),
+    "health_check": Option("table", None, fields=HEALTH_CHECK_OPTIONS,
+                           doc="active checks, run once per instance: { interval, timeout, rise, fall, send, "
+                               "expect } (default: off, passive checks only)"),
 }
 
 
@@ -157,7 +175,25 @@ def check_value(value: Any, opt: Option) -> Any:
                              f"got {show(value)}")
         if t == "path" and not value:
             raise ValueError("expected a path, got an empty string")
+        if opt.max is not None and len(value.encode()) > opt.max:
+            raise ValueError(f"expected at most {int(opt.max)} bytes, got {len(value.encode())}")
         return value
+    if t == "table":
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected an inline table {{ key = value, ... }}, got {show(value)}")
+        fields = opt.fields or {}
+        out = {}
+        for key in value:
+            if key not in fields:
+                raise ValueError(f"{key}: unknown key (expected one of: {', '.join(fields)})")
+        for key, field_opt in fields.items():
+            try:
+                out[key] = check_value(value[key], field_opt) if key in value else field_opt.default
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return out
     if t == "upstreams":
         return value
     raise AssertionError(f"unknown option type {t!r}")  # pragma: no cover - a bug in a table
@@ -200,7 +236,7 @@ def expected(opt: Option) -> str:
     """What a missing *opt* should have been, for "missing (expected ...)"."""
     if opt.choices:
         return "one of " + ", ".join(opt.choices)
-    return {"upstreams": "a list of addresses", "str": "a string", "path": "a path", "int": "an integer",
+    return {"upstreams": "a list of addresses", "table": "a table", "str": "a string", "path": "a path", "int": "an integer",
             "float": "a number", "bool": "true or false"}.get(opt.type, opt.type) + \
         (f" ({opt.doc})" if opt.doc else "")
 
@@ -232,7 +268,7 @@ def default_text(opt: Option) -> str:
 
 
 __all__ = [
-    "BALANCE_POLICIES", "COMMON_OPTIONS", "ECHO_OPTIONS", "LOG_LEVELS", "MAX_CONNECTIONS", "Option",
+    "BALANCE_POLICIES", "COMMON_OPTIONS", "ECHO_OPTIONS", "HEALTH_CHECK_OPTIONS", "LOG_LEVELS", "MAX_CONNECTIONS", "Option",
     "PROXY_OPTIONS", "RUNTIME_OPTIONS", "YEAR", "check_fields", "check_value", "default_text", "expected",
     "lowercase_hint", "show", "type_name",
 ]

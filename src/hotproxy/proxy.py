@@ -23,6 +23,14 @@ Rules of this module:
   upstream for ``fail_timeout`` seconds; after that one connection tries it
   again (success restores it, failure ejects it again).  If every upstream
   is ejected, they are tried anyway -- never refuse all traffic.
+* Active health checks (``health_check``) run once per instance, in the
+  master (``health``); each worker reads an upstream's state from the
+  instance's ``HealthTable`` (one byte of shared memory, no message).
+  ``_Balancer.available`` is the one predicate "may this upstream be picked
+  now": the shared state when the service has active checks, else this
+  worker's passive ejection.  With active checks, ``max_fails`` failures
+  mark the upstream down in the shared state (every worker follows), and
+  only ``rise`` passing checks bring it back; ``fail_timeout`` is not used.
 * Health and counters are per worker process; ``hotproxy status`` sums them.
   The one exception is the open-connection count that ``max_connections``
   limits: it is the instance's, in a counter every worker shares
@@ -43,9 +51,10 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from . import addresses, core, limits
+from . import addresses, core, health, limits
 from .addresses import Address, is_literal
 from .errors import describe
+from .health import HealthCheck, HealthTable
 from .limits import CounterSlot, NextSlot
 from .listeners import lookup
 from .options import PROXY_OPTIONS, check_fields
@@ -93,6 +102,11 @@ class ProxyFactory(MakeService):
     ``counter`` is where ``max_connections`` counts: the slot the
     ``WorkerManager`` gives it (``with_shared_counters``); None: this
     process only.
+
+    ``health`` is where the active checks' states are: ``(table key, one
+    slot per upstream)`` in the instance's ``health.HealthTable``, set by the
+    manager (``with_health``) when ``health_check`` is on; None: passive
+    checks only.
     """
 
     upstreams: tuple[str, ...]
@@ -105,7 +119,10 @@ class ProxyFactory(MakeService):
     fail_timeout: float = _OPT["fail_timeout"]
     keepalive: bool = _OPT["keepalive"]
     access_log: bool = _OPT["access_log"]
+    #: active health checks (a ``HealthCheck``, or a table of its keys); None: off
+    health_check: HealthCheck | None = None
     counter: CounterSlot | None = None
+    health: tuple[int, tuple[int, ...]] | None = None
     #: the service's name in the config ("" for a factory made in code): in
     #: every log line about it, and in the JSON ``service`` field
     service: str = ""
@@ -130,7 +147,11 @@ class ProxyFactory(MakeService):
                 raise ValueError(f"upstreams[{i}]: {addr!r} is listed twice")
             seen.add(addr)
         object.__setattr__(self, "upstreams", ups)
-        check_fields(self, PROXY_OPTIONS, skip=("upstreams",))
+        try:
+            object.__setattr__(self, "health_check", HealthCheck.of(self.health_check))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"health_check: {exc}") from None
+        check_fields(self, PROXY_OPTIONS, skip=("upstreams", "health_check"))
 
     def named(self, name: str) -> ProxyFactory:
         return replace(self, service=name)
@@ -138,6 +159,19 @@ class ProxyFactory(MakeService):
     def with_shared_counters(self, next_slot: NextSlot) -> ProxyFactory:
         """This factory counting ``max_connections`` in the instance's slot *next_slot()*."""
         return replace(self, counter=next_slot())
+
+    def health_checks(self) -> list[tuple[str, Any]]:
+        """Each upstream with the service's ``health_check`` (none when it is off)."""
+        hc = self.health_check
+        return [] if hc is None else [(addr, hc) for addr in self.upstreams]
+
+    def with_health(self, key: int, slot_of: Callable[[str], int]) -> ProxyFactory:
+        """This factory reading its upstreams' health in table *key*, slot
+        ``slot_of(address)`` each (the manager's ``HealthTable.stamp``); without
+        ``health_check``: no slots."""
+        if self.health_check is None:
+            return self if self.health is None else replace(self, health=None)
+        return replace(self, health=(key, tuple(slot_of(addr) for addr in self.upstreams)))
 
     def make_via_ref(self, old: Service | None) -> MaybeAwaitable[ProxyService]:
         """The next version: shares *old*'s counters, open-connection count,
@@ -424,6 +458,25 @@ class _Balancer:
         self.targets = targets
         # the plain function, not a bound method: no reference cycle
         self._choose = getattr(_Balancer, "_choose_" + factory.balance)
+        #: the shared health table and each target's slot in it, when the
+        #: service has active checks (the manager set ``factory.health``)
+        self.health: HealthTable | None = None
+        self.slots: dict[Any, int] = {}
+        if factory.health_check is not None and factory.health is not None:
+            table = health.table(factory.health[0])
+            if table is not None:
+                self.health = table
+                self.slots = {t: slot for t, slot in zip(targets, factory.health[1]) if slot >= 0}
+
+    def available(self, target: Any, now: float) -> bool:
+        """May *target* be picked now?  The one predicate of health: with active
+        checks, its state in the instance's shared table (down: passive or
+        active, until ``rise`` checks pass); without, this worker's passive
+        ejection (until ``fail_timeout`` is over)."""
+        slot = self.slots.get(target) if self.health is not None else None
+        if slot is not None:
+            return self.health.is_up(slot)   # type: ignore[union-attr]
+        return bool(target.state.ejected_until <= now)
 
     # -- the relay's connector interface -----------------------------------------
     #
@@ -439,7 +492,17 @@ class _Balancer:
         st.failures += 1
         st.fails += 1
         max_fails = self.factory.max_fails
-        if max_fails and st.fails >= max_fails:
+        slot = self.slots.get(target) if self.health is not None else None
+        if slot is not None and max_fails and st.fails >= max_fails:
+            # active checks: down for every worker until the master's checks pass ``rise`` times
+            assert self.health is not None
+            if self.health.mark_down(slot):
+                log.warning("%supstream %s marked down for every worker after %d connect failures (last: %s); "
+                            "up again after %d passing health checks", self._who, st.address, st.fails,
+                            describe(exc), self.factory.health_check.rise if self.factory.health_check else 0,
+                            extra=self._fields(upstream=st.address, reason=describe(exc)))
+            st.fails = 0
+        elif max_fails and st.fails >= max_fails:
             now = time.monotonic()
             was_ejected = st.ejected_until > 0
             st.ejected_until = now + self.factory.fail_timeout
@@ -470,7 +533,8 @@ class _Balancer:
             # traffic), once -- without the candidate lists below
             return None if tried else targets[0]
         now = time.monotonic()
-        cands = [t for t in self.targets if t.state.ejected_until <= now and t not in tried]
+        available = self.available
+        cands = [t for t in self.targets if available(t, now) and t not in tried]
         if not cands:
             # every upstream left is ejected: try them anyway rather than refuse
             cands = [t for t in self.targets if t not in tried]

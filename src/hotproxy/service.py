@@ -44,7 +44,7 @@ import abc
 import asyncio
 import inspect
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Awaitable, ClassVar, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, TypeVar, Union
 
 from . import core, limits
 from .options import MAX_CONNECTIONS, check_fields
@@ -152,6 +152,17 @@ class MakeService(abc.ABC):
     def named(self, name: str) -> MakeService:
         """This factory for the service called *name* in the config (for its
         log lines).  The default: the name is not used, ``self``."""
+        return self
+
+    def health_checks(self) -> list[tuple[str, Any]]:
+        """``(upstream address, health.HealthCheck)`` for each upstream the
+        instance must check actively (the master runs them).  The default: none."""
+        return []
+
+    def with_health(self, key: int, slot_of: Callable[[str], int]) -> MakeService:
+        """This factory reading its upstreams' health in the instance's health
+        table *key*, at slot ``slot_of(address)`` each.  The default: no
+        active checks, ``self``."""
         return self
 
     def make_via_snapshot(self, seed: Seed) -> MaybeAwaitable[Service]:
@@ -323,6 +334,18 @@ class Layer(MakeService):
         if inner is None:
             return self
         new = inner.named(name)
+        return self if new is inner else replace(self, inner=new)
+
+    def health_checks(self) -> list[tuple[str, Any]]:
+        """The inner factory's."""
+        return self.inner.health_checks() if self.inner is not None else []
+
+    def with_health(self, key: int, slot_of: Callable[[str], int]) -> MakeService:
+        """The inner factory's health slots set."""
+        inner = self.inner
+        if inner is None:
+            return self
+        new = inner.with_health(key, slot_of)
         return self if new is inner else replace(self, inner=new)
 
 

@@ -4,7 +4,7 @@
 start a new one -- ``python -m <the module it was started as> run -c FILE
 --upgrade-fd N`` -- and hand it, over a private socketpair, everything a
 client or an operator reaches: the Unix listening sockets the master owns,
-the bound admin socket, the instance's connection counters, and a snapshot
+the bound admin socket, the instance's connection counters and health states, and a snapshot
 of every service's state.  It is a reload of the master, all or nothing:
 
 1. **Prepare** (the new master): read what the old one sent, load the file
@@ -44,7 +44,7 @@ Rules of this module:
 
 Messages (old -> new, then new -> old, then both ways while the old drains)::
 
-    {"type": "fd", "name": "admin" | "listener" | "counters" | "state" | "old-master", ...} + descriptor
+    {"type": "fd", "name": "admin" | "listener" | "counters" | "health" | "state" | "old-master", ...} + descriptor
     {"type": "hello", "protocol": 1, "pid": OLD, "admin_socket": PATH, "listen": [...], ...}
     {"type": "ready", "pid": NEW, "admin": "inherited" | "own"}   or   {"type": "failed", "error": LINE}
     {"type": "released"}

@@ -1,10 +1,10 @@
 """A worker process: a uvloop loop, one ServiceExecutor, a control channel.
 
 Started by ``WorkerManager`` as ``python -m hotproxy.worker --fd N --id I
---fd-channel M --counters-fd C``: N is the control channel, M the socket on
-which the master sends the listening sockets it owns (the worker's
-``fdchannel.FdReceiver``), C the instance's connection counters (see
-limits.Segment).
+--fd-channel M --counters-fd C --health-fd H``: N is the control channel, M
+the socket on which the master sends the listening sockets it owns (the
+worker's ``fdchannel.FdReceiver``), C the instance's connection counters (see
+limits.Segment), H its active health states (health.HealthTable).
 It runs the commands the master sends, one at a time in order, answers
 status requests at once, and exits when told to, on ``SIGTERM`` (graceful:
 stop accepting, drain, exit), on ``SIGQUIT`` (at once), or when the master
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counters-fd", type=int, default=None)
     # the region of the counters this worker counts in (default: its id)
     parser.add_argument("--counters-region", type=int, default=None)
+    # the instance's health states (health.HealthTable)
+    parser.add_argument("--health-fd", type=int, default=None)
     args = parser.parse_args(argv)
     # The master decides what SIGHUP and SIGINT mean (a terminal's hang-up or
     # ^C reaches the whole process group): ignored from the first moment.
@@ -191,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             from .limits import Segment
 
             Segment.attach(args.counters_fd, args.id if args.counters_region is None else args.counters_region)
+        if args.health_fd is not None:
+            from .health import HealthTable
+
+            HealthTable.attach(args.health_fd)
         worker = WorkerProcess(sock, args.id, fds)
     except Exception as exc:
         print(f"hotproxy worker {args.id}: cannot start: {exc}", file=sys.stderr)

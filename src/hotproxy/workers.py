@@ -39,6 +39,7 @@ from .executor import ServiceExecutor
 from .fdchannel import FdSender
 
 if TYPE_CHECKING:
+    from .health import HealthTable
     from .limits import Segment
 
 log = logging.getLogger("hotproxy.manager")
@@ -94,6 +95,8 @@ class WorkerSettings(Protocol):
     boot_timeout: float
     #: the instance's connection counters
     limits: Segment | None
+    #: the instance's health states
+    health: HealthTable | None
 
 
 class InlineWorker:
@@ -164,6 +167,8 @@ class ProcessWorker:
         """Start a process and wait for its hello; ``WorkerError`` if it does not come."""
         counters = self.settings.limits
         assert counters is not None
+        health = self.settings.health
+        assert health is not None
         if self.proc is not None and self.proc.returncode is not None:
             counters.reclaim(counters.region(self.id))   # the counts of the process before us
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -181,8 +186,8 @@ class ProcessWorker:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "hotproxy.worker", "--fd", str(child.fileno()), "--id", str(self.id),
                 "--fd-channel", str(fd_child.fileno()), "--counters-fd", str(counters.fd),
-                "--counters-region", str(counters.region(self.id)),
-                pass_fds=(child.fileno(), fd_child.fileno(), counters.fd), env=env,
+                "--counters-region", str(counters.region(self.id)), "--health-fd", str(health.fd),
+                pass_fds=(child.fileno(), fd_child.fileno(), counters.fd, health.fd), env=env,
                 stdin=asyncio.subprocess.DEVNULL)
         finally:
             child.close()
