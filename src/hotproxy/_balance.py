@@ -21,6 +21,7 @@ Rules of this module:
   round, so it owns about *w* / (sum of weights) of the slots.  Adding or
   removing one of N names changes about 1/N of the slots.
 * Only names of weight >= 1 take part; every slot ends up owned.
+* Every table has ``TABLE_SIZE`` slots, stored as 16-bit indices (128 KiB).
 * The table is built once per service version (and reused by the next
   version when the names and weights are the same); a lookup is one hash
   and one index.
@@ -29,26 +30,19 @@ Rules of this module:
 from __future__ import annotations
 
 import hashlib as _hashlib
+from array import array as _array
 
-#: table sizes (primes); a table takes the smallest that is at least
-#: ``SLOTS_PER_NAME`` times the number of names and twice the sum of weights
-SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521)
-SLOTS_PER_NAME = 101
+#: the size of every table: a prime (so every skip visits every slot), the
+#: same whatever the number of upstreams -- a size that grew with them would
+#: reshuffle every key when one is added -- and large enough that weights
+#: up to 256 over hundreds of upstreams get their share
+TABLE_SIZE = 65521
 
 _MASK = 0xFFFFFFFFFFFFFFFF
 _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
 _MIX1 = 0xFF51AFD7ED558CCD
 _MIX2 = 0xC4CEB9FE1A85EC53
-
-
-def table_size(names: int, total_weight: int) -> int:
-    """The prime size of a table for *names* names of *total_weight* summed weights."""
-    need = max(SLOTS_PER_NAME * names, 2 * total_weight)
-    for size in SIZES:
-        if size >= need:
-            return size
-    return SIZES[len(SIZES) - 1]
 
 
 def key_hash(key: bytes) -> int:
@@ -82,46 +76,56 @@ def build(names: tuple[str, ...], weights: tuple[int, ...], size: int) -> list[i
             raise ValueError("every weight must be >= 1")
     if size < 2:
         raise ValueError("the table needs at least 2 slots")
-    offsets = []
-    skips = []
-    for name in names:
-        h1, h2 = _name_hashes(name)
-        offsets.append(h1 % size)
-        skips.append(h2 % (size - 1) + 1)
-    nexts = [0] * n
-    entries = [-1] * size
+    offsets = _array("q", [0]) * n
+    skips = _array("q", [0]) * n
+    for i in range(n):
+        h1, h2 = _name_hashes(names[i])
+        offsets[i] = h1 % size
+        skips[i] = h2 % (size - 1) + 1
+    turns = _array("q", weights)
+    nexts = _array("q", [0]) * n
+    entries = _array("i", [-1]) * size
+    # typed views of the arrays (C arrays once compiled; the arrays themselves in Python)
+    ov = offsets
+    sv = skips
+    tv = turns
+    nv = nexts
+    ev = entries
     filled = 0
     while True:
         for i in range(n):
-            offset = offsets[i]
-            skip = skips[i]
-            for turn in range(weights[i]):
+            offset = ov[i]
+            skip = sv[i]
+            for turn in range(tv[i]):
                 # the next free slot of name i's permutation (it has one:
                 # the table is not full, and the permutation visits every slot)
-                c = (offset + nexts[i] * skip) % size
-                while entries[c] >= 0:
-                    nexts[i] += 1
-                    c = (offset + nexts[i] * skip) % size
-                entries[c] = i
-                nexts[i] += 1
+                c = (offset + nv[i] * skip) % size
+                while ev[c] >= 0:
+                    nv[i] += 1
+                    c = (offset + nv[i] * skip) % size
+                ev[c] = i
+                nv[i] += 1
                 filled += 1
                 if filled == size:
-                    return entries
+                    return entries.tolist()
 
 
 class HashTable:
     """A Maglev table over *members* (``(name, weight)`` pairs; weight 0:
     left out), built once.  ``names`` are the members that take part,
     sorted; ``entries[slot]`` is an index into ``names``.  An empty table
-    (no member of weight >= 1) has no entries."""
+    (no member of weight >= 1) has no entries.  *size* (a prime; tests use
+    small ones) defaults to ``TABLE_SIZE``."""
 
-    def __init__(self, members: tuple[tuple[str, int], ...]) -> None:
+    def __init__(self, members: tuple[tuple[str, int], ...], size: int = TABLE_SIZE) -> None:
         taking = sorted((str(name), int(weight)) for name, weight in members if weight > 0)
+        if len(taking) > 65535:
+            raise ValueError("at most 65535 members")
         self.key = tuple(taking)
         self.names = tuple(name for name, _ in taking)
         weights = tuple(weight for _, weight in taking)
-        self.size = table_size(len(taking), sum(weights)) if taking else 0
-        self.entries = build(self.names, weights, self.size) if taking else []
+        self.size = size if taking else 0
+        self.entries = _array("H", build(self.names, weights, size) if taking else ())
 
     def slot(self, key: bytes) -> int:
         """The slot of *key* (where its preference list starts); -1 for an empty table."""

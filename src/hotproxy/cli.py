@@ -497,8 +497,11 @@ def format_status(status: dict[str, Any]) -> str:
             ejected = up.get("ejected_workers") or []
             state = (f"ejected on worker {', '.join(map(str, ejected))} for {up.get('ejected_for', 0):.1f}s more"
                      if ejected else "up")
+            opts = "".join([f" weight={up['weight']}" if up.get("weight", 1) != 1 else "",
+                            " backup" if up.get("backup") else "",
+                            f" max_connections={up['max_connections']}" if up.get("max_connections") else ""])
             lines.append(f"  {s['name']} -> {addr}: {state}; active={up['active']} connections={up['connections']} "
-                         f"failures={up['failures']}" + (" (removed, draining)" if up.get("removed") else ""))
+                         f"failures={up['failures']}{opts}" + (" (removed, draining)" if up.get("removed") else ""))
     # old versions that open connections still hold (freed with their last one)
     for s in status["services"]:
         if s.get("old_versions"):
