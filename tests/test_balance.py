@@ -335,6 +335,10 @@ def test_upstream_max_connections_is_one_limit_over_two_workers(start: Start, co
             # both workers turned connections away at the limit (so the 5 are the instance's, not a worker's)
             await eventually(lambda: all(f"worker[{i}] WARNING hotproxy.proxy: service px: every upstream left is "
                                          f"at its max_connections" in prog.log() for i in (0, 1)))
+            # the counts carry over a reload (the held connections stay on the old
+            # version; the new one with other weights counts them): still full
+            await reload(prog, config({"px": proxy(px, [{**ups[0], "weight": 2}, {**ups[1], "weight": 3}])}))
+            assert await tag_of_held(px, held) is None
             # one on a closes: exactly one more fits
             name, w = next(x for x in held if x[0] == "a")
             held.remove((name, w))
@@ -488,3 +492,49 @@ def test_factory_in_code_takes_both_forms() -> None:
     assert f.named("x").upstream_specs == f.upstream_specs     # replace() keeps them
     with pytest.raises(ValueError, match=r"upstreams\[1\]: weight: expected an integer <= 256, got 300"):
         ProxyFactory(("127.0.0.1:1", {"address": "127.0.0.1:2", "weight": 300}))
+
+
+# -- the core's count of an upstream's connections (in process, on both cores) ---------------------
+
+
+def test_upstream_count_is_released_by_a_failed_attempt_and_by_the_end_of_the_connection(core_name: str) -> None:
+    """A limited upstream that refuses: each attempt takes a count and gives it
+    back when it fails (the next connection may try it again); a connection
+    that reached a limited upstream holds one count until it ends; a single
+    limited upstream at its limit closes the connection (no_upstream)."""
+    from test_proxy import close, connect, drained, proxy_site, request, service, site_address
+
+    async def main() -> None:
+        good = await Backend("g", "echo").start()
+        dead = f"127.0.0.1:{free_port()}"   # nothing listens: connects are refused
+        f = ProxyFactory(({"address": dead, "max_connections": 1}, {"address": good.address, "max_connections": 1}),
+                         max_fails=0)
+        async with proxy_site(f) as ex:
+            limits = {t.up.text: t.limit for t in service(ex).targets}
+            for i in range(4):
+                assert await request(site_address(ex), b"x%d" % i) == b"x%d" % i
+                await drained(ex)
+                assert (limits[dead].value, limits[good.address].value) == (0, 0)
+            assert service(ex).counters.connect_failures >= 1
+            r, w = await connect(site_address(ex))
+            w.write(b"held")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"held"
+            assert limits[good.address].value == 1
+            # the good one is full and the other refuses: no upstream for the next one
+            assert await request(site_address(ex), b"no") == b""
+            await close(w)
+            await drained(ex)
+            assert (limits[dead].value, limits[good.address].value) == (0, 0)
+        single = ProxyFactory(({"address": good.address, "max_connections": 1},))
+        async with proxy_site(single) as ex:
+            r, w = await connect(site_address(ex))
+            w.write(b"one")
+            assert await asyncio.wait_for(r.readexactly(3), 10) == b"one"
+            assert await request(site_address(ex), b"two") == b""
+            assert service(ex).counters.no_upstream == 1
+            await close(w)
+            await drained(ex)
+            assert await request(site_address(ex), b"three") == b"three"
+        await good.stop()
+
+    run(main(), 60)
