@@ -506,12 +506,6 @@ class ProxyService(Service):
         return f"<ProxyService {self.factory.balance} {list(self.factory.upstreams)}>"
 
 
-def available(target: Any, now: float) -> bool:
-    """May *target* get new connections as far as its health goes (not
-    ejected)?  The one place that says so: ``pick`` asks nothing else."""
-    return bool(target.state.ejected_until <= now)
-
-
 def _full(target: Any) -> bool:
     # at its own max_connections over the instance (the core's acquire is
     # the exact check; this read only steers the choice away from it)
@@ -556,6 +550,13 @@ class _Balancer:
         self._group_table = [self._table_of(self.primaries), self._table_of(self.backups)]
         # the plain function, not a bound method: no reference cycle
         self._choose = getattr(_Balancer, "_choose_" + factory.balance)
+
+    def available(self, target: Any, now: float) -> bool:
+        """May *target* be picked now, as far as its health goes?  The one
+        predicate of health (``pick`` asks nothing else): this worker's
+        passive ejection (until ``fail_timeout`` is over).  Its own
+        ``max_connections`` is another matter (``_full``)."""
+        return bool(target.state.ejected_until <= now)
 
     def _table_of(self, group: list[Any]) -> Any:
         if not group or not self.tables:
@@ -615,7 +616,7 @@ class _Balancer:
                     continue
                 if _full(t):
                     full = True
-                elif available(t, now):
+                elif self.available(t, now):
                     cands.append(t)
             if cands:
                 return cands[0] if len(cands) == 1 else self._choose(self, conn, cands, g)
