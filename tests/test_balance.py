@@ -538,3 +538,53 @@ def test_upstream_count_is_released_by_a_failed_attempt_and_by_the_end_of_the_co
         await good.stop()
 
     run(main(), 60)
+
+
+def test_a_version_with_the_same_upstreams_and_weights_reuses_the_hash_table(core_name: str) -> None:
+    """Same addresses and weights: the next version takes the previous one's
+    table object (not rebuilt); a weight changed: a new table."""
+    from hotproxy.commands import Precommit, Update
+    from test_proxy import proxy_site, service
+
+    async def main() -> None:
+        ups = ("127.0.0.1:7001", {"address": "127.0.0.1:7002", "weight": 2})
+        async with proxy_site(ProxyFactory(ups, balance="hash")) as ex:
+            first = dict(service(ex).balancer.tables)
+            await ex.execute(Precommit("p", ProxyFactory(ups, balance="hash", retries=1)))
+            await ex.execute(Update("p"))
+            same = service(ex).balancer.tables
+            assert list(same) == list(first) and all(same[k] is first[k] for k in first)
+            await ex.execute(Precommit("p", ProxyFactory(("127.0.0.1:7001", "127.0.0.1:7002"), balance="hash")))
+            await ex.execute(Update("p"))
+            other = service(ex).balancer.tables
+            assert list(other) != list(first)
+
+    run(main(), 30)
+
+
+def test_upstream_counter_slots_are_kept_by_address_and_survive_an_adoption() -> None:
+    """``next_slot(key)`` names a slot by upstream address: the same slot for
+    every version, whatever the order, and kept by an upgrade's ``adopt``."""
+    from hotproxy.commands import Precommit
+    from hotproxy.limits import Segment
+
+    seg = Segment.create(1, worker=0, slots=16, generations=2)
+    try:
+        def stamp(ups: tuple[Any, ...]) -> ProxyFactory:
+            f = seg.stamp(Precommit("p", ProxyFactory(ups))).factory
+            assert isinstance(f, ProxyFactory)
+            return f
+        one = stamp(({"address": "127.0.0.1:1", "max_connections": 3}, "127.0.0.1:2"))
+        two = stamp(("127.0.0.1:3", {"address": "127.0.0.1:2", "max_connections": 5},
+                     {"address": "127.0.0.1:1", "max_connections": 4}))
+        assert one.counter == two.counter
+        slots1, slots2 = dict(one.upstream_counters), dict(two.upstream_counters)
+        assert list(slots1) == ["127.0.0.1:1"] and slots2["127.0.0.1:1"] == slots1["127.0.0.1:1"]
+        assert len({one.counter, *slots2.values()}) == 3
+        adopted = Segment.adopt(os.dup(seg.fd), 1, {0}, seg.slot_names())
+        try:
+            assert adopted.slot_for("p", "upstream 127.0.0.1:1").slot == slots1["127.0.0.1:1"].slot
+        finally:
+            adopted.close()
+    finally:
+        seg.close()
