@@ -452,9 +452,12 @@ def test_reloads_that_change_weights_backups_limits_and_policy_lose_no_byte(
 
 BAD_UPSTREAMS = [
     ('{ address = "127.0.0.1:9", weight = 0 }', "services.px.upstreams[0].weight: expected an integer >= 1, got 0"),
-    ('{ address = "127.0.0.1:9", weight = 257 }', "services.px.upstreams[0].weight: expected an integer <= 256, got 257"),
-    ('{ address = "127.0.0.1:9", weight = 1.5 }', "services.px.upstreams[0].weight: expected an integer >= 1, got 1.5"),
-    ('{ address = "127.0.0.1:9", backup = "yes" }', "services.px.upstreams[0].backup: expected true or false, got 'yes'"),
+    ('{ address = "127.0.0.1:9", weight = 257 }',
+     "services.px.upstreams[0].weight: expected an integer <= 256, got 257"),
+    ('{ address = "127.0.0.1:9", weight = 1.5 }',
+     "services.px.upstreams[0].weight: expected an integer >= 1, got 1.5"),
+    ('{ address = "127.0.0.1:9", backup = "yes" }',
+     "services.px.upstreams[0].backup: expected true or false, got 'yes'"),
     ('{ address = "127.0.0.1:9", max_connections = -1 }',
      "services.px.upstreams[0].max_connections: expected an integer >= 0, got -1"),
     ('{ address = "127.0.0.1:9", wieght = 2 }', "services.px.upstreams[0].wieght: unknown key (expected one of: "

@@ -238,6 +238,6 @@ def default_text(opt: Option) -> str:
 
 __all__ = [
     "BALANCE_POLICIES", "COMMON_OPTIONS", "ECHO_OPTIONS", "LOG_LEVELS", "MAX_CONNECTIONS", "Option",
-    "PROXY_OPTIONS", "RUNTIME_OPTIONS", "UPSTREAM_OPTIONS", "YEAR", "check_fields", "check_value", "default_text", "expected",
-    "lowercase_hint", "show", "type_name",
+    "PROXY_OPTIONS", "RUNTIME_OPTIONS", "UPSTREAM_OPTIONS", "YEAR", "check_fields", "check_value",
+    "default_text", "expected", "lowercase_hint", "show", "type_name",
 ]

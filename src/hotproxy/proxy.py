@@ -24,10 +24,20 @@ Rules of this module:
   again (success restores it, failure ejects it again).  If every upstream
   is ejected, they are tried anyway -- never refuse all traffic.
 * Health and counters are per worker process; ``hotproxy status`` sums them.
-  The one exception is the open-connection count that ``max_connections``
-  limits: it is the instance's, in a counter every worker shares
-  (``hotproxy.limits``); the core takes one count when it accepts a
-  connection and gives it back when the connection ends.
+  The exceptions are the open-connection counts that ``max_connections``
+  limits, the service's and each upstream's own: they are the instance's,
+  in counters every worker shares (``hotproxy.limits``); the core takes one
+  count of the service's when it accepts a connection, one of an
+  upstream's when it starts an attempt to it, and gives each back when the
+  attempt fails or the connection ends.
+* Balancing (``_Balancer``): the primaries get every connection while one is
+  available (``_Balancer.available``: the one health predicate; and not at
+  its own ``max_connections``), then the backups; the policy chooses among
+  them by weight.  Smooth weighted round robin keeps each address's current
+  weight in ``_Shared.wrr`` (so it goes on smoothly across reloads);
+  ``hash`` looks the client address up in a Maglev table (``_balance``)
+  built once per version, or taken from the previous one when its
+  addresses and weights are the same.
 """
 
 from __future__ import annotations
@@ -39,9 +49,8 @@ import random
 import socket
 import struct
 import time
-import zlib
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import util as _importlib_util
 from types import ModuleType
 from typing import Any, Mapping
@@ -120,7 +129,8 @@ class UpstreamSpec:
 class ProxyFactory(MakeService):
     """Builds proxy services; a plain picklable value (the ``kind = "proxy"`` config).
 
-    Every field but ``counter`` is the config key of the same name, declared
+    Every field but ``counter``, ``upstream_specs`` and ``upstream_counters``
+    is the config key of the same name, declared
     once -- type, default, range, what it does -- in ``options.PROXY_OPTIONS``
     (``hotproxy check --keys`` lists them) and checked by the same rules as
     the config file.  ``upstreams`` are ``host:port``, ``[v6]:port`` or
