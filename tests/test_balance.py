@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 from typing import Any, Callable
 
@@ -347,6 +348,32 @@ def test_upstream_max_connections_is_one_limit_over_two_workers(start: Start, co
             await eventually(lambda: _instance_active(prog, a.address, 2))
             assert await tag_of_held(px, held) == "a"
             assert await tag_of_held(px, held) is None
+            # kill -9 a worker: its connections' counts come back once the master has seen it die
+            status = await prog.status()
+            prog.worker_pids += [w["pid"] for w in status["workers"]]
+            victim = status["workers"][0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+
+            async def back() -> bool:
+                st = await prog.status()
+                return st["restarts"] == 1 and all(w["alive"] and "px" in w["sites"] for w in st["workers"])
+
+            await eventually(back, timeout=30)
+            prog.worker_pids += [w["pid"] for w in (await prog.status())["workers"]]
+
+            async def settled() -> bool:
+                # the instance's counts are the upstream connections still open (none leaked)
+                ups = await upstreams_of(prog, "px")
+                return bool(ups[a.address]["instance_active"] == len(a.open)
+                            and ups[b.address]["instance_active"] == len(b.open))
+
+            await eventually(settled, timeout=30)
+            left = (len(a.open), len(b.open))
+            more = [await tag_of_held(px, held) for _ in range(16)]
+            print(f"{core_name}: killed worker {victim}; {left} still on a, b; of 16 new: "
+                  f"a={more.count('a')} b={more.count('b')}")
+            assert (more.count("a"), more.count("b")) == (3 - left[0], 2 - left[1])
+            assert (len(a.open), len(b.open)) == (3, 2)
         finally:
             for _, w in held:
                 w.close()
