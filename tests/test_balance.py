@@ -215,6 +215,14 @@ def test_weights_3_to_1_give_exactly_300_and_100_of_400_spread_evenly(start: Sta
             code, out, err = await prog.cli("status", "--json", "-c", str(prog.config))
             assert code == 0, err
             assert json.loads(out)["services"][0]["upstreams"][a.address]["weight"] == 3
+            # a reload to 1:3 goes on from the current weights (kept by address): 1:3 from the start
+            await reload(prog, config({"px": proxy(px, [a.address, {"address": b.address, "weight": 3}])},
+                                      workers=1))
+            seq = [await tag_of(px) for _ in range(400)]
+            text = "".join(s or "-" for s in seq)
+            print(f"{core_name}: after a reload to 1:3 -> a={seq.count('a')} b={seq.count('b')}; first 12: {text[:12]}")
+            assert abs(seq.count("a") - 100) <= 1 and seq.count("a") + seq.count("b") == 400
+            assert "aa" not in text and "bbbb" not in text
         finally:
             prog.kill()
             await a.stop()
