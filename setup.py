@@ -42,6 +42,8 @@ def extensions():
         # the I/O-free state machine and timer wheel: a .py that the
         # pure-Python core runs as it is, typed by _core_machine.pxd here
         Extension("hotproxy._core_machine", ["src/hotproxy/_core_machine.py"], extra_compile_args=cflags),
+        # the consistent-hash table of balance = "hash": a .py too (_balance.pxd)
+        Extension("hotproxy._balance", ["src/hotproxy/_balance.py"], extra_compile_args=cflags),
         # the core: _core.pyx includes its parts (_core_*.pxi)
         Extension("hotproxy._core", ["src/hotproxy/_core.pyx"], extra_compile_args=cflags),
     ]

@@ -142,7 +142,7 @@ BAD = [
     ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1']",
      "services.x.upstreams[0]: bad upstream address: '127.0.0.1': expected 'host:port'"),
     ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = [3]",
-     "services.x.upstreams[0]: expected an address string, got 3"),
+     "services.x.upstreams[0]: expected an address string or a table, got 3"),
     ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:2']\nbalance = 'rr'",
      "services.x.balance: expected one of round_robin, random, least_conn, hash, got 'rr'"),
     ("[services.x]\nkind = 'proxy'\nlisten = '127.0.0.1:1'\nupstreams = ['127.0.0.1:2']\nconnect_timeout = 0",

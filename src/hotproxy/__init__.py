@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("ListenerFactory", "TcpListenerFactory", "UnixListenerFactory", "parse_address"),
                     "listeners"),
     **dict.fromkeys(("ResultGroup", "WorkerManager", "WorkerResult"), "manager"),
-    **dict.fromkeys(("ProxyFactory", "ProxyService"), "proxy"),
+    **dict.fromkeys(("ProxyFactory", "ProxyService", "UpstreamSpec"), "proxy"),
     **dict.fromkeys(("CountConnections", "Layer", "LayerService", "LimitConnections", "MakeService", "Service",
                      "stack"), "service"),
 }
@@ -41,8 +41,8 @@ __all__ = [
     "NothingDeployedError", "NothingStagedError", "PrepareAndCommit", "Precommit", "ProxyFactory",
     "ProxyService", "Remove",
     "ResultGroup", "Service", "ServiceExecutor", "SiteNotFoundError", "TcpListenerFactory",
-    "UnixListenerFactory", "Update", "WorkerError", "WorkerManager", "WorkerResult", "parse_address",
-    "stack",
+    "UnixListenerFactory", "Update", "UpstreamSpec", "WorkerError", "WorkerManager", "WorkerResult",
+    "parse_address", "stack",
 ]
 
 
@@ -73,6 +73,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the eager imports
     from .executor import ServiceExecutor
     from .listeners import ListenerFactory, TcpListenerFactory, UnixListenerFactory, parse_address
     from .manager import ResultGroup, WorkerManager, WorkerResult
-    from .proxy import ProxyFactory, ProxyService
+    from .proxy import ProxyFactory, ProxyService, UpstreamSpec
     from .service import (CountConnections, Layer, LayerService, LimitConnections, MakeService, Service,
                           stack)

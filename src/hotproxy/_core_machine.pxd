@@ -131,6 +131,8 @@ cdef class Target:
     cdef readonly int family
     cdef readonly bytes sockaddr
     cdef readonly object address
+    cdef readonly Counter limit             # the upstream's instance count (None: none)
+    cdef readonly long long max_connections
 
 
 @cython.final
@@ -184,6 +186,7 @@ cdef class Relay:
     cdef bint c_early_full          # connecting, and the held bytes fill the buffer
     cdef bint admitted              # holds one count of cfg.limit (released when finished)
     cdef bint deferred              # in the engine's ready list
+    cdef Counter ulimit             # the upstream's limit we hold one count of (None: none)
 
     cdef bint _admit(self) except -1
     cdef _client_bytes(self, Py_ssize_t nbytes)
@@ -195,6 +198,7 @@ cdef class Relay:
     cdef _connected(self)
     @cython.locals(t=Target)
     cdef Target _drop_attempt(self, int up)
+    cdef _release_upstream(self)
     cdef _attempt_failed(self, object exc)
     cdef _count_failure(self, Target t, object exc)
     cdef _no_upstream(self)

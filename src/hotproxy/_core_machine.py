@@ -607,19 +607,31 @@ class Target:
     core passes to ``connect(2)``); *address* is the same address as the
     socket module writes it (what the pure-Python core uses); *up* is the
     caller's own description of the upstream.
+
+    *limit* (a ``SharedCounter``; None: none) counts the connections to this
+    upstream over the whole instance: a connection takes one count when it
+    starts an attempt to it and gives it back when that attempt fails or the
+    connection ends; with *max_connections* (> 0) counted already the
+    target is skipped (the connector is asked for another).
     """
 
     def __init__(self, state: UpstreamState, up: Any, family: int, sockaddr: bytes,
-                 address: Any) -> None:
+                 address: Any, limit: Any = None, max_connections: int = 0) -> None:
         if not isinstance(state, UpstreamState):
             raise TypeError("state must be an UpstreamState")
         if not isinstance(sockaddr, bytes) or len(sockaddr) < 2:
             raise ValueError("sockaddr: too short")
+        if limit is not None and not isinstance(limit, Counter):
+            raise TypeError("limit must be a SharedCounter")
+        if max_connections < 0:
+            raise ValueError("need max_connections >= 0 (0: no limit)")
         self.state = state
         self.up = up
         self.family = family
         self.sockaddr = sockaddr
         self.address = address
+        self.limit = limit
+        self.max_connections = int(max_connections)
 
     def __repr__(self) -> str:
         return f"<Target {self.state.address}>"
@@ -742,6 +754,7 @@ class Relay:
         self.c_early_full = False         # connecting, and the held bytes fill the buffer
         self.admitted = False             # holds one count of cfg.limit
         self.deferred = False             # in the engine's ready list
+        self.ulimit: Counter | None = None    # the upstream's limit we hold one count of
 
     def _admit(self) -> bool:
         # Count this connection in the instance's count, unless it is full
@@ -961,12 +974,28 @@ class Relay:
             if t is None:
                 self._no_upstream()
                 return
+            if t.limit is not None:
+                if not t.limit._acquire(t.max_connections):
+                    # at its own max_connections over the instance (another
+                    # worker took the last count): skipped, not a failure
+                    if self.tried is None:
+                        self.tried = []
+                    self.tried.append(t)
+                    continue
+                self.ulimit = t.limit
             self.attempts += 1
             err = self._start_attempt(t)
             if err == 0:
                 return
             # failed at once (refused by a Unix socket, out of descriptors, ...)
+            self._release_upstream()
             self._count_failure(t, _oserror(err))
+
+    def _release_upstream(self) -> None:
+        # Give back the count of the upstream's limit (if we hold one).
+        if self.ulimit is not None:
+            self.ulimit._release()
+            self.ulimit = None
 
     def _attempting(self, t: Target, connected: bool) -> None:
         # _start_attempt() has a socket connecting (or connected) to t
@@ -1007,6 +1036,7 @@ class Relay:
         # counted here); the upstream side goes to *up*.
         t = self.attempt
         self._close_fd()
+        self._release_upstream()
         t.state.active -= 1  # type: ignore[union-attr]
         self.attempt = None
         self.deadline = 0.0
@@ -1323,6 +1353,7 @@ class Relay:
             self.admitted = False
             self.counters.active -= 1
             self.cfg.limit._release()
+        self._release_upstream()
         if self.ustate is not None:
             self.ustate.active -= 1
             self.ustate.bytes_in += self.c2u.nbytes

@@ -592,8 +592,11 @@ def format_status(status: dict[str, Any]) -> str:
                 state = (f"{checked['state']} since {_when(checked['changed_at'])} (health check: "
                          f"{checked['successes']} passed, {checked['failures']} failed in a row; last: "
                          f"{checked['last_result'] or 'none yet'})")
+            opts = "".join([f" weight={up['weight']}" if up.get("weight", 1) != 1 else "",
+                            " backup" if up.get("backup") else "",
+                            f" max_connections={up['max_connections']}" if up.get("max_connections") else ""])
             lines.append(f"  {s['name']} -> {addr}: {state}; active={up['active']} connections={up['connections']} "
-                         f"failures={up['failures']}" + (" (removed, draining)" if up.get("removed") else ""))
+                         f"failures={up['failures']}{opts}" + (" (removed, draining)" if up.get("removed") else ""))
     # old versions that open connections still hold (freed with their last one)
     for s in status["services"]:
         if s.get("old_versions"):

@@ -45,8 +45,8 @@ from . import addresses
 from .echo import EchoFactory
 from .errors import ConfigError, describe, one_line
 from .listeners import ListenerFactory, TcpListenerFactory, UnixListenerFactory
-from .options import (COMMON_OPTIONS, ECHO_OPTIONS, PROXY_OPTIONS, RUNTIME_OPTIONS, Option, check_value,
-                      default_text, expected, lowercase_hint, show, type_name)
+from .options import (COMMON_OPTIONS, ECHO_OPTIONS, PROXY_OPTIONS, RUNTIME_OPTIONS, UPSTREAM_OPTIONS, Option,
+                      check_value, default_text, expected, lowercase_hint, show, type_name)
 from .paths import DEFAULT_SOURCE, MAX_CONFIG_BYTES, admin_socket_for, default_admin_socket
 from .paths import relative_to as _relative_to
 from .service import LimitConnections, MakeService, stack
@@ -409,26 +409,37 @@ class _Checker:
                 raise self.fail(key, f"expected unix:/path, got {show(text)}") from None
             raise self.fail(key, f"bad {what}: {_strip_bad_address(exc)}") from None
 
-    def upstreams(self, key: str, value: Any) -> tuple[str, ...]:
+    def upstreams(self, key: str, value: Any) -> tuple[str | dict[str, Any], ...]:
+        """The checked upstreams: an address string as it is (a Unix path made
+        absolute); a table (``UPSTREAM_OPTIONS``) as a dict with every key,
+        its address checked the same way."""
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not value:
             raise self.fail(key, f"expected a non-empty list of addresses, got {show(value)}")
-        out = []
+        out: list[str | dict[str, Any]] = []
         for i, item in enumerate(value):
             ikey = f"{key}[{i}]"
-            if not isinstance(item, str):
-                raise self.fail(ikey, f"expected an address string, got {show(item)}")
-            addr = self.address(ikey, item, "upstream address")
-            if addr.path is not None:
-                out.append(addresses.unix_address(_relative_to(addr.path, self.path)))
+            if isinstance(item, dict):
+                opts = self.options(ikey, item, UPSTREAM_OPTIONS)
+                opts["address"] = self.upstream_address(f"{ikey}.address", opts["address"])
+                out.append(opts)
                 continue
-            assert addr.host is not None and addr.port is not None
-            if addr.port == 0:
-                raise self.fail(ikey, f"expected a port 1-65535, got {show(item)}")
-            self.resolve(ikey, addr.host, addr.port, passive=False)
-            out.append(item)
+            if not isinstance(item, str):
+                raise self.fail(ikey, f"expected an address string or a table, got {show(item)}")
+            out.append(self.upstream_address(ikey, item))
         return tuple(out)
+
+    def upstream_address(self, key: str, item: str) -> str:
+        """One upstream address, checked (and resolved, if lookups are on)."""
+        addr = self.address(key, item, "upstream address")
+        if addr.path is not None:
+            return addresses.unix_address(_relative_to(addr.path, self.path))
+        assert addr.host is not None and addr.port is not None
+        if addr.port == 0:
+            raise self.fail(key, f"expected a port 1-65535, got {show(item)}")
+        self.resolve(key, addr.host, addr.port, passive=False)
+        return item
 
     def resolve(self, key: str, host: str, port: int, passive: bool) -> tuple[Any, ...]:
         """The address a bind (passive) or a connect uses: getaddrinfo's first."""
@@ -615,7 +626,10 @@ class _Checker:
 def _upstreams(svc: ServiceConfig) -> tuple[str, ...]:
     """The checked ``upstreams`` of a service (a proxy's), or () for a kind without them."""
     ups = svc.options.get("upstreams")
-    return ups if isinstance(ups, tuple) and all(isinstance(u, str) for u in ups) else ()
+    if not isinstance(ups, tuple):
+        return ()
+    addrs = tuple(u["address"] if isinstance(u, dict) else u for u in ups)
+    return addrs if all(isinstance(u, str) for u in addrs) else ()
 
 
 def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -840,6 +854,8 @@ def describe_options() -> list[tuple[str, str, str, str]]:
             rows.append((f"services.NAME ({kind.name})", key, default_text(opt), opt.doc))
             for sub, sub_opt in (opt.fields or {}).items():
                 rows.append((f"services.NAME ({kind.name})", f"{key}.{sub}", default_text(sub_opt), sub_opt.doc))
+    for key, opt in UPSTREAM_OPTIONS.items():
+        rows.append(("services.NAME.upstreams[i] (a table)", key, default_text(opt), opt.doc))
     return rows
 
 

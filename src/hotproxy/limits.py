@@ -73,8 +73,11 @@ class CounterSlot:
     slot: int
 
 
-#: a callable the manager gives ``with_shared_counters``: the next slot of a service
-NextSlot = Callable[[], CounterSlot]
+#: a callable the manager gives ``with_shared_counters``: ``next_slot()`` is the
+#: next slot of a service (its n-th limit), ``next_slot(key)`` the slot named
+#: *key* (a str: a proxy's per-upstream limit, by address), the same for
+#: every version that asks with the same key
+NextSlot = Callable[..., CounterSlot]
 
 
 class _Fd:
@@ -113,7 +116,7 @@ class Segment:
         self.mm = mmap.mmap(fd, core.impl.table_size(slots, workers))
         self._tables: dict[core.Core, CounterTable] = {}
         #: (service name, n-th limit of its stack) -> slot; the manager's side only
-        self._names: dict[tuple[str, int], int] = {}
+        self._names: dict[tuple[str, int | str], int] = {}
         #: worker id -> the region it counts in (the manager's side)
         self.regions: list[int] = list(range(workers))
 
@@ -162,7 +165,8 @@ class Segment:
         seg = cls(fd, slots, regions, -1)
         seg.regions = free[:workers]
         for name, index, slot in names:
-            if isinstance(name, str) and isinstance(index, int) and isinstance(slot, int) and 0 <= slot < slots:
+            if isinstance(name, str) and isinstance(index, (int, str)) and isinstance(slot, int) and \
+                    0 <= slot < slots:
                 seg._names[(name, index)] = slot
         _attached[seg.key] = seg
         return seg
@@ -211,8 +215,9 @@ class Segment:
 
     # -- the manager's side: slots by service name ------------------------------------
 
-    def slot_for(self, name: str, index: int) -> CounterSlot:
-        """The slot of the *index*-th limit of service *name* (allocated the first time)."""
+    def slot_for(self, name: str, index: int | str) -> CounterSlot:
+        """The slot of the *index*-th limit of service *name*, or of its limit
+        named *index* (a str), allocated the first time."""
         slot = self._names.get((name, index))
         if slot is None:
             taken = set(self._names.values())
@@ -233,7 +238,8 @@ class Segment:
             return command
         index = itertools.count()
         name = command.name
-        factory = command.factory.with_shared_counters(lambda: self.slot_for(name, next(index)))
+        factory = command.factory.with_shared_counters(
+            lambda key=None: self.slot_for(name, next(index) if key is None else str(key)))
         return command if factory == command.factory else replace(command, factory=factory)
 
     def close(self) -> None:

@@ -975,6 +975,12 @@ def _upstreams(name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
                 up["ejected_workers"].append(w["worker"])
                 up["ejected_for"] = max(up["ejected_for"], st["ejected_for"])
             up["removed"] = up["removed"] or bool(st.get("removed"))
+            # the options (the same on every worker) and the instance's count of a limited one
+            for key in ("weight", "backup", "max_connections"):
+                if key in st:
+                    up[key] = st[key]
+            if "instance_active" in st:
+                up["instance_active"] = max(up.get("instance_active", 0), st["instance_active"])
             up["workers"][str(w["worker"])] = {k: st.get(k) for k in ("active", "connections", "failures",
                                                                        "fails", "ejected_for")}
     return out

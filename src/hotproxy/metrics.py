@@ -81,6 +81,9 @@ METRICS: dict[str, MetricDoc] = {
     "hotproxy_upstream_connect_failures": MetricDoc("counter", U, "failed connects to the upstream"),
     "hotproxy_upstream_received_bytes": MetricDoc("counter", U, "bytes read from the upstream"),
     "hotproxy_upstream_sent_bytes": MetricDoc("counter", U, "bytes written to the upstream"),
+    "hotproxy_upstream_weight": MetricDoc("gauge", U, "the upstream's weight"),
+    "hotproxy_upstream_backup": MetricDoc("gauge", U, "1 if the upstream is a backup, else 0"),
+    "hotproxy_upstream_max_connections": MetricDoc("gauge", U, "the upstream's own max_connections (0: no limit)"),
     # the instance
     "hotproxy_reloads": MetricDoc("counter", ("result",), "reloads by result (ok, failed), the initial apply included"),
     "hotproxy_last_reload_timestamp_seconds": MetricDoc("gauge", (), "when the last reload was asked for"),
@@ -170,6 +173,10 @@ def collect(snap: Snapshot) -> Iterator[Metric]:
             add("hotproxy_upstream_connect_failures", labels, up["failures"])
             add("hotproxy_upstream_received_bytes", labels, up["bytes_out"])
             add("hotproxy_upstream_sent_bytes", labels, up["bytes_in"])
+            if "weight" in up:   # (not for a removed upstream that still drains)
+                add("hotproxy_upstream_weight", labels, up["weight"])
+                add("hotproxy_upstream_backup", labels, 1 if up.get("backup") else 0)
+                add("hotproxy_upstream_max_connections", labels, up.get("max_connections", 0))
 
     for result in ("ok", "failed"):
         add("hotproxy_reloads", (result,), snap.reloads.get(result, 0))

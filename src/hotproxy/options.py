@@ -124,9 +124,11 @@ HEALTH_CHECK_OPTIONS: dict[str, Option] = {
 }
 
 PROXY_OPTIONS: dict[str, Option] = {
-    "upstreams": Option("upstreams", None, required=True, doc="where to connect"),
+    "upstreams": Option("upstreams", None, required=True,
+                        doc="where to connect: addresses, or tables (see UPSTREAM_OPTIONS)"),
     "balance": Option("str", "round_robin", choices=BALANCE_POLICIES,
-                      doc="how to pick an upstream (hash: by client IP)"),
+                      doc="how to pick an upstream: smooth weighted round robin, weighted random, "
+                          "weighted least connections, or hash (consistent, by client IP)"),
     "connect_timeout": Option("float", 2.0, min=0, max=YEAR, above=True, doc="seconds per connect attempt"),
     "idle_timeout": Option("float", 300.0, min=0, max=YEAR,
                            doc="close a connection with no traffic either way for this many seconds (0: never)"),
@@ -141,6 +143,18 @@ PROXY_OPTIONS: dict[str, Option] = {
     "health_check": Option("table", None, fields=HEALTH_CHECK_OPTIONS,
                            doc="active checks, run once per instance: { interval, timeout, rise, fall, send, "
                                "expect } (default: off, passive checks only)"),
+}
+
+
+#: the keys of an upstream written as a table, ``{ address = "...", weight = 3, ... }``
+#: (a plain string is the address with every default)
+UPSTREAM_OPTIONS: dict[str, Option] = {
+    "address": Option("str", None, required=True, doc="host:port, [v6]:port or unix:/path"),
+    "weight": Option("int", 1, min=1, max=256, doc="its share of the connections, relative to the others'"),
+    "backup": Option("bool", False, doc="gets connections only when no primary (non-backup) upstream is "
+                                        "available (all down, ejected or at their max_connections)"),
+    "max_connections": Option("int", 0, min=0, max=10_000_000,
+                              doc="open connections to it at most, over all workers and versions (0: no limit)"),
 }
 
 
@@ -268,7 +282,7 @@ def default_text(opt: Option) -> str:
 
 
 __all__ = [
-    "BALANCE_POLICIES", "COMMON_OPTIONS", "ECHO_OPTIONS", "HEALTH_CHECK_OPTIONS", "LOG_LEVELS", "MAX_CONNECTIONS", "Option",
-    "PROXY_OPTIONS", "RUNTIME_OPTIONS", "YEAR", "check_fields", "check_value", "default_text", "expected",
-    "lowercase_hint", "show", "type_name",
+    "BALANCE_POLICIES", "COMMON_OPTIONS", "ECHO_OPTIONS", "HEALTH_CHECK_OPTIONS", "LOG_LEVELS", "MAX_CONNECTIONS",
+    "Option", "PROXY_OPTIONS", "RUNTIME_OPTIONS", "UPSTREAM_OPTIONS", "YEAR", "check_fields", "check_value",
+    "default_text", "expected", "lowercase_hint", "show", "type_name",
 ]

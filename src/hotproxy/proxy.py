@@ -32,10 +32,20 @@ Rules of this module:
   mark the upstream down in the shared state (every worker follows), and
   only ``rise`` passing checks bring it back; ``fail_timeout`` is not used.
 * Health and counters are per worker process; ``hotproxy status`` sums them.
-  The one exception is the open-connection count that ``max_connections``
-  limits: it is the instance's, in a counter every worker shares
-  (``hotproxy.limits``); the core takes one count when it accepts a
-  connection and gives it back when the connection ends.
+  The exceptions are the open-connection counts that ``max_connections``
+  limits, the service's and each upstream's own: they are the instance's,
+  in counters every worker shares (``hotproxy.limits``); the core takes one
+  count of the service's when it accepts a connection, one of an
+  upstream's when it starts an attempt to it, and gives each back when the
+  attempt fails or the connection ends.
+* Balancing (``_Balancer``): the primaries get every connection while one is
+  available (``_Balancer.available``: the one health predicate; and not at
+  its own ``max_connections``), then the backups; the policy chooses among
+  them by weight.  Smooth weighted round robin keeps each address's current
+  weight in ``_Shared.wrr`` (so it goes on smoothly across reloads);
+  ``hash`` looks the client address up in a Maglev table (``_balance``)
+  built once per version, or taken from the previous one when its
+  addresses and weights are the same.
 """
 
 from __future__ import annotations
@@ -47,9 +57,11 @@ import random
 import socket
 import struct
 import time
-import zlib
+import sys
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from importlib import util as _importlib_util
+from types import ModuleType
+from typing import Any, Callable, Mapping
 
 from . import addresses, core, health, limits
 from .addresses import Address, is_literal
@@ -57,7 +69,7 @@ from .errors import describe
 from .health import HealthCheck, HealthTable
 from .limits import CounterSlot, NextSlot
 from .listeners import lookup
-from .options import PROXY_OPTIONS, check_fields
+from .options import PROXY_OPTIONS, UPSTREAM_OPTIONS, check_fields, show
 from .service import MakeService, MaybeAwaitable, Seed, Service
 
 log = logging.getLogger("hotproxy.proxy")
@@ -67,10 +79,6 @@ access_log = logging.getLogger("hotproxy.access")
 #: transfers) up to MAX_BUFFER_SIZE, so idle and chatty connections stay small
 BUFFER_SIZE = 16 * 1024
 MAX_BUFFER_SIZE = 256 * 1024
-
-# how many rehashes ``hash`` tries before it falls back to the candidates in order
-_HASH_PROBES = 20
-
 
 #: one parsed upstream address (``text``; ``host`` and ``port``, or ``path``)
 Upstream = Address
@@ -87,21 +95,63 @@ def parse_upstream(text: str) -> Upstream:
 
 #: the declared defaults (``options.PROXY_OPTIONS``), by key
 _OPT = {key: opt.default for key, opt in PROXY_OPTIONS.items()}
+_UP = {key: opt.default for key, opt in UPSTREAM_OPTIONS.items()}
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One upstream with its balancing options (``options.UPSTREAM_OPTIONS``):
+    the table form ``{ address = "...", weight = 3, backup = true,
+    max_connections = 100 }``; a plain address string is one with every
+    default.  ``ValueError`` ("key: expected ...") if a value does not fit."""
+
+    address: str
+    weight: int = _UP["weight"]
+    backup: bool = _UP["backup"]
+    max_connections: int = _UP["max_connections"]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, str):
+            raise ValueError(f"address: expected an address string, got {show(self.address)}")
+        parse_upstream(self.address)
+        check_fields(self, UPSTREAM_OPTIONS, skip=("address",))
+
+    @classmethod
+    def of(cls, item: Any) -> UpstreamSpec:
+        """*item* -- an address string, an ``UpstreamSpec`` or a mapping of
+        ``UPSTREAM_OPTIONS`` keys -- as an ``UpstreamSpec``."""
+        if isinstance(item, UpstreamSpec):
+            return item
+        if isinstance(item, str):
+            return cls(item)
+        if isinstance(item, Mapping):
+            unknown = [k for k in item if k not in UPSTREAM_OPTIONS]
+            if unknown:
+                raise ValueError(f"{unknown[0]}: unknown key (expected one of: {', '.join(UPSTREAM_OPTIONS)})")
+            if "address" not in item:
+                raise ValueError("address: missing (expected host:port, [v6]:port or unix:/path)")
+            return cls(**item)
+        raise ValueError(f"expected an address string or a table, got {show(item)}")
 
 
 @dataclass(frozen=True)
 class ProxyFactory(MakeService):
     """Builds proxy services; a plain picklable value (the ``kind = "proxy"`` config).
 
-    Every field but ``counter`` is the config key of the same name, declared
+    Every field but ``counter``, ``upstream_specs`` and ``upstream_counters``
+    is the config key of the same name, declared
     once -- type, default, range, what it does -- in ``options.PROXY_OPTIONS``
     (``hotproxy check --keys`` lists them) and checked by the same rules as
     the config file.  ``upstreams`` are ``host:port``, ``[v6]:port`` or
-    ``unix:/path``, each listed once.
+    ``unix:/path`` strings, ``UpstreamSpec``s or mappings of their keys (the
+    config's table form), each address listed once; the factory keeps the
+    addresses in ``upstreams`` and every upstream's options in
+    ``upstream_specs`` (same order).
 
     ``counter`` is where ``max_connections`` counts: the slot the
     ``WorkerManager`` gives it (``with_shared_counters``); None: this
-    process only.
+    process only.  ``upstream_counters`` are the same for each upstream
+    with a ``max_connections`` of its own: ``(address, slot)`` pairs.
 
     ``health`` is where the active checks' states are: ``(table key, one
     slot per upstream)`` in the instance's ``health.HealthTable``, set by the
@@ -109,7 +159,7 @@ class ProxyFactory(MakeService):
     checks only.
     """
 
-    upstreams: tuple[str, ...]
+    upstreams: tuple[Any, ...]
     balance: str = _OPT["balance"]
     connect_timeout: float = _OPT["connect_timeout"]
     idle_timeout: float = _OPT["idle_timeout"]
@@ -126,6 +176,10 @@ class ProxyFactory(MakeService):
     #: the service's name in the config ("" for a factory made in code): in
     #: every log line about it, and in the JSON ``service`` field
     service: str = ""
+    #: each upstream's options, in the order of ``upstreams`` (filled in from
+    #: ``upstreams``; given, it supplies the options of the plain addresses there)
+    upstream_specs: tuple[UpstreamSpec, ...] = ()
+    upstream_counters: tuple[tuple[str, CounterSlot], ...] = ()
 
     def __post_init__(self) -> None:
         ups = self.upstreams
@@ -137,16 +191,25 @@ class ProxyFactory(MakeService):
             raise ValueError(f"upstreams: expected a list of addresses, got {ups!r}") from None
         if not ups:
             raise ValueError("upstreams: expected at least one address")
+        # a plain address takes the options ``upstream_specs`` has for it
+        # (``replace()`` passes both fields back in)
+        given = {s.address: s for s in self.upstream_specs if isinstance(s, UpstreamSpec)}
         seen: set[str] = set()
-        for i, addr in enumerate(ups):
+        specs: list[UpstreamSpec] = []
+        for i, item in enumerate(ups):
             try:
-                parse_upstream(addr)
-            except ValueError as exc:
+                spec = given.get(item) if isinstance(item, str) else None
+                spec = spec or UpstreamSpec.of(item)
+            except (ValueError, TypeError) as exc:
                 raise ValueError(f"upstreams[{i}]: {exc}") from None
-            if addr in seen:
-                raise ValueError(f"upstreams[{i}]: {addr!r} is listed twice")
-            seen.add(addr)
-        object.__setattr__(self, "upstreams", ups)
+            if spec.address in seen:
+                raise ValueError(f"upstreams[{i}]: {spec.address!r} is listed twice")
+            seen.add(spec.address)
+            specs.append(spec)
+        if all(s.backup for s in specs):
+            raise ValueError("upstreams: every upstream is a backup; expected at least one that is not")
+        object.__setattr__(self, "upstreams", tuple(s.address for s in specs))
+        object.__setattr__(self, "upstream_specs", tuple(specs))
         try:
             object.__setattr__(self, "health_check", HealthCheck.of(self.health_check))
         except (ValueError, TypeError) as exc:
@@ -157,8 +220,13 @@ class ProxyFactory(MakeService):
         return replace(self, service=name)
 
     def with_shared_counters(self, next_slot: NextSlot) -> ProxyFactory:
-        """This factory counting ``max_connections`` in the instance's slot *next_slot()*."""
-        return replace(self, counter=next_slot())
+        """This factory counting ``max_connections`` in the instance's slot
+        *next_slot()*, and each upstream's own in the slot named after its
+        address (the same in every version: the count carries over)."""
+        counter = next_slot()
+        ups = tuple((s.address, next_slot(f"upstream {s.address}")) for s in self.upstream_specs
+                    if s.max_connections > 0)
+        return replace(self, counter=counter, upstream_counters=ups)
 
     def health_checks(self) -> list[tuple[str, Any]]:
         """Each upstream with the service's ``health_check`` (none when it is off)."""
@@ -183,7 +251,7 @@ class ProxyFactory(MakeService):
         literal addresses and Unix paths only, it returns the service.
         """
         if isinstance(old, ProxyService) and isinstance(old.shared.counters, core.impl.ProxyCounters):
-            return self._build(old.shared, old.all_states())
+            return self._build(old.shared, old.all_states(), old.balancer.tables)
         return self._build(_Shared(limits.counter(self.counter)), {})
 
     def make_via_snapshot(self, seed: Seed) -> MaybeAwaitable[ProxyService]:
@@ -199,6 +267,14 @@ class ProxyFactory(MakeService):
             setattr(counters, key, sum(_number(s.get("counters", {}).get(key, 0), key) for s in seed.carry))
         like = seed.like or {}
         shared.rr = _number(like.get("rr", 0), "rr")
+        wrr = like.get("wrr") or {}
+        if not isinstance(wrr, dict):
+            raise ValueError(f"wrr: expected a table, got {show(wrr)}")
+        for addr, current in wrr.items():
+            if isinstance(current, bool) or not isinstance(current, int):
+                raise ValueError(f"wrr: expected integers, got {show(current)}")
+            if addr in self.upstreams:
+                shared.wrr[addr] = current
         now = time.monotonic()
         states: dict[str, Any] = {}
         for addr in self.upstreams:
@@ -220,17 +296,19 @@ class ProxyFactory(MakeService):
         coroutine if host names must be looked up, as ``make_via_ref``)."""
         return self._build(_Shared(limits.counter(self.counter)), {})
 
-    def _build(self, shared: _Shared, states: dict[str, Any]) -> MaybeAwaitable[ProxyService]:
+    def _build(self, shared: _Shared, states: dict[str, Any],
+               tables: dict[Any, Any] | None = None) -> MaybeAwaitable[ProxyService]:
         names = [up for up in map(parse_upstream, self.upstreams)
                  if up.host is not None and not is_literal(up.host)]
         if not names:
-            return ProxyService(self, shared, states)
-        return self._build_after_lookup(shared, states, names)
+            return ProxyService(self, shared, states, tables=tables)
+        return self._build_after_lookup(shared, states, names, tables)
 
     async def _build_after_lookup(self, shared: _Shared, states: dict[str, Any],
-                                  names: list[Upstream]) -> ProxyService:
+                                  names: list[Upstream], tables: dict[Any, Any] | None) -> ProxyService:
         found = await asyncio.gather(*(lookup_upstream(up) for up in names))
-        return ProxyService(self, shared, states, {up.text: info for up, info in zip(names, found)})
+        return ProxyService(self, shared, states, {up.text: info for up, info in zip(names, found)},
+                            tables=tables)
 
 
 def _number(value: Any, key: str) -> int:
@@ -242,13 +320,48 @@ def _number(value: Any, key: str) -> int:
 class _Shared:
     """What every version of one site's proxy on one worker shares by reference."""
 
-    __slots__ = ("counters", "rr", "limit")
+    __slots__ = ("counters", "rr", "wrr", "limit", "private_limits", "full_logged")
 
     def __init__(self, limit: Any) -> None:
         self.counters = core.impl.ProxyCounters()
-        self.rr = 0   # the round-robin position (also breaks least_conn ties)
+        self.rr = 0   # the round-robin position (breaks least_conn ties)
+        #: smooth weighted round robin: each upstream's current weight, by
+        #: address (so a reload, even one that changes weights, goes on smoothly)
+        self.wrr: dict[str, int] = {}
         #: the instance's open connections of this service (a core SharedCounter)
         self.limit = limit
+        #: per-upstream limits of a factory without counter slots (used
+        #: without a manager): private counters, by address, kept across versions
+        self.private_limits: dict[str, Any] = {}
+        #: when "every upstream is at its max_connections" was last logged
+        self.full_logged = 0.0
+
+    def upstream_limit(self, addr: str, where: CounterSlot | None) -> Any:
+        """The counter of upstream *addr*'s own ``max_connections``."""
+        if where is not None:
+            return limits.counter(where)
+        counter = self.private_limits.get(addr)
+        if counter is None:
+            counter = self.private_limits[addr] = core.impl.private_counter()
+        return counter
+
+
+def balance_module() -> ModuleType:
+    """``_balance`` (the consistent-hash table) of the core in use: the
+    compiled extension, or the same source run as Python by the pure-Python core."""
+    if core.name() == "compiled":
+        from . import _balance
+        return _balance
+    name = __name__.rpartition(".")[0] + "._balance_py"
+    mod = sys.modules.get(name)
+    if mod is None:
+        path = os.path.join(os.path.dirname(__file__), "_balance.py")
+        spec = _importlib_util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = _importlib_util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod
 
 
 async def lookup_upstream(up: Upstream) -> tuple[int, Any]:
@@ -308,21 +421,25 @@ class ProxyService(Service):
     """One version of a proxy site on one worker."""
 
     def __init__(self, factory: ProxyFactory, shared: _Shared, old_states: dict[str, Any],
-                 found: dict[str, tuple[int, Any]] | None = None) -> None:
+                 found: dict[str, tuple[int, Any]] | None = None, tables: dict[Any, Any] | None = None) -> None:
         # *found*: upstream address -> (family, sockaddr) of its host, looked
-        # up by the factory without blocking (literal addresses need none)
+        # up by the factory without blocking (literal addresses need none);
+        # *tables*: the previous version's hash tables (reused if unchanged)
         self.factory = factory
         self.shared = shared
         self.counters = shared.counters
         impl = core.impl
         self.targets: list[Any] = []
-        for addr in factory.upstreams:
+        slots = dict(factory.upstream_counters)
+        for spec in factory.upstream_specs:
+            addr = spec.address
             state = old_states.get(addr)
             if state is None or not isinstance(state, impl.UpstreamState):
                 state = impl.UpstreamState(addr)
             up = parse_upstream(addr)
             family, raw, address = resolve(up, found.get(addr) if found else None)
-            self.targets.append(impl.Target(state, up, family, raw, address))
+            limit = shared.upstream_limit(addr, slots.get(addr)) if spec.max_connections > 0 else None
+            self.targets.append(impl.Target(state, up, family, raw, address, limit, spec.max_connections))
         mine = set(factory.upstreams)
         #: removed upstreams that still have connections (old versions' drains)
         self.retired: dict[str, Any] = {a: s for a, s in old_states.items()
@@ -332,7 +449,7 @@ class ProxyService(Service):
         # cycle through the service would keep old versions alive until a
         # GC pass.  Each connection holds its service (``owner``) instead,
         # so a version is freed when its last connection finishes.
-        self.balancer = _Balancer(factory, shared, self.targets)
+        self.balancer = _Balancer(factory, shared, self.targets, tables or {})
         # log_level = "debug" is looked at once per version: when it is off,
         # the relay gets the balancer itself and nothing is added per connection
         debug = log.isEnabledFor(logging.DEBUG)
@@ -390,7 +507,8 @@ class ProxyService(Service):
                       "bytes_out": st.bytes_out, "fails": st.fails,
                       "ejected_for": round(max(0.0, st.ejected_until - now), 3)}
                for addr, st in self.all_states().items()}
-        return {"type": "proxy", "v": 1, "counters": counters, "rr": self.shared.rr, "upstreams": ups}
+        return {"type": "proxy", "v": 1, "counters": counters, "rr": self.shared.rr,
+                "wrr": dict(self.shared.wrr), "upstreams": ups}
 
     def carry_late(self, before: Seed, after: Seed) -> None:
         """Add the counts the old workers made between the two snapshots (``Service.carry_late``)."""
@@ -424,6 +542,8 @@ class ProxyService(Service):
         del out["active"]
         now = time.monotonic()
         ups: dict[str, Any] = {}
+        specs = {s.address: s for s in self.factory.upstream_specs}
+        limited = {t.up.text: t.limit for t in self.targets if t.limit is not None}
         for addr, st in self.all_states().items():
             ups[addr] = {
                 "active": st.active,
@@ -434,6 +554,12 @@ class ProxyService(Service):
                 "bytes_in": st.bytes_in,
                 "bytes_out": st.bytes_out,
             }
+            spec = specs.get(addr)
+            if spec is not None:
+                ups[addr].update(weight=spec.weight, backup=spec.backup, max_connections=spec.max_connections)
+                if addr in limited:
+                    # the instance's open connections to it (every worker, every version)
+                    ups[addr]["instance_active"] = limited[addr].value
             if addr in self.retired:
                 ups[addr]["removed"] = True
         out["upstreams"] = ups
@@ -448,14 +574,48 @@ class ProxyService(Service):
 _CARRIED_COUNTERS = ("accepted", "bytes_in", "bytes_out", "connect_failures", "refused", "idle_closed", "no_upstream")
 
 
-class _Balancer:
-    """Picks upstreams for one service version and keeps their health (the relay's connector)."""
+def _full(target: Any) -> bool:
+    # at its own max_connections over the instance (the core's acquire is
+    # the exact check; this read only steers the choice away from it)
+    limit = target.limit
+    return limit is not None and limit.value >= target.max_connections
 
-    def __init__(self, factory: ProxyFactory, shared: _Shared, targets: list[Any]) -> None:
+
+class _Balancer:
+    """Picks upstreams for one service version and keeps their health (the relay's connector).
+
+    The primaries (upstreams that are not backups) get every connection
+    while one of them is available (not ejected, not at its own
+    ``max_connections``); then the backups do.  If neither has one
+    available, the ejected ones are tried anyway (never refuse all traffic
+    for health), primaries first; the ones at their ``max_connections``
+    never are.  Among the candidates the policy chooses, by weight.
+    """
+
+    def __init__(self, factory: ProxyFactory, shared: _Shared, targets: list[Any],
+                 old_tables: dict[Any, Any]) -> None:
         self.factory = factory
         self.shared = shared
         self.counters = shared.counters
         self.targets = targets
+        specs = factory.upstream_specs
+        self.primaries = [t for t, s in zip(targets, specs) if not s.backup]
+        self.backups = [t for t, s in zip(targets, specs) if s.backup]
+        self.weights: dict[Any, int] = {t: s.weight for t, s in zip(targets, specs)}
+        self.by_address: dict[str, Any] = {t.up.text: t for t in targets}
+        #: the hash tables of the primaries and of the backups, by their
+        #: ``(address, weight)`` pairs: built once per version, and taken
+        #: from the previous version (*old_tables*) when those are the same
+        self.tables: dict[Any, Any] = {}
+        if factory.balance == "hash":
+            for group in (self.primaries, self.backups):
+                if group:
+                    key = tuple(sorted((t.up.text, self.weights[t]) for t in group))
+                    table = old_tables.get(key)
+                    if table is None:
+                        table = balance_module().HashTable(key)
+                    self.tables[key] = table
+        self._group_table = [self._table_of(self.primaries), self._table_of(self.backups)]
         # the plain function, not a bound method: no reference cycle
         self._choose = getattr(_Balancer, "_choose_" + factory.balance)
         #: the shared health table and each target's slot in it, when the
@@ -472,11 +632,17 @@ class _Balancer:
         """May *target* be picked now?  The one predicate of health: with active
         checks, its state in the instance's shared table (down: passive or
         active, until ``rise`` checks pass); without, this worker's passive
-        ejection (until ``fail_timeout`` is over)."""
+        ejection (until ``fail_timeout`` is over).  Its own
+        ``max_connections`` is another matter (``_full``)."""
         slot = self.slots.get(target) if self.health is not None else None
         if slot is not None:
             return self.health.is_up(slot)   # type: ignore[union-attr]
         return bool(target.state.ejected_until <= now)
+
+    def _table_of(self, group: list[Any]) -> Any:
+        if not group or not self.tables:
+            return None
+        return self.tables[tuple(sorted((t.up.text, self.weights[t]) for t in group))]
 
     # -- the relay's connector interface -----------------------------------------
     #
@@ -533,54 +699,90 @@ class _Balancer:
             # traffic), once -- without the candidate lists below
             return None if tried else targets[0]
         now = time.monotonic()
-        available = self.available
-        cands = [t for t in self.targets if available(t, now) and t not in tried]
-        if not cands:
-            # every upstream left is ejected: try them anyway rather than refuse
-            cands = [t for t in self.targets if t not in tried]
-            if not cands:
-                return None
-        if len(cands) == 1:
-            return cands[0]
-        return self._choose(self, conn, cands)
+        full = False
+        for g, group in enumerate((self.primaries, self.backups)):
+            cands = []
+            for t in group:
+                if t in tried:
+                    continue
+                if _full(t):
+                    full = True
+                elif self.available(t, now):
+                    cands.append(t)
+            if cands:
+                return cands[0] if len(cands) == 1 else self._choose(self, conn, cands, g)
+        # every upstream left is down: try them anyway rather than refuse,
+        # primaries first -- but none that is at its max_connections
+        for g, group in enumerate((self.primaries, self.backups)):
+            cands = [t for t in group if t not in tried and not _full(t)]
+            if cands:
+                return cands[0] if len(cands) == 1 else self._choose(self, conn, cands, g)
+        if full and now - self.shared.full_logged >= 10.0:
+            self.shared.full_logged = now
+            log.warning("%severy upstream left is at its max_connections: connection closed (counted in "
+                        "no_upstream; logged once per 10 s)", self._who, extra=self._fields())
+        return None
 
-    def _choose_round_robin(self, conn: Any, cands: list[Any]) -> Any:
+    def _choose_round_robin(self, conn: Any, cands: list[Any], group: int) -> Any:
+        # smooth weighted round robin (nginx): each candidate's current
+        # weight grows by its weight; the largest wins and loses the total.
+        # Weights 3:1 give a a b a, a a b a, ...: spread, never bunched.
+        wrr = self.shared.wrr
+        weights = self.weights
+        total = 0
+        best: Any = None
+        best_cur = 0
+        for t in cands:
+            w = weights[t]
+            addr = t.up.text
+            cur = wrr.get(addr, 0) + w
+            wrr[addr] = cur
+            total += w
+            if best is None or cur > best_cur:
+                best, best_cur = t, cur
+        wrr[best.up.text] = best_cur - total
+        return best
+
+    def _choose_random(self, conn: Any, cands: list[Any], group: int) -> Any:
+        weights = self.weights
+        return random.choices(cands, [weights[t] for t in cands])[0]
+
+    def _choose_least_conn(self, conn: Any, cands: list[Any], group: int) -> Any:
+        # the fewest live connections per unit of weight (active / weight,
+        # compared as active * other weight); ties go round-robin, not to the first
         shared = self.shared
-        target = cands[shared.rr % len(cands)]
-        shared.rr += 1
-        return target
-
-    def _choose_random(self, conn: Any, cands: list[Any]) -> Any:
-        return random.choice(cands)
-
-    def _choose_least_conn(self, conn: Any, cands: list[Any]) -> Any:
-        # the fewest live connections; ties go round-robin, not to the first
-        shared = self.shared
+        weights = self.weights
         n = len(cands)
         start = shared.rr % n
         shared.rr += 1
         best = cands[start]
+        best_active, best_w = best.state.active, weights[best]
         for i in range(1, n):
             t = cands[(start + i) % n]
-            if t.state.active < best.state.active:
-                best = t
+            active, w = t.state.active, weights[t]
+            if active * best_w < best_active * w:
+                best, best_active, best_w = t, active, w
         return best
 
-    def _choose_hash(self, conn: Any, cands: list[Any]) -> Any:
-        # A stable hash of the client IP (crc32: the same in every worker
-        # process, unlike hash()) over the full upstream list, so a client
-        # keeps its upstream while that one is healthy; rehash past an
-        # unavailable one.
+    def _choose_hash(self, conn: Any, cands: list[Any], group: int) -> Any:
+        # Consistent: the group's Maglev table (the same in every worker,
+        # built from addresses and weights only) gives the client address's
+        # slot; an unavailable owner passes to the owner of the next slot
+        # that is a candidate, so only its clients move.
+        table = self._group_table[group]
         peer = conn.peername
         key = (peer[0] if isinstance(peer, tuple) and peer else str(peer or "")).encode()
-        targets = self.targets
-        h = zlib.crc32(key)
-        for probe in range(_HASH_PROBES):
-            t = targets[h % len(targets)]
-            if t in cands:
+        entries, names, size = table.entries, table.names, table.size
+        by_address = self.by_address
+        slot = table.slot(key)
+        if len(cands) == len(self.primaries if group == 0 else self.backups):
+            return by_address[names[entries[slot]]]   # every one is a candidate
+        want = set(cands)
+        for i in range(size):
+            t = by_address[names[entries[(slot + i) % size]]]
+            if t in want:
                 return t
-            h = zlib.crc32(b"%d" % probe, h)
-        return cands[zlib.crc32(key) % len(cands)]
+        return cands[0]   # (not reached: every candidate owns slots)
 
     @property
     def _who(self) -> str:
