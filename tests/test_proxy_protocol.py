@@ -549,6 +549,7 @@ stream {{
         listen {HOST}:{n_out};
         proxy_pass {HOST}:{h_acc};
         proxy_protocol on;
+        proxy_half_close on;
     }}
     server {{
         listen {HOST}:{n_in} proxy_protocol;
