@@ -471,7 +471,7 @@ NGINX_STREAM = next((p for p in ("/usr/lib/nginx/modules/ngx_stream_module.so",
 
 def need(tool: str | None, what: str) -> str:
     """The path of *tool*; a skip without it (a failure in CI: HOTPROXY_REQUIRE_PEERS=1)."""
-    path = shutil.which(tool) if tool else None
+    path = (shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/local/sbin:/sbin")) if tool else None
     if path is None:
         msg = f"{what} is not installed (ci/peers.sh installs it)"
         if REQUIRE_PEERS:
