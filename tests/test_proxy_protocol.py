@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import os
 import random
-import re
 import shutil
 import socket
 import struct
@@ -378,7 +377,7 @@ def test_garbage_fuzz_over_real_sockets_leaves_the_worker_serving(start: Start) 
         finally:
             await backend.stop()
 
-    run(main(), timeout=240)
+    run(main(), timeout=100)
 
 
 def test_reload_toggles_send_proxy_and_changes_proxy_from_under_traffic(start: Start,
@@ -433,7 +432,7 @@ def test_reload_toggles_send_proxy_and_changes_proxy_from_under_traffic(start: S
         finally:
             await backend.stop()
 
-    run(main(), timeout=300)
+    run(main(), timeout=100)
 
 
 # -- config checks ------------------------------------------------------------------------
@@ -639,5 +638,79 @@ listen from_hotproxy
         finally:
             await backend.stop()
             await behind.stop()
+
+    run(main())
+
+
+# -- in-process, on both cores and both accept paths --------------------------------------
+
+
+@pytest.fixture(params=["core-accept", "loop-accept"])
+def accept_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The core accepts and owns the client socket, or an asyncio server
+    accepts and the relay drives its transport."""
+    from hotproxy import listeners
+
+    monkeypatch.setattr(listeners, "CORE_ACCEPT", request.param == "core-accept")
+    return str(request.param)
+
+
+async def unix_exchange(path: str, payload: bytes, prefix: bytes = b"") -> bytes:
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(prefix + payload)
+        await writer.drain()
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 20)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+
+
+def test_header_in_pieces_unix_clients_and_timeouts(core_name: str, accept_mode: str, tmp_path: Path) -> None:
+    """A header that arrives in pieces is read across reads; a Unix-socket
+    client gives v1 UNKNOWN and a v2 LOCAL/UNSPEC header, and may send a header
+    itself (a Unix socket's peers always may); a slow header is closed after
+    proxy_timeout and counted -- on both cores, through both accept paths."""
+    from hotproxy.listeners import UnixListenerFactory
+    from hotproxy.proxy import ProxyFactory
+    from test_proxy import proxy_site, site_address
+
+    async def main() -> None:
+        backend = await PPBackend().start()
+        up = (f"{HOST}:{backend.port}",)
+        try:
+            async with proxy_site(ProxyFactory(up, accept_proxy=True, send_proxy="v2",
+                                               proxy_timeout=0.3)) as ex:
+                port = int(site_address(ex).rpartition(":")[2])
+                reader, writer = await asyncio.open_connection(HOST, port)
+                for piece in (b"PROX", b"Y TCP4 192.0.2.1 19", b"8.51.100.2 1111 2222\r", b"\nbody"):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(), 20) == b"body"
+                writer.close()
+                await writer.wait_closed()
+                assert backend.headers[-1] == v2_header(("192.0.2.1", 1111), ("198.51.100.2", 2222))
+                # slow: closed by proxy_timeout, counted, nothing forwarded
+                conns = backend.conns
+                assert await closed_at_once(port, b"PROXY TCP4 ") == b""
+                service = ex.sites["p"].service
+                assert service.counters.proxy_header_errors == 1 and backend.conns == conns
+            for version, expected in (("v1", b"PROXY UNKNOWN\r\n"), ("v2", V2_SIG + b"\x20\x00\x00\x00")):
+                path = str(tmp_path / f"{version}.sock")
+                async with proxy_site(ProxyFactory(up, send_proxy=version), UnixListenerFactory(path)) as ex:
+                    assert await unix_exchange(path, b"from unix") == b"from unix"
+                    assert backend.headers[-1] == expected
+            path = str(tmp_path / "acc.sock")
+            async with proxy_site(ProxyFactory(up, accept_proxy=True, send_proxy="v1"),
+                                  UnixListenerFactory(path)) as ex:
+                got = await unix_exchange(path, b"told", prefix=b"PROXY TCP4 192.0.2.9 192.0.2.1 7 8\r\n")
+                assert got == b"told"
+                assert backend.headers[-1] == b"PROXY TCP4 192.0.2.9 192.0.2.1 7 8\r\n"
+        finally:
+            await backend.stop()
 
     run(main())
