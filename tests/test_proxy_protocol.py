@@ -704,6 +704,17 @@ def test_header_in_pieces_unix_clients_and_timeouts(core_name: str, accept_mode:
                 async with proxy_site(ProxyFactory(up, send_proxy=version), UnixListenerFactory(path)) as ex:
                     assert await unix_exchange(path, b"from unix") == b"from unix"
                     assert backend.headers[-1] == expected
+            # a header and more bytes than the read buffer holds, in one write:
+            # the bytes after the header fill the buffer (with send_proxy's
+            # header in front, over it) and must all arrive, in order
+            async with proxy_site(ProxyFactory(up, accept_proxy=True, send_proxy="v1")) as ex:
+                port = int(site_address(ex).rpartition(":")[2])
+                big = random.Random(3).randbytes(300_000)
+                hdr = v2_header(("192.0.2.3", 5), ("192.0.2.1", 6))   # 28 bytes in, 36 out
+                for cut in (16384 - 36, 16384 - 28, 16384 - 20, 16384, 70000):
+                    got, _ = await exchange(port, big[:cut], prefix=hdr)
+                    assert got == big[:cut], (cut, len(got))
+                    assert backend.headers[-1] == b"PROXY TCP4 192.0.2.3 192.0.2.1 5 6\r\n"
             path = str(tmp_path / "acc.sock")
             async with proxy_site(ProxyFactory(up, accept_proxy=True, send_proxy="v1"),
                                   UnixListenerFactory(path)) as ex:

@@ -1146,6 +1146,10 @@ class Relay:
         self.deadline = 0.0
         self._rearm()   # from the header's deadline to the idle one
         self._proxy_out()
+        if self.early >= self.c2u.size:
+            # one read filled the buffer: hold, as _client_bytes does
+            self.c_early_full = True
+            self._sync_client_reading()
         self._next_attempt()
 
     def _proxy_out(self) -> None:
