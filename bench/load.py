@@ -13,7 +13,10 @@ What it does:
   core and pure-Python core, 1 and N workers), HAProxy ``mode tcp`` 1
   thread (default, and tuned with 64 KiB buffers and splice), nginx
   ``stream`` 1 worker, the plain uvloop proxy ``bench/plainproxy.py``, and
-  "direct" (no proxy);
+  "direct" (no proxy); and, with the nginx backend (whose port
+  ``PP_BACKEND_PORT`` expects a PROXY protocol header), hotproxy with
+  ``send_proxy = "v2"`` beside HAProxy ``send-proxy-v2`` (the ``-pp2``
+  rows; their iperf3 port stays plain, and they are not reloaded);
 * each round, runs each scenario through every proxy back to back (the
   order rotates every round), with wrk (else ``bench/loadgen.py``):
   keep-alive, ``Connection: close``, 1 MiB responses, iperf3 one stream;
@@ -81,6 +84,8 @@ NCPU = os.cpu_count() or 1
 
 # Fixed ports, all below the ephemeral range (32768+).
 BACKEND_PORTS = (18080, 18081)        # two, so a reload can switch upstream lists
+#: the nginx backend's port that expects a PROXY protocol header (the send_proxy rows)
+PP_BACKEND_PORT = 18082
 #: the A/A control's name: HAProxy exactly as the "haproxy" baseline
 CONTROL = "haproxy-again"
 IPERF_PORT = 18090
@@ -364,6 +369,7 @@ class Backend:
             for path in (self.tmp.parent, self.tmp, www, www / "small", www / "big"):
                 path.chmod(0o755)
             listens = "\n".join(f"        listen {HOST}:{p} backlog=4096 reuseport;" for p in BACKEND_PORTS)
+            listens += f"\n        listen {HOST}:{PP_BACKEND_PORT} backlog=4096 reuseport proxy_protocol;"
             conf = f"""
 worker_processes 1;
 worker_rlimit_nofile {nofile_limit()};
@@ -401,6 +407,8 @@ http {{
             wait_port(p, proc=self.proc)
             for url, size in (("/small", 100), ("/big", 1 << 20)):
                 check_http(p, url, size)
+        if self.use_nginx:
+            wait_port(PP_BACKEND_PORT, proc=self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -592,9 +600,13 @@ class HAProxy(Proxy):
 
     can_reload = True
 
-    def __init__(self, index: int, tmp: Path, tuned: bool, name: str | None = None) -> None:
+    def __init__(self, index: int, tmp: Path, tuned: bool, name: str | None = None,
+                 send_proxy: bool = False) -> None:
         self.tuned = tuned
-        self.name = name or ("haproxy-tuned" if tuned else "haproxy")
+        #: send-proxy-v2 to the backend's PROXY protocol port (not reloaded)
+        self.send_proxy = send_proxy
+        self.can_reload = not send_proxy
+        self.name = name or ("haproxy-pp2" if send_proxy else "haproxy-tuned" if tuned else "haproxy")
         super().__init__(index, tmp)
 
     def write_config(self) -> Path:
@@ -606,6 +618,8 @@ class HAProxy(Proxy):
         tune = (f"    tune.bufsize 65536\n    maxpipes {maxpipes}\n" if self.tuned else "")
         splice = ("    option splice-request\n    option splice-response\n" if self.tuned else "")
         servers = "\n".join(f"    server s{p} {HOST}:{p}" for p in ports)
+        if self.send_proxy:
+            servers = f"    server pp {HOST}:{PP_BACKEND_PORT} send-proxy-v2"
         conf = f"""global
     nbthread 1
     maxconn {maxconn}
@@ -785,16 +799,22 @@ class Hotproxy(Proxy):
 
     can_reload = True
 
-    def __init__(self, index: int, tmp: Path, core: str, workers: int) -> None:
+    def __init__(self, index: int, tmp: Path, core: str, workers: int, send_proxy: str = "") -> None:
         self.core = core
         self.workers = workers
-        self.name = f"hotproxy-{'py' if core == 'python' else 'c'}-{workers}w"
+        #: send_proxy = "v2" to the backend's PROXY protocol port (not reloaded)
+        self.send_proxy = send_proxy
+        self.can_reload = not send_proxy
+        self.name = f"hotproxy-{'py' if core == 'python' else 'c'}-{workers}w" + ("-pp2" if send_proxy else "")
         super().__init__(index, tmp)
         self.logfile = self.tmp / "log"
 
     def write_config(self) -> Path:
         ports, balance = upstream_set(self.variant)
         ups = ", ".join(f'"{HOST}:{p}"' for p in ports)
+        extra = ""
+        if self.send_proxy:
+            ups, extra = f'"{HOST}:{PP_BACKEND_PORT}"', f'send_proxy = "{self.send_proxy}"\n'
         maxconn = max(1000, nofile_limit())
         conf = f"""# written by bench/load.py (variant {self.variant})
 [runtime]
@@ -811,7 +831,7 @@ upstreams = [{ups}]
 balance = "{balance}"
 backlog = 4096
 max_connections = {maxconn}
-
+{extra}
 [services.iperf]
 kind = "proxy"
 listen = "{HOST}:{self.iperf_port}"
@@ -1344,7 +1364,8 @@ def idle_table(res: Results) -> str:
 def targets(res: Results, names: list[str]) -> list[tuple[str, str, str]]:
     """Issue 6's targets: (target, measured, status)."""
     hp1 = "hotproxy-c-1w" if "hotproxy-c-1w" in names else None
-    hpn = next((n for n in names if n.startswith("hotproxy-c-") and n != "hotproxy-c-1w"), None)
+    hpn = next((n for n in names if n.startswith("hotproxy-c-") and n != "hotproxy-c-1w"
+                and not n.endswith("-pp2")), None)
     hpy = "hotproxy-py-1w" if "hotproxy-py-1w" in names else None
     out: list[tuple[str, str, str]] = []
 
@@ -1534,8 +1555,8 @@ def rotate(xs: list[Any], k: int) -> list[Any]:
     return xs[k:] + xs[:k]
 
 
-def make_hotproxy(index: int, *, tmp: Path, core: str, workers: int) -> Proxy:
-    return Hotproxy(index, tmp, core, workers)
+def make_hotproxy(index: int, *, tmp: Path, core: str, workers: int, send_proxy: str = "") -> Proxy:
+    return Hotproxy(index, tmp, core, workers, send_proxy)
 
 
 def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list[Proxy]:
@@ -1576,6 +1597,17 @@ def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list
                                functools.partial(make_hotproxy, tmp=tmp, core=core_name, workers=w)
                                if hp_ok else None,
                                f"hotproxy cannot run: {hp_why}"))
+    # send_proxy = "v2" vs HAProxy send-proxy-v2: the nginx backend has a PROXY protocol port
+    have_pp = have_nginx and not args.builtin_backend
+    pp_why = "needs the nginx backend (its PROXY protocol port)"
+    candidates.append(("haproxy-pp2", (lambda i: HAProxy(i, tmp, False, send_proxy=True))
+                       if have_haproxy and have_pp else None,
+                       pp_why if have_haproxy else "HAProxy not installed (apt-get install haproxy)"))
+    if "compiled" in from_cores:
+        candidates.append(("hotproxy-c-1w-pp2",
+                           functools.partial(make_hotproxy, tmp=tmp, core="compiled", workers=1, send_proxy="v2")
+                           if hp_ok and have_pp else None,
+                           pp_why if hp_ok else f"hotproxy cannot run: {hp_why}"))
     proxies: list[Proxy] = []
     for i, (name, make, why) in enumerate(candidates):
         if wanted is not None and not any(name == w or name.startswith(w) for w in wanted):
@@ -1584,7 +1616,7 @@ def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list
             notes.append(f"skipped {name}: {why}")
             continue
         proxies.append(make(i))
-    for port in (*BACKEND_PORTS, IPERF_PORT):
+    for port in (*BACKEND_PORTS, PP_BACKEND_PORT, IPERF_PORT):
         # a stray server here would answer in the backend's place
         if not port_free(port):
             raise SystemExit(f"port {HOST}:{port} (for the backends) is in use: stop whatever holds it")

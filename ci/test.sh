@@ -22,6 +22,10 @@ pip install -q '.[test]'
 mypy src/hotproxy
 # The sdist: what it holds, and its tests collect from the unpacked tree
 VENV="$VENV" bash ci/sdist.sh
+# The real peers of the PROXY protocol interop tests (nginx stream, HAProxy):
+# installed if missing, and required (a missing one fails its tests)
+bash ci/peers.sh
+export HOTPROXY_REQUIRE_PEERS=1
 # The README's test command:
 pytest -m 'not slow' "$@"
 # The micro-benchmarks, once each with timing off, so they cannot rot:

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import string
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,130 @@ def test_a_shared_default_directory_is_refused(tmp_path: Path, monkeypatch: pyte
             await AdminServer(str(d / "x.sock"), _handler, ()).start()
 
     run(main(), 10)
+
+
+# -- the PROXY protocol header parser (hotproxy reads it from the network) ----------------------
+
+def _machines() -> list[Any]:
+    """_core_machine as each core runs it: compiled (if built) and as plain Python."""
+    from hotproxy import _core_py, core
+    mods = [_core_py._machine]
+    if core.COMPILED_AVAILABLE:
+        import hotproxy._core_machine as compiled
+        mods.append(compiled)
+    return mods
+
+
+_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+_ipv4 = st.ip_addresses(v=4).map(str)
+_ipv6 = st.ip_addresses(v=6).map(str)
+_port = st.integers(0, 65535)
+
+
+def _parse_one(m: Any, data: bytes) -> Any:
+    """m.parse_proxy_header(data), or ("error", message) for its own error (and only that)."""
+    try:
+        return m.parse_proxy_header(data)
+    except Exception as exc:  # pylint: disable=broad-except
+        assert type(exc).__name__ == "ProxyHeaderError" and isinstance(exc, ValueError), repr(exc)
+        assert "\n" not in str(exc)
+        return ("error", str(exc))
+
+
+def _check_parse(data: bytes) -> Any:
+    """parse_proxy_header's contract on both cores: the same answer; only
+    its own error; never more than the data or PROXY_HEADER_MAX; decided by
+    the first PROXY_HEADER_MAX bytes (never looks past them)."""
+    answers = []
+    for m in _machines():
+        got = _parse_one(m, data)
+        if got is None:
+            assert len(data) < m.PROXY_HEADER_MAX   # with that many bytes it always decides
+        elif got[0] != "error":
+            assert 0 < got[0] <= min(len(data), m.PROXY_HEADER_MAX)
+            # bytes after the header change nothing
+            assert _parse_one(m, data[:got[0]]) == got
+        assert _parse_one(m, data[:m.PROXY_HEADER_MAX]) == got
+        answers.append(got)
+    assert all(a == answers[0] for a in answers), answers
+    return answers[0]
+
+
+@FAST
+@given(st.binary(max_size=600))
+def test_proxy_header_parser_on_any_bytes(data: bytes) -> None:
+    _check_parse(data)
+
+
+@FAST
+@given(st.sampled_from([b"PROXY ", _V2_SIG, b"PROXY TCP4 ", b"PROXY TCP6 ", _V2_SIG + b"\x21\x11",
+                        _V2_SIG + b"\x21\x21", _V2_SIG + b"\x20"]), st.binary(max_size=300))
+def test_proxy_header_parser_on_bytes_after_a_signature(start: bytes, rest: bytes) -> None:
+    _check_parse(start + rest)
+
+
+@FAST
+@given(st.integers(1, 2), st.one_of(st.tuples(_ipv4, _ipv4), st.tuples(_ipv6, _ipv6), st.tuples(_ipv4, _ipv6)),
+       _port, _port, st.binary(max_size=64), st.data())
+def test_proxy_header_round_trip_and_prefixes(version: int, hosts: tuple[str, str], sport: int, dport: int,
+                                              after: bytes, data: Any) -> None:
+    """What proxy_header builds parses back to the same addresses (an IPv4
+    one beside an IPv6 one becomes IPv4-mapped); every proper prefix asks
+    for more; bytes after the header are not looked at."""
+    import ipaddress
+
+    m = _machines()[-1]
+    src, dst = (hosts[0], sport), (hosts[1], dport)
+    hdr = m.proxy_header(version, src, dst)
+    n, psrc, pdst = _check_parse(hdr + after)
+    assert n == len(hdr)
+
+    def same(a: str, b: str) -> bool:
+        x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
+        return x == y or getattr(y, "ipv4_mapped", None) == x
+
+    assert same(src[0], psrc[0]) and same(dst[0], pdst[0]) and (psrc[1], pdst[1]) == (sport, dport)
+    k = data.draw(st.integers(0, len(hdr) - 1))
+    assert _check_parse(hdr[:k]) is None
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=6), st.integers(0, 4))
+def test_proxy_header_v2_tlvs_are_skipped_or_refused(tlvs: list[tuple[int, bytes]], cut: int) -> None:
+    """Well-formed TLVs are skipped (same addresses); a TLV cut short is refused."""
+    body = bytes((1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 0, 2))
+    raw = b"".join(bytes((t, len(v) >> 8, len(v) & 255)) + v for t, v in tlvs)
+    if cut and raw:
+        raw = raw[:-min(cut, len(raw))]
+        tlv_ok = False
+    else:
+        tlv_ok = True
+    full = body + raw
+    hdr = _V2_SIG + b"\x21\x11" + struct.pack("!H", len(full)) + full
+    got = _check_parse(hdr + b"data")
+    if tlv_ok:
+        assert got == (len(hdr), ("1.2.3.4", 1), ("5.6.7.8", 2))
+    else:
+        # a cut may still end on a TLV boundary: then it is well-formed
+        assert got[0] == "error" or got[0] == len(hdr)
+
+
+@settings(max_examples=40, deadline=2000, derandomize=True)
+@given(st.sampled_from([b"PROXY ", _V2_SIG + b"\x21\x11"]), st.integers(0, 70000), st.binary(max_size=64),
+       st.integers(0, 255))
+def test_proxy_header_parser_is_bounded(start: bytes, length: int, some: bytes, fill: int) -> None:
+    """Past PROXY_HEADER_MAX (4096) bytes: decided, never waiting for more; a v2
+    header's declared length decides at once whether it fits."""
+    rest = some + bytes((fill,)) * 4100
+    if start.startswith(_V2_SIG):
+        start += struct.pack("!H", length & 0xFFFF)
+    got = _check_parse(start + rest)
+    assert got is not None
+    m = _machines()[0]
+    fits = V2_MAX_BODY = m.PROXY_HEADER_MAX - 16
+    body = bytes(12) + bytes((0xEE, (fits - 15) >> 8, (fits - 15) & 255)) + bytes(fits - 15)
+    assert len(body) == V2_MAX_BODY
+    ok = _V2_SIG + b"\x21\x11" + struct.pack("!H", len(body)) + body
+    assert _check_parse(ok + rest)[0] == m.PROXY_HEADER_MAX
+    over = _V2_SIG + b"\x21\x11" + struct.pack("!H", len(body) + 1) + body
+    assert _check_parse(over[:20])[0] == "error"

@@ -77,6 +77,7 @@ class ProxyCounters:
     refused: int
     idle_closed: int
     no_upstream: int
+    proxy_header_errors: int
     def __init__(self) -> None: ...
     def as_dict(self) -> dict[str, int]: ...
 
@@ -147,7 +148,19 @@ class RelayConfig:
                  targets: tuple[Target, ...] = ..., connect_timeout: float = ...,
                  attempts: int = ..., max_connections: int = ...,
                  on_refuse: Callable[[Any], Any] | None = ...,
-                 limit: SharedCounter | None = ...) -> None: ...
+                 limit: SharedCounter | None = ..., send_proxy: int = ...,
+                 accept_proxy: bool = ..., proxy_from: tuple[tuple[int, int, int], ...] = ...,
+                 proxy_timeout: float = ...,
+                 on_header_error: Callable[[Any, str], Any] | None = ...) -> None: ...
+
+# -- the PROXY protocol --------------------------------------------------------
+
+PROXY_HEADER_MAX: int
+
+def parse_proxy_header(data: bytes | bytearray) -> tuple[int, Any, Any] | None:
+    """Raises ValueError (_core_machine.ProxyHeaderError) if not a header."""
+def proxy_header(version: int, src: Any, dst: Any) -> bytes: ...
+def proxy_networks(cidrs: Any) -> tuple[tuple[int, int, int], ...]: ...
 
 class Connection:
     cfg: RelayConfig

@@ -81,4 +81,5 @@ include "_core_listener.pxi"   # Listener: accept4() in the core
 _machine.use_counters(private_counter)
 globals().update(Slot=Slot, ConnectionSet=ConnectionSet, Acceptor=Acceptor,
                  ProxyCounters=ProxyCounters, UpstreamState=UpstreamState, Target=Target,
-                 RelayConfig=RelayConfig)
+                 RelayConfig=RelayConfig, parse_proxy_header=_machine.parse_proxy_header, proxy_header=_machine.proxy_header,
+                 proxy_networks=_machine.proxy_networks, PROXY_HEADER_MAX=_machine.PROXY_HEADER_MAX)

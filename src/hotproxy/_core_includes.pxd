@@ -36,6 +36,7 @@ cdef extern from "<sys/socket.h>" nogil:
     cdef struct sockaddr_storage:
         unsigned short ss_family
     int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
+    int getsockname(int fd, sockaddr *addr, socklen_t *addrlen)
     int socket(int domain, int type, int protocol)
     int connect(int fd, const sockaddr *addr, socklen_t addrlen)
     ssize_t send(int fd, const void *buf, size_t n, int flags)

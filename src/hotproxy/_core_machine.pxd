@@ -93,10 +93,10 @@ cdef class Acceptor:
 
 # -- what a service version shares with its connections ---------------------------------
 
-cdef int C_NEW, C_CONNECTING, C_OPEN, C_LINGERING, C_CLOSING, C_FINISHED
+cdef int C_NEW, C_HEADER, C_CONNECTING, C_OPEN, C_LINGERING, C_CLOSING, C_FINISHED
 cdef int UP_NONE, UP_CONNECTING, UP_OPEN, UP_CLOSED
 cdef int END_NONE, END_EOF, END_CLIENT_ERROR, END_UPSTREAM_ERROR, END_IDLE, END_ABORTED
-cdef int END_NO_UPSTREAM, END_CLOSED
+cdef int END_NO_UPSTREAM, END_CLOSED, END_BAD_HEADER
 cdef double LINGER
 
 
@@ -110,6 +110,7 @@ cdef class ProxyCounters:
     cdef public long long refused
     cdef public long long idle_closed
     cdef public long long no_upstream
+    cdef public long long proxy_header_errors
 
 
 @cython.final
@@ -152,6 +153,12 @@ cdef class RelayConfig:
     cdef readonly long long max_connections
     cdef readonly Counter limit            # the core's SharedCounter
     cdef readonly object on_refuse
+    cdef readonly int send_proxy            # PROXY protocol version to send (0: off)
+    cdef readonly bint accept_proxy
+    cdef readonly tuple proxy_from          # proxy_networks()
+    cdef readonly double proxy_timeout
+    cdef readonly object on_header_error
+    cdef readonly bint proxy                # send_proxy or accept_proxy
 
 
 # -- the relay of one proxied connection (each core's Connection adds the system calls)
@@ -187,6 +194,8 @@ cdef class Relay:
     cdef bint admitted              # holds one count of cfg.limit (released when finished)
     cdef bint deferred              # in the engine's ready list
     cdef Counter ulimit             # the upstream's limit we hold one count of (None: none)
+    cdef object local               # PROXY protocol: the address the client connected to
+    cdef Py_ssize_t hdr_out         # send_proxy: the header's bytes at the start of the held ones
 
     cdef bint _admit(self) except -1
     cdef _client_bytes(self, Py_ssize_t nbytes)
@@ -222,6 +231,13 @@ cdef class Relay:
     cdef _upstream_error(self, int err)
     cdef _failed(self, bint client_side, int err)
     cdef _started_raw(self, object peer)
+    @cython.locals(cfg=RelayConfig)
+    cdef _proxy_start(self)
+    @cython.locals(n=Py_ssize_t, used=Py_ssize_t, rest=Py_ssize_t)
+    cdef _header_bytes(self)
+    @cython.locals(need=Py_ssize_t, hdr=bytes, held=bytes)
+    cdef _proxy_out(self)
+    cdef _header_failed(self, str reason)
     cdef _c_write_eof(self)
     cdef _c_close(self, bint hard)
     cdef _c_gone(self, bint error)
@@ -242,6 +258,7 @@ cdef class Relay:
     cdef _defer(self)
     cdef int _start_attempt(self, Target t) except -1
     cdef _close_fd(self)
+    cdef object _sockname(self)
     cdef bint _close_client(self) except -1
     cdef _close_pipes(self)
     cdef _shutdown(self, bint client_side)

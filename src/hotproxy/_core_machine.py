@@ -493,11 +493,12 @@ class _Dropped(_asyncio.Protocol):
 
 # The connection as a whole (Relay.state)
 C_NEW = 0           # not started (or refused)
-C_CONNECTING = 1    # the upstream is being connected; client bytes are held
-C_OPEN = 2          # relaying
-C_LINGERING = 3     # no upstream: waiting for the client's EOF
-C_CLOSING = 4       # each side closes once its pending bytes are written
-C_FINISHED = 5      # both sides closed, every count released
+C_HEADER = 1        # accept_proxy: reading the client's PROXY header (held, not sent)
+C_CONNECTING = 2    # the upstream is being connected; client bytes are held
+C_OPEN = 3          # relaying
+C_LINGERING = 4     # no upstream: waiting for the client's EOF
+C_CLOSING = 5       # each side closes once its pending bytes are written
+C_FINISHED = 6      # both sides closed, every count released
 
 # The upstream socket (Relay.up_state)
 UP_NONE = 0         # no connect attempt in progress (not started yet)
@@ -514,10 +515,11 @@ END_IDLE = 4            # no traffic for idle_timeout
 END_ABORTED = 5         # abort(): drain timeout or shutdown
 END_NO_UPSTREAM = 6     # every connect attempt failed
 END_CLOSED = 7          # closed otherwise
+END_BAD_HEADER = 8      # accept_proxy: no valid PROXY header in time, or from a peer not in proxy_from
 
-CONN_NAMES = ("new", "connecting", "open", "lingering", "closing", "finished")
+CONN_NAMES = ("new", "header", "connecting", "open", "lingering", "closing", "finished")
 END_NAMES = ("open", "eof", "client_error", "upstream_error", "idle", "aborted",
-             "no_upstream", "closed")
+             "no_upstream", "closed", "bad_header")
 
 # seconds a client that got no upstream has to send its EOF before it is closed
 LINGER = 2.0
@@ -561,6 +563,7 @@ class ProxyCounters:
         self.refused = 0
         self.idle_closed = 0
         self.no_upstream = 0
+        self.proxy_header_errors = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -569,6 +572,7 @@ class ProxyCounters:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "connect_failures": self.connect_failures, "refused": self.refused,
             "idle_closed": self.idle_closed, "no_upstream": self.no_upstream,
+            "proxy_header_errors": self.proxy_header_errors,
         }
 
     def __repr__(self) -> str:
@@ -654,6 +658,16 @@ class RelayConfig:
     refused -- closed at once, counted in ``refused``, ``on_refuse(peername)``
     told if given -- when ``max_connections`` (0: no limit) are counted
     already.
+
+    The PROXY protocol: ``send_proxy`` (1 or 2; 0: off) writes a header of
+    that version to the upstream before any client byte, with the client's
+    address (or the received one).  ``accept_proxy``: a connection first
+    reads the client's header (``parse_proxy_header``) within
+    ``proxy_timeout`` seconds, from a peer in ``proxy_from``
+    (``proxy_networks``) only; the address it carries becomes ``peername``.
+    A bad, slow or refused header closes the connection at once, counted in
+    ``proxy_header_errors``, ``on_header_error(peername, reason)`` told if
+    given.  With both off, a connection pays one test when it starts.
     """
 
     def __init__(self, counters: ProxyCounters, idle_timeout: float = 0.0,
@@ -661,7 +675,9 @@ class RelayConfig:
                  want_peername: bool = False, buffer_size: int = 16384,
                  max_buffer_size: int = 262144, targets: tuple[Target, ...] = (),
                  connect_timeout: float = 2.0, attempts: int = 1, max_connections: int = 0,
-                 on_refuse: Any = None, limit: Any = None) -> None:
+                 on_refuse: Any = None, limit: Any = None, send_proxy: int = 0,
+                 accept_proxy: bool = False, proxy_from: tuple[tuple[int, int, int], ...] = (),
+                 proxy_timeout: float = 5.0, on_header_error: Any = None) -> None:
         if not isinstance(counters, ProxyCounters):
             raise TypeError("counters must be a ProxyCounters")
         if buffer_size < 1 or max_buffer_size < buffer_size:
@@ -679,6 +695,12 @@ class RelayConfig:
             raise ValueError("need max_connections >= 0 (0: no limit)")
         if limit is not None and not isinstance(limit, Counter):
             raise TypeError("limit must be a SharedCounter")
+        if send_proxy not in (0, 1, 2):
+            raise ValueError("send_proxy: expected 0 (off), 1 or 2")
+        if accept_proxy and not (proxy_timeout > 0 and buffer_size > PROXY_HEADER_MAX):
+            raise ValueError(f"accept_proxy needs proxy_timeout > 0 and buffer_size > {PROXY_HEADER_MAX}")
+        if not isinstance(proxy_from, tuple):
+            raise TypeError("proxy_from must be a tuple (proxy_networks())")
         self.counters = counters
         self.idle_timeout = float(idle_timeout)
         self.keepalive = bool(keepalive)
@@ -694,6 +716,15 @@ class RelayConfig:
         self.max_connections = int(max_connections)
         self.limit = limit if limit is not None else _private_counter()
         self.on_refuse = on_refuse
+        self.send_proxy = int(send_proxy)
+        self.accept_proxy = bool(accept_proxy)
+        self.proxy_from = proxy_from
+        self.proxy_timeout = float(proxy_timeout)
+        self.on_header_error = on_header_error
+        # a connection with either starts with _proxy_start(), which needs the peer
+        self.proxy = self.send_proxy != 0 or self.accept_proxy
+        if self.proxy:
+            self.want_peername = True
 
 
 # -- the relay of one proxied connection ------------------------------------------
@@ -755,6 +786,8 @@ class Relay:
         self.admitted = False             # holds one count of cfg.limit
         self.deferred = False             # in the engine's ready list
         self.ulimit: Counter | None = None    # the upstream's limit we hold one count of
+        self.local: Any = None            # PROXY protocol: the address the client connected to
+        self.hdr_out = 0                  # send_proxy: the header's bytes at the start of the held ones
 
     def _admit(self) -> bool:
         # Count this connection in the instance's count, unless it is full
@@ -795,7 +828,10 @@ class Relay:
         self._attach()
         if self.cfg.idle_timeout > 0:
             self._arm(self.started + self.cfg.idle_timeout)
-        self._next_attempt()
+        if self.cfg.proxy:
+            self._proxy_start()
+        else:
+            self._next_attempt()
 
     def get_buffer(self, sizehint: int) -> Any:
         if self.c2u.buf is None or (self.c2u.size < self.c2u.next and not self.early
@@ -818,6 +854,9 @@ class Relay:
             if self.early >= self.c2u.size:
                 self.c_early_full = True
                 self._sync_client_reading()
+        elif self.state == C_HEADER:
+            self.early += nbytes
+            self._header_bytes()
         # else (lingering, closing): dropped
 
     def data_received(self, data: bytes) -> None:
@@ -832,6 +871,9 @@ class Relay:
             self._send(self.c2u, 0, n, False)
         elif self.state == C_CONNECTING:
             self._hold(data)
+        elif self.state == C_HEADER:
+            self._hold(data)
+            self._header_bytes()
 
     def eof_received(self) -> bool:
         self._src_eof(self.c2u)
@@ -1025,6 +1067,11 @@ class Relay:
             n = self.early
             self.early = 0
             self.c_early_full = False
+            if self.hdr_out:
+                # the PROXY header is sent first, but is no client byte
+                self.c2u.nbytes -= self.hdr_out
+                self.counters.bytes_in -= self.hdr_out
+                self.hdr_out = 0
             self._send(self.c2u, 0, n, False)
         if self.up_state == UP_OPEN and self.c2u.pend_end == 0:
             self._drained(self.c2u)   # the held bytes (or none) are sent: a held EOF follows
@@ -1085,10 +1132,81 @@ class Relay:
         self._c_write_eof()
         self._sync_client_reading()
 
+    # -- the PROXY protocol (cfg.proxy): between the accept and the first attempt ------
+
+    def _proxy_start(self) -> None:
+        # A started connection of a service with send_proxy or accept_proxy
+        # (peername is set): read the client's header first, or queue ours.
+        cfg = self.cfg
+        self.local = self._sockname()
+        if not cfg.accept_proxy:
+            self._proxy_out()
+            self._next_attempt()
+            return
+        if not peer_allowed(cfg.proxy_from, self.peername):
+            self._header_failed("the peer is not in proxy_from")
+            return
+        self.state = C_HEADER
+        self.deadline = self.started + cfg.proxy_timeout
+        self._arm(self.deadline)
+
+    def _header_bytes(self) -> None:
+        # More client bytes are held while the header is read: parse what is
+        # there (PROXY_HEADER_MAX bytes at most); once it is complete, the
+        # bytes after it stay held and the upstream is connected.
+        n = self.early
+        if n > PROXY_HEADER_MAX:
+            n = PROXY_HEADER_MAX
+        try:
+            got = parse_proxy_header(self.c2u.buf[:n])  # type: ignore[index]
+        except ProxyHeaderError as exc:
+            self._header_failed(str(exc))
+            return
+        if got is None:
+            return   # parse_proxy_header decides by PROXY_HEADER_MAX bytes
+        used, src, dst = got
+        if src is not None:
+            self.peername = src
+            self.local = dst
+        rest = self.early - used
+        if rest:
+            self.c2u.buf[:rest] = self.c2u.buf[used:self.early]  # type: ignore[index]
+        self.early = rest
+        self.state = C_CONNECTING
+        self.deadline = 0.0
+        self._rearm()   # from the header's deadline to the idle one
+        self._proxy_out()
+        if self.early >= self.c2u.size:
+            # one read filled the buffer: hold, as _client_bytes does
+            self.c_early_full = True
+            self._sync_client_reading()
+        self._next_attempt()
+
+    def _proxy_out(self) -> None:
+        # send_proxy: queue the header before the held client bytes
+        if not self.cfg.send_proxy:
+            return
+        hdr = proxy_header(self.cfg.send_proxy, self.peername, self.local)
+        held = bytes(self.c2u.buf[:self.early]) if self.early else b""  # type: ignore[index]
+        need = len(hdr) + len(held)
+        if self.c2u.buf is None or self.c2u.size < need:
+            self._new_buf(self.c2u, max(need, self.cfg.buffer_size))
+        self.c2u.buf[:need] = hdr + held  # type: ignore[index]
+        self.early = need
+        self.hdr_out = len(hdr)
+
+    def _header_failed(self, reason: str) -> None:
+        # accept_proxy: no valid header (or not from proxy_from): close at once
+        self.counters.proxy_header_errors += 1
+        self.early = 0
+        if self.cfg.on_header_error is not None:
+            self.cfg.on_header_error(self.peername, reason)
+        self._shut(END_BAD_HEADER, True)
+
     # -- the engine's calls ------------------------------------------------------
 
     def _deadline(self) -> float:
-        if self.up_state == UP_CONNECTING or self.state == C_LINGERING:
+        if self.up_state == UP_CONNECTING or self.state == C_LINGERING or self.state == C_HEADER:
             return self.deadline
         if self.cfg.idle_timeout > 0 and self.state != C_FINISHED:
             # closing too: a client that never reads what is left for it
@@ -1101,7 +1219,9 @@ class Relay:
         at = self._deadline()
         if at == 0.0 or now < at:
             return
-        if self.state == C_LINGERING:
+        if self.state == C_HEADER:
+            self._header_failed(f"no complete header within {self.cfg.proxy_timeout:g}s")
+        elif self.state == C_LINGERING:
             self.state = C_CLOSING
             if self.client_open:
                 self._c_close(False)
@@ -1157,6 +1277,10 @@ class Relay:
         other = self.u2c if d is self.c2u else self.c2u
         if d is self.c2u:
             self.c_reading = False   # a transport stops reading by itself
+            if self.state == C_HEADER:
+                d.step(EV_EOF)
+                self._header_failed("the client closed before the header ended")
+                return
             if self.state == C_LINGERING:
                 d.step(EV_EOF)
                 self.state = C_CLOSING
@@ -1259,7 +1383,10 @@ class Relay:
             self.peername = peer
         if self.cfg.idle_timeout > 0:
             self._arm(self.started + self.cfg.idle_timeout)
-        self._next_attempt()
+        if self.cfg.proxy:
+            self._proxy_start()
+        else:
+            self._next_attempt()
 
     def _c_write_eof(self) -> None:
         # send the client our EOF (once what it has pending is sent)
@@ -1406,6 +1533,10 @@ class Relay:
         """Close the upstream socket, if any."""
         raise NotImplementedError
 
+    def _sockname(self) -> Any:
+        """The client socket's local address (socket-module form; None if unknown)."""
+        raise NotImplementedError
+
     def _close_client(self) -> bool:
         """Close the raw client socket; False if there was none."""
         raise NotImplementedError
@@ -1543,3 +1674,242 @@ class EngineBase:
 
     def _after_batch(self) -> None:
         """Called after each batch of callbacks into connections."""
+
+
+# -- the PROXY protocol (v1 and v2): the header a connection may start with ------------
+#
+# Rules of this part (the spec is HAProxy's doc/proxy-protocol.txt):
+#
+# * ``parse_proxy_header(data)`` reads a header at the start of *data* (the
+#   first bytes a client sent, at most PROXY_HEADER_MAX of them) and returns
+#   None (more bytes are needed), or ``(length, source, destination)``: the
+#   header's length and the addresses it carries, as the socket module writes
+#   them (``(host, port)``), or None for both when the header says to use the
+#   connection's own (v1 ``UNKNOWN``, v2 ``LOCAL``, v2 ``UNSPEC``/``UNIX``).
+#   Anything else raises ``ProxyHeaderError``: a byte that cannot start
+#   either signature, a v1 line without CRLF within 107 bytes, a v2 header
+#   longer than PROXY_HEADER_MAX, a bad field, a TLV that overruns the header.
+# * It never looks past the header it decided on, nor past PROXY_HEADER_MAX:
+#   with PROXY_HEADER_MAX bytes it always returns a header or raises (a
+#   caller that holds that many bytes never waits for more).
+# * ``proxy_header(version, source, destination)`` builds the header a
+#   connection sends its upstream; addresses that are not both IP (a Unix
+#   socket's) give v1 ``UNKNOWN`` and v2 ``LOCAL`` with family ``UNSPEC``.
+
+#: the longest header accepted (v1's is 107 bytes at most; v2's 16 + its length)
+PROXY_HEADER_MAX = 4096
+#: v1's longest line, CRLF included
+PROXY_V1_MAX = 107
+
+PROXY_V1_SIG = b"PROXY "
+PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+_DIGITS = frozenset(b"0123456789")
+
+
+class ProxyHeaderError(ValueError):
+    """A PROXY protocol header that is not one (malformed, oversized)."""
+
+
+def _v1_port(field: bytes) -> int:
+    if not 1 <= len(field) <= 5 or not set(field) <= _DIGITS or (len(field) > 1 and field[0] == 48):
+        raise ProxyHeaderError("v1: bad port")
+    port = int(field)
+    if port > 65535:
+        raise ProxyHeaderError("v1: bad port")
+    return port
+
+
+def _v1_address(family: int, field: bytes) -> str:
+    try:
+        text = field.decode("ascii")
+        _socket.inet_pton(family, text)
+    except (UnicodeError, OSError, ValueError):
+        raise ProxyHeaderError("v1: bad address") from None
+    return text
+
+
+def _parse_v1(data: bytes) -> Any:
+    end = data.find(b"\r\n", 0, PROXY_V1_MAX)
+    if end < 0:
+        if len(data) >= PROXY_V1_MAX:
+            raise ProxyHeaderError("v1: no CRLF within 107 bytes")
+        if b"\r" in data[:-1] or b"\n" in data:
+            raise ProxyHeaderError("v1: bad line end")
+        return None
+    line = data[:end]
+    if b"\r" in line or b"\n" in line:
+        raise ProxyHeaderError("v1: bad line end")
+    parts = line.split(b" ")
+    proto = parts[1] if len(parts) > 1 else b""
+    if proto == b"UNKNOWN":
+        return end + 2, None, None   # the rest of the line is ignored (spec)
+    if proto == b"TCP4":
+        family = _socket.AF_INET
+    elif proto == b"TCP6":
+        family = _socket.AF_INET6
+    else:
+        raise ProxyHeaderError("v1: bad protocol")
+    if len(parts) != 6:
+        raise ProxyHeaderError("v1: expected 6 fields")
+    src = (_v1_address(family, parts[2]), _v1_port(parts[4]))
+    dst = (_v1_address(family, parts[3]), _v1_port(parts[5]))
+    return end + 2, src, dst
+
+
+def _parse_v2(data: bytes) -> Any:
+    if len(data) < 16:
+        return None
+    ver_cmd, fam, length = data[12], data[13], (data[14] << 8) | data[15]
+    if ver_cmd >> 4 != 2:
+        raise ProxyHeaderError("v2: bad version")
+    cmd = ver_cmd & 15
+    if cmd > 1:
+        raise ProxyHeaderError("v2: bad command")
+    total = 16 + length
+    if total > PROXY_HEADER_MAX:
+        raise ProxyHeaderError(f"v2: header of {total} bytes is over {PROXY_HEADER_MAX}")
+    if len(data) < total:
+        return None
+    af, proto = fam >> 4, fam & 15
+    if af > 3 or proto > 2:
+        raise ProxyHeaderError("v2: bad address family")
+    if cmd == 0:
+        # LOCAL: a connection of the proxy's own (a health check); whatever
+        # follows is ignored and the connection's own addresses stand
+        return total, None, None
+    body = data[16:total]
+    src: Any = None
+    dst: Any = None
+    if af == 1:
+        alen = 12
+    elif af == 2:
+        alen = 36
+    elif af == 3:
+        alen = 216
+    else:
+        alen = 0
+    if af != 0 and proto == 0:
+        raise ProxyHeaderError("v2: bad transport protocol")
+    if proto == 2:
+        raise ProxyHeaderError("v2: datagram connection on a stream")
+    if len(body) < alen:
+        raise ProxyHeaderError("v2: addresses longer than the header")
+    if af == 1:
+        src = (_socket.inet_ntop(_socket.AF_INET, body[0:4]), (body[8] << 8) | body[9])
+        dst = (_socket.inet_ntop(_socket.AF_INET, body[4:8]), (body[10] << 8) | body[11])
+    elif af == 2:
+        src = (_socket.inet_ntop(_socket.AF_INET6, body[0:16]), (body[32] << 8) | body[33])
+        dst = (_socket.inet_ntop(_socket.AF_INET6, body[16:32]), (body[34] << 8) | body[35])
+    # TLVs (type, 16-bit length, value) fill the rest exactly; skipped
+    i = alen
+    while i < len(body):
+        if i + 3 > len(body):
+            raise ProxyHeaderError("v2: truncated TLV")
+        i += 3 + ((body[i + 1] << 8) | body[i + 2])
+        if i > len(body):
+            raise ProxyHeaderError("v2: TLV longer than the header")
+    return total, src, dst
+
+
+def parse_proxy_header(data: bytes | bytearray) -> Any:
+    """The PROXY header at the start of *data*: None (incomplete), or
+    ``(length, source, destination)`` (None, None: use the connection's own
+    addresses); ``ProxyHeaderError`` if it is not one.  Looks at
+    PROXY_HEADER_MAX bytes at most."""
+    data = bytes(data[:PROXY_HEADER_MAX])
+    n = len(data)
+    if n == 0:
+        return None
+    if data[0] == 13:   # "\r": v2
+        if data[:12] != PROXY_V2_SIG[:n]:
+            raise ProxyHeaderError("not a PROXY protocol header")
+        return _parse_v2(data)
+    if data[:6] != PROXY_V1_SIG[:n]:
+        raise ProxyHeaderError("not a PROXY protocol header")
+    if n < 6:
+        return None
+    return _parse_v1(data)
+
+
+def _ip_family(addr: Any) -> int:
+    # AF_INET / AF_INET6 for a socket-module IP address, 0 for anything else
+    if isinstance(addr, tuple) and len(addr) >= 2 and isinstance(addr[0], str):
+        return _socket.AF_INET6 if ":" in addr[0] else _socket.AF_INET
+    return 0
+
+
+def _v6(host: str, family: int) -> str:
+    # an IPv4 address as IPv4-mapped IPv6 (a header carries one family)
+    return host if family == _socket.AF_INET6 else "::ffff:" + host
+
+
+def proxy_header(version: int, src: Any, dst: Any) -> bytes:
+    """The PROXY header (*version* 1 or 2) for a connection from *src* to *dst*
+    (socket-module addresses; not both IP: v1 UNKNOWN, v2 LOCAL/UNSPEC)."""
+    fs, fd = _ip_family(src), _ip_family(dst)
+    if not fs or not fd:
+        if version == 1:
+            return b"PROXY UNKNOWN\r\n"
+        return PROXY_V2_SIG + b"\x20\x00\x00\x00"
+    shost, dhost = src[0].partition("%")[0], dst[0].partition("%")[0]
+    if fs != fd:
+        shost, dhost, fs = _v6(shost, fs), _v6(dhost, fd), _socket.AF_INET6
+    sport, dport = int(src[1]), int(dst[1])
+    if version == 1:
+        proto = "TCP4" if fs == _socket.AF_INET else "TCP6"
+        return f"PROXY {proto} {shost} {dhost} {sport} {dport}\r\n".encode("ascii")
+    if fs == _socket.AF_INET:
+        head = b"\x21\x11\x00\x0c"
+    else:
+        head = b"\x21\x21\x00\x24"
+    return (PROXY_V2_SIG + head + _socket.inet_pton(fs, shost) + _socket.inet_pton(fs, dhost)
+            + bytes((sport >> 8, sport & 255, dport >> 8, dport & 255)))
+
+
+def proxy_networks(cidrs: Any) -> tuple[tuple[int, int, int], ...]:
+    """*cidrs* (``"127.0.0.1/32"``, ``"::1/128"``, ...) as ``(family, network, mask)``
+    integers for ``peer_allowed``; ``ValueError`` names the bad one."""
+    out = []
+    for text in cidrs:
+        addr, sep, bits_text = str(text).partition("/")
+        family = _socket.AF_INET6 if ":" in addr else _socket.AF_INET
+        width = 32 if family == _socket.AF_INET else 128
+        try:
+            raw = int.from_bytes(_socket.inet_pton(family, addr), "big")
+        except OSError:
+            raise ValueError(f"{text!r}: not an IP address or network") from None
+        if not sep:
+            bits = width
+        elif bits_text.isdigit() and bits_text.isascii() and int(bits_text) <= width:
+            bits = int(bits_text)
+        else:
+            raise ValueError(f"{text!r}: the prefix length must be 0-{width}")
+        mask = ((1 << bits) - 1) << (width - bits)
+        if raw & ~mask:
+            raise ValueError(f"{text!r}: host bits set (the network is {_net_text(family, raw & mask, bits)})")
+        out.append((family, raw, mask))
+    return tuple(out)
+
+
+def _net_text(family: int, raw: int, bits: int) -> str:
+    size = 4 if family == _socket.AF_INET else 16
+    return f"{_socket.inet_ntop(family, raw.to_bytes(size, 'big'))}/{bits}"
+
+
+def peer_allowed(networks: tuple[tuple[int, int, int], ...], peer: Any) -> bool:
+    """May *peer* (a socket-module address) send a PROXY header?  A Unix
+    socket's peer always may (the socket file's permissions decide who
+    connects); an IP peer if it is in one of *networks* (``proxy_networks``;
+    an IPv4-mapped IPv6 peer counts as its IPv4 address)."""
+    family = _ip_family(peer)
+    if not family:
+        return True
+    host = peer[0].partition("%")[0]
+    raw = int.from_bytes(_socket.inet_pton(family, host), "big")
+    if family == _socket.AF_INET6 and raw >> 32 == 0xFFFF:
+        family, raw = _socket.AF_INET, raw & 0xFFFFFFFF
+    for net_family, net, mask in networks:
+        if net_family == family and raw & mask == net:
+            return True
+    return False

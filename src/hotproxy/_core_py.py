@@ -243,6 +243,11 @@ if not TYPE_CHECKING:
     RelayConfig = _machine.RelayConfig
     _Relay = _machine.Relay
     _EngineBase = _machine.EngineBase
+    # the PROXY protocol's header parser and builder
+    parse_proxy_header = _machine.parse_proxy_header
+    proxy_header = _machine.proxy_header
+    proxy_networks = _machine.proxy_networks
+    PROXY_HEADER_MAX = _machine.PROXY_HEADER_MAX
 
 _now = time.monotonic
 _oserror = _machine._oserror
@@ -473,6 +478,14 @@ class Connection(_Relay):
             self.sock = None
             self.ufd = -1
             sock.close()
+
+    def _sockname(self) -> Any:
+        if not self.raw:
+            return self.client.get_extra_info("sockname")
+        try:
+            return self.csock.getsockname() if self.csock is not None else None
+        except OSError:
+            return None
 
     def _close_client(self) -> bool:
         sock = self.csock

@@ -22,6 +22,7 @@ cdef class Connection(Relay):
     cdef _defer(self)
     cdef int _start_attempt(self, Target t) except -1
     cdef _close_fd(self)
+    cdef object _sockname(self)
     cdef bint _close_client(self) except -1
     cdef _close_pipes(self)
     cdef _shutdown(self, bint client_side)

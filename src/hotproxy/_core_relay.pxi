@@ -144,6 +144,16 @@ cdef class Connection(Relay):
             _close(fd)   # also takes it out of the epoll set
             self.engine.forget(self)
 
+    cdef object _sockname(self):
+        # the client socket's local address (the PROXY protocol's destination)
+        cdef sockaddr_storage ss
+        cdef socklen_t alen = sizeof(ss)
+        if not self.raw:
+            return self.client.get_extra_info("sockname")
+        if self.cfd < 0 or getsockname(self.cfd, <sockaddr*>&ss, &alen) < 0:
+            return None
+        return _sockaddr_to_py(&ss, alen)
+
     cdef bint _close_client(self) except -1:
         cdef int fd = self.cfd
         if fd < 0:

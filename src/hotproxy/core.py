@@ -16,7 +16,7 @@ test on both).  Type checkers check callers against the stub.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional, Protocol, cast
+from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 from . import _core_py
 from .errors import describe
@@ -57,6 +57,7 @@ class Core(Protocol):
     def Listener(self) -> type[_stub.Listener]: ...
     def table_size(self, slots: int, workers: int) -> int: ...
     def private_counter(self) -> _stub.SharedCounter: ...
+    def proxy_networks(self, cidrs: Any) -> tuple[tuple[int, int, int], ...]: ...
 
 
 def _flag(name: str) -> bool:

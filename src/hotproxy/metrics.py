@@ -64,6 +64,9 @@ METRICS: dict[str, MetricDoc] = {
     "hotproxy_service_connections_refused": MetricDoc("counter", S, "connections refused by max_connections"),
     "hotproxy_service_no_upstream": MetricDoc("counter", S, "connections closed because no upstream could be reached"),
     "hotproxy_service_idle_closed": MetricDoc("counter", S, "connections closed by idle_timeout"),
+    "hotproxy_service_proxy_header_errors": MetricDoc("counter", S, "connections closed for their PROXY "
+                                                      "header (accept_proxy): malformed, oversized, slow, "
+                                                      "or from a peer not in proxy_from"),
     "hotproxy_service_received_bytes": MetricDoc("counter", S, "bytes read from clients"),
     "hotproxy_service_sent_bytes": MetricDoc("counter", S, "bytes written to clients"),
     "hotproxy_service_connect_failures": MetricDoc("counter", S, "failed connects to upstreams"),
@@ -109,6 +112,7 @@ _SERVICE_COUNTERS = {
     "refused": "hotproxy_service_connections_refused",
     "no_upstream": "hotproxy_service_no_upstream",
     "idle_closed": "hotproxy_service_idle_closed",
+    "proxy_header_errors": "hotproxy_service_proxy_header_errors",
     "bytes_in": "hotproxy_service_received_bytes",
     "bytes_out": "hotproxy_service_sent_bytes",
     "connect_failures": "hotproxy_service_connect_failures",

@@ -22,6 +22,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -35,7 +36,9 @@ class Option:
     file's directory), ``upstreams`` (a non-empty list of ``host:port`` /
     ``[v6]:port`` / ``unix:/path``; see ``config`` and ``proxy``), ``table``
     (an inline table of the keys ``fields`` declares, each checked by its
-    own ``Option``; the default None: absent, off).
+    own ``Option``; the default None: absent, off), ``networks`` (a
+    non-empty list of IP networks, ``"127.0.0.1/32"``; checked here, given
+    as a tuple).
     """
 
     type: str
@@ -143,6 +146,16 @@ PROXY_OPTIONS: dict[str, Option] = {
     "health_check": Option("table", None, fields=HEALTH_CHECK_OPTIONS,
                            doc="active checks, run once per instance: { interval, timeout, rise, fall, send, "
                                "expect } (default: off, passive checks only)"),
+    "send_proxy": Option("str", "off", choices=("off", "v1", "v2"),
+                         doc="write a PROXY protocol header of this version to the upstream before any "
+                             "client byte, with the client's address (or the one accept_proxy received)"),
+    "accept_proxy": Option("bool", False, doc="every client must start with a PROXY protocol header "
+                           "(v1 or v2); its address is the client's for logs, hash and send_proxy"),
+    "proxy_from": Option("networks", ("127.0.0.1/32", "::1/128"),
+                         doc="with accept_proxy, the networks of the peers that may send a header "
+                             "(others are closed at once; a Unix socket's peers always may)"),
+    "proxy_timeout": Option("float", 5.0, min=0, max=YEAR, above=True,
+                            doc="with accept_proxy, seconds a client has to send its whole header"),
 }
 
 
@@ -210,7 +223,25 @@ def check_value(value: Any, opt: Option) -> Any:
         return out
     if t == "upstreams":
         return value
+    if t == "networks":
+        return _networks(value)
     raise AssertionError(f"unknown option type {t!r}")  # pragma: no cover - a bug in a table
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    # a non-empty list of IP networks, each exactly as written (no host bits)
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError("expected at least one network like \"127.0.0.1/32\", got an empty array")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list of networks like \"127.0.0.1/32\", got {show(value)}")
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            raise ValueError(f"[{i}]: expected a network like \"127.0.0.1/32\", got {show(text)}")
+        try:
+            ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"[{i}]: expected a network like \"127.0.0.1/32\", got {show(text)} ({exc})") from None
+    return tuple(value)
 
 
 def check_fields(obj: Any, options: Mapping[str, Option], skip: Iterable[str] = ()) -> None:
@@ -250,7 +281,8 @@ def expected(opt: Option) -> str:
     """What a missing *opt* should have been, for "missing (expected ...)"."""
     if opt.choices:
         return "one of " + ", ".join(opt.choices)
-    return {"upstreams": "a list of addresses", "table": "a table", "str": "a string", "path": "a path", "int": "an integer",
+    return {"upstreams": "a list of addresses", "networks": "a list of networks", "table": "a table",
+            "str": "a string", "path": "a path", "int": "an integer",
             "float": "a number", "bool": "true or false"}.get(opt.type, opt.type) + \
         (f" ({opt.doc})" if opt.doc else "")
 
@@ -278,6 +310,8 @@ def default_text(opt: Option) -> str:
         return "required"
     if opt.default is None:
         return "-"
+    if isinstance(opt.default, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in opt.default) + "]"
     return show(opt.default)
 
 

@@ -171,6 +171,10 @@ class ProxyFactory(MakeService):
     access_log: bool = _OPT["access_log"]
     #: active health checks (a ``HealthCheck``, or a table of its keys); None: off
     health_check: HealthCheck | None = None
+    send_proxy: str = _OPT["send_proxy"]
+    accept_proxy: bool = _OPT["accept_proxy"]
+    proxy_from: tuple[str, ...] = _OPT["proxy_from"]
+    proxy_timeout: float = _OPT["proxy_timeout"]
     counter: CounterSlot | None = None
     health: tuple[int, tuple[int, ...]] | None = None
     #: the service's name in the config ("" for a factory made in code): in
@@ -215,6 +219,7 @@ class ProxyFactory(MakeService):
         except (ValueError, TypeError) as exc:
             raise ValueError(f"health_check: {exc}") from None
         check_fields(self, PROXY_OPTIONS, skip=("upstreams", "health_check"))
+        object.__setattr__(self, "proxy_from", tuple(self.proxy_from))
 
     def named(self, name: str) -> ProxyFactory:
         return replace(self, service=name)
@@ -263,7 +268,7 @@ class ProxyFactory(MakeService):
         shared = _Shared(limits.counter(self.counter))
         counters = shared.counters
         for key in ("accepted", "bytes_in", "bytes_out", "connect_failures", "refused", "idle_closed",
-                    "no_upstream"):
+                    "no_upstream", "proxy_header_errors"):
             setattr(counters, key, sum(_number(s.get("counters", {}).get(key, 0), key) for s in seed.carry))
         like = seed.like or {}
         shared.rr = _number(like.get("rr", 0), "rr")
@@ -416,6 +421,9 @@ def resolve(up: Upstream, found: tuple[int, Any] | None = None) -> tuple[int, by
 # sizeof(sun_path) on Linux
 _UNIX_PATH_MAX = 108
 
+# send_proxy -> the PROXY protocol version the core writes (0: none)
+_SEND_PROXY = {"off": 0, "v1": 1, "v2": 2}
+
 
 class ProxyService(Service):
     """One version of a proxy site on one worker."""
@@ -469,6 +477,11 @@ class ProxyService(Service):
             max_connections=factory.max_connections,
             on_refuse=_debug_refusal(self.balancer, on_refuse) if debug else on_refuse,
             limit=shared.limit,
+            send_proxy=_SEND_PROXY[factory.send_proxy],
+            accept_proxy=factory.accept_proxy,
+            proxy_from=impl.proxy_networks(factory.proxy_from),
+            proxy_timeout=float(factory.proxy_timeout),
+            on_header_error=self.balancer.log_header_error if factory.access_log else None,
         )
 
     # -- the accept path -------------------------------------------------------
@@ -801,6 +814,12 @@ class _Balancer:
                         conn.bytes_in, conn.bytes_out, duration, conn.end,
                         extra=self._fields(client=client, upstream=upstream, bytes_in=conn.bytes_in,
                                            bytes_out=conn.bytes_out, duration=round(duration, 6), end=conn.end))
+
+    def log_header_error(self, peer: Any, reason: str) -> None:
+        """A client closed for its PROXY header (accept_proxy): bad, slow, or not from proxy_from."""
+        client = _peer(peer)
+        log.info("%s%s: PROXY header refused: %s", self._who, client, reason,
+                 extra=self._fields(client=client, reason=reason))
 
     def log_refused(self, peer: Any) -> None:
         """The access line of a connection refused by ``max_connections``."""
