@@ -328,23 +328,36 @@ class WorkerManager:
                         timeout: float | None) -> list[Any]:
         """Each command's outcome on *worker* (a value or an exception), in order.
 
-        Every command is written to the worker before the first reply is
-        awaited: the tasks start in creation order (the loop runs callbacks
-        first in, first out) and each writes its request before it awaits.
-        With a *timeout*, a worker that answers none of the commands still
-        pending for that long is killed (``kill_silent``), which fails them.
+        A worker process gets them all in one message (``_batch``); with a
+        *timeout*, one that answers none of the commands still pending for
+        that long is killed (``kill_silent``), which fails them.  An inline
+        worker runs in our own loop (it cannot be silent, nor killed): every
+        command is started before the first is awaited, in creation order.
         """
+        if isinstance(worker, ProcessWorker):
+            return await self._batch(worker, commands, timeout)
         tasks = [asyncio.ensure_future(self._execute(worker, c)) for c in commands]
-        # (an inline worker runs in our own loop: it cannot be silent, nor killed)
-        if timeout is not None and isinstance(worker, ProcessWorker):
-            pending: set[asyncio.Future[Any]] = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, timeout=timeout,
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    worker.kill_silent(timeout, f"{len(pending)} of {len(commands)} commands")
-                    break
         return await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _batch(self, worker: ProcessWorker, commands: Sequence[Any], timeout: float | None) -> list[Any]:
+        """*commands* on a worker process in one message (``ProcessWorker.execute_batch``):
+        one pickle and one write per worker per phase, however many services
+        change.  A command naming a Unix listener the master cannot send
+        fails alone (the others run), as if sent one by one."""
+        outcomes: list[Any] = [None] * len(commands)
+        send: list[Any] = []
+        where: list[int] = []
+        for i, command in enumerate(commands):
+            try:
+                send.append(self._shared.for_worker(command, worker))
+                where.append(i)
+            except DeployError as exc:
+                outcomes[i] = exc.on_worker(worker.id)
+            except WorkerError as exc:
+                outcomes[i] = exc
+        for i, out in zip(where, await worker.execute_batch(send, timeout)):
+            outcomes[i] = out
+        return outcomes
 
     async def _execute(self, worker: WorkerHandle, command: Any) -> Any:
         """*command* on *worker*; a Unix listener it names is the master's socket.
@@ -366,6 +379,8 @@ class WorkerManager:
         no command is in flight: a socket bound for a command that failed
         everywhere (not recorded) is released here too.
         """
+        if not self._shared.sockets():
+            return   # no Unix listener: nothing to release (and no walk over 10,000 deployments)
         used = [d.listener_factory for d in self.deployments.values()]
         used += [s.listener_factory for s in self._staged.values() if s.listener_factory is not None]
         self._shared.release_unused(used)

@@ -6,7 +6,7 @@ which the master sends the listening sockets it owns (the worker's
 ``fdchannel.FdReceiver``), C the instance's connection counters (see
 limits.Segment).
 It runs the commands the master sends, one at a time in order, answers
-status requests at once, and exits when told to, on ``SIGTERM`` (graceful:
+status requests at once (between two commands of a batch too), and exits when told to, on ``SIGTERM`` (graceful:
 stop accepting, drain, exit), on ``SIGQUIT`` (at once), or when the master
 goes away (its end of the channel closes, or the parent-death signal).
 
@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 from . import logs
@@ -31,6 +32,23 @@ from .channel import EXIT_BOOT_FAILURE, read_message, write_message
 from .fdchannel import FdReceiver
 
 log = logging.getLogger("hotproxy.worker")
+
+#: a batch of commands runs in slices of about this many seconds, with an
+#: event-loop turn between two slices: a reload of 10,000 services never
+#: holds this worker's accepts (nor its status answers) for longer
+SLICE = 0.005
+#: a batch's outcomes so far are sent to the master at most this often (and
+#: at the end): they are its progress, which its silence deadline watches
+FLUSH = 0.02
+
+
+class Batch:
+    """The commands of one ``("batch", id, commands)`` message: run in order, one reply."""
+
+    __slots__ = ("commands",)
+
+    def __init__(self, commands: list[Any]) -> None:
+        self.commands = commands
 
 
 def _die_with_parent() -> None:
@@ -103,6 +121,8 @@ class WorkerProcess:
                 kind = msg[0]
                 if kind == "cmd":
                     self.queue.put_nowait((msg[1], msg[2]))
+                elif kind == "batch":
+                    self.queue.put_nowait((msg[1], Batch(msg[2])))
                 elif kind == "status":
                     write_message(writer, ("res", msg[1], True, self.executor.status()))
                 elif kind == "snapshot":
@@ -128,6 +148,9 @@ class WorkerProcess:
 
         while True:
             req_id, command = await self.queue.get()
+            if isinstance(command, Batch):
+                await self._run_batch(writer, req_id, command.commands)
+                continue
             if self.fds is not None:
                 command = self.fds.received(command)
             try:
@@ -146,6 +169,59 @@ class WorkerProcess:
                 write_message(writer, reply)
             except Exception as exc:  # e.g. an unpicklable error
                 write_message(writer, ("res", req_id, False, WorkerError(self.worker_id, repr(exc))))
+
+    async def _run_one(self, command: Any) -> tuple[bool, Any]:
+        """One command of a batch: (True, its result) or (False, its error)."""
+        from .errors import HotproxyError, WorkerError, describe
+
+        if self.fds is not None:
+            command = self.fds.received(command)
+        try:
+            return True, await self.executor.execute(command)
+        except HotproxyError as exc:
+            return False, exc
+        except Exception as exc:  # a bug or a bad command: report, keep serving
+            log.exception("command %r failed", command)
+            return False, WorkerError(self.worker_id, describe(exc, typed=True))
+        finally:
+            if self.fds is not None:
+                self.fds.done(command)   # a descriptor no listener took is closed
+
+    async def _run_batch(self, writer: asyncio.StreamWriter, req_id: int, commands: list[Any]) -> None:
+        """Run *commands* in order; send their outcomes as they come (``"part"``,
+        at most every ``FLUSH`` seconds) and the last ones with the reply
+        (``"res"``).  Between two slices of ``SLICE`` seconds the loop turns:
+        accepts, relays and status requests go on while a big batch runs."""
+        done: list[tuple[bool, Any]] = []
+        last_flush = last_yield = time.monotonic()
+        for i, command in enumerate(commands):
+            done.append(await self._run_one(command))
+            now = time.monotonic()
+            if now - last_flush >= FLUSH and i + 1 < len(commands):
+                self._send_outcomes(writer, "part", req_id, done)
+                done, last_flush = [], now
+            if now - last_yield >= SLICE:
+                await asyncio.sleep(0)
+                last_yield = time.monotonic()
+        self._send_outcomes(writer, "res", req_id, done)
+
+    def _send_outcomes(self, writer: asyncio.StreamWriter, kind: str, req_id: int,
+                       outcomes: list[tuple[bool, Any]]) -> None:
+        from .errors import WorkerError
+
+        try:
+            write_message(writer, (kind, req_id, True, outcomes))
+        except Exception:  # e.g. an unpicklable result or error: that one only says so
+            import pickle
+
+            safe: list[tuple[bool, Any]] = []
+            for ok, value in outcomes:
+                try:
+                    pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                    safe.append((ok, value))
+                except Exception as exc:
+                    safe.append((False, WorkerError(self.worker_id, repr(exc))))
+            write_message(writer, (kind, req_id, True, safe))
 
 
 def main(argv: list[str] | None = None) -> int:
