@@ -385,22 +385,25 @@ class WorkerManager:
         used += [s.listener_factory for s in self._staged.values() if s.listener_factory is not None]
         self._shared.release_unused(used)
 
-    async def status(self, timeout: float = STATUS_TIMEOUT) -> list[dict[str, Any]]:
+    async def status(self, timeout: float = STATUS_TIMEOUT, *, names: Sequence[str] | None = None,
+                     summary: bool = False) -> list[dict[str, Any]]:
         """Each worker's status (sites, generations, connections), or its error.
 
         Every worker is asked at once; one that has not answered within
         *timeout* is reported as not answering (``"answering": False``), never
-        waited for.
+        waited for.  *names*: only those sites; *summary*: counts, no site
+        (``ServiceExecutor.status_sliced``).
         """
-        return list(await asyncio.gather(*(self._worker_status(w, timeout) for w in self.workers)))
+        return list(await asyncio.gather(*(self._worker_status(w, timeout, names, summary) for w in self.workers)))
 
     @staticmethod
-    async def _worker_status(w: WorkerHandle, timeout: float) -> dict[str, Any]:
+    async def _worker_status(w: WorkerHandle, timeout: float, names: Sequence[str] | None = None,
+                             summary: bool = False) -> dict[str, Any]:
         entry: dict[str, Any] = {"worker": w.id, "pid": w.pid, "alive": w.alive, "ready": w.ready,
                                  "answering": False}
         if w.alive:
             try:
-                entry.update(await asyncio.wait_for(w.status(), timeout))
+                entry.update(await asyncio.wait_for(w.status(names, summary), timeout))
                 entry["answering"] = True
             except asyncio.TimeoutError:
                 entry["error"] = f"not answering (no status within {timeout:g}s)"

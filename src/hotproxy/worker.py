@@ -72,6 +72,10 @@ class WorkerProcess:
         self.executor: Any = None
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.stop_requested: asyncio.Future[tuple[bool, float | None]] | None = None
+        #: (soft before, hard) when the start raised the soft RLIMIT_NOFILE, for the log
+        self.nofile: tuple[int, int] | None = None
+        #: status answers being built (kept referenced until written)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -84,6 +88,8 @@ class WorkerProcess:
                 sys.path.insert(0, entry)
         logs.configure(hello.get("log_level", "WARNING"), hello.get("log_format", "text"),
                        logs.worker_role(self.worker_id))
+        if self.nofile is not None:
+            log.info("RLIMIT_NOFILE raised from %d to the hard limit %d", *self.nofile)
         if hello.get("cpu") is not None:
             try:
                 os.sched_setaffinity(0, {hello["cpu"]})
@@ -110,6 +116,21 @@ class WorkerProcess:
             pass
         return 0
 
+    def _answer(self, writer: asyncio.StreamWriter, req_id: int, coro: Any) -> None:
+        """Reply to request *req_id* with what *coro* returns, when it has."""
+        async def answer() -> None:
+            try:
+                reply: tuple[Any, ...] = ("res", req_id, True, await coro)
+            except Exception as exc:
+                reply = ("res", req_id, False, exc)
+            try:
+                write_message(writer, reply)
+            except Exception:
+                pass   # the channel is gone: the master's reader sees it
+        task = asyncio.get_running_loop().create_task(answer())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _request_stop(self, graceful: bool, timeout: float | None) -> None:
         if self.stop_requested is not None and not self.stop_requested.done():
             self.stop_requested.set_result((graceful, timeout))
@@ -124,7 +145,10 @@ class WorkerProcess:
                 elif kind == "batch":
                     self.queue.put_nowait((msg[1], Batch(msg[2])))
                 elif kind == "status":
-                    write_message(writer, ("res", msg[1], True, self.executor.status()))
+                    # (built in slices, in its own task: this loop reads on meanwhile)
+                    names = msg[2] if len(msg) > 2 else None
+                    summary = bool(msg[3]) if len(msg) > 3 else False
+                    self._answer(writer, msg[1], self.executor.status_sliced(names, summary))
                 elif kind == "snapshot":
                     write_message(writer, ("res", msg[1], True, self.executor.snapshot()))
                 elif kind == "seed":
@@ -224,6 +248,21 @@ class WorkerProcess:
             write_message(writer, (kind, req_id, True, safe))
 
 
+def _raise_nofile() -> tuple[int, int] | None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (a listener per
+    service, 10,000 of them, need descriptors); (soft before, hard) if raised."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == hard or (hard != resource.RLIM_INFINITY and soft > hard):
+            return None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return soft, hard
+    except (ValueError, OSError):
+        return None   # the master's log says what the limit is
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hotproxy-worker")
     parser.add_argument("--fd", type=int, required=True)
@@ -238,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
+    nofile = _raise_nofile()
     if os.getppid() == 1:
         return EXIT_BOOT_FAILURE  # the master died before we started
     try:
@@ -250,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
             Segment.attach(args.counters_fd, args.id if args.counters_region is None else args.counters_region)
         worker = WorkerProcess(sock, args.id, fds)
+        worker.nofile = nofile
     except Exception as exc:
         print(f"hotproxy worker {args.id}: cannot start: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILURE

@@ -30,7 +30,7 @@ import os
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from . import logs
 from .channel import read_message, write_message
@@ -62,8 +62,8 @@ class WorkerHandle(Protocol):
     async def execute(self, command: Any) -> Any:
         """Run one deployment command; its result, or raise its error."""
 
-    async def status(self) -> dict[str, Any]:
-        """The worker's ``ServiceExecutor.status()``."""
+    async def status(self, names: Sequence[str] | None = None, summary: bool = False) -> dict[str, Any]:
+        """The worker's ``ServiceExecutor.status_sliced(names, summary)``."""
 
     async def set_logging(self, level: str, fmt: str) -> None:
         """Apply a new ``runtime.log_level`` and ``log_format``."""
@@ -109,8 +109,8 @@ class InlineWorker:
     async def execute(self, command: Any) -> Any:
         return await self.executor.execute(command)
 
-    async def status(self) -> dict[str, Any]:
-        return self.executor.status()
+    async def status(self, names: Sequence[str] | None = None, summary: bool = False) -> dict[str, Any]:
+        return await self.executor.status_sliced(names, summary)
 
     async def set_logging(self, level: str, fmt: str) -> None:
         pass   # the caller's own process: the reload sets its logging
@@ -331,8 +331,8 @@ class ProcessWorker:
         finally:
             self.batches.pop(req_id, None)
 
-    async def status(self) -> dict[str, Any]:
-        return await self._call("status")  # type: ignore[no-any-return]
+    async def status(self, names: Sequence[str] | None = None, summary: bool = False) -> dict[str, Any]:
+        return await self._call("status", None if names is None else list(names), summary)  # type: ignore[no-any-return]
 
     async def set_logging(self, level: str, fmt: str) -> None:
         await self._call("logging", level, fmt)
