@@ -52,6 +52,9 @@ log = logging.getLogger("hotproxy.reload")
 
 #: runtime keys a reload cannot change (they need a restart); the others
 #: (drain_timeout, log_level, log_format, reload_timeout, admin_idle_timeout) apply at once
+#: services (old and new) above which the diff runs in a thread
+DIFF_IN_THREAD = 1000
+
 RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req", "metrics")
 # (an upgrade -- ``hotproxy upgrade`` -- is a restart that refuses nobody: it applies them all)
 
@@ -283,7 +286,12 @@ class Reloader:
         running = self.current.services if self.current is not None else {}
         old_logging = ((self.current.runtime.log_level, self.current.runtime.log_format)
                        if self.current is not None else None)
-        d = diff(running, config.services)
+        if len(config.services) + len(running) > DIFF_IN_THREAD:
+            # one comparison per service, 10,000 of them: off the loop, which
+            # keeps answering status and signals meanwhile
+            d = await asyncio.to_thread(diff, running, config.services)
+        else:
+            d = diff(running, config.services)
         report.added, report.changed, report.moved = d.added, d.changed, d.moved
         report.removed, report.unchanged = d.removed, d.unchanged
         config = self._runtime(config, report)
