@@ -244,9 +244,10 @@ class WorkerManager:
         """Run *commands*, in order, on every live worker; one result group each.
 
         Each worker runs them one at a time in this order, exactly as if they
-        were dispatched one by one; but all are sent at once, so the whole
-        batch costs one wait for the slowest worker instead of one per
-        command (a reload that changes many services).
+        were dispatched one by one; but all are sent at once, in one message
+        per worker process, so the whole batch costs one pickle, one write
+        and one wait for the slowest worker instead of one per command (a
+        reload that changes many services).
 
         *timeout* (default: ``command_timeout``) bounds how long a worker
         may stay silent: one that finishes none of its remaining commands

@@ -24,9 +24,13 @@ Rules of this module (docs/architecture.md, "The reload"):
   background).
 * Reloads are serialized by one lock: one arriving during another runs
   after it, against the config the first one left.
-* Each phase sends all its commands to every worker at once (the manager's
-  ``dispatch_many``; a worker runs them one at a time, in order), so a
-  phase waits once for the slowest worker, not once per service.
+* Each phase sends all its commands to every worker at once, in one message
+  per worker (the manager's ``dispatch_many``; a worker runs them one at a
+  time, in order, in slices with a loop turn between), so a phase waits once
+  for the slowest worker, not once per service.
+* A reload costs what it changes: an unchanged service costs one
+  comparison of its table (``ServiceConfig.same_as``) and no command; the
+  running addresses the probe needs are an index kept with each change.
 """
 
 from __future__ import annotations
