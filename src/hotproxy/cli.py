@@ -538,7 +538,7 @@ def format_status(status: dict[str, Any]) -> str:
         from .report import summary_line
 
         lines.append(f"last reload #{last.get('seq')} ({last.get('trigger')}) at {_when(last.get('at'))}: "
-                     f"{summary_line(last)}")
+                     f"{last.get('line') or summary_line(last)}")
     if status.get("reloading"):
         queued = status.get("reload_queued") or 0
         lines.append("a reload is running" + (f" ({queued} request{'' if queued == 1 else 's'} queued behind it)"

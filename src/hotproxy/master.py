@@ -506,7 +506,7 @@ class Master:
             #: requests waiting in the reload queued behind the running one
             "reload_queued": self._next_requests if self._reload_next is not None else 0,
             "reloads": self.reloader.seq,
-            "last_reload": last.to_dict() if last is not None else None,
+            "last_reload": (None if last is None else _brief_report(last) if summary else last.to_dict()),
             "restarts": self.manager.restarts,
             #: {"pid", "since"} of the new master while an upgrade runs
             "upgrading": self.upgrading,
@@ -867,6 +867,19 @@ def _big(path: str | None) -> bool:
         return path is not None and os.stat(path).st_size > QUICK_LOAD_BYTES
     except OSError:
         return False   # the load reports it
+
+
+#: the lists of service names in a reload report
+_REPORT_NAMES = ("added", "changed", "moved", "removed", "unchanged")
+
+
+def _brief_report(report: ReloadReport) -> dict[str, Any]:
+    """A report as a summary status carries it: how many services each list
+    has (``"counts"``) and its line, not the names (10,000 of them)."""
+    out = report.to_dict()
+    out["counts"] = {key: len(out.pop(key)) for key in _REPORT_NAMES}
+    out["line"] = report.summary()
+    return out
 
 
 def _upstreams(name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
