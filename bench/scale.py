@@ -26,13 +26,18 @@ Per size N, with the real ``hotproxy run -c FILE`` (2 workers):
   as ``hotproxy reload`` does) with the file rewritten (atomically) first;
   the figures are the report's own ``duration_ms`` (request received ->
   every worker committed), ``prepare_ms`` and ``commit_ms``; "beyond parse"
-  is ``duration_ms`` minus the read + parse time.  In order: the unchanged
+  is ``duration_ms`` minus the report's own ``load_ms`` (the master reading
+  and checking the file, in the same reload; shown "in the master" beside
+  the bench's parse time), or minus the bench's parse time when the report
+  has no ``load_ms`` (older hotproxy).  In order: the unchanged
   file; 1 service changed in place (an echo's greeting, back and forth);
   1 service added, then that one removed; then K = min(1,000, N-1) services
   changed (greetings and proxies' ``balance``), twice (there and back).
   The 1-service and unchanged reloads are repeated 3 times when one takes
   under 3 s (the median is shown, ``x3``), else done once.
-* **status latency**: ``{"cmd": "status"}`` from this process with
+* **status latency**: ``{"cmd": "status", "summary": true}`` (what
+  ``hotproxy status`` asks by default: counts, not an entry per service,
+  above 50 services) from this process with
   ``hotproxy.adminclient.AdminConnection`` (a new connection per call, as
   the CLI makes; no CLI start-up measured): from connecting to the last
   byte of the reply line (the JSON is not decoded).  At rest: 10 calls,
@@ -317,7 +322,7 @@ class TimedConnection(AdminConnection):
     script's cost, not the master's, so the latency stops at the last byte.
     """
 
-    def raw(self, cmd: str, timeout: float) -> bytes:
+    def raw(self, cmd: str, timeout: float, **fields: Any) -> bytes:
         deadline = time.monotonic() + timeout
         if self._sock is None:
             self.connect(timeout)
@@ -325,7 +330,7 @@ class TimedConnection(AdminConnection):
         assert sock is not None
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(encode({"cmd": cmd}))
+            sock.sendall(encode({"cmd": cmd, **fields}))
             buf = bytearray()
             while b"\n" not in buf:
                 left = deadline - time.monotonic()
@@ -347,13 +352,13 @@ def timed_status(path: str, timeout: float = STATUS_TIMEOUT) -> tuple[float, int
     """(seconds from connecting to the reply's last byte, reply bytes) of one status call."""
     t0 = time.perf_counter()
     with TimedConnection(path) as conn:
-        raw = conn.raw("status", timeout)
+        raw = conn.raw("status", timeout, summary=True)
     return time.perf_counter() - t0, len(raw)
 
 
-def request(path: str, cmd: str, timeout: float) -> dict[str, Any]:
+def request(path: str, cmd: str, timeout: float, **fields: Any) -> dict[str, Any]:
     with AdminConnection(path) as conn:
-        return conn.request(cmd, timeout)
+        return conn.request(cmd, timeout, **fields)
 
 
 class StatusPoller(threading.Thread):
@@ -527,6 +532,8 @@ class Reload:
     durations: list[float] = field(default_factory=list)
     prepares: list[float] = field(default_factory=list)
     commits: list[float] = field(default_factory=list)
+    #: the report's ``load_ms`` (the master reading and checking the file), when it has one
+    loads: list[float] = field(default_factory=list)
     stall: float = 0.0          # ms, the largest gap during the reloads
     baseline: float = 0.0       # ms, the largest gap without a reload, as long
     probe_errors: int = 0
@@ -590,7 +597,7 @@ def wait_ready(path: str, master: subprocess.Popen[bytes], logfile: Path, timeou
         if master.poll() is not None:
             raise RuntimeError(f"hotproxy run exited with {master.returncode}: {tail(logfile)}")
         try:
-            reply = request(path, "status", max(1.0, deadline - time.monotonic()))
+            reply = request(path, "status", max(1.0, deadline - time.monotonic()), summary=True)
         except AdminError:
             reply = {}
         status = reply.get("status") if reply.get("ok") else None
@@ -639,7 +646,7 @@ class SizeRun:
             self.probe.mark()
             self.status_at_rest()
             self.reloads()
-            status = request(self.layout.admin_socket, "status", STATUS_TIMEOUT)["status"]
+            status = request(self.layout.admin_socket, "status", STATUS_TIMEOUT, summary=True)["status"]
             res.rss_master = rss_kib(self.master.pid)
             res.rss_workers = [r for r in (rss_kib(w["pid"]) for w in status["workers"] if w.get("pid"))
                                if r is not None]
@@ -703,6 +710,8 @@ class SizeRun:
             rel.durations.append(float(report.get("duration_ms") or 0.0))
             rel.prepares.append(float(report.get("prepare_ms") or 0.0))
             rel.commits.append(float(report.get("commit_ms") or 0.0))
+            if "load_ms" in report:
+                rel.loads.append(float(report["load_ms"]))
         gap, errors = worst_gap(during)
         base, _ = worst_gap(without)
         rel.stall = max(rel.stall, gap * 1000.0)
@@ -965,7 +974,12 @@ def secs(x: float | None) -> str:
 
 
 def beyond(res: SizeResult, rel: Reload) -> float:
-    """The reload's duration minus the bench's read + parse time (noisy: a difference of two timings)."""
+    """The reload's duration minus its read + parse time: the report's own
+    ``load_ms`` when it has one (median of duration - load_ms over the
+    repeats: the same reload, the same process), else the bench's parse time
+    (noisy: a difference of two timings in two processes)."""
+    if rel.loads and len(rel.loads) == len(rel.durations):
+        return statistics.median(d - lo for d, lo in zip(rel.durations, rel.loads))
     return rel.duration - (res.parse_ms or 0.0)
 
 
@@ -977,7 +991,9 @@ def reload_cell(res: SizeResult, key: str) -> str:
         return f"failed: {rel.failed[:120]}"
     reps = f" ×{len(rel.durations)}" if len(rel.durations) > 1 else ""
     return (f"**{ms(rel.duration)}**{reps} (prepare {ms(statistics.median(rel.prepares))}, commit "
-            f"{ms(statistics.median(rel.commits))}) · parse {ms(res.parse_ms)} · beyond {ms(beyond(res, rel))}")
+            f"{ms(statistics.median(rel.commits))}) · parse {ms(res.parse_ms)}"
+            + (f" (in the master: {ms(statistics.median(rel.loads))})" if rel.loads else "")
+            + f" · beyond {ms(beyond(res, rel))}")
 
 
 def stall_cell(res: SizeResult, keys: tuple[str, ...]) -> str:
@@ -1070,7 +1086,7 @@ def table(results: list[SizeResult], haps: list[HAProxyResult]) -> str:
     row("… 1 removed", lambda r: stall_cell(r, ("1 removed",)), lambda h: same)
     row("… many changed", lambda r: stall_cell(r, ("many",)))
     row("… many changed, with `status` polled during it", lambda r: stall_cell(r, ("many polled",)))
-    row("`status` at rest: median / max (reply size)",
+    row("`status` (summary) at rest: median / max (reply size)",
         lambda r: status_cell(r.status_rest) + f", {r.status_bytes / 1024:,.0f} KiB")
     row("`status` during the second many-changed reload: median / max",
         lambda r: status_cell(r.status_during, r.status_errors))
@@ -1312,11 +1328,12 @@ def report(command: str, results: list[SizeResult], haps: list[HAProxyResult], n
            "",
            "Reload cells: the report's `duration_ms` (request received → every worker committed; "
            "median when ×3) with its prepare and commit phases, the time to read and parse the file "
-           "(`load_config` in the bench), and the difference.  Probe gaps: the largest gap between two "
+           "(`load_config` in the bench; in the master: the report's `load_ms`, the same reload), and "
+           "the difference (beyond: `duration_ms` − `load_ms`).  Probe gaps: the largest gap between two "
            "echo round trips on `probe` (a service no reload touches; short connections over both "
            "workers, and one long connection) during the reload, then without one for as long; "
            "(+…) is the difference.  `status`: connect → last byte of the reply, over the admin "
-           "socket from the bench.  How each figure is taken: the docstring of `bench/scale.py`.",
+           "socket from the bench, asking for the summary (`hotproxy status`'s default).  How each figure is taken: the docstring of `bench/scale.py`.",
            "",
            table(results, haps),
            "",

@@ -50,8 +50,13 @@ class FailOnWorker(MakeService):
     delay: float = 0.0
     #: build only once this file exists (at most 60 s): a test holds a reload open
     wait_file: str = ""
+    #: seconds to take building *without* yielding to the worker's loop (a
+    #: blocking build: the worker answers nothing meanwhile)
+    busy: float = 0.0
 
     async def make_via_ref(self, old: Service | None) -> Service:
+        if self.busy:
+            time.sleep(self.busy)
         if self.delay:
             await asyncio.sleep(self.delay)
         for _ in range(6000):
@@ -68,7 +73,8 @@ FAIL_ON_WORKER = ServiceKind("fail_on_worker", {
     "fail_worker": Option("int", -1),
     "delay": Option("float", 0.0, min=0),
     "wait_file": Option("str", ""),
-}, lambda o: stack(FailOnWorker(o["greeting"].encode(), o["fail_worker"], o["delay"], o["wait_file"]),
+    "busy": Option("float", 0.0, min=0),
+}, lambda o: stack(FailOnWorker(o["greeting"].encode(), o["fail_worker"], o["delay"], o["wait_file"], o["busy"]),
                    CountConnections()),
     doc="test only: an echo service that fails to build on one worker")
 
@@ -119,7 +125,8 @@ class Program:
 
     def __init__(self, config: Path | None, log: Path, *, test_kinds: bool = False,
                  env: dict[str, str] | None = None, args: list[str] | None = None,
-                 nofile: int | None = None, module: str | None = None, pass_fds: tuple[int, ...] = ()) -> None:
+                 nofile: int | tuple[int, int] | None = None, module: str | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.config = config
         self.log_path = log
         self.cwd = config.parent if config is not None else log.parent
@@ -136,9 +143,10 @@ class Program:
         if nofile is not None:
             def preexec() -> None:
                 # ``ulimit -n NOFILE`` for the master, inherited by its workers
+                # (a pair: the soft and the hard limit)
                 import resource
 
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile if isinstance(nofile, tuple) else (nofile, nofile))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=self.env, cwd=str(self.cwd), preexec_fn=preexec, pass_fds=pass_fds)
         self.worker_pids: list[int] = []

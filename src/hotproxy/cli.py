@@ -165,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
         ("status", _cmd_status, "show the running instance's services",
          "A table of the running instance's services: listen address, generation,\n"
          "active connections, totals, and when each last changed; then the workers\n"
-         "and the last reload's time and result."),
+         "and the last reload's time and result.  With more than 50 services, a\n"
+         "summary instead of the table, unless --all; SERVICE... shows only those."),
         ("stop", _cmd_stop, "stop the running instance",
          "Stop the instance started with FILE: gracefully (stop accepting, drain open\n"
          "connections within runtime.drain_timeout), or at once with --fast.  Waits\n"
@@ -189,7 +190,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="give up waiting after this long (default: reload/status 120, stop 600)")
         if name == "status":
-            sp.add_argument("--json", action="store_true", help="print the raw status as JSON")
+            sp.add_argument("services", nargs="*", metavar="SERVICE",
+                            help="show only these services (exit 1 naming one that does not run)")
+            sp.add_argument("--json", action="store_true",
+                            help="print the raw status as JSON (one document: every service, or those named)")
+            sp.add_argument("--all", action="store_true",
+                            help="the whole table even with more than 50 services (a summary otherwise)")
         if name == "reload":
             sp.add_argument("--json", action="store_true", help="print the raw report as JSON")
             sp.add_argument("--allow-empty", action="store_true",
@@ -552,8 +558,13 @@ def format_report(report: ReloadReport | dict[str, Any]) -> str:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     timeout = args.timeout or 120.0
+    fields: dict[str, Any] = {}
+    if args.services:
+        fields["services"] = list(args.services)
+    elif not (args.all or args.json):
+        fields["summary"] = True
     with _connect(args, timeout) as conn:
-        reply = conn.request("status", timeout)
+        reply = conn.request("status", timeout, **fields)
     if not reply.get("ok"):
         _error(reply.get("error", "no status"))
         return 1
@@ -605,6 +616,12 @@ def format_status(status: dict[str, Any]) -> str:
                     for g, n in (s.get("versions") or {}).items() if g != current]
             lines.append(f"  {s['name']}: {s['old_versions']} old version{'' if s['old_versions'] == 1 else 's'}"
                          + (f": {', '.join(olds)}" if olds else ""))
+    summary = status.get("summary")
+    if summary:
+        kinds = ", ".join(f"{n:,} {k}" for k, n in sorted(summary.get("kinds", {}).items()))
+        lines = [f"{summary['services']:,} services ({kinds}): {summary.get('active', 0):,} active connections"
+                 + (f", {summary['staged']} staged" if summary.get("staged") else "")
+                 + "; `hotproxy status SERVICE...` for some, `--all` for the whole table"]
     workers = status["workers"]
     alive = sum(1 for w in workers if w.get("alive"))
     silent = [str(w["worker"]) for w in workers if w.get("alive") and w.get("answering") is False]
@@ -619,7 +636,7 @@ def format_status(status: dict[str, Any]) -> str:
         from .report import summary_line
 
         lines.append(f"last reload #{last.get('seq')} ({last.get('trigger')}) at {_when(last.get('at'))}: "
-                     f"{summary_line(last)}")
+                     f"{last.get('line') or summary_line(last)}")
     if status.get("reloading"):
         queued = status.get("reload_queued") or 0
         lines.append("a reload is running" + (f" ({queued} request{'' if queued == 1 else 's'} queued behind it)"

@@ -142,9 +142,21 @@ class ServiceConfig:
     factory: MakeService
     #: every option of the service with defaults filled in (for status and logs)
     options: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: the ``[services.NAME]`` table as the file has it, and the file's path
+    #: (relative paths in it are relative to that): what the factory and the
+    #: listener are built from, so equal tables mean equal services
+    table: tuple[str | None, Mapping[str, Any]] | None = field(default=None, compare=False, repr=False)
 
     def same_as(self, other: ServiceConfig) -> bool:
-        """True if running *other* instead of this would change nothing."""
+        """True if running *other* instead of this would change nothing.
+
+        The raw tables are compared first (one dict comparison, in C): a
+        reload of 10,000 services leaves most of them unchanged, and
+        comparing their built factories field by field is what an unchanged
+        reload would cost otherwise.
+        """
+        if self.table is not None and self.table == other.table:
+            return True
         return self.factory == other.factory and self.listener == other.listener
 
 
@@ -384,7 +396,8 @@ class _Checker:
             raise self.fail(prefix, f"invalid {kind.name} service: {exc}") from None
         except ImportError as exc:
             raise self.fail(f"{prefix}.kind", f"the {kind.name} service is not available: {exc}") from None
-        return ServiceConfig(name, kind.name, listener.address, listener, factory, {"backlog": backlog, **opts})
+        return ServiceConfig(name, kind.name, listener.address, listener, factory, {"backlog": backlog, **opts},
+                             (self.path, table))
 
     def listener(self, key: str, text: str, backlog: int) -> ListenerFactory:
         addr = self.address(key, text, "listen address")

@@ -267,9 +267,10 @@ class WorkerManager:
         """Run *commands*, in order, on every live worker; one result group each.
 
         Each worker runs them one at a time in this order, exactly as if they
-        were dispatched one by one; but all are sent at once, so the whole
-        batch costs one wait for the slowest worker instead of one per
-        command (a reload that changes many services).
+        were dispatched one by one; but all are sent at once, in one message
+        per worker process, so the whole batch costs one pickle, one write
+        and one wait for the slowest worker instead of one per command (a
+        reload that changes many services).
 
         *timeout* (default: ``command_timeout``) bounds how long a worker
         may stay silent: one that finishes none of its remaining commands
@@ -363,23 +364,36 @@ class WorkerManager:
                         timeout: float | None) -> list[Any]:
         """Each command's outcome on *worker* (a value or an exception), in order.
 
-        Every command is written to the worker before the first reply is
-        awaited: the tasks start in creation order (the loop runs callbacks
-        first in, first out) and each writes its request before it awaits.
-        With a *timeout*, a worker that answers none of the commands still
-        pending for that long is killed (``kill_silent``), which fails them.
+        A worker process gets them all in one message (``_batch``); with a
+        *timeout*, one that answers none of the commands still pending for
+        that long is killed (``kill_silent``), which fails them.  An inline
+        worker runs in our own loop (it cannot be silent, nor killed): every
+        command is started before the first is awaited, in creation order.
         """
+        if isinstance(worker, ProcessWorker):
+            return await self._batch(worker, commands, timeout)
         tasks = [asyncio.ensure_future(self._execute(worker, c)) for c in commands]
-        # (an inline worker runs in our own loop: it cannot be silent, nor killed)
-        if timeout is not None and isinstance(worker, ProcessWorker):
-            pending: set[asyncio.Future[Any]] = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, timeout=timeout,
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    worker.kill_silent(timeout, f"{len(pending)} of {len(commands)} commands")
-                    break
         return await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _batch(self, worker: ProcessWorker, commands: Sequence[Any], timeout: float | None) -> list[Any]:
+        """*commands* on a worker process in one message (``ProcessWorker.execute_batch``):
+        one pickle and one write per worker per phase, however many services
+        change.  A command naming a Unix listener the master cannot send
+        fails alone (the others run), as if sent one by one."""
+        outcomes: list[Any] = [None] * len(commands)
+        send: list[Any] = []
+        where: list[int] = []
+        for i, command in enumerate(commands):
+            try:
+                send.append(self._shared.for_worker(command, worker))
+                where.append(i)
+            except DeployError as exc:
+                outcomes[i] = exc.on_worker(worker.id)
+            except WorkerError as exc:
+                outcomes[i] = exc
+        for i, out in zip(where, await worker.execute_batch(send, timeout)):
+            outcomes[i] = out
+        return outcomes
 
     async def _execute(self, worker: WorkerHandle, command: Any) -> Any:
         """*command* on *worker*; a Unix listener it names is the master's socket.
@@ -401,26 +415,31 @@ class WorkerManager:
         no command is in flight: a socket bound for a command that failed
         everywhere (not recorded) is released here too.
         """
+        if not self._shared.sockets():
+            return   # no Unix listener: nothing to release (and no walk over 10,000 deployments)
         used = [d.listener_factory for d in self.deployments.values()]
         used += [s.listener_factory for s in self._staged.values() if s.listener_factory is not None]
         self._shared.release_unused(used)
 
-    async def status(self, timeout: float = STATUS_TIMEOUT) -> list[dict[str, Any]]:
+    async def status(self, timeout: float = STATUS_TIMEOUT, *, names: Sequence[str] | None = None,
+                     summary: bool = False) -> list[dict[str, Any]]:
         """Each worker's status (sites, generations, connections), or its error.
 
         Every worker is asked at once; one that has not answered within
         *timeout* is reported as not answering (``"answering": False``), never
-        waited for.
+        waited for.  *names*: only those sites; *summary*: counts, no site
+        (``ServiceExecutor.status_sliced``).
         """
-        return list(await asyncio.gather(*(self._worker_status(w, timeout) for w in self.workers)))
+        return list(await asyncio.gather(*(self._worker_status(w, timeout, names, summary) for w in self.workers)))
 
     @staticmethod
-    async def _worker_status(w: WorkerHandle, timeout: float) -> dict[str, Any]:
+    async def _worker_status(w: WorkerHandle, timeout: float, names: Sequence[str] | None = None,
+                             summary: bool = False) -> dict[str, Any]:
         entry: dict[str, Any] = {"worker": w.id, "pid": w.pid, "alive": w.alive, "ready": w.ready,
                                  "answering": False}
         if w.alive:
             try:
-                entry.update(await asyncio.wait_for(w.status(), timeout))
+                entry.update(await asyncio.wait_for(w.status(names, summary), timeout))
                 entry["answering"] = True
             except asyncio.TimeoutError:
                 entry["error"] = f"not answering (no status within {timeout:g}s)"

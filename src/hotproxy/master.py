@@ -48,7 +48,7 @@ import signal
 import socket
 import stat
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from . import activation, early_signals, logs
 from .admin import AdminError, AdminServer
@@ -67,6 +67,9 @@ log = logging.getLogger("hotproxy.master")
 
 #: what the admin socket answers
 ADMIN_COMMANDS = ("reload", "status", "stop", "upgrade")
+#: a ``status`` asking for a summary gets one when more services than this run
+#: (fewer: the whole table, which is small)
+SUMMARY_OVER = 50
 
 
 class PidfileError(HotproxyError):
@@ -75,6 +78,10 @@ class PidfileError(HotproxyError):
 
 class MetricsError(HotproxyError):
     """The metrics endpoint's address cannot be had."""
+
+
+class StatusError(HotproxyError):
+    """A ``status`` request names a service that does not run."""
 
 
 
@@ -146,6 +153,7 @@ class Master:
         self._stop = loop.create_future()
         self._install_signals(loop)
         rt = self.config.runtime
+        raise_nofile(len(self.config.services))
         hello: Hello | None = None
         try:
             if self.link is not None:
@@ -499,11 +507,28 @@ class Master:
         for name in report.removed:
             self.changed_at.pop(name, None)
 
-    async def status(self) -> dict[str, Any]:
-        """Everything ``hotproxy status`` shows, JSON-able."""
-        assert self.manager is not None
-        workers, olds = await asyncio.gather(self.manager.status(), self.old_masters.status())
-        return {**self._status_from(workers), "old_masters": olds}
+    async def status(self, services: Sequence[str] | None = None, summary: bool = False) -> dict[str, Any]:
+        """Everything ``hotproxy status`` shows, JSON-able.
+
+        *services*: only those services (``StatusError`` naming one that
+        does not run).  *summary*: counts instead of one entry per service,
+        when more than ``SUMMARY_OVER`` run (``"services"`` is then empty and
+        ``"summary"`` says how many there are): a reply of a few hundred
+        bytes, not megabytes, and no worker builds 10,000 entries.
+        """
+        assert self.manager is not None and self.reloader is not None
+        cur = self.reloader.current
+        running = cur.services if cur is not None else {}
+        if services is not None:
+            missing = [name for name in services if name not in running]
+            if missing:
+                raise StatusError(f"no service {', '.join(map(repr, missing))} in the running config "
+                                  f"({len(running)} services; `hotproxy status --all` lists them)")
+            services = list(dict.fromkeys(services))
+        summary = summary and services is None and len(running) > SUMMARY_OVER
+        workers, olds = await asyncio.gather(self.manager.status(names=services, summary=summary),
+                                             self.old_masters.status())
+        return {**self._status_from(workers, services, summary), "old_masters": olds}
 
     async def _metrics_snapshot(self) -> Any:
         """One scrape's data (see ``metrics``): every worker asked at once, none waited for."""
@@ -514,14 +539,26 @@ class Master:
         return Snapshot(self._status_from(workers), workers, dict(self.reloader.results),
                         config_digest(self.reloader.current), self.manager.count)
 
-    def _status_from(self, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    def _status_from(self, workers: list[dict[str, Any]], names: Sequence[str] | None = None,
+                     summary: bool = False) -> dict[str, Any]:
         assert self.manager is not None and self.reloader is not None
         cur = self.reloader.current
+        running = cur.services if cur is not None else {}
         services = []
-        for name, svc in (cur.services.items() if cur is not None else ()):
-            services.append(self._service_status(name, svc.kind, svc.listen, workers))
+        if not summary:
+            for name in (running if names is None else names):
+                svc = running[name]
+                services.append(self._service_status(name, svc.kind, svc.listen, workers))
         last = self.reloader.last
-        return {
+        extra: dict[str, Any] = {}
+        if summary:
+            kinds: dict[str, int] = {}
+            for svc in running.values():
+                kinds[svc.kind] = kinds.get(svc.kind, 0) + 1
+            extra["summary"] = {"services": len(running), "kinds": kinds,
+                                "active": sum(w.get("active") or 0 for w in workers),
+                                "staged": sum(w.get("staged") or 0 for w in workers)}
+        return {**extra,
             "pid": os.getpid(),
             "config": cur.source if cur is not None else self.config.source,
             "started": self.started,
@@ -532,14 +569,16 @@ class Master:
             #: requests waiting in the reload queued behind the running one
             "reload_queued": self._next_requests if self._reload_next is not None else 0,
             "reloads": self.reloader.seq,
-            "last_reload": last.to_dict() if last is not None else None,
+            "last_reload": (None if last is None else _brief_report(last) if summary else last.to_dict()),
             "restarts": self.manager.restarts,
             #: {"pid", "since"} of the new master while an upgrade runs
             "upgrading": self.upgrading,
             "last_upgrade": self.last_upgrade.to_dict() if self.last_upgrade is not None else None,
             "handed_over_to": self.handed_over_to,
             "upgraded_from": self.upgraded_from,
-            "workers": [{**{k: w.get(k) for k in ("worker", "pid", "alive", "answering", "draining", "error")},
+            "workers": [{**{k: w.get(k) for k in ("worker", "pid", "alive", "answering", "draining", "error",
+                                                  "commands")},
+                         **({"site_count": w.get("site_count")} if summary else {}),
                          "sites": sorted(w.get("sites") or ())} for w in workers],
             "services": services,
         }
@@ -588,7 +627,16 @@ class Master:
         if cmd == "status":
             if self.manager is None or self.reloader is None:
                 return {"ok": False, "error": "starting"}, False
-            return {"ok": True, "status": await self.status()}, False
+            names = request.get("services")
+            if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                return {"ok": False, "error": "malformed request: services must be a list of names"}, False
+            summary = request.get("summary", False)
+            if not isinstance(summary, bool):
+                return {"ok": False, "error": "malformed request: summary must be true or false"}, False
+            try:
+                return {"ok": True, "status": await self.status(names, summary)}, False
+            except StatusError as exc:
+                return {"ok": False, "error": str(exc)}, False
         if cmd == "reload":
             if self.handed_over_to is not None:
                 return {"ok": False, "error": f"this master (pid {os.getpid()}) handed over to pid "
@@ -777,10 +825,10 @@ class Master:
     async def _drain_status(self) -> dict[str, Any]:
         """What the new master shows of this one while it drains."""
         # (answered well within the 2 s the new master waits: a worker exiting is not waited for)
-        workers = await self.manager.status(0.5) if self.manager is not None else []
+        workers = await self.manager.status(0.5, summary=True) if self.manager is not None else []
         left = 0
         for w in workers:
-            left += w.get("draining_connections") or 0
+            left += (w.get("draining_connections") or 0) + (w.get("active") or 0)
             left += sum(site.get("active", 0) for site in (w.get("sites") or {}).values())
         drain = self.reloader.current.runtime.drain_timeout if self.reloader and self.reloader.current else None
         return {"pid": os.getpid(), "connections": left, "since": self._handed_over_at, "drain_timeout": drain,
@@ -960,6 +1008,19 @@ def _big(path: str | None) -> bool:
         return False   # the load reports it
 
 
+#: the lists of service names in a reload report
+_REPORT_NAMES = ("added", "changed", "moved", "removed", "unchanged")
+
+
+def _brief_report(report: ReloadReport) -> dict[str, Any]:
+    """A report as a summary status carries it: how many services each list
+    has (``"counts"``) and its line, not the names (10,000 of them)."""
+    out = report.to_dict()
+    out["counts"] = {key: len(out.pop(key)) for key in _REPORT_NAMES}
+    out["line"] = report.summary()
+    return out
+
+
 def _upstreams(name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
     """Service *name*'s upstreams over the workers: sums, where each is ejected, and each worker's view."""
     out: dict[str, Any] = {}
@@ -1011,6 +1072,33 @@ def set_tcp_migrate_req(path: str = TCP_MIGRATE_REQ) -> bool:
         return False
     log.info("set net.ipv4.tcp_migrate_req=1: a killed worker's queued connections move to another worker")
     return True
+
+
+#: descriptors a process needs beyond one per listener (connections, channels, files)
+NOFILE_SLACK = 256
+
+
+def raise_nofile(services: int) -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (inherited by the
+    workers, which do the same); log it, and warn when even that is too low
+    for *services* listeners.  Returns the (soft, hard) limits now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("RLIMIT_NOFILE raised from %d to the hard limit %d", soft, hard)
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("RLIMIT_NOFILE: cannot raise %d to the hard limit %d (%s)", soft, hard, exc)
+    else:
+        log.info("RLIMIT_NOFILE is %d (the hard limit)", soft)
+    if soft != resource.RLIM_INFINITY and services + NOFILE_SLACK > soft:
+        log.warning("RLIMIT_NOFILE %d is too low for %d services: each worker needs a descriptor per listener "
+                    "plus one or two per connection; raise the hard limit (ulimit -Hn, LimitNOFILE= in systemd)",
+                    soft, services)
+    return soft, hard
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:

@@ -24,9 +24,13 @@ Rules of this module (docs/architecture.md, "The reload"):
   background).
 * Reloads are serialized by one lock: one arriving during another runs
   after it, against the config the first one left.
-* Each phase sends all its commands to every worker at once (the manager's
-  ``dispatch_many``; a worker runs them one at a time, in order), so a
-  phase waits once for the slowest worker, not once per service.
+* Each phase sends all its commands to every worker at once, in one message
+  per worker (the manager's ``dispatch_many``; a worker runs them one at a
+  time, in order, in slices with a loop turn between), so a phase waits once
+  for the slowest worker, not once per service.
+* A reload costs what it changes: an unchanged service costs one
+  comparison of its table (``ServiceConfig.same_as``) and no command; the
+  running addresses the probe needs are an index kept with each change.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ if TYPE_CHECKING:
     from .workers import WorkerHandle
 
 log = logging.getLogger("hotproxy.reload")
+
+#: services (old and new) above which the diff runs in a thread
+DIFF_IN_THREAD = 1000
 
 #: runtime keys a reload cannot change (they need a restart); the others
 #: (drain_timeout, log_level, log_format, reload_timeout, admin_idle_timeout) apply at once
@@ -126,6 +133,9 @@ class ReloadReport:
     duration_ms: float = 0.0
     prepare_ms: float = 0.0
     commit_ms: float = 0.0
+    #: reading and checking the file (in a thread for a big file); the rest
+    #: of ``duration_ms`` is what the changes cost
+    load_ms: float = 0.0
     #: True when a failure came after some worker committed (should not happen)
     partial: bool = False
     #: how many reload requests this reload answered (requests that came
@@ -137,8 +147,15 @@ class ReloadReport:
         return summary_line(vars(self))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (the admin socket sends this)."""
-        return dataclasses.asdict(self)
+        """JSON-able form (the admin socket sends this).
+
+        Shallow (the name lists are the report's own, not copies): a status
+        reply carries the last report, whose ``unchanged`` may name 10,000
+        services, and ``dataclasses.asdict`` would deep-copy it each time.
+        """
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["failures"] = [dict(vars(f)) for f in self.failures]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReloadReport:
@@ -204,6 +221,8 @@ class Reloader:
         #: listen addresses another master of this instance holds (the one an
         #: upgrade takes over from): ours to share, not probed as a stranger's
         self.held: list[str] = []
+        #: the index of ``_running_addresses`` (None: build it from ``current``)
+        self._ours: dict[tuple[Any, ...], int] | None = None
 
     def close(self) -> None:
         """Refuse reloads from now on (the instance is stopping); one running finishes."""
@@ -240,7 +259,11 @@ class Reloader:
                 report.duration_ms = (time.monotonic() - started) * 1000.0
                 return report
             try:
-                config = await self._load(load, quick_load)
+                t_load = time.monotonic()
+                try:
+                    config = await self._load(load, quick_load)
+                finally:
+                    report.load_ms = (time.monotonic() - t_load) * 1000.0
                 if not config.services and not allow_empty:
                     hint = "hotproxy reload --allow-empty" + \
                         ("; a signal never empties hotproxy" if trigger == "SIGHUP" else "")
@@ -349,7 +372,12 @@ class Reloader:
         running = self.current.services if self.current is not None else {}
         old_logging = ((self.current.runtime.log_level, self.current.runtime.log_format)
                        if self.current is not None else None)
-        d = diff(running, config.services)
+        if len(config.services) + len(running) > DIFF_IN_THREAD:
+            # one comparison per service, 10,000 of them: off the loop, which
+            # keeps answering status and signals meanwhile
+            d = await asyncio.to_thread(diff, running, config.services)
+        else:
+            d = diff(running, config.services)
         report.added, report.changed, report.moved = d.added, d.changed, d.moved
         report.removed, report.unchanged = d.removed, d.unchanged
         config = self._runtime(config, report)
@@ -393,7 +421,8 @@ class Reloader:
         config, d, running, old_logging = staged.config, staged.diff, staged.running, staged.old_logging
         timeout = config.runtime.reload_timeout
         t1 = time.monotonic()
-        services = dict(running)
+        #: the services whose commit failed somewhere (they keep their old entry)
+        kept: set[str] = set()
         commits: list[tuple[str, Commit | Update | Remove]] = [(name, Commit(name)) for name in d.added + d.moved]
         commits += [(name, Update(name)) for name in d.changed if name not in d.moved]
         drain = config.runtime.drain_timeout
@@ -412,16 +441,28 @@ class Reloader:
                 # Workers that committed serve the new version; keep the old
                 # entry so the next reload tries this service again.
                 report.failures.extend(failed)
-                continue
-            if isinstance(step, Remove):
-                services.pop(name, None)
-            else:
-                services[name] = config.services[name]
+                kept.add(name)
         report.commit_ms = (time.monotonic() - t1) * 1000.0
-        # keep the file's order for status tables
-        ordered = {n: services[n] for n in config.services if n in services}
-        ordered.update((n, s) for n, s in services.items() if n not in ordered)
-        self.current = dataclasses.replace(config, services=ordered)
+        if kept:
+            # (rare: a commit that failed) the old entries of those services,
+            # the new ones of the others, in the file's order for status tables
+            services = dict(running)
+            for name, step in commits:
+                if name in kept:
+                    continue
+                if isinstance(step, Remove):
+                    services.pop(name, None)
+                else:
+                    services[name] = config.services[name]
+            ordered = {n: services[n] for n in config.services if n in services}
+            ordered.update((n, s) for n, s in services.items() if n not in ordered)
+            self.current = dataclasses.replace(config, services=ordered)
+            self._ours = None   # rebuilt from ``current`` when next needed
+        else:
+            # everything committed: the file's table is what runs, as it is
+            # (no copy of 10,000 entries for a reload that changed one)
+            self._note_listeners(running, config.services, d)
+            self.current = config
         if report.failures:
             report.partial = True
             report.error = str(report.failures[0])
@@ -447,11 +488,7 @@ class Reloader:
     def _probe(self, config: Config, d: Diff) -> list[Failure]:
         """Bind-probe every new TCP address no running service holds
         (``config.probe_bind`` says why only a plain bind can tell)."""
-        ours = set()
-        if self.current is not None:
-            for svc in self.current.services.values():
-                if isinstance(svc.listener, TcpListenerFactory):
-                    ours.update(listen_sockaddrs(svc.listener))
+        ours = set(self._running_addresses())
         for address in self.held:
             try:
                 held = parse_address(address)
@@ -496,6 +533,43 @@ class Reloader:
                                         worker=None if timed_out else r.worker, timeout=timed_out))
             out.append(failures)
         return out
+
+    def _running_addresses(self) -> dict[tuple[Any, ...], int]:
+        """The TCP addresses the running services listen on -> how many hold each.
+
+        Built once from ``current`` (in the probe's thread), then kept up to
+        date with each reload's changes only (``_note_listeners``): a reload
+        that adds one service among 10,000 does not resolve 10,000 addresses.
+        """
+        ours = self._ours
+        if ours is None:
+            ours = {}
+            for svc in (self.current.services.values() if self.current is not None else ()):
+                if isinstance(svc.listener, TcpListenerFactory):
+                    for addr in listen_sockaddrs(svc.listener):
+                        ours[addr] = ours.get(addr, 0) + 1
+            self._ours = ours
+        return ours
+
+    def _note_listeners(self, old: Mapping[str, ServiceConfig], new: Mapping[str, ServiceConfig], d: Diff) -> None:
+        """Update the index of running addresses with what *d* changed (only that)."""
+        ours = self._ours
+        if ours is None:
+            return   # not built yet: it will be, from the new ``current``
+        for name in d.removed + d.moved:
+            lf = old[name].listener
+            if isinstance(lf, TcpListenerFactory):
+                for addr in listen_sockaddrs(lf):
+                    left = ours.get(addr, 0) - 1
+                    if left > 0:
+                        ours[addr] = left
+                    else:
+                        ours.pop(addr, None)
+        for name in d.added + d.moved:
+            lf = new[name].listener
+            if isinstance(lf, TcpListenerFactory):
+                for addr in listen_sockaddrs(lf):
+                    ours[addr] = ours.get(addr, 0) + 1
 
     def _stopping(self) -> bool:
         return self.manager.stopping

@@ -52,8 +52,16 @@ def failure_line(failure: Mapping[str, Any]) -> str:
     return f"{phase} ({', '.join(where)}): {error}" if where else f"{phase}: {error}"
 
 
+#: a report line names at most this many services per list (then "+N more")
+MAX_NAMES = 20
+
+
 def _names(names: list[str] | None) -> str:
-    return "[" + ",".join(names or ()) + "]"
+    names = names or []
+    if len(names) > MAX_NAMES:
+        # one line, not 10,000 names, for a reload of a big file
+        return "[" + ",".join(names[:MAX_NAMES]) + f",... +{len(names) - MAX_NAMES} more]"
+    return "[" + ",".join(names) + "]"
 
 
 __all__ = ["failure_line", "summary_line"]

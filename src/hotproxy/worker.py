@@ -6,7 +6,7 @@ the socket on which the master sends the listening sockets it owns (the
 worker's ``fdchannel.FdReceiver``), C the instance's connection counters (see
 limits.Segment), H its active health states (health.HealthTable).
 It runs the commands the master sends, one at a time in order, answers
-status requests at once, and exits when told to, on ``SIGTERM`` (graceful:
+status requests at once (between two commands of a batch too), and exits when told to, on ``SIGTERM`` (graceful:
 stop accepting, drain, exit), on ``SIGQUIT`` (at once), or when the master
 goes away (its end of the channel closes, or the parent-death signal).
 
@@ -33,6 +33,23 @@ from .fdchannel import FdReceiver
 
 log = logging.getLogger("hotproxy.worker")
 
+#: a batch of commands runs in slices of about this many seconds, with an
+#: event-loop turn between two slices: a reload of 10,000 services never
+#: holds this worker's accepts (nor its status answers) for longer
+SLICE = 0.005
+#: a batch's outcomes so far are sent to the master at most this often (and
+#: at the end): they are its progress, which its silence deadline watches
+FLUSH = 0.02
+
+
+class Batch:
+    """The commands of one ``("batch", id, commands)`` message: run in order, one reply."""
+
+    __slots__ = ("commands",)
+
+    def __init__(self, commands: list[Any]) -> None:
+        self.commands = commands
+
 
 def _die_with_parent() -> None:
     """Ask the kernel to SIGTERM us if the master dies (Linux only)."""
@@ -55,6 +72,10 @@ class WorkerProcess:
         self.executor: Any = None
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.stop_requested: asyncio.Future[tuple[bool, float | None]] | None = None
+        #: (soft before, hard) when the start raised the soft RLIMIT_NOFILE, for the log
+        self.nofile: tuple[int, int] | None = None
+        #: status answers being built (kept referenced until written)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -67,6 +88,8 @@ class WorkerProcess:
                 sys.path.insert(0, entry)
         logs.configure(hello.get("log_level", "WARNING"), hello.get("log_format", "text"),
                        logs.worker_role(self.worker_id))
+        if self.nofile is not None:
+            log.info("RLIMIT_NOFILE raised from %d to the hard limit %d", *self.nofile)
         if hello.get("cpu") is not None:
             try:
                 os.sched_setaffinity(0, {hello["cpu"]})
@@ -93,6 +116,21 @@ class WorkerProcess:
             pass
         return 0
 
+    def _answer(self, writer: asyncio.StreamWriter, req_id: int, coro: Any) -> None:
+        """Reply to request *req_id* with what *coro* returns, when it has."""
+        async def answer() -> None:
+            try:
+                reply: tuple[Any, ...] = ("res", req_id, True, await coro)
+            except Exception as exc:
+                reply = ("res", req_id, False, exc)
+            try:
+                write_message(writer, reply)
+            except Exception:
+                pass   # the channel is gone: the master's reader sees it
+        task = asyncio.get_running_loop().create_task(answer())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _request_stop(self, graceful: bool, timeout: float | None) -> None:
         if self.stop_requested is not None and not self.stop_requested.done():
             self.stop_requested.set_result((graceful, timeout))
@@ -104,8 +142,13 @@ class WorkerProcess:
                 kind = msg[0]
                 if kind == "cmd":
                     self.queue.put_nowait((msg[1], msg[2]))
+                elif kind == "batch":
+                    self.queue.put_nowait((msg[1], Batch(msg[2])))
                 elif kind == "status":
-                    write_message(writer, ("res", msg[1], True, self.executor.status()))
+                    # (built in slices, in its own task: this loop reads on meanwhile)
+                    names = msg[2] if len(msg) > 2 else None
+                    summary = bool(msg[3]) if len(msg) > 3 else False
+                    self._answer(writer, msg[1], self.executor.status_sliced(names, summary))
                 elif kind == "snapshot":
                     final = len(msg) > 2 and msg[2] is True
                     write_message(writer, ("res", msg[1], True, self.executor.snapshot(final)))
@@ -134,6 +177,9 @@ class WorkerProcess:
 
         while True:
             req_id, command = await self.queue.get()
+            if isinstance(command, Batch):
+                await self._run_batch(writer, req_id, command.commands)
+                continue
             if self.fds is not None:
                 command = self.fds.received(command)
             # reload phases at debug level: once per command, never on the data path
@@ -160,6 +206,74 @@ class WorkerProcess:
             except Exception as exc:  # e.g. an unpicklable error
                 write_message(writer, ("res", req_id, False, WorkerError(self.worker_id, repr(exc))))
 
+    async def _run_one(self, command: Any) -> tuple[bool, Any]:
+        """One command of a batch: (True, its result) or (False, its error)."""
+        from .errors import HotproxyError, WorkerError, describe
+
+        if self.fds is not None:
+            command = self.fds.received(command)
+        try:
+            return True, await self.executor.execute(command)
+        except HotproxyError as exc:
+            return False, exc
+        except Exception as exc:  # a bug or a bad command: report, keep serving
+            log.exception("command %r failed", command)
+            return False, WorkerError(self.worker_id, describe(exc, typed=True))
+        finally:
+            if self.fds is not None:
+                self.fds.done(command)   # a descriptor no listener took is closed
+
+    async def _run_batch(self, writer: asyncio.StreamWriter, req_id: int, commands: list[Any]) -> None:
+        """Run *commands* in order; send their outcomes as they come (``"part"``,
+        at most every ``FLUSH`` seconds) and the last ones with the reply
+        (``"res"``).  Between two slices of ``SLICE`` seconds the loop turns:
+        accepts, relays and status requests go on while a big batch runs."""
+        done: list[tuple[bool, Any]] = []
+        last_flush = last_yield = time.monotonic()
+        for i, command in enumerate(commands):
+            done.append(await self._run_one(command))
+            now = time.monotonic()
+            if now - last_flush >= FLUSH and i + 1 < len(commands):
+                self._send_outcomes(writer, "part", req_id, done)
+                done, last_flush = [], now
+            if now - last_yield >= SLICE:
+                await asyncio.sleep(0)
+                last_yield = time.monotonic()
+        self._send_outcomes(writer, "res", req_id, done)
+
+    def _send_outcomes(self, writer: asyncio.StreamWriter, kind: str, req_id: int,
+                       outcomes: list[tuple[bool, Any]]) -> None:
+        from .errors import WorkerError
+
+        try:
+            write_message(writer, (kind, req_id, True, outcomes))
+        except Exception:  # e.g. an unpicklable result or error: that one only says so
+            import pickle
+
+            safe: list[tuple[bool, Any]] = []
+            for ok, value in outcomes:
+                try:
+                    pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                    safe.append((ok, value))
+                except Exception as exc:
+                    safe.append((False, WorkerError(self.worker_id, repr(exc))))
+            write_message(writer, (kind, req_id, True, safe))
+
+
+def _raise_nofile() -> tuple[int, int] | None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (a listener per
+    service, 10,000 of them, need descriptors); (soft before, hard) if raised."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == hard or (hard != resource.RLIM_INFINITY and soft > hard):
+            return None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return soft, hard
+    except (ValueError, OSError):
+        return None   # the master's log says what the limit is
+
 
 #: what each command is, as the debug log names it (the reload's phases on this worker)
 PHASES = {"Precommit": "prepare", "Commit": "commit", "Abort": "abort", "Update": "update",
@@ -182,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
+    nofile = _raise_nofile()
     if os.getppid() == 1:
         return EXIT_BOOT_FAILURE  # the master died before we started
     try:
@@ -198,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
             HealthTable.attach(args.health_fd)
         worker = WorkerProcess(sock, args.id, fds)
+        worker.nofile = nofile
     except Exception as exc:
         print(f"hotproxy worker {args.id}: cannot start: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILURE

@@ -30,7 +30,7 @@ import os
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from . import logs
 from .channel import read_message, write_message
@@ -63,8 +63,8 @@ class WorkerHandle(Protocol):
     async def execute(self, command: Any) -> Any:
         """Run one deployment command; its result, or raise its error."""
 
-    async def status(self) -> dict[str, Any]:
-        """The worker's ``ServiceExecutor.status()``."""
+    async def status(self, names: Sequence[str] | None = None, summary: bool = False) -> dict[str, Any]:
+        """The worker's ``ServiceExecutor.status_sliced(names, summary)``."""
 
     async def set_logging(self, level: str, fmt: str) -> None:
         """Apply a new ``runtime.log_level`` and ``log_format``."""
@@ -115,8 +115,8 @@ class InlineWorker:
     async def execute(self, command: Any) -> Any:
         return await self.executor.execute(command)
 
-    async def status(self) -> dict[str, Any]:
-        return self.executor.status()
+    async def status(self, names: Sequence[str] | None = None, summary: bool = False) -> dict[str, Any]:
+        return await self.executor.status_sliced(names, summary)
 
     async def set_logging(self, level: str, fmt: str) -> None:
         pass   # the caller's own process: the reload sets its logging
@@ -148,6 +148,8 @@ class ProcessWorker:
         self.proc: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.pending: dict[int, asyncio.Future[Any]] = {}
+        #: batches in progress: their outcomes as they arrive, or the error that ended them
+        self.batches: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
         self.next_id = 0
         self.alive = False
         self.ready = False
@@ -245,6 +247,11 @@ class ProcessWorker:
         try:
             while True:
                 kind, req_id, ok, payload = await read_message(reader)
+                batch = self.batches.get(req_id)
+                if batch is not None:
+                    # a batch's outcomes so far ("part") or its last ones ("res")
+                    batch.put_nowait(("outcomes", payload))
+                    continue
                 fut = self.pending.pop(req_id, None)
                 if fut is None or fut.done():
                     continue
@@ -267,6 +274,9 @@ class ProcessWorker:
             if not fut.done():
                 fut.set_exception(error)
         self.pending.clear()
+        for batch in self.batches.values():
+            batch.put_nowait(("error", error))
+        self.batches.clear()
 
     async def _call(self, *message: Any) -> Any:
         if not self.alive or self.writer is None:
@@ -295,8 +305,45 @@ class ProcessWorker:
     async def execute(self, command: Any) -> Any:
         return await self._call("cmd", command)
 
-    async def status(self) -> dict[str, Any]:
-        return await self._call("status")  # type: ignore[no-any-return]
+    async def execute_batch(self, commands: list[Any], timeout: float | None = None) -> list[Any]:
+        """Run *commands* in order in one message; each one's result, or its error (in order).
+
+        The worker sends the outcomes as they come (its progress): one that
+        sends none for *timeout* seconds is killed (``kill_silent``), and the
+        commands it had not answered fail with ``WorkerTimeoutError``; those
+        it answered keep their outcome.
+        """
+        if not commands:
+            return []
+        if not self.alive or self.writer is None:
+            return [WorkerError(self.id, "not running")] * len(commands)
+        req_id = self.next_id = self.next_id + 1
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.batches[req_id] = queue
+        outcomes: list[Any] = []
+        try:
+            try:
+                write_message(self.writer, ("batch", req_id, list(commands)))
+                await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                return [WorkerError(self.id, f"control channel: {exc}")] * len(commands)
+            while len(outcomes) < len(commands):
+                try:
+                    kind, payload = await asyncio.wait_for(queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    assert timeout is not None
+                    self.kill_silent(timeout, f"{len(commands) - len(outcomes)} of {len(commands)} commands")
+                    continue   # kill_silent queued the error that ends the batch
+                if kind == "error":
+                    outcomes += [payload] * (len(commands) - len(outcomes))
+                    break
+                outcomes += [value for _, value in payload]
+            return outcomes
+        finally:
+            self.batches.pop(req_id, None)
+
+    async def status(self, names: Sequence[str] | None = None, summary: bool = False) -> dict[str, Any]:
+        return await self._call("status", None if names is None else list(names), summary)  # type: ignore[no-any-return]
 
     async def set_logging(self, level: str, fmt: str) -> None:
         await self._call("logging", level, fmt)

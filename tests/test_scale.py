@@ -1,0 +1,189 @@
+"""Many services (issue 18): a reload costs what it changes, status answers at once.
+
+Real ``hotproxy run`` programs with a few hundred services (the benchmark,
+``bench/scale.py``, measures 10,000), the real CLI, ``/proc`` for the
+descriptor limits.  Nothing here asserts on timing: what a reload sent is
+counted by the workers themselves (``commands`` in their status), and a
+status "during" a reload is one whose reply says a reload is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from conftest import eventually, free_port, run
+from helpers_program import Program, roundtrip, toml
+
+Start = Callable[..., Program]
+
+#: services per test instance: enough to show what scales, quick to start
+N = 300
+
+
+def echoes(ports: list[int], changed: dict[int, str] | None = None) -> dict[str, dict[str, Any]]:
+    changed = changed or {}
+    return {f"s{i:03d}": {"kind": "echo", "listen": f"127.0.0.1:{port}", "greeting": changed.get(i, "")}
+            for i, port in enumerate(ports)}
+
+
+def commands(status: dict[str, Any]) -> list[int]:
+    """How many commands each worker has run so far."""
+    return [w["commands"] for w in status["workers"]]
+
+
+def test_a_one_service_reload_sends_work_only_for_that_service(start: Start) -> None:
+    """300 services, 2 workers: reloading the file unchanged sends the workers
+    no command at all; changing one service sends each worker exactly that
+    service's two (Precommit, Update) -- counted by the workers.  The report
+    line names the 299 unchanged ones in a bounded line."""
+    ports = [free_port() for _ in range(N)]
+    prog = start(toml(echoes(ports)))
+    cfg = prog.config
+    assert cfg is not None
+
+    async def main() -> None:
+        await prog.wait_ready(120)
+        before = commands(await prog.status())
+        assert min(before) >= N, before   # each worker built (and served) every service
+        code, out, err = await prog.cli("reload", "-c", str(cfg), timeout=120)
+        assert code == 0, out + err
+        assert out.startswith("reload ok: added=[] changed=[] removed=[] unchanged=[s000,"), out
+        assert f"+{N - 20} more]" in out.splitlines()[0], out
+        assert commands(await prog.status()) == before          # nothing sent
+
+        cfg.write_text(toml(echoes(ports, {150: "v2\n"})))
+        code, out, err = await prog.cli("reload", "-c", str(cfg), timeout=120)
+        assert code == 0, out + err
+        assert out.startswith("reload ok: added=[] changed=[s150] removed=[]"), out
+        after = commands(await prog.status())
+        print(f"commands per worker: {before} at start, {after} after a 1-service reload among {N}")
+        assert [a - b for a, b in zip(after, before)] == [2, 2], (before, after)
+        report = (await prog.status())["last_reload"]
+        assert report["changed"] == ["s150"] and len(report["unchanged"]) == N - 1
+        assert report["load_ms"] > 0
+        assert {(await roundtrip(ports[150], 3))[:3] for _ in range(10)} == {b"v2\n"}
+
+    run(main(), 240)
+
+
+def test_status_answers_while_a_big_reload_is_held(start: Start) -> None:
+    """300 services whose new versions each take 20 ms to build *without
+    yielding* (about 6 s of blocking work per worker): while that reload
+    runs, ``status`` gets an answer from every worker (a worker runs a batch
+    in slices and answers between them), and the CLI shows the summary of
+    the 300 services and that a reload is running.  Before, a worker ran the
+    whole batch without a loop turn and did not answer status (its 1 s
+    deadline) until it was done."""
+    ports = [free_port() for _ in range(N)]
+
+    def text(busy: float, greeting: str) -> str:
+        return toml({f"s{i:03d}": {"kind": "fail_on_worker", "listen": f"127.0.0.1:{port}", "greeting": greeting,
+                                   "busy": busy} for i, port in enumerate(ports)}, reload_timeout=120)
+
+    prog = start(text(0.0, "v1\n"), test_kinds=True)
+    cfg = prog.config
+    assert cfg is not None
+
+    async def main() -> None:
+        await prog.wait_ready(120)
+        cfg.write_text(text(0.02, "v2\n"))
+        reload = asyncio.ensure_future(prog.cli("reload", "-c", str(cfg), timeout=300))
+        seen: list[dict[str, Any]] = []
+
+        async def during() -> bool:
+            st = await prog.status()
+            if st["reloading"]:
+                seen.append(st)
+            return bool(st["reloading"]) and len(seen) >= 3
+
+        await eventually(during, timeout=120)
+        assert not reload.done()
+        for st in seen:
+            assert [w["answering"] for w in st["workers"]] == [True, True], st["workers"]
+        code, out, err = await prog.cli("status", "-c", str(cfg), timeout=60)
+        assert code == 0, out + err
+        assert out.startswith(f"{N} services ({N} fail_on_worker): "), out
+        if not reload.done():
+            assert "a reload is running" in out, out
+        code, out, err = await asyncio.wait_for(reload, 300)
+        assert code == 0, out + err
+        assert out.startswith("reload ok: added=[] changed=[s000,"), out
+        assert {(await roundtrip(ports[7], 3))[:3] for _ in range(10)} == {b"v2\n"}
+
+    run(main(), 400)
+
+
+def test_status_of_some_services_and_the_summary(start: Start) -> None:
+    """``hotproxy status`` with more than 50 services prints a summary;
+    ``status NAME...`` only those rows (``--json`` one document with only
+    them); ``--all`` the whole table; an unknown name is one line, exit 1."""
+    ports = [free_port() for _ in range(60)]
+    prog = start(toml(echoes(ports)))
+    cfg = prog.config
+    assert cfg is not None
+
+    async def main() -> None:
+        await prog.wait_ready(60)
+        code, out, err = await prog.cli("status", "-c", str(cfg))
+        assert code == 0, out + err
+        assert out.startswith("60 services (60 echo): 0 active connections;"), out
+        assert not re.search(r"^s\d{3} ", out, re.M) and "workers 2/2 alive" in out, out   # no table row
+        assert "last reload #1 (start)" in out and "added=[s000," in out and "+40 more]" in out, out
+        reply = await prog.admin("status", summary=True)
+        assert reply["ok"] and reply["status"]["services"] == [], reply
+        assert reply["status"]["summary"]["services"] == 60
+        assert reply["status"]["last_reload"]["counts"]["added"] == 60, reply   # counts, not 60 names
+        assert "added" not in reply["status"]["last_reload"]
+        assert all(w["site_count"] == 60 and w["sites"] == [] for w in reply["status"]["workers"]), reply
+        code, out, err = await prog.cli("status", "-c", str(cfg), "s007", "s042")
+        assert code == 0, out + err
+        rows = [line.split()[0] for line in out.splitlines()[1:] if line.startswith("s")]
+        assert rows == ["s007", "s042"], out
+        code, out, err = await prog.cli("status", "-c", str(cfg), "--json", "s042")
+        assert code == 0, out + err
+        doc = json.loads(out)
+        assert [s["name"] for s in doc["services"]] == ["s042"]
+        assert doc["services"][0]["listen"] == f"127.0.0.1:{ports[42]}"
+        assert all(w["sites"] == ["s042"] for w in doc["workers"]), doc["workers"]
+        code, out, err = await prog.cli("status", "-c", str(cfg), "--all")
+        assert code == 0, out + err
+        assert len([line for line in out.splitlines() if re.match(r"s\d{3} ", line)]) == 60, out
+        code, out, err = await prog.cli("status", "-c", str(cfg), "s042", "nope")
+        assert code == 1 and out == "", out + err
+        assert err.count("\n") == 1 and "no service 'nope' in the running config" in err, err
+        assert "Traceback" not in err
+
+    run(main(), 120)
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_limit(start: Start, tmp_path: Path) -> None:
+    """Started with a soft RLIMIT_NOFILE of 256 under a hard one of 4096, the
+    master and every worker run with 4096 (``/proc/PID/limits``; the workers
+    inherit it, and would raise their own too), and the master's log says so."""
+    a = free_port()
+    prog = start(toml({"a": {"kind": "echo", "listen": f"127.0.0.1:{a}"}}), nofile=(256, 4096))
+
+    def max_open_files(pid: int) -> tuple[str, str]:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return soft, hard
+        raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+    async def main() -> None:
+        st = await prog.wait_ready(60)
+        pids = [prog.pid] + [w["pid"] for w in st["workers"]]
+        limits = {pid: max_open_files(pid) for pid in pids}
+        print(f"Max open files (soft, hard) by pid: {limits}")
+        assert set(limits.values()) == {("4096", "4096")}, limits
+
+        async def logged() -> bool:
+            return "master INFO hotproxy.master: RLIMIT_NOFILE raised from 256 to the hard limit 4096" in prog.log()
+
+        await eventually(logged, timeout=30)
+
+    run(main(), 90)
