@@ -172,56 +172,45 @@ class WorkerProcess:
             self._request_stop(True, None)
 
     async def _run_commands(self, writer: asyncio.StreamWriter) -> None:
-        from .commands import site_of
-        from .errors import HotproxyError, WorkerError, describe
+        from .errors import WorkerError
 
         while True:
             req_id, command = await self.queue.get()
             if isinstance(command, Batch):
                 await self._run_batch(writer, req_id, command.commands)
                 continue
-            if self.fds is not None:
-                command = self.fds.received(command)
-            # reload phases at debug level: once per command, never on the data path
-            debug = log.isEnabledFor(logging.DEBUG)
-            t0 = time.perf_counter() if debug else 0.0
+            ok, value = await self._run_one(command)
             try:
-                value = await self.executor.execute(command)
-            except HotproxyError as exc:
-                reply: tuple[Any, ...] = ("res", req_id, False, exc)
-            except Exception as exc:  # a bug or a bad command: report, keep serving
-                log.exception("command %r failed", command)
-                reply = ("res", req_id, False, WorkerError(self.worker_id, describe(exc, typed=True)))
-            else:
-                reply = ("res", req_id, True, value)
-            finally:
-                if self.fds is not None:
-                    self.fds.done(command)   # a descriptor no listener took is closed
-            if debug:
-                outcome = "ok" if reply[2] else f"failed: {reply[3]}"
-                log.debug("reload phase %s of site %r: %s in %.1f ms", PHASES.get(type(command).__name__, "command"),
-                          site_of(command) or "?", outcome, (time.perf_counter() - t0) * 1000.0)
-            try:
-                write_message(writer, reply)
+                write_message(writer, ("res", req_id, ok, value))
             except Exception as exc:  # e.g. an unpicklable error
                 write_message(writer, ("res", req_id, False, WorkerError(self.worker_id, repr(exc))))
 
     async def _run_one(self, command: Any) -> tuple[bool, Any]:
-        """One command of a batch: (True, its result) or (False, its error)."""
+        """One command, alone or of a batch: (True, its result) or (False, its error)."""
+        from .commands import site_of
         from .errors import HotproxyError, WorkerError, describe
 
         if self.fds is not None:
             command = self.fds.received(command)
+        # reload phases at debug level: once per command, never on the data path
+        debug = log.isEnabledFor(logging.DEBUG)
+        t0 = time.perf_counter() if debug else 0.0
+        outcome: tuple[bool, Any]
         try:
-            return True, await self.executor.execute(command)
+            outcome = True, await self.executor.execute(command)
         except HotproxyError as exc:
-            return False, exc
+            outcome = False, exc
         except Exception as exc:  # a bug or a bad command: report, keep serving
             log.exception("command %r failed", command)
-            return False, WorkerError(self.worker_id, describe(exc, typed=True))
+            outcome = False, WorkerError(self.worker_id, describe(exc, typed=True))
         finally:
             if self.fds is not None:
                 self.fds.done(command)   # a descriptor no listener took is closed
+        if debug:
+            log.debug("reload phase %s of site %r: %s in %.1f ms", PHASES.get(type(command).__name__, "command"),
+                      site_of(command) or "?", "ok" if outcome[0] else f"failed: {outcome[1]}",
+                      (time.perf_counter() - t0) * 1000.0)
+        return outcome
 
     async def _run_batch(self, writer: asyncio.StreamWriter, req_id: int, commands: list[Any]) -> None:
         """Run *commands* in order; send their outcomes as they come (``"part"``,
