@@ -59,7 +59,8 @@ def test_log_format_json_from_start_and_back_to_text_on_reload(tmp_path: Path) -
             assert line["client"].startswith("127.0.0.1:") and line["duration"] >= 0
             # the connect time and the version's generation (the first commit is 1)
             assert line["generation"] == 1 and 0 <= line["connect_time"] <= line["duration"], line
-            assert " connect=" in line["msg"] and line["msg"].endswith(" end=eof gen=1"), line["msg"]
+            assert " connect=" in line["msg"] and " gen=1 time=" in line["msg"], line["msg"]
+            assert line["msg"].endswith(" end=eof"), line["msg"]
 
             cfg.write_text(toml(services))   # log_format = "text" (the default)
             code, out, err = await prog.cli("reload", "-c", str(cfg))
@@ -68,7 +69,7 @@ def test_log_format_json_from_start_and_back_to_text_on_reload(tmp_path: Path) -
 
             def text_access() -> bool:
                 return any("hotproxy.access: service p: 127.0.0.1:" in line and "in=6 out=6 connect=" in line
-                           and re.search(r" connect=\d+\.\d{3}s time=\d+\.\d{3}s end=eof gen=\d+$", line)
+                           and re.search(r" connect=\d+\.\d{3}s gen=\d+ time=\d+\.\d{3}s end=eof$", line)
                            and not line.startswith("{")
                            for line in prog.log().splitlines())
 

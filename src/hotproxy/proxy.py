@@ -526,8 +526,8 @@ class _Balancer:
         up = conn.upstream
         client, upstream, duration = _peer(conn.peername), up.address if up is not None else "-", conn.duration
         connect = conn.connect_time if up is not None else 0.0
-        access_log.info("%s%s -> %s in=%d out=%d connect=%.3fs time=%.3fs end=%s gen=%d", self._who, client,
-                        upstream, conn.bytes_in, conn.bytes_out, connect, duration, conn.end, self.generation,
+        access_log.info("%s%s -> %s in=%d out=%d connect=%.3fs gen=%d time=%.3fs end=%s", self._who, client,
+                        upstream, conn.bytes_in, conn.bytes_out, connect, self.generation, duration, conn.end,
                         extra=self._fields(client=client, upstream=upstream, bytes_in=conn.bytes_in,
                                            bytes_out=conn.bytes_out, connect_time=round(connect, 6),
                                            duration=round(duration, 6), end=conn.end,
@@ -536,7 +536,7 @@ class _Balancer:
     def log_refused(self, peer: Any) -> None:
         """The access line of a connection refused by ``max_connections``."""
         client = _peer(peer)
-        access_log.info("%s%s -> - in=0 out=0 connect=0.000s time=0.000s end=refused gen=%d", self._who, client,
+        access_log.info("%s%s -> - in=0 out=0 connect=0.000s gen=%d time=0.000s end=refused", self._who, client,
                         self.generation,
                         extra=self._fields(client=client, upstream="-", bytes_in=0, bytes_out=0, connect_time=0.0,
                                            duration=0.0, end="refused", generation=self.generation))
