@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from conftest import eventually, free_port, run
@@ -56,6 +57,10 @@ def test_log_format_json_from_start_and_back_to_text_on_reload(tmp_path: Path) -
             assert (line["service"], line["upstream"], line["bytes_in"], line["bytes_out"], line["end"]) == \
                 ("p", f"127.0.0.1:{e}", 4, 4, "eof"), line
             assert line["client"].startswith("127.0.0.1:") and line["duration"] >= 0
+            # the connect time and the version's generation (the first commit is 1)
+            assert line["generation"] == 1 and 0 <= line["connect_time"] <= line["duration"], line
+            assert " connect=" in line["msg"] and " gen=1 time=" in line["msg"], line["msg"]
+            assert line["msg"].endswith(" end=eof"), line["msg"]
 
             cfg.write_text(toml(services))   # log_format = "text" (the default)
             code, out, err = await prog.cli("reload", "-c", str(cfg))
@@ -63,7 +68,8 @@ def test_log_format_json_from_start_and_back_to_text_on_reload(tmp_path: Path) -
             assert await roundtrip(p, 0, b"plain!") == b"plain!"
 
             def text_access() -> bool:
-                return any("hotproxy.access: service p: 127.0.0.1:" in line and "in=6 out=6" in line
+                return any("hotproxy.access: service p: 127.0.0.1:" in line and "in=6 out=6 connect=" in line
+                           and re.search(r" connect=\d+\.\d{3}s gen=\d+ time=\d+\.\d{3}s end=eof$", line)
                            and not line.startswith("{")
                            for line in prog.log().splitlines())
 

@@ -201,6 +201,93 @@ def test_a_metrics_address_in_use_or_clashing_is_one_line(start: Start, tmp_path
     assert code == 1 and "overlaps runtime.metrics" in err and len(err.splitlines()) == 1, err
 
 
+def _buckets(samples: dict[str, Any], name: str, **labels: str) -> list[tuple[float, float]]:
+    """A histogram's (le, cumulative count) samples for *labels*, by bound."""
+    want = set(labels.items())
+    out = [(float(dict(key)["le"]), v) for key, v in samples.get(name + "_bucket", {}).items()
+           if want <= set(key)]
+    return sorted(out)
+
+
+def test_histograms_count_every_connection_and_survive_a_reload(start: Start) -> None:
+    """Connect time per upstream, connection duration per service, ejections:
+    the counts match the connections made, summed over two workers, and a
+    reload that makes a new version of the service keeps them."""
+    e, p, q, m, dead = (free_port() for _ in range(5))
+    up, gone = f"127.0.0.1:{e}", f"127.0.0.1:{dead}"
+    services = {"e": {"kind": "echo", "listen": f"127.0.0.1:{e}"},
+                "p": {"kind": "proxy", "listen": f"127.0.0.1:{p}", "upstreams": [up]},
+                "q": {"kind": "proxy", "listen": f"127.0.0.1:{q}", "upstreams": [gone],
+                      "max_fails": 1, "fail_timeout": 600.0, "retries": 0}}
+    prog = start(toml(services, metrics=f"127.0.0.1:{m}"))
+    cfg = prog.config
+    assert cfg is not None
+
+    def check(s: dict[str, Any], n: int) -> bool:
+        # n connections through p: n connects to its upstream, n durations
+        connect = _buckets(s, "hotproxy_upstream_connect_seconds", service="p", upstream=up)
+        duration = _buckets(s, "hotproxy_connection_duration_seconds", service="p")
+        if value(s, "hotproxy_upstream_connect_seconds_count", service="p", upstream=up) != n:
+            return False
+        if value(s, "hotproxy_connection_duration_seconds_count", service="p") != n:
+            return False
+        for buckets in (connect, duration):
+            # cumulative, ending with +Inf = the count
+            assert [c for _, c in buckets] == sorted(c for _, c in buckets), buckets
+            assert buckets[-1] == (float("inf"), n), buckets
+        assert (value(s, "hotproxy_upstream_connect_seconds_sum", service="p", upstream=up) or 0) >= 0
+        assert ((value(s, "hotproxy_connection_duration_seconds_sum", service="p") or 0) > 0) == (n > 0)
+        return True
+
+    async def main() -> None:
+        await prog.wait_ready()
+        s = await scrape(m)
+        assert check(s, 0)
+        for i in range(6):
+            assert await roundtrip(p, 0, b"h" * (i + 1)) == b"h" * (i + 1)
+
+        async def six() -> bool:
+            return check(await scrape(m), 6)
+
+        await eventually(six)
+        s = await scrape(m)
+        print(f"\nconnect time buckets (le, cumulative) after 6 connections: "
+              f"{_buckets(s, 'hotproxy_upstream_connect_seconds', service='p', upstream=up)}")
+        print(f"duration buckets: {_buckets(s, 'hotproxy_connection_duration_seconds', service='p')}")
+
+        # one failed connect ejects q's upstream (max_fails = 1): one ejection, no connect time
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            await roundtrip(q, 0, b"y")
+
+        async def ejected() -> bool:
+            s = await scrape(m)
+            return value(s, "hotproxy_upstream_ejections_total", service="q", upstream=gone) == 1
+
+        await eventually(ejected)
+        s = await scrape(m)
+        assert value(s, "hotproxy_upstream_connect_seconds_count", service="q", upstream=gone) == 0
+        assert value(s, "hotproxy_upstream_ejections_total", service="p", upstream=up) == 0
+
+        # a reload that makes new versions of p and q: the counts carry over
+        cfg.write_text(toml(dict(services, p=dict(services["p"], idle_timeout=123.0),
+                                 q=dict(services["q"], idle_timeout=123.0)), metrics=f"127.0.0.1:{m}"))
+        code, out, err = await prog.cli("reload", "-c", str(cfg))
+        assert code == 0, out + err
+        s = await scrape(m)
+        assert check(s, 6)
+        assert value(s, "hotproxy_upstream_ejections_total", service="q", upstream=gone) == 1
+        assert value(s, "hotproxy_service_generation", service="p") == 2
+        for i in range(3):
+            assert await roundtrip(p, 0, b"after") == b"after"
+
+        async def nine() -> bool:
+            return check(await scrape(m), 9)
+
+        await eventually(nine)
+
+    run(main(), 120)
+
+
 def test_the_readme_documents_every_metric() -> None:
     readme = (ROOT / "README.md").read_text()
     table = {m.group(1) for m in re.finditer(r"^\| `(hotproxy_[a-z_]+)`", readme, re.M)}

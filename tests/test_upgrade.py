@@ -331,12 +331,25 @@ def test_state_crosses_the_upgrade_ejected_upstream_stays_ejected_counters_conti
         assert up["ejected_workers"] == [0, 1, 2] and up["ejected_for"] > 200, up
         assert up["failures"] == upstream(before, dead)["failures"] and up["connections"] == 0
         assert upstream(after, e)["connections"] == upstream(before, e)["connections"]
+        # the core's histograms and the ejections continue too (issue 15)
+        durations = totals(before)["px"]["durations"]["count"]
+        connects = upstream(before, e)["connect_times"]["count"]
+        assert totals(after)["px"]["durations"]["count"] == durations > 0
+        assert upstream(after, e)["connect_times"]["count"] == connects > 0
+        assert upstream(after, dead)["ejections"] == upstream(before, dead)["ejections"] >= 2
         for _ in range(30):
             assert await roundtrip(px) == b"hello"
         status = await prog.follow()
         assert totals(status)["px"]["accepted"] == totals(before)["px"]["accepted"] + 30
         assert upstream(status, dead)["failures"] == upstream(before, dead)["failures"]   # never tried again
         assert upstream(status, e)["connections"] == upstream(before, e)["connections"] + 30
+        assert upstream(status, e)["connect_times"]["count"] == connects + 30
+
+        async def durations_counted() -> bool:
+            # a duration is counted when its connection is finished
+            return totals(await prog.status())["px"]["durations"]["count"] == durations + 30
+
+        await eventually(durations_counted)
         await stop_and_check_nothing_left(prog)
 
     run(main(), 120)

@@ -15,6 +15,7 @@ cdef class _Engine(EngineBase):
     cdef list graveyard             # objects whose fd was closed: an event may still name them
     cdef Connection head            # every connection of this loop (close())
     cdef Py_ssize_t nconns          # connections in that list
+    cdef double now                 # the time of the batch being run (0.0: none is)
     cdef epoll_event evs[_EVENTS]
 
     cdef close(self)

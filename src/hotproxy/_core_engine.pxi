@@ -111,24 +111,38 @@ cdef class _Engine(EngineBase):
         cdef epoll_event *evs = self.evs
         # One batch per call: if more is ready, the epoll instance stays
         # readable and the loop calls again after its other callbacks (the
-        # control channel, timers) have had their turn.
+        # control channel, timers) have had their turn.  The clock is read
+        # once per batch (``now``), not once per chunk relayed.
         n = epoll_wait(self.epfd, evs, _EVENTS, 0)
-        for i in range(n):
-            data = evs[i].data.u64
-            tag = <int>(data & _TAG_MASK)
-            obj = <void*><uintptr_t>(data & ~(<uint64_t>_TAG_MASK))
-            if tag == _TAG_LISTENER:
-                (<Listener>obj)._ready()
-                continue
-            try:
-                if tag == _TAG_CLIENT:
-                    (<Connection>obj)._client_event(evs[i].events)
-                else:
-                    (<Connection>obj)._upstream_event(evs[i].events)
-            except Exception as exc:
-                (<Connection>obj)._crashed(exc)
+        self.now = _now()
+        try:
+            for i in range(n):
+                data = evs[i].data.u64
+                tag = <int>(data & _TAG_MASK)
+                obj = <void*><uintptr_t>(data & ~(<uint64_t>_TAG_MASK))
+                if tag == _TAG_LISTENER:
+                    (<Listener>obj)._ready()
+                    continue
+                try:
+                    if tag == _TAG_CLIENT:
+                        (<Connection>obj)._client_event(evs[i].events)
+                    else:
+                        (<Connection>obj)._upstream_event(evs[i].events)
+                except Exception as exc:
+                    (<Connection>obj)._crashed(exc)
+        finally:
+            self.now = 0.0
         if self.graveyard:
             self.graveyard.clear()
+
+    def _run_ready(self):
+        # the connections that yielded with bytes left to read (EngineBase),
+        # with the clock read once for the batch
+        self.now = _now()
+        try:
+            self._ready_batch()
+        finally:
+            self.now = 0.0
 
     # -- every connection of this loop (close()) ---------------------------------
 

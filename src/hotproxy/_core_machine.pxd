@@ -101,6 +101,19 @@ cdef double LINGER
 
 
 @cython.final
+cdef class Histogram:
+    cdef readonly tuple bounds
+    cdef readonly int n
+    cdef double[::1] _b
+    cdef long long[::1] _counts
+    cdef readonly long long count
+    cdef readonly double sum
+
+    @cython.locals(i=int, n=int)
+    cpdef observe(self, double value)
+
+
+@cython.final
 cdef class ProxyCounters:
     cdef public long long accepted
     cdef public long long active
@@ -111,6 +124,7 @@ cdef class ProxyCounters:
     cdef public long long idle_closed
     cdef public long long no_upstream
     cdef public long long proxy_header_errors
+    cdef readonly Histogram durations
 
 
 @cython.final
@@ -123,6 +137,8 @@ cdef class UpstreamState:
     cdef public long long failures
     cdef public long long bytes_in
     cdef public long long bytes_out
+    cdef public long long ejections
+    cdef readonly Histogram connect_times
 
 
 @cython.final
@@ -177,6 +193,8 @@ cdef class Relay:
     cdef list tried                 # targets that failed
     cdef int attempts
     cdef double deadline            # of the attempt in progress, or of lingering
+    cdef double attempt_at          # when the attempt in progress started
+    cdef readonly double connect_time   # how long the upstream took to connect
     cdef UpstreamState ustate       # the connected upstream's shared state
     cdef Direction c2u              # client -> upstream
     cdef Direction u2c              # upstream -> client
@@ -202,6 +220,7 @@ cdef class Relay:
     cdef _client_lost(self, bint error)
     @cython.locals(cfg=RelayConfig, t=Target, err=int)
     cdef _next_attempt(self)
+    @cython.locals(now=double)
     cdef _attempting(self, Target t, bint connected)
     @cython.locals(t=Target, st=UpstreamState, n=Py_ssize_t)
     cdef _connected(self)

@@ -61,6 +61,7 @@ import logging
 import os as _os
 import socket as _socket
 import time as _time
+from array import array as _array
 from heapq import heappop as _heappop, heappush as _heappush
 from typing import Any
 
@@ -551,8 +552,74 @@ def _set_keepalive(transport: Any) -> None:
         pass
 
 
+# Histogram bounds (seconds): an upstream's connect time, a service's
+# connection duration (what /metrics exposes as le="..." buckets)
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                    3600.0)
+
+
+class Histogram:
+    """Observations in fixed buckets: C integers, updated once per connection.
+
+    ``counts[i]`` is how many observations were <= ``bounds[i]`` and above
+    the bound before (not cumulative); the last count is those above every
+    bound.  ``count`` and ``sum`` are the number and the sum of all.
+    """
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        if not isinstance(bounds, tuple) or not bounds or list(bounds) != sorted(set(bounds)):
+            raise ValueError("bounds: a non-empty tuple of increasing numbers")
+        self.bounds = bounds
+        self.n = len(bounds)
+        self._b = _array("d", bounds)
+        self._counts = _array("q", bytes(8 * (self.n + 1)))
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation of *value*."""
+        i = 0
+        n = self.n
+        while i < n and value > self._b[i]:
+            i += 1
+        self._counts[i] += 1
+        self.count += 1
+        self.sum += value
+
+    @property
+    def counts(self) -> list[int]:
+        """The count of each bucket (not cumulative), the one above every bound last."""
+        return [self._counts[i] for i in range(self.n + 1)]
+
+    def as_dict(self) -> dict[str, Any]:
+        """``bounds``, ``counts``, ``count`` and ``sum`` as plain data (a snapshot)."""
+        return {"bounds": list(self.bounds), "counts": self.counts, "count": self.count,
+                "sum": self.sum}
+
+    def add(self, data: dict[str, Any]) -> None:
+        """Add a snapshot's counts (``as_dict()`` of a histogram with the same
+        bounds); ``ValueError`` if it is not one."""
+        try:
+            bounds = [float(b) for b in data["bounds"]]
+            counts = [int(c) for c in data["counts"]]
+            count, total = int(data["count"]), float(data["sum"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("histogram: expected bounds, counts, count and sum") from None
+        if bounds != list(self.bounds) or len(counts) != self.n + 1 or min(counts + [count]) < 0:
+            raise ValueError("histogram: other bounds, or negative counts")
+        for i in range(self.n + 1):
+            self._counts[i] += counts[i]
+        self.count += count
+        self.sum += total
+
+    def __repr__(self) -> str:
+        return f"<Histogram count={self.count} sum={self.sum:.6f}>"
+
+
 class ProxyCounters:
-    """A proxy's service counters, shared by every version of the service."""
+    """A proxy's service counters, shared by every version of the service
+    (``durations``: how long its connections lasted, a ``Histogram``)."""
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -564,6 +631,7 @@ class ProxyCounters:
         self.idle_closed = 0
         self.no_upstream = 0
         self.proxy_header_errors = 0
+        self.durations = Histogram(DURATION_BUCKETS)
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -584,7 +652,9 @@ class UpstreamState:
 
     ``active`` counts connections to it (attempts included), ``fails`` its
     consecutive connect failures, ``ejected_until`` the ``time.monotonic()``
-    before which it gets no new connections.
+    before which it gets no new connections, ``ejections`` how many times it
+    was ejected, ``connect_times`` how long its successful connects took (a
+    ``Histogram``).
     """
 
     def __init__(self, address: str) -> None:
@@ -598,6 +668,8 @@ class UpstreamState:
         self.failures = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.ejections = 0
+        self.connect_times = Histogram(CONNECT_BUCKETS)
 
     def __repr__(self) -> str:
         return (f"<UpstreamState {self.address} active={self.active} fails={self.fails} "
@@ -769,6 +841,8 @@ class Relay:
         self.tried: list[Target] | None = None
         self.attempts = 0
         self.deadline = 0.0               # of the attempt in progress, or of lingering
+        self.attempt_at = 0.0             # when the attempt in progress started
+        self.connect_time = 0.0           # how long the upstream took to connect
         self.ustate: UpstreamState | None = None
         self.c2u = Direction(D_HOLD, cfg.buffer_size)
         self.u2c = Direction(D_OPEN, cfg.buffer_size)
@@ -1041,13 +1115,15 @@ class Relay:
 
     def _attempting(self, t: Target, connected: bool) -> None:
         # _start_attempt() has a socket connecting (or connected) to t
+        now = self._clock()
         self.attempt = t
+        self.attempt_at = now
         t.state.active += 1
         self.up_state = UP_CONNECTING
         if connected:
             self._connected()
         else:
-            self.deadline = self._clock() + self.cfg.connect_timeout
+            self.deadline = now + self.cfg.connect_timeout
             self._arm(self.deadline)
 
     def _connected(self) -> None:
@@ -1059,6 +1135,8 @@ class Relay:
         self.up_state = UP_OPEN
         self.state = C_OPEN
         st.connections += 1
+        self.connect_time = self._clock() - self.attempt_at
+        st.connect_times.observe(self.connect_time)
         if (st.fails or st.ejected_until > 0) and self.cfg.connector is not None:
             self.cfg.connector.succeeded(t)
         self._rearm()   # from the connect deadline to the idle one
@@ -1479,6 +1557,7 @@ class Relay:
         if self.admitted:
             self.admitted = False
             self.counters.active -= 1
+            self.counters.durations.observe(self.ended - self.started)
             self.cfg.limit._release()
         self._release_upstream()
         if self.ustate is not None:

@@ -4,7 +4,7 @@
 from hotproxy._core_machine cimport (
     Direction, Relay, RelayConfig, Target, UpstreamState, ProxyCounters,
     D_OPEN, EV_FULL, M_COPY, M_BULK, M_SPLICE,
-    UP_CONNECTING, UP_OPEN, UP_CLOSED, END_CLIENT_ERROR)
+    UP_CONNECTING, UP_OPEN, UP_CLOSED, END_CLIENT_ERROR, C_OPEN)
 
 
 cdef class Connection(Relay):
@@ -34,7 +34,6 @@ cdef class Connection(Relay):
                         socklen_t alen) except -1
     cdef _upstream_event(self, uint32_t events)
     cdef _client_event(self, uint32_t events)
-    cdef _socket_event(self, Direction src_of, Direction dst_of, uint32_t events)
     cdef int _src(self, Direction d) noexcept
     cdef int _dst(self, Direction d) noexcept
     cdef bint _read_ended(self, Direction d, ssize_t r) except -1

@@ -85,6 +85,47 @@ cdef object _sockaddr_to_py(sockaddr_storage *ss, socklen_t alen):
     return None
 
 
+cdef inline int _send_chunk(Connection c, Direction d, bint c2u, Py_ssize_t start, Py_ssize_t n,
+                            bint from_read) except -1:
+    # Connection._send(), inlined into Connection._read(): the per-chunk
+    # path makes no function call but send(2).  c2u: d is c.c2u.
+    cdef ssize_t r
+    cdef Py_ssize_t size = d.size
+    cdef char *p = PyByteArray_AS_STRING(d.buf)
+    cdef int fd = c.ufd if c2u else c.cfd
+    d.nbytes += n
+    if c2u:
+        c.counters.bytes_in += n
+    else:
+        c.counters.bytes_out += n
+    if from_read and n == size:
+        # a full read: a bulk transfer, read bigger chunks (and at the
+        # largest, splice a raw connection's)
+        if size < c.cfg.max_buffer_size:
+            d.next = min(size * 2, c.cfg.max_buffer_size)
+        elif c.raw and _SPLICE:
+            d.mode = M_BULK
+    while True:
+        r = send(fd, p + start, n, MSG_NOSIGNAL)
+        if r >= 0:
+            break
+        if errno == EINTR:
+            continue
+        if errno == EAGAIN:
+            r = 0
+            break
+        c._failed(not c2u, errno)
+        return 0
+    if r == n:
+        return 0
+    d.pend_off = start + r
+    d.pend_end = start + n
+    d.step(EV_FULL)
+    if c2u:
+        c._sync_client_reading()
+    return 0
+
+
 @cython.final
 cdef class Connection(Relay):
     """One proxied connection: the protocol of the accepted client socket and
@@ -94,6 +135,11 @@ cdef class Connection(Relay):
     # -- the hooks of Relay ------------------------------------------------------
 
     cdef double _clock(self) noexcept:
+        # the engine's batch time when one is running (one clock read per
+        # batch, not per chunk), else the clock
+        cdef _Engine e = self.engine
+        if e is not None and e.now != 0.0:
+            return e.now
         return _now()
 
     cdef _attach(self):
@@ -221,6 +267,7 @@ cdef class Connection(Relay):
     cdef _upstream_event(self, uint32_t events):
         cdef int err = 0
         cdef socklen_t elen = sizeof(err)
+        cdef Direction d
         if self.ufd < 0:
             return   # closed earlier in this batch
         if self.up_state == UP_CONNECTING:
@@ -234,31 +281,43 @@ cdef class Connection(Relay):
             self._connected()   # writable, no error: connected
         if self.up_state != UP_OPEN:
             return
-        self._socket_event(self.u2c, self.c2u, events)
+        # the upstream socket is u2c's source and c2u's destination
+        if events & EPOLLERR:
+            getsockopt(self.ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err:
+                self._failed(False, err)
+                return
+        d = self.c2u
+        if events & EPOLLOUT and d.pend_end:
+            self._flush(d)
+        if self.ufd >= 0 and events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            d = self.u2c
+            if events & (EPOLLRDHUP | EPOLLHUP):
+                d.rdhup = True
+            d.readable = True
+            self._read(d)
 
     cdef _client_event(self, uint32_t events):
-        if self.cfd < 0:
-            return   # closed earlier in this batch
-        self._socket_event(self.c2u, self.u2c, events)
-
-    cdef _socket_event(self, Direction src_of, Direction dst_of, uint32_t events):
-        # epoll's events for a socket that is src_of's source and dst_of's
-        # destination
-        cdef int fd = self._src(src_of)
+        # the client socket (raw) is c2u's source and u2c's destination
         cdef int err = 0
         cdef socklen_t elen = sizeof(err)
+        cdef Direction d
+        if self.cfd < 0:
+            return   # closed earlier in this batch
         if events & EPOLLERR:
-            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            getsockopt(self.cfd, SOL_SOCKET, SO_ERROR, &err, &elen)
             if err:
-                self._failed(src_of is self.c2u, err)
+                self._failed(True, err)
                 return
-        if events & EPOLLOUT and dst_of.pend_end:
-            self._flush(dst_of)
-        if self._src(src_of) >= 0 and events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+        d = self.u2c
+        if events & EPOLLOUT and d.pend_end:
+            self._flush(d)
+        if self.cfd >= 0 and events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            d = self.c2u
             if events & (EPOLLRDHUP | EPOLLHUP):
-                src_of.rdhup = True
-            src_of.readable = True
-            self._read(src_of)
+                d.rdhup = True
+            d.readable = True
+            self._read(d)
 
     # -- relaying: one code for both directions -----------------------------------
 
@@ -270,12 +329,16 @@ cdef class Connection(Relay):
 
     cdef _read(self, Direction d):
         # Read d's source (a raw socket) while it may hold bytes, and pass
-        # them on.
+        # them on.  The per-chunk path: no clock read (the engine's batch
+        # time), and bytes go straight to _send() when the destination is a
+        # socket that is open (what _client_bytes/_to_client would do).
         cdef ssize_t r
         cdef Py_ssize_t room, held
         cdef int fd, reads = 0
+        cdef bint c2u = d is self.c2u
+        cdef double now = self._clock()
         while d.readable:
-            fd = self._src(d)
+            fd = self.cfd if c2u else self.ufd
             if fd < 0 or not self._may_read(d):
                 return
             if d.mode != M_COPY and d.state == D_OPEN and d.pend_end == 0:
@@ -284,17 +347,22 @@ cdef class Connection(Relay):
             if reads == _READS_PER_EVENT:
                 self.engine.defer(self)   # let the other connections run
                 return
-            held = self.early if d is self.c2u else 0
+            held = self.early if c2u else 0
             if d.buf is None or (d.size < d.next and not held and d.pend_end == 0):
                 self._new_buf(d, d.next)
             room = d.size - held
             r = recv(fd, PyByteArray_AS_STRING(d.buf) + held, room, 0)
             if r > 0:
                 reads += 1
-                if d is self.c2u:
-                    self._client_bytes(r)
+                self.last_active = now
+                if c2u:
+                    if self.state == C_OPEN:
+                        _send_chunk(self, d, True, 0, r, True)
+                    else:
+                        self._client_bytes(r)
+                elif self.raw:
+                    _send_chunk(self, d, False, 0, r, True)
                 else:
-                    self.last_active = _now()
                     self._to_client(r)
                 if r < room:
                     # A short read took all there was: more data raises a
@@ -326,40 +394,7 @@ cdef class Connection(Relay):
     cdef _send(self, Direction d, Py_ssize_t start, Py_ssize_t n, bint from_read):
         # Send d.buf[start:start+n] to d's destination (a raw socket); keep
         # what it cannot take (pending) and stop reading the source.
-        cdef ssize_t r
-        cdef Py_ssize_t size = d.size
-        cdef char *p = PyByteArray_AS_STRING(d.buf)
-        cdef int fd = self._dst(d)
-        d.nbytes += n
-        if d is self.c2u:
-            self.counters.bytes_in += n
-        else:
-            self.counters.bytes_out += n
-        if from_read and n == size:
-            # a full read: a bulk transfer, read bigger chunks (and at the
-            # largest, splice a raw connection's)
-            if size < self.cfg.max_buffer_size:
-                d.next = min(size * 2, self.cfg.max_buffer_size)
-            elif self.raw and _SPLICE:
-                d.mode = M_BULK
-        while True:
-            r = send(fd, p + start, n, MSG_NOSIGNAL)
-            if r >= 0:
-                break
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN:
-                r = 0
-                break
-            self._failed(d is self.u2c, errno)
-            return
-        if r == n:
-            return
-        d.pend_off = start + r
-        d.pend_end = start + n
-        d.step(EV_FULL)
-        if d is self.c2u:
-            self._sync_client_reading()
+        _send_chunk(self, d, d is self.c2u, start, n, from_read)
 
     cdef _flush(self, Direction d):
         # d's destination is writable: send what is pending
@@ -385,7 +420,7 @@ cdef class Connection(Relay):
                 self._failed(d is self.u2c, errno)
                 return
         d.pend_off += r
-        self.last_active = _now()
+        self.last_active = self._clock()
         if d.pend_off < d.pend_end:
             return
         d.pend_off = d.pend_end = 0
@@ -402,6 +437,7 @@ cdef class Connection(Relay):
         cdef ssize_t r
         cdef int src, reads = 0
         cdef Py_ssize_t chunk = self.cfg.max_buffer_size
+        cdef double now = self._clock()
         if d.pipe_r < 0:
             if _open_pipe(&d.pipe_r, &d.pipe_w, chunk) < 0:
                 d.mode = M_COPY
@@ -419,7 +455,7 @@ cdef class Connection(Relay):
             r = splice(src, NULL, d.pipe_w, NULL, chunk, _SPLICE_FLAGS)
             if r > 0:
                 reads += 1
-                self.last_active = _now()
+                self.last_active = now
                 d.nbytes += r
                 if d is self.c2u:
                     self.counters.bytes_in += r

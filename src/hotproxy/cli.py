@@ -584,7 +584,8 @@ def format_status(status: dict[str, Any]) -> str:
     for s in status["services"]:
         gens = sorted(set(s["generations"].values()))
         gen = "-" if not gens else (str(gens[0]) if len(gens) == 1 else f"{gens[0]}-{gens[-1]}")
-        totals = " ".join(f"{k}={_num(v)}" for k, v in sorted(s["totals"].items())) or "-"
+        totals = " ".join(f"{k}={_num(v)}" for k, v in sorted(s["totals"].items())
+                          if not isinstance(v, dict)) or "-"   # histograms: --json and /metrics
         if s.get("old_versions"):
             totals += f" old_versions={s['old_versions']}"
         changed = _when(s["changed_at"]) + (f" (#{s['changed_by_reload']})" if s.get("changed_by_reload") else "")

@@ -357,6 +357,7 @@ class ServiceExecutor:
         site.factory = factory
         site.generation += 1
         site.committed_at = time.time()
+        svc.published(site.generation)
 
     @staticmethod
     def _count_version(site: Site, svc: Service | None) -> None:

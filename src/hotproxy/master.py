@@ -586,6 +586,7 @@ class Master:
     def _service_status(self, name: str, kind: str, listen: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
         generations: dict[str, int] = {}
         totals: dict[str, float] = {}
+        totals_hist: dict[str, Any] = {}   # histograms summed (their buckets add)
         active = old = 0
         #: generation -> open connections, summed over the workers
         versions: dict[str, int] = {}
@@ -598,6 +599,9 @@ class Master:
             old += site.get("old_versions", 0)
             for gen, n in (site.get("versions") or {}).items():
                 versions[str(gen)] = versions.get(str(gen), 0) + n
+            durations = (site.get("stats") or {}).get("durations")
+            if durations is not None:
+                totals_hist["durations"] = _add_histogram(totals_hist.get("durations"), durations)
             # every count is reported once (the site's open connections are
             # ``active`` above; a service's stats hold its other counters)
             for key, value in (site.get("stats") or {}).items():
@@ -617,7 +621,8 @@ class Master:
             "generation": max(generations.values()) if generations else None,
             "generations": generations,
             "active": active, "old_versions": old,
-            "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0]))), "totals": totals,
+            "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0]))),
+            "totals": {**totals, **totals_hist},
             "changed_at": changed[0] if changed else None,
             "changed_by_reload": changed[1] if changed else None,
         }
@@ -1028,10 +1033,12 @@ def _upstreams(name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
         site = (w.get("sites") or {}).get(name)
         for addr, st in ((site or {}).get("stats") or {}).get("upstreams", {}).items():
             up = out.setdefault(addr, {"active": 0, "connections": 0, "failures": 0, "bytes_in": 0,
-                                       "bytes_out": 0, "ejected_workers": [], "ejected_for": 0.0,
+                                       "bytes_out": 0, "ejections": 0, "ejected_workers": [], "ejected_for": 0.0,
                                        "removed": False, "workers": {}})
-            for key in ("active", "connections", "failures", "bytes_in", "bytes_out"):
+            for key in ("active", "connections", "failures", "bytes_in", "bytes_out", "ejections"):
                 up[key] += st.get(key, 0)
+            if st.get("connect_times") is not None:
+                up["connect_times"] = _add_histogram(up.get("connect_times"), st["connect_times"])
             if st.get("ejected_for", 0) > 0:
                 up["ejected_workers"].append(w["worker"])
                 up["ejected_for"] = max(up["ejected_for"], st["ejected_for"])
@@ -1045,6 +1052,16 @@ def _upstreams(name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
             up["workers"][str(w["worker"])] = {k: st.get(k) for k in ("active", "connections", "failures",
                                                                        "fails", "ejected_for")}
     return out
+
+
+def _add_histogram(total: dict[str, Any] | None, h: dict[str, Any]) -> dict[str, Any]:
+    """*h* (``bounds``, ``counts``, ``count``, ``sum``) added to *total* (None: the first)."""
+    if total is None:
+        return {"bounds": list(h["bounds"]), "counts": list(h["counts"]), "count": h["count"], "sum": h["sum"]}
+    if total["bounds"] != h["bounds"]:
+        return total   # cannot happen within one program: every worker runs the same core
+    return {"bounds": total["bounds"], "counts": [a + b for a, b in zip(total["counts"], h["counts"])],
+            "count": total["count"] + h["count"], "sum": total["sum"] + h["sum"]}
 
 
 #: with SO_REUSEPORT each worker has its own accept queue; when a worker dies

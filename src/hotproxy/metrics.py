@@ -72,6 +72,8 @@ METRICS: dict[str, MetricDoc] = {
     "hotproxy_service_connect_failures": MetricDoc("counter", S, "failed connects to upstreams"),
     "hotproxy_service_generation": MetricDoc("gauge", S, "the serving version's generation (highest over the workers)"),
     "hotproxy_service_old_versions": MetricDoc("gauge", S, "old versions still draining, summed over the workers"),
+    "hotproxy_connection_duration_seconds": MetricDoc("histogram", S,
+                                                      "how long the service's connections lasted, accept to close"),
     # per upstream of a proxy service
     "hotproxy_upstream_up": MetricDoc("gauge", U, "1 if the upstream may be picked: with health_check, its "
                                       "shared state is up; without, no worker has it ejected"),
@@ -87,6 +89,8 @@ METRICS: dict[str, MetricDoc] = {
     "hotproxy_upstream_weight": MetricDoc("gauge", U, "the upstream's weight"),
     "hotproxy_upstream_backup": MetricDoc("gauge", U, "1 if the upstream is a backup, else 0"),
     "hotproxy_upstream_max_connections": MetricDoc("gauge", U, "the upstream's own max_connections (0: no limit)"),
+    "hotproxy_upstream_ejections": MetricDoc("counter", U, "times a worker ejected the upstream after connect failures"),
+    "hotproxy_upstream_connect_seconds": MetricDoc("histogram", U, "how long successful connects to the upstream took"),
     # the instance
     "hotproxy_reloads": MetricDoc("counter", ("result",), "reloads by result (ok, failed), the initial apply included"),
     "hotproxy_last_reload_timestamp_seconds": MetricDoc("gauge", (), "when the last reload was asked for"),
@@ -133,15 +137,26 @@ class Snapshot:
 
 def collect(snap: Snapshot) -> Iterator[Metric]:
     """The metric families of *snap* (``prometheus_client`` collector protocol)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     families: dict[str, Any] = {}
+    kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
     for name, doc in METRICS.items():
-        cls = CounterMetricFamily if doc.type == "counter" else GaugeMetricFamily
-        families[name] = cls(name, doc.help, labels=list(doc.labels))
+        families[name] = kinds[doc.type](name, doc.help, labels=list(doc.labels))
 
     def add(name: str, labels: tuple[str, ...], value: float) -> None:
         families[name].add_metric(list(labels), value)
+
+    def add_histogram(name: str, labels: tuple[str, ...], h: dict[str, Any] | None) -> None:
+        # the core's counts per bucket (not cumulative, the last above every
+        # bound) as Prometheus buckets: cumulative, ending with +Inf
+        if not h:
+            return
+        buckets, total = [], 0
+        for bound, n in zip(list(h["bounds"]) + [float("inf")], h["counts"]):
+            total += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+        families[name].add_metric(list(labels), buckets, h["sum"])
 
     status = snap.status
     for svc in status["services"]:
@@ -159,6 +174,7 @@ def collect(snap: Snapshot) -> Iterator[Metric]:
         if svc.get("generation") is not None:
             add("hotproxy_service_generation", (name,), svc["generation"])
         add("hotproxy_service_old_versions", (name,), svc.get("old_versions", 0))
+        add_histogram("hotproxy_connection_duration_seconds", (name,), totals.get("durations"))
         for addr, up in (svc.get("upstreams") or {}).items():
             labels = (name, addr)
             checked = up.get("health")
@@ -177,6 +193,8 @@ def collect(snap: Snapshot) -> Iterator[Metric]:
             add("hotproxy_upstream_connect_failures", labels, up["failures"])
             add("hotproxy_upstream_received_bytes", labels, up["bytes_out"])
             add("hotproxy_upstream_sent_bytes", labels, up["bytes_in"])
+            add("hotproxy_upstream_ejections", labels, up.get("ejections", 0))
+            add_histogram("hotproxy_upstream_connect_seconds", labels, up.get("connect_times"))
             if "weight" in up:   # (not for a removed upstream that still drains)
                 add("hotproxy_upstream_weight", labels, up["weight"])
                 add("hotproxy_upstream_backup", labels, 1 if up.get("backup") else 0)

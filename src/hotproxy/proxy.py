@@ -270,6 +270,9 @@ class ProxyFactory(MakeService):
         for key in ("accepted", "bytes_in", "bytes_out", "connect_failures", "refused", "idle_closed",
                     "no_upstream", "proxy_header_errors"):
             setattr(counters, key, sum(_number(s.get("counters", {}).get(key, 0), key) for s in seed.carry))
+        for s in seed.carry:
+            if "durations" in s:   # a snapshot of an older program has none
+                counters.durations.add(s["durations"])
         like = seed.like or {}
         shared.rr = _number(like.get("rr", 0), "rr")
         wrr = like.get("wrr") or {}
@@ -284,9 +287,13 @@ class ProxyFactory(MakeService):
         states: dict[str, Any] = {}
         for addr in self.upstreams:
             st = core.impl.UpstreamState(addr)
-            for key in ("connections", "failures", "bytes_in", "bytes_out"):
+            for key in ("connections", "failures", "bytes_in", "bytes_out", "ejections"):
                 setattr(st, key, sum(_number(s.get("upstreams", {}).get(addr, {}).get(key, 0), key)
                                      for s in seed.carry))
+            for s in seed.carry:
+                times = s.get("upstreams", {}).get(addr, {}).get("connect_times")
+                if times is not None:
+                    st.connect_times.add(times)
             view = (like.get("upstreams") or {}).get(addr) or {}
             st.fails = _number(view.get("fails", 0), "fails")
             ejected_for = float(view.get("ejected_for", 0.0))
@@ -499,6 +506,10 @@ class ProxyService(Service):
 
     # -- status and logs -------------------------------------------------------
 
+    def published(self, generation: int) -> None:
+        """This version serves the site as *generation* (its access lines say so)."""
+        self.balancer.generation = generation
+
     def owns(self, conn: object) -> bool:
         """True for a relay of this version: the core's ``Connection`` keeps
         the version's ``RelayConfig`` as ``cfg`` (status only)."""
@@ -517,11 +528,12 @@ class ProxyService(Service):
         del counters["active"]   # open connections stay on the old processes
         now = time.monotonic()
         ups = {addr: {"connections": st.connections, "failures": st.failures, "bytes_in": st.bytes_in,
-                      "bytes_out": st.bytes_out, "fails": st.fails,
+                      "bytes_out": st.bytes_out, "fails": st.fails, "ejections": st.ejections,
+                      "connect_times": st.connect_times.as_dict(),
                       "ejected_for": round(max(0.0, st.ejected_until - now), 3)}
                for addr, st in self.all_states().items()}
-        return {"type": "proxy", "v": 1, "counters": counters, "rr": self.shared.rr,
-                "wrr": dict(self.shared.wrr), "upstreams": ups}
+        return {"type": "proxy", "v": 1, "counters": counters, "durations": self.counters.durations.as_dict(),
+                "rr": self.shared.rr, "wrr": dict(self.shared.wrr), "upstreams": ups}
 
     def carry_late(self, before: Seed, after: Seed) -> None:
         """Add the counts the old workers made between the two snapshots (``Service.carry_late``)."""
@@ -566,6 +578,8 @@ class ProxyService(Service):
                 "ejected_for": round(max(0.0, st.ejected_until - now), 3),
                 "bytes_in": st.bytes_in,
                 "bytes_out": st.bytes_out,
+                "ejections": st.ejections,
+                "connect_times": st.connect_times.as_dict(),
             }
             spec = specs.get(addr)
             if spec is not None:
@@ -576,6 +590,7 @@ class ProxyService(Service):
             if addr in self.retired:
                 ups[addr]["removed"] = True
         out["upstreams"] = ups
+        out["durations"] = self.counters.durations.as_dict()
         out["balance"] = self.factory.balance
         return out
 
@@ -629,6 +644,7 @@ class _Balancer:
                         table = balance_module().HashTable(key)
                     self.tables[key] = table
         self._group_table = [self._table_of(self.primaries), self._table_of(self.backups)]
+        self.generation = 0   # the site's generation of this version (ProxyService.published)
         # the plain function, not a bound method: no reference cycle
         self._choose = getattr(_Balancer, "_choose_" + factory.balance)
         #: the shared health table and each target's slot in it, when the
@@ -686,6 +702,7 @@ class _Balancer:
             was_ejected = st.ejected_until > 0
             st.ejected_until = now + self.factory.fail_timeout
             if not was_ejected:
+                st.ejections += 1
                 log.warning("%supstream %s ejected for %.1fs after %d connect failures (last: %s)", self._who,
                             st.address, self.factory.fail_timeout, st.fails, describe(exc),
                             extra=self._fields(upstream=st.address, reason=describe(exc)))
@@ -810,10 +827,13 @@ class _Balancer:
         """The access line of a finished connection."""
         up = conn.upstream
         client, upstream, duration = _peer(conn.peername), up.address if up is not None else "-", conn.duration
-        access_log.info("%s%s -> %s in=%d out=%d time=%.3fs end=%s", self._who, client, upstream,
-                        conn.bytes_in, conn.bytes_out, duration, conn.end,
+        connect = conn.connect_time if up is not None else 0.0
+        access_log.info("%s%s -> %s in=%d out=%d connect=%.3fs gen=%d time=%.3fs end=%s", self._who, client,
+                        upstream, conn.bytes_in, conn.bytes_out, connect, self.generation, duration, conn.end,
                         extra=self._fields(client=client, upstream=upstream, bytes_in=conn.bytes_in,
-                                           bytes_out=conn.bytes_out, duration=round(duration, 6), end=conn.end))
+                                           bytes_out=conn.bytes_out, connect_time=round(connect, 6),
+                                           duration=round(duration, 6), end=conn.end,
+                                           generation=self.generation))
 
     def log_header_error(self, peer: Any, reason: str) -> None:
         """A client closed for its PROXY header (accept_proxy): bad, slow, or not from proxy_from."""
@@ -824,9 +844,10 @@ class _Balancer:
     def log_refused(self, peer: Any) -> None:
         """The access line of a connection refused by ``max_connections``."""
         client = _peer(peer)
-        access_log.info("%s%s -> - in=0 out=0 time=0.000s end=refused", self._who, client,
-                        extra=self._fields(client=client, upstream="-", bytes_in=0, bytes_out=0, duration=0.0,
-                                           end="refused"))
+        access_log.info("%s%s -> - in=0 out=0 connect=0.000s gen=%d time=0.000s end=refused", self._who, client,
+                        self.generation,
+                        extra=self._fields(client=client, upstream="-", bytes_in=0, bytes_out=0, connect_time=0.0,
+                                           duration=0.0, end="refused", generation=self.generation))
 
 
 class _DebugConnector:

@@ -70,7 +70,8 @@ class Service(abc.ABC):
     it: the executor and the listeners use ``new_connection`` (the one
     method to write), ``accepts_raw`` and ``new_raw_connection`` (the core's
     accept), ``stats`` (status), ``version`` and ``owns`` (which version an
-    open connection belongs to, for status) -- and nothing else.
+    open connection belongs to, for status), ``published`` (its generation)
+    -- and nothing else.
     """
 
     @abc.abstractmethod
@@ -121,6 +122,10 @@ class Service(abc.ABC):
         workers' snapshots taken when they stopped accepting (an upgrade's
         hand-over).  Raise ``ValueError`` if they cannot be read.  By default
         nothing is carried."""
+
+    def published(self, generation: int) -> None:
+        """Told when this version becomes the site's current service: the
+        site's *generation* from now on (for its logs; by default ignored)."""
 
     def owns(self, conn: object) -> bool:
         """True if *conn*, an open connection of the site, is one of this version's.
@@ -264,6 +269,9 @@ class LayerService(Service):
     def version(self) -> Service:
         # a layer only passes the accept through: its connections hold the inner service
         return self.inner.version
+
+    def published(self, generation: int) -> None:
+        self.inner.published(generation)
 
     def owns(self, conn: object) -> bool:
         return self.inner.owns(conn)
