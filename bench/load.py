@@ -16,7 +16,11 @@ What it does:
   "direct" (no proxy); and, with the nginx backend (whose port
   ``PP_BACKEND_PORT`` expects a PROXY protocol header), hotproxy with
   ``send_proxy = "v2"`` beside HAProxy ``send-proxy-v2`` (the ``-pp2``
-  rows; their iperf3 port stays plain, and they are not reloaded);
+  rows; their iperf3 port stays plain, and they are not reloaded); and
+  hotproxy with its Prometheus endpoint on, scraped every
+  ``METRICS_INTERVAL`` s while it runs (``hotproxy-c-1w-metrics``: its
+  ratio to ``hotproxy-c-1w`` per proxy CPU-s, master included, is issue
+  15's "metrics on vs off", beside the A/A control);
 * each round, runs each scenario through every proxy back to back (the
   order rotates every round), with wrk (else ``bench/loadgen.py``):
   keep-alive, ``Connection: close``, 1 MiB responses, iperf3 one stream;
@@ -86,6 +90,8 @@ NCPU = os.cpu_count() or 1
 BACKEND_PORTS = (18080, 18081)        # two, so a reload can switch upstream lists
 #: the nginx backend's port that expects a PROXY protocol header (the send_proxy rows)
 PP_BACKEND_PORT = 18082
+#: seconds between two scrapes of the ``-metrics`` row's Prometheus endpoint
+METRICS_INTERVAL = 1.0
 #: the A/A control's name: HAProxy exactly as the "haproxy" baseline
 CONTROL = "haproxy-again"
 IPERF_PORT = 18090
@@ -799,15 +805,26 @@ class Hotproxy(Proxy):
 
     can_reload = True
 
-    def __init__(self, index: int, tmp: Path, core: str, workers: int, send_proxy: str = "") -> None:
+    def __init__(self, index: int, tmp: Path, core: str, workers: int, send_proxy: str = "",
+                 metrics: bool = False) -> None:
         self.core = core
         self.workers = workers
         #: send_proxy = "v2" to the backend's PROXY protocol port (not reloaded)
         self.send_proxy = send_proxy
-        self.can_reload = not send_proxy
-        self.name = f"hotproxy-{'py' if core == 'python' else 'c'}-{workers}w" + ("-pp2" if send_proxy else "")
+        #: the Prometheus endpoint on (``[runtime] metrics``), scraped every
+        #: METRICS_INTERVAL seconds while the proxy runs (the ``-metrics`` row)
+        self.metrics = metrics
+        self.scrapes = 0
+        self.scrape_errors = 0
+        self._scraper: threading.Thread | None = None
+        self._stop_scraping = threading.Event()
+        self.can_reload = not send_proxy and not metrics
+        self.can_upgrade = not send_proxy and not metrics
+        self.name = (f"hotproxy-{'py' if core == 'python' else 'c'}-{workers}w" + ("-pp2" if send_proxy else "")
+                     + ("-metrics" if metrics else ""))
         super().__init__(index, tmp)
         self.logfile = self.tmp / "log"
+        self.metrics_port = self.port + 2
 
     def write_config(self) -> Path:
         ports, balance = upstream_set(self.variant)
@@ -816,9 +833,13 @@ class Hotproxy(Proxy):
         if self.send_proxy:
             ups, extra = f'"{HOST}:{PP_BACKEND_PORT}"', f'send_proxy = "{self.send_proxy}"\n'
         maxconn = max(1000, nofile_limit())
+        if self.metrics:
+            extra_runtime = f'metrics = "{HOST}:{self.metrics_port}"\n'
+        else:
+            extra_runtime = ""
         conf = f"""# written by bench/load.py (variant {self.variant})
 [runtime]
-workers = {self.workers}
+{extra_runtime}workers = {self.workers}
 drain_timeout = 5.0
 admin_socket = "{self.tmp}/admin.sock"
 pidfile = "{self.tmp}/hotproxy.pid"
@@ -853,8 +874,31 @@ upstreams = ["{HOST}:{IPERF_PORT}"]
 
     def launch(self) -> Proc:
         cfg = self.write_config()
-        return Proc(self.name, hotproxy_argv() + ["run", "-c", str(cfg)], env=self.env(),
+        proc = Proc(self.name, hotproxy_argv() + ["run", "-c", str(cfg)], env=self.env(),
                     logfile=self.logfile)
+        if self.metrics:
+            self._stop_scraping.clear()
+            self._scraper = threading.Thread(target=self._scrape, name=f"scrape-{self.name}", daemon=True)
+            self._scraper.start()
+        return proc
+
+    def _scrape(self) -> None:
+        """GET /metrics every METRICS_INTERVAL s (what a Prometheus server does,
+        more often than its default 15 s) until the proxy stops."""
+        request = f"GET /metrics HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
+        while not self._stop_scraping.wait(METRICS_INTERVAL):
+            try:
+                with socket.create_connection((HOST, self.metrics_port), timeout=5.0) as sock:
+                    sock.sendall(request)
+                    data = b""
+                    while chunk := sock.recv(65536):
+                        data += chunk
+                if data.startswith(b"HTTP/1.1 200"):
+                    self.scrapes += 1
+                else:
+                    self.scrape_errors += 1
+            except OSError:
+                self.scrape_errors += 1
 
     def reload(self) -> None:
         self.variant += 1
@@ -887,6 +931,10 @@ upstreams = ["{HOST}:{IPERF_PORT}"]
         return out.returncode == 0, took, "" if out.returncode == 0 else (lines[-1] if lines else "?")
 
     def stop(self) -> None:
+        self._stop_scraping.set()
+        if self._scraper is not None:
+            self._scraper.join(10.0)
+            self._scraper = None
         # the master now and the old ones still draining are in the first one's
         # process group (Proc.stop); the current one is stopped by pidfile first
         pid = self.master_pid
@@ -1365,7 +1413,7 @@ def targets(res: Results, names: list[str]) -> list[tuple[str, str, str]]:
     """Issue 6's targets: (target, measured, status)."""
     hp1 = "hotproxy-c-1w" if "hotproxy-c-1w" in names else None
     hpn = next((n for n in names if n.startswith("hotproxy-c-") and n != "hotproxy-c-1w"
-                and not n.endswith("-pp2")), None)
+                and not n.endswith(("-pp2", "-metrics"))), None)
     hpy = "hotproxy-py-1w" if "hotproxy-py-1w" in names else None
     out: list[tuple[str, str, str]] = []
 
@@ -1413,6 +1461,15 @@ def targets(res: Results, names: list[str]) -> list[tuple[str, str, str]]:
         check(f"{p}, reload every {interval:g} s: reload latency p50 < 10 ms",
               statistics.median(lat) if lat else None, lambda v: v < 10, "{:.1f} ms",
               rounds=[statistics.median(o.latencies_ms) for o in outs if o.latencies_ms])
+    if "hotproxy-c-1w-metrics" in names and hp1:
+        # issue 15: the metrics endpoint, scraped, costs the proxy no more than the noise
+        for key, label in (("ka_per_cpu_s", "keep-alive req per proxy CPU-s"),
+                           ("close_per_cpu_s", "Connection: close conn per proxy CPU-s")):
+            rs = res.ratios("hotproxy-c-1w-metrics", key, hp1)
+            if rs:
+                out.append((f"hotproxy-c-1w with metrics on and scraped every {METRICS_INTERVAL:g} s ÷ off, {label}",
+                            f"{median(rs):.2f}× ({min(rs):.2f}× – {max(rs):.2f}×)",
+                            "compare with the A/A control below"))
     if CONTROL in names and "haproxy" in names:
         # The same HAProxy against itself: a ratio a proxy's target cannot be
         # told apart from, on this machine in this run.
@@ -1555,8 +1612,9 @@ def rotate(xs: list[Any], k: int) -> list[Any]:
     return xs[k:] + xs[:k]
 
 
-def make_hotproxy(index: int, *, tmp: Path, core: str, workers: int, send_proxy: str = "") -> Proxy:
-    return Hotproxy(index, tmp, core, workers, send_proxy)
+def make_hotproxy(index: int, *, tmp: Path, core: str, workers: int, send_proxy: str = "",
+                  metrics: bool = False) -> Proxy:
+    return Hotproxy(index, tmp, core, workers, send_proxy, metrics)
 
 
 def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list[Proxy]:
@@ -1608,6 +1666,11 @@ def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list
                            functools.partial(make_hotproxy, tmp=tmp, core="compiled", workers=1, send_proxy="v2")
                            if hp_ok and have_pp else None,
                            pp_why if hp_ok else f"hotproxy cannot run: {hp_why}"))
+    if "compiled" in from_cores:
+        # the Prometheus endpoint on and scraped, beside the same proxy without it
+        candidates.append(("hotproxy-c-1w-metrics",
+                           functools.partial(make_hotproxy, tmp=tmp, core="compiled", workers=1, metrics=True)
+                           if hp_ok else None, f"hotproxy cannot run: {hp_why}"))
     proxies: list[Proxy] = []
     for i, (name, make, why) in enumerate(candidates):
         if wanted is not None and not any(name == w or name.startswith(w) for w in wanted):
@@ -1751,6 +1814,9 @@ def run(args: argparse.Namespace, s: Settings) -> str:
         finally:
             for p in proxies:
                 p.stop()
+                if isinstance(p, Hotproxy) and p.metrics:
+                    notes.append(f"{p.name}: /metrics scraped every {METRICS_INTERVAL:g} s while it ran: "
+                                 f"{p.scrapes} answered, {p.scrape_errors} failed")
             if iperf is not None:
                 iperf.stop()
             backend.stop()
