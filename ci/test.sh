@@ -18,7 +18,7 @@ rm -rf "$VENV"
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 pip install -q '.[test]'
-# Types (pyproject.toml [tool.mypy]: strict, but for the modules listed there)
+# Types (pyproject.toml [tool.mypy]: strict on every module)
 mypy src/hotproxy
 # The sdist: what it holds, and its tests collect from the unpacked tree
 VENV="$VENV" bash ci/sdist.sh

@@ -35,13 +35,17 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from . import addresses, core
 from .addresses import format_host_port, is_literal
 from .addresses import parse_host_port as parse_host_port  # noqa: F401 - its home before addresses.py
 
 if TYPE_CHECKING:
+    # What a listener serves with: a site's ``Acceptor`` (the core's) -- the
+    # protocol factory of an asyncio server, and the core ``Listener``'s, whose
+    # slot's service decides how connections are accepted.
+    from ._core import Acceptor as SiteAcceptor
     from .service import Service
 
 log = logging.getLogger("hotproxy.listeners")
@@ -53,24 +57,6 @@ CORE_ACCEPT: bool = os.environ.get("HOTPROXY_CORE_ACCEPT", "1") not in ("", "0")
 def accepts_raw(service: Service | None) -> bool:
     """True if the core's ``Listener`` serves *service* without a transport."""
     return CORE_ACCEPT and service is not None and service.accepts_raw is True
-
-
-class ServiceSlot(Protocol):
-    """The slot a site publishes its serving version in (the core's ``Slot``)."""
-
-    @property
-    def current(self) -> Service | None: ...
-
-
-class SiteAcceptor(Protocol):
-    """What a listener serves with: a site's ``Acceptor`` (the core's) -- the
-    protocol factory of an asyncio server, and the core ``Listener``'s, whose
-    slot's service decides how connections are accepted."""
-
-    @property
-    def slot(self) -> ServiceSlot: ...
-
-    def __call__(self) -> asyncio.BaseProtocol: ...
 
 
 class ListenerFactory(abc.ABC):
@@ -213,6 +199,7 @@ class BoundListener:
             log.warning("%s: cannot switch how the listener accepts: %s", self.address, exc)
 
     def _serve_core(self) -> None:
+        assert self._acceptor is not None   # (listen() set it)
         lst = core.impl.Listener(self._acceptor, self.sock, self._fallback)
         lst.start()
         self.core_listener = lst

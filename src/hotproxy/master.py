@@ -40,15 +40,16 @@ pidfile, workers, or the initial config could not be applied).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import signal
 import socket
 import stat
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import activation, early_signals, logs
 from .admin import AdminError, AdminServer
@@ -383,15 +384,18 @@ class Master:
     # -- signals ----------------------------------------------------------------
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        handlers = {signal.SIGHUP: (self._on_sighup,), signal.SIGTERM: (self._on_stop_signal, "SIGTERM"),
-                    signal.SIGINT: (self._on_stop_signal, "SIGINT"), signal.SIGQUIT: (self.request_stop, False),
-                    signal.SIGUSR2: (self._on_sigusr2,)}
-        for sig, (callback, *args) in handlers.items():
-            loop.add_signal_handler(sig, callback, *args)
+        handlers: dict[int, Callable[[], None]] = {
+            signal.SIGHUP: self._on_sighup,
+            signal.SIGTERM: functools.partial(self._on_stop_signal, "SIGTERM"),
+            signal.SIGINT: functools.partial(self._on_stop_signal, "SIGINT"),
+            signal.SIGQUIT: functools.partial(self.request_stop, False),
+            signal.SIGUSR2: self._on_sigusr2,
+        }
+        for sig, callback in handlers.items():
+            loop.add_signal_handler(sig, callback)
         # what arrived before (early_signals.catch), in order
-        for sig in early_signals.take():
-            callback, *args = handlers[sig]
-            loop.call_soon(callback, *args)
+        for early in early_signals.take():
+            loop.call_soon(handlers[early])
 
     @staticmethod
     def _remove_signals(loop: asyncio.AbstractEventLoop) -> None:
@@ -883,14 +887,14 @@ class Master:
         except PidfileError as exc:
             log.error("upgrade: %s", exc)
         handed = hello.fds.pop("metrics", None)
-        sock = socket.socket(fileno=handed) if handed is not None else None
+        metrics_sock = socket.socket(fileno=handed) if handed is not None else None
         if rt.metrics is not None:
             try:
-                await self._start_metrics(rt.metrics, sock)
+                await self._start_metrics(rt.metrics, metrics_sock)
             except MetricsError as exc:
                 log.error("upgrade: %s", exc)
-        elif sock is not None:
-            sock.close()
+        elif metrics_sock is not None:
+            metrics_sock.close()
         self.upgraded_from = hello.pid
         if released:
             self.old_masters.add(OldMaster(hello.pid, self.link.channel, regions=hello.regions_of(hello.pid)))

@@ -61,7 +61,7 @@ import sys
 from dataclasses import dataclass, replace
 from importlib import util as _importlib_util
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 from . import addresses, core, health, limits
 from .addresses import Address, is_literal
@@ -502,7 +502,9 @@ class ProxyService(Service):
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
         """A relay for one accepted client; it refuses over ``max_connections`` itself."""
-        return self._Connection(self.relay, conns, self)
+        # the core's Connection has a buffered protocol's callbacks without
+        # subclassing asyncio's class (a cdef class cannot): duck-typed
+        return cast(asyncio.BaseProtocol, self._Connection(self.relay, conns, self))
 
     # -- status and logs -------------------------------------------------------
 

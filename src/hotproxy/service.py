@@ -50,6 +50,7 @@ from . import core, limits
 from .options import MAX_CONNECTIONS, check_fields
 
 if TYPE_CHECKING:
+    from ._core import SharedCounter
     from .limits import CounterSlot, NextSlot
 
 T = TypeVar("T")
@@ -442,7 +443,10 @@ class _LimitService(LayerService):
         super().__init__(inner)
         self.state = state
         self.limit = limit
-        self.counter = state.conns.limit
+        counter = state.conns.limit
+        if counter is None:   # (ConnectionStats always makes its set with one)
+            raise ValueError("a connection limit needs a counter")
+        self.counter: SharedCounter = counter
 
     def new_connection(self, conns: Any) -> asyncio.BaseProtocol:
         mine = self.state.joined(conns)
