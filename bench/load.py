@@ -78,7 +78,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -1352,14 +1352,7 @@ def reload_table(res: Results) -> str:
     for (p, interval), outs in res.reload.items():
         errs = sum(o.during.error_count for o in outs)
         errs_steady = sum(o.steady.error_count for o in outs)
-        kinds: dict[str, int] = {}
-        for o in outs:
-            for k, v in o.during.errors.items():
-                if v:
-                    kinds[k] = kinds.get(k, 0) + v
-        detail = f" ({', '.join(f'{k} {v}' for k, v in kinds.items())})" if kinds else ""
-        tput = median([o.during.rps / o.steady.rps for o in outs if o.steady.rps])
-        p99 = median([o.during.p99_us / o.steady.p99_us for o in outs if o.steady.p99_us])
+        detail, tput, p99 = during_vs_steady(outs)
         lat = [x for o in outs for x in o.latencies_ms]
         lat_s = f"{statistics.median(lat):.1f} / {max(lat):.1f}" if lat else "—"
         fails = sum(len(o.failures) for o in outs)
@@ -1373,6 +1366,21 @@ def reload_table(res: Results) -> str:
     return "\n".join(lines)
 
 
+def during_vs_steady(outs: Sequence[Any]) -> tuple[str, float | None, float | None]:
+    """Of runs that measured a proxy steady and during reloads (or upgrades):
+    the kinds of errors during them (" (kind n, ...)" or ""), and the medians
+    of req/s and of p99 during ÷ steady."""
+    kinds: dict[str, int] = {}
+    for o in outs:
+        for k, v in o.during.errors.items():
+            if v:
+                kinds[k] = kinds.get(k, 0) + v
+    detail = f" ({', '.join(f'{k} {v}' for k, v in kinds.items())})" if kinds else ""
+    tput = median([o.during.rps / o.steady.rps for o in outs if o.steady.rps])
+    p99 = median([o.during.p99_us / o.steady.p99_us for o in outs if o.steady.p99_us])
+    return detail, tput, p99
+
+
 def upgrade_table(res: Results) -> str:
     lines = ["| proxy | how | upgrades (done) | errors during (steady) | req/s during ÷ steady | "
              "p99 during ÷ steady | until the new one serves p50 / max ms | failed | stolen CPU % (max) |",
@@ -1380,14 +1388,7 @@ def upgrade_table(res: Results) -> str:
     how = {"hotproxy": "`hotproxy upgrade`", "haproxy": "`-W` master, `SIGUSR2` (re-exec, fds via stats socket)",
            "nginx": "`USR2`, `WINCH` + `QUIT` to the old master"}
     for p, outs in res.upgrade.items():
-        kinds: dict[str, int] = {}
-        for o in outs:
-            for k, v in o.during.errors.items():
-                if v:
-                    kinds[k] = kinds.get(k, 0) + v
-        detail = f" ({', '.join(f'{k} {v}' for k, v in kinds.items())})" if kinds else ""
-        tput = median([o.during.rps / o.steady.rps for o in outs if o.steady.rps])
-        p99 = median([o.during.p99_us / o.steady.p99_us for o in outs if o.steady.p99_us])
+        detail, tput, p99 = during_vs_steady(outs)
         took = [x for o in outs for x in o.took_ms]
         took_s = f"{statistics.median(took):.0f} / {max(took):.0f}" if took else "—"
         fails = [f for o in outs for f in o.failures]

@@ -36,13 +36,14 @@ if TYPE_CHECKING:
     from ._core_machine import Relay as _Relay
 
 
-def _load_machine() -> ModuleType:
-    # _core_machine.py as plain Python: the compiled core builds the same
-    # file into an extension of that name, which a plain import would pick.
-    name = __name__.rpartition(".")[0] + "._core_machine_py"
+def load_as_python(stem: str) -> ModuleType:
+    """The package's ``STEM.py`` run as plain Python (once; as ``STEM_py``):
+    the compiled core builds the same file (pure-Python mode) into an
+    extension of that name, which a plain import would pick."""
+    name = __name__.rpartition(".")[0] + f".{stem}_py"
     mod = sys.modules.get(name)
     if mod is None:
-        path = _os.path.join(_os.path.dirname(__file__), "_core_machine.py")
+        path = _os.path.join(_os.path.dirname(__file__), f"{stem}.py")
         spec = _importlib_util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         mod = _importlib_util.module_from_spec(spec)
@@ -52,7 +53,7 @@ def _load_machine() -> ModuleType:
 
 
 #: The relay's logic, the state machine, the timer wheel, Slot & co., run as Python.
-_machine = _load_machine()
+_machine = load_as_python("_core_machine")
 
 # A site's slot, connection sets and acceptor are _core_machine's (one
 # source for both cores).

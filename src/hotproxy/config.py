@@ -238,14 +238,7 @@ def parse_config(text: str, path: str | None, *, lookups: bool = True) -> Config
     no check foresaw still becomes one line naming the file, never a
     traceback in the CLI or an unretrieved exception in the master.
     """
-    try:
-        return _Checker(path, lookups).check(text)
-    except (ConfigError, NeedsLookup):
-        raise
-    except RecursionError:
-        raise ConfigError(f"{path or DEFAULT_SOURCE}: nested too deeply to read") from None
-    except Exception as exc:
-        raise ConfigError(f"{path or DEFAULT_SOURCE}: cannot load: {describe(exc, typed=True)}") from exc
+    return _one_error(path, lambda: _Checker(path, lookups).check(text))
 
 
 def parse_config_doc(doc: dict[str, Any], path: str | None, source: str, *, lookups: bool = True) -> Config:
@@ -254,8 +247,13 @@ def parse_config_doc(doc: dict[str, Any], path: str | None, source: str, *, look
     relative paths are relative to *path*'s directory."""
     checker = _Checker(path, lookups)
     checker.source = source
+    return _one_error(path, lambda: checker.check_doc(doc))
+
+
+def _one_error(path: str | None, check: Callable[[], Config]) -> Config:
+    """``check()``; anything it did not foresee becomes one ``ConfigError`` line naming the file."""
     try:
-        return checker.check_doc(doc)
+        return check()
     except (ConfigError, NeedsLookup):
         raise
     except RecursionError:

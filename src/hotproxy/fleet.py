@@ -164,6 +164,17 @@ def fleet_config(local: Config, local_runtime: dict[str, Any], text: str, source
     services (*text*), each TCP ``listen`` host replaced by
     ``runtime.listen_host`` when the local file sets it.  ``ConfigError``
     names *source* (the etcd URL and revision)."""
+    services = _services_of(text, source)
+    host = local.runtime.listen_host
+    if host is not None and isinstance(services, dict):
+        services = {name: _rebind(table, host) for name, table in services.items()}
+    return parse_config_doc({"runtime": local_runtime, "services": services}, local.path, source,
+                            lookups=lookups)
+
+
+def _services_of(text: str, source: str) -> Any:
+    """The ``services`` table of a fleet config's *text* (TOML holding only
+    ``[services.NAME]`` tables); ``ConfigError`` naming *source* otherwise."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -172,12 +183,7 @@ def fleet_config(local: Config, local_runtime: dict[str, Any], text: str, source
         if key != "services":
             raise ConfigError(one_line(f"{source}: {key}: not allowed in a fleet config (it holds only "
                                        "[services.NAME] tables; [runtime] stays in each instance's local file)"))
-    services = doc.get("services", {})
-    host = local.runtime.listen_host
-    if host is not None and isinstance(services, dict):
-        services = {name: _rebind(table, host) for name, table in services.items()}
-    return parse_config_doc({"runtime": local_runtime, "services": services}, local.path, source,
-                            lookups=lookups)
+    return doc.get("services", {})
 
 
 def _rebind(table: Any, host: str) -> Any:
@@ -198,15 +204,7 @@ def check_fleet_file(text: str, path: str) -> None:
     """What ``fleet apply`` checks before proposing *path*: TOML, only
     ``[services.NAME]`` tables, every key as ``hotproxy check`` checks it
     (not the bind probes: they are each instance's, in its prepare)."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(one_line(f"{path}: TOML syntax error: {exc}")) from None
-    for key in doc:
-        if key != "services":
-            raise ConfigError(one_line(f"{path}: {key}: not allowed in a fleet config (it holds only "
-                                       "[services.NAME] tables; [runtime] stays in each instance's local file)"))
-    config = parse_config_doc({"services": doc.get("services", {})}, os.path.abspath(path), path)
+    config = parse_config_doc({"services": _services_of(text, path)}, os.path.abspath(path), path)
     if not config.services:
         raise ConfigError(f"{path}: no services (a fleet config holds at least one [services.NAME] table)")
 

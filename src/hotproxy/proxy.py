@@ -57,13 +57,12 @@ import random
 import socket
 import struct
 import time
-import sys
 from dataclasses import dataclass, replace
-from importlib import util as _importlib_util
 from types import ModuleType
 from typing import Any, Callable, Mapping, cast
 
 from . import addresses, core, health, limits
+from ._core_py import load_as_python
 from .addresses import Address, is_literal
 from .errors import describe
 from .health import HealthCheck, HealthTable
@@ -364,16 +363,7 @@ def balance_module() -> ModuleType:
     if core.name() == "compiled":
         from . import _balance
         return _balance
-    name = __name__.rpartition(".")[0] + "._balance_py"
-    mod = sys.modules.get(name)
-    if mod is None:
-        path = os.path.join(os.path.dirname(__file__), "_balance.py")
-        spec = _importlib_util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        mod = _importlib_util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
+    return load_as_python("_balance")
 
 
 async def lookup_upstream(up: Upstream) -> tuple[int, Any]:
