@@ -36,13 +36,14 @@ if TYPE_CHECKING:
     from ._core_machine import Relay as _Relay
 
 
-def _load_machine() -> ModuleType:
+def _load_machine(module: str = "_core_machine") -> ModuleType:
     # _core_machine.py as plain Python: the compiled core builds the same
-    # file into an extension of that name, which a plain import would pick.
-    name = __name__.rpartition(".")[0] + "._core_machine_py"
+    # file into an extension of that name, which a plain import would pick
+    # (so is clienthello.py, the ClientHello parser).
+    name = __name__.rpartition(".")[0] + "." + module + "_py"
     mod = sys.modules.get(name)
     if mod is None:
-        path = _os.path.join(_os.path.dirname(__file__), "_core_machine.py")
+        path = _os.path.join(_os.path.dirname(__file__), module + ".py")
         spec = _importlib_util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         mod = _importlib_util.module_from_spec(spec)
@@ -236,6 +237,8 @@ def private_counter() -> SharedCounter:
 # What a service version shares with its connections, and the relay's logic,
 # are _core_machine's too.
 _machine.use_counters(private_counter)
+_clienthello = _load_machine("clienthello")
+_machine.use_parser(_clienthello.server_name, _clienthello.MAX_BUFFERED)
 if not TYPE_CHECKING:
     ProxyCounters = _machine.ProxyCounters
     UpstreamState = _machine.UpstreamState

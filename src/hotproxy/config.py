@@ -83,7 +83,7 @@ def _build_proxy(opts: dict[str, Any]) -> MakeService:
     from .proxy import ProxyFactory  # imported late: the proxy is optional for the echo-only case
 
     # the proxy counts (and limits) its connections itself: no layer over it
-    return ProxyFactory(**dict(opts, upstreams=tuple(opts["upstreams"])))
+    return ProxyFactory(**dict(opts, upstreams=tuple(opts["upstreams"]), sni_routes=opts["sni_routes"] or ()))
 
 
 ECHO = ServiceKind("echo", ECHO_OPTIONS, _build_echo, doc="echoes every byte back")
@@ -342,6 +342,9 @@ class _Checker:
                 raise self.fail(f"{prefix}.{key}", f"unknown key (expected one of: {known})")
         out = {}
         for key, opt in spec.items():
+            if opt.type == "upstreams" and table.get(key) == [] and table.get("sni_routes"):
+                out[key] = ()   # sni routing without a default: names that match no route are closed
+                continue
             if key not in table:
                 if opt.required:
                     raise self.fail(f"{prefix}.{key}", f"missing (expected {expected(opt)})")
@@ -353,6 +356,8 @@ class _Checker:
     def value(self, key: str, value: Any, opt: Option) -> Any:
         if opt.type == "upstreams":
             return self.upstreams(key, value)
+        if opt.type == "routes":
+            return self.sni_routes(key, value)
         if opt.type == "table" and isinstance(value, dict) and opt.fields is not None:
             # each key named in full: services.NAME.health_check.rise
             return self.options(key, value, opt.fields)
@@ -441,6 +446,29 @@ class _Checker:
             if not isinstance(item, str):
                 raise self.fail(ikey, f"expected an address string or a table, got {show(item)}")
             out.append(self.upstream_address(ikey, item))
+        return tuple(out)
+
+    def sni_routes(self, key: str, value: Any) -> tuple[tuple[str, tuple[str | dict[str, Any], ...]], ...]:
+        """The checked ``sni_routes``: ``(name, upstreams)`` pairs, each name
+        lower-cased and listed once, each group checked as ``upstreams``."""
+        from .clienthello import route_name
+
+        if not isinstance(value, dict) or not value:
+            raise self.fail(key, "expected a table { \"a.example\" = [\"host:port\", ...], ... } with at least "
+                                 f"one route, got {show(value)}")
+        out: list[tuple[str, tuple[str | dict[str, Any], ...]]] = []
+        seen: dict[str, str] = {}
+        for name, ups in value.items():
+            rkey = f'{key}."{name}"'
+            try:
+                norm = route_name(name)
+            except ValueError as exc:
+                raise self.fail(rkey, str(exc)) from None
+            if norm in seen:
+                raise self.fail(rkey, f"the same name as \"{seen[norm]}\" (names compare without case); "
+                                      "expected each name once")
+            seen[norm] = name
+            out.append((norm, self.upstreams(rkey, ups)))
         return tuple(out)
 
     def upstream_address(self, key: str, item: str) -> str:
