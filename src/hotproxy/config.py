@@ -45,8 +45,8 @@ from . import addresses
 from .echo import EchoFactory
 from .errors import ConfigError, describe, one_line
 from .listeners import ListenerFactory, TcpListenerFactory, UnixListenerFactory
-from .options import (COMMON_OPTIONS, ECHO_OPTIONS, PROXY_OPTIONS, RUNTIME_OPTIONS, UPSTREAM_OPTIONS, Option,
-                      check_value, default_text, expected, lowercase_hint, show, type_name)
+from .options import (COMMON_OPTIONS, ECHO_OPTIONS, PROXY_OPTIONS, ROUTES_TABLE, RUNTIME_OPTIONS, UPSTREAM_OPTIONS,
+                      Option, check_value, default_text, expected, lowercase_hint, show, type_name)
 from .paths import DEFAULT_SOURCE, MAX_CONFIG_BYTES, admin_socket_for, default_admin_socket
 from .paths import relative_to as _relative_to
 from .service import LimitConnections, MakeService, stack
@@ -453,9 +453,10 @@ class _Checker:
         lower-cased and listed once, each group checked as ``upstreams``."""
         from .clienthello import route_name
 
-        if not isinstance(value, dict) or not value:
-            raise self.fail(key, "expected a table { \"a.example\" = [\"host:port\", ...], ... } with at least "
-                                 f"one route, got {show(value)}")
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected {ROUTES_TABLE}, got {show(value)}")
+        if not value:
+            raise self.fail(key, "expected at least one route (an empty table: leave sni_routes out)")
         out: list[tuple[str, tuple[str | dict[str, Any], ...]]] = []
         seen: dict[str, str] = {}
         for name, ups in value.items():

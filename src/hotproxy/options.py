@@ -63,6 +63,9 @@ YEAR = 365 * 24 * 3600
 #: the log levels ``log_level`` accepts
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+#: what ``sni_routes`` must be (the config loader and ``ProxyFactory`` say it in these words)
+ROUTES_TABLE = 'a table { "a.example" = ["host:port", ...], ... }'
+
 #: the balancing policies ``balance`` accepts (``proxy._Balancer`` has one ``_choose_*`` each)
 BALANCE_POLICIES = ("round_robin", "random", "least_conn", "hash")
 
@@ -324,6 +327,6 @@ def default_text(opt: Option) -> str:
 
 __all__ = [
     "BALANCE_POLICIES", "COMMON_OPTIONS", "ECHO_OPTIONS", "HEALTH_CHECK_OPTIONS", "LOG_LEVELS", "MAX_CONNECTIONS",
-    "Option", "PROXY_OPTIONS", "RUNTIME_OPTIONS", "UPSTREAM_OPTIONS", "YEAR", "check_fields", "check_value",
+    "Option", "PROXY_OPTIONS", "ROUTES_TABLE", "RUNTIME_OPTIONS", "UPSTREAM_OPTIONS", "YEAR", "check_fields", "check_value",
     "default_text", "expected", "lowercase_hint", "show", "type_name",
 ]

@@ -69,7 +69,7 @@ from .errors import describe
 from .health import HealthCheck, HealthTable
 from .limits import CounterSlot, NextSlot
 from .listeners import lookup
-from .options import PROXY_OPTIONS, UPSTREAM_OPTIONS, check_fields, show
+from .options import PROXY_OPTIONS, ROUTES_TABLE, UPSTREAM_OPTIONS, check_fields, show
 from .service import MakeService, MaybeAwaitable, Seed, Service
 
 log = logging.getLogger("hotproxy.proxy")
@@ -245,12 +245,17 @@ class ProxyFactory(MakeService):
         routes = self.sni_routes
         if routes is None:
             return ()
-        items = list(routes.items()) if isinstance(routes, Mapping) else list(routes)
+        if isinstance(routes, Mapping):
+            items = list(routes.items())
+        elif isinstance(routes, tuple) and all(isinstance(i, tuple) and len(i) == 2 for i in routes):
+            items = list(routes)   # (name, upstreams) pairs: the config loader's form, and ours
+        else:
+            raise ValueError(f"sni_routes: expected {ROUTES_TABLE}, got {show(routes)}")
+        if not items:
+            return ()
         out: list[tuple[str, tuple[UpstreamSpec, ...]]] = []
         seen: set[str] = set()
         for item in items:
-            if not (isinstance(item, tuple) and len(item) == 2):
-                raise ValueError(f"sni_routes: expected (name, upstreams) pairs or a table, got {show(item)}")
             raw, group = item
             try:
                 name = route_name(raw)
