@@ -52,11 +52,11 @@ HOST = "127.0.0.1"
 
 #: backend tag -> the DNS names its certificate holds
 CERTS = {
-    "a": ["a.example", "r.example"],
-    "w": ["*.example", "*.c.example"],
-    "b": ["*.b.example", "*.z.b.example"],
+    "a": ["a.ex.test", "r.ex.test"],
+    "w": ["*.ex.test", "*.c.ex.test"],
+    "b": ["*.b.ex.test", "*.z.b.ex.test"],
     "d": ["other.test"],
-    "r": ["r.example"],
+    "r": ["r.ex.test"],
 }
 
 
@@ -97,6 +97,8 @@ class TlsBackend:
         self.port = free_port()
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(str(pki / f"{tag}.pem"), str(pki / f"{tag}.key"))
+        # the server name the handshake carried, kept on the connection's SSLObject
+        self.ctx.sni_callback = lambda obj, name, ctx: setattr(obj, "test_sni", name) and None
         self.names: list[str | None] = []
         self.conns = 0
         self.server: asyncio.base_events.Server | None = None
@@ -107,7 +109,7 @@ class TlsBackend:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.conns += 1
-        name = writer.get_extra_info("ssl_object").server_hostname
+        name = getattr(writer.get_extra_info("ssl_object"), "test_sni", None)
         name = name.lower() if name else None
         self.names.append(name)
         try:
@@ -244,28 +246,28 @@ def test_each_name_reaches_its_backend_end_to_end(start: Start, core_name: str, 
         try:
             prog = start(config({"tls": {
                 "kind": "proxy", "listen": f"{HOST}:{port}", "upstreams": [up(bk["d"])], "access_log": True,
-                "sni_routes": {"a.example": [up(bk["a"])], "*.example": [up(bk["w"])],
-                               "*.b.example": [{"address": up(bk["b"]), "weight": 2}]},
+                "sni_routes": {"a.ex.test": [up(bk["a"])], "*.ex.test": [up(bk["w"])],
+                               "*.b.ex.test": [{"address": up(bk["b"]), "weight": 2}]},
             }}, workers=2))
             await prog.wait_ready()
             ctx = client_ctx(pki)
-            cases = [("a.example", "a"), ("A.Example", "a"), ("x.example", "w"), ("y.c.example", "w"),
-                     ("z.b.example", "b"), ("deep.z.b.example", "b"), ("other.test", "d")]
+            cases = [("a.ex.test", "a"), ("A.Ex.Test", "a"), ("x.ex.test", "w"), ("y.c.ex.test", "w"),
+                     ("z.b.ex.test", "b"), ("deep.z.b.ex.test", "b"), ("other.test", "d")]
             for name, tag in cases:
                 got = await tls_ask(port, ctx, name, b"ping " + name.encode())
                 assert got == f"{tag} {name.lower()} ping {name}\n".encode(), (name, got)
             # no server name at all: the default group (not verified: no name to check)
             assert await tls_ask(port, ctx, None, b"nameless") == b"d - nameless\n"
             # openssl s_client, verifying the backend's certificate for the name
-            out = await s_client(port, pki, "a.example")
-            assert "Verify return code: 0 (ok)" in out and "a a.example from s_client" in out, out
-            out = await s_client(port, pki, "q.b.example")
-            assert "Verify return code: 0 (ok)" in out and "b q.b.example from s_client" in out, out
+            out = await s_client(port, pki, "a.ex.test")
+            assert "Verify return code: 0 (ok)" in out and "a a.ex.test from s_client" in out, out
+            out = await s_client(port, pki, "q.b.ex.test")
+            assert "Verify return code: 0 (ok)" in out and "b q.b.ex.test from s_client" in out, out
             status = await prog.status()
             t = totals(status, "tls")
             assert t["sni_errors"] == 0 and t["sni_no_route"] == 0 and t["no_upstream"] == 0, t
             assert [bk[x].conns for x in "awbd"] == [3, 2, 3, 2]
-            await eventually(lambda: "sni=deep.z.b.example time=" in prog.log())
+            await eventually(lambda: "sni=deep.z.b.ex.test time=" in prog.log())
             assert "sni=- time=" in prog.log()
             print(f"sni routes: {len(cases) + 3} TLS sessions, each to its backend, verified end to end")
         finally:
@@ -276,7 +278,7 @@ def test_each_name_reaches_its_backend_end_to_end(start: Start, core_name: str, 
 
 
 BAD_HELLOS: list[tuple[str, bytes, bool]] = [
-    ("http", b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n", False),
+    ("http", b"GET / HTTP/1.1\r\nHost: a.ex.test\r\n\r\n", False),
     ("ssh", b"SSH-2.0-OpenSSH_9.6\r\n", False),
     ("tls alert record", b"\x15\x03\x01\x00\x02\x02\x28", False),
     ("sslv2-style", b"\x80\x2e\x01\x00\x02\x00\x15", False),
@@ -299,20 +301,20 @@ def test_unroutable_bad_and_slow_hellos_are_closed_and_counted(start: Start, cor
         try:
             prog = start(config({"tls": {
                 "kind": "proxy", "listen": f"{HOST}:{port}", "upstreams": [], "access_log": True,
-                "sni_routes": {"a.example": [up(a)]}, "sni_timeout": 0.5,
+                "sni_routes": {"a.ex.test": [up(a)]}, "sni_timeout": 0.5,
             }}, metrics=f"{HOST}:{m}"))
             await prog.wait_ready()
             pids = sorted(prog.worker_pids)
             ctx = client_ctx(pki)
             # no route, no default: the handshake fails (closed), nothing reaches the backend
-            for name in ("b.example", "a.example.org", None):
+            for name in ("b.ex.test", "a.ex.test.org", None):
                 with pytest.raises((ssl.SSLError, ConnectionError, OSError, asyncio.IncompleteReadError)):
                     await tls_ask(port, ctx, name)
-            assert await closed_at_once(port, client_hello("zzz.example")) == b""
+            assert await closed_at_once(port, client_hello("zzz.ex.test")) == b""
             for what, data, eof in BAD_HELLOS:
                 assert await closed_at_once(port, data, then_eof=eof) == b"", what
             # slow: a valid start, then nothing -- closed after sni_timeout
-            assert await closed_at_once(port, client_hello("a.example")[:30]) == b""
+            assert await closed_at_once(port, client_hello("a.ex.test")[:30]) == b""
             n_no_route, n_bad = 4, len(BAD_HELLOS) + 1
             status = await prog.status()
             t = totals(status, "tls")
@@ -322,12 +324,12 @@ def test_unroutable_bad_and_slow_hellos_are_closed_and_counted(start: Start, cor
             assert value(samples, "hotproxy_service_sni_no_route_total", service="tls") == n_no_route
             assert value(samples, "hotproxy_service_sni_errors_total", service="tls") == n_bad
             log = prog.log()
-            assert "TLS ClientHello refused: no route for server name 'b.example'" in log
+            assert "TLS ClientHello refused: no route for server name 'b.ex.test'" in log
             assert "TLS ClientHello refused: no complete ClientHello within 0.5s" in log
             assert "TLS ClientHello refused: not a TLS handshake (record type 71)" in log
             assert "Traceback" not in log
             # the same worker serves a good name
-            assert await tls_ask(port, ctx, "a.example", b"still") == b"a a.example still\n"
+            assert await tls_ask(port, ctx, "a.ex.test", b"still") == b"a a.ex.test still\n"
             assert status["restarts"] == 0 and sorted(prog.worker_pids) == pids
             print(f"closed and counted: {n_no_route} without a route, {n_bad} bad or slow hellos, 0 forwarded")
         finally:
@@ -349,17 +351,17 @@ def test_sni_after_accept_proxy_and_before_send_proxy(start: Start, core_name: s
         try:
             prog = start(config({
                 "front": {"kind": "proxy", "listen": f"{HOST}:{front}", "upstreams": [f"{HOST}:{back}"],
-                          "sni_routes": {"*.example": [f"{HOST}:{back}"]}, "send_proxy": "v2"},
+                          "sni_routes": {"*.ex.test": [f"{HOST}:{back}"]}, "send_proxy": "v2"},
                 "back": {"kind": "proxy", "listen": f"{HOST}:{back}", "upstreams": [up(w)], "accept_proxy": True,
-                         "sni_routes": {"a.example": [up(a)]}, "access_log": True},
+                         "sni_routes": {"a.ex.test": [up(a)]}, "access_log": True},
             }))
             await prog.wait_ready()
             ctx = client_ctx(pki)
-            assert await tls_ask(front, ctx, "a.example", b"x") == b"a a.example x\n"
-            assert await tls_ask(front, ctx, "k.example", b"y") == b"w k.example y\n"
+            assert await tls_ask(front, ctx, "a.ex.test", b"x") == b"a a.ex.test x\n"
+            assert await tls_ask(front, ctx, "k.ex.test", b"y") == b"w k.ex.test y\n"
             # the PROXY header and the hello in one segment, straight to back
             got = await closed_at_once(back, b"PROXY TCP4 203.0.113.9 10.0.0.1 4000 443\r\n"
-                                       + client_hello("zz.example"), then_eof=True)
+                                       + client_hello("zz.ex.test"), then_eof=True)
             assert got.startswith(b"\x16\x03"), got[:16]    # w's ServerHello: relayed untouched
             await eventually(lambda: "service back: 203.0.113.9:4000 -> " in prog.log())
             status = await prog.status()
@@ -375,7 +377,7 @@ def test_sni_after_accept_proxy_and_before_send_proxy(start: Start, core_name: s
 
 
 def test_reload_moves_a_name_under_tls_traffic_with_no_error(start: Start, pki: Path) -> None:
-    """TLS clients ask for r.example without pause while reloads move it
+    """TLS clients ask for r.ex.test without pause while reloads move it
     between two backends (both hold a certificate for it), and add and
     remove a wildcard: every session completes and is verified, both
     backends serve it, no connection is closed for its hello."""
@@ -387,9 +389,9 @@ def test_reload_moves_a_name_under_tls_traffic_with_no_error(start: Start, pki: 
         w = await TlsBackend(pki, "w").start()
         try:
             def cfg(i: int) -> str:
-                routes: dict[str, Any] = {"r.example": [up((a, r)[i % 2])]}
+                routes: dict[str, Any] = {"r.ex.test": [up((a, r)[i % 2])]}
                 if i % 3 == 1:
-                    routes["*.example"] = [up(w)]
+                    routes["*.ex.test"] = [up(w)]
                 return config({"tls": {"kind": "proxy", "listen": f"{HOST}:{port}", "upstreams": [up(w)],
                                        "sni_routes": routes}}, workers=2)
 
@@ -406,8 +408,8 @@ def test_reload_moves_a_name_under_tls_traffic_with_no_error(start: Start, pki: 
                     i += 1
                     payload = f"c{k}-{i}".encode()
                     try:
-                        got = await tls_ask(port, ctx, "r.example", payload)
-                        if got not in (b"a r.example " + payload + b"\n", b"r r.example " + payload + b"\n"):
+                        got = await tls_ask(port, ctx, "r.ex.test", payload)
+                        if got not in (b"a r.ex.test " + payload + b"\n", b"r r.ex.test " + payload + b"\n"):
                             errors.append(f"bad answer {got!r}")
                         else:
                             ok[0] += 1
@@ -459,7 +461,7 @@ def _mutate(data: bytes, ops: list[tuple[int, int, int]]) -> bytes:
     return bytes(out)
 
 
-_HELLOS = [client_hello(h) for h in ("a.example", "x.example", None)]
+_HELLOS = [client_hello(h) for h in ("a.ex.test", "x.ex.test", None)]
 
 
 def test_fuzzed_hellos_over_a_real_socket_never_hurt_the_worker(start: Start, core_name: str, pki: Path) -> None:
@@ -475,7 +477,7 @@ def test_fuzzed_hellos_over_a_real_socket_never_hurt_the_worker(start: Start, co
         a = await TlsBackend(pki, "a").start()
         d = await TlsBackend(pki, "d").start()
         prog = start(config({"tls": {"kind": "proxy", "listen": f"{HOST}:{port}", "upstreams": [up(d)],
-                                     "sni_routes": {"a.example": [up(a)]}, "sni_timeout": 0.3}}))
+                                     "sni_routes": {"a.ex.test": [up(a)]}, "sni_timeout": 0.3}}))
         await prog.wait_ready()
         return prog, a, d
 
@@ -503,7 +505,7 @@ def test_fuzzed_hellos_over_a_real_socket_never_hurt_the_worker(start: Start, co
                 await asyncio.wait_for(asyncio.gather(*(closed_at_once(port, b, then_eof=True, timeout=10)
                                                         for b in batch)), 30)
                 sent[0] += len(batch)
-                assert await tls_ask(port, ctx, "a.example", b"alive") == b"a a.example alive\n"
+                assert await tls_ask(port, ctx, "a.ex.test", b"alive") == b"a a.ex.test alive\n"
 
             loop.run_until_complete(one_batch())
 
@@ -525,19 +527,19 @@ def test_fuzzed_hellos_over_a_real_socket_never_hurt_the_worker(start: Start, co
 
 
 @pytest.mark.parametrize("extra, message", [
-    ('sni_routes = { "a..example" = ["127.0.0.1:9"] }', 'services.p.sni_routes."a..example": expected a server name'),
+    ('sni_routes = { "a..ex.test" = ["127.0.0.1:9"] }', 'services.p.sni_routes."a..ex.test": expected a server name'),
     ('sni_routes = { "*" = ["127.0.0.1:9"] }', 'services.p.sni_routes."*": expected a server name'),
-    ('sni_routes = { "a.*.example" = ["127.0.0.1:9"] }', 'services.p.sni_routes."a.*.example": expected a server'),
-    ('sni_routes = { "a.example" = ["127.0.0.1:0"] }', 'services.p.sni_routes."a.example"[0]: expected a port'),
-    ('sni_routes = { "a.example" = ["nope"] }', 'services.p.sni_routes."a.example"[0]: bad upstream address'),
-    ('sni_routes = { "a.example" = [] }', 'services.p.sni_routes."a.example": expected a non-empty list'),
-    ('sni_routes = { "a.example" = ["127.0.0.1:9"], "A.example" = ["127.0.0.1:9"] }',
-     'services.p.sni_routes."A.example": the same name as "a.example"'),
-    ('sni_routes = { "a.example" = ["127.0.0.1:9", "127.0.0.1:9"] }',
-     'services.p: invalid proxy service: sni_routes."a.example"[1]: \'127.0.0.1:9\' is listed twice'),
+    ('sni_routes = { "a.*.ex.test" = ["127.0.0.1:9"] }', 'services.p.sni_routes."a.*.ex.test": expected a server'),
+    ('sni_routes = { "a.ex.test" = ["127.0.0.1:0"] }', 'services.p.sni_routes."a.ex.test"[0]: expected a port'),
+    ('sni_routes = { "a.ex.test" = ["nope"] }', 'services.p.sni_routes."a.ex.test"[0]: bad upstream address'),
+    ('sni_routes = { "a.ex.test" = [] }', 'services.p.sni_routes."a.ex.test": expected a non-empty list'),
+    ('sni_routes = { "a.ex.test" = ["127.0.0.1:9"], "A.ex.test" = ["127.0.0.1:9"] }',
+     'services.p.sni_routes."A.ex.test": the same name as "a.ex.test"'),
+    ('sni_routes = { "a.ex.test" = ["127.0.0.1:9", "127.0.0.1:9"] }',
+     'services.p: invalid proxy service: sni_routes."a.ex.test"[1]: \'127.0.0.1:9\' is listed twice'),
     ("sni_routes = {}", "services.p.sni_routes: expected at least one route"),
-    ('sni_routes = ["a.example"]', "services.p.sni_routes: expected a table"),
-    ('sni_routes = { "a.example" = ["127.0.0.1:9"] }\nsni_timeout = 0', "services.p.sni_timeout: expected a number > 0"),
+    ('sni_routes = ["a.ex.test"]', "services.p.sni_routes: expected a table"),
+    ('sni_routes = { "a.ex.test" = ["127.0.0.1:9"] }\nsni_timeout = 0', "services.p.sni_timeout: expected a number > 0"),
 ])
 def test_check_rejects_bad_routes_in_one_line(tmp_path: Path, extra: str, message: str) -> None:
     cfg = tmp_path / "bad.toml"
@@ -559,7 +561,7 @@ def test_check_empty_default_only_with_routes(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "hotproxy.cli", "check", "-c", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "services.p.upstreams: expected a non-empty list" in proc.stderr, proc.stderr
-    cfg.write_text(base + 'sni_routes = { "*.example" = ["127.0.0.1:9"] }\n')
+    cfg.write_text(base + 'sni_routes = { "*.ex.test" = ["127.0.0.1:9"] }\n')
     proc = subprocess.run([sys.executable, "-m", "hotproxy.cli", "check", "-c", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

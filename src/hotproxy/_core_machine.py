@@ -1259,8 +1259,9 @@ class Relay:
     # -- the PROXY protocol (cfg.proxy): between the accept and the first attempt ------
 
     def _proxy_start(self) -> None:
-        # A started connection of a service with send_proxy or accept_proxy
-        # (peername is set): read the client's header first, or queue ours.
+        # A started connection of a service with send_proxy, accept_proxy or
+        # sni (peername is set): read the client's header first, then its
+        # ClientHello (sni), then queue our header.
         cfg = self.cfg
         if cfg.send_proxy or cfg.accept_proxy:
             self.local = self._sockname()

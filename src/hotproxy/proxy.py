@@ -242,7 +242,7 @@ class ProxyFactory(MakeService):
         every group a non-empty list of upstreams, each address once, not all backups."""
         from .clienthello import route_name
 
-        routes = self.sni_routes
+        routes: Any = self.sni_routes   # typed as kept; given, it may be any value
         if routes is None:
             return ()
         if isinstance(routes, Mapping):
@@ -556,7 +556,7 @@ class ProxyService(Service):
         connector: Any = _DebugConnector(self.balancer, 1 + factory.retries) if debug else self.balancer
         self.router: _SniRouter | None = None
         if factory.sni_routes:
-            groups = []
+            groups: list[tuple[str, Any, _Balancer]] = []
             for name, specs in factory.sni_routes:
                 b = _Balancer(factory, shared, [by_address[s.address] for s in specs], tables or {}, specs,
                               self.targets)
@@ -677,7 +677,7 @@ class ProxyService(Service):
         del out["active"]
         now = time.monotonic()
         ups: dict[str, Any] = {}
-        specs = {s.address: s for s in self.factory.upstream_specs}
+        specs = {s.address: s for s in self.factory.all_specs()}
         limited = {t.up.text: t.limit for t in self.targets if t.limit is not None}
         for addr, st in self.all_states().items():
             ups[addr] = {
@@ -702,6 +702,9 @@ class ProxyService(Service):
         out["upstreams"] = ups
         out["durations"] = self.counters.durations.as_dict()
         out["balance"] = self.factory.balance
+        if self.factory.sni_routes:
+            # each route's upstreams, by name ("*.example" included; the default group is ``upstreams``)
+            out["sni_routes"] = {name: [spec.address for spec in group] for name, group in self.factory.sni_routes}
         return out
 
     def __repr__(self) -> str:
