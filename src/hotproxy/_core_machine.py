@@ -1309,7 +1309,7 @@ class Relay:
             self._sni_start()
             return
         self._proxy_out()
-        if self.early >= self.c2u.size:
+        if self.c2u.buf is not None and self.early >= self.c2u.size:
             # one read filled the buffer: hold, as _client_bytes does
             self.c_early_full = True
             self._sync_client_reading()
