@@ -565,3 +565,16 @@ def test_check_empty_default_only_with_routes(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "hotproxy.cli", "check", "-c", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_check_rejects_a_route_that_leads_back_to_its_own_listener(tmp_path: Path) -> None:
+    """A route's upstreams are checked for loops like ``upstreams``: one line naming the route."""
+    port = free_port()
+    cfg = tmp_path / "loop.toml"
+    cfg.write_text(f'[services.p]\nkind = "proxy"\nlisten = "127.0.0.1:{port}"\nupstreams = ["127.0.0.1:8"]\n'
+                   f'sni_routes = {{ "a.ex.test" = ["127.0.0.1:9", "127.0.0.1:{port}"] }}\n')
+    proc = subprocess.run([sys.executable, "-m", "hotproxy.cli", "check", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert 'services.p.sni_routes."a.ex.test"[1]: ' in lines[0] and "leads back to this proxy" in lines[0], lines[0]

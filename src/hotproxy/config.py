@@ -555,11 +555,10 @@ class _Checker:
                 if real in own:
                     raise self.fail(f"services.{name}.listen", f"{svc.listen} is {own[real]}; "
                                                                 "expected a socket path of its own")
-            for i, up in enumerate(_upstreams(svc)):
+            for key, up in _upstream_keys(name, svc):
                 path = addresses.parse(up).path
                 if path is not None and os.path.realpath(path) == os.path.realpath(runtime.admin_socket):
-                    raise self.fail(f"services.{name}.upstreams[{i}]",
-                                    f"{up} is the admin socket: its clients could stop this hotproxy")
+                    raise self.fail(key, f"{up} is the admin socket: its clients could stop this hotproxy")
 
     def check_proxy_loops(self, services: Mapping[str, ServiceConfig]) -> None:
         """Refuse a proxy whose upstreams lead back to its own listen address.
@@ -574,8 +573,7 @@ class _Checker:
         edges: dict[str, list[tuple[str, str, str]]] = {}
         for name, svc in services.items():
             out = []
-            for i, up in enumerate(_upstreams(svc)):
-                key = f"services.{name}.upstreams[{i}]"
+            for key, up in _upstream_keys(name, svc):
                 out += [(key, up, target) for target in self.reached_by(key, up, services)]
             edges[name] = out
         # depth first, in file order; reaching a node on the current path closes a loop
@@ -672,6 +670,20 @@ def _upstreams(svc: ServiceConfig) -> tuple[str, ...]:
         return ()
     addrs = tuple(u["address"] if isinstance(u, dict) else u for u in ups)
     return addrs if all(isinstance(u, str) for u in addrs) else ()
+
+
+def _upstream_keys(name: str, svc: ServiceConfig) -> list[tuple[str, str]]:
+    """Every upstream of a service with the key that names it: ``upstreams``'
+    and each ``sni_routes`` group's (``services.NAME.sni_routes."a.example"[0]``)."""
+    out = [(f"services.{name}.upstreams[{i}]", up) for i, up in enumerate(_upstreams(svc))]
+    routes = svc.options.get("sni_routes")
+    if isinstance(routes, tuple):
+        for route, ups in routes:
+            for i, u in enumerate(ups):
+                addr = u["address"] if isinstance(u, dict) else u
+                if isinstance(addr, str):
+                    out.append((f'services.{name}.sni_routes."{route}"[{i}]', addr))
+    return out
 
 
 def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
