@@ -373,6 +373,49 @@ def test_sni_after_accept_proxy_and_before_send_proxy(start: Start, core_name: s
     run(main(), timeout=90)
 
 
+def test_a_route_group_has_health_checks_weights_and_backups(start: Start, pki: Path) -> None:
+    """A group is balanced like ``upstreams``: the active health checks cover
+    an upstream that only a route lists (its state in status), and a group
+    whose primary is down sends its name to the group's backup -- without a
+    connect failure, since the checks marked it down first."""
+    port = free_port()
+    dead = f"{HOST}:{free_port()}"    # nothing listens there: refused
+
+    async def main() -> None:
+        a = await TlsBackend(pki, "a").start()
+        d = await TlsBackend(pki, "d").start()
+        try:
+            prog = start(config({"tls": {
+                "kind": "proxy", "listen": f"{HOST}:{port}", "upstreams": [up(d)], "max_fails": 0,
+                "health_check": {"interval": 0.05, "timeout": 0.5, "rise": 1, "fall": 1},
+                "sni_routes": {"a.ex.test": [dead, {"address": up(a), "backup": True}]},
+            }}, workers=2))
+            await prog.wait_ready()
+
+            async def dead_is_down() -> bool:
+                ups = by_name(await prog.status())["tls"].get("upstreams", {})
+                return bool(ups.get(dead, {}).get("health", {}).get("state") == "down"
+                            and ups.get(up(a), {}).get("health", {}).get("state") == "up")
+
+            await eventually(dead_is_down, timeout=30)
+            ctx = client_ctx(pki)
+            for i in range(6):
+                assert await tls_ask(port, ctx, "a.ex.test", b"b%d" % i) == b"a a.ex.test b%d\n" % i
+            assert await tls_ask(port, ctx, "other.test", b"dflt") == b"d other.test dflt\n"
+            status = await prog.status()
+            t = totals(status, "tls")
+            ups = by_name(status)["tls"]["upstreams"]
+            print(f"route group: primary down by health checks, {a.conns} sessions to its backup, "
+                  f"connect_failures {t['connect_failures']}")
+            assert a.conns == 6 and t["connect_failures"] == 0, t
+            assert ups[up(a)]["backup"] is True and ups[dead]["backup"] is False
+        finally:
+            await a.stop()
+            await d.stop()
+
+    run(main(), timeout=90)
+
+
 # -- reload -------------------------------------------------------------------------------------------------
 
 
