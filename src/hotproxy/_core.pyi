@@ -95,6 +95,8 @@ class ProxyCounters:
     idle_closed: int
     no_upstream: int
     proxy_header_errors: int
+    sni_errors: int
+    sni_no_route: int
     @property
     def durations(self) -> Histogram: ...
     def __init__(self) -> None: ...
@@ -173,7 +175,13 @@ class RelayConfig:
                  limit: SharedCounter | None = ..., send_proxy: int = ...,
                  accept_proxy: bool = ..., proxy_from: tuple[tuple[int, int, int], ...] = ...,
                  proxy_timeout: float = ...,
-                 on_header_error: Callable[[Any, str], Any] | None = ...) -> None: ...
+                 on_header_error: Callable[[Any, str], Any] | None = ..., sni: bool = ...,
+                 sni_timeout: float = ...,
+                 on_sni_error: Callable[[Any, str], Any] | None = ...) -> None: ...
+    @property
+    def sni(self) -> bool: ...
+    @property
+    def sni_timeout(self) -> float: ...
 
 # -- the PROXY protocol --------------------------------------------------------
 
@@ -202,6 +210,10 @@ class Connection:
     def peername(self) -> Any: ...
     @property
     def connect_time(self) -> float: ...
+    @property
+    def server_name(self) -> str | None:
+        """sni: the ClientHello's server name ("": none sent; None: not read)."""
+    route: Any
     @property
     def upstream(self) -> UpstreamState | None: ...
     @property

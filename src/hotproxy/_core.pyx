@@ -46,6 +46,7 @@ import socket as _socket
 import time
 
 import hotproxy._core_machine as _machine
+import hotproxy.clienthello as _clienthello
 
 cdef object _accept_log = logging.getLogger("hotproxy.accept")
 cdef object _accept_failed = _machine.accept_failed
@@ -79,6 +80,9 @@ include "_core_listener.pxi"   # Listener: accept4() in the core
 # shares with its connections, are _core_machine's (one source for both
 # cores): this module's names for them.
 _machine.use_counters(private_counter)
+# the ClientHello parser of sni routing: clienthello.py, compiled as its own
+# extension (setup.py); the pure-Python core runs the same source as Python
+_machine.use_parser(_clienthello.server_name, _clienthello.MAX_BUFFERED)
 globals().update(Slot=Slot, ConnectionSet=ConnectionSet, Acceptor=Acceptor,
                  ProxyCounters=ProxyCounters, UpstreamState=UpstreamState, Target=Target,
                  RelayConfig=RelayConfig, parse_proxy_header=_machine.parse_proxy_header, proxy_header=_machine.proxy_header,

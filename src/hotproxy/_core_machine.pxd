@@ -93,10 +93,10 @@ cdef class Acceptor:
 
 # -- what a service version shares with its connections ---------------------------------
 
-cdef int C_NEW, C_HEADER, C_CONNECTING, C_OPEN, C_LINGERING, C_CLOSING, C_FINISHED
+cdef int C_NEW, C_HEADER, C_CONNECTING, C_OPEN, C_LINGERING, C_CLOSING, C_FINISHED, C_SNIFF
 cdef int UP_NONE, UP_CONNECTING, UP_OPEN, UP_CLOSED
 cdef int END_NONE, END_EOF, END_CLIENT_ERROR, END_UPSTREAM_ERROR, END_IDLE, END_ABORTED
-cdef int END_NO_UPSTREAM, END_CLOSED, END_BAD_HEADER
+cdef int END_NO_UPSTREAM, END_CLOSED, END_BAD_HEADER, END_BAD_HELLO, END_NO_ROUTE
 cdef double LINGER
 
 
@@ -124,6 +124,8 @@ cdef class ProxyCounters:
     cdef public long long idle_closed
     cdef public long long no_upstream
     cdef public long long proxy_header_errors
+    cdef public long long sni_errors
+    cdef public long long sni_no_route
     cdef readonly Histogram durations
 
 
@@ -174,7 +176,10 @@ cdef class RelayConfig:
     cdef readonly tuple proxy_from          # proxy_networks()
     cdef readonly double proxy_timeout
     cdef readonly object on_header_error
-    cdef readonly bint proxy                # send_proxy or accept_proxy
+    cdef readonly bint proxy                # send_proxy, accept_proxy or sni
+    cdef readonly bint sni                  # route by the TLS ClientHello's server name
+    cdef readonly double sni_timeout
+    cdef readonly object on_sni_error
 
 
 # -- the relay of one proxied connection (each core's Connection adds the system calls)
@@ -214,6 +219,8 @@ cdef class Relay:
     cdef Counter ulimit             # the upstream's limit we hold one count of (None: none)
     cdef object local               # PROXY protocol: the address the client connected to
     cdef Py_ssize_t hdr_out         # send_proxy: the header's bytes at the start of the held ones
+    cdef readonly object server_name    # sni: the name the ClientHello asked for ("": none; None: not read)
+    cdef public object route        # sni: the connector's route for server_name
 
     cdef bint _admit(self) except -1
     cdef _client_bytes(self, Py_ssize_t nbytes)
@@ -257,6 +264,11 @@ cdef class Relay:
     @cython.locals(need=Py_ssize_t, hdr=bytes, held=bytes)
     cdef _proxy_out(self)
     cdef _header_failed(self, str reason)
+    cdef _header_done(self)
+    @cython.locals(n=Py_ssize_t, held=bytes)
+    cdef _sni_start(self)
+    cdef _sni_bytes(self)
+    cdef _sni_failed(self, str reason, int code)
     cdef _c_write_eof(self)
     cdef _c_close(self, bint hard)
     cdef _c_gone(self, bint error)

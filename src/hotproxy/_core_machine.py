@@ -500,6 +500,7 @@ C_OPEN = 3          # relaying
 C_LINGERING = 4     # no upstream: waiting for the client's EOF
 C_CLOSING = 5       # each side closes once its pending bytes are written
 C_FINISHED = 6      # both sides closed, every count released
+C_SNIFF = 7         # sni: reading the client's TLS ClientHello (held, not consumed)
 
 # The upstream socket (Relay.up_state)
 UP_NONE = 0         # no connect attempt in progress (not started yet)
@@ -517,10 +518,12 @@ END_ABORTED = 5         # abort(): drain timeout or shutdown
 END_NO_UPSTREAM = 6     # every connect attempt failed
 END_CLOSED = 7          # closed otherwise
 END_BAD_HEADER = 8      # accept_proxy: no valid PROXY header in time, or from a peer not in proxy_from
+END_BAD_HELLO = 9       # sni: no valid TLS ClientHello in time
+END_NO_ROUTE = 10       # sni: the server name matches no route and there is no default
 
-CONN_NAMES = ("new", "header", "connecting", "open", "lingering", "closing", "finished")
+CONN_NAMES = ("new", "header", "connecting", "open", "lingering", "closing", "finished", "sniff")
 END_NAMES = ("open", "eof", "client_error", "upstream_error", "idle", "aborted",
-             "no_upstream", "closed", "bad_header")
+             "no_upstream", "closed", "bad_header", "bad_hello", "no_route")
 
 # seconds a client that got no upstream has to send its EOF before it is closed
 LINGER = 2.0
@@ -536,6 +539,20 @@ def use_counters(private_counter: Any) -> None:
     """Tell this module the core's ``private_counter``."""
     global _private_counter
     _private_counter = private_counter
+
+
+# Set by the core that uses this module (use_parser): ``clienthello.server_name``
+# -- the compiled extension for the compiled core, the same source run as
+# Python for the pure-Python one -- and the most bytes it needs to decide.
+_server_name: Any = None
+SNI_BUFFER = 16 * 1024 + 8 * 5
+
+
+def use_parser(server_name: Any, max_buffered: int) -> None:
+    """Tell this module the ClientHello parser (``clienthello.server_name``) and its ``MAX_BUFFERED``."""
+    global _server_name, SNI_BUFFER
+    _server_name = server_name
+    SNI_BUFFER = int(max_buffered)
 
 
 def _oserror(err: int) -> OSError:
@@ -631,6 +648,8 @@ class ProxyCounters:
         self.idle_closed = 0
         self.no_upstream = 0
         self.proxy_header_errors = 0
+        self.sni_errors = 0
+        self.sni_no_route = 0
         self.durations = Histogram(DURATION_BUCKETS)
 
     def as_dict(self) -> dict[str, int]:
@@ -641,6 +660,7 @@ class ProxyCounters:
             "connect_failures": self.connect_failures, "refused": self.refused,
             "idle_closed": self.idle_closed, "no_upstream": self.no_upstream,
             "proxy_header_errors": self.proxy_header_errors,
+            "sni_errors": self.sni_errors, "sni_no_route": self.sni_no_route,
         }
 
     def __repr__(self) -> str:
@@ -740,6 +760,16 @@ class RelayConfig:
     A bad, slow or refused header closes the connection at once, counted in
     ``proxy_header_errors``, ``on_header_error(peername, reason)`` told if
     given.  With both off, a connection pays one test when it starts.
+
+    TLS SNI routing (``sni``): after the PROXY header, if any, a connection
+    reads the client's TLS ClientHello (``clienthello.server_name``) within
+    ``sni_timeout`` seconds, without consuming it: the bytes are relayed
+    untouched once connected.  The name becomes ``server_name`` and
+    ``connector.route(conn)`` says where it goes (stored as ``conn.route``,
+    which ``pick`` reads), or None: no route, the connection is closed,
+    counted in ``sni_no_route``.  A bad, slow or oversized hello closes it,
+    counted in ``sni_errors``; ``on_sni_error(peername, reason)`` is told of
+    both if given.
     """
 
     def __init__(self, counters: ProxyCounters, idle_timeout: float = 0.0,
@@ -749,7 +779,8 @@ class RelayConfig:
                  connect_timeout: float = 2.0, attempts: int = 1, max_connections: int = 0,
                  on_refuse: Any = None, limit: Any = None, send_proxy: int = 0,
                  accept_proxy: bool = False, proxy_from: tuple[tuple[int, int, int], ...] = (),
-                 proxy_timeout: float = 5.0, on_header_error: Any = None) -> None:
+                 proxy_timeout: float = 5.0, on_header_error: Any = None, sni: bool = False,
+                 sni_timeout: float = 5.0, on_sni_error: Any = None) -> None:
         if not isinstance(counters, ProxyCounters):
             raise TypeError("counters must be a ProxyCounters")
         if buffer_size < 1 or max_buffer_size < buffer_size:
@@ -773,6 +804,8 @@ class RelayConfig:
             raise ValueError(f"accept_proxy needs proxy_timeout > 0 and buffer_size > {PROXY_HEADER_MAX}")
         if not isinstance(proxy_from, tuple):
             raise TypeError("proxy_from must be a tuple (proxy_networks())")
+        if sni and not (sni_timeout > 0 and connector is not None):
+            raise ValueError("sni needs sni_timeout > 0 and a connector to route")
         self.counters = counters
         self.idle_timeout = float(idle_timeout)
         self.keepalive = bool(keepalive)
@@ -793,8 +826,13 @@ class RelayConfig:
         self.proxy_from = proxy_from
         self.proxy_timeout = float(proxy_timeout)
         self.on_header_error = on_header_error
-        # a connection with either starts with _proxy_start(), which needs the peer
-        self.proxy = self.send_proxy != 0 or self.accept_proxy
+        self.sni = bool(sni)
+        self.sni_timeout = float(sni_timeout)
+        self.on_sni_error = on_sni_error
+        if self.sni:
+            self.single = None   # every connection is routed by its name
+        # a connection with any starts with _proxy_start(), which needs the peer
+        self.proxy = self.send_proxy != 0 or self.accept_proxy or self.sni
         if self.proxy:
             self.want_peername = True
 
@@ -862,6 +900,8 @@ class Relay:
         self.ulimit: Counter | None = None    # the upstream's limit we hold one count of
         self.local: Any = None            # PROXY protocol: the address the client connected to
         self.hdr_out = 0                  # send_proxy: the header's bytes at the start of the held ones
+        self.server_name: str | None = None   # sni: the name the ClientHello asked for ("": none)
+        self.route: Any = None            # sni: the connector's route for server_name
 
     def _admit(self) -> bool:
         # Count this connection in the instance's count, unless it is full
@@ -931,6 +971,9 @@ class Relay:
         elif self.state == C_HEADER:
             self.early += nbytes
             self._header_bytes()
+        elif self.state == C_SNIFF:
+            self.early += nbytes
+            self._sni_bytes()
         # else (lingering, closing): dropped
 
     def data_received(self, data: bytes) -> None:
@@ -948,6 +991,9 @@ class Relay:
         elif self.state == C_HEADER:
             self._hold(data)
             self._header_bytes()
+        elif self.state == C_SNIFF:
+            self._hold(data)
+            self._sni_bytes()
 
     def eof_received(self) -> bool:
         self._src_eof(self.c2u)
@@ -1213,13 +1259,14 @@ class Relay:
     # -- the PROXY protocol (cfg.proxy): between the accept and the first attempt ------
 
     def _proxy_start(self) -> None:
-        # A started connection of a service with send_proxy or accept_proxy
-        # (peername is set): read the client's header first, or queue ours.
+        # A started connection of a service with send_proxy, accept_proxy or
+        # sni (peername is set): read the client's header first, then its
+        # ClientHello (sni), then queue our header.
         cfg = self.cfg
-        self.local = self._sockname()
+        if cfg.send_proxy or cfg.accept_proxy:
+            self.local = self._sockname()
         if not cfg.accept_proxy:
-            self._proxy_out()
-            self._next_attempt()
+            self._header_done()
             return
         if not peer_allowed(cfg.proxy_from, self.peername):
             self._header_failed("the peer is not in proxy_from")
@@ -1253,8 +1300,16 @@ class Relay:
         self.state = C_CONNECTING
         self.deadline = 0.0
         self._rearm()   # from the header's deadline to the idle one
+        self._header_done()
+
+    def _header_done(self) -> None:
+        # The PROXY header, if any, is read: read the ClientHello (sni), or
+        # queue our header and connect.
+        if self.cfg.sni:
+            self._sni_start()
+            return
         self._proxy_out()
-        if self.early >= self.c2u.size:
+        if self.c2u.buf is not None and self.early >= self.c2u.size:
             # one read filled the buffer: hold, as _client_bytes does
             self.c_early_full = True
             self._sync_client_reading()
@@ -1273,6 +1328,60 @@ class Relay:
         self.early = need
         self.hdr_out = len(hdr)
 
+    # -- TLS SNI routing (cfg.sni): after the PROXY header, before the first attempt --
+
+    def _sni_start(self) -> None:
+        # Read the ClientHello: room for the most the parser may need (so a
+        # read always has room while it is undecided), the held bytes kept.
+        n = self.early
+        if self.c2u.buf is None or self.c2u.size < SNI_BUFFER:
+            held = bytes(self.c2u.buf[:n]) if n else b""  # type: ignore[index]
+            self._new_buf(self.c2u, max(SNI_BUFFER, self.cfg.buffer_size))
+            if n:
+                self.c2u.buf[:n] = held  # type: ignore[index]
+        self.c_early_full = False
+        self.state = C_SNIFF
+        self.deadline = self._clock() + self.cfg.sni_timeout
+        self._arm(self.deadline)
+        if n:
+            self._sni_bytes()   # bytes that came with (or after) the PROXY header
+
+    def _sni_bytes(self) -> None:
+        # More client bytes are held: parse them (the parser decides within
+        # SNI_BUFFER bytes); once the name is known, route and connect with
+        # every byte still held, to be relayed untouched.
+        try:
+            name = _server_name(bytes(self.c2u.buf[:self.early]))  # type: ignore[index]
+        except ValueError as exc:    # clienthello.ClientHelloError
+            self.counters.sni_errors += 1
+            self._sni_failed(str(exc), END_BAD_HELLO)
+            return
+        if name is None:
+            return
+        self.server_name = name
+        route = self.cfg.connector.route(self)
+        if route is None:
+            self.counters.sni_no_route += 1
+            self._sni_failed(f"no route for server name {name or '(none)'!r}", END_NO_ROUTE)
+            return
+        self.route = route
+        self.state = C_CONNECTING
+        self.deadline = 0.0
+        self._rearm()   # from the hello's deadline to the idle one
+        self._proxy_out()
+        if self.early >= self.c2u.size or self.early >= self.cfg.buffer_size:
+            # hold what is there until connected, as _client_bytes does
+            self.c_early_full = True
+            self._sync_client_reading()
+        self._next_attempt()
+
+    def _sni_failed(self, reason: str, code: int) -> None:
+        # sni: a bad, slow or unroutable ClientHello: close at once, nothing sent
+        self.early = 0
+        if self.cfg.on_sni_error is not None:
+            self.cfg.on_sni_error(self.peername, reason)
+        self._shut(code, True)
+
     def _header_failed(self, reason: str) -> None:
         # accept_proxy: no valid header (or not from proxy_from): close at once
         self.counters.proxy_header_errors += 1
@@ -1284,7 +1393,8 @@ class Relay:
     # -- the engine's calls ------------------------------------------------------
 
     def _deadline(self) -> float:
-        if self.up_state == UP_CONNECTING or self.state == C_LINGERING or self.state == C_HEADER:
+        if (self.up_state == UP_CONNECTING or self.state == C_LINGERING or self.state == C_HEADER
+                or self.state == C_SNIFF):
             return self.deadline
         if self.cfg.idle_timeout > 0 and self.state != C_FINISHED:
             # closing too: a client that never reads what is left for it
@@ -1299,6 +1409,9 @@ class Relay:
             return
         if self.state == C_HEADER:
             self._header_failed(f"no complete header within {self.cfg.proxy_timeout:g}s")
+        elif self.state == C_SNIFF:
+            self.counters.sni_errors += 1
+            self._sni_failed(f"no complete ClientHello within {self.cfg.sni_timeout:g}s", END_BAD_HELLO)
         elif self.state == C_LINGERING:
             self.state = C_CLOSING
             if self.client_open:
@@ -1359,6 +1472,11 @@ class Relay:
                 d.step(EV_EOF)
                 self._header_failed("the client closed before the header ended")
                 return
+            if self.state == C_SNIFF:
+                d.step(EV_EOF)
+                self.counters.sni_errors += 1
+                self._sni_failed("the client closed before its ClientHello ended", END_BAD_HELLO)
+                return
             if self.state == C_LINGERING:
                 d.step(EV_EOF)
                 self.state = C_CLOSING
@@ -1407,14 +1525,14 @@ class Relay:
                 self.c2u.buf[:old_n] = old[:old_n]  # type: ignore[index]
         self.c2u.buf[self.early:need] = data  # type: ignore[index]
         self.early = need
-        if self.early >= self.cfg.buffer_size:
+        if self.early >= self.cfg.buffer_size and self.state != C_SNIFF:
             self.c_early_full = True
             self._sync_client_reading()
 
     def _sync_client_reading(self) -> None:
         # read the client while c2u may read and the connection wants it
         want = self.client_open and (self.state == C_LINGERING or (
-            (self.state == C_OPEN or self.state == C_CONNECTING)
+            (self.state == C_OPEN or self.state == C_CONNECTING or self.state == C_SNIFF)
             and (self.c2u.state == D_OPEN or self.c2u.state == D_HOLD)
             and not self.c_early_full))
         if want != self.c_reading:

@@ -237,6 +237,8 @@ def private_counter() -> SharedCounter:
 # What a service version shares with its connections, and the relay's logic,
 # are _core_machine's too.
 _machine.use_counters(private_counter)
+_clienthello = load_as_python("clienthello")
+_machine.use_parser(_clienthello.server_name, _clienthello.MAX_BUFFERED)
 if not TYPE_CHECKING:
     ProxyCounters = _machine.ProxyCounters
     UpstreamState = _machine.UpstreamState

@@ -207,6 +207,25 @@ def _parse_server_name(ext: _Reader) -> str:
     return host
 
 
+def route_name(text: object) -> str:
+    """An ``sni_routes`` key checked and lower-cased: a server name as the
+    parser returns them (``a.example``), or a wildcard ``*.example`` (every
+    name that ends in ``.example``, at any depth); ``ValueError`` (one line)
+    if it is neither."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a server name, got {type(text).__name__}")
+    name = text.lower()
+    rest = name[2:] if name.startswith("*.") else name
+    try:
+        raw = rest.encode("ascii")
+        if raw.endswith(b".") or _host(raw) != rest:
+            raise ClientHelloError("")
+    except (UnicodeError, ClientHelloError):
+        raise ValueError(f"expected a server name like \"a.example\" or \"*.example\" (ASCII letters, digits, "
+                         f"'-', '_', dots), got {text[:64]!r}") from None
+    return name
+
+
 def _host(raw: bytes) -> str:
     name = raw.lower()
     if name.endswith(b"."):

@@ -45,8 +45,8 @@ from . import addresses
 from .echo import EchoFactory
 from .errors import ConfigError, describe, one_line
 from .listeners import ListenerFactory, TcpListenerFactory, UnixListenerFactory
-from .options import (COMMON_OPTIONS, ECHO_OPTIONS, PROXY_OPTIONS, RUNTIME_OPTIONS, UPSTREAM_OPTIONS, Option,
-                      check_value, default_text, expected, lowercase_hint, show, type_name)
+from .options import (COMMON_OPTIONS, ECHO_OPTIONS, PROXY_OPTIONS, ROUTES_TABLE, RUNTIME_OPTIONS, UPSTREAM_OPTIONS,
+                      Option, check_value, default_text, expected, lowercase_hint, show, type_name)
 from .paths import DEFAULT_SOURCE, MAX_CONFIG_BYTES, admin_socket_for, default_admin_socket
 from .paths import relative_to as _relative_to
 from .service import LimitConnections, MakeService, stack
@@ -83,7 +83,7 @@ def _build_proxy(opts: dict[str, Any]) -> MakeService:
     from .proxy import ProxyFactory  # imported late: the proxy is optional for the echo-only case
 
     # the proxy counts (and limits) its connections itself: no layer over it
-    return ProxyFactory(**dict(opts, upstreams=tuple(opts["upstreams"])))
+    return ProxyFactory(**dict(opts, upstreams=tuple(opts["upstreams"]), sni_routes=opts["sni_routes"] or ()))
 
 
 ECHO = ServiceKind("echo", ECHO_OPTIONS, _build_echo, doc="echoes every byte back")
@@ -340,6 +340,9 @@ class _Checker:
                 raise self.fail(f"{prefix}.{key}", f"unknown key (expected one of: {known})")
         out = {}
         for key, opt in spec.items():
+            if opt.type == "upstreams" and table.get(key) == [] and table.get("sni_routes"):
+                out[key] = ()   # sni routing without a default: names that match no route are closed
+                continue
             if key not in table:
                 if opt.required:
                     raise self.fail(f"{prefix}.{key}", f"missing (expected {expected(opt)})")
@@ -351,6 +354,8 @@ class _Checker:
     def value(self, key: str, value: Any, opt: Option) -> Any:
         if opt.type == "upstreams":
             return self.upstreams(key, value)
+        if opt.type == "routes":
+            return self.sni_routes(key, value)
         if opt.type == "table" and isinstance(value, dict) and opt.fields is not None:
             # each key named in full: services.NAME.health_check.rise
             return self.options(key, value, opt.fields)
@@ -441,6 +446,30 @@ class _Checker:
             out.append(self.upstream_address(ikey, item))
         return tuple(out)
 
+    def sni_routes(self, key: str, value: Any) -> tuple[tuple[str, tuple[str | dict[str, Any], ...]], ...]:
+        """The checked ``sni_routes``: ``(name, upstreams)`` pairs, each name
+        lower-cased and listed once, each group checked as ``upstreams``."""
+        from .clienthello import route_name
+
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected {ROUTES_TABLE}, got {show(value)}")
+        if not value:
+            raise self.fail(key, "expected at least one route (an empty table: leave sni_routes out)")
+        out: list[tuple[str, tuple[str | dict[str, Any], ...]]] = []
+        seen: dict[str, str] = {}
+        for name, ups in value.items():
+            rkey = f'{key}."{name}"'
+            try:
+                norm = route_name(name)
+            except ValueError as exc:
+                raise self.fail(rkey, str(exc)) from None
+            if norm in seen:
+                raise self.fail(rkey, f"the same name as \"{seen[norm]}\" (names compare without case); "
+                                      "expected each name once")
+            seen[norm] = name
+            out.append((norm, self.upstreams(rkey, ups)))
+        return tuple(out)
+
     def upstream_address(self, key: str, item: str) -> str:
         """One upstream address, checked (and resolved, if lookups are on)."""
         addr = self.address(key, item, "upstream address")
@@ -524,11 +553,10 @@ class _Checker:
                 if real in own:
                     raise self.fail(f"services.{name}.listen", f"{svc.listen} is {own[real]}; "
                                                                 "expected a socket path of its own")
-            for i, up in enumerate(_upstreams(svc)):
+            for key, up in _upstream_keys(name, svc):
                 path = addresses.parse(up).path
                 if path is not None and os.path.realpath(path) == os.path.realpath(runtime.admin_socket):
-                    raise self.fail(f"services.{name}.upstreams[{i}]",
-                                    f"{up} is the admin socket: its clients could stop this hotproxy")
+                    raise self.fail(key, f"{up} is the admin socket: its clients could stop this hotproxy")
 
     def check_proxy_loops(self, services: Mapping[str, ServiceConfig]) -> None:
         """Refuse a proxy whose upstreams lead back to its own listen address.
@@ -543,8 +571,7 @@ class _Checker:
         edges: dict[str, list[tuple[str, str, str]]] = {}
         for name, svc in services.items():
             out = []
-            for i, up in enumerate(_upstreams(svc)):
-                key = f"services.{name}.upstreams[{i}]"
+            for key, up in _upstream_keys(name, svc):
                 out += [(key, up, target) for target in self.reached_by(key, up, services)]
             edges[name] = out
         # depth first, in file order; reaching a node on the current path closes a loop
@@ -641,6 +668,20 @@ def _upstreams(svc: ServiceConfig) -> tuple[str, ...]:
         return ()
     addrs = tuple(u["address"] if isinstance(u, dict) else u for u in ups)
     return addrs if all(isinstance(u, str) for u in addrs) else ()
+
+
+def _upstream_keys(name: str, svc: ServiceConfig) -> list[tuple[str, str]]:
+    """Every upstream of a service with the key that names it: ``upstreams``'
+    and each ``sni_routes`` group's (``services.NAME.sni_routes."a.example"[0]``)."""
+    out = [(f"services.{name}.upstreams[{i}]", up) for i, up in enumerate(_upstreams(svc))]
+    routes = svc.options.get("sni_routes")
+    if isinstance(routes, tuple):
+        for route, ups in routes:
+            for i, u in enumerate(ups):
+                addr = u["address"] if isinstance(u, dict) else u
+                if isinstance(addr, str):
+                    out.append((f'services.{name}.sni_routes."{route}"[{i}]', addr))
+    return out
 
 
 def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -28,7 +28,7 @@ FORMATS = ("text", "json")
 
 #: ``extra=`` keys a JSON line carries (anything else a caller adds is left out)
 FIELDS = ("service", "generation", "worker", "client", "upstream", "bytes_in", "bytes_out", "connect_time",
-          "duration", "end", "reason", "phase", "attempt")
+          "duration", "end", "reason", "phase", "attempt", "server_name")
 
 _state = {"level": "info", "format": "text"}
 

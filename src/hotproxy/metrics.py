@@ -67,6 +67,10 @@ METRICS: dict[str, MetricDoc] = {
     "hotproxy_service_proxy_header_errors": MetricDoc("counter", S, "connections closed for their PROXY "
                                                       "header (accept_proxy): malformed, oversized, slow, "
                                                       "or from a peer not in proxy_from"),
+    "hotproxy_service_sni_errors": MetricDoc("counter", S, "connections closed for their TLS ClientHello "
+                                             "(sni_routes): not TLS, malformed, oversized or slow"),
+    "hotproxy_service_sni_no_route": MetricDoc("counter", S, "connections closed because their server name "
+                                               "matched no sni_routes entry and there is no default"),
     "hotproxy_service_received_bytes": MetricDoc("counter", S, "bytes read from clients"),
     "hotproxy_service_sent_bytes": MetricDoc("counter", S, "bytes written to clients"),
     "hotproxy_service_connect_failures": MetricDoc("counter", S, "failed connects to upstreams"),
@@ -117,6 +121,8 @@ _SERVICE_COUNTERS = {
     "no_upstream": "hotproxy_service_no_upstream",
     "idle_closed": "hotproxy_service_idle_closed",
     "proxy_header_errors": "hotproxy_service_proxy_header_errors",
+    "sni_errors": "hotproxy_service_sni_errors",
+    "sni_no_route": "hotproxy_service_sni_no_route",
     "bytes_in": "hotproxy_service_received_bytes",
     "bytes_out": "hotproxy_service_sent_bytes",
     "connect_failures": "hotproxy_service_connect_failures",

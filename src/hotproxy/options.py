@@ -34,7 +34,8 @@ class Option:
     ``type`` is one of ``int``, ``float``, ``bool``, ``str``, ``path`` (a
     non-empty string; the config loader takes a relative one relative to the
     file's directory), ``upstreams`` (a non-empty list of ``host:port`` /
-    ``[v6]:port`` / ``unix:/path``; see ``config`` and ``proxy``), ``table``
+    ``[v6]:port`` / ``unix:/path``; see ``config`` and ``proxy``), ``routes`` (a
+    table of server name -> ``upstreams``; see ``config`` and ``proxy``), ``table``
     (an inline table of the keys ``fields`` declares, each checked by its
     own ``Option``; the default None: absent, off), ``networks`` (a
     non-empty list of IP networks, ``"127.0.0.1/32"``; checked here, given
@@ -61,6 +62,9 @@ YEAR = 365 * 24 * 3600
 
 #: the log levels ``log_level`` accepts
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+#: what ``sni_routes`` must be (the config loader and ``ProxyFactory`` say it in these words)
+ROUTES_TABLE = 'a table { "a.example" = ["host:port", ...], ... }'
 
 #: the balancing policies ``balance`` accepts (``proxy._Balancer`` has one ``_choose_*`` each)
 BALANCE_POLICIES = ("round_robin", "random", "least_conn", "hash")
@@ -156,6 +160,12 @@ PROXY_OPTIONS: dict[str, Option] = {
                              "(others are closed at once; a Unix socket's peers always may)"),
     "proxy_timeout": Option("float", 5.0, min=0, max=YEAR, above=True,
                             doc="with accept_proxy, seconds a client has to send its whole header"),
+    "sni_routes": Option("routes", None,
+                         doc="route TLS by the ClientHello's server name, without terminating it: "
+                             "{ \"a.example\" = [upstreams], \"*.example\" = [...] }; exact name, then the "
+                             "longest *.suffix (any depth), then upstreams (may be [] : close) (default: off)"),
+    "sni_timeout": Option("float", 5.0, min=0, max=YEAR, above=True,
+                          doc="with sni_routes, seconds a client has to send its whole ClientHello"),
 }
 
 
@@ -221,7 +231,7 @@ def check_value(value: Any, opt: Option) -> Any:
             except ValueError as exc:
                 raise ValueError(f"{key}: {exc}") from None
         return out
-    if t == "upstreams":
+    if t in ("upstreams", "routes"):
         return value
     if t == "networks":
         return _networks(value)
@@ -281,7 +291,7 @@ def expected(opt: Option) -> str:
     """What a missing *opt* should have been, for "missing (expected ...)"."""
     if opt.choices:
         return "one of " + ", ".join(opt.choices)
-    return {"upstreams": "a list of addresses", "networks": "a list of networks", "table": "a table",
+    return {"upstreams": "a list of addresses", "routes": "a table of server names", "networks": "a list of networks", "table": "a table",
             "str": "a string", "path": "a path", "int": "an integer",
             "float": "a number", "bool": "true or false"}.get(opt.type, opt.type) + \
         (f" ({opt.doc})" if opt.doc else "")
@@ -317,6 +327,6 @@ def default_text(opt: Option) -> str:
 
 __all__ = [
     "BALANCE_POLICIES", "COMMON_OPTIONS", "ECHO_OPTIONS", "HEALTH_CHECK_OPTIONS", "LOG_LEVELS", "MAX_CONNECTIONS",
-    "Option", "PROXY_OPTIONS", "RUNTIME_OPTIONS", "UPSTREAM_OPTIONS", "YEAR", "check_fields", "check_value",
+    "Option", "PROXY_OPTIONS", "ROUTES_TABLE", "RUNTIME_OPTIONS", "UPSTREAM_OPTIONS", "YEAR", "check_fields", "check_value",
     "default_text", "expected", "lowercase_hint", "show", "type_name",
 ]

@@ -68,7 +68,7 @@ from .errors import describe
 from .health import HealthCheck, HealthTable
 from .limits import CounterSlot, NextSlot
 from .listeners import lookup
-from .options import PROXY_OPTIONS, UPSTREAM_OPTIONS, check_fields, show
+from .options import PROXY_OPTIONS, ROUTES_TABLE, UPSTREAM_OPTIONS, check_fields, show
 from .service import MakeService, MaybeAwaitable, Seed, Service
 
 log = logging.getLogger("hotproxy.proxy")
@@ -174,6 +174,12 @@ class ProxyFactory(MakeService):
     accept_proxy: bool = _OPT["accept_proxy"]
     proxy_from: tuple[str, ...] = _OPT["proxy_from"]
     proxy_timeout: float = _OPT["proxy_timeout"]
+    #: TLS SNI routing: ``(name, upstreams)`` pairs (or a mapping), each name
+    #: an exact server name or ``*.suffix`` (``clienthello.route_name``), each
+    #: group a list like ``upstreams``; kept as ``(name, (UpstreamSpec, ...))``.
+    #: Empty: off.  With routes, ``upstreams`` is the default group (may be empty)
+    sni_routes: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    sni_timeout: float = _OPT["sni_timeout"]
     counter: CounterSlot | None = None
     health: tuple[int, tuple[int, ...]] | None = None
     #: the service's name in the config ("" for a factory made in code): in
@@ -192,7 +198,8 @@ class ProxyFactory(MakeService):
             ups = tuple(ups)
         except TypeError:
             raise ValueError(f"upstreams: expected a list of addresses, got {ups!r}") from None
-        if not ups:
+        routes = self._routes()
+        if not ups and not routes:
             raise ValueError("upstreams: expected at least one address")
         # a plain address takes the options ``upstream_specs`` has for it
         # (``replace()`` passes both fields back in)
@@ -209,16 +216,91 @@ class ProxyFactory(MakeService):
                 raise ValueError(f"upstreams[{i}]: {spec.address!r} is listed twice")
             seen.add(spec.address)
             specs.append(spec)
-        if all(s.backup for s in specs):
+        if specs and all(s.backup for s in specs):
             raise ValueError("upstreams: every upstream is a backup; expected at least one that is not")
+        # an address in several groups is one upstream: one max_connections
+        limit_of = {s.address: s.max_connections for s in specs}
+        for name, group in routes:
+            for spec in group:
+                other = limit_of.setdefault(spec.address, spec.max_connections)
+                if other != spec.max_connections:
+                    raise ValueError(f'sni_routes."{name}": {spec.address!r} has max_connections '
+                                     f"{spec.max_connections} here and {other} in another group; expected one value")
+        object.__setattr__(self, "sni_routes", routes)
         object.__setattr__(self, "upstreams", tuple(s.address for s in specs))
         object.__setattr__(self, "upstream_specs", tuple(specs))
         try:
             object.__setattr__(self, "health_check", HealthCheck.of(self.health_check))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"health_check: {exc}") from None
-        check_fields(self, PROXY_OPTIONS, skip=("upstreams", "health_check"))
+        check_fields(self, PROXY_OPTIONS, skip=("upstreams", "health_check", "sni_routes"))
         object.__setattr__(self, "proxy_from", tuple(self.proxy_from))
+
+    def _routes(self) -> tuple[tuple[str, tuple[UpstreamSpec, ...]], ...]:
+        """``sni_routes`` checked: names (``clienthello.route_name``) once each,
+        every group a non-empty list of upstreams, each address once, not all backups."""
+        from .clienthello import route_name
+
+        routes: Any = self.sni_routes   # typed as kept; given, it may be any value
+        if routes is None:
+            return ()
+        if isinstance(routes, Mapping):
+            items = list(routes.items())
+        elif isinstance(routes, tuple) and all(isinstance(i, tuple) and len(i) == 2 for i in routes):
+            items = list(routes)   # (name, upstreams) pairs: the config loader's form, and ours
+        else:
+            raise ValueError(f"sni_routes: expected {ROUTES_TABLE}, got {show(routes)}")
+        if not items:
+            return ()
+        out: list[tuple[str, tuple[UpstreamSpec, ...]]] = []
+        seen: set[str] = set()
+        for item in items:
+            raw, group = item
+            try:
+                name = route_name(raw)
+            except ValueError as exc:
+                raise ValueError(f'sni_routes."{raw}": {exc}') from None
+            if name in seen:
+                raise ValueError(f'sni_routes."{raw}": listed twice (names compare without case)')
+            seen.add(name)
+            if isinstance(group, (str, Mapping)):
+                group = (group,)
+            try:
+                group = tuple(group)
+            except TypeError:
+                raise ValueError(f'sni_routes."{raw}": expected a list of addresses, got {show(group)}') from None
+            if not group:
+                raise ValueError(f'sni_routes."{raw}": expected at least one address (names that match no route '
+                                 "go to upstreams)")
+            specs: list[UpstreamSpec] = []
+            for i, up in enumerate(group):
+                try:
+                    spec = UpstreamSpec.of(up)
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f'sni_routes."{raw}"[{i}]: {exc}') from None
+                if any(s.address == spec.address for s in specs):
+                    raise ValueError(f'sni_routes."{raw}"[{i}]: {spec.address!r} is listed twice')
+                specs.append(spec)
+            if all(s.backup for s in specs):
+                raise ValueError(f'sni_routes."{raw}": every upstream is a backup; expected at least one that is not')
+            out.append((name, tuple(specs)))
+        return tuple(out)
+
+    def all_specs(self) -> tuple[UpstreamSpec, ...]:
+        """Every upstream once, by address: ``upstreams``' then each route's new
+        ones, in order (the first listing gives an address's options)."""
+        seen = {s.address for s in self.upstream_specs}
+        out = list(self.upstream_specs)
+        for _name, group in self.sni_routes:
+            for spec in group:
+                if spec.address not in seen:
+                    seen.add(spec.address)
+                    out.append(spec)
+        return tuple(out)
+
+    def all_upstreams(self) -> tuple[str, ...]:
+        """Every upstream address once (``all_specs``)."""
+        return tuple(s.address for s in self.all_specs())
 
     def named(self, name: str) -> ProxyFactory:
         return replace(self, service=name)
@@ -228,14 +310,14 @@ class ProxyFactory(MakeService):
         *next_slot()*, and each upstream's own in the slot named after its
         address (the same in every version: the count carries over)."""
         counter = next_slot()
-        ups = tuple((s.address, next_slot(f"upstream {s.address}")) for s in self.upstream_specs
+        ups = tuple((s.address, next_slot(f"upstream {s.address}")) for s in self.all_specs()
                     if s.max_connections > 0)
         return replace(self, counter=counter, upstream_counters=ups)
 
     def health_checks(self) -> list[tuple[str, Any]]:
         """Each upstream with the service's ``health_check`` (none when it is off)."""
         hc = self.health_check
-        return [] if hc is None else [(addr, hc) for addr in self.upstreams]
+        return [] if hc is None else [(addr, hc) for addr in self.all_upstreams()]
 
     def with_health(self, key: int, slot_of: Callable[[str], int]) -> ProxyFactory:
         """This factory reading its upstreams' health in table *key*, slot
@@ -243,7 +325,7 @@ class ProxyFactory(MakeService):
         ``health_check``: no slots."""
         if self.health_check is None:
             return self if self.health is None else replace(self, health=None)
-        return replace(self, health=(key, tuple(slot_of(addr) for addr in self.upstreams)))
+        return replace(self, health=(key, tuple(slot_of(addr) for addr in self.all_upstreams())))
 
     def make_via_ref(self, old: Service | None) -> MaybeAwaitable[ProxyService]:
         """The next version: shares *old*'s counters, open-connection count,
@@ -255,7 +337,7 @@ class ProxyFactory(MakeService):
         literal addresses and Unix paths only, it returns the service.
         """
         if isinstance(old, ProxyService) and isinstance(old.shared.counters, core.impl.ProxyCounters):
-            return self._build(old.shared, old.all_states(), old.balancer.tables)
+            return self._build(old.shared, old.all_states(), old.hash_tables())
         return self._build(_Shared(limits.counter(self.counter)), {})
 
     def make_via_snapshot(self, seed: Seed) -> MaybeAwaitable[ProxyService]:
@@ -267,7 +349,7 @@ class ProxyFactory(MakeService):
         shared = _Shared(limits.counter(self.counter))
         counters = shared.counters
         for key in ("accepted", "bytes_in", "bytes_out", "connect_failures", "refused", "idle_closed",
-                    "no_upstream", "proxy_header_errors"):
+                    "no_upstream", "proxy_header_errors", "sni_errors", "sni_no_route"):
             setattr(counters, key, sum(_number(s.get("counters", {}).get(key, 0), key) for s in seed.carry))
         for s in seed.carry:
             if "durations" in s:   # a snapshot of an older program has none
@@ -280,11 +362,11 @@ class ProxyFactory(MakeService):
         for addr, current in wrr.items():
             if isinstance(current, bool) or not isinstance(current, int):
                 raise ValueError(f"wrr: expected integers, got {show(current)}")
-            if addr in self.upstreams:
+            if addr in self.all_upstreams():
                 shared.wrr[addr] = current
         now = time.monotonic()
         states: dict[str, Any] = {}
-        for addr in self.upstreams:
+        for addr in self.all_upstreams():
             st = core.impl.UpstreamState(addr)
             for key in ("connections", "failures", "bytes_in", "bytes_out", "ejections"):
                 setattr(st, key, sum(_number(s.get("upstreams", {}).get(addr, {}).get(key, 0), key)
@@ -309,7 +391,7 @@ class ProxyFactory(MakeService):
 
     def _build(self, shared: _Shared, states: dict[str, Any],
                tables: dict[Any, Any] | None = None) -> MaybeAwaitable[ProxyService]:
-        names = [up for up in map(parse_upstream, self.upstreams)
+        names = [up for up in map(parse_upstream, self.all_upstreams())
                  if up.host is not None and not is_literal(up.host)]
         if not names:
             return ProxyService(self, shared, states, tables=tables)
@@ -436,7 +518,8 @@ class ProxyService(Service):
         impl = core.impl
         self.targets: list[Any] = []
         slots = dict(factory.upstream_counters)
-        for spec in factory.upstream_specs:
+        # one target per address, whichever groups list it (sni_routes)
+        for spec in factory.all_specs():
             addr = spec.address
             state = old_states.get(addr)
             if state is None or not isinstance(state, impl.UpstreamState):
@@ -445,7 +528,7 @@ class ProxyService(Service):
             family, raw, address = resolve(up, found.get(addr) if found else None)
             limit = shared.upstream_limit(addr, slots.get(addr)) if spec.max_connections > 0 else None
             self.targets.append(impl.Target(state, up, family, raw, address, limit, spec.max_connections))
-        mine = set(factory.upstreams)
+        mine = set(factory.all_upstreams())
         #: removed upstreams that still have connections (old versions' drains)
         self.retired: dict[str, Any] = {a: s for a, s in old_states.items()
                                         if a not in mine and s.active > 0}
@@ -454,16 +537,28 @@ class ProxyService(Service):
         # cycle through the service would keep old versions alive until a
         # GC pass.  Each connection holds its service (``owner``) instead,
         # so a version is freed when its last connection finishes.
-        self.balancer = _Balancer(factory, shared, self.targets, tables or {})
+        by_address = {t.up.text: t for t in self.targets}
+        self.balancer = _Balancer(factory, shared, [by_address[a] for a in factory.upstreams], tables or {},
+                                  factory.upstream_specs, self.targets)
         # log_level = "debug" is looked at once per version: when it is off,
         # the relay gets the balancer itself and nothing is added per connection
         debug = log.isEnabledFor(logging.DEBUG)
+        connector: Any = _DebugConnector(self.balancer, 1 + factory.retries) if debug else self.balancer
+        self.router: _SniRouter | None = None
+        if factory.sni_routes:
+            groups: list[tuple[str, Any, _Balancer]] = []
+            for name, specs in factory.sni_routes:
+                b = _Balancer(factory, shared, [by_address[s.address] for s in specs], tables or {}, specs,
+                              self.targets)
+                groups.append((name, _DebugConnector(b, 1 + factory.retries) if debug else b, b))
+            self.router = _SniRouter(self.balancer, connector if factory.upstreams else None, groups)
+            connector = self.router
         on_refuse = self.balancer.log_refused if factory.access_log else None
         self.relay = impl.RelayConfig(
             shared.counters,
             idle_timeout=float(factory.idle_timeout),
             keepalive=factory.keepalive,
-            connector=_DebugConnector(self.balancer, 1 + factory.retries) if debug else self.balancer,
+            connector=connector,
             on_close=self.balancer.log_close if factory.access_log else None,
             want_peername=factory.access_log or factory.balance == "hash" or debug,
             buffer_size=BUFFER_SIZE,
@@ -479,6 +574,9 @@ class ProxyService(Service):
             proxy_from=impl.proxy_networks(factory.proxy_from),
             proxy_timeout=float(factory.proxy_timeout),
             on_header_error=self.balancer.log_header_error if factory.access_log else None,
+            sni=bool(factory.sni_routes),
+            sni_timeout=float(factory.sni_timeout),
+            on_sni_error=self.balancer.log_sni_error if factory.access_log or debug else None,
         )
 
     # -- the accept path -------------------------------------------------------
@@ -501,11 +599,23 @@ class ProxyService(Service):
     def published(self, generation: int) -> None:
         """This version serves the site as *generation* (its access lines say so)."""
         self.balancer.generation = generation
+        if self.router is not None:
+            for b in self.router.balancers:
+                b.generation = generation
 
     def owns(self, conn: object) -> bool:
         """True for a relay of this version: the core's ``Connection`` keeps
         the version's ``RelayConfig`` as ``cfg`` (status only)."""
         return isinstance(conn, self._Connection) and conn.cfg is self.relay
+
+    def hash_tables(self) -> dict[Any, Any]:
+        """The Maglev tables of every group (``balance = "hash"``), for the next version to reuse."""
+        if self.router is None:
+            return self.balancer.tables
+        tables: dict[Any, Any] = {}
+        for b in self.router.balancers:
+            tables.update(b.tables)
+        return tables
 
     def all_states(self) -> dict[str, Any]:
         """Every upstream state this version knows: its upstreams and retired ones."""
@@ -559,7 +669,7 @@ class ProxyService(Service):
         del out["active"]
         now = time.monotonic()
         ups: dict[str, Any] = {}
-        specs = {s.address: s for s in self.factory.upstream_specs}
+        specs = {s.address: s for s in self.factory.all_specs()}
         limited = {t.up.text: t.limit for t in self.targets if t.limit is not None}
         for addr, st in self.all_states().items():
             ups[addr] = {
@@ -584,6 +694,9 @@ class ProxyService(Service):
         out["upstreams"] = ups
         out["durations"] = self.counters.durations.as_dict()
         out["balance"] = self.factory.balance
+        if self.factory.sni_routes:
+            # each route's upstreams, by name ("*.example" included; the default group is ``upstreams``)
+            out["sni_routes"] = {name: [spec.address for spec in group] for name, group in self.factory.sni_routes}
         return out
 
     def __repr__(self) -> str:
@@ -591,7 +704,8 @@ class ProxyService(Service):
 
 
 #: the service counters an upgrade carries (``ProxyFactory.make_via_snapshot``, ``carry_late``)
-_CARRIED_COUNTERS = ("accepted", "bytes_in", "bytes_out", "connect_failures", "refused", "idle_closed", "no_upstream")
+_CARRIED_COUNTERS = ("accepted", "bytes_in", "bytes_out", "connect_failures", "refused", "idle_closed", "no_upstream",
+                     "sni_errors", "sni_no_route")
 
 
 def _full(target: Any) -> bool:
@@ -613,12 +727,17 @@ class _Balancer:
     """
 
     def __init__(self, factory: ProxyFactory, shared: _Shared, targets: list[Any],
-                 old_tables: dict[Any, Any]) -> None:
+                 old_tables: dict[Any, Any], specs: tuple[UpstreamSpec, ...] | None = None,
+                 all_targets: list[Any] | None = None) -> None:
+        # *targets*: this group's (``upstreams``, or one of ``sni_routes``),
+        # with their *specs* (weight, backup); *all_targets*: the service's,
+        # in ``factory.all_upstreams()`` order (the health slots' order)
         self.factory = factory
         self.shared = shared
         self.counters = shared.counters
         self.targets = targets
-        specs = factory.upstream_specs
+        if specs is None:
+            specs = factory.upstream_specs
         self.primaries = [t for t, s in zip(targets, specs) if not s.backup]
         self.backups = [t for t, s in zip(targets, specs) if s.backup]
         self.weights: dict[Any, int] = {t: s.weight for t, s in zip(targets, specs)}
@@ -647,7 +766,8 @@ class _Balancer:
             table = health.table(factory.health[0])
             if table is not None:
                 self.health = table
-                self.slots = {t: slot for t, slot in zip(targets, factory.health[1]) if slot >= 0}
+                self.slots = {t: slot for t, slot in zip(all_targets if all_targets is not None else targets,
+                                                         factory.health[1]) if slot >= 0}
 
     def available(self, target: Any, now: float) -> bool:
         """May *target* be picked now?  The one predicate of health: with active
@@ -820,12 +940,29 @@ class _Balancer:
         up = conn.upstream
         client, upstream, duration = _peer(conn.peername), up.address if up is not None else "-", conn.duration
         connect = conn.connect_time if up is not None else 0.0
+        if self.factory.sni_routes:
+            # sni routing: the server name too ("-": none sent, or the hello was never read)
+            sni = conn.server_name or "-"
+            access_log.info("%s%s -> %s in=%d out=%d connect=%.3fs gen=%d sni=%s time=%.3fs end=%s", self._who,
+                            client, upstream, conn.bytes_in, conn.bytes_out, connect, self.generation, sni,
+                            duration, conn.end,
+                            extra=self._fields(client=client, upstream=upstream, bytes_in=conn.bytes_in,
+                                               bytes_out=conn.bytes_out, connect_time=round(connect, 6),
+                                               duration=round(duration, 6), end=conn.end,
+                                               generation=self.generation, server_name=conn.server_name))
+            return
         access_log.info("%s%s -> %s in=%d out=%d connect=%.3fs gen=%d time=%.3fs end=%s", self._who, client,
                         upstream, conn.bytes_in, conn.bytes_out, connect, self.generation, duration, conn.end,
                         extra=self._fields(client=client, upstream=upstream, bytes_in=conn.bytes_in,
                                            bytes_out=conn.bytes_out, connect_time=round(connect, 6),
                                            duration=round(duration, 6), end=conn.end,
                                            generation=self.generation))
+
+    def log_sni_error(self, peer: Any, reason: str) -> None:
+        """A client closed for its TLS ClientHello (sni_routes): bad, slow, or no route for its name."""
+        client = _peer(peer)
+        log.info("%s%s: TLS ClientHello refused: %s", self._who, client, reason,
+                 extra=self._fields(client=client, reason=reason))
 
     def log_header_error(self, peer: Any, reason: str) -> None:
         """A client closed for its PROXY header (accept_proxy): bad, slow, or not from proxy_from."""
@@ -840,6 +977,60 @@ class _Balancer:
                         self.generation,
                         extra=self._fields(client=client, upstream="-", bytes_in=0, bytes_out=0, connect_time=0.0,
                                            duration=0.0, end="refused", generation=self.generation))
+
+
+class _SniRouter:
+    """The relay's connector of a service with ``sni_routes``.
+
+    ``route(conn)`` is asked once per connection, when its ClientHello is
+    read (``conn.server_name``; "" when it sent none): the group of the
+    exact name, else of the longest ``*.suffix`` that ends the name (at any
+    depth: ``*.example`` matches ``a.b.example``, as nginx's ``server_name``
+    does; HAProxy's ``req.ssl_sni -m end`` the same), else the default group
+    (``upstreams``), else None: closed.  ``pick`` asks the chosen group.
+    Failures and successes go to one balancer: health is by address, shared
+    by every group.
+    """
+
+    __slots__ = ("main", "default", "exact", "wildcard", "balancers")
+
+    def __init__(self, main: _Balancer, default: Any, groups: list[tuple[str, Any, _Balancer]]) -> None:
+        self.main = main          # the default group's balancer (logs, health)
+        self.default = default    # its connector, or None: no default group
+        self.exact: dict[str, Any] = {}
+        self.wildcard: dict[str, Any] = {}    # "example" for "*.example"
+        self.balancers = [main] + [b for _name, _c, b in groups]
+        for name, connector, _b in groups:
+            if name.startswith("*."):
+                self.wildcard[name[2:]] = connector
+            else:
+                self.exact[name] = connector
+
+    def route(self, conn: Any) -> Any | None:
+        """The group (a connector) for *conn*'s server name; None: no route."""
+        name = conn.server_name
+        if name:
+            group = self.exact.get(name)
+            if group is not None:
+                return group
+            if self.wildcard:
+                i = name.find(".")
+                while i >= 0:
+                    # the longest suffix first: a.b.example tries b.example, then example
+                    group = self.wildcard.get(name[i + 1:])
+                    if group is not None:
+                        return group
+                    i = name.find(".", i + 1)
+        return self.default
+
+    def pick(self, conn: Any, tried: Any) -> Any | None:
+        return conn.route.pick(conn, tried)
+
+    def failed(self, target: Any, exc: BaseException) -> None:
+        (self.default or self.main).failed(target, exc)
+
+    def succeeded(self, target: Any) -> None:
+        self.main.succeeded(target)
 
 
 class _DebugConnector:
