@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ._core_machine import Relay as _Relay
 
 
-def load_as_python(stem: str) -> ModuleType:
+def _load_as_python(stem: str) -> ModuleType:
     """The package's ``STEM.py`` run as plain Python (once; as ``STEM_py``):
     the compiled core builds the same file (pure-Python mode) into an
     extension of that name, which a plain import would pick."""
@@ -53,7 +53,7 @@ def load_as_python(stem: str) -> ModuleType:
 
 
 #: The relay's logic, the state machine, the timer wheel, Slot & co., run as Python.
-_machine = load_as_python("_core_machine")
+_machine = _load_as_python("_core_machine")
 
 # A site's slot, connection sets and acceptor are _core_machine's (one
 # source for both cores).
@@ -237,7 +237,7 @@ def private_counter() -> SharedCounter:
 # What a service version shares with its connections, and the relay's logic,
 # are _core_machine's too.
 _machine.use_counters(private_counter)
-_clienthello = load_as_python("clienthello")
+_clienthello = _load_as_python("clienthello")
 _machine.use_parser(_clienthello.server_name, _clienthello.MAX_BUFFERED)
 if not TYPE_CHECKING:
     ProxyCounters = _machine.ProxyCounters

@@ -16,6 +16,7 @@ test on both).  Type checkers check callers against the stub.
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 from . import _core_py
@@ -116,3 +117,10 @@ def select(name: str) -> Core:
 def name() -> str:
     """``"compiled"`` or ``"python"``: the core in use."""
     return "python" if impl is _python else "compiled"
+
+
+def python_source(stem: str) -> ModuleType:
+    """The package's pure-Python-mode module ``STEM`` run as plain Python,
+    as the pure-Python core runs it (``_balance``, ``clienthello``, ...): the
+    compiled core builds the same file into an extension of that name."""
+    return _core_py._load_as_python(stem)

@@ -62,7 +62,6 @@ from types import ModuleType
 from typing import Any, Callable, Mapping, cast
 
 from . import addresses, core, health, limits
-from ._core_py import load_as_python
 from .addresses import Address, is_literal
 from .errors import describe
 from .health import HealthCheck, HealthTable
@@ -445,7 +444,7 @@ def balance_module() -> ModuleType:
     if core.name() == "compiled":
         from . import _balance
         return _balance
-    return load_as_python("_balance")
+    return core.python_source("_balance")
 
 
 async def lookup_upstream(up: Upstream) -> tuple[int, Any]:
