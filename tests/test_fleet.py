@@ -521,6 +521,29 @@ def test_an_upgraded_fleet_instance_serves_the_committed_config_throughout_and_f
     run(main(), timeout=240)
 
 
+def test_an_upgrade_into_a_fleet_that_would_start_empty_is_refused_and_the_old_master_serves_on(
+        start: Start, etcd: Etcd, tmp_path: Path) -> None:
+    """A master serving services of its own file, upgraded with a file that now says
+    ``config_source`` (and so holds no services): the new master would serve nothing
+    until etcd answers, so the upgrade fails in one line and the old master serves on."""
+    async def main() -> None:
+        port = free_port()
+        prog = start(toml({"e": {"kind": "echo", "listen": f"127.0.0.1:{port}"}}, workers=1, admin="own.sock"),
+                     name="own.toml")
+        first = await prog.wait_ready()
+        assert prog.config is not None
+        prog.config.write_text(toml({}, workers=1, admin="own.sock", config_source=etcd.url(), instance_id="own"))
+        code, out, err = await prog.cli("upgrade", "-c", str(prog.config), timeout=120)
+        print(f"upgrade into a fleet: {err.strip()}")
+        assert code == 1 and out == "" and err.count("\n") == 1, out + err
+        assert "an upgrade never empties hotproxy" in err and f"pid {first['pid']} keeps serving" in err, err
+        status = await prog.follow()
+        assert status["pid"] == first["pid"] and [s["name"] for s in status["services"]] == ["e"], status
+        assert await echo_roundtrip("127.0.0.1", port, b"x") == b"x"
+
+    run(main(), timeout=120)
+
+
 def test_bad_fleet_input_is_one_line_and_nothing_is_proposed(start: Start, etcd: Etcd, tmp_path: Path) -> None:
     async def main() -> None:
         prog = start(toml({"e": {"kind": "echo", "listen": f"127.0.0.1:{free_port()}"}}, workers=1))

@@ -310,9 +310,11 @@ class Master:
     def _fleet_config_from(self, hello: Hello) -> Config:
         """The config a fleet instance's new master starts with: the fleet config the
         old master applied (handed over with the hello: its revision and TOML), with
-        this master's local ``[runtime]``; the local file's (no services: the instance
-        then joins as a new one does) if the old master had none or followed another
-        source.  ``ConfigError`` naming the revision if this version cannot run it."""
+        this master's local ``[runtime]``.  If the old master had none of this fleet
+        (none applied yet, another source, not in a fleet): the local file's, with no
+        services -- the instance joins as a new one does -- but only if the old master
+        served nothing either.  ``ConfigError`` (one line) for that refusal, and naming
+        the revision if this version cannot run the fleet's config."""
         from .fleet import fleet_config, parse_source, revision_name
 
         fd = hello.fds.pop("fleet", None)
@@ -322,17 +324,19 @@ class Master:
             try:
                 text = os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
             except OSError as exc:
-                log.warning("upgrade: the old master's fleet config cannot be read (%s): joining afresh", exc)
+                log.warning("upgrade: the old master's fleet config cannot be read (%s)", exc)
             finally:
                 os.close(fd)
-        if text is None or not isinstance(info, dict):
-            return self.config
-        source, rev = info.get("source"), info.get("revision")
         assert self.config.runtime.config_source is not None
         ours = parse_source(self.config.runtime.config_source).url   # (checked by the CLI)
-        if source != ours or not isinstance(rev, int):
-            log.warning("upgrade: the old master followed %s, this one %s: joining afresh", source, ours)
-            return self.config
+        source, rev = (info.get("source"), info.get("revision")) if isinstance(info, dict) else (None, None)
+        if text is None or source != ours or not isinstance(rev, int):
+            if hello.listen:
+                # starting empty would stop every service the old master serves until etcd answers
+                raise ConfigError(f"{self.config.source}: runtime.config_source {ours}: the old master (pid "
+                                  f"{hello.pid}) serves {len(hello.listen)} services and no config of that "
+                                  "fleet: an upgrade never empties hotproxy (restart it to join the fleet)")
+            return self.config   # it served nothing either: this one joins as a new instance would
         config = fleet_config(self.config, self._local_runtime(), text, revision_name(source, rev))
         self._fleet_handed = (rev, text)
         return config
