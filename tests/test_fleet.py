@@ -433,8 +433,113 @@ def test_an_instance_in_a_fleet_refuses_a_local_reload_in_one_line(start: Start,
         assert "this instance is in a fleet" in out + err and "hotproxy fleet apply" in out + err, out + err
         code, out, err = await prog.cli("status", "-c", str(prog.config))
         assert code == 0 and f"fleet {etcd.url()} as solo" in out, out + err
-        code, out, err = await prog.cli("upgrade", "-c", str(prog.config))
-        assert code == 1 and "cannot be upgraded in place" in out + err, out + err
+        # (an upgrade of a fleet instance used to be refused here: it is done now, see the next test)
+
+    run(main(), timeout=120)
+
+
+def test_an_upgraded_fleet_instance_serves_the_committed_config_throughout_and_follows_the_fleet(
+        start: Start, etcd: Etcd, tmp_path: Path, traffic: Callable[..., Traffic]) -> None:
+    """``hotproxy upgrade`` of fleet instances (one with ``config_source`` in its file, one
+    started with ``run --etcd``): each new master starts from the revision the old one runs
+    (handed over with the hello: the local file has no services), so the services serve
+    throughout (byte-checked traffic, 0 errors); it takes the instance's place in the fleet
+    (same id, its pid in ``fleet status``) and applies the next ``fleet apply``."""
+    async def main() -> None:
+        url = etcd.url()
+        stable, ver = free_port(), free_port()
+
+        def text(version: str) -> str:
+            return (f'[services.stable]\nkind = "echo"\nlisten = "127.0.0.1:{stable}"\n'
+                    f'[services.ver]\nkind = "echo"\nlisten = "127.0.0.1:{ver}"\ngreeting = "{version}\\n"\n')
+
+        hosts = {"i2": HOSTS["i2"], "i3": HOSTS["i3"]}
+        progs = {
+            "i2": start(toml({}, workers=2, admin="i2.sock", config_source=url, instance_id="i2",
+                             listen_host=hosts["i2"]), name="i2.toml"),
+            "i3": start(toml({}, workers=2, admin="i3.sock", instance_id="i3", listen_host=hosts["i3"]),
+                        name="i3.toml", args=["-c", str(tmp_path / "i3.toml"), "--etcd", url]),
+        }
+        for prog in progs.values():
+            await prog.wait_ready()
+        any_prog = progs["i2"]
+
+        async def fleet_status() -> dict[str, Any]:
+            code, out, err = await any_prog.cli("fleet", "status", "--etcd", url, "--json")
+            assert code == 0, out + err
+            return json.loads(out)  # type: ignore[no-any-return]
+
+        async def joined() -> bool:
+            return set((await fleet_status())["instances"]) == set(hosts)
+
+        await eventually(joined, timeout=60, interval=0.2)
+
+        async def apply(version: str) -> int:
+            path = tmp_path / f"fleet-{version}.toml"
+            path.write_text(text(version))
+            code, out, err = await any_prog.cli("fleet", "apply", "-c", str(path), "--etcd", url, timeout=120)
+            assert code == 0, out + err
+            return committed_revision(out)
+
+        async def greetings() -> dict[str, bytes]:
+            return {iid: (await echo_roundtrip(host, ver, b"x", greeting=3))[:3].strip()
+                    for iid, host in hosts.items()}
+
+        rev = await apply("v1")
+        load = traffic([f"{host}:{stable}" for host in hosts.values()], long=2, short=2, seed=9)
+        for iid, prog in progs.items():
+            before = await prog.follow()
+            code, out, err = await prog.cli("upgrade", "-c", str(prog.config), timeout=120)
+            print(f"{iid}: {(out + err).strip()}")
+            assert code == 0 and out.startswith(f"upgrade ok: pid {before['pid']} -> pid "), out + err
+            after = await prog.follow()
+            assert after["pid"] != before["pid"] and after["upgraded_from"] == before["pid"], after
+            # the fleet's services, at the revision the old master ran, from the first moment
+            assert [s["name"] for s in after["services"]] == ["stable", "ver"], after["services"]
+            assert after["fleet"]["applied"] == rev and after["fleet"]["id"] == iid, after["fleet"]
+            assert f"applied revision {rev} (upgraded)" in after["fleet"]["outcome"], after["fleet"]
+            assert after["last_reload"]["trigger"] == "upgrade" and after["reloads"] == 1, after["last_reload"]
+
+            async def rejoined() -> bool:
+                rec = (await fleet_status())["instances"].get(iid) or {}
+                return rec.get("pid") == after["pid"] and rec.get("applied") == rev
+
+            await eventually(rejoined, timeout=60, interval=0.2)
+        assert await greetings() == {"i2": b"v1", "i3": b"v1"}
+        # the new masters follow the fleet: the next apply is prepared and committed by both
+        rev2 = await apply("v2")
+        assert rev2 > rev
+        assert await greetings() == {"i2": b"v2", "i3": b"v2"}
+        st = await fleet_status()
+        assert {iid: rec["applied"] for iid, rec in st["instances"].items()} == {"i2": rev2, "i3": rev2}, st
+        tot = await load.finish()
+        print(f"upgrades of 2 fleet instances: traffic {tot['short_ok']} short connections, {tot['long_ok']} long, "
+              f"{tot['bytes_checked']} bytes checked, {tot['short_failed'] + tot['long_failed']} errors")
+        assert tot["short_failed"] == 0 and tot["long_failed"] == 0, tot
+        assert tot["short_ok"] > 0 and tot["long_ok"] == 2, tot
+
+    run(main(), timeout=240)
+
+
+def test_an_upgrade_into_a_fleet_that_would_start_empty_is_refused_and_the_old_master_serves_on(
+        start: Start, etcd: Etcd, tmp_path: Path) -> None:
+    """A master serving services of its own file, upgraded with a file that now says
+    ``config_source`` (and so holds no services): the new master would serve nothing
+    until etcd answers, so the upgrade fails in one line and the old master serves on."""
+    async def main() -> None:
+        port = free_port()
+        prog = start(toml({"e": {"kind": "echo", "listen": f"127.0.0.1:{port}"}}, workers=1, admin="own.sock"),
+                     name="own.toml")
+        first = await prog.wait_ready()
+        assert prog.config is not None
+        prog.config.write_text(toml({}, workers=1, admin="own.sock", config_source=etcd.url(), instance_id="own"))
+        code, out, err = await prog.cli("upgrade", "-c", str(prog.config), timeout=120)
+        print(f"upgrade into a fleet: {err.strip()}")
+        assert code == 1 and out == "" and err.count("\n") == 1, out + err
+        assert "an upgrade never empties hotproxy" in err and f"pid {first['pid']} keeps serving" in err, err
+        status = await prog.follow()
+        assert status["pid"] == first["pid"] and [s["name"] for s in status["services"]] == ["e"], status
+        assert await echo_roundtrip("127.0.0.1", port, b"x") == b"x"
 
     run(main(), timeout=120)
 

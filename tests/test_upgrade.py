@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -83,6 +84,22 @@ async def upgrade(prog: Program, how: str) -> tuple[dict[str, Any], float]:
     return status, took
 
 
+def upgrade_steps(log: str, n: int) -> list[dict[str, float]]:
+    """The *n* upgrades' ``upgrade steps (ms since the request): ...`` lines (each old
+    master logs one): every step of ``upgrade.PHASES``, in order, none going back in time."""
+    from hotproxy.upgrade import PHASES
+
+    out = []
+    for line in re.findall(r"upgrade steps \(ms since the request\): (.*)", log):
+        steps = {name: float(ms) for name, ms in (part.rsplit(" ", 1) for part in line.split(", "))}
+        assert tuple(steps) == PHASES, line
+        values = list(steps.values())
+        assert values == sorted(values) and values[0] >= 0, line
+        out.append(steps)
+    assert len(out) == n, (n, out)
+    return out
+
+
 async def upgrades_under_traffic(prog: Program, n: int, e: int, px: int, unix: Path,
                                  traffic: Callable[..., Traffic]) -> dict[str, Any]:
     """*n* upgrades of *prog* under verified traffic; every check of the module's docstring; the figures."""
@@ -117,6 +134,7 @@ async def upgrades_under_traffic(prog: Program, n: int, e: int, px: int, unix: P
     cli_status = await prog.cli("status", "-c", str(prog.config))
     figures: dict[str, Any] = {
         "upgrades": n, "seconds_per_upgrade": [round(t, 2) for t in took],
+        "steps_ms": upgrade_steps(prog.log(), n),
         "old_masters_draining_at_the_end": [(m["pid"], m["connections"]) for m in status["old_masters"]],
         "status_lines": [line for line in cli_status[1].splitlines() if "old master" in line],
         "direct": await direct.finish(), "through_proxy": await through.finish(),
@@ -228,11 +246,16 @@ def test_failing_upgrades_bad_file_failing_worker_deadline_kill_9_leave_the_old_
     ``HOTPROXY_TEST_FAIL_UPGRADE=hang``) after its workers serve: once past
     ``upgrade_timeout``, once killed with -9 by the test.  A reload asked
     for during the upgrade is refused with a line that says why.
+
+    Only the deadline case runs with a short ``upgrade_timeout`` (3 s): the
+    others fail on their own (a bad file, a failing worker, kill -9) and get
+    120 s, so that a new master slow to start on a loaded machine still
+    fails for the reason the test checks, not at the deadline.
     """
     e, px, unix = free_port(), free_port(), short_dir / "u.sock"
     good = services(e, px, unix)
     text = lambda svcs, timeout: toml(svcs, drain=30.0, upgrade_timeout=timeout)  # noqa: E731
-    prog = start(text(good, 3.0), env={"HOTPROXY_TEST_FAIL_UPGRADE": "hang"}, test_kinds=True)
+    prog = start(text(good, 120.0), env={"HOTPROXY_TEST_FAIL_UPGRADE": "hang"}, test_kinds=True)
     assert prog.config is not None
 
     async def main() -> None:
@@ -241,15 +264,19 @@ def test_failing_upgrades_bad_file_failing_worker_deadline_kill_9_leave_the_old_
         load = traffic([f"{HOST}:{e}", f"unix:{unix}", f"{HOST}:{px}"], long=3, short=3, seed=22)
         lines = []
         # 1. a file that does not load
-        prog.config.write_text(text(good, 3.0) + "[services.broken\n")
+        prog.config.write_text(text(good, 120.0) + "[services.broken\n")
         lines.append(await failed_upgrade(prog, f"{prog.config}: "))
         # 2. a service that fails to build on one worker (the new master runs the same module: the test kinds)
         failing = dict(good, f={"kind": "fail_on_worker", "listen": f"{HOST}:{free_port()}", "fail_worker": 1})
-        prog.config.write_text(text(failing, 3.0))
+        prog.config.write_text(text(failing, 120.0))
         lines.append(await failed_upgrade(prog, "injected failure on worker 1"))
-        # 3. a new master that serves but never says so: killed at upgrade_timeout
+        # 3. a new master that never says it serves: killed at upgrade_timeout (whether its workers
+        # were up by then depends on the machine's load; in 4 they are, and it is checked)
         prog.config.write_text(text(good, 3.0))
+        code, out, err = await prog.cli("reload", "-c", str(prog.config))   # (the deadline the old master applies)
+        assert code == 0, out + err
         lines.append(await failed_upgrade(prog, "did not serve within 3s (runtime.upgrade_timeout): killed"))
+        hung = prog.log().count("never says it is ready")
         # 4. one killed with -9 mid-way, its workers serving; a reload meanwhile is refused
         prog.config.write_text(text(good, 120.0))
         code, out, err = await prog.cli("reload", "-c", str(prog.config))
@@ -260,7 +287,7 @@ def test_failing_upgrades_bad_file_failing_worker_deadline_kill_9_leave_the_old_
             return ((await prog.status())["upgrading"] or {}).get("pid")
 
         pid = await eventually(new_master, timeout=30)
-        await eventually(lambda: prog.log().count("never says it is ready") == 2, timeout=60)
+        await eventually(lambda: prog.log().count("never says it is ready") == hung + 1, timeout=60)
         prog.track(pid)
         new_workers = children(pid)
         assert len(new_workers) == 2, new_workers

@@ -279,33 +279,13 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.upgrade_fd is not None:
         return _run_upgrade(args)
-    from .config import default_config_text, load_config
+    from .config import default_config_text
 
     if args.print_default:
         sys.stdout.write(default_config_text())
         return 0
-    if args.config is None and args.etcd is not None:
-        from .config import parse_config
-
-        config = parse_config("", None)   # a fleet instance with every runtime default
-    else:
-        config = load_config(args.config)   # a bad file: one line, exit 1, nothing started
-    if args.etcd is not None:
-        import dataclasses
-
-        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, config_source=args.etcd))
-    if config.runtime.config_source is not None:
-        from . import fleet
-
-        fleet.parse_source(config.runtime.config_source, f"{config.source}: runtime.config_source"
-                           if args.etcd is None else "--etcd")
-        fleet.client_module()
-        if config.services:
-            from .errors import ConfigError
-
-            raise ConfigError(f"{config.source}: services: not allowed with runtime.config_source (the "
-                                "services come from etcd: hotproxy fleet apply; this file holds [runtime])")
-    elif not config.services and not args.allow_empty:
+    config = _run_config(args)   # a bad file: one line, exit 1, nothing started
+    if config.runtime.config_source is None and not config.services and not args.allow_empty:
         from .config import no_services_error
 
         raise no_services_error(config.source, "hotproxy run --allow-empty")
@@ -322,7 +302,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"    {line}", file=sys.stderr)
         print(file=sys.stderr)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(Master(config).run())
+        return runner.run(Master(config, etcd=args.etcd).run())
+
+
+def _run_config(args: argparse.Namespace) -> Config:
+    """The config ``run`` starts with: the file (``--etcd``: in a fleet), checked.
+
+    A fleet instance's file holds only ``[runtime]``: its ``config_source``
+    must parse, the etcd client library must be there, and no service may be
+    in the file."""
+    from .config import load_config
+
+    if args.config is None and args.etcd is not None:
+        from .config import parse_config
+
+        config = parse_config("", None)   # a fleet instance with every runtime default
+    else:
+        config = load_config(args.config)
+    if args.etcd is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, config_source=args.etcd))
+    if config.runtime.config_source is not None:
+        from . import fleet
+
+        fleet.parse_source(config.runtime.config_source, f"{config.source}: runtime.config_source"
+                           if args.etcd is None else "--etcd")
+        fleet.client_module()
+        if config.services:
+            from .errors import ConfigError
+
+            raise ConfigError(f"{config.source}: services: not allowed with runtime.config_source (the "
+                                "services come from etcd: hotproxy fleet apply; this file holds [runtime])")
+    return config
 
 
 def _run_upgrade(args: argparse.Namespace) -> int:
@@ -333,15 +345,18 @@ def _run_upgrade(args: argparse.Namespace) -> int:
     before this process exits 1 (the old master serves on and reports it).
     """
     fd = int(args.upgrade_fd)
+    # (one clock for every process of the machine: the old master reports where the time went)
+    entered = time.monotonic()
     try:
         from . import upgrade
 
         if upgrade.test_failure("import"):
             raise ImportError(f"{upgrade.TEST_FAILURE_ENV}=import: the new code does not import")
-        from .config import load_config, no_services_error
+        config = _run_config(args)
+        if not config.services and config.runtime.config_source is None:
+            from .config import no_services_error
 
-        config = load_config(args.config)
-        if not config.services:
+            # (a fleet instance's services come with the hello: the revision the old master runs)
             raise no_services_error(config.source, "an upgrade never empties hotproxy")
         import asyncio
 
@@ -349,7 +364,7 @@ def _run_upgrade(args: argparse.Namespace) -> int:
 
         from .master import Master, setup_logging
 
-        link = upgrade.Link(fd)
+        link = upgrade.Link(fd, {"main": entered, "loaded": time.monotonic()})
     except Exception as exc:
         from .upgrade import report_failure
 
@@ -361,7 +376,7 @@ def _run_upgrade(args: argparse.Namespace) -> int:
     setup_logging(config.runtime.log_level, config.runtime.log_format)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(Master(config, link=link).run())
+            return runner.run(Master(config, link=link, etcd=args.etcd).run())
     except Exception as exc:
         link.failed(f"the new master crashed: {describe(exc, typed=True)}")
         raise

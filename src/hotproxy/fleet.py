@@ -158,6 +158,11 @@ def _source_name(source: EtcdSource, what: str, rev: int) -> str:
     return f"{source.url} ({what} {rev})"
 
 
+def revision_name(source: str, rev: int) -> str:
+    """How a config committed as revision *rev* of the fleet at *source* (a URL) is named in errors."""
+    return f"{source} (revision {rev})"
+
+
 def fleet_config(local: Config, local_runtime: dict[str, Any], text: str, source: str,
                  *, lookups: bool = True) -> Config:
     """The config an instance runs: its local ``[runtime]`` and the fleet's
@@ -227,7 +232,8 @@ class FleetAgent:
     """
 
     def __init__(self, source: EtcdSource, local: Config, local_runtime: dict[str, Any], reloader: Reloader,
-                 noted: Callable[[ReloadReport], None]) -> None:
+                 noted: Callable[[ReloadReport], None], *, applied: int = 0, applied_text: str | None = None,
+                 outcome: str = "joining") -> None:
         self.source = source
         self.local = local
         self.local_runtime = local_runtime
@@ -235,9 +241,10 @@ class FleetAgent:
         self.noted = noted
         self.id = instance_id(local)
         self.ttl = local.runtime.fleet_lease_ttl
-        #: the fleet revision this instance runs (0: none yet)
-        self.applied = 0
-        self.outcome = "joining"
+        #: the fleet revision this instance runs (0: none yet), and its TOML (what an upgrade hands over)
+        self.applied = applied
+        self.applied_text = applied_text
+        self.outcome = outcome
         self.vote: dict[str, Any] | None = None
         self.connected = False
         #: the proposal prepared and not yet decided: (R, its TOML, what the reloader staged, deadline)
@@ -429,11 +436,13 @@ class FleetAgent:
 
     async def _commit_staged(self, rev: int) -> None:
         assert self._staged is not None
-        proposal, _, staged, _ = self._staged
+        proposal, text, staged, _ = self._staged
         self._staged = None
         report = await self.reloader.commit(staged)
         self.noted(report)
         self.applied = rev
+        if report.ok:
+            self.applied_text = text
         self.outcome = f"committed {proposal} as revision {rev}" if report.ok else \
             f"commit of {proposal} failed: {report.error}"
         log.info("fleet: %s", self.outcome)
@@ -455,7 +464,7 @@ class FleetAgent:
     async def _apply_committed(self, rev: int, text: str) -> None:
         """A committed config this instance did not prepare: a local reload of it."""
         try:
-            config = await self._load(text, _source_name(self.source, "revision", rev))
+            config = await self._load(text, revision_name(self.source.url, rev))
         except ConfigError as exc:
             self.outcome = f"failed revision {rev}: {exc}"
             log.error("fleet: %s", self.outcome)
@@ -464,7 +473,7 @@ class FleetAgent:
         report = await self.reloader.reload(config, trigger=f"fleet revision {rev}", allow_empty=True)
         self.noted(report)
         if report.ok:
-            self.applied = rev
+            self.applied, self.applied_text = rev, text
             self.outcome = f"applied revision {rev}"
         else:
             self.outcome = f"failed revision {rev}: {report.error}"
@@ -658,4 +667,4 @@ def run_async(coro: Awaitable[Any]) -> Any:
 
 
 __all__ = ["ApplyResult", "EtcdSource", "FleetAgent", "FleetError", "apply", "fleet_config", "format_status",
-           "parse_source", "status"]
+           "parse_source", "revision_name", "status"]

@@ -54,15 +54,15 @@ from typing import Any, Callable, Sequence
 from . import activation, early_signals, logs
 from .admin import AdminError, AdminServer
 from .config import Config, inspect_pidfile, listen_sockaddrs, load_config, pid_alive
-from .errors import HotproxyError, describe
+from .errors import ConfigError, HotproxyError, describe
 from .listeners import BoundListener, ListenerFactory, TcpListenerFactory, UnixListenerFactory
 from .manager import WorkerManager
 from .workers import STOP_GRACE
 from .reload import Failure, ReloadReport, Reloader
 from .sdnotify import Notifier
 from .upgrade import (Hello, Link, NewMasterProcess, OldMaster, OldMasters, UpgradeError, UpgradeResult,
-                      late_seeds_for, read_state, seeds_for, send_everything, serve_new_master, test_failure,
-                      test_pause, wait_ready, write_state)
+                      late_seeds_for, phases_from, read_state, seeds_for, send_everything, serve_new_master,
+                      test_failure, test_pause, wait_ready, write_state)
 
 log = logging.getLogger("hotproxy.master")
 
@@ -90,8 +90,10 @@ class Master:
     """One hotproxy instance.  ``await Master(config).run()`` returns the exit code."""
 
     def __init__(self, config: Config, *, manager_options: dict[str, Any] | None = None,
-                 link: Link | None = None) -> None:
+                 link: Link | None = None, etcd: str | None = None) -> None:
         self.config = config
+        #: ``hotproxy run --etcd URL``: the new master of an upgrade is given it too
+        self.etcd_option = etcd
         #: this master is an upgrade: the channel to the master it takes over from
         self.link = link
         #: None for the embedded default: a reload re-reads it (and changes nothing)
@@ -145,6 +147,8 @@ class Master:
         #: ``runtime.config_source``: this instance follows its fleet's config in etcd (``fleet.py``)
         self.fleet: Any = None
         self._fleet_task: asyncio.Task[None] | None = None
+        #: (revision, TOML) of the fleet config the old master ran (an upgrade of a fleet instance)
+        self._fleet_handed: tuple[int, str] | None = None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -156,9 +160,14 @@ class Master:
         rt = self.config.runtime
         raise_nofile(len(self.config.services))
         hello: Hello | None = None
+        #: the config the workers start with: the file's, or (a fleet instance's upgrade) the fleet's
+        first = self.config
         try:
             if self.link is not None:
                 hello = await self.link.receive()
+                self.link.mark("hello")
+                if rt.config_source is not None:
+                    first = self._fleet_config_from(hello)
                 self._follow_watchdog(hello.pid)
                 # written once the old master has released it (it names the old one until then)
                 self._check_pidfile(rt.pidfile, hello.pid)
@@ -170,7 +179,7 @@ class Master:
                 await self.admin.start()
             if rt.metrics is not None and hello is None:
                 await self._start_metrics(rt.metrics)
-        except (AdminError, PidfileError, MetricsError, UpgradeError) as exc:
+        except (AdminError, PidfileError, MetricsError, UpgradeError, ConfigError) as exc:
             log.error("cannot start: %s", exc)
             self._upgrade_failed(str(exc))
             if self.admin is not None:
@@ -206,6 +215,8 @@ class Master:
                 self.manager.health_checks_paused = True
             try:
                 await self.manager.start()
+                if self.link is not None:
+                    self.link.mark("workers")
             except (HotproxyError, OSError) as exc:
                 log.error("cannot start workers: %s", exc)
                 self._upgrade_failed(f"cannot start workers: {describe(exc)}")
@@ -222,9 +233,11 @@ class Master:
                     await self.manager.seed(seeds_for(old_state, self.manager.count))
                     self._seeded_from = old_state
             # (a config without services was refused or allowed by the caller)
-            report = await self.reloader.reload(self.config, trigger="start" if hello is None else "upgrade",
+            report = await self.reloader.reload(first, trigger="start" if hello is None else "upgrade",
                                                 allow_empty=True)
             self._note_changes(report)
+            if self.link is not None and report.ok:
+                self.link.mark("applied")
             if not report.ok:
                 log.error("cannot start: the config could not be applied")
                 self._upgrade_failed(f"the config could not be applied: {report.error}")
@@ -271,20 +284,63 @@ class Master:
                 self.admin.notify_stopped()
             self._remove_pidfile()
 
-    def _start_fleet(self, source: str) -> None:
-        """Follow the fleet's committed config in etcd (the source was checked at start)."""
+    def _local_runtime(self) -> dict[str, Any]:
+        """The local file's ``[runtime]`` table as written (a fleet instance's own part)."""
         import tomllib
 
-        from .fleet import FleetAgent, parse_source
-
-        assert self.reloader is not None
         local: dict[str, Any] = {}
         if self.path is not None:
             with open(self.path, "rb") as f:
                 local = tomllib.load(f).get("runtime", {})
-        local = {**local, "config_source": source}   # (``run --etcd`` sets it on the command line)
-        self.fleet = FleetAgent(parse_source(source), self.config, local, self.reloader, self._note_changes)
+        source = self.config.runtime.config_source
+        return {**local, "config_source": source} if source is not None else local   # (or ``run --etcd``)
+
+    def _start_fleet(self, source: str) -> None:
+        """Follow the fleet's committed config in etcd (the source was checked at start)."""
+        from .fleet import FleetAgent, parse_source
+
+        assert self.reloader is not None
+        handed, self._fleet_handed = self._fleet_handed, None
+        # an upgrade: the revision the old master ran is running here too (not applied again)
+        applied, text = handed if handed is not None else (0, None)
+        self.fleet = FleetAgent(parse_source(source), self.config, self._local_runtime(), self.reloader,
+                                self._note_changes, applied=applied, applied_text=text,
+                                outcome=f"applied revision {applied} (upgraded)" if handed else "joining")
         self._fleet_task = self._spawn(self.fleet.run())
+
+    def _fleet_config_from(self, hello: Hello) -> Config:
+        """The config a fleet instance's new master starts with: the fleet config the
+        old master applied (handed over with the hello: its revision and TOML), with
+        this master's local ``[runtime]``.  If the old master had none of this fleet
+        (none applied yet, another source, not in a fleet): the local file's, with no
+        services -- the instance joins as a new one does -- but only if the old master
+        served nothing either.  ``ConfigError`` (one line) for that refusal, and naming
+        the revision if this version cannot run the fleet's config."""
+        from .fleet import fleet_config, parse_source, revision_name
+
+        fd = hello.fds.pop("fleet", None)
+        info = hello.fields.get("fleet")
+        text = None
+        if fd is not None:
+            try:
+                text = os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
+            except OSError as exc:
+                log.warning("upgrade: the old master's fleet config cannot be read (%s)", exc)
+            finally:
+                os.close(fd)
+        assert self.config.runtime.config_source is not None
+        ours = parse_source(self.config.runtime.config_source).url   # (checked by the CLI)
+        source, rev = (info.get("source"), info.get("revision")) if isinstance(info, dict) else (None, None)
+        if text is None or source != ours or not isinstance(rev, int):
+            if hello.listen:
+                # starting empty would stop every service the old master serves until etcd answers
+                raise ConfigError(f"{self.config.source}: runtime.config_source {ours}: the old master (pid "
+                                  f"{hello.pid}) serves {len(hello.listen)} services and no config of that "
+                                  "fleet: an upgrade never empties hotproxy (restart it to join the fleet)")
+            return self.config   # it served nothing either: this one joins as a new instance would
+        config = fleet_config(self.config, self._local_runtime(), text, revision_name(source, rev))
+        self._fleet_handed = (rev, text)
+        return config
 
     async def _ping_watchdog(self, interval: float) -> None:
         """``WATCHDOG=1`` every *interval* seconds while the master's loop turns."""
@@ -699,10 +755,6 @@ class Master:
             refusal = "stopping: no upgrade"
         elif not self.ready:
             refusal = "starting: the first config is not applied yet; try again"
-        elif self.fleet is not None:
-            # the new master would start from the local file, which has no services
-            refusal = ("an instance in a fleet cannot be upgraded in place yet: restart it (it rejoins and "
-                       "applies the committed config)")
         if refusal is not None:
             result = UpgradeResult(False, os.getpid(), error=refusal, trigger=trigger, at=time.time())
             log.error("%s", result.line())
@@ -721,25 +773,38 @@ class Master:
                 await asyncio.wait([task])
         self.notify.reloading("upgrading")
         child: NewMasterProcess | None = None
+        #: time.monotonic() at each step (upgrade.PHASES), the new master's from its ready
+        marks: dict[str, Any] = {}
         try:
             if self._stopping:
                 raise UpgradeError("stopping: no upgrade")
-            child = NewMasterProcess.start(self.path)
+            marks["spawn"] = time.monotonic()
+            child = NewMasterProcess.start(self.path, self._run_options())
             self.upgrading = {"pid": child.pid, "since": at}
             log.info("upgrade (%s): started the new master, pid %d", trigger, child.pid)
             fds = self._hand_over_fds()
             state = write_state(await self.manager.snapshot())
             if state is not None:
                 fds.append(({"name": "state"}, state))
+            hello = self._hello()
+            # (taken with the hello, no await between: the TOML and its revision go together)
+            fleet = self._fleet_text()
+            if fleet is not None:
+                fds.append(({"name": "fleet"}, fleet[0]))
+                hello["fleet"] = fleet[1]
             try:
-                await send_everything(child, fds, self._hello())
+                await send_everything(child, fds, hello)
             except OSError as exc:
                 # gone already: wait_ready tells how (its failure message is queued)
                 log.debug("upgrade: cannot send to the new master: %s", exc)
             finally:
                 if state is not None:
                     os.close(state)
+                if fleet is not None:
+                    os.close(fleet[0])
             msg = await wait_ready(child, self.reloader.current.runtime.upgrade_timeout)
+            if isinstance(msg.get("marks"), dict):
+                marks.update(msg["marks"])
             if self._stopping:
                 raise UpgradeError("stopping: the upgrade is abandoned")
         except UpgradeError as exc:
@@ -749,10 +814,14 @@ class Master:
         else:
             assert child is not None
             await self._hand_over(child, msg)
+            marks["released"] = time.monotonic()
             result.ok, result.new_pid = True, child.pid
         finally:
             self.upgrading = None
         result.duration_ms = (time.monotonic() - started) * 1000.0
+        result.phases = phases_from(started, marks)
+        log.info("upgrade steps (ms since the request): %s",
+                 ", ".join(f"{name} {ms:.0f}" for name, ms in result.phases.items()) or "none")
         result.requests = self._upgrade_requests
         if self._stopping and self.handed_over_to is None and result.ok is False and result.error is None:
             result.error = "stopping"
@@ -761,6 +830,21 @@ class Master:
         if not result.ok and not self._stopping:
             self.notify.send("READY=1", f"STATUS={result.line()}")
         return result
+
+    def _run_options(self) -> tuple[str, ...]:
+        """The ``run`` options the new master of an upgrade needs beyond the file (``--etcd``)."""
+        return ("--etcd", self.etcd_option) if self.etcd_option is not None else ()
+
+    def _fleet_text(self) -> tuple[int, dict[str, Any]] | None:
+        """The fleet revision this instance runs, for the new master to start from: a memfd
+        holding its TOML (any size), and the hello's ``fleet`` field (None: not in a fleet, or none yet)."""
+        if self.fleet is None or self.fleet.applied_text is None:
+            return None
+        fd = os.memfd_create("hotproxy-fleet", os.MFD_CLOEXEC)
+        view = memoryview(self.fleet.applied_text.encode())
+        while view:
+            view = view[os.write(fd, view):]
+        return fd, {"source": self.fleet.source.url, "revision": self.fleet.applied}
 
     def _hand_over_fds(self) -> list[tuple[dict[str, Any], int]]:
         """What the new master gets: the admin socket, the Unix listeners, the old masters' channels."""
@@ -792,10 +876,11 @@ class Master:
         regions = {str(m.pid): m.regions for m in self.old_masters.alive()}
         if limits is not None:
             regions[str(os.getpid())] = [limits.region(w.id) for w in self.manager.workers]
-        return {"pid": os.getpid(), "version": __version__,
-                "admin_socket": self.admin.path if self.admin is not None else None,
-                "listen": [svc.listen for svc in cur.services.values()],
-                "counters": {"slots": limits.slot_names() if limits is not None else [], "regions": regions}}
+        out: dict[str, Any] = {"pid": os.getpid(), "version": __version__,
+               "admin_socket": self.admin.path if self.admin is not None else None,
+               "listen": [svc.listen for svc in cur.services.values()],
+               "counters": {"slots": limits.slot_names() if limits is not None else [], "regions": regions}}
+        return out
 
     async def _hand_over(self, child: NewMasterProcess, ready: dict[str, Any]) -> None:
         """The new master serves: stop accepting, release what it takes over, drain."""
@@ -804,6 +889,11 @@ class Master:
             # admin connections queue on the socket for the new master from now on
             self.admin.hand_over(unlink=not inherited)
         self.handed_over_to, self._handed_over_at = child.pid, time.time()
+        if self._fleet_task is not None:
+            # the new master follows the fleet from now on, under the same instance id: this
+            # one leaves first (its lease revoked, what it prepared aborted), then it joins
+            self._fleet_task.cancel()
+            await asyncio.wait([self._fleet_task], timeout=5.0)
         if self.manager is not None and self.manager.checker is not None:
             self.manager.checker.stop()   # the new master checks on, from the same states
         # systemd hears the new master from now on (MAINPID)

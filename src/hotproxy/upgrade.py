@@ -46,7 +46,7 @@ Messages (old -> new, then new -> old, then both ways while the old drains)::
 
     {"type": "fd", "name": "admin" | "listener" | "counters" | "health" | "state" | "old-master", ...} + descriptor
     {"type": "hello", "protocol": 1, "pid": OLD, "admin_socket": PATH, "listen": [...], ...}
-    {"type": "ready", "pid": NEW, "admin": "inherited" | "own"}   or   {"type": "failed", "error": LINE}
+    {"type": "ready", "pid": NEW, "admin": "inherited" | "own", "marks": {...}}   or   {"type": "failed", "error": LINE}
     {"type": "released"}
     {"type": "status"} -> {"type": "status", "pid": OLD, "connections": N, "since": T, "drain_timeout": S}
     {"type": "stop", "graceful": true}
@@ -318,6 +318,8 @@ class UpgradeResult:
     #: how many requests this upgrade answered (concurrent ones are merged)
     requests: int = 1
     notes: list[str] = field(default_factory=list)
+    #: where the time went: ms from the request to each step (``PHASES``), as far as it got
+    phases: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         """One line: ``upgrade ok: pid 10 -> pid 20 in 812.3 ms ...`` or ``upgrade failed: ...``."""
@@ -329,16 +331,37 @@ class UpgradeResult:
         return dict(vars(self))
 
 
-def new_master_command(config_path: str | None, fd: int) -> list[str]:
+#: the steps of an upgrade, in order, as ``UpgradeResult.phases`` names them (ms since the request):
+#: the old master starts the new one (a reload running has ended); the new one runs its
+#: ``main`` (the interpreter and the CLI are up); it has loaded the file and imported the
+#: master; it read the hello; its workers said hello; the config is applied on them (they
+#: serve); it said ready; the old master has released everything (its workers stopped accepting)
+PHASES = ("spawn", "main", "loaded", "hello", "workers", "applied", "ready", "released")
+
+
+def phases_from(started: float, marks: dict[str, Any]) -> dict[str, float]:
+    """*marks* (``time.monotonic()`` values of ``PHASES``, from both masters: one clock
+    for every process of the machine) as ms since *started*, in order, the unknown ones left out."""
+    out: dict[str, float] = {}
+    for name in PHASES:
+        value = marks.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = round((float(value) - started) * 1000.0, 1)
+    return out
+
+
+def new_master_command(config_path: str | None, fd: int, extra: tuple[str, ...] = ()) -> list[str]:
     """How to start the new master: the module this one was started as
-    (``hotproxy.cli`` for the console script), from the code now on disk."""
+    (``hotproxy.cli`` for the console script), from the code now on disk;
+    *extra*: ``run`` options this master was started with that the file
+    does not hold (``--etcd URL``)."""
     main = sys.modules.get("__main__")
     spec = main.__spec__ if main is not None else None
     module = spec.name if spec is not None and spec.name else "hotproxy.cli"
     cmd = [sys.executable, "-m", module, "run"]
     if config_path is not None:
         cmd += ["-c", config_path]
-    return cmd + [UPGRADE_FD_OPTION, str(fd)]
+    return cmd + list(extra) + [UPGRADE_FD_OPTION, str(fd)]
 
 
 class NewMasterProcess:
@@ -353,11 +376,11 @@ class NewMasterProcess:
             self._pidfd = os.pidfd_open(proc.pid)
 
     @classmethod
-    def start(cls, config_path: str | None) -> NewMasterProcess:
+    def start(cls, config_path: str | None, extra: tuple[str, ...] = ()) -> NewMasterProcess:
         """Start the new master; ``UpgradeError`` if it cannot be started."""
         channel, theirs = Channel.pair()
         try:
-            proc = subprocess.Popen(new_master_command(config_path, theirs.fileno()),
+            proc = subprocess.Popen(new_master_command(config_path, theirs.fileno(), extra),
                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         except OSError as exc:
             channel.close()
@@ -538,11 +561,13 @@ class Hello:
 class Link:
     """The new master's end of the channel to the old master that started it."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, marks: dict[str, float] | None = None) -> None:
         self.fd = fd
         self.channel = Channel(socket.socket(fileno=fd))
         self.hello: Hello | None = None
         self.failed_reported = False
+        #: ``time.monotonic()`` at each of this master's ``PHASES``, sent with ``ready``
+        self.marks: dict[str, float] = dict(marks or {})
         #: the state memfd the old master sent with ``released``: its workers' final snapshots
         self.last_state: int | None = None
 
@@ -597,12 +622,17 @@ class Link:
                 os.close(old)
             hello.fds[name] = fd
 
+    def mark(self, phase: str) -> None:
+        """This master has reached *phase* (one of ``PHASES``) now."""
+        self.marks[phase] = time.monotonic()
+
     async def ready(self, admin_inherited: bool) -> bool:
         """Say ``ready``; then wait for ``released``.  True once released; False if the
         old master is gone (it died: this master serves on, the files are ours)."""
+        self.mark("ready")
         try:
             await self.channel.send({"type": "ready", "pid": os.getpid(),
-                                     "admin": "inherited" if admin_inherited else "own"})
+                                     "admin": "inherited" if admin_inherited else "own", "marks": self.marks})
         except OSError:
             return False
         while True:
@@ -733,6 +763,6 @@ class OldMasters:
         self.masters.clear()
 
 
-__all__ = ["Channel", "Hello", "Link", "NewMasterProcess", "OldMaster", "OldMasters", "PROTOCOL",
-           "UPGRADE_FD_OPTION", "UpgradeError", "UpgradeResult", "new_master_command", "report_failure",
+__all__ = ["Channel", "Hello", "Link", "NewMasterProcess", "OldMaster", "OldMasters", "PHASES", "PROTOCOL",
+           "UPGRADE_FD_OPTION", "UpgradeError", "UpgradeResult", "new_master_command", "phases_from", "report_failure",
            "send_everything", "serve_new_master", "test_failure", "wait_ready"]
