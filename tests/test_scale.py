@@ -70,6 +70,67 @@ def test_a_one_service_reload_sends_work_only_for_that_service(start: Start) -> 
     run(main(), 240)
 
 
+def test_a_reload_checks_and_builds_only_the_services_it_changes(start: Start) -> None:
+    """300 services: a reload's load takes every service whose table is the
+    same as the running one's as it is -- not checked and built again
+    (``reused`` in the report) -- except one whose upstream is a host name
+    (``localhost``), which is looked up at every reload.  The checks across
+    services still cover the reused ones: a new service on the address of an
+    unchanged one is refused, one line, nothing applied."""
+    ports = [free_port() for _ in range(N)]
+
+    def services(changed: dict[int, str] | None = None) -> dict[str, dict[str, Any]]:
+        out = echoes(ports[:-1], changed)
+        out["named"] = {"kind": "proxy", "listen": f"127.0.0.1:{ports[-1]}", "upstreams": [f"localhost:{ports[0]}"]}
+        return out
+
+    prog = start(toml(services()))
+    cfg = prog.config
+    assert cfg is not None
+
+    async def reload() -> dict[str, Any]:
+        reply = await prog.admin("reload")
+        return dict(reply["report"])
+
+    async def main() -> None:
+        await prog.wait_ready(120)
+        report = await reload()
+        print(f"unchanged file: reused {report['reused']} of {N}")
+        assert report["ok"] and report["unchanged"] and len(report["unchanged"]) == N, report["error"]
+        assert report["reused"] == N - 1          # all but the one with a host name
+        cfg.write_text(toml(services({150: "v2\n"})))
+        report = await reload()
+        print(f"1 service changed: reused {report['reused']} of {N}")
+        assert report["ok"] and report["changed"] == ["s150"], report["error"]
+        assert report["reused"] == N - 2
+        assert {(await roundtrip(ports[150], 3))[:3] for _ in range(5)} == {b"v2\n"}
+        # a new service on s005's address: s005's table is unchanged (reused),
+        # and the overlap is still found
+        clash = services({150: "v2\n"})
+        clash["zz"] = {"kind": "echo", "listen": f"127.0.0.1:{ports[5]}"}
+        cfg.write_text(toml(clash))
+        report = await reload()
+        assert not report["ok"], report
+        assert "services.zz.listen: address 127.0.0.1:" in report["error"], report["error"]
+        assert "overlaps services.s005.listen" in report["error"] and "\n" not in report["error"]
+        assert "zz" not in {s["name"] for s in (await prog.status())["services"]}
+        assert await roundtrip(ports[5]) == b"hello"
+        # equal in Python is not the same in TOML: backlog = 1024.0 (== 1024)
+        # next to the running backlog = 1024 is checked, and refused
+        base = toml(services({150: "v2\n"}))
+        cfg.write_text(base.replace(f'listen = "127.0.0.1:{ports[9]}"',
+                                    f'listen = "127.0.0.1:{ports[9]}"\nbacklog = 1024', 1))
+        report = await reload()
+        assert report["ok"] and report["changed"] == [] and report["reused"] == N - 2, report
+        cfg.write_text(base.replace(f'listen = "127.0.0.1:{ports[9]}"',
+                                    f'listen = "127.0.0.1:{ports[9]}"\nbacklog = 1024.0', 1))
+        report = await reload()
+        assert not report["ok"], report
+        assert "services.s009.backlog: expected an integer" in report["error"], report["error"]
+
+    run(main(), 240)
+
+
 def test_status_answers_while_a_big_reload_is_held(start: Start) -> None:
     """300 services whose new versions each take 20 ms to build *without
     yielding* (about 6 s of blocking work per worker): while that reload

@@ -485,9 +485,13 @@ class Master:
         # A small file of address literals loads in the loop (no thread hop);
         # host names, or a big file, in a thread, so that the loop keeps
         # answering status and signals while thousands of services are parsed.
-        quick = None if _big(self.path) else (lambda: load_config(self.path, lookups=False))
-        report = await self.reloader.reload(
-            lambda: load_config(self.path), trigger=trigger, started=started,
+        # The running config is handed to the load: a service whose table
+        # has not changed is taken from it, not checked and built again.
+        reloader = self.reloader
+        quick = None if _big(self.path) else (
+            lambda: load_config(self.path, lookups=False, previous=reloader.current))
+        report = await reloader.reload(
+            lambda: load_config(self.path, previous=reloader.current), trigger=trigger, started=started,
             quick_load=quick, allow_empty=allow_empty)
         self._note_changes(report)
         if notify and not self._stopping:
