@@ -50,7 +50,7 @@ import stat
 import time
 from typing import Any, Sequence
 
-from . import activation, early_signals, logs
+from . import activation, early_signals, gcpolicy, logs
 from .admin import AdminError, AdminServer
 from .config import Config, inspect_pidfile, listen_sockaddrs, load_config, pid_alive
 from .errors import HotproxyError, describe
@@ -98,6 +98,8 @@ class Master:
         self.manager: WorkerManager | None = None
         self.reloader: Reloader | None = None
         self.admin: AdminServer | None = None
+        #: sweeps the frozen garbage of a reload once it has drained (``gcpolicy``; armed at start)
+        self.sweeper: gcpolicy.Sweeper | None = None
         self.metrics: Any = None
         #: systemd's notify socket (does nothing when not run by systemd)
         self.notify = Notifier()
@@ -235,6 +237,9 @@ class Master:
             if hello is not None and self.manager.checker is not None:
                 self.manager.checker.resume()
             self.ready = True
+            # the config that serves is long-lived: out of the collections (``gcpolicy``)
+            self.sweeper = gcpolicy.Sweeper(max(1.0, rt.drain_timeout) + 1.0, busy=lambda: self._reload_busy())
+            gcpolicy.settle()
             self._log_serving()
             serving = f"serving {len(report.added)} services on {self.manager.count} workers"
             self.notify.ready(serving if hello is None else f"upgraded from pid {hello.pid}: {serving}")
@@ -255,6 +260,8 @@ class Master:
             raise
         finally:
             self._remove_signals(loop)
+            if self.sweeper is not None:
+                self.sweeper.cancel()
             if hello is not None:
                 hello.close()
             if self._serving_new is not None:
@@ -501,9 +508,17 @@ class Master:
             self.manager.command_timeout = self.reloader.current.runtime.reload_timeout
         return report
 
+    def _reload_busy(self) -> bool:
+        return self.reloader is not None and self.reloader.busy
+
     def _note_changes(self, report: ReloadReport) -> None:
         if not report.ok:
             return
+        if self.sweeper is not None and not self._reload_busy():
+            # what runs now is long-lived; what the reload replaced is swept later
+            gcpolicy.settle()
+            if report.added or report.changed or report.removed:
+                self.sweeper.changed()
         if self.admin is not None and self.reloader is not None and self.reloader.current is not None:
             self.admin.idle_timeout = self.reloader.current.runtime.admin_idle_timeout
         for name in report.added + report.changed:
@@ -580,8 +595,10 @@ class Master:
             "last_upgrade": self.last_upgrade.to_dict() if self.last_upgrade is not None else None,
             "handed_over_to": self.handed_over_to,
             "upgraded_from": self.upgraded_from,
+            #: this process's garbage collection (``gcpolicy``); each worker's is in its entry
+            "gc": {**gcpolicy.stats(), "sweeps": self.sweeper.sweeps if self.sweeper is not None else 0},
             "workers": [{**{k: w.get(k) for k in ("worker", "pid", "alive", "answering", "draining", "error",
-                                                  "commands")},
+                                                  "commands", "gc")},
                          **({"site_count": w.get("site_count")} if summary else {}),
                          "sites": sorted(w.get("sites") or ())} for w in workers],
             "services": services,
