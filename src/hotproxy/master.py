@@ -100,6 +100,8 @@ class Master:
         self.admin: AdminServer | None = None
         #: sweeps the frozen garbage of a reload once it has drained (``gcpolicy``; armed at start)
         self.sweeper: gcpolicy.Sweeper | None = None
+        #: (config, ``metrics.config_digest`` of it): computed once per config, not per scrape
+        self._digest: tuple[Config | None, str] | None = None
         self.metrics: Any = None
         #: systemd's notify socket (does nothing when not run by systemd)
         self.notify = Notifier()
@@ -547,6 +549,9 @@ class Master:
         summary = summary and services is None and len(running) > SUMMARY_OVER
         workers, olds = await asyncio.gather(self.manager.status(names=services, summary=summary),
                                              self.old_masters.status())
+        if services is None and not summary:
+            # every service (``--all``, ``--json``): in slices, the loop answers meanwhile
+            return {**await self._status_sliced(workers), "old_masters": olds}
         return {**self._status_from(workers, services, summary), "old_masters": olds}
 
     async def _metrics_snapshot(self) -> Any:
@@ -555,8 +560,34 @@ class Master:
 
         assert self.manager is not None and self.reloader is not None
         workers = await self.manager.status(SCRAPE_TIMEOUT)
-        return Snapshot(self._status_from(workers), workers, dict(self.reloader.results),
-                        config_digest(self.reloader.current), self.manager.count)
+        cur = self.reloader.current
+        if self._digest is None or self._digest[0] is not cur:
+            # once per config, not per scrape (10,000 services: a JSON document of megabytes)
+            self._digest = (cur, config_digest(cur))
+        return Snapshot(await self._status_sliced(workers), workers, dict(self.reloader.results),
+                        self._digest[1], self.manager.count)
+
+    async def _status_sliced(self, workers: list[dict[str, Any]]) -> dict[str, Any]:
+        """``_status_from(workers)`` built in slices of ``STATUS_SLICE`` seconds with
+        a loop turn between two: 10,000 services' entries never hold the loop."""
+        assert self.reloader is not None
+        cur = self.reloader.current
+        running = cur.services if cur is not None else {}
+        names = list(running)
+        services: list[dict[str, Any]] = []
+        start = time.monotonic()
+        for name in names:
+            svc = running.get(name)
+            if svc is not None:
+                services.append(self._service_status(name, svc.kind, svc.listen, workers))
+            if time.monotonic() - start >= STATUS_SLICE:
+                await asyncio.sleep(0)
+                start = time.monotonic()
+                if self.reloader.current is not cur:
+                    break   # a reload committed meanwhile: the rest from the new config
+        else:
+            return {**self._status_from(workers, [], False), "services": services}
+        return self._status_from(workers)
 
     def _status_from(self, workers: list[dict[str, Any]], names: Sequence[str] | None = None,
                      summary: bool = False) -> dict[str, Any]:
@@ -1022,6 +1053,9 @@ def _same_address(sock: socket.socket, listener: ListenerFactory) -> bool:
         return bool(addrs) and key == activation.key_of_sockaddr(next(iter(addrs)))
     return False
 
+
+#: ``_status_sliced`` turns the loop at least this often (seconds)
+STATUS_SLICE = 0.005
 
 #: a config file larger than this is parsed off the master's loop (about 300 services)
 QUICK_LOAD_BYTES = 32 * 1024
