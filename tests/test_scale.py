@@ -155,8 +155,8 @@ def test_old_versions_are_freed_with_the_heap_frozen(start: Start) -> None:
 
     async def main() -> None:
         st = await prog.wait_ready(60)
-        assert st["gc"]["frozen"] > 0, st["gc"]
-        assert all(w["gc"]["frozen"] > 0 for w in st["workers"]), st["workers"]
+        assert st["gc"]["freezes"] >= 1, st["gc"]
+        assert all(w["gc"]["freezes"] >= 1 for w in st["workers"]), st["workers"]
         direct = await EchoClient.open(echo_port, 3)
         via = await EchoClient.open(proxy_port, 3)
         cfg.write_text(text("v2\n"))
@@ -164,7 +164,9 @@ def test_old_versions_are_freed_with_the_heap_frozen(start: Start) -> None:
         assert code == 0 and "changed=[e,p]" in out, out + err
         st = await prog.status()
         print(f"after the reload: old versions {old_versions(st)}, gc {[w['gc'] for w in st['workers']]}")
-        assert old_versions(st) == {"e": 1, "p": 1}, old_versions(st)   # held by the two connections
+        # held by the two connections (e's two -- the direct one and the proxy's
+        # upstream one -- may be on one worker or on both: 1 or 2 summed)
+        assert old_versions(st)["p"] == 1 and old_versions(st)["e"] in (1, 2), old_versions(st)
         await direct.check()
         await via.check()
         await direct.close()
@@ -177,7 +179,7 @@ def test_old_versions_are_freed_with_the_heap_frozen(start: Start) -> None:
         st = await eventually(freed, timeout=60)
         print(f"after the connections ended: old versions {old_versions(st)}, "
               f"gc {[w['gc'] for w in st['workers']]}")
-        assert all(w["gc"]["frozen"] > 0 for w in st["workers"]), st["workers"]
+        assert all(w["gc"]["freezes"] >= 2 for w in st["workers"]), st["workers"]   # start, reload
         assert (await roundtrip(echo_port, 3))[:3] == b"v2\n"
 
         async def swept() -> dict[str, Any] | None:
