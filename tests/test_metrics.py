@@ -184,6 +184,44 @@ def test_scrapes_are_answered_during_a_reload_storm_under_load(start: Start) -> 
     run(main(), 120)
 
 
+def test_the_config_digest_follows_each_reload(start: Start) -> None:
+    """``hotproxy_config_info``'s digest (computed once per config, not per
+    scrape): the same after a reload of the unchanged file, another after a
+    change, the first again once the change is undone."""
+    e, m = free_port(), free_port()
+
+    def text(greeting: str) -> str:
+        return toml({"e": {"kind": "echo", "listen": f"127.0.0.1:{e}", "greeting": greeting}},
+                    metrics=f"127.0.0.1:{m}")
+
+    prog = start(text("a\n"))
+    cfg = prog.config
+    assert cfg is not None
+
+    async def digest() -> str:
+        (labels,) = (await scrape(m))["hotproxy_config_info"]
+        return dict(labels)["digest"]
+
+    async def reload(greeting: str) -> None:
+        cfg.write_text(text(greeting))
+        code, out, err = await prog.cli("reload", "-c", str(cfg))
+        assert code == 0, out + err
+
+    async def main() -> None:
+        await prog.wait_ready()
+        first = await digest()
+        assert first == await digest()
+        await reload("a\n")
+        assert await digest() == first
+        await reload("b\n")
+        second = await digest()
+        await reload("a\n")
+        print(f"digests: {first} -> {second} -> {await digest()}")
+        assert second != first and await digest() == first
+
+    run(main(), 60)
+
+
 def test_a_metrics_address_in_use_or_clashing_is_one_line(start: Start, tmp_path: Path) -> None:
     e, m = free_port(), free_port()
     import socket

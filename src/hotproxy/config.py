@@ -26,11 +26,18 @@ Rules of this module:
   ``balance``, ``log_level``) are exact lowercase words.
 * A service's factory and listener factory are frozen dataclasses that
   compare by value; the reload diffs two configs with ``==`` on them.
+* A reload loads with the running config as ``previous``: a service whose
+  raw table (and file) is the same as the running one's, and that needed no
+  name lookup, is that running ``ServiceConfig`` -- its own checks and
+  build are skipped (they depend on nothing else); the checks across
+  services run over all of them as always.  A service with a host name is
+  looked up again at every load.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import re
@@ -71,6 +78,9 @@ class ServiceKind:
     options: Mapping[str, Option]
     build: Callable[[dict[str, Any]], MakeService]
     doc: str = ""
+    #: ``build`` that names the factory too (``MakeService.named``), when
+    #: that is cheaper than building and then naming: ``(name, options)``
+    build_named: Callable[[str, dict[str, Any]], MakeService] | None = field(default=None, compare=False)
 
 
 def _build_echo(opts: dict[str, Any]) -> MakeService:
@@ -83,12 +93,26 @@ def _build_proxy(opts: dict[str, Any]) -> MakeService:
     from .proxy import ProxyFactory  # imported late: the proxy is optional for the echo-only case
 
     # the proxy counts (and limits) its connections itself: no layer over it
-    return ProxyFactory(**dict(opts, upstreams=tuple(opts["upstreams"]), sni_routes=opts["sni_routes"] or ()))
+    return ProxyFactory(**_proxy_args(opts))
+
+
+def _build_proxy_named(name: str, opts: dict[str, Any]) -> MakeService:
+    from .proxy import ProxyFactory
+
+    # what ``_build_proxy(opts).named(name)`` gives, checked once instead of
+    # twice (``named`` is a ``replace``, which checks every field again)
+    return ProxyFactory(**_proxy_args(opts), service=name)
+
+
+def _proxy_args(opts: dict[str, Any]) -> dict[str, Any]:
+    """A proxy service's checked options as ``ProxyFactory``'s arguments."""
+    return dict(opts, upstreams=tuple(opts["upstreams"]), sni_routes=opts["sni_routes"] or ())
 
 
 ECHO = ServiceKind("echo", ECHO_OPTIONS, _build_echo, doc="echoes every byte back")
 
-PROXY = ServiceKind("proxy", PROXY_OPTIONS, _build_proxy, doc="relays TCP to upstreams")
+PROXY = ServiceKind("proxy", PROXY_OPTIONS, _build_proxy, doc="relays TCP to upstreams",
+                    build_named=_build_proxy_named)
 
 #: the service kinds ``kind = "..."`` may name
 KINDS: dict[str, ServiceKind] = {"echo": ECHO, "proxy": PROXY}
@@ -146,6 +170,10 @@ class ServiceConfig:
     #: (relative paths in it are relative to that): what the factory and the
     #: listener are built from, so equal tables mean equal services
     table: tuple[str | None, Mapping[str, Any]] | None = field(default=None, compare=False, repr=False)
+    #: nothing of it was looked up (every host an address literal): the next
+    #: load of a file with the same table may take this one as it is
+    #: (``load_config(previous=...)``) instead of checking and building it again
+    reusable: bool = field(default=False, compare=False, repr=False)
 
     def same_as(self, other: ServiceConfig) -> bool:
         """True if running *other* instead of this would change nothing.
@@ -155,6 +183,8 @@ class ServiceConfig:
         comparing their built factories field by field is what an unchanged
         reload would cost otherwise.
         """
+        if self is other:
+            return True   # taken over by the load (``load_config(previous=...)``)
         if self.table is not None and self.table == other.table:
             return True
         return self.factory == other.factory and self.listener == other.listener
@@ -168,6 +198,10 @@ class Config:
     path: str | None
     runtime: RuntimeConfig
     services: Mapping[str, ServiceConfig]
+    #: how many of ``services`` the load took from the running config as they
+    #: were (same table, nothing looked up: ``load_config(previous=...)``)
+    #: instead of checking and building them again
+    reused: int = field(default=0, compare=False)
 
     @property
     def source(self) -> str:
@@ -189,16 +223,21 @@ class NeedsLookup(Exception):
     """``load_config(lookups=False)`` met a host name: load it where blocking is fine."""
 
 
-def load_config(path: str | None = None, *, lookups: bool = True) -> Config:
+def load_config(path: str | None = None, *, lookups: bool = True, previous: Config | None = None) -> Config:
     """Read and check *path* (None: the embedded default); raise ``ConfigError``.
 
     With ``lookups=False`` a host name that is not an address literal raises
     ``NeedsLookup`` instead of being resolved (which may block on DNS), so
     a caller in an event loop can load an all-literal config inline and
     send the rest to a thread.
+
+    *previous*: the config that runs (a reload).  A service whose table is
+    the same as there, in the same file, and which needed no name lookup,
+    is taken from it as it is -- not checked and built again; the checks
+    across services (addresses, paths, proxy loops) still cover every one.
     """
     if path is None:
-        return parse_config(default_config_text(), None, lookups=lookups)
+        return parse_config(default_config_text(), None, lookups=lookups, previous=previous)
     apath = os.path.abspath(path)
     try:
         # O_NONBLOCK: a FIFO given as the file must not hang the master's
@@ -228,17 +267,17 @@ def load_config(path: str | None = None, *, lookups: bool = True) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{apath}: not UTF-8 text (byte {exc.start})") from None
-    return parse_config(text, apath, lookups=lookups)
+    return parse_config(text, apath, lookups=lookups, previous=previous)
 
 
-def parse_config(text: str, path: str | None, *, lookups: bool = True) -> Config:
+def parse_config(text: str, path: str | None, *, lookups: bool = True, previous: Config | None = None) -> Config:
     """Check the TOML *text* of the file at *path* (None: the embedded default).
 
     Raises ``ConfigError`` (or ``NeedsLookup``) and nothing else: a failure
     no check foresaw still becomes one line naming the file, never a
     traceback in the CLI or an unretrieved exception in the master.
     """
-    return _one_error(path, lambda: _Checker(path, lookups).check(text))
+    return _one_error(path, lambda: _Checker(path, lookups, previous).check(text))
 
 
 def parse_config_doc(doc: dict[str, Any], path: str | None, source: str, *, lookups: bool = True) -> Config:
@@ -272,12 +311,19 @@ def no_services_error(source: str, hint: str) -> ConfigError:
 class _Checker:
     """Checks one file; ``fail`` raises the one-line ``ConfigError``."""
 
-    def __init__(self, path: str | None, lookups: bool = True) -> None:
+    def __init__(self, path: str | None, lookups: bool = True, previous: Config | None = None) -> None:
         self.path = path
         self.source = path or DEFAULT_SOURCE
         self.lookups = lookups
+        #: the running config's services, reused when their table is the same (``load_config``)
+        self.previous: Mapping[str, ServiceConfig] = previous.services if previous is not None else {}
         #: (host, port, passive) -> getaddrinfo's answer (a host is looked up once per file)
         self._infos: dict[tuple[str, int, bool], list[Any]] = {}
+        #: host -> whether it is an address literal (``addresses.is_literal``)
+        self._literal: dict[str, bool] = {}
+        #: set when a host name (not a literal) is resolved: the service being
+        #: checked depends on a lookup, and is not ``reusable``
+        self.looked_up = False
         #: service name -> its listen key (see ``listen_key``)
         self._listen_keys: dict[str, tuple[Any, ...]] = {}
         #: the listen keys by ``_bucket`` (built on first use, after every key is known)
@@ -286,6 +332,12 @@ class _Checker:
         self.metrics_listener: ListenerFactory | None = None
         #: address -> whether this host has it (wildcard listeners are reached through it)
         self._local: dict[str, bool] = {}
+        #: kind name -> its keys with the common ones (``spec``)
+        self._specs: dict[str, Mapping[str, Option]] = {}
+        #: address literal -> (version, text, unspecified) a bind of it uses (``listen_key``)
+        self._facts: dict[str, tuple[int, str, bool]] = {}
+        #: address literal -> the addresses a connect to it reaches (``reached_by``)
+        self._reach: dict[str, set[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
 
     def fail(self, key: str, expected: str) -> ConfigError:
         where = f"{self.source}: {key}: " if key else f"{self.source}: "
@@ -315,16 +367,26 @@ class _Checker:
         runtime = self.runtime(self.table(doc, "runtime"))
         services_doc = self.table(doc, "services")
         services: dict[str, ServiceConfig] = {}
+        reused = 0
         for name, table in services_doc.items():
             if not _NAME_RE.fullmatch(name):
                 raise self.fail(f"services.{name}", "a service name is 1-64 letters, digits, '_', '-' or '.'")
             if not isinstance(table, dict):
                 raise self.fail(f"services.{name}", f"expected a table [services.{name}], got {type_name(table)}")
-            services[name] = self.service(name, table)
+            before = self.previous.get(name)
+            # the same table in the same file, nothing looked up: the same
+            # service (a reload of 10,000 that changes one checks one)
+            if before is not None and before.reusable and before.table is not None \
+                    and before.table[0] == self.path and before.table[1] == table \
+                    and _same_types(before.table[1], table):
+                services[name] = before
+                reused += 1
+            else:
+                services[name] = self.service(name, table)
         self.check_listen_conflicts(services)
         self.check_paths(runtime, services)
         self.check_proxy_loops(services)
-        return Config(self.path, runtime, services)
+        return Config(self.path, runtime, services, reused)
 
     def table(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
         value = doc.get(key, {})
@@ -387,12 +449,14 @@ class _Checker:
         if kind is None:
             raise self.fail(f"{prefix}.kind", f"expected one of {', '.join(sorted(KINDS))}"
                             f"{lowercase_hint(kind_name, KINDS)}, got {show(kind_name)}")
-        opts = self.options(prefix, table, {**COMMON_OPTIONS, **kind.options})
+        self.looked_up = False
+        opts = self.options(prefix, table, self.spec(kind))
         listener = self.listener(f"{prefix}.listen", opts.pop("listen"), opts["backlog"])
         backlog = opts.pop("backlog")
         del opts["kind"]
         try:
-            factory = kind.build(dict(opts)).named(name)
+            factory = kind.build_named(name, dict(opts)) if kind.build_named is not None \
+                else kind.build(dict(opts)).named(name)
         except ConfigError:
             raise
         except (ValueError, TypeError) as exc:
@@ -400,7 +464,14 @@ class _Checker:
         except ImportError as exc:
             raise self.fail(f"{prefix}.kind", f"the {kind.name} service is not available: {exc}") from None
         return ServiceConfig(name, kind.name, listener.address, listener, factory, {"backlog": backlog, **opts},
-                             (self.path, table))
+                             (self.path, table), reusable=not self.looked_up)
+
+    def spec(self, kind: ServiceKind) -> Mapping[str, Option]:
+        """Every key a service of *kind* may have (the common ones first); one dict per kind and file."""
+        spec = self._specs.get(kind.name)
+        if spec is None:
+            spec = self._specs[kind.name] = {**COMMON_OPTIONS, **kind.options}
+        return spec
 
     def listener(self, key: str, text: str, backlog: int) -> ListenerFactory:
         addr = self.address(key, text, "listen address")
@@ -486,14 +557,19 @@ class _Checker:
         return self.resolve_all(key, host, port, passive)[0][4]  # type: ignore[no-any-return]
 
     def resolve_all(self, key: str, host: str, port: int, passive: bool) -> list[Any]:
-        if not self.lookups and not addresses.is_literal(host):
-            raise NeedsLookup(host)
+        literal = self._literal.get(host)
+        if literal is None:
+            literal = self._literal[host] = addresses.is_literal(host)
+        if not literal:
+            self.looked_up = True
+            if not self.lookups:
+                raise NeedsLookup(host)
         cached = self._infos.get((host, port, passive))
         if cached is not None:
             return cached
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE if passive else 0)
+            # (an address literal is looked up once, whatever the port: ``_addrinfo``)
+            infos = _addrinfo(host, port, passive)
         except (socket.gaierror, UnicodeError) as exc:
             raise self.fail(key, f"cannot resolve host {host!r}: {describe(exc)}") from None
         self._infos[(host, port, passive)] = infos
@@ -528,9 +604,16 @@ class _Checker:
         if isinstance(lf, UnixListenerFactory):
             return ("unix", os.path.realpath(lf.path))
         assert isinstance(lf, TcpListenerFactory)
-        ip = str(self.resolve(f"services.{name}.listen", lf.host, lf.port, passive=True)[0])
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        return ("tcp", addr.version, lf.port, str(addr), addr.is_unspecified)
+        # an address literal's facts are the same whatever the port: one
+        # look-up per host and file, not one per service
+        facts = self._facts.get(lf.host)
+        if facts is None:
+            ip = str(self.resolve(f"services.{name}.listen", lf.host, lf.port, passive=True)[0])
+            facts = _ip_facts(ip.split("%", 1)[0])
+            if self._literal.get(lf.host):
+                self._facts[lf.host] = facts
+        version, text, unspecified = facts
+        return ("tcp", version, lf.port, text, unspecified)
 
     def check_paths(self, runtime: RuntimeConfig, services: Mapping[str, ServiceConfig]) -> None:
         """No file hotproxy creates may be one it reads or another it creates:
@@ -619,7 +702,12 @@ class _Checker:
             return [name for name, _ in self.listeners_on(("unix", real))]
         host, port = addr.host, addr.port
         assert host is not None and port is not None
-        addrs = {_plain_ip(info[4][0]) for info in self.resolve_all(key, host, port, passive=False)}
+        # (an address literal reaches the same addresses whatever the port)
+        addrs = self._reach.get(host)
+        if addrs is None:
+            addrs = {_plain_ip(info[4][0]) for info in self.resolve_all(key, host, port, passive=False)}
+            if self._literal.get(host):
+                self._reach[host] = addrs
         found: list[str] = []
         for version in sorted({a.version for a in addrs}):
             found += [name for name, lk in self.listeners_on(("tcp", version, port))
@@ -644,8 +732,8 @@ class _Checker:
             return addr.is_unspecified or addr.is_loopback or self.is_local(addr)
         if addr.is_unspecified:
             # Linux connects 0.0.0.0 to 127.0.0.1 and :: to ::1
-            addr = ipaddress.ip_address("127.0.0.1" if version == 4 else "::1")
-        return addr == ipaddress.ip_address(laddr)
+            addr = _ip("127.0.0.1" if version == 4 else "::1")
+        return addr == _ip(laddr)
 
     def is_local(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """True if *addr* is an address of this host (it can be bound with port 0)."""
@@ -684,9 +772,45 @@ def _upstream_keys(name: str, svc: ServiceConfig) -> list[tuple[str, str]]:
     return out
 
 
+def _same_types(a: Any, b: Any) -> bool:
+    """For two equal TOML values: is every number and boolean of the same type?
+
+    Python's ``==`` has ``True == 1 == 1.0``; TOML's values do not (``retries
+    = 2.0`` or ``= true`` is refused where ``2`` is fine), so a table equal
+    to a checked one is only the same table if this holds too.  Strings,
+    the common case, are skipped without a call.
+    """
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        for key, value in a.items():
+            if type(value) is not str and not _same_types(value, b[key]):
+                return False
+    elif type(a) is list:
+        for x, y in zip(a, b):
+            if type(x) is not str and not _same_types(x, y):
+                return False
+    return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``ipaddress.ip_address(text)``, remembered: 10,000 services on one
+    address parse it once (the addresses are immutable values)."""
+    return ipaddress.ip_address(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_facts(text: str) -> tuple[int, str, bool]:
+    """(version, normal text, is unspecified) of an IP address (remembered, like ``_ip``)."""
+    addr = _ip(text)
+    return addr.version, str(addr), addr.is_unspecified
+
+
+@functools.lru_cache(maxsize=4096)
 def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An address from getaddrinfo without its scope; IPv4-mapped IPv6 as the IPv4 it reaches."""
-    addr = ipaddress.ip_address(text.split("%", 1)[0])
+    addr = _ip(text.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
@@ -714,10 +838,28 @@ def _strip_bad_address(exc: ValueError) -> str:
 # -- checks against this host (``hotproxy check``; a start or a reload finds the same) --
 
 
+#: (host, passive) -> getaddrinfo's answer for an address literal with port 0
+#: (``_addrinfo``); literals only, so it never goes stale
+_LITERALS: dict[tuple[str, bool], list[Any]] = {}
+
+
+def _addrinfo(host: str, port: int, passive: bool = True) -> list[Any]:
+    """``socket.getaddrinfo(host, port, SOCK_STREAM)``; an address literal's
+    answer is computed once and given the port (10,000 listeners on one
+    address are not 10,000 calls); raises what getaddrinfo raises."""
+    flags = socket.AI_PASSIVE if passive else 0
+    infos = _LITERALS.get((host, passive))
+    if infos is None:
+        if len(_LITERALS) >= 1024 or not addresses.is_literal(host):
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+        infos = _LITERALS[(host, passive)] = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=flags)
+    return [info[:4] + ((info[4][0], port) + tuple(info[4][2:]),) for info in infos]
+
+
 def listen_sockaddrs(lf: TcpListenerFactory) -> set[tuple[Any, ...]]:
     """The (address, port) a bind of *lf* uses, as a set (empty if it does not resolve)."""
     try:
-        infos = socket.getaddrinfo(lf.host, lf.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = _addrinfo(lf.host, lf.port)
     except (OSError, UnicodeError):
         return set()
     return {info[4][:2] for info in infos[:1]}
@@ -732,7 +874,7 @@ def probe_bind(lf: TcpListenerFactory) -> str | None:
     listener, so it tells; the probe socket is closed at once.
     """
     try:
-        infos = socket.getaddrinfo(lf.host, lf.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = _addrinfo(lf.host, lf.port)
         family, _, _, _, sockaddr = infos[0]
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             # SO_REUSEADDR: sockets in TIME_WAIT (of a listener that just moved) are no conflict
@@ -824,7 +966,7 @@ def check_on_this_host(config: Config, held: Iterable[str] = (), running_pid: in
         lf = svc.listener
         error = None
         if isinstance(lf, TcpListenerFactory):
-            if not listen_sockaddrs(lf) & held_tcp:
+            if not held_tcp or not listen_sockaddrs(lf) & held_tcp:
                 error = probe_bind(lf)
         elif isinstance(lf, UnixListenerFactory):
             error = _unix_listen_problem(lf.path, os.path.realpath(lf.path) in held_unix)

@@ -51,7 +51,7 @@ import stat
 import time
 from typing import Any, Callable, Sequence
 
-from . import activation, early_signals, logs
+from . import activation, early_signals, gcpolicy, logs
 from .admin import AdminError, AdminServer
 from .config import Config, inspect_pidfile, listen_sockaddrs, load_config, pid_alive
 from .errors import ConfigError, HotproxyError, describe
@@ -101,6 +101,10 @@ class Master:
         self.manager: WorkerManager | None = None
         self.reloader: Reloader | None = None
         self.admin: AdminServer | None = None
+        #: sweeps the frozen garbage of a reload once it has drained (``gcpolicy``; armed at start)
+        self.sweeper: gcpolicy.Sweeper | None = None
+        #: (config, ``metrics.config_digest`` of it): computed once per config, not per scrape
+        self._digest: tuple[Config | None, str] | None = None
         self.metrics: Any = None
         #: systemd's notify socket (does nothing when not run by systemd)
         self.notify = Notifier()
@@ -249,6 +253,9 @@ class Master:
             if hello is not None and self.manager.checker is not None:
                 self.manager.checker.resume()
             self.ready = True
+            # the config that serves is long-lived: out of the collections (``gcpolicy``)
+            self.sweeper = gcpolicy.Sweeper(max(1.0, rt.drain_timeout) + 1.0, busy=lambda: self._reload_busy())
+            gcpolicy.settle()
             self._log_serving()
             serving = f"serving {len(report.added)} services on {self.manager.count} workers"
             self.notify.ready(serving if hello is None else f"upgraded from pid {hello.pid}: {serving}")
@@ -269,6 +276,8 @@ class Master:
             raise
         finally:
             self._remove_signals(loop)
+            if self.sweeper is not None:
+                self.sweeper.cancel()
             if hello is not None:
                 hello.close()
             if self._serving_new is not None:
@@ -545,9 +554,13 @@ class Master:
         # A small file of address literals loads in the loop (no thread hop);
         # host names, or a big file, in a thread, so that the loop keeps
         # answering status and signals while thousands of services are parsed.
-        quick = None if _big(self.path) else (lambda: load_config(self.path, lookups=False))
-        report = await self.reloader.reload(
-            lambda: load_config(self.path), trigger=trigger, started=started,
+        # The running config is handed to the load: a service whose table
+        # has not changed is taken from it, not checked and built again.
+        reloader = self.reloader
+        quick = None if _big(self.path) else (
+            lambda: load_config(self.path, lookups=False, previous=reloader.current))
+        report = await reloader.reload(
+            lambda: load_config(self.path, previous=reloader.current), trigger=trigger, started=started,
             quick_load=quick, allow_empty=allow_empty)
         self._note_changes(report)
         if notify and not self._stopping:
@@ -557,9 +570,17 @@ class Master:
             self.manager.command_timeout = self.reloader.current.runtime.reload_timeout
         return report
 
+    def _reload_busy(self) -> bool:
+        return self.reloader is not None and self.reloader.busy
+
     def _note_changes(self, report: ReloadReport) -> None:
         if not report.ok:
             return
+        if self.sweeper is not None and not self._reload_busy():
+            # what runs now is long-lived; what the reload replaced is swept later
+            gcpolicy.settle()
+            if report.added or report.changed or report.removed:
+                self.sweeper.changed()
         if self.admin is not None and self.reloader is not None and self.reloader.current is not None:
             self.admin.idle_timeout = self.reloader.current.runtime.admin_idle_timeout
         for name in report.added + report.changed:
@@ -588,6 +609,9 @@ class Master:
         summary = summary and services is None and len(running) > SUMMARY_OVER
         workers, olds = await asyncio.gather(self.manager.status(names=services, summary=summary),
                                              self.old_masters.status())
+        if services is None and not summary:
+            # every service (``--all``, ``--json``): in slices, the loop answers meanwhile
+            return {**await self._status_sliced(workers), "old_masters": olds}
         return {**self._status_from(workers, services, summary), "old_masters": olds}
 
     async def _metrics_snapshot(self) -> Any:
@@ -596,8 +620,34 @@ class Master:
 
         assert self.manager is not None and self.reloader is not None
         workers = await self.manager.status(SCRAPE_TIMEOUT)
-        return Snapshot(self._status_from(workers), workers, dict(self.reloader.results),
-                        config_digest(self.reloader.current), self.manager.count)
+        cur = self.reloader.current
+        if self._digest is None or self._digest[0] is not cur:
+            # once per config, not per scrape (10,000 services: a JSON document of megabytes)
+            self._digest = (cur, config_digest(cur))
+        return Snapshot(await self._status_sliced(workers), workers, dict(self.reloader.results),
+                        self._digest[1], self.manager.count)
+
+    async def _status_sliced(self, workers: list[dict[str, Any]]) -> dict[str, Any]:
+        """``_status_from(workers)`` built in slices of ``STATUS_SLICE`` seconds with
+        a loop turn between two: 10,000 services' entries never hold the loop."""
+        assert self.reloader is not None
+        cur = self.reloader.current
+        running = cur.services if cur is not None else {}
+        names = list(running)
+        services: list[dict[str, Any]] = []
+        start = time.monotonic()
+        for name in names:
+            svc = running.get(name)
+            if svc is not None:
+                services.append(self._service_status(name, svc.kind, svc.listen, workers))
+            if time.monotonic() - start >= STATUS_SLICE:
+                await asyncio.sleep(0)
+                start = time.monotonic()
+                if self.reloader.current is not cur:
+                    break   # a reload committed meanwhile: the rest from the new config
+        else:
+            return {**self._status_from(workers, [], False), "services": services}
+        return self._status_from(workers)
 
     def _status_from(self, workers: list[dict[str, Any]], names: Sequence[str] | None = None,
                      summary: bool = False) -> dict[str, Any]:
@@ -636,8 +686,10 @@ class Master:
             "last_upgrade": self.last_upgrade.to_dict() if self.last_upgrade is not None else None,
             "handed_over_to": self.handed_over_to,
             "upgraded_from": self.upgraded_from,
+            #: this process's garbage collection (``gcpolicy``); each worker's is in its entry
+            "gc": {**gcpolicy.stats(), "sweeps": self.sweeper.sweeps if self.sweeper is not None else 0},
             "workers": [{**{k: w.get(k) for k in ("worker", "pid", "alive", "answering", "draining", "error",
-                                                  "commands")},
+                                                  "commands", "gc")},
                          **({"site_count": w.get("site_count")} if summary else {}),
                          "sites": sorted(w.get("sites") or ())} for w in workers],
             "services": services,
@@ -1095,6 +1147,9 @@ def _same_address(sock: socket.socket, listener: ListenerFactory) -> bool:
         return bool(addrs) and key == activation.key_of_sockaddr(next(iter(addrs)))
     return False
 
+
+#: ``_status_sliced`` turns the loop at least this often (seconds)
+STATUS_SLICE = 0.005
 
 #: a config file larger than this is parsed off the master's loop (about 300 services)
 QUICK_LOAD_BYTES = 32 * 1024

@@ -22,6 +22,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -247,11 +248,20 @@ def _networks(value: Any) -> tuple[str, ...]:
     for i, text in enumerate(value):
         if not isinstance(text, str):
             raise ValueError(f"[{i}]: expected a network like \"127.0.0.1/32\", got {show(text)}")
-        try:
-            ipaddress.ip_network(text, strict=True)
-        except ValueError as exc:
-            raise ValueError(f"[{i}]: expected a network like \"127.0.0.1/32\", got {show(text)} ({exc})") from None
+        error = _network_error(text)
+        if error is not None:
+            raise ValueError(f"[{i}]: expected a network like \"127.0.0.1/32\", got {show(text)} ({error})")
     return tuple(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _network_error(text: str) -> str | None:
+    # remembered: every proxy checks its proxy_from, most of them the default
+    try:
+        ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def check_fields(obj: Any, options: Mapping[str, Option], skip: Iterable[str] = ()) -> None:

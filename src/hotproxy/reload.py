@@ -28,9 +28,12 @@ Rules of this module (docs/architecture.md, "The reload"):
   per worker (the manager's ``dispatch_many``; a worker runs them one at a
   time, in order, in slices with a loop turn between), so a phase waits once
   for the slowest worker, not once per service.
-* A reload costs what it changes: an unchanged service costs one
-  comparison of its table (``ServiceConfig.same_as``) and no command; the
-  running addresses the probe needs are an index kept with each change.
+* A reload costs what it changes: the load takes an unchanged service's
+  ``ServiceConfig`` from the running config (``load_config(previous=...)``:
+  one comparison of its raw table, no checks, no build), the diff then
+  finds it by identity (``ServiceConfig.same_as``), and it gets no
+  command; the running addresses the probe needs are an index kept with
+  each change.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
 from .commands import Abort, Commit, Precommit, Remove, Update
 from .config import Config, NeedsLookup, ServiceConfig, listen_sockaddrs, no_services_error, probe_bind
@@ -54,6 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hotproxy.reload")
 
+_T = TypeVar("_T")
+
 #: services (old and new) above which the diff runs in a thread
 DIFF_IN_THREAD = 1000
 
@@ -62,6 +68,28 @@ DIFF_IN_THREAD = 1000
 RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migrate_req", "metrics",
                 "config_source", "instance_id", "listen_host", "fleet_lease_ttl")
 # (an upgrade -- ``hotproxy upgrade`` -- is a restart that refuses nobody: it applies them all)
+
+
+#: the interpreter's thread switch interval while a reload works in a thread
+#: (``sys.setswitchinterval``; Python's default is 5 ms)
+THREAD_SWITCH_INTERVAL = 0.0005
+
+
+async def _in_thread(func: Callable[..., _T], *args: Any) -> _T:
+    """``asyncio.to_thread(func, *args)``, with the loop kept responsive.
+
+    The thread (parsing 10,000 services) holds the GIL, and the loop gets
+    it back only when the thread is made to drop it, every switch interval:
+    each system call of the loop -- a status request makes a dozen -- waits
+    that long.  A shorter interval while the thread runs is the loop's
+    latency; reloads run one at a time, so the interval is restored once.
+    """
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, THREAD_SWITCH_INTERVAL))
+    try:
+        return await asyncio.to_thread(func, *args)
+    finally:
+        sys.setswitchinterval(before)
 
 
 @dataclass
@@ -136,6 +164,9 @@ class ReloadReport:
     #: reading and checking the file (in a thread for a big file); the rest
     #: of ``duration_ms`` is what the changes cost
     load_ms: float = 0.0
+    #: services the load took from the running config as they were (same
+    #: table, no name lookup), without checking and building them again
+    reused: int = 0
     #: True when a failure came after some worker committed (should not happen)
     partial: bool = False
     #: how many reload requests this reload answered (requests that came
@@ -264,6 +295,7 @@ class Reloader:
                     config = await self._load(load, quick_load)
                 finally:
                     report.load_ms = (time.monotonic() - t_load) * 1000.0
+                report.reused = config.reused
                 if not config.services and not allow_empty:
                     hint = "hotproxy reload --allow-empty" + \
                         ("; a signal never empties hotproxy" if trigger == "SIGHUP" else "")
@@ -293,7 +325,7 @@ class Reloader:
                 return quick_load()
             except NeedsLookup:
                 pass
-        return await asyncio.to_thread(load)
+        return await _in_thread(load)
 
     # -- prepare and commit as separate steps (a fleet: ``fleet.py``) -----------
 
@@ -375,7 +407,7 @@ class Reloader:
         if len(config.services) + len(running) > DIFF_IN_THREAD:
             # one comparison per service, 10,000 of them: off the loop, which
             # keeps answering status and signals meanwhile
-            d = await asyncio.to_thread(diff, running, config.services)
+            d = await _in_thread(diff, running, config.services)
         else:
             d = diff(running, config.services)
         report.added, report.changed, report.moved = d.added, d.changed, d.moved
@@ -395,7 +427,7 @@ class Reloader:
         timeout = config.runtime.reload_timeout
         t0 = time.monotonic()
         # (in a thread: a probe may resolve host names; nothing new, nothing to probe)
-        failures = await asyncio.to_thread(self._probe, config, d) if d.added or d.moved else []
+        failures = await _in_thread(self._probe, config, d) if d.added or d.moved else []
         prepared: list[str] = []
         if not failures:
             # every Precommit sent at once (each worker runs them in order)

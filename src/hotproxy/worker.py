@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from . import logs
+from . import gcpolicy, logs
 from .channel import EXIT_BOOT_FAILURE, read_message, write_message
 from .fdchannel import FdReceiver
 
@@ -76,6 +76,9 @@ class WorkerProcess:
         self.nofile: tuple[int, int] | None = None
         #: status answers being built (kept referenced until written)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.sweeper: gcpolicy.Sweeper | None = None
+        #: True while a command (or a batch) runs
+        self._running = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -98,6 +101,10 @@ class WorkerProcess:
         from .executor import ServiceExecutor  # after sys.path is set
 
         self.executor = ServiceExecutor(self.worker_id, hello.get("drain_timeout", 30.0))
+        # the frozen garbage of a change is swept once its old versions have
+        # drained, never while a command runs (``gcpolicy``)
+        sweeper = self.sweeper = gcpolicy.Sweeper(max(1.0, self.executor.drain_timeout) + SWEEP_AFTER,
+                                                  busy=lambda: self._running or not self.queue.empty())
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, True, None)
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, False, None)
 
@@ -106,6 +113,7 @@ class WorkerProcess:
         reading = loop.create_task(self._read(reader, writer))
         graceful, timeout = await self.stop_requested
         runner.cancel()
+        sweeper.cancel()
         if graceful:
             # (still answering status: how many connections are left to drain)
             await self.executor.shutdown(timeout)
@@ -148,7 +156,7 @@ class WorkerProcess:
                     # (built in slices, in its own task: this loop reads on meanwhile)
                     names = msg[2] if len(msg) > 2 else None
                     summary = bool(msg[3]) if len(msg) > 3 else False
-                    self._answer(writer, msg[1], self.executor.status_sliced(names, summary))
+                    self._answer(writer, msg[1], self._status(names, summary))
                 elif kind == "snapshot":
                     final = len(msg) > 2 and msg[2] is True
                     write_message(writer, ("res", msg[1], True, self.executor.snapshot(final)))
@@ -171,19 +179,41 @@ class WorkerProcess:
             # the master is gone: stop serving gracefully
             self._request_stop(True, None)
 
+    async def _status(self, names: Any, summary: bool) -> dict[str, Any]:
+        """The executor's status, with this process's garbage collection (``gcpolicy``)."""
+        status: dict[str, Any] = await self.executor.status_sliced(names, summary)
+        status["gc"] = {**gcpolicy.stats(), "sweeps": self.sweeper.sweeps if self.sweeper is not None else 0,
+                        "sweep_due": self.sweeper is not None and self.sweeper.armed}
+        return status
+
     async def _run_commands(self, writer: asyncio.StreamWriter) -> None:
         from .errors import WorkerError
 
         while True:
             req_id, command = await self.queue.get()
-            if isinstance(command, Batch):
-                await self._run_batch(writer, req_id, command.commands)
-                continue
-            ok, value = await self._run_one(command)
+            self._running = True
             try:
-                write_message(writer, ("res", req_id, ok, value))
-            except Exception as exc:  # e.g. an unpicklable error
-                write_message(writer, ("res", req_id, False, WorkerError(self.worker_id, repr(exc))))
+                if isinstance(command, Batch):
+                    await self._run_batch(writer, req_id, command.commands)
+                else:
+                    ok, value = await self._run_one(command)
+                    try:
+                        write_message(writer, ("res", req_id, ok, value))
+                    except Exception as exc:  # e.g. an unpicklable error
+                        write_message(writer, ("res", req_id, False, WorkerError(self.worker_id, repr(exc))))
+            finally:
+                self._running = False
+            self._settle(command.commands if isinstance(command, Batch) else [command])
+
+    def _settle(self, commands: list[Any]) -> None:
+        """After a command or a batch: what serves now is long-lived, frozen
+        out of the collections (``gcpolicy``); a change that left old versions
+        or sites behind arms a sweep for when they have drained."""
+        if not self.queue.empty():
+            return   # the next one (a reload's commit after its prepare) settles
+        gcpolicy.settle()
+        if self.sweeper is not None and any(type(c).__name__ not in _NO_GARBAGE for c in commands):
+            self.sweeper.changed()
 
     async def _run_one(self, command: Any) -> tuple[bool, Any]:
         """One command, alone or of a batch: (True, its result) or (False, its error)."""
@@ -263,6 +293,11 @@ def _raise_nofile() -> tuple[int, int] | None:
     except (ValueError, OSError):
         return None   # the master's log says what the limit is
 
+
+#: the commands that leave nothing behind to collect (a Precommit stages the new version)
+_NO_GARBAGE = frozenset({"Precommit"})
+#: seconds after the drain timeout that a change's frozen garbage is swept
+SWEEP_AFTER = 1.0
 
 #: what each command is, as the debug log names it (the reload's phases on this worker)
 PHASES = {"Precommit": "prepare", "Commit": "commit", "Abort": "abort", "Update": "update",
