@@ -29,8 +29,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
-import socket
 import ssl
 import struct
 import subprocess
@@ -44,8 +42,10 @@ from hypothesis import strategies as st
 
 from conftest import eventually, free_port, run
 from helpers_program import Program
+from test_clienthello import client_hello
 from test_metrics import scrape, value
 from test_program import by_name
+from test_proxy_protocol import closed_at_once
 
 Start = Callable[..., Program]
 HOST = "127.0.0.1"
@@ -172,37 +172,6 @@ async def s_client(port: int, pki: Path, name: str, payload: bytes = b"from s_cl
             await proc.wait()
     assert proc.returncode == 0, out.decode(errors="replace")
     return out.decode(errors="replace")
-
-
-async def closed_at_once(port: int, data: bytes, *, then_eof: bool = False, timeout: float = 20.0) -> bytes:
-    """Send raw *data* (and our EOF if asked); wait for hotproxy to close: what came back."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        with contextlib.suppress(ConnectionError, OSError):
-            writer.write(data)
-            await writer.drain()
-            if then_eof:
-                writer.write_eof()
-        try:
-            return await asyncio.wait_for(reader.read(), timeout)
-        except (ConnectionError, OSError):
-            return b""
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
-
-
-def client_hello(host: str | None) -> bytes:
-    """The first flight of a real TLS client (Python's ssl) asking for *host*."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=host)
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
 
 
 def tv(v: Any) -> str:
