@@ -705,7 +705,9 @@ class OldMaster:
                 return None
 
     async def status(self, timeout: float = 2.0) -> dict[str, Any]:
-        """``{"pid", "connections", "since", "answering"}`` (connections left to drain)."""
+        """``{"pid", "since", "answering"}``, and when it answered within *timeout*
+        ``"connections"`` (left to drain), ``"drain_timeout"`` and ``"workers"``
+        (one that is finishing its drain may not answer any more)."""
         reply = await self._ask({"type": "status"}, timeout)
         out: dict[str, Any] = {"pid": self.pid, "since": self.since, "answering": reply is not None}
         if reply is not None:
