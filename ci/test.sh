@@ -22,10 +22,9 @@ pip install -q '.[test]'
 mypy src/hotproxy
 # The sdist: what it holds, and its tests collect from the unpacked tree
 VENV="$VENV" bash ci/sdist.sh
-# The real peers of the PROXY protocol interop tests (nginx stream, HAProxy):
-# installed if missing, and required (a missing one fails its tests)
+# The real peers of the PROXY protocol and SNI tests (nginx stream, HAProxy,
+# openssl): installed if missing, and required (HOTPROXY_REQUIRE_PEERS above)
 bash ci/peers.sh
-export HOTPROXY_REQUIRE_PEERS=1
 # The README's test command:
 pytest -m 'not slow' "$@"
 # The micro-benchmarks, once each with timing off, so they cannot rot:

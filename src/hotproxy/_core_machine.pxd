@@ -258,6 +258,7 @@ cdef class Relay:
     cdef _failed(self, bint client_side, int err)
     cdef _started_raw(self, object peer)
     @cython.locals(cfg=RelayConfig)
+    cdef _begin(self)
     cdef _proxy_start(self)
     @cython.locals(n=Py_ssize_t, used=Py_ssize_t, rest=Py_ssize_t)
     cdef _header_bytes(self)

@@ -940,12 +940,7 @@ class Relay:
         if self.cfg.keepalive:
             _set_keepalive(transport)
         self._attach()
-        if self.cfg.idle_timeout > 0:
-            self._arm(self.started + self.cfg.idle_timeout)
-        if self.cfg.proxy:
-            self._proxy_start()
-        else:
-            self._next_attempt()
+        self._begin()
 
     def get_buffer(self, sizehint: int) -> Any:
         if self.c2u.buf is None or (self.c2u.size < self.c2u.next and not self.early
@@ -1577,6 +1572,11 @@ class Relay:
         self.conns.add(self)
         if self.cfg.want_peername:
             self.peername = peer
+        self._begin()
+
+    def _begin(self) -> None:
+        # A started client, through a transport or raw: its idle deadline,
+        # then the PROXY header / ClientHello to read first, or the upstream
         if self.cfg.idle_timeout > 0:
             self._arm(self.started + self.cfg.idle_timeout)
         if self.cfg.proxy:
