@@ -11,7 +11,9 @@ fail, done after), so a listener that cannot listen never lets a version
 be published that is then withdrawn.
 
 TCP listeners set ``SO_REUSEPORT`` so that every worker binds its own
-socket on the same address and the kernel spreads connections over them.
+socket on the same address and the kernel spreads connections over them;
+each carries the ``reuseport`` program, so that the connections queued on
+one that closes move to the others instead of being reset.
 
 A served listener accepts in one of two ways, chosen by the service in the
 site's slot: for a service whose ``accepts_raw`` is True (the proxy), the core's
@@ -37,7 +39,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from . import addresses, core
+from . import addresses, core, reuseport
 from .addresses import format_host_port, is_literal
 from .addresses import parse_host_port as parse_host_port  # noqa: F401 - its home before addresses.py
 
@@ -150,6 +152,9 @@ class BoundListener:
                 server.close()
             raise
         # -- nothing can fail below this line --
+        if isinstance(self.factory, TcpListenerFactory) and self.factory.reuse_port:
+            # listening: in its address's group, which the program is for (never raises)
+            reuseport.attach(self.sock)
         self._acceptor = acceptor
         if server is not None:
             # the server's duplicate is the socket from now on

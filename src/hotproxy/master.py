@@ -51,7 +51,7 @@ import stat
 import time
 from typing import Any, Callable, Sequence
 
-from . import activation, early_signals, gcpolicy, logs
+from . import activation, early_signals, gcpolicy, logs, reuseport
 from .admin import AdminError, AdminServer
 from .config import Config, inspect_pidfile, listen_sockaddrs, load_config, pid_alive
 from .errors import ConfigError, HotproxyError, describe
@@ -163,6 +163,9 @@ class Master:
         self._install_signals(loop)
         rt = self.config.runtime
         raise_nofile(len(self.config.services))
+        migration = reuseport.status()
+        if migration is not None:
+            log.warning("%s", migration)
         hello: Hello | None = None
         #: the config the workers start with: the file's, or (a fleet instance's upgrade) the fleet's
         first = self.config
@@ -607,12 +610,15 @@ class Master:
                                   f"({len(running)} services; `hotproxy status --all` lists them)")
             services = list(dict.fromkeys(services))
         summary = summary and services is None and len(running) > SUMMARY_OVER
+        # "ready" as the workers' answers show it: read before asking them (the start-up
+        # ending while they answer must not be reported over the state from before it)
+        ready = self.ready
         workers, olds = await asyncio.gather(self.manager.status(names=services, summary=summary),
                                              self.old_masters.status())
         if services is None and not summary:
             # every service (``--all``, ``--json``): in slices, the loop answers meanwhile
-            return {**await self._status_sliced(workers), "old_masters": olds}
-        return {**self._status_from(workers, services, summary), "old_masters": olds}
+            return {**await self._status_sliced(workers), "ready": ready, "old_masters": olds}
+        return {**self._status_from(workers, services, summary), "ready": ready, "old_masters": olds}
 
     async def _metrics_snapshot(self) -> Any:
         """One scrape's data (see ``metrics``): every worker asked at once, none waited for."""
