@@ -401,6 +401,7 @@ def test_status_lists_each_route_with_its_upstreams_and_counts(start: Start, cor
     async def main() -> None:
         bk = {t: await TlsBackend(pki, t).start() for t in ("a", "w", "d")}
         A, W, D = up(bk["a"]), up(bk["w"]), up(bk["d"])
+        prog: Program | None = None
         try:
             def cfg(more: bool) -> str:
                 routes: dict[str, Any] = {"a.ex.test": [A], "*.ex.test": [W, {"address": dead, "backup": True}]}
@@ -408,7 +409,7 @@ def test_status_lists_each_route_with_its_upstreams_and_counts(start: Start, cor
                     routes["other.test"] = [D]
                 return config({
                     "tls": {"kind": "proxy", "listen": f"{HOST}:{port}", "upstreams": [D], "max_fails": 0,
-                            "health_check": {"interval": 0.05, "timeout": 0.5, "rise": 1, "fall": 1},
+                            "health_check": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1},
                             "sni_routes": routes},
                     "strict": {"kind": "proxy", "listen": f"{HOST}:{strict}", "upstreams": [],
                                "sni_routes": {"a.ex.test": [A]}},
@@ -487,6 +488,12 @@ def test_status_lists_each_route_with_its_upstreams_and_counts(start: Start, cor
             print(f"routes after a reload and an upgrade: "
                   f"{[(r['name'], r['connections']) for r in by_name(status)['tls']['sni_routes']]}")
         finally:
+            # the health checks connect to the backends all the time: end them first, and
+            # let the backends read the checks' last closes (a connection left half-accepted
+            # when the loop closes is a leak)
+            if prog is not None:
+                prog.kill()
+                await asyncio.sleep(0.2)
             for b in bk.values():
                 await b.stop()
 
