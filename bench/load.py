@@ -2136,8 +2136,10 @@ def report(args: argparse.Namespace, s: Settings, res: Results, names: list[str]
                    "ratio to no proxy `D`.  For latency a lower ratio is better; for everything else "
                    "higher.  CPU % is of one CPU (200 = both cores).")
         out.append("")
-        out.append(main_table(res, [n for n in names if not is_sni_row(n)], haproxy))
-        out.append("")
+        plain = [n for n in names if not is_sni_row(n)]
+        if plain:
+            out.append(main_table(res, plain, haproxy))
+            out.append("")
         sni_rows = [n for n in names if is_sni_row(n)]
         if sni_rows:
             out.append("### SNI routing vs HAProxy (`req.ssl_sni`)")
