@@ -487,6 +487,13 @@ def test_status_lists_each_route_with_its_upstreams_and_counts(start: Start, cor
             assert await routes_are(want_tls, status), by_name(status)["tls"].get("sni_routes")
             print(f"routes after a reload and an upgrade: "
                   f"{[(r['name'], r['connections']) for r in by_name(status)['tls']['sni_routes']]}")
+            # a route removed and added again starts at 0
+            for more in (False, True):
+                prog.config.write_text(cfg(more))
+                reply = await prog.admin("reload")
+                assert reply["report"]["ok"], reply
+            want_tls[1]["connections"] = 0
+            assert await routes_are(want_tls), by_name(await prog.status())["tls"].get("sni_routes")
         finally:
             # the health checks connect to the backends all the time: end them first, and
             # let the backends read the checks' last closes (a connection left half-accepted

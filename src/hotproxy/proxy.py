@@ -559,6 +559,9 @@ class ProxyService(Service):
                 b = _Balancer(factory, shared, [by_address[s.address] for s in specs], tables or {}, specs,
                               self.targets)
                 groups.append((name, _DebugConnector(b, 1 + factory.retries) if debug else b, b))
+            # the counts of routes this version no longer has go (one added again starts at 0)
+            for gone in set(shared.routed) - {name for name, _specs in factory.sni_routes} - {""}:
+                del shared.routed[gone]
             self.router = _SniRouter(self.balancer, connector if factory.upstreams else None, groups,
                                      shared.routed)
             connector = self.router
