@@ -16,7 +16,18 @@ What it does:
   "direct" (no proxy); and, with the nginx backend (whose port
   ``PP_BACKEND_PORT`` expects a PROXY protocol header), hotproxy with
   ``send_proxy = "v2"`` beside HAProxy ``send-proxy-v2`` (the ``-pp2``
-  rows; their iperf3 port stays plain, and they are not reloaded); and
+  rows; their iperf3 port stays plain, and they are not reloaded); and,
+  with the nginx backend, wrk and the ``openssl`` CLI, TLS routed by server
+  name without terminating it (the ``-sni`` rows): hotproxy with
+  ``sni_routes`` beside HAProxy ``mode tcp`` with ``tcp-request
+  inspect-delay``, ``req.ssl_hello_type`` and ``use_backend ... if {
+  req.ssl_sni -i NAME }``, both in front of the nginx backend's TLS port
+  (``TLS_BACKEND_PORT``, a certificate made here with the ``openssl`` CLI),
+  with their own A/A control (``haproxy-sni-again``) and no-proxy baseline
+  (``direct-tls``); wrk sends ``SNI_NAME`` (the URL's host) and connects to
+  127.0.0.1 (``SNI_LUA``: the name is never looked up); keep-alive (one
+  handshake per connection), ``Connection: close`` (one per request) and 1
+  MiB responses; not reloaded; and
   hotproxy with its Prometheus endpoint on, scraped every
   ``METRICS_INTERVAL`` s while it runs (``hotproxy-c-1w-metrics``: its
   ratio to ``hotproxy-c-1w`` per proxy CPU-s, master included, is issue
@@ -90,10 +101,24 @@ NCPU = os.cpu_count() or 1
 BACKEND_PORTS = (18080, 18081)        # two, so a reload can switch upstream lists
 #: the nginx backend's port that expects a PROXY protocol header (the send_proxy rows)
 PP_BACKEND_PORT = 18082
+#: the nginx backend's TLS port (``listen ... ssl``, a certificate the run makes): the ``-sni`` rows' upstream
+TLS_BACKEND_PORT = 18083
+#: the server name the ``-sni`` rows' client sends and the only name their proxies route
+SNI_NAME = "bench.sni.test"
+#: appended to ``wrk_report.lua`` for the ``-sni`` rows: wrk connects to
+#: 127.0.0.1 whatever the URL's host (which it sends as the server name and
+#: in ``Host``), so the name is never looked up and nothing else is tried
+SNI_LUA = """
+function wrk.resolve(host, service)
+  wrk.addrs = wrk.lookup("127.0.0.1", service)
+end
+"""
 #: seconds between two scrapes of the ``-metrics`` row's Prometheus endpoint
 METRICS_INTERVAL = 1.0
 #: the A/A control's name: HAProxy exactly as the "haproxy" baseline
 CONTROL = "haproxy-again"
+#: the ``-sni`` rows' A/A control: HAProxy exactly as the "haproxy-sni" baseline
+SNI_CONTROL = "haproxy-sni-again"
 IPERF_PORT = 18090
 PROXY_BASE_PORT = 18100               # proxy i listens on base+10*i (web) and +1 (iperf)
 
@@ -305,18 +330,31 @@ class Driver:
     def __init__(self, use_wrk: bool, threads: int) -> None:
         self.wrk = shutil.which("wrk") if use_wrk else None
         self.threads = threads
+        #: wrk's script for TLS runs (``SNI_LUA`` after the reporter), written by ``tls_script``
+        self.sni_script: Path | None = None
+
+    def tls_script(self, tmp: Path) -> None:
+        """Write the script of the TLS runs (``run(..., sni=NAME)``) into *tmp*."""
+        self.sni_script = tmp / "wrk_sni.lua"
+        self.sni_script.write_text((HERE / "wrk_report.lua").read_text() + SNI_LUA)
 
     @property
     def name(self) -> str:
         return "wrk" if self.wrk else "built-in loadgen (bench/loadgen.py, Python: figures compressed)"
 
     def run(self, port: int, path: str, connections: int, duration: float,
-            close: bool = False) -> LoadResult:
+            close: bool = False, sni: str | None = None) -> LoadResult:
+        """*sni*: HTTPS to 127.0.0.1:*port* sending that server name (wrk only)."""
         url = f"http://{HOST}:{port}{path}"
+        script = HERE / "wrk_report.lua"
+        if sni is not None:
+            if not self.wrk or self.sni_script is None:
+                raise RuntimeError("TLS runs need wrk")
+            url, script = f"https://{sni}:{port}{path}", self.sni_script
         if self.wrk:
             # wrk takes whole seconds only
             argv = [self.wrk, f"-t{self.threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
-                    "--timeout", "2s", "-s", str(HERE / "wrk_report.lua")]
+                    "--timeout", "2s", "-s", str(script)]
             if close:
                 argv += ["-H", "Connection: close"]
             argv.append(url)
@@ -358,12 +396,25 @@ def run_iperf(port: int, duration: float) -> float | None:
 class Backend:
     """The HTTP origin: nginx if installed (and wanted), else bench/backend.py."""
 
-    def __init__(self, tmp: Path, use_nginx: bool) -> None:
+    def __init__(self, tmp: Path, use_nginx: bool, tls: bool = False) -> None:
         self.tmp = tmp / "backend"
         self.tmp.mkdir()
         self.kind = "nginx" if use_nginx else "built-in (bench/backend.py, uvloop)"
         self.proc: Proc | None = None
         self.use_nginx = use_nginx
+        #: nginx also serves HTTPS on TLS_BACKEND_PORT (the ``-sni`` rows)
+        self.tls = use_nginx and tls
+
+    def make_certificate(self) -> tuple[Path, Path]:
+        """A self-signed EC P-256 certificate for SNI_NAME (``openssl`` CLI): (cert, key)."""
+        cert, key = self.tmp / "tls.pem", self.tmp / "tls.key"
+        out = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                              "-nodes", "-days", "2", "-subj", f"/CN={SNI_NAME}",
+                              "-addext", f"subjectAltName=DNS:{SNI_NAME}", "-keyout", str(key), "-out", str(cert)],
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"openssl req failed: {(out.stderr or out.stdout).strip()[-200:]}")
+        return cert, key
 
     def start(self) -> None:
         if self.use_nginx:
@@ -376,6 +427,10 @@ class Backend:
                 path.chmod(0o755)
             listens = "\n".join(f"        listen {HOST}:{p} backlog=4096 reuseport;" for p in BACKEND_PORTS)
             listens += f"\n        listen {HOST}:{PP_BACKEND_PORT} backlog=4096 reuseport proxy_protocol;"
+            if self.tls:
+                cert, key = self.make_certificate()
+                listens += (f"\n        listen {HOST}:{TLS_BACKEND_PORT} backlog=4096 reuseport ssl;"
+                            f"\n        ssl_certificate {cert};\n        ssl_certificate_key {key};")
             conf = f"""
 worker_processes 1;
 worker_rlimit_nofile {nofile_limit()};
@@ -415,16 +470,28 @@ http {{
                 check_http(p, url, size)
         if self.use_nginx:
             wait_port(PP_BACKEND_PORT, proc=self.proc)
+        if self.tls:
+            wait_port(TLS_BACKEND_PORT, proc=self.proc)
+            check_http(TLS_BACKEND_PORT, "/small", 100, sni=SNI_NAME)
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
 
 
-def check_http(port: int, path: str, size: int) -> None:
+def check_http(port: int, path: str, size: int, sni: str | None = None) -> None:
     """Fail early unless GET *path* answers 200 with *size* bytes (a 403 from
-    a misconfigured backend would otherwise show up as fast "requests")."""
-    with socket.create_connection((HOST, port), timeout=5) as s:
+    a misconfigured backend would otherwise show up as fast "requests");
+    *sni*: over TLS sending that server name (the certificate is not checked)."""
+    with socket.create_connection((HOST, port), timeout=5) as raw:
+        s = raw
+        if sni is not None:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            s = ctx.wrap_socket(raw, server_hostname=sni)
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(1 << 16):
@@ -482,6 +549,8 @@ class Proxy:
     can_reload = False
     #: ``upgrade()`` replaces the proxy's own program under load (the upgrade row)
     can_upgrade = False
+    #: the server name its clients send over TLS (the ``-sni`` rows); None: plain HTTP
+    sni: str | None = None
 
     def __init__(self, index: int, tmp: Path) -> None:
         self.port = PROXY_BASE_PORT + 10 * index
@@ -502,7 +571,7 @@ class Proxy:
         wait_port(self.port, timeout=30.0, proc=self.proc)
         wait_port(self.iperf_port, timeout=10.0, proc=self.proc)
         try:
-            check_http(self.port, "/small", 100)   # a proxy that accepts but does not relay
+            check_http(self.port, "/small", 100, sni=self.sni)   # a proxy that accepts but does not relay
         except (OSError, RuntimeError) as exc:
             raise RuntimeError(f"{self.name} does not relay a request: {exc}") from None
 
@@ -589,6 +658,17 @@ class Direct(Proxy):
         pass
 
 
+class DirectTls(Direct):
+    """No proxy, over TLS: the load goes straight to the backend's TLS port (the ``-sni`` rows' ceiling)."""
+
+    name = "direct-tls"
+    sni = SNI_NAME
+
+    def __init__(self, index: int, tmp: Path) -> None:
+        super().__init__(index, tmp)
+        self.port = TLS_BACKEND_PORT
+
+
 class PlainProxy(Proxy):
     """``bench/plainproxy.py``: a plain uvloop Protocol-pair proxy."""
 
@@ -607,12 +687,15 @@ class HAProxy(Proxy):
     can_reload = True
 
     def __init__(self, index: int, tmp: Path, tuned: bool, name: str | None = None,
-                 send_proxy: bool = False) -> None:
+                 send_proxy: bool = False, sni: bool = False) -> None:
         self.tuned = tuned
         #: send-proxy-v2 to the backend's PROXY protocol port (not reloaded)
         self.send_proxy = send_proxy
-        self.can_reload = not send_proxy
-        self.name = name or ("haproxy-pp2" if send_proxy else "haproxy-tuned" if tuned else "haproxy")
+        #: route TLS by ``req.ssl_sni`` to the backend's TLS port (not reloaded)
+        self.sni = SNI_NAME if sni else None
+        self.can_reload = not send_proxy and not sni
+        self.name = name or ("haproxy-pp2" if send_proxy else "haproxy-sni" if sni
+                             else "haproxy-tuned" if tuned else "haproxy")
         super().__init__(index, tmp)
 
     def write_config(self) -> Path:
@@ -626,6 +709,23 @@ class HAProxy(Proxy):
         servers = "\n".join(f"    server s{p} {HOST}:{p}" for p in ports)
         if self.send_proxy:
             servers = f"    server pp {HOST}:{PP_BACKEND_PORT} send-proxy-v2"
+        web = f"""listen web
+    bind {HOST}:{self.port}
+    balance {"roundrobin" if balance == "round_robin" else "leastconn"}
+{servers}
+"""
+        if self.sni:
+            # HAProxy's SNI routing: wait (up to 5 s) for a whole ClientHello, then
+            # pick the backend by its server name; none matches: the connection is closed
+            web = f"""frontend web
+    bind {HOST}:{self.port}
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}
+    use_backend tls if {{ req.ssl_sni -i {self.sni} }}
+
+backend tls
+    server tls {HOST}:{TLS_BACKEND_PORT}
+"""
         conf = f"""global
     nbthread 1
     maxconn {maxconn}
@@ -640,11 +740,7 @@ defaults
     timeout client 60s
     timeout server 60s
 {splice}
-listen web
-    bind {HOST}:{self.port}
-    balance {"roundrobin" if balance == "round_robin" else "leastconn"}
-{servers}
-
+{web}
 listen iperf
     bind {HOST}:{self.iperf_port}
     server iperf {HOST}:{IPERF_PORT}
@@ -806,11 +902,13 @@ class Hotproxy(Proxy):
     can_reload = True
 
     def __init__(self, index: int, tmp: Path, core: str, workers: int, send_proxy: str = "",
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, sni: bool = False) -> None:
         self.core = core
         self.workers = workers
         #: send_proxy = "v2" to the backend's PROXY protocol port (not reloaded)
         self.send_proxy = send_proxy
+        #: sni_routes: SNI_NAME to the backend's TLS port, no default group (not reloaded)
+        self.sni = SNI_NAME if sni else None
         #: the Prometheus endpoint on (``[runtime] metrics``), scraped every
         #: METRICS_INTERVAL seconds while the proxy runs (the ``-metrics`` row)
         self.metrics = metrics
@@ -818,10 +916,10 @@ class Hotproxy(Proxy):
         self.scrape_errors = 0
         self._scraper: threading.Thread | None = None
         self._stop_scraping = threading.Event()
-        self.can_reload = not send_proxy and not metrics
-        self.can_upgrade = not send_proxy and not metrics
+        self.can_reload = not send_proxy and not metrics and not sni
+        self.can_upgrade = not send_proxy and not metrics and not sni
         self.name = (f"hotproxy-{'py' if core == 'python' else 'c'}-{workers}w" + ("-pp2" if send_proxy else "")
-                     + ("-metrics" if metrics else ""))
+                     + ("-metrics" if metrics else "") + ("-sni" if sni else ""))
         super().__init__(index, tmp)
         self.logfile = self.tmp / "log"
         self.metrics_port = self.port + 2
@@ -832,6 +930,9 @@ class Hotproxy(Proxy):
         extra = ""
         if self.send_proxy:
             ups, extra = f'"{HOST}:{PP_BACKEND_PORT}"', f'send_proxy = "{self.send_proxy}"\n'
+        if self.sni:
+            # the same routing as haproxy-sni: one name, no default group (others are closed)
+            ups, extra = "", f'sni_routes = {{ "{self.sni}" = ["{HOST}:{TLS_BACKEND_PORT}"] }}\n'
         maxconn = max(1000, nofile_limit())
         if self.metrics:
             extra_runtime = f'metrics = "{HOST}:{self.metrics_port}"\n'
@@ -998,6 +1099,8 @@ def measure_scenario(proxy: Proxy, driver: Driver, s: Settings, scenario: str) -
     """One steady scenario once against a running proxy; a flat dict of figures."""
     out: dict[str, float] = {}
     if scenario == "iperf3":
+        if proxy.sni is not None:
+            return out   # its iperf3 port is a plain one, measured in the other rows
         g = run_iperf(proxy.iperf_port, s.duration)
         if g is not None:
             out["iperf_gbps"] = g
@@ -1008,7 +1111,7 @@ def measure_scenario(proxy: Proxy, driver: Driver, s: Settings, scenario: str) -
         "bulk": ("/big", s.bulk_connections, False, "bulk"),
     }[scenario]
     m = Meter(proxy.pid)
-    r = driver.run(proxy.port, path, conns, s.duration, close=close)
+    r = driver.run(proxy.port, path, conns, s.duration, close=close, sni=proxy.sni)
     u = m.done()
     if r.requests == 0 or r.error_count > 0.01 * r.requests:
         # a run where nothing (or little) completed is a broken proxy, not a
@@ -1272,6 +1375,15 @@ COLUMNS = [
 ]
 
 
+#: the ``-sni`` rows' columns (their iperf3 port is a plain one)
+SNI_COLUMNS = [c for c in COLUMNS if c[0] != "iperf_gbps"]
+
+
+def is_sni_row(name: str) -> bool:
+    """A row of the "SNI routing vs HAProxy" table (TLS through the proxy), not of the main one."""
+    return name in ("direct-tls", SNI_CONTROL) or name.endswith("-sni")
+
+
 class Results:
     """Per-round figures: rounds[i][proxy][metric]."""
 
@@ -1316,14 +1428,16 @@ class Results:
         return 100 * (max(xs) - min(xs)) / m if m else None
 
 
-def main_table(res: Results, proxies: list[str], haproxy: str | None) -> str:
-    """The markdown table: each cell is `value · ×HAProxy · ×direct`."""
-    head = "| proxy | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|---|" + "---|" * len(COLUMNS)
+def main_table(res: Results, proxies: list[str], haproxy: str | None, direct: str = "direct",
+               columns: Sequence[tuple[str, str, str, bool]] | None = None) -> str:
+    """The markdown table: each cell is `value · ×HAProxy · ×direct` (*haproxy*, *direct*: the baselines' names)."""
+    cols = columns or COLUMNS
+    head = "| proxy | " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|---|" + "---|" * len(cols)
     lines = [head, sep]
     for p in proxies:
         cells = []
-        for key, _, unit, _ in COLUMNS:
+        for key, _, unit, _ in cols:
             # errors: the total over all rounds, not a median -- one matters
             v = sum(res.values(p, key)) if key == "errors" and res.values(p, key) else res.value(p, key)
             if v is None:
@@ -1338,8 +1452,8 @@ def main_table(res: Results, proxies: list[str], haproxy: str | None) -> str:
                 continue
             if haproxy and p != haproxy:
                 parts.append(f"{fmt_ratio(res.ratio(p, key, haproxy))}H")
-            if p != "direct" and "direct" in proxies and not key.endswith("per_cpu_s"):
-                parts.append(f"{fmt_ratio(res.ratio(p, key, 'direct'))}D")
+            if p != direct and direct in proxies and not key.endswith("per_cpu_s"):
+                parts.append(f"{fmt_ratio(res.ratio(p, key, direct))}D")
             cells.append(" · ".join(parts))
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -1414,7 +1528,7 @@ def targets(res: Results, names: list[str]) -> list[tuple[str, str, str]]:
     """Issue 6's targets: (target, measured, status)."""
     hp1 = "hotproxy-c-1w" if "hotproxy-c-1w" in names else None
     hpn = next((n for n in names if n.startswith("hotproxy-c-") and n != "hotproxy-c-1w"
-                and not n.endswith(("-pp2", "-metrics"))), None)
+                and not n.endswith(("-pp2", "-metrics", "-sni"))), None)
     hpy = "hotproxy-py-1w" if "hotproxy-py-1w" in names else None
     out: list[tuple[str, str, str]] = []
 
@@ -1471,6 +1585,18 @@ def targets(res: Results, names: list[str]) -> list[tuple[str, str, str]]:
                 out.append((f"hotproxy-c-1w with metrics on and scraped every {METRICS_INTERVAL:g} s ÷ off, {label}",
                             f"{median(rs):.2f}× ({min(rs):.2f}× – {max(rs):.2f}×)",
                             "compare with the A/A control below"))
+    if "haproxy-sni" in names:
+        # SNI routing without termination, hotproxy ÷ HAProxy req.ssl_sni, beside that row's A/A control
+        for p in [n for n in names if n.startswith("hotproxy") and n.endswith("-sni")] + [SNI_CONTROL]:
+            for key, label in (("ka_rps", "keep-alive req/s"), ("ka_per_cpu_s", "keep-alive req per proxy CPU-s"),
+                               ("close_rps", "Connection: close req/s (a TLS handshake each)"),
+                               ("close_per_cpu_s", "Connection: close conn per proxy CPU-s")):
+                rs = res.ratios(p, key, "haproxy-sni")
+                if rs:
+                    what = ("A/A control: HAProxy req.ssl_sni ÷ the same HAProxy" if p == SNI_CONTROL
+                            else f"SNI routing: {p} ÷ HAProxy req.ssl_sni")
+                    out.append((f"{what}, {label}", f"{median(rs):.2f}× ({min(rs):.2f}× – {max(rs):.2f}×)",
+                                "noise only" if p == SNI_CONTROL else "compare with the SNI A/A control"))
     if CONTROL in names and "haproxy" in names:
         # The same HAProxy against itself: a ratio a proxy's target cannot be
         # told apart from, on this machine in this run.
@@ -1614,8 +1740,20 @@ def rotate(xs: list[Any], k: int) -> list[Any]:
 
 
 def make_hotproxy(index: int, *, tmp: Path, core: str, workers: int, send_proxy: str = "",
-                  metrics: bool = False) -> Proxy:
-    return Hotproxy(index, tmp, core, workers, send_proxy, metrics)
+                  metrics: bool = False, sni: bool = False) -> Proxy:
+    return Hotproxy(index, tmp, core, workers, send_proxy, metrics, sni)
+
+
+def tls_backend_missing(args: argparse.Namespace) -> str:
+    """Why the ``-sni`` rows cannot run here ("": they can): they need the nginx
+    backend (its TLS port), wrk (HTTPS) and the ``openssl`` CLI (the certificate)."""
+    if shutil.which("nginx") is None or args.no_nginx or args.builtin_backend:
+        return "needs the nginx backend (its TLS port)"
+    if shutil.which("wrk") is None or args.no_wrk:
+        return "needs wrk (HTTPS with a server name)"
+    if shutil.which("openssl") is None:
+        return "needs the openssl CLI (the backend's certificate)"
+    return ""
 
 
 def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list[Proxy]:
@@ -1667,6 +1805,21 @@ def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list
                            functools.partial(make_hotproxy, tmp=tmp, core="compiled", workers=1, send_proxy="v2")
                            if hp_ok and have_pp else None,
                            pp_why if hp_ok else f"hotproxy cannot run: {hp_why}"))
+    # SNI routing vs HAProxy req.ssl_sni: the nginx backend's TLS port, wrk for HTTPS, openssl for its certificate
+    sni_why = tls_backend_missing(args)
+    candidates.append(("direct-tls", (lambda i: DirectTls(i, tmp)) if not sni_why else None, sni_why))
+    candidates.append(("haproxy-sni", (lambda i: HAProxy(i, tmp, False, sni=True))
+                       if have_haproxy and not sni_why else None,
+                       sni_why or "HAProxy not installed (apt-get install haproxy)"))
+    # the A/A control of the SNI rows: haproxy-sni once more
+    candidates.append((SNI_CONTROL, (lambda i: HAProxy(i, tmp, False, SNI_CONTROL, sni=True))
+                       if have_haproxy and not sni_why else None,
+                       sni_why or "HAProxy not installed (apt-get install haproxy)"))
+    if "compiled" in from_cores:
+        candidates.append(("hotproxy-c-1w-sni",
+                           functools.partial(make_hotproxy, tmp=tmp, core="compiled", workers=1, sni=True)
+                           if hp_ok and not sni_why else None,
+                           sni_why or f"hotproxy cannot run: {hp_why}"))
     if "compiled" in from_cores:
         # the Prometheus endpoint on and scraped, beside the same proxy without it
         candidates.append(("hotproxy-c-1w-metrics",
@@ -1680,7 +1833,7 @@ def build_proxies(args: argparse.Namespace, tmp: Path, notes: list[str]) -> list
             notes.append(f"skipped {name}: {why}")
             continue
         proxies.append(make(i))
-    for port in (*BACKEND_PORTS, PP_BACKEND_PORT, IPERF_PORT):
+    for port in (*BACKEND_PORTS, PP_BACKEND_PORT, TLS_BACKEND_PORT, IPERF_PORT):
         # a stray server here would answer in the backend's place
         if not port_free(port):
             raise SystemExit(f"port {HOST}:{port} (for the backends) is in use: stop whatever holds it")
@@ -1725,7 +1878,10 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                          "is used, so every proxy's figures are compressed toward the generator's limit")
         driver = Driver(use_wrk, s.wrk_threads)
         have_nginx = shutil.which("nginx") is not None and not args.no_nginx
-        backend = Backend(tmp, use_nginx=have_nginx and not args.builtin_backend)
+        backend = Backend(tmp, use_nginx=have_nginx and not args.builtin_backend,
+                          tls=not tls_backend_missing(args))
+        if use_wrk:
+            driver.tls_script(tmp)
         if not have_nginx:
             notes.append("nginx not installed: the backend is bench/backend.py (uvloop)")
         have_iperf = shutil.which("iperf3") is not None and not args.no_iperf and "iperf3" in s.scenarios
@@ -1788,7 +1944,8 @@ def run(args: argparse.Namespace, s: Settings) -> str:
                 rnd += 1
             if "idle" in args.extra and s.idle_connections:
                 for proxy in live:
-                    if isinstance(proxy, Direct) or proxy.name == CONTROL or not proxy.alive():
+                    if (isinstance(proxy, Direct) or proxy.name in (CONTROL, SNI_CONTROL) or proxy.sni is not None
+                            or not proxy.alive()):
                         continue
                     log(f"idle connections: {proxy.name}")
                     try:
@@ -1913,7 +2070,7 @@ def start_all(proxies: list[Proxy], driver: Driver, s: Settings, notes: list[str
         try:
             proxy.start()
             if s.warmup:
-                driver.run(proxy.port, "/small", s.connections, s.warmup)
+                driver.run(proxy.port, "/small", s.connections, s.warmup, sni=proxy.sni)
         except Exception as exc:  # noqa: BLE001 - a proxy that cannot start is reported, not fatal
             fail(proxy, "start", exc, notes)
             proxy.stop()
@@ -1979,8 +2136,25 @@ def report(args: argparse.Namespace, s: Settings, res: Results, names: list[str]
                    "ratio to no proxy `D`.  For latency a lower ratio is better; for everything else "
                    "higher.  CPU % is of one CPU (200 = both cores).")
         out.append("")
-        out.append(main_table(res, names, haproxy))
-        out.append("")
+        plain = [n for n in names if not is_sni_row(n)]
+        if plain:
+            out.append(main_table(res, plain, haproxy))
+            out.append("")
+        sni_rows = [n for n in names if is_sni_row(n)]
+        if sni_rows:
+            out.append("### SNI routing vs HAProxy (`req.ssl_sni`)")
+            out.append("")
+            out.append(f"HTTPS through the proxy to nginx's TLS port, routed by the server name wrk sends "
+                       f"(`{SNI_NAME}`), TLS not terminated: hotproxy `sni_routes` (that name only, no default "
+                       "group) vs HAProxy `mode tcp` with `tcp-request inspect-delay 5s`, `tcp-request content "
+                       "accept if { req.ssl_hello_type 1 }` and `use_backend ... if { req.ssl_sni -i NAME }`.  "
+                       "Keep-alive: one handshake per connection; close: one per request.  `H` here is "
+                       f"`haproxy-sni`, `D` is `direct-tls` (wrk to nginx's TLS port); `{SNI_CONTROL}` is "
+                       "this table's A/A control.")
+            out.append("")
+            out.append(main_table(res, sni_rows, "haproxy-sni" if "haproxy-sni" in sni_rows else None,
+                                  direct="direct-tls", columns=SNI_COLUMNS))
+            out.append("")
         noisy = [f"{p} keep-alive req/s {res.spread(p, 'ka_rps'):.0f}%" for p in ("direct", "haproxy")
                  if res.spread(p, "ka_rps") is not None]
         noisy += [f"{p} close req/s {res.spread(p, 'close_rps'):.0f}%" for p in ("direct", "haproxy")
@@ -2108,6 +2282,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
                     help="comma list of keepalive,close,bulk,iperf3,reload,upgrade (default: all)")
     ap.add_argument("--proxies", default=None,
                     help="comma list of names or prefixes: direct,haproxy,haproxy-tuned,"
+                         "direct-tls,haproxy-sni,haproxy-sni-again,hotproxy-c-1w-sni (the SNI rows),"
                          "haproxy-again (the A/A control),nginx-stream,plain-uvloop,"
                          "hotproxy-c-1w,hotproxy-c-2w,hotproxy-py-1w (default: all)")
     ap.add_argument("--reload-proxies", default=None,

@@ -46,6 +46,7 @@ from test_clienthello import client_hello
 from test_metrics import scrape, value
 from test_program import by_name
 from test_proxy_protocol import closed_at_once
+from test_upgrade import upgrade
 
 Start = Callable[..., Program]
 HOST = "127.0.0.1"
@@ -383,6 +384,127 @@ def test_a_route_group_has_health_checks_weights_and_backups(start: Start, pki: 
             await d.stop()
 
     run(main(), timeout=90)
+
+
+def test_status_lists_each_route_with_its_upstreams_and_counts(start: Start, core_name: str, pki: Path) -> None:
+    """On both cores, 2 workers: ``status --json`` (and the admin's status)
+    lists every route in match order -- exact names, ``*.suffix``, the
+    default group -- each with its upstreams' state (a dead backup ``down``
+    by its health checks) and the connections it took, summed over the
+    workers; a service without a default says so and counts what it
+    refused.  The human table prints a line per route, ``status SERVICE``
+    only that service's.  A reload that adds a route keeps the counts, and
+    so does an upgrade of the program."""
+    port, strict = free_port(), free_port()
+    dead = f"{HOST}:{free_port()}"    # nothing listens there: refused
+
+    async def main() -> None:
+        bk = {t: await TlsBackend(pki, t).start() for t in ("a", "w", "d")}
+        A, W, D = up(bk["a"]), up(bk["w"]), up(bk["d"])
+        prog: Program | None = None
+        try:
+            def cfg(more: bool) -> str:
+                routes: dict[str, Any] = {"a.ex.test": [A], "*.ex.test": [W, {"address": dead, "backup": True}]}
+                if more:
+                    routes["other.test"] = [D]
+                return config({
+                    "tls": {"kind": "proxy", "listen": f"{HOST}:{port}", "upstreams": [D], "max_fails": 0,
+                            "health_check": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 1},
+                            "sni_routes": routes},
+                    "strict": {"kind": "proxy", "listen": f"{HOST}:{strict}", "upstreams": [],
+                               "sni_routes": {"a.ex.test": [A]}},
+                }, workers=2)
+
+            prog = start(cfg(False))
+            await prog.wait_ready()
+            ctx = client_ctx(pki)
+            for name, n in (("a.ex.test", 3), ("x.ex.test", 2), ("y.c.ex.test", 1), ("other.test", 1)):
+                for i in range(n):
+                    await tls_ask(port, ctx, name, b"%d" % i)
+            await tls_ask(port, ctx, None, b"nameless")
+            await tls_ask(strict, ctx, "a.ex.test", b"strict")
+            for _ in range(2):
+                assert await closed_at_once(strict, client_hello("zzz.test")) == b""
+            assert await closed_at_once(strict, b"GET / HTTP/1.0\r\n\r\n") == b""
+
+            def u(state: str, conns: int, backup: bool = False) -> dict[str, Any]:
+                return {"state": state, "active": 0, "connections": conns, "weight": 1, "backup": backup}
+
+            want_tls = [
+                {"name": "a.ex.test", "match": "exact", "upstreams": {A: u("up", 3)}, "connections": 3},
+                {"name": "*.ex.test", "match": "suffix", "upstreams": {W: u("up", 3), dead: u("down", 0, True)},
+                 "connections": 3},
+                {"name": None, "match": "default", "upstreams": {D: u("up", 2)}, "connections": 2},
+            ]
+            want_strict = [
+                {"name": "a.ex.test", "match": "exact", "upstreams": {A: u("up", 1)}, "connections": 1},
+                {"name": None, "match": "default", "upstreams": {}, "connections": 0},
+            ]
+
+            async def routes_are(tls: list[dict[str, Any]], status: dict[str, Any] | None = None) -> bool:
+                s = by_name(status or await prog.status())
+                return s["tls"].get("sni_routes") == tls and s["strict"].get("sni_routes") == want_strict
+
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: routes_are(want_tls), timeout=30)
+            got = by_name(await prog.status())
+            assert got["tls"].get("sni_routes") == want_tls, got["tls"].get("sni_routes")
+            assert got["strict"].get("sni_routes") == want_strict, got["strict"].get("sni_routes")
+            assert (got["strict"]["totals"]["sni_no_route"], got["strict"]["totals"]["sni_errors"]) == (2, 1)
+            assert prog.config is not None
+            code, out, err = await prog.cli("status", "-c", str(prog.config), "--json")
+            assert code == 0, err
+            assert await routes_are(want_tls, json.loads(out)), out
+            code, out, err = await prog.cli("status", "-c", str(prog.config))
+            assert code == 0, err
+            print(f"status, {core_name} core:\n" + out)
+            for line in (f"  tls sni a.ex.test -> {A} up; connections=3",
+                         f"  tls sni *.ex.test -> {W} up, {dead} down (backup); connections=3",
+                         f"  tls sni default -> {D} up; connections=2",
+                         "  tls sni refused: sni_no_route=0 sni_errors=0",
+                         f"  strict sni a.ex.test -> {A} up; connections=1",
+                         "  strict sni default -> none: closed",
+                         "  strict sni refused: sni_no_route=2 sni_errors=1"):
+                assert line in out.splitlines(), (line, out)
+            code, out, err = await prog.cli("status", "-c", str(prog.config), "tls")
+            assert code == 0 and f"  tls sni a.ex.test -> {A} up; connections=3" in out.splitlines(), out + err
+            assert " strict " not in out and "strict sni" not in out, out
+            # a reload adds a route for other.test: the counts carry over, the new route counts its own
+            prog.config.write_text(cfg(True))
+            reply = await prog.admin("reload")
+            assert reply["report"]["ok"], reply
+            await tls_ask(port, ctx, "other.test", b"routed")
+            want_tls.insert(1, {"name": "other.test", "match": "exact", "upstreams": {D: u("up", 3)},
+                                "connections": 1})
+            want_tls[-1]["upstreams"] = {D: u("up", 3)}   # one upstream, whichever group it is in
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: routes_are(want_tls), timeout=30)
+            got = by_name(await prog.status())
+            assert got["tls"].get("sni_routes") == want_tls, got["tls"].get("sni_routes")
+            # an upgrade of the program: the counts continue in the new master's workers
+            await upgrade(prog, "cli")
+            status = await prog.follow()
+            assert await routes_are(want_tls, status), by_name(status)["tls"].get("sni_routes")
+            print(f"routes after a reload and an upgrade: "
+                  f"{[(r['name'], r['connections']) for r in by_name(status)['tls']['sni_routes']]}")
+            # a route removed and added again starts at 0
+            for more in (False, True):
+                prog.config.write_text(cfg(more))
+                reply = await prog.admin("reload")
+                assert reply["report"]["ok"], reply
+            want_tls[1]["connections"] = 0
+            assert await routes_are(want_tls), by_name(await prog.status())["tls"].get("sni_routes")
+        finally:
+            # the health checks connect to the backends all the time: end them first, and
+            # let the backends read the checks' last closes (a connection left half-accepted
+            # when the loop closes is a leak)
+            if prog is not None:
+                prog.kill()
+                await asyncio.sleep(0.2)
+            for b in bk.values():
+                await b.stop()
+
+    run(main(), timeout=150)
 
 
 # -- reload -------------------------------------------------------------------------------------------------

@@ -624,6 +624,20 @@ def format_status(status: dict[str, Any]) -> str:
                             f" max_connections={up['max_connections']}" if up.get("max_connections") else ""])
             lines.append(f"  {s['name']} -> {addr}: {state}; active={up['active']} connections={up['connections']} "
                          f"failures={up['failures']}{opts}" + (" (removed, draining)" if up.get("removed") else ""))
+    # each proxy's SNI routes, in the order a server name is matched, and what they refused
+    for s in status["services"]:
+        routes = s.get("sni_routes")
+        if routes is None:
+            continue
+        for route in routes:
+            ups = ", ".join(f"{addr} {u['state']}" + (" (backup)" if u.get("backup") else "")
+                            for addr, u in route["upstreams"].items())
+            what = "default" if route["match"] == "default" else route["name"]
+            lines.append(f"  {s['name']} sni {what} -> " + (f"{ups}; connections={route['connections']}" if ups
+                                                             else "none: closed"))
+        t = s.get("totals") or {}
+        lines.append(f"  {s['name']} sni refused: sni_no_route={_num(t.get('sni_no_route', 0))} "
+                     f"sni_errors={_num(t.get('sni_errors', 0))}")
     # old versions that open connections still hold (freed with their last one)
     for s in status["services"]:
         if s.get("old_versions"):

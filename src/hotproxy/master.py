@@ -733,8 +733,10 @@ class Master:
                 checked = checker.status(name, addr)
                 if checked is not None:
                     up["health"] = checked
+        routes = _sni_routes(name, workers, upstreams)
         return {
             **({"upstreams": upstreams} if upstreams else {}),
+            **({"sni_routes": routes} if routes is not None else {}),
             "name": name, "kind": kind, "listen": listen,
             "generation": max(generations.values()) if generations else None,
             "generations": generations,
@@ -1207,6 +1209,55 @@ def _upstreams(name: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
             up["workers"][str(w["worker"])] = {k: st.get(k) for k in ("active", "connections", "failures",
                                                                        "fails", "ejected_for")}
     return out
+
+
+def _sni_routes(name: str, workers: list[dict[str, Any]], upstreams: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Service *name*'s ``sni_routes`` over the workers (None: it has none), in
+    the order a name is matched: each exact name, each ``*.suffix``, then the
+    default group (``"match": "default"``, ``"name": None``; no upstreams: none,
+    an unmatched name is closed).  Each with its upstreams' state (see
+    ``_upstream_state``; *upstreams* is ``_upstreams``' answer, health merged)
+    and ``connections``, the ones it took, summed over the workers.  The
+    routes are the newest generation's (a reload may be half-way)."""
+    newest: dict[str, Any] | None = None
+    generation = -1
+    routed: dict[str, int] = {}
+    for w in workers:
+        site = (w.get("sites") or {}).get(name) or {}
+        stats = site.get("stats") or {}
+        if not isinstance(stats.get("sni_routes"), dict):
+            continue
+        if site.get("generation", 0) > generation:
+            newest, generation = stats, site.get("generation", 0)
+        for route, n in (stats.get("sni_routed") or {}).items():
+            routed[route] = routed.get(route, 0) + n
+    if newest is None:
+        return None
+    groups: list[tuple[str | None, str, list[str]]] = []
+    names = newest["sni_routes"]
+    groups += [(r, "exact", addrs) for r, addrs in names.items() if not r.startswith("*.")]
+    groups += [(r, "suffix", addrs) for r, addrs in names.items() if r.startswith("*.")]
+    groups.append((None, "default", list(newest.get("sni_default") or ())))
+    out = []
+    for route, match, addrs in groups:
+        ups = {}
+        for addr in addrs:
+            up = upstreams.get(addr) or {}
+            ups[addr] = {"state": _upstream_state(up), "active": up.get("active", 0),
+                         "connections": up.get("connections", 0), "weight": up.get("weight", 1),
+                         "backup": bool(up.get("backup"))}
+        out.append({"name": route, "match": match, "upstreams": ups,
+                    "connections": routed.get(route if route is not None else "", 0)})
+    return out
+
+
+def _upstream_state(up: dict[str, Any]) -> str:
+    """An upstream's state in one word: its health check's ``up``/``down``
+    (the instance's), else ``ejected`` while a worker has it ejected, else ``up``."""
+    checked = up.get("health")
+    if checked is not None:
+        return str(checked.get("state", "up"))
+    return "ejected" if up.get("ejected_workers") else "up"
 
 
 def _add_histogram(total: dict[str, Any] | None, h: dict[str, Any]) -> dict[str, Any]:

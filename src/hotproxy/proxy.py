@@ -353,6 +353,12 @@ class ProxyFactory(MakeService):
         for s in seed.carry:
             if "durations" in s:   # a snapshot of an older program has none
                 counters.durations.add(s["durations"])
+        for s in seed.carry:
+            routed = s.get("routed") or {}   # a snapshot of an older program has none
+            if not isinstance(routed, dict):
+                raise ValueError(f"routed: expected a table, got {show(routed)}")
+            for route, n in routed.items():
+                shared.routed[str(route)] = shared.routed.get(str(route), 0) + _number(n, "routed")
         like = seed.like or {}
         shared.rr = _number(like.get("rr", 0), "rr")
         wrr = like.get("wrr") or {}
@@ -412,7 +418,7 @@ def _number(value: Any, key: str) -> int:
 class _Shared:
     """What every version of one site's proxy on one worker shares by reference."""
 
-    __slots__ = ("counters", "rr", "wrr", "limit", "private_limits", "full_logged")
+    __slots__ = ("counters", "rr", "wrr", "limit", "private_limits", "full_logged", "routed")
 
     def __init__(self, limit: Any) -> None:
         self.counters = core.impl.ProxyCounters()
@@ -427,6 +433,9 @@ class _Shared:
         self.private_limits: dict[str, Any] = {}
         #: when "every upstream is at its max_connections" was last logged
         self.full_logged = 0.0
+        #: sni_routes: the connections each route took, by route name ("" the
+        #: default group); kept across versions like the counters
+        self.routed: dict[str, int] = {}
 
     def upstream_limit(self, addr: str, where: CounterSlot | None) -> Any:
         """The counter of upstream *addr*'s own ``max_connections``."""
@@ -550,7 +559,11 @@ class ProxyService(Service):
                 b = _Balancer(factory, shared, [by_address[s.address] for s in specs], tables or {}, specs,
                               self.targets)
                 groups.append((name, _DebugConnector(b, 1 + factory.retries) if debug else b, b))
-            self.router = _SniRouter(self.balancer, connector if factory.upstreams else None, groups)
+            # the counts of routes this version no longer has go (one added again starts at 0)
+            for gone in set(shared.routed) - {name for name, _specs in factory.sni_routes} - {""}:
+                del shared.routed[gone]
+            self.router = _SniRouter(self.balancer, connector if factory.upstreams else None, groups,
+                                     shared.routed)
             connector = self.router
         on_refuse = self.balancer.log_refused if factory.access_log else None
         self.relay = impl.RelayConfig(
@@ -634,7 +647,8 @@ class ProxyService(Service):
                       "ejected_for": round(max(0.0, st.ejected_until - now), 3)}
                for addr, st in self.all_states().items()}
         return {"type": "proxy", "v": 1, "counters": counters, "durations": self.counters.durations.as_dict(),
-                "rr": self.shared.rr, "wrr": dict(self.shared.wrr), "upstreams": ups}
+                "rr": self.shared.rr, "wrr": dict(self.shared.wrr), "upstreams": ups,
+                "routed": dict(self.shared.routed)}
 
     def carry_late(self, before: Seed, after: Seed) -> None:
         """Add the counts the old workers made between the two snapshots (``Service.carry_late``)."""
@@ -651,6 +665,11 @@ class ProxyService(Service):
             for key in ("connections", "failures", "bytes_in", "bytes_out"):
                 n = late(lambda s: _number(s.get("upstreams", {}).get(addr, {}).get(key, 0), key))
                 setattr(st, key, getattr(st, key) + n)
+        routed = self.shared.routed
+        for route in {str(r) for s in (*before.carry, *after.carry) for r in (s.get("routed") or {})}:
+            n = late(lambda s: _number((s.get("routed") or {}).get(route, 0), "routed"))
+            if n:
+                routed[route] = routed.get(route, 0) + n
 
     @property
     def upstream_states(self) -> dict[str, Any]:
@@ -694,8 +713,11 @@ class ProxyService(Service):
         out["durations"] = self.counters.durations.as_dict()
         out["balance"] = self.factory.balance
         if self.factory.sni_routes:
-            # each route's upstreams, by name ("*.example" included; the default group is ``upstreams``)
+            # each route's upstreams, by name ("*.example" included), in the config's order; the
+            # default group (``upstreams``, may be empty: no default); the connections each took
             out["sni_routes"] = {name: [spec.address for spec in group] for name, group in self.factory.sni_routes}
+            out["sni_default"] = list(self.factory.upstreams)
+            out["sni_routed"] = dict(self.shared.routed)
         return out
 
     def __repr__(self) -> str:
@@ -991,11 +1013,14 @@ class _SniRouter:
     by every group.
     """
 
-    __slots__ = ("main", "default", "exact", "wildcard", "balancers")
+    __slots__ = ("main", "default", "exact", "wildcard", "balancers", "routed")
 
-    def __init__(self, main: _Balancer, default: Any, groups: list[tuple[str, Any, _Balancer]]) -> None:
+    def __init__(self, main: _Balancer, default: Any, groups: list[tuple[str, Any, _Balancer]],
+                 routed: dict[str, int]) -> None:
         self.main = main          # the default group's balancer (logs, health)
         self.default = default    # its connector, or None: no default group
+        #: the connections each route took, by name ("" the default): the service's (``_Shared.routed``)
+        self.routed = routed
         self.exact: dict[str, Any] = {}
         self.wildcard: dict[str, Any] = {}    # "example" for "*.example"
         self.balancers = [main] + [b for _name, _c, b in groups]
@@ -1008,18 +1033,25 @@ class _SniRouter:
     def route(self, conn: Any) -> Any | None:
         """The group (a connector) for *conn*'s server name; None: no route."""
         name = conn.server_name
+        routed = self.routed
         if name:
             group = self.exact.get(name)
             if group is not None:
+                routed[name] = routed.get(name, 0) + 1
                 return group
             if self.wildcard:
                 i = name.find(".")
                 while i >= 0:
                     # the longest suffix first: a.b.example tries b.example, then example
-                    group = self.wildcard.get(name[i + 1:])
+                    suffix = name[i + 1:]
+                    group = self.wildcard.get(suffix)
                     if group is not None:
+                        key = "*." + suffix
+                        routed[key] = routed.get(key, 0) + 1
                         return group
                     i = name.find(".", i + 1)
+        if self.default is not None:
+            routed[""] = routed.get("", 0) + 1
         return self.default
 
     def pick(self, conn: Any, tried: Any) -> Any | None:
