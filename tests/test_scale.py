@@ -292,6 +292,37 @@ def test_old_versions_are_freed_with_the_heap_frozen(start: Start) -> None:
     run(main(), 120)
 
 
+def test_a_start_up_arms_no_garbage_sweep_a_change_does(start: Start) -> None:
+    """300 services: once started, no worker has a garbage sweep due -- a
+    new site's first commit replaces nothing, and a sweep (unfreeze, a full
+    collection of every object, freeze: hundreds of ms of stall at 10,000
+    services) would find nothing; a reload that replaces one service's
+    version arms one on both workers (its old version is swept once
+    drained).  Before, the start-up armed one on every worker."""
+    ports = [free_port() for _ in range(N)]
+    prog = start(toml(echoes(ports)))
+    cfg = prog.config
+    assert cfg is not None
+
+    def due(st: dict[str, Any]) -> list[bool]:
+        return [w["gc"]["sweep_due"] for w in st["workers"]]
+
+    async def main() -> None:
+        st = await prog.wait_ready(120)
+        st = await prog.status()
+        print(f"after the start-up: sweep due {due(st)}, sweeps {[w['gc']['sweeps'] for w in st['workers']]}")
+        assert due(st) == [False, False], st["workers"]
+        assert [w["gc"]["sweeps"] for w in st["workers"]] == [0, 0], st["workers"]
+        cfg.write_text(toml(echoes(ports, {42: "v2\n"})))
+        code, out, err = await prog.cli("reload", "-c", str(cfg), timeout=120)
+        assert code == 0 and "changed=[s042]" in out, out + err
+        st = await prog.status()
+        print(f"after a 1-service reload: sweep due {due(st)}")
+        assert due(st) == [True, True], st["workers"]
+
+    run(main(), 240)
+
+
 def test_status_answers_while_a_big_reload_is_held(start: Start) -> None:
     """300 services whose new versions each take 20 ms to build *without
     yielding* (about 6 s of blocking work per worker): while that reload
