@@ -203,6 +203,15 @@ class Config:
     #: were (same table, nothing looked up: ``load_config(previous=...)``)
     #: instead of checking and building them again
     reused: int = field(default=0, compare=False)
+    #: this config's identity for a later load (``base``); a plain object, so
+    #: that a config loaded against this one keeps nothing of it alive
+    token: object = field(default_factory=object, compare=False, repr=False)
+    #: the ``token`` of the config this one was loaded against (``previous``),
+    #: or None; then every service not in ``fresh`` is that config's own
+    #: ``ServiceConfig`` object (the reload's diff needs to look at ``fresh`` only)
+    base: object | None = field(default=None, compare=False, repr=False)
+    #: the services this load checked and built (not taken from ``base``), in file order
+    fresh: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def source(self) -> str:
@@ -331,6 +340,8 @@ class _Checker:
         self.lookups = lookups
         #: the running config's services, reused when their table is the same (``load_config``)
         self.previous: Mapping[str, ServiceConfig] = previous.services if previous is not None else {}
+        #: the running config's ``token`` (``Config.base``)
+        self.base: object | None = previous.token if previous is not None else None
         #: (host, port, passive) -> getaddrinfo's answer (a host is looked up once per file)
         self._infos: dict[tuple[str, int, bool], list[Any]] = {}
         #: host -> whether it is an address literal (``addresses.is_literal``)
@@ -386,6 +397,7 @@ class _Checker:
         services_doc = self.table(doc, "services")
         services: dict[str, ServiceConfig] = {}
         reused = 0
+        fresh: list[str] = []
         for name, table in services_doc.items():
             if not _NAME_RE.fullmatch(name):
                 raise self.fail(f"services.{name}", "a service name is 1-64 letters, digits, '_', '-' or '.'")
@@ -401,10 +413,11 @@ class _Checker:
                 reused += 1
             else:
                 services[name] = self.service(name, table)
+                fresh.append(name)
         self.check_listen_conflicts(services)
         self.check_paths(runtime, services)
         self.check_proxy_loops(services)
-        return Config(self.path, runtime, services, reused)
+        return Config(self.path, runtime, services, reused, base=self.base, fresh=tuple(fresh))
 
     def table(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
         value = doc.get(key, {})
