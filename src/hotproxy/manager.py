@@ -302,7 +302,7 @@ class WorkerManager:
                 # bound for a later command of the batch is not released
                 # because an earlier one was recorded first.
                 self._release_shared()
-                self._follow_health({n for n in (getattr(c, "name", None) for c in commands) if isinstance(n, str)})
+                self._follow_health({n for n in map(site_of, commands) if n is not None})
 
     def _follow_health(self, names: Iterable[str]) -> None:
         """Check what is deployed and staged, nothing else (a slot stamped for a

@@ -552,7 +552,7 @@ class Reloader:
                     services[name] = config.services[name]
             ordered = {n: services[n] for n in config.services if n in services}
             ordered.update((n, s) for n, s in services.items() if n not in ordered)
-            self.current = dataclasses.replace(config, services=ordered)
+            self.current = dataclasses.replace(config, services=ordered, token=object())
             self._ours = None   # rebuilt from ``current`` when next needed
         else:
             # everything committed: the file's table is what runs, as it is

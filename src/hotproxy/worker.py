@@ -225,10 +225,13 @@ class WorkerProcess:
         A new site's first ``Commit`` replaces nothing: a start-up (10,000 of
         them) arms no sweep -- a full collection of every object, hundreds of
         ms of stall at that size, that would find nothing."""
+        from .commands import site_of
+
         kind = type(command).__name__
         if kind in _NO_GARBAGE:
             return False
-        site = self.executor.sites.get(getattr(command, "name", None)) if self.executor is not None else None
+        name = site_of(command)
+        site = self.executor.sites.get(name) if self.executor is not None and name is not None else None
         if site is None:
             return False   # no such site: nothing to leave behind (the command fails)
         if kind == "Abort":
