@@ -111,10 +111,38 @@ STALL_ON_UPDATE = ServiceKind("stall_on_update", {
     doc="test only: an echo service whose worker stops itself at the next Update")
 
 
+@dataclass(frozen=True)
+class CountHealthAsks(MakeService):
+    """An echo factory that appends this process's pid to ``asks_file``, one
+    line, each time it is asked for its active health checks (it has none):
+    the master asks when it follows what is deployed and staged."""
+
+    greeting: bytes = b""
+    asks_file: str = ""
+
+    def make_via_ref(self, old: Service | None) -> Service:
+        return EchoFactory(self.greeting).make_via_ref(old)
+
+    def health_checks(self) -> list[tuple[str, Any]]:
+        if self.asks_file:
+            with open(self.asks_file, "a", encoding="ascii") as f:
+                f.write(f"{os.getpid()}\n")
+        return []
+
+
+COUNT_HEALTH_ASKS = ServiceKind("count_health_asks", {
+    "greeting": Option("str", ""),
+    "asks_file": Option("str", ""),
+}, lambda o: stack(CountHealthAsks(o["greeting"].encode(), o["asks_file"]), CountConnections()),
+    doc="test only: an echo service that counts the master's asks for its health checks in a file")
+
+
 def register() -> None:
-    """Make the test-only kinds (``fail_on_worker``, ``stall_on_update``) available in this process."""
+    """Make the test-only kinds (``fail_on_worker``, ``stall_on_update``,
+    ``count_health_asks``) available in this process."""
     register_kind(FAIL_ON_WORKER)
     register_kind(STALL_ON_UPDATE)
+    register_kind(COUNT_HEALTH_ASKS)
 
 
 # -- the program -------------------------------------------------------------------

@@ -266,12 +266,19 @@ def _network_error(text: str) -> str | None:
 
 def check_fields(obj: Any, options: Mapping[str, Option], skip: Iterable[str] = ()) -> None:
     """Check the attributes of *obj* (a factory) named like *options*' keys;
-    ``ValueError("key: expected ..., got ...")`` for the first that does not fit."""
+    ``ValueError("key: expected ..., got ...")`` for the first that does not fit.
+
+    A value that is the option's default object is valid without a check
+    (most of a factory's fields are: 10,000 proxies check their other keys
+    only)."""
     for key, opt in options.items():
         if key in skip:
             continue
+        value = getattr(obj, key)
+        if value is opt.default:
+            continue
         try:
-            check_value(getattr(obj, key), opt)
+            check_value(value, opt)
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
 

@@ -79,6 +79,8 @@ class WorkerProcess:
         self.sweeper: gcpolicy.Sweeper | None = None
         #: True while a command (or a batch) runs
         self._running = False
+        #: a command since the last settle may have left garbage for a sweep (``_may_leave_garbage``)
+        self._left_garbage = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -203,23 +205,48 @@ class WorkerProcess:
                         write_message(writer, ("res", req_id, False, WorkerError(self.worker_id, repr(exc))))
             finally:
                 self._running = False
-            self._settle(command.commands if isinstance(command, Batch) else [command])
+            self._settle()
 
-    def _settle(self, commands: list[Any]) -> None:
+    def _settle(self) -> None:
         """After a command or a batch: what serves now is long-lived, frozen
         out of the collections (``gcpolicy``); a change that left old versions
         or sites behind arms a sweep for when they have drained."""
         if not self.queue.empty():
             return   # the next one (a reload's commit after its prepare) settles
         gcpolicy.settle()
-        if self.sweeper is not None and any(type(c).__name__ not in _NO_GARBAGE for c in commands):
+        if self.sweeper is not None and self._left_garbage:
             self.sweeper.changed()
+        self._left_garbage = False
+
+    def _may_leave_garbage(self, command: Any) -> bool:
+        """Can *command* leave something behind for a sweep: a published
+        version it replaces, a staged one it drops, a site it removes?
+
+        A new site's first ``Commit`` replaces nothing: a start-up (10,000 of
+        them) arms no sweep -- a full collection of every object, hundreds of
+        ms of stall at that size, that would find nothing."""
+        from .commands import site_of
+
+        kind = type(command).__name__
+        if kind in _NO_GARBAGE:
+            return False
+        name = site_of(command)
+        site = self.executor.sites.get(name) if self.executor is not None and name is not None else None
+        if site is None:
+            return False   # no such site: nothing to leave behind (the command fails)
+        if kind == "Abort":
+            return site.staged is not None
+        if kind in ("Commit", "Update", "PrepareAndCommit"):
+            return site.service is not None
+        return True   # Remove, or a command this does not know
 
     async def _run_one(self, command: Any) -> tuple[bool, Any]:
         """One command, alone or of a batch: (True, its result) or (False, its error)."""
         from .commands import site_of
         from .errors import HotproxyError, WorkerError, describe
 
+        if not self._left_garbage and self._may_leave_garbage(command):
+            self._left_garbage = True
         if self.fds is not None:
             command = self.fds.received(command)
         # reload phases at debug level: once per command, never on the data path
