@@ -20,6 +20,10 @@ Rules of this module:
   worker calls ``done(command)`` after every command, so a command that
   failed before binding leaves no descriptor behind, and a token given up
   before its descriptor arrived has the descriptor closed when it does.
+* The other way (worker -> master) carries only an upgrade's hand-over: the
+  worker's TCP listening sockets (``send_listeners``), at most ``SCM_MAX_FD``
+  per ``sendmsg``, each batch one byte; the master reads them as they come
+  (``FdSender.receive``) while the worker's reply says how many there are.
 """
 
 from __future__ import annotations
@@ -35,6 +39,45 @@ from .commands import listener_factory_of, with_listener_factory
 from .listeners import BoundListener, ListenerFactory
 
 
+#: the most descriptors one ``sendmsg`` carries (the kernel's ``SCM_MAX_FD``)
+SCM_MAX_FD = 253
+
+
+async def _wait_fd(fd: int, writable: bool, timeout: float) -> None:
+    """Wait (in the loop, at most *timeout* seconds) until *fd* is readable or writable."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if writable else loop.add_reader)(fd, wake)
+    try:
+        await asyncio.wait_for(ready, max(0.0, timeout))
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        (loop.remove_writer if writable else loop.remove_reader)(fd)
+
+
+async def send_listeners(sock: socket.socket, fds: list[int], timeout: float = 10.0) -> None:
+    """The worker's side of an upgrade's hand-over: send *fds* to the master on the
+    fd channel *sock* (non-blocking), ``SCM_MAX_FD`` at a time; ``OSError`` if it cannot."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for start in range(0, len(fds), SCM_MAX_FD):
+        batch = fds[start:start + SCM_MAX_FD]
+        while True:
+            try:
+                socket.send_fds(sock, [b"L"], batch)
+                break
+            except (BlockingIOError, InterruptedError):
+                if loop.time() >= deadline:
+                    raise OSError(errno.ETIMEDOUT, "the master does not read the listening sockets") from None
+                await _wait_fd(sock.fileno(), True, deadline - loop.time())
+
+
 class FdSender:
     """The master's end of one worker's fd channel."""
 
@@ -45,6 +88,56 @@ class FdSender:
     def send(self, token: int, fd: int) -> None:
         """Send *fd* with *token* (the worker claims it by token)."""
         socket.send_fds(self.sock, [token.to_bytes(8, "big")], [fd])
+
+    def _read_ready(self, into: list[int]) -> bool:
+        """Append the descriptors already queued by the worker to *into*; False once
+        nothing is queued.  ``OSError`` if the channel is closed."""
+        # (non-blocking for this call only: with a timeout the socket would wait in poll() first)
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.sock, 1, SCM_MAX_FD)
+        except (BlockingIOError, InterruptedError):
+            return False
+        finally:
+            self.sock.settimeout(timeout)
+        if not msg and not fds:
+            raise OSError(errno.EPIPE, "the worker's fd channel is closed")
+        into += fds
+        return True
+
+    def discard(self) -> None:
+        """Close whatever the worker sent that nobody read (a hand-over given up on)."""
+        left: list[int] = []
+        try:
+            while self._read_ready(left):
+                pass
+        except OSError:
+            pass
+        for fd in left:
+            os.close(fd)
+
+    async def receive(self, into: list[int], count: asyncio.Future[int], timeout: float) -> None:
+        """Read the worker's listening sockets into *into* as they come, until there are
+        *count* (a future: the worker's reply says how many) or *timeout* seconds
+        have passed (``OSError``).  The caller closes *into* if it gives up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (count.done() and not count.cancelled() and count.exception() is None
+                   and len(into) >= count.result()):
+            if count.done() and (count.cancelled() or count.exception() is not None):
+                return
+            if self._read_ready(into):
+                continue
+            if loop.time() >= deadline:
+                raise OSError(errno.ETIMEDOUT, f"{len(into)} listening sockets arrived in {timeout:g}s")
+            waiting: asyncio.Future[Any] = asyncio.ensure_future(
+                _wait_fd(self.sock.fileno(), False, deadline - loop.time()))
+            either: list[asyncio.Future[Any]] = [waiting, count]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
 
     def close(self) -> None:
         self.sock.close()
@@ -192,4 +285,4 @@ class InheritedListenerFactory(ListenerFactory):
         return (type(self), (self.original, self.token))
 
 
-__all__ = ["FdReceiver", "FdSender", "InheritedListenerFactory"]
+__all__ = ["SCM_MAX_FD", "FdReceiver", "FdSender", "InheritedListenerFactory", "send_listeners"]

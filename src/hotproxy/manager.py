@@ -568,6 +568,45 @@ class WorkerManager:
         upgrades passed (``SharedSockets.adopt``); call before ``start``."""
         self._shared.adopt(path, sock)
 
+    async def tcp_listeners(self, timeout: float = 5.0) -> list[tuple[int, Any, int]]:
+        """Every live worker's TCP listening sockets, for an upgrade's hand-over:
+        ``(worker id, {"site", "key"}, fd)`` each, *key* as ``activation.key_of`` names
+        the socket (the fds are the caller's to close).  Sockets systemd passed are
+        left out (handed over whole); a worker that cannot send its own within
+        *timeout* is left out with a warning (the new worker in its place binds
+        its own, as a worker that restarts does)."""
+        from .activation import key_of_sockaddr
+
+        async def one(w: WorkerHandle) -> list[tuple[int, Any, int]]:
+            if not isinstance(w, ProcessWorker):
+                return []
+            try:
+                got = await w.listeners(timeout)
+            except WorkerError as exc:
+                log.warning("upgrade: worker %d's listening sockets are not handed over (%s): the new worker %d "
+                            "binds its own", w.id, describe(exc), w.id)
+                return []
+            out = []
+            for entry, fd in got:
+                key = key_of_sockaddr((entry.get("host"), entry.get("port")))
+                if self._shared.is_activated(key):
+                    os.close(fd)
+                else:
+                    out.append((w.id, {"site": entry.get("site"), "key": list(key)}, fd))
+            return out
+
+        per_worker = await asyncio.gather(*(one(w) for w in self.live_workers()))
+        return [item for items in per_worker for item in items]
+
+    def adopt_tcp(self, worker: int, key: Any, sock: Any) -> None:
+        """New worker *worker* serves address *key* on *sock*, old worker *worker*'s
+        TCP listening socket (``SharedSockets.adopt_tcp``); call before the first dispatch."""
+        self._shared.adopt_tcp(worker, tuple(key), sock)
+
+    def close_handed(self) -> int:
+        """Close the handed-over TCP sockets no service took (``SharedSockets.close_handed``)."""
+        return self._shared.close_handed()
+
     def activate(self, sock: Any) -> str | None:
         """Serve the sites on *sock*'s address on *sock*, a listening socket systemd
         passed (``SharedSockets.activate``); its address, or None if it is not usable."""

@@ -164,6 +164,8 @@ class Master:
         rt = self.config.runtime
         raise_nofile(len(self.config.services))
         hello: Hello | None = None
+        #: how many TCP listening sockets the old workers handed over (an upgrade)
+        tcp_handed = 0
         #: the config the workers start with: the file's, or (a fleet instance's upgrade) the fleet's
         first = self.config
         try:
@@ -208,6 +210,11 @@ class Master:
                 for path, sock in hello.unix.items():
                     self.manager.adopt_unix(path, sock)
                 hello.unix.clear()
+                # new worker i serves on old worker i's TCP sockets (their queues go on)
+                tcp_handed = len(hello.tcp)
+                for worker, key, tcp_sock in hello.tcp:
+                    self.manager.adopt_tcp(worker, key, tcp_sock)
+                hello.tcp.clear()
                 if "counters" in hello.fds:
                     # one max_connections count for both generations while the old one drains
                     self.manager.adopt_counters(hello.fds.pop("counters"), hello.used_regions(),
@@ -242,6 +249,11 @@ class Master:
             self._note_changes(report)
             if self.link is not None and report.ok:
                 self.link.mark("applied")
+            if hello is not None:
+                # a socket no service took is closed here; its old worker holds it until it stops accepting
+                unused = self.manager.close_handed()
+                log.info("upgrade: the workers serve on %d of the old workers' %d TCP listening sockets",
+                         tcp_handed - unused, tcp_handed)
             if not report.ok:
                 log.error("cannot start: the config could not be applied")
                 self._upgrade_failed(f"the config could not be applied: {report.error}")
@@ -835,6 +847,8 @@ class Master:
             self.upgrading = {"pid": child.pid, "since": at}
             log.info("upgrade (%s): started the new master, pid %d", trigger, child.pid)
             fds = self._hand_over_fds()
+            # the old workers' TCP listening sockets: the new workers serve on them (closed below: ours are copies)
+            tcp = [({"worker": worker, **entry}, fd) for worker, entry, fd in await self.manager.tcp_listeners()]
             state = write_state(await self.manager.snapshot())
             if state is not None:
                 fds.append(({"name": "state"}, state))
@@ -845,11 +859,14 @@ class Master:
                 fds.append(({"name": "fleet"}, fleet[0]))
                 hello["fleet"] = fleet[1]
             try:
-                await send_everything(child, fds, hello)
+                await send_everything(child, fds, hello, tcp)
             except OSError as exc:
                 # gone already: wait_ready tells how (its failure message is queued)
                 log.debug("upgrade: cannot send to the new master: %s", exc)
             finally:
+                for _, fd in tcp:
+                    os.close(fd)
+                tcp.clear()
                 if state is not None:
                     os.close(state)
                 if fleet is not None:

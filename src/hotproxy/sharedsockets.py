@@ -20,6 +20,13 @@ Rules of this module:
 * Sockets systemd passed (``activation``) are served, TCP and Unix alike,
   to the sites whose address is theirs, the same way; they are kept (never
   released, never unlinked) until the master stops or hands over.
+* TCP sockets are the workers' own (``SO_REUSEPORT``), but for an upgrade:
+  the old workers' TCP listening sockets, handed over by old worker id and
+  address (``adopt_tcp``), go to the new worker of the same id for the
+  first command that names that address -- the same socket, its queue goes
+  on -- and the master keeps no copy; ``close_handed`` closes the ones no
+  service took (their old worker still holds them).  A worker that
+  restarts later binds its own.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ class SharedSockets:
         self._activated: dict[activation.Key, BoundListener] = {}
         #: a TCP factory's key (its bind address looked up once), for matching ``_activated``
         self._tcp_keys: dict[TcpListenerFactory, activation.Key | None] = {}
+        #: TCP listening sockets an upgrade handed over, by (old worker id, address key)
+        self._handed: dict[tuple[int, activation.Key], Any] = {}
 
     def activate(self, sock: Any) -> str | None:
         """Serve the sites listening on *sock*'s address on *sock* (a socket
@@ -73,15 +82,40 @@ class SharedSockets:
         if isinstance(lf, UnixListenerFactory):
             return self._activated.get(("unix", lf.path))
         if isinstance(lf, TcpListenerFactory):
-            if lf not in self._tcp_keys:
-                # (a host name is looked up here, once: a literal address needs no lookup)
-                from .config import listen_sockaddrs
-
-                addrs = listen_sockaddrs(lf)
-                self._tcp_keys[lf] = activation.key_of_sockaddr(next(iter(addrs))) if addrs else None
-            key = self._tcp_keys[lf]
+            key = self._tcp_key(lf)
             return self._activated.get(key) if key is not None else None
         return None
+
+    def _tcp_key(self, lf: TcpListenerFactory) -> activation.Key | None:
+        """What *lf* binds to, as ``activation.key_of`` names a socket (None: cannot tell)."""
+        if lf not in self._tcp_keys:
+            # (a host name is looked up here, once: a literal address needs no lookup)
+            from .config import listen_sockaddrs
+
+            addrs = listen_sockaddrs(lf)
+            self._tcp_keys[lf] = activation.key_of_sockaddr(next(iter(addrs))) if addrs else None
+        return self._tcp_keys[lf]
+
+    def is_activated(self, key: activation.Key) -> bool:
+        """True if a socket systemd passed is bound to *key* (shared already: never handed per worker)."""
+        return key in self._activated
+
+    def adopt_tcp(self, worker: int, key: activation.Key, sock: Any) -> None:
+        """Keep *sock*, old worker *worker*'s TCP listening socket bound to *key*, for
+        new worker *worker* (an upgrade; see the module's docstring)."""
+        old = self._handed.pop((worker, key), None)
+        if old is not None:
+            old.close()
+        self._handed[(worker, key)] = sock
+
+    def close_handed(self) -> int:
+        """Close the handed-over TCP sockets no service took (their old worker holds
+        them on until it stops accepting); how many."""
+        n = len(self._handed)
+        for sock in self._handed.values():
+            sock.close()
+        self._handed.clear()
+        return n
 
     def adopt(self, path: str, sock: Any) -> None:
         """Serve *path* on *sock*, bound and listening in the master this one
@@ -115,16 +149,25 @@ class SharedSockets:
         if not isinstance(lf, (UnixListenerFactory, TcpListenerFactory)):
             return command
         bound = self._activated_for(lf)
-        if bound is None:
-            if not isinstance(lf, UnixListenerFactory):
+        handed = None
+        if bound is None and isinstance(lf, TcpListenerFactory):
+            key = self._tcp_key(lf) if self._handed else None
+            handed = self._handed.pop((worker.id, key), None) if key is not None else None
+            if handed is None:
                 return command   # each worker binds its own (SO_REUSEPORT)
+        elif bound is None:
+            assert isinstance(lf, UnixListenerFactory)
             bound = self._bound_at(site_of(command) or "?", lf)
+        fd = handed.fileno() if handed is not None else bound.sock.fileno() if bound is not None else -1
         self._token += 1
         token = self._token
         try:
-            worker.send_listener(token, bound.sock.fileno())
+            worker.send_listener(token, fd)
         except OSError as exc:
             raise WorkerError(worker.id, f"cannot send listener {lf.address}: {describe(exc)}") from None
+        finally:
+            if handed is not None:
+                handed.close()   # the worker's now (or, if it could not be sent, still its old worker's)
         return with_listener_factory(command, InheritedListenerFactory(lf, token))
 
     def _bound_at(self, site: str, lf: UnixListenerFactory) -> BoundListener:
@@ -154,6 +197,7 @@ class SharedSockets:
         for bound in self._activated.values():
             bound.close()
         self._activated.clear()
+        self.close_handed()
 
 
 __all__ = ["SharedSockets"]

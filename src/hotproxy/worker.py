@@ -157,6 +157,9 @@ class WorkerProcess:
                     names = msg[2] if len(msg) > 2 else None
                     summary = bool(msg[3]) if len(msg) > 3 else False
                     self._answer(writer, msg[1], self._status(names, summary))
+                elif kind == "listeners":
+                    # an upgrade: this worker's TCP listening sockets, for the new master's workers
+                    self._answer(writer, msg[1], self._send_listeners())
                 elif kind == "snapshot":
                     final = len(msg) > 2 and msg[2] is True
                     write_message(writer, ("res", msg[1], True, self.executor.snapshot(final)))
@@ -178,6 +181,36 @@ class WorkerProcess:
         except (asyncio.IncompleteReadError, ConnectionError):
             # the master is gone: stop serving gracefully
             self._request_stop(True, None)
+
+    async def _send_listeners(self) -> list[dict[str, Any]]:
+        """Send every serving site's TCP listening socket to the master over the fd
+        channel (``fdchannel.send_listeners``), for an upgrade; what each one is, in order.
+
+        The descriptors are duplicates: this worker keeps accepting on its own
+        until the hand-over closes it (the socket lives on in the new worker).
+        """
+        from .fdchannel import send_listeners
+
+        if self.fds is None:
+            return []
+        entries: list[dict[str, Any]] = []
+        dups: list[int] = []
+        try:
+            for name, site in self.executor.sites.items():
+                listener = site.listener
+                if listener is None or listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                try:
+                    host, port = listener.sock.getsockname()[:2]
+                    dups.append(os.dup(listener.sock.fileno()))
+                except OSError:
+                    continue   # closed meanwhile: not handed over, a new worker binds its own
+                entries.append({"site": name, "host": host, "port": port})
+            await send_listeners(self.fds.sock, dups)
+        finally:
+            for fd in dups:
+                os.close(fd)
+        return entries
 
     async def _status(self, names: Any, summary: bool) -> dict[str, Any]:
         """The executor's status, with this process's garbage collection (``gcpolicy``)."""
