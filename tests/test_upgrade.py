@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -609,3 +610,167 @@ def test_pidfile_status_and_stop_follow_the_new_master(start: Start, short_dir: 
         assert not unix.exists()
 
     run(main(), 120)
+
+
+# -- the workers' TCP listening sockets cross the upgrade ------------------------------------------
+
+
+def listening_sockets(port: int) -> dict[int, tuple[int, int]]:
+    """The TCP sockets listening on *port*: inode -> (accept queue now, backlog), as ``ss`` shows them."""
+    out = subprocess.run(["ss", "-ltneH", f"sport = :{port}"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    found: dict[int, tuple[int, int]] = {}
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        inode = re.search(r"\bino:(\d+)", line)
+        assert inode is not None and fields[0] == "LISTEN", line
+        found[int(inode.group(1))] = (int(fields[1]), int(fields[2]))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process *pid* holds (``/proc/PID/fd`` -> ``socket:[N]``)."""
+    out: set[int] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    out.add(int(target[8:-1]))
+    return out
+
+
+def listeners_by_worker(status: dict[str, Any], port: int) -> dict[int, set[int]]:
+    """Worker id -> the inodes of the sockets listening on *port* that its process holds."""
+    listening = set(listening_sockets(port))
+    return {w["worker"]: socket_inodes(w["pid"]) & listening for w in status["workers"] if w["pid"]}
+
+
+def test_each_new_worker_serves_on_the_very_listening_socket_of_the_old_worker_of_its_id(
+        start: Start, short_dir: Path, traffic: Callable[..., Traffic]) -> None:
+    """New worker i holds old worker i's listening socket for each TCP address
+    (the same inode): with more workers (the extra one binds its own, in the
+    same ``SO_REUSEPORT`` group), a changed backlog (listen() again on it: the
+    socket shows the new one), an address written differently (``localhost``
+    for 127.0.0.1: matched by ``getsockname``), a new address (bound as
+    before); then with fewer workers (the sockets no worker takes close with
+    their old worker: one socket left).  0 failed connections throughout."""
+    e, px, unix, e2 = free_port(), free_port(), short_dir / "u.sock", free_port()
+    prog = start(toml(services(e, px, unix), workers=2, drain=30.0))
+    assert prog.config is not None
+
+    async def main() -> None:
+        assert prog.config is not None
+        first = await prog.wait_ready()
+        await prog.follow()
+        load = traffic([f"{HOST}:{e}", f"{HOST}:{px}", f"unix:{unix}"], long=2, short=2, seed=31)
+        old = {port: listeners_by_worker(first, port) for port in (e, px)}
+        for port in (e, px):
+            assert sorted(old[port]) == [0, 1] and all(len(s) == 1 for s in old[port].values()), old
+            assert old[port][0] != old[port][1], old   # one socket per worker (SO_REUSEPORT)
+        # three workers, e's backlog changed, px written with a host name, a new address
+        more = services(e, px, unix)
+        more["e"]["backlog"] = 321
+        more["px"]["listen"] = f"localhost:{px}"
+        more["e2"] = {"kind": "echo", "listen": f"{HOST}:{e2}"}
+        prog.config.write_text(toml(more, workers=3, drain=30.0))
+        second, _ = await upgrade(prog, "cli")
+        new = {port: listeners_by_worker(second, port) for port in (e, px, e2)}
+        print("listening sockets by worker: before", old, "after", new)
+        for port in (e, px):
+            assert new[port][0] == old[port][0] and new[port][1] == old[port][1], (port, old, new)
+            assert len(new[port][2]) == 1 and not new[port][2] & (old[port][0] | old[port][1]), (port, old, new)
+        assert len(set().union(*new[e2].values())) == 3   # a new address: each worker binds its own
+        assert {backlog for _, backlog in listening_sockets(e).values()} == {321}, listening_sockets(e)
+        assert await roundtrip(e) == b"hello" and await roundtrip(px) == b"hello" and await roundtrip(e2) == b"hello"
+        # one worker: it takes old worker 0's socket; the others close with their old workers
+        prog.config.write_text(toml(services(e, px, unix), workers=1, drain=30.0))
+        third, _ = await upgrade(prog, "sigusr2")
+        last = listeners_by_worker(third, e)
+        assert last == {0: new[e][0]}, (last, new[e])
+        await eventually(lambda: set(listening_sockets(e)) == new[e][0], timeout=30)
+        assert await roundtrip(e) == b"hello"
+        tot = await load.finish()
+        print("traffic across the three generations:", tot)
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0 and tot["long_ok"] == 2, tot
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 170)
+
+
+def test_connections_queued_on_a_stopped_workers_socket_are_served_after_the_upgrade(
+        start: Start, short_dir: Path) -> None:
+    """The old worker is SIGSTOPped (and so, a moment, is the new one) while 24
+    clients connect: their connections wait in the accept queue of the listening
+    socket(s).  The old worker never accepts again -- the hand-over kills it
+    after ``drain_timeout`` -- yet every client gets its bytes: the socket they
+    wait on is the new worker's too.  (Before the hand-over of the workers'
+    sockets, the kernel spread them over the old worker's socket and the new
+    one's, and the ones on the old socket were reset when it was killed.)"""
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    prog = start(toml(services(e, px, unix), workers=1, drain=2.0),
+                 env={"HOTPROXY_TEST_UPGRADE_PAUSE": "15"})
+    clients = 24
+
+    async def main() -> None:
+        first = await prog.wait_ready()
+        await prog.follow()
+        old_worker = first["workers"][0]["pid"]
+        os.kill(first["pid"], signal.SIGUSR2)
+
+        async def new_worker() -> int | None:
+            status = await prog.status()
+            child = (status.get("upgrading") or {}).get("pid")
+            if child is None:
+                return None
+            prog.track(child)
+            listening = set(listening_sockets(e))
+            for pid in children(child):
+                prog.track(pid)
+                if socket_inodes(pid) & listening:
+                    return pid
+            return None
+
+        worker = await eventually(new_worker, timeout=60, interval=0.05)
+        os.kill(old_worker, signal.SIGSTOP)
+        os.kill(worker, signal.SIGSTOP)
+        conns = []
+        try:
+            for i in range(clients):
+                reader, writer = await asyncio.open_connection(HOST, e)
+                writer.write(b"queued-%02d" % i)
+                await writer.drain()
+                conns.append((reader, writer))
+
+            def queued() -> dict[int, tuple[int, int]] | None:
+                sockets = listening_sockets(e)
+                return sockets if sum(q for q, _ in sockets.values()) == clients else None
+
+            sockets = await eventually(queued, timeout=30)
+            print("accept queues while both workers are stopped:", sockets)
+            assert len(sockets) == 1, sockets   # one socket: the old worker's, the new worker's
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        got = []
+        try:
+            for i, (reader, writer) in enumerate(conns):
+                try:
+                    got.append(await asyncio.wait_for(reader.readexactly(9), 60))
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    got.append(repr(exc).encode())
+        finally:
+            for _, writer in conns:
+                writer.close()
+        assert got == [b"queued-%02d" % i for i in range(clients)], got
+        status = await eventually(lambda: _moved(prog, first["pid"]), timeout=60)
+        assert status["upgraded_from"] == first["pid"]
+        await eventually(lambda: not alive(old_worker), timeout=30)   # killed at the drain's end
+        assert await roundtrip(e) == b"hello"
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 150)
+
+
+async def _moved(prog: Program, before: int) -> dict[str, Any] | None:
+    status = await prog.follow()
+    return status if status["pid"] != before and status["ready"] else None

@@ -32,6 +32,7 @@ import asyncio
 import errno
 import os
 import socket
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,6 +42,18 @@ from .listeners import BoundListener, ListenerFactory
 
 #: the most descriptors one ``sendmsg`` carries (the kernel's ``SCM_MAX_FD``)
 SCM_MAX_FD = 253
+
+
+def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """``socket.recv_fds``, the descriptors close-on-exec (``MSG_CMSG_CLOEXEC``: uvloop starts
+    a worker without closing what is inheritable, and Python 3.11's ``recv_fds`` drops its flags)."""
+    msg, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * 4), socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += [int.from_bytes(data[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4)]
+    return msg, fds
 
 
 async def _wait_fd(fd: int, writable: bool, timeout: float) -> None:
@@ -96,7 +109,7 @@ class FdSender:
         timeout = self.sock.gettimeout()
         self.sock.setblocking(False)
         try:
-            msg, fds, _, _ = socket.recv_fds(self.sock, 1, SCM_MAX_FD)
+            msg, fds = recv_fds(self.sock, 1, SCM_MAX_FD)
         except (BlockingIOError, InterruptedError):
             return False
         finally:

@@ -167,9 +167,11 @@ class Channel:
 
     async def recv_many(self) -> tuple[dict[str, Any], list[int]] | None:
         """The next message and its descriptors (``fds`` has several), or None once the other end is gone."""
+        from .fdchannel import recv_fds
         while True:
             try:
-                data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, SCM_MAX_FD)
+                # (close-on-exec: a new master's workers must not inherit what it was sent)
+                data, fds = recv_fds(self.sock, MAX_MESSAGE, SCM_MAX_FD)
             except (BlockingIOError, InterruptedError):
                 await self._wait(writable=False)
                 continue
