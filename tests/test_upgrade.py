@@ -748,7 +748,6 @@ def test_connections_queued_on_a_stopped_workers_socket_are_served_after_the_upg
 
             sockets = await eventually(queued, timeout=30)
             print("accept queues while both workers are stopped:", sockets)
-            assert len(sockets) == 1, sockets   # one socket: the old worker's, the new worker's
         finally:
             os.kill(worker, signal.SIGCONT)
         got = []
@@ -762,6 +761,7 @@ def test_connections_queued_on_a_stopped_workers_socket_are_served_after_the_upg
             for _, writer in conns:
                 writer.close()
         assert got == [b"queued-%02d" % i for i in range(clients)], got
+        assert len(sockets) == 1, sockets   # they waited on one socket: the old worker's, the new worker's
         status = await eventually(lambda: _moved(prog, first["pid"]), timeout=60)
         assert status["upgraded_from"] == first["pid"]
         await eventually(lambda: not alive(old_worker), timeout=30)   # killed at the drain's end
