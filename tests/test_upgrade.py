@@ -774,3 +774,38 @@ def test_connections_queued_on_a_stopped_workers_socket_are_served_after_the_upg
 async def _moved(prog: Program, before: int) -> dict[str, Any] | None:
     status = await prog.follow()
     return status if status["pid"] != before and status["ready"] else None
+
+
+def test_hundreds_of_services_hand_over_every_socket_in_batches(start: Start, short_dir: Path) -> None:
+    """300 TCP services on 2 workers: each old worker sends its 300 sockets in
+    batches of at most 253 (``SCM_MAX_FD``), the old master sends the 600 in
+    batches too, and each new worker holds exactly the listening sockets its
+    old worker of the same id held."""
+    ports = [free_port() for _ in range(300)]
+    svcs = {f"s{i}": {"kind": "echo", "listen": f"{HOST}:{port}"} for i, port in enumerate(ports)}
+    prog = start(toml(svcs, workers=2, drain=30.0))
+    wanted = set(ports)
+
+    def held(status: dict[str, Any]) -> dict[int, set[int]]:
+        out = subprocess.run(["ss", "-ltneH"], capture_output=True, text=True, timeout=30)
+        listening = set()
+        for line in out.stdout.splitlines():
+            found = re.search(r"\s127\.0\.0\.1:(\d+)\s.*\bino:(\d+)", line)
+            if found and int(found.group(1)) in wanted:
+                listening.add(int(found.group(2)))
+        return {w["worker"]: socket_inodes(w["pid"]) & listening for w in status["workers"]}
+
+    async def main() -> None:
+        first = await prog.wait_ready(timeout=120)
+        await prog.follow()
+        before = held(first)
+        assert [len(before[0]), len(before[1])] == [300, 300] and not before[0] & before[1], before
+        second, took = await upgrade(prog, "cli")
+        after = held(second)
+        print(f"300 services x 2 workers: every socket handed over in {took:.2f}s;",
+              re.findall(r"the workers serve on \d+ of the old workers' \d+ TCP listening sockets", prog.log()))
+        assert after == before
+        assert await roundtrip(ports[0]) == b"hello" and await roundtrip(ports[-1]) == b"hello"
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 240)

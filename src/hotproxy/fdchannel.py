@@ -15,7 +15,11 @@ Rules of this module:
   token (an ``InheritedListenerFactory``).  The master sends the descriptor
   before the command, so it is normally waiting already.
 * The worker reads its end without blocking: the loop never waits in
-  ``recvmsg()``; ``make()`` waits in the loop, bounded.
+  ``recvmsg()``; ``make()`` waits in the loop, bounded.  A worker process
+  reads it as descriptors arrive (``start``), not only when a command
+  claims one: the master sends every descriptor of a batch before the
+  batch (an upgrade hands over hundreds of TCP sockets), which would fill
+  the socket's buffer and block the master's send otherwise.
 * Every descriptor received is either taken by a listener or closed: the
   worker calls ``done(command)`` after every command, so a command that
   failed before binding leaves no descriptor behind, and a token given up
@@ -167,6 +171,44 @@ class FdReceiver:
         self._claimed: set[int] = set()
         #: tokens released before their descriptor was read: closed when it arrives
         self._unwanted: set[int] = set()
+        #: ``start`` ran: the loop reads the channel as descriptors arrive
+        self._reading = False
+        #: ``claim_async`` calls waiting for the next descriptor (``start``)
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def start(self) -> None:
+        """Read the channel in the running loop as descriptors arrive (a worker process)."""
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read_arrived)
+        self._reading = True
+
+    def _read_arrived(self) -> None:
+        try:
+            while self._read_one():
+                pass
+        except OSError:
+            # the master's end is closed: nothing more comes
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self._reading = False
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _read_one(self) -> bool:
+        """Read one descriptor if one is there (False if not); ``OSError`` if the channel is closed."""
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.sock, 8, 1)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not msg or not fds:
+            raise OSError(errno.EPIPE, "inherited listener channel closed")
+        got = int.from_bytes(msg, "big")
+        if got in self._unwanted:
+            self._unwanted.discard(got)
+            os.close(fds[0])
+        else:
+            self._received[got] = fds[0]
+        return True
 
     # -- commands ---------------------------------------------------------------
 
@@ -188,15 +230,8 @@ class FdReceiver:
     def claim(self, token: int) -> int:
         """The descriptor sent with *token*; ``BlockingIOError`` if it is not there yet."""
         while token not in self._received:
-            msg, fds, _, _ = socket.recv_fds(self.sock, 8, 1)   # BlockingIOError: not yet
-            if not msg or not fds:
-                raise OSError(errno.EPIPE, "inherited listener channel closed")
-            got = int.from_bytes(msg, "big")
-            if got in self._unwanted:
-                self._unwanted.discard(got)
-                os.close(fds[0])
-            else:
-                self._received[got] = fds[0]
+            if not self._read_one():
+                raise BlockingIOError(errno.EAGAIN, "not yet")
         self._claimed.add(token)
         return self._received.pop(token)
 
@@ -212,6 +247,14 @@ class FdReceiver:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise OSError(errno.ETIMEDOUT, "the inherited listener did not arrive")
+            if self._reading:
+                arrived: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(arrived)
+                try:
+                    await asyncio.wait_for(arrived, remaining)
+                except asyncio.TimeoutError:
+                    pass
+                continue
             readable: asyncio.Future[None] = loop.create_future()
             fd = self.sock.fileno()
 

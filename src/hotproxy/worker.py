@@ -108,6 +108,8 @@ class WorkerProcess:
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, True, None)
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, False, None)
 
+        if self.fds is not None:
+            self.fds.start()   # descriptors are read as they arrive (``fdchannel``)
         write_message(writer, ("ready", os.getpid()))
         runner = loop.create_task(self._run_commands(writer))
         reading = loop.create_task(self._read(reader, writer))
