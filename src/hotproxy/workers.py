@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from . import logs
 from .channel import read_message, write_message
-from .errors import WorkerError, WorkerTimeoutError
+from .errors import WorkerError, WorkerTimeoutError, describe
 from .executor import ServiceExecutor
 from .fdchannel import FdSender
 
@@ -333,7 +333,7 @@ class ProcessWorker:
             except WorkerError:
                 raise
             except Exception as exc:   # the worker's error (OSError: a send that failed)
-                raise WorkerError(self.id, f"listening sockets: {getattr(exc, 'strerror', None) or exc}") from None
+                raise WorkerError(self.id, f"listening sockets: {describe(exc)}") from None
             if len(got) != len(entries):
                 raise WorkerError(self.id, f"sent {len(got)} listening sockets for {len(entries)}")
         except BaseException:
