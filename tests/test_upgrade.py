@@ -760,6 +760,8 @@ def test_connections_queued_on_a_stopped_workers_socket_are_served_after_the_upg
         finally:
             for _, writer in conns:
                 writer.close()
+        served = sum(1 for i, data in enumerate(got) if data == b"queued-%02d" % i)
+        print(f"queued clients served after the upgrade: {served} of {clients}")
         assert got == [b"queued-%02d" % i for i in range(clients)], got
         assert len(sockets) == 1, sockets   # they waited on one socket: the old worker's, the new worker's
         status = await eventually(lambda: _moved(prog, first["pid"]), timeout=60)
