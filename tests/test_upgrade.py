@@ -811,3 +811,37 @@ def test_hundreds_of_services_hand_over_every_socket_in_batches(start: Start, sh
         await stop_and_check_nothing_left(prog)
 
     run(main(), 240)
+
+
+def test_a_new_master_short_of_descriptors_keeps_what_fits_and_its_workers_bind_the_rest(
+        start: Start, short_dir: Path) -> None:
+    """``ulimit -n 620``, 300 TCP services on 2 workers: the 600 sockets of the
+    old workers do not all fit in the new master with room to start its
+    workers.  It keeps what fits (its limit less what it has open and a
+    reserve), closes the rest (their old worker still holds them: nothing is
+    reset) with one warning, and the new workers bind their own for those:
+    the upgrade succeeds and every service answers.  (Holding all 600, the
+    new master could not even make its workers' channels: EMFILE.)"""
+    ports = [free_port() for _ in range(300)]
+    svcs = {f"s{i}": {"kind": "echo", "listen": f"{HOST}:{port}"} for i, port in enumerate(ports)}
+    prog = start(toml(svcs, workers=2, drain=30.0), nofile=620)
+
+    async def main() -> None:
+        first = await prog.wait_ready(timeout=120)
+        await prog.follow()
+        old = {w["pid"]: socket_inodes(w["pid"]) for w in first["workers"]}
+        second, _ = await upgrade(prog, "cli")
+        log = prog.log()
+        dropped = re.findall(r"upgrade: (\d+) of the old workers' TCP listening sockets were closed here "
+                             r"\(RLIMIT_NOFILE\)", log)
+        kept = re.findall(r"the workers serve on (\d+) of the old workers' (\d+) TCP listening sockets", log)
+        print("ulimit -n 620, 600 sockets:", dropped, "closed by the new master;", kept, "taken")
+        assert len(dropped) == 1 and len(kept) == 1 and int(dropped[0]) + int(kept[0][1]) == 600, (dropped, kept)
+        assert kept[0][0] == kept[0][1] and 0 < int(kept[0][0]) < 600, kept
+        shared = sum(len(socket_inodes(w["pid"]) & set().union(*old.values())) for w in second["workers"])
+        assert shared == int(kept[0][0]), (shared, kept)
+        for port in ports:
+            assert await roundtrip(port) == b"hello", port
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 240)

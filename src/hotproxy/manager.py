@@ -568,13 +568,13 @@ class WorkerManager:
         upgrades passed (``SharedSockets.adopt``); call before ``start``."""
         self._shared.adopt(path, sock)
 
-    async def tcp_listeners(self, timeout: float = 5.0) -> list[tuple[int, Any, int]]:
+    async def tcp_listeners(self, timeout: float = 5.0, *, worker: int | None = None) -> list[tuple[int, Any, int]]:
         """Every live worker's TCP listening sockets, for an upgrade's hand-over:
         ``(worker id, {"site", "key"}, fd)`` each, *key* as ``activation.key_of`` names
         the socket (the fds are the caller's to close).  Sockets systemd passed are
         left out (handed over whole); a worker that cannot send its own within
         *timeout* is left out with a warning (the new worker in its place binds
-        its own, as a worker that restarts does)."""
+        its own, as a worker that restarts does).  *worker*: that worker's only."""
         from .activation import key_of_sockaddr
 
         async def one(w: WorkerHandle) -> list[tuple[int, Any, int]]:
@@ -595,7 +595,7 @@ class WorkerManager:
                     out.append((w.id, {"site": entry.get("site"), "key": list(key)}, fd))
             return out
 
-        per_worker = await asyncio.gather(*(one(w) for w in self.live_workers()))
+        per_worker = await asyncio.gather(*(one(w) for w in self.live_workers() if worker in (None, w.id)))
         return [item for items in per_worker for item in items]
 
     def adopt_tcp(self, worker: int, key: Any, sock: Any) -> None:

@@ -49,7 +49,7 @@ import signal
 import socket
 import stat
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, AsyncGenerator, Callable, Sequence
 
 from . import activation, early_signals, gcpolicy, logs
 from .admin import AdminError, AdminServer
@@ -172,6 +172,9 @@ class Master:
             if self.link is not None:
                 hello = await self.link.receive()
                 self.link.mark("hello")
+                if self.link.tcp_dropped:
+                    log.warning("upgrade: %d of the old workers' TCP listening sockets were closed here "
+                                "(RLIMIT_NOFILE): the new workers bind their own for those", self.link.tcp_dropped)
                 if rt.config_source is not None:
                     first = self._fleet_config_from(hello)
                 self._follow_watchdog(hello.pid)
@@ -847,8 +850,6 @@ class Master:
             self.upgrading = {"pid": child.pid, "since": at}
             log.info("upgrade (%s): started the new master, pid %d", trigger, child.pid)
             fds = self._hand_over_fds()
-            # the old workers' TCP listening sockets: the new workers serve on them (closed below: ours are copies)
-            tcp = [({"worker": worker, **entry}, fd) for worker, entry, fd in await self.manager.tcp_listeners()]
             state = write_state(await self.manager.snapshot())
             if state is not None:
                 fds.append(({"name": "state"}, state))
@@ -858,15 +859,16 @@ class Master:
             if fleet is not None:
                 fds.append(({"name": "fleet"}, fleet[0]))
                 hello["fleet"] = fleet[1]
+            timeout = self.reloader.current.runtime.upgrade_timeout
             try:
-                await send_everything(child, fds, hello, tcp)
+                await asyncio.wait_for(send_everything(child, fds, hello, self._workers_tcp_sockets), timeout)
             except OSError as exc:
                 # gone already: wait_ready tells how (its failure message is queued)
                 log.debug("upgrade: cannot send to the new master: %s", exc)
+            except asyncio.TimeoutError:
+                raise UpgradeError(f"the new master (pid {child.pid}) did not take what this one hands over "
+                                   f"within {timeout:g}s (runtime.upgrade_timeout): killed") from None
             finally:
-                for _, fd in tcp:
-                    os.close(fd)
-                tcp.clear()
                 if state is not None:
                     os.close(state)
                 if fleet is not None:
@@ -899,6 +901,19 @@ class Master:
         if not result.ok and not self._stopping:
             self.notify.send("READY=1", f"STATUS={result.line()}")
         return result
+
+    async def _workers_tcp_sockets(self) -> AsyncGenerator[list[tuple[dict[str, Any], int]], None]:
+        """Each old worker's TCP listening sockets in turn (``WorkerManager.tcp_listeners``),
+        for the new worker of its id; each list's descriptors (copies) are closed once
+        sent, before the next worker's are asked for: this master holds one worker's at most."""
+        assert self.manager is not None
+        for worker in [w.id for w in self.manager.live_workers()]:
+            items = [({"worker": wid, **entry}, fd) for wid, entry, fd in await self.manager.tcp_listeners(worker=worker)]
+            try:
+                yield items
+            finally:
+                for _, fd in items:
+                    os.close(fd)
 
     def _run_options(self) -> tuple[str, ...]:
         """The ``run`` options the new master of an upgrade needs beyond the file (``--etcd``)."""

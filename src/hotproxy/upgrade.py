@@ -71,7 +71,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncGenerator, Callable
 
 log = logging.getLogger("hotproxy.upgrade")
 
@@ -452,17 +452,22 @@ class NewMasterProcess:
             self._pidfd = None
 
 
-async def send_everything(child: NewMasterProcess, fds: list[tuple[dict[str, Any], int]],
-                          hello: dict[str, Any], tcp: list[tuple[dict[str, Any], int]] | None = None) -> None:
-    """The descriptors, each with its message; the workers' TCP sockets (*tcp*),
-    ``SCM_MAX_FD`` to a message; then the hello."""
+async def send_everything(child: NewMasterProcess, fds: list[tuple[dict[str, Any], int]], hello: dict[str, Any],
+                          tcp: Callable[[], AsyncGenerator[list[tuple[dict[str, Any], int]], None]] | None = None
+                          ) -> None:
+    """The descriptors, each with its message; the workers' TCP sockets, as *tcp*
+    yields them (a list per old worker: sent ``SCM_MAX_FD`` to a message, then
+    closed by *tcp*, so no master holds every worker's at once); then the hello."""
     for msg, fd in fds:
         await child.channel.send({"type": "fd", **msg}, fd)
-    tcp = tcp or []
-    for start in range(0, len(tcp), SCM_MAX_FD):
-        batch = tcp[start:start + SCM_MAX_FD]
-        await child.channel.send({"type": "fds", "items": [{"name": "tcp", **msg} for msg, _ in batch]},
-                                 fds=[fd for _, fd in batch])
+    if tcp is not None:
+        # (closed however this ends, cancelled included: the descriptors it holds are closed at once)
+        async with contextlib.aclosing(tcp()) as lists:
+            async for items in lists:
+                for start in range(0, len(items), SCM_MAX_FD):
+                    batch = items[start:start + SCM_MAX_FD]
+                    await child.channel.send({"type": "fds", "items": [{"name": "tcp", **msg} for msg, _ in batch]},
+                                             fds=[fd for _, fd in batch])
     await child.channel.send({"type": "hello", "protocol": PROTOCOL, **hello})
 
 
@@ -589,6 +594,27 @@ class Hello:
         self.old_masters.clear()
 
 
+#: descriptors a new master keeps free for its own work (its workers' channels, the admin socket,
+#: connections) while it holds the old workers' TCP sockets: a quarter of its limit, at most this
+TCP_RESERVE = 1024
+
+
+def _tcp_room(received: int = 0) -> int:
+    """How many of the old workers' TCP sockets this process may hold: its ``RLIMIT_NOFILE``
+    less what is open now (but the *received* descriptors being sorted) and a reserve
+    (``TCP_RESERVE``): a master at its limit could not start its workers."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    try:
+        used = len(os.listdir("/proc/self/fd")) - received
+    except OSError:
+        used = 64
+    return max(0, soft - used - min(TCP_RESERVE, soft // 4))
+
+
 class Link:
     """The new master's end of the channel to the old master that started it."""
 
@@ -601,6 +627,9 @@ class Link:
         self.marks: dict[str, float] = dict(marks or {})
         #: the state memfd the old master sent with ``released``: its workers' final snapshots
         self.last_state: int | None = None
+        #: how many of the old workers' TCP sockets this master may hold (``_tcp_room``), and how many it closed
+        self._tcp_budget: int | None = None
+        self.tcp_dropped = 0
 
     async def receive(self, timeout: float = HELLO_TIMEOUT) -> Hello:
         """Everything the old master sends before its hello, and the hello; ``UpgradeError`` if it does not come."""
@@ -642,18 +671,28 @@ class Link:
             hello.close()
             raise
 
-    @staticmethod
-    def _take_many(hello: Hello, msg: dict[str, Any], fds: list[int]) -> None:
-        """An ``fds`` message: the old workers' TCP sockets (any other item's descriptor is closed)."""
+    def _take_many(self, hello: Hello, msg: dict[str, Any], fds: list[int]) -> None:
+        """An ``fds`` message: the old workers' TCP sockets (any other item's descriptor is
+        closed, and so is one beyond ``_tcp_room``: its new worker binds its own)."""
         items = msg.get("items")
         items = items if isinstance(items, list) else []
+        if self._tcp_budget is None:
+            self._tcp_budget = _tcp_room(len(fds))
+        # items whose descriptor did not come: the kernel dropped it (no room to receive it)
+        self.tcp_dropped += sum(1 for item in items[len(fds):] if isinstance(item, dict) and item.get("name") == "tcp")
         for i, fd in enumerate(fds):
             item = items[i] if i < len(items) and isinstance(items[i], dict) else {}
             key, worker = item.get("key"), item.get("worker")
             if item.get("name") == "tcp" and isinstance(worker, int) and isinstance(key, list) and len(key) == 3:
-                hello.tcp.append((worker, tuple(key), socket.socket(fileno=fd)))
-            else:
-                os.close(fd)
+                if len(hello.tcp) < self._tcp_budget:
+                    try:
+                        hello.tcp.append((worker, tuple(key), socket.socket(fileno=fd)))
+                        continue
+                    except OSError:
+                        pass   # not a socket: closed below
+                else:
+                    self.tcp_dropped += 1
+            os.close(fd)
 
     @staticmethod
     def _take(hello: Hello, msg: dict[str, Any], fd: int) -> None:

@@ -188,30 +188,39 @@ class WorkerProcess:
         """Send every serving site's TCP listening socket to the master over the fd
         channel (``fdchannel.send_listeners``), for an upgrade; what each one is, in order.
 
-        The descriptors are duplicates: this worker keeps accepting on its own
-        until the hand-over closes it (the socket lives on in the new worker).
+        Duplicates are sent, ``SCM_MAX_FD`` at a time (a listener may change its
+        descriptor while a send waits; a worker near its ``RLIMIT_NOFILE`` needs
+        room for one batch only): this worker keeps accepting on its own until
+        the hand-over closes it (the socket lives on in the new worker).
         """
-        from .fdchannel import send_listeners
+        from .fdchannel import SCM_MAX_FD, send_listeners
 
         if self.fds is None:
             return []
+        listeners = [(name, site.listener) for name, site in self.executor.sites.items()
+                     if site.listener is not None and site.listener.sock.family in (socket.AF_INET, socket.AF_INET6)]
         entries: list[dict[str, Any]] = []
-        dups: list[int] = []
-        try:
-            for name, site in self.executor.sites.items():
-                listener = site.listener
-                if listener is None or listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
-                    continue
-                try:
-                    host, port = listener.sock.getsockname()[:2]
-                    dups.append(os.dup(listener.sock.fileno()))
-                except OSError:
-                    continue   # closed meanwhile: not handed over, a new worker binds its own
-                entries.append({"site": name, "host": host, "port": port})
-            await send_listeners(self.fds.sock, dups)
-        finally:
-            for fd in dups:
-                os.close(fd)
+        skipped = 0
+        for start in range(0, len(listeners), SCM_MAX_FD):
+            batch: list[dict[str, Any]] = []
+            dups: list[int] = []
+            try:
+                for name, listener in listeners[start:start + SCM_MAX_FD]:
+                    try:
+                        host, port = listener.sock.getsockname()[:2]
+                        dups.append(os.dup(listener.sock.fileno()))
+                    except OSError:   # closed meanwhile, or no descriptor left: its new worker binds its own
+                        skipped += 1
+                        continue
+                    batch.append({"site": name, "host": host, "port": port})
+                await send_listeners(self.fds.sock, dups)
+            finally:
+                for fd in dups:
+                    os.close(fd)
+            entries += batch
+        if skipped:
+            log.warning("upgrade: %d listening sockets not handed over (closed, or no descriptor left to send them)",
+                        skipped)
         return entries
 
     async def _status(self, names: Any, summary: bool) -> dict[str, Any]:
