@@ -845,3 +845,96 @@ def test_a_new_master_short_of_descriptors_keeps_what_fits_and_its_workers_bind_
         await stop_and_check_nothing_left(prog)
 
     run(main(), 240)
+
+
+def test_a_hello_and_sockets_of_10000_services_cross_the_channel() -> None:
+    """The old master's hello for 10,000 services (their addresses and counter
+    slots: more than one message holds) travels in a memfd, and 600 workers'
+    TCP sockets in messages of at most 253, over a real socketpair; the new
+    master's end reads every field and every socket.  (Before: ``upgrade
+    message of N bytes is too large`` -- no upgrade of 10,000 services.)"""
+    import socket
+
+    from hotproxy.upgrade import Channel, Link, send_everything
+
+    listen = [f"127.0.0.1:{20000 + i}" for i in range(10000)]
+    hello = {"pid": 4242, "admin_socket": "/x/admin.sock", "listen": listen,
+             "counters": {"slots": [[f"s{i}", "max_connections", i] for i in range(10000)], "regions": {"4242": [0]}}}
+    socks = [socket.socket() for _ in range(600)]
+
+    class Child:
+        channel: Channel
+
+    async def main() -> None:
+        child = Child()
+        child.channel, theirs = Channel.pair()
+        link = Link(theirs.detach())
+
+        async def tcp() -> Any:
+            for w in range(2):
+                yield [({"worker": w, "site": f"s{i}", "key": ["tcp", "127.0.0.1", 20000 + i]}, socks[w * 300 + i].fileno())
+                       for i in range(300)]
+
+        sending = asyncio.ensure_future(send_everything(child, [], hello, tcp))   # type: ignore[arg-type]
+        got = await link.receive(timeout=30)
+        await sending
+        assert got.pid == 4242 and got.listen == listen and len(got.counter_slots()) == 10000
+        assert sorted((w, key[2]) for w, key, _ in got.tcp) == sorted((w, 20000 + i) for w in range(2) for i in range(300))
+        inodes = {os.fstat(s.fileno()).st_ino for s in socks}
+        assert {os.fstat(sock.fileno()).st_ino for _, _, sock in got.tcp} == inodes   # the very sockets
+        got.close()
+        link.channel.close()
+        child.channel.close()
+
+    try:
+        run(main(), 60)
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_upgrade_of_10000_services_hands_their_sockets_over(start: Start) -> None:
+    """10,000 TCP echo services (on 127.0.0.3) on 2 workers, upgraded twice: each
+    upgrade succeeds, every old socket is either served on by its new worker or
+    closed by the new master for want of descriptors (one warning; their new
+    worker binds its own), and services answer at both ends of the range."""
+    import socket
+
+    # (127.0.0.3, above the ports other tests take (conftest.free_port): 10,000 of them must stay free)
+    host, ports = "127.0.0.3", []
+    for port in range(40000, 52000):
+        with socket.socket() as probe, contextlib.suppress(OSError):
+            probe.bind((host, port))
+            ports.append(port)
+        if len(ports) == 10000:
+            break
+    assert len(ports) == 10000
+    svcs = {f"s{i}": {"kind": "echo", "listen": f"{host}:{port}"} for i, port in enumerate(ports)}
+    prog = start(toml(svcs, workers=2, drain=10.0, upgrade_timeout=300.0, reload_timeout=300.0))
+
+    async def answers(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(b"hello")
+            return await asyncio.wait_for(reader.readexactly(5), 30)
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        await prog.wait_ready(timeout=300)
+        await prog.follow()
+        for _ in range(2):
+            _, took = await upgrade(prog, "cli")
+            print(f"10,000 services x 2 workers: upgraded in {took:.1f}s")
+            assert [await answers(p) for p in (ports[0], ports[4999], ports[-1])] == [b"hello"] * 3
+        log = prog.log()
+        kept = [int(n) for n in re.findall(r"the workers serve on (\d+) of the old workers' \1 TCP listening", log)]
+        closed = [int(n) for n in re.findall(r"upgrade: (\d+) of the old workers' TCP listening sockets were closed", log)]
+        print("sockets served on by the new workers:", kept, "closed by the new master (RLIMIT_NOFILE):", closed)
+        assert len(kept) == 2 and all(k > 0 for k in kept), kept
+        assert [k + c for k, c in zip(kept, closed + [0] * (2 - len(closed)))] == [20000, 20000], (kept, closed)
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 580)

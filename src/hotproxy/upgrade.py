@@ -53,6 +53,7 @@ Messages (old -> new, then new -> old, then both ways while the old drains)::
     {"type": "fd", "name": "admin" | "listener" | "counters" | "health" | "state" | "old-master", ...} + descriptor
     {"type": "fds", "items": [{"name": "tcp", "worker": I, "key": ["tcp", HOST, PORT], "site": NAME}, ...]} + descriptors
     {"type": "hello", "protocol": 1, "pid": OLD, "admin_socket": PATH, "listen": [...], ...}
+        (larger than MAX_MESSAGE: {"type": "hello", "protocol": 1, "memfd": true} + a memfd holding it)
     {"type": "ready", "pid": NEW, "admin": "inherited" | "own", "marks": {...}}   or   {"type": "failed", "error": LINE}
     {"type": "released"}
     {"type": "status"} -> {"type": "status", "pid": OLD, "connections": N, "since": T, "drain_timeout": S}
@@ -468,7 +469,20 @@ async def send_everything(child: NewMasterProcess, fds: list[tuple[dict[str, Any
                     batch = items[start:start + SCM_MAX_FD]
                     await child.channel.send({"type": "fds", "items": [{"name": "tcp", **msg} for msg, _ in batch]},
                                              fds=[fd for _, fd in batch])
-    await child.channel.send({"type": "hello", "protocol": PROTOCOL, **hello})
+    msg = {"type": "hello", "protocol": PROTOCOL, **hello}
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if len(data) <= MAX_MESSAGE:
+        await child.channel.send(msg)
+        return
+    # a hello too large for one message (10,000 services' addresses and counter slots): in a memfd
+    fd = os.memfd_create("hotproxy-hello", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        await child.channel.send({"type": "hello", "protocol": PROTOCOL, "memfd": True}, fd)
+    finally:
+        os.close(fd)
 
 
 async def wait_ready(child: NewMasterProcess, timeout: float) -> dict[str, Any]:
@@ -615,6 +629,22 @@ def _tcp_room(received: int = 0) -> int:
     return max(0, soft - used - min(TCP_RESERVE, soft // 4))
 
 
+def _read_hello(fd: int) -> dict[str, Any]:
+    """The hello the old master wrote in the memfd *fd* (closed); ``UpgradeError`` if unreadable."""
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_STATE:
+            raise ValueError(f"{size} bytes is more than {MAX_STATE}")
+        msg = json.loads(os.pread(fd, size, 0))
+        if not isinstance(msg, dict) or msg.get("type") != "hello":
+            raise ValueError("not a hello")
+        return msg
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UpgradeError(f"the old master's hello cannot be read: {exc}") from None
+    finally:
+        os.close(fd)
+
+
 class Link:
     """The new master's end of the channel to the old master that started it."""
 
@@ -651,7 +681,9 @@ class Link:
                     if kind == "fd" and fd is not None:
                         self._take(hello, msg, fd)
                     elif kind == "hello":
-                        if fd is not None:
+                        if msg.get("memfd") is True and fd is not None:
+                            msg = _read_hello(fd)   # (closes it)
+                        elif fd is not None:
                             os.close(fd)
                         if msg.get("protocol") != PROTOCOL:
                             raise UpgradeError(f"the old master speaks upgrade protocol {msg.get('protocol')!r}, "
