@@ -468,6 +468,7 @@ class WorkerManager:
         while not self._stop_asked():
             code = await w.wait()
             w.alive = w.ready = False
+            self._shared.forget_handed(w.id)   # an upgrade's sockets passed on to it are gone with it
             if self._stop_asked():
                 return
             assert self.limits is not None
@@ -598,14 +599,37 @@ class WorkerManager:
         per_worker = await asyncio.gather(*(one(w) for w in self.live_workers() if worker in (None, w.id)))
         return [item for items in per_worker for item in items]
 
-    def adopt_tcp(self, worker: int, key: Any, sock: Any) -> None:
-        """New worker *worker* serves address *key* on *sock*, old worker *worker*'s
-        TCP listening socket (``SharedSockets.adopt_tcp``); call before the first dispatch."""
-        self._shared.adopt_tcp(worker, tuple(key), sock)
+    def adopt_tcp(self, worker: int, key: tuple[Any, ...], fd: int) -> bool:
+        """Pass *fd*, old worker *worker*'s TCP listening socket bound to *key*, on to
+        new worker *worker*, which serves *key* on it (``SharedSockets.adopt_tcp``);
+        call after ``start``, before the first dispatch.  *fd* is closed here in
+        every case; False if no worker took it (none of that id: it binds its own)."""
+        try:
+            w = next((w for w in self.workers if w.id == worker and w.alive), None)
+            if not isinstance(w, ProcessWorker):
+                return False
+            try:
+                self._shared.adopt_tcp(w, key, fd)
+            except WorkerError as exc:
+                log.warning("upgrade: %s: it binds its own", describe(exc))
+                return False
+            return True
+        finally:
+            os.close(fd)
 
-    def close_handed(self) -> int:
-        """Close the handed-over TCP sockets no service took (``SharedSockets.close_handed``)."""
-        return self._shared.close_handed()
+    async def release_handed(self) -> int:
+        """Make the workers close the handed-over TCP sockets no service took
+        (``SharedSockets.release_handed``); how many."""
+        unclaimed = self._shared.release_handed()
+        for w in self.workers:
+            tokens = unclaimed.get(w.id)
+            if tokens and isinstance(w, ProcessWorker) and w.alive:
+                try:
+                    await asyncio.wait_for(w.release_listeners(tokens), STATUS_TIMEOUT)
+                except (HotproxyError, asyncio.TimeoutError) as exc:
+                    log.warning("worker %d: the handed-over sockets no service took stay open (%s)", w.id,
+                                describe(exc) if isinstance(exc, HotproxyError) else "no answer")
+        return sum(len(t) for t in unclaimed.values())
 
     def activate(self, sock: Any) -> str | None:
         """Serve the sites on *sock*'s address on *sock*, a listening socket systemd

@@ -164,17 +164,14 @@ class Master:
         rt = self.config.runtime
         raise_nofile(len(self.config.services))
         hello: Hello | None = None
-        #: how many TCP listening sockets the old workers handed over (an upgrade)
-        tcp_handed = 0
+        #: how many TCP listening sockets the old workers handed over (an upgrade), and were passed on to a worker
+        tcp_handed = tcp_taken = 0
         #: the config the workers start with: the file's, or (a fleet instance's upgrade) the fleet's
         first = self.config
         try:
             if self.link is not None:
                 hello = await self.link.receive()
                 self.link.mark("hello")
-                if self.link.tcp_dropped:
-                    log.warning("upgrade: %d of the old workers' TCP listening sockets were closed here "
-                                "(RLIMIT_NOFILE): the new workers bind their own for those", self.link.tcp_dropped)
                 if rt.config_source is not None:
                     first = self._fleet_config_from(hello)
                 self._follow_watchdog(hello.pid)
@@ -213,11 +210,6 @@ class Master:
                 for path, sock in hello.unix.items():
                     self.manager.adopt_unix(path, sock)
                 hello.unix.clear()
-                # new worker i serves on old worker i's TCP sockets (their queues go on)
-                tcp_handed = len(hello.tcp)
-                for worker, key, tcp_sock in hello.tcp:
-                    self.manager.adopt_tcp(worker, key, tcp_sock)
-                hello.tcp.clear()
                 if "counters" in hello.fds:
                     # one max_connections count for both generations while the old one drains
                     self.manager.adopt_counters(hello.fds.pop("counters"), hello.used_regions(),
@@ -235,6 +227,21 @@ class Master:
                 log.error("cannot start workers: %s", exc)
                 self._upgrade_failed(f"cannot start workers: {describe(exc)}")
                 return 1
+            if self.link is not None and hello is not None:
+                # new worker i serves on old worker i's TCP sockets (their queues go on): each is
+                # passed on to it as it arrives, this master keeps none
+                def take(worker: int, key: tuple[Any, ...], fd: int) -> None:
+                    nonlocal tcp_taken
+                    assert self.manager is not None
+                    tcp_taken += self.manager.adopt_tcp(worker, key, fd)
+
+                try:
+                    tcp_handed = await self.link.receive_tcp(take)
+                except UpgradeError as exc:
+                    log.error("cannot start: %s", exc)
+                    self._upgrade_failed(str(exc))
+                    await self.manager.stop(graceful=False)
+                    return 1
             self.reloader = Reloader(self.manager)
             # the addresses of the sockets systemd passed are ours, not a stranger's
             self.reloader.held = list(self._activated)
@@ -253,10 +260,10 @@ class Master:
             if self.link is not None and report.ok:
                 self.link.mark("applied")
             if hello is not None:
-                # a socket no service took is closed here; its old worker holds it until it stops accepting
-                unused = self.manager.close_handed()
+                # a socket no service took is closed; its old worker holds it until it stops accepting
+                unused = await self.manager.release_handed()
                 log.info("upgrade: the workers serve on %d of the old workers' %d TCP listening sockets",
-                         tcp_handed - unused, tcp_handed)
+                         tcp_taken - unused, tcp_handed)
             if not report.ok:
                 log.error("cannot start: the config could not be applied")
                 self._upgrade_failed(f"the config could not be applied: {report.error}")

@@ -21,12 +21,13 @@ Rules of this module:
   to the sites whose address is theirs, the same way; they are kept (never
   released, never unlinked) until the master stops or hands over.
 * TCP sockets are the workers' own (``SO_REUSEPORT``), but for an upgrade:
-  the old workers' TCP listening sockets, handed over by old worker id and
-  address (``adopt_tcp``), go to the new worker of the same id for the
-  first command that names that address -- the same socket, its queue goes
-  on -- and the master keeps no copy; ``close_handed`` closes the ones no
-  service took (their old worker still holds them).  A worker that
-  restarts later binds its own.
+  each old worker's TCP listening sockets are passed on to the new worker
+  of the same id as they arrive (``adopt_tcp``: the master keeps no copy,
+  only the token by address), and the first command that names that
+  address on that worker serves on it -- the same socket, its queue goes
+  on.  ``release_handed`` makes the workers close the ones no service took
+  (their old worker still holds them); a worker that dies has its tokens
+  forgotten (``forget_handed``) and, restarted, binds its own.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ class SharedSockets:
         self._activated: dict[activation.Key, BoundListener] = {}
         #: a TCP factory's key (its bind address looked up once), for matching ``_activated``
         self._tcp_keys: dict[TcpListenerFactory, activation.Key | None] = {}
-        #: TCP listening sockets an upgrade handed over, by (old worker id, address key)
-        self._handed: dict[tuple[int, activation.Key], Any] = {}
+        #: the tokens of the TCP listening sockets an upgrade passed on to worker *id*, by (id, address key)
+        self._handed: dict[tuple[int, activation.Key], int] = {}
+        #: tokens passed on that no command will claim, by worker id (``release_handed``)
+        self._unclaimed: dict[int, list[int]] = {}
 
     def activate(self, sock: Any) -> str | None:
         """Serve the sites listening on *sock*'s address on *sock* (a socket
@@ -100,22 +103,35 @@ class SharedSockets:
         """True if a socket systemd passed is bound to *key* (shared already: never handed per worker)."""
         return key in self._activated
 
-    def adopt_tcp(self, worker: int, key: activation.Key, sock: Any) -> None:
-        """Keep *sock*, old worker *worker*'s TCP listening socket bound to *key*, for
-        new worker *worker* (an upgrade; see the module's docstring)."""
-        old = self._handed.pop((worker, key), None)
+    def adopt_tcp(self, worker: ProcessWorker, key: activation.Key, fd: int) -> None:
+        """Pass *fd*, the TCP listening socket bound to *key* of the old worker with
+        *worker*'s id, on to *worker* now (an upgrade; see the module's docstring).
+        The caller closes *fd*; ``WorkerError`` if it cannot be sent."""
+        self._token += 1
+        token = self._token
+        try:
+            worker.send_listener(token, fd)
+        except OSError as exc:
+            raise WorkerError(worker.id, f"cannot send listener {key}: {describe(exc)}") from None
+        old = self._handed.pop((worker.id, key), None)
+        self._handed[(worker.id, key)] = token
         if old is not None:
-            old.close()
-        self._handed[(worker, key)] = sock
+            self._unclaimed.setdefault(worker.id, []).append(old)
 
-    def close_handed(self) -> int:
-        """Close the handed-over TCP sockets no service took (their old worker holds
-        them on until it stops accepting); how many."""
-        n = len(self._handed)
-        for sock in self._handed.values():
-            sock.close()
+    def forget_handed(self, worker: int) -> None:
+        """Worker *worker* died: the sockets passed on to it are gone with it."""
+        for k in [k for k in self._handed if k[0] == worker]:
+            del self._handed[k]
+        self._unclaimed.pop(worker, None)
+
+    def release_handed(self) -> dict[int, list[int]]:
+        """The tokens, by worker id, of the handed-over TCP sockets no service took:
+        their workers are to close them (their old worker holds them on)."""
+        for (worker, _), token in self._handed.items():
+            self._unclaimed.setdefault(worker, []).append(token)
         self._handed.clear()
-        return n
+        out, self._unclaimed = self._unclaimed, {}
+        return out
 
     def adopt(self, path: str, sock: Any) -> None:
         """Serve *path* on *sock*, bound and listening in the master this one
@@ -149,25 +165,22 @@ class SharedSockets:
         if not isinstance(lf, (UnixListenerFactory, TcpListenerFactory)):
             return command
         bound = self._activated_for(lf)
-        handed = None
         if bound is None and isinstance(lf, TcpListenerFactory):
             key = self._tcp_key(lf) if self._handed else None
             handed = self._handed.pop((worker.id, key), None) if key is not None else None
             if handed is None:
                 return command   # each worker binds its own (SO_REUSEPORT)
-        elif bound is None:
+            # the old worker's socket, passed on to this worker already (``adopt_tcp``)
+            return with_listener_factory(command, InheritedListenerFactory(lf, handed))
+        if bound is None:
             assert isinstance(lf, UnixListenerFactory)
             bound = self._bound_at(site_of(command) or "?", lf)
-        fd = handed.fileno() if handed is not None else bound.sock.fileno() if bound is not None else -1
         self._token += 1
         token = self._token
         try:
-            worker.send_listener(token, fd)
+            worker.send_listener(token, bound.sock.fileno())
         except OSError as exc:
             raise WorkerError(worker.id, f"cannot send listener {lf.address}: {describe(exc)}") from None
-        finally:
-            if handed is not None:
-                handed.close()   # the worker's now (or, if it could not be sent, still its old worker's)
         return with_listener_factory(command, InheritedListenerFactory(lf, token))
 
     def _bound_at(self, site: str, lf: UnixListenerFactory) -> BoundListener:
@@ -197,7 +210,8 @@ class SharedSockets:
         for bound in self._activated.values():
             bound.close()
         self._activated.clear()
-        self.close_handed()
+        self._handed.clear()   # (passed on: the workers' to close)
+        self._unclaimed.clear()
 
 
 __all__ = ["SharedSockets"]

@@ -10,8 +10,11 @@ of every service's state.  It is a reload of the master, all or nothing:
 
 1. **Prepare** (the new master): read what the old one sent, load the file
    as it is now, start its workers and apply the config to them, seeded
-   with the snapshot.  New worker *i* serves each TCP address on old
-   worker *i*'s very socket for it (matched by ``getsockname``: both
+   with the snapshot.  The old workers' TCP sockets follow the hello, one
+   old worker's after the other, and are passed on to the new workers as
+   they arrive (neither master ever holds them all: 10,000 services fit a
+   master's descriptor limit).  New worker *i* serves each TCP address on
+   old worker *i*'s very socket for it (matched by ``getsockname``: both
    generations accept on it during the overlap, and its queue goes on);
    new workers beyond the old count, and addresses the old master did not
    serve, bind their own with ``SO_REUSEPORT``; a handed-over socket no
@@ -51,9 +54,10 @@ Rules of this module:
 Messages (old -> new, then new -> old, then both ways while the old drains)::
 
     {"type": "fd", "name": "admin" | "listener" | "counters" | "health" | "state" | "old-master", ...} + descriptor
-    {"type": "fds", "items": [{"name": "tcp", "worker": I, "key": ["tcp", HOST, PORT], "site": NAME}, ...]} + descriptors
-    {"type": "hello", "protocol": 1, "pid": OLD, "admin_socket": PATH, "listen": [...], ...}
+    {"type": "hello", "protocol": 1, "pid": OLD, "admin_socket": PATH, "listen": [...], "tcp": true, ...}
         (larger than MAX_MESSAGE: {"type": "hello", "protocol": 1, "memfd": true} + a memfd holding it)
+    {"type": "fds", "items": [{"name": "tcp", "worker": I, "key": ["tcp", HOST, PORT], "site": NAME}, ...]} + descriptors
+    {"type": "tcp-end"}     (the "fds" and this only if the hello says "tcp": true)
     {"type": "ready", "pid": NEW, "admin": "inherited" | "own", "marks": {...}}   or   {"type": "failed", "error": LINE}
     {"type": "released"}
     {"type": "status"} -> {"type": "status", "pid": OLD, "connections": N, "since": T, "drain_timeout": S}
@@ -456,31 +460,39 @@ class NewMasterProcess:
 async def send_everything(child: NewMasterProcess, fds: list[tuple[dict[str, Any], int]], hello: dict[str, Any],
                           tcp: Callable[[], AsyncGenerator[list[tuple[dict[str, Any], int]], None]] | None = None
                           ) -> None:
-    """The descriptors, each with its message; the workers' TCP sockets, as *tcp*
-    yields them (a list per old worker: sent ``SCM_MAX_FD`` to a message, then
-    closed by *tcp*, so no master holds every worker's at once); then the hello."""
+    """The descriptors, each with its message; the hello; then the workers' TCP
+    sockets, as *tcp* yields them (a list per old worker: sent ``SCM_MAX_FD`` to
+    a message, then closed by *tcp*, so this master holds one worker's at most)
+    and ``tcp-end``.  They come after the hello so that the new master, its
+    workers started, passes each on as it arrives (``Link.receive_tcp``) and
+    holds none of them either."""
     for msg, fd in fds:
         await child.channel.send({"type": "fd", **msg}, fd)
-    if tcp is not None:
-        # (closed however this ends, cancelled included: the descriptors it holds are closed at once)
-        async with contextlib.aclosing(tcp()) as lists:
-            async for items in lists:
-                for start in range(0, len(items), SCM_MAX_FD):
-                    batch = items[start:start + SCM_MAX_FD]
-                    await child.channel.send({"type": "fds", "items": [{"name": "tcp", **msg} for msg, _ in batch]},
-                                             fds=[fd for _, fd in batch])
-    msg = {"type": "hello", "protocol": PROTOCOL, **hello}
+    await _send_hello(child.channel, {"type": "hello", "protocol": PROTOCOL, **hello, "tcp": tcp is not None})
+    if tcp is None:
+        return
+    # (closed however this ends, cancelled included: the descriptors it holds are closed at once)
+    async with contextlib.aclosing(tcp()) as lists:
+        async for items in lists:
+            for start in range(0, len(items), SCM_MAX_FD):
+                batch = items[start:start + SCM_MAX_FD]
+                await child.channel.send({"type": "fds", "items": [{"name": "tcp", **msg} for msg, _ in batch]},
+                                         fds=[fd for _, fd in batch])
+    await child.channel.send({"type": "tcp-end"})
+
+
+async def _send_hello(channel: Channel, msg: dict[str, Any]) -> None:
+    """The hello; one too large for a message (10,000 services' addresses and counter slots) in a memfd."""
     data = json.dumps(msg, separators=(",", ":")).encode()
     if len(data) <= MAX_MESSAGE:
-        await child.channel.send(msg)
+        await channel.send(msg)
         return
-    # a hello too large for one message (10,000 services' addresses and counter slots): in a memfd
     fd = os.memfd_create("hotproxy-hello", os.MFD_CLOEXEC)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        await child.channel.send({"type": "hello", "protocol": PROTOCOL, "memfd": True}, fd)
+        await channel.send({"type": "hello", "protocol": PROTOCOL, "memfd": True}, fd)
     finally:
         os.close(fd)
 
@@ -556,8 +568,6 @@ class Hello:
     admin: socket.socket | None = None
     #: the listening sockets systemd passed to the first master (``activation``)
     activated: list[socket.socket] = field(default_factory=list)
-    #: the old workers' TCP listening sockets: (old worker id, address key, socket)
-    tcp: list[tuple[int, tuple[Any, ...], socket.socket]] = field(default_factory=list)
     #: descriptors of other kinds, by name (the counters, the state)
     fds: dict[str, int] = field(default_factory=dict)
     #: channels to older masters still draining: (pid, channel)
@@ -593,9 +603,6 @@ class Hello:
         for sock in self.activated:
             sock.close()
         self.activated.clear()
-        for _, _, sock in self.tcp:
-            sock.close()
-        self.tcp.clear()
         if self.admin is not None:
             self.admin.close()
             self.admin = None
@@ -606,27 +613,6 @@ class Hello:
         for _, chan in self.old_masters:
             chan.close()
         self.old_masters.clear()
-
-
-#: descriptors a new master keeps free for its own work (its workers' channels, the admin socket,
-#: connections) while it holds the old workers' TCP sockets: a quarter of its limit, at most this
-TCP_RESERVE = 1024
-
-
-def _tcp_room(received: int = 0) -> int:
-    """How many of the old workers' TCP sockets this process may hold: its ``RLIMIT_NOFILE``
-    less what is open now (but the *received* descriptors being sorted) and a reserve
-    (``TCP_RESERVE``): a master at its limit could not start its workers."""
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 30
-    try:
-        used = len(os.listdir("/proc/self/fd")) - received
-    except OSError:
-        used = 64
-    return max(0, soft - used - min(TCP_RESERVE, soft // 4))
 
 
 def _read_hello(fd: int) -> dict[str, Any]:
@@ -657,9 +643,6 @@ class Link:
         self.marks: dict[str, float] = dict(marks or {})
         #: the state memfd the old master sent with ``released``: its workers' final snapshots
         self.last_state: int | None = None
-        #: how many of the old workers' TCP sockets this master may hold (``_tcp_room``), and how many it closed
-        self._tcp_budget: int | None = None
-        self.tcp_dropped = 0
 
     async def receive(self, timeout: float = HELLO_TIMEOUT) -> Hello:
         """Everything the old master sends before its hello, and the hello; ``UpgradeError`` if it does not come."""
@@ -672,9 +655,6 @@ class Link:
                         raise UpgradeError("the old master closed the upgrade channel before its hello")
                     msg, fds = many
                     kind = msg.get("type")
-                    if kind == "fds":
-                        self._take_many(hello, msg, fds)
-                        continue
                     for extra in fds[1:]:
                         os.close(extra)
                     fd = fds[0] if fds else None
@@ -703,28 +683,40 @@ class Link:
             hello.close()
             raise
 
-    def _take_many(self, hello: Hello, msg: dict[str, Any], fds: list[int]) -> None:
-        """An ``fds`` message: the old workers' TCP sockets (any other item's descriptor is
-        closed, and so is one beyond ``_tcp_room``: its new worker binds its own)."""
-        items = msg.get("items")
-        items = items if isinstance(items, list) else []
-        if self._tcp_budget is None:
-            self._tcp_budget = _tcp_room(len(fds))
-        # items whose descriptor did not come: the kernel dropped it (no room to receive it)
-        self.tcp_dropped += sum(1 for item in items[len(fds):] if isinstance(item, dict) and item.get("name") == "tcp")
-        for i, fd in enumerate(fds):
-            item = items[i] if i < len(items) and isinstance(items[i], dict) else {}
-            key, worker = item.get("key"), item.get("worker")
-            if item.get("name") == "tcp" and isinstance(worker, int) and isinstance(key, list) and len(key) == 3:
-                if len(hello.tcp) < self._tcp_budget:
-                    try:
-                        hello.tcp.append((worker, tuple(key), socket.socket(fileno=fd)))
-                        continue
-                    except OSError:
-                        pass   # not a socket: closed below
-                else:
-                    self.tcp_dropped += 1
-            os.close(fd)
+    async def receive_tcp(self, take: Callable[[int, tuple[Any, ...], int], None],
+                          timeout: float = HELLO_TIMEOUT) -> int:
+        """The old workers' TCP sockets, which follow the hello: ``take(old worker id,
+        address key, fd)`` for each as it arrives (the fd is *take*'s); how many
+        came.  ``UpgradeError`` if they do not end within *timeout*."""
+        assert self.hello is not None
+        if self.hello.fields.get("tcp") is not True:
+            return 0   # an old master that hands none over
+        count = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    many = await self.channel.recv_many()
+                    if many is None:
+                        raise UpgradeError("the old master closed the upgrade channel before its workers' sockets")
+                    msg, fds = many
+                    kind = msg.get("type")
+                    if kind == "tcp-end":
+                        for fd in fds:
+                            os.close(fd)
+                        return count
+                    items = msg.get("items") if kind == "fds" else None
+                    items = items if isinstance(items, list) else []
+                    for i, fd in enumerate(fds):
+                        item = items[i] if i < len(items) and isinstance(items[i], dict) else {}
+                        key, worker = item.get("key"), item.get("worker")
+                        if item.get("name") == "tcp" and isinstance(worker, int) and isinstance(key, list) \
+                                and len(key) == 3:
+                            count += 1
+                            take(worker, tuple(key), fd)
+                        else:
+                            os.close(fd)
+        except TimeoutError:
+            raise UpgradeError(f"the old master's workers' sockets did not come within {timeout:g}s") from None
 
     @staticmethod
     def _take(hello: Hello, msg: dict[str, Any], fd: int) -> None:

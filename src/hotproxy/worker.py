@@ -162,6 +162,12 @@ class WorkerProcess:
                 elif kind == "listeners":
                     # an upgrade: this worker's TCP listening sockets, for the new master's workers
                     self._answer(writer, msg[1], self._send_listeners())
+                elif kind == "release":
+                    # an upgrade: the old workers' sockets passed on that no service took
+                    if self.fds is not None:
+                        for token in msg[2]:
+                            self.fds.release(token)
+                    write_message(writer, ("res", msg[1], True, None))
                 elif kind == "snapshot":
                     final = len(msg) > 2 and msg[2] is True
                     write_message(writer, ("res", msg[1], True, self.executor.snapshot(final)))

@@ -346,6 +346,10 @@ class ProcessWorker:
             reply.add_done_callback(lambda r: r.cancelled() or r.exception())   # (retrieved)
         return list(zip(entries, got))
 
+    async def release_listeners(self, tokens: list[int]) -> None:
+        """Close the listening sockets sent with *tokens* that no command took (``FdReceiver.release``)."""
+        await self._call("release", tokens)
+
     async def execute(self, command: Any) -> Any:
         return await self._call("cmd", command)
 
