@@ -106,6 +106,12 @@ class FdSender:
         """Send *fd* with *token* (the worker claims it by token)."""
         socket.send_fds(self.sock, [token.to_bytes(8, "big")], [fd])
 
+    def send_many(self, tokens: list[int], fds: list[int]) -> None:
+        """Send *fds*, each with its token, ``SCM_MAX_FD`` to a message."""
+        for start in range(0, len(fds), SCM_MAX_FD):
+            socket.send_fds(self.sock, [b"".join(t.to_bytes(8, "big") for t in tokens[start:start + SCM_MAX_FD])],
+                            fds[start:start + SCM_MAX_FD])
+
     def _read_ready(self, into: list[int]) -> bool:
         """Append the descriptors already queued by the worker to *into*; False once
         nothing is queued.  ``OSError`` if the channel is closed."""
@@ -195,19 +201,27 @@ class FdReceiver:
                 fut.set_result(None)
 
     def _read_one(self) -> bool:
-        """Read one descriptor if one is there (False if not); ``OSError`` if the channel is closed."""
+        """Read one message -- descriptors and their tokens, 8 bytes each -- if one is
+        there (False if not); ``OSError`` if the channel is closed.
+
+        (Every message carries descriptors, and a stream socket never reads past
+        the message whose descriptors it returns: one read is one message.)"""
         try:
-            msg, fds, _, _ = socket.recv_fds(self.sock, 8, 1)
+            msg, fds = recv_fds(self.sock, 8 * SCM_MAX_FD, SCM_MAX_FD)
         except (BlockingIOError, InterruptedError):
             return False
         if not msg or not fds:
+            for fd in fds:
+                os.close(fd)
             raise OSError(errno.EPIPE, "inherited listener channel closed")
-        got = int.from_bytes(msg, "big")
-        if got in self._unwanted:
-            self._unwanted.discard(got)
-            os.close(fds[0])
-        else:
-            self._received[got] = fds[0]
+        tokens = [int.from_bytes(msg[i:i + 8], "big") for i in range(0, len(msg) - 7, 8)]
+        for i, fd in enumerate(fds):
+            got = tokens[i] if i < len(tokens) else -1
+            if got in self._unwanted or got < 0:
+                self._unwanted.discard(got)
+                os.close(fd)
+            else:
+                self._received[got] = fd
         return True
 
     # -- commands ---------------------------------------------------------------

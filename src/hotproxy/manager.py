@@ -599,23 +599,30 @@ class WorkerManager:
         per_worker = await asyncio.gather(*(one(w) for w in self.live_workers() if worker in (None, w.id)))
         return [item for items in per_worker for item in items]
 
-    def adopt_tcp(self, worker: int, key: tuple[Any, ...], fd: int) -> bool:
-        """Pass *fd*, old worker *worker*'s TCP listening socket bound to *key*, on to
-        new worker *worker*, which serves *key* on it (``SharedSockets.adopt_tcp``);
-        call after ``start``, before the first dispatch.  *fd* is closed here in
-        every case; False if no worker took it (none of that id: it binds its own)."""
+    def adopt_tcp(self, sockets: list[tuple[int, tuple[Any, ...], int]]) -> int:
+        """Pass each of *sockets* -- (old worker id, address key, fd): an old worker's
+        TCP listening socket -- on to the new worker of that id, which serves that
+        address on it (``SharedSockets.adopt_tcp``); call after ``start``, before the
+        first dispatch.  Every fd is closed here; how many a worker took (one of an
+        id no worker has is not: that address, there, is bound anew)."""
+        by_worker: dict[int, list[tuple[tuple[Any, ...], int]]] = {}
+        for worker, key, fd in sockets:
+            by_worker.setdefault(worker, []).append((key, fd))
+        taken = 0
         try:
-            w = next((w for w in self.workers if w.id == worker and w.alive), None)
-            if not isinstance(w, ProcessWorker):
-                return False
-            try:
-                self._shared.adopt_tcp(w, key, fd)
-            except WorkerError as exc:
-                log.warning("upgrade: %s: it binds its own", describe(exc))
-                return False
-            return True
+            for worker, items in by_worker.items():
+                w = next((w for w in self.workers if w.id == worker and w.alive), None)
+                if not isinstance(w, ProcessWorker):
+                    continue
+                try:
+                    self._shared.adopt_tcp(w, items)
+                    taken += len(items)
+                except WorkerError as exc:
+                    log.warning("upgrade: %s: it binds its own", describe(exc))
         finally:
-            os.close(fd)
+            for _, _, fd in sockets:
+                os.close(fd)
+        return taken
 
     async def release_handed(self) -> int:
         """Make the workers close the handed-over TCP sockets no service took

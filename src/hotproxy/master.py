@@ -230,10 +230,10 @@ class Master:
             if self.link is not None and hello is not None:
                 # new worker i serves on old worker i's TCP sockets (their queues go on): each is
                 # passed on to it as it arrives, this master keeps none
-                def take(worker: int, key: tuple[Any, ...], fd: int) -> None:
+                def take(sockets: list[tuple[int, tuple[Any, ...], int]]) -> None:
                     nonlocal tcp_taken
                     assert self.manager is not None
-                    tcp_taken += self.manager.adopt_tcp(worker, key, fd)
+                    tcp_taken += self.manager.adopt_tcp(sockets)
 
                 try:
                     tcp_handed = await self.link.receive_tcp(take)

@@ -103,20 +103,21 @@ class SharedSockets:
         """True if a socket systemd passed is bound to *key* (shared already: never handed per worker)."""
         return key in self._activated
 
-    def adopt_tcp(self, worker: ProcessWorker, key: activation.Key, fd: int) -> None:
-        """Pass *fd*, the TCP listening socket bound to *key* of the old worker with
-        *worker*'s id, on to *worker* now (an upgrade; see the module's docstring).
-        The caller closes *fd*; ``WorkerError`` if it cannot be sent."""
-        self._token += 1
-        token = self._token
+    def adopt_tcp(self, worker: ProcessWorker, sockets: list[tuple[activation.Key, int]]) -> None:
+        """Pass *sockets* -- (address key, fd) of the old worker with *worker*'s id --
+        on to *worker* now, ``SCM_MAX_FD`` to a message (an upgrade; see the module's
+        docstring).  The caller closes the fds; ``WorkerError`` if they cannot be sent."""
+        tokens = list(range(self._token + 1, self._token + 1 + len(sockets)))
+        self._token += len(sockets)
         try:
-            worker.send_listener(token, fd)
+            worker.send_listeners(tokens, [fd for _, fd in sockets])
         except OSError as exc:
-            raise WorkerError(worker.id, f"cannot send listener {key}: {describe(exc)}") from None
-        old = self._handed.pop((worker.id, key), None)
-        self._handed[(worker.id, key)] = token
-        if old is not None:
-            self._unclaimed.setdefault(worker.id, []).append(old)
+            raise WorkerError(worker.id, f"cannot send {len(sockets)} listening sockets: {describe(exc)}") from None
+        for (key, _), token in zip(sockets, tokens):
+            old = self._handed.pop((worker.id, key), None)
+            self._handed[(worker.id, key)] = token
+            if old is not None:
+                self._unclaimed.setdefault(worker.id, []).append(old)
 
     def forget_handed(self, worker: int) -> None:
         """Worker *worker* died: the sockets passed on to it are gone with it."""

@@ -683,11 +683,11 @@ class Link:
             hello.close()
             raise
 
-    async def receive_tcp(self, take: Callable[[int, tuple[Any, ...], int], None],
+    async def receive_tcp(self, take: Callable[[list[tuple[int, tuple[Any, ...], int]]], None],
                           timeout: float = HELLO_TIMEOUT) -> int:
-        """The old workers' TCP sockets, which follow the hello: ``take(old worker id,
-        address key, fd)`` for each as it arrives (the fd is *take*'s); how many
-        came.  ``UpgradeError`` if they do not end within *timeout*."""
+        """The old workers' TCP sockets, which follow the hello: ``take([(old worker id,
+        address key, fd), ...])`` for each message's as it arrives (the fds are
+        *take*'s); how many came.  ``UpgradeError`` if they do not end within *timeout*."""
         assert self.hello is not None
         if self.hello.fields.get("tcp") is not True:
             return 0   # an old master that hands none over
@@ -706,15 +706,18 @@ class Link:
                         return count
                     items = msg.get("items") if kind == "fds" else None
                     items = items if isinstance(items, list) else []
+                    got: list[tuple[int, tuple[Any, ...], int]] = []
                     for i, fd in enumerate(fds):
                         item = items[i] if i < len(items) and isinstance(items[i], dict) else {}
                         key, worker = item.get("key"), item.get("worker")
                         if item.get("name") == "tcp" and isinstance(worker, int) and isinstance(key, list) \
                                 and len(key) == 3:
-                            count += 1
-                            take(worker, tuple(key), fd)
+                            got.append((worker, tuple(key), fd))
                         else:
                             os.close(fd)
+                    count += len(got)
+                    if got:
+                        take(got)
         except TimeoutError:
             raise UpgradeError(f"the old master's workers' sockets did not come within {timeout:g}s") from None
 

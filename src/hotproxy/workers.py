@@ -302,6 +302,12 @@ class ProcessWorker:
             raise WorkerError(self.id, "not running")
         self.fds.send(token, fd)
 
+    def send_listeners(self, tokens: list[int], fds: list[int]) -> None:
+        """``send_listener`` for many, in as few messages as the kernel allows (``FdSender.send_many``)."""
+        if not self.alive or self.fds is None:
+            raise WorkerError(self.id, "not running")
+        self.fds.send_many(tokens, fds)
+
     async def listeners(self, timeout: float) -> list[tuple[dict[str, Any], int]]:
         """This worker's TCP listening sockets, for an upgrade's hand-over: ``({"site", "host",
         "port"}, fd)`` each (the fds are ours to close); ``WorkerError`` if they do not all
