@@ -235,8 +235,11 @@ class Master:
                     assert self.manager is not None
                     tcp_taken += self.manager.adopt_tcp(sockets)
 
+                t0 = time.monotonic()
                 try:
                     tcp_handed = await self.link.receive_tcp(take)
+                    log.info("upgrade: %d of the old workers' TCP listening sockets passed on to the workers in %.0f ms",
+                             tcp_taken, (time.monotonic() - t0) * 1000.0)
                 except UpgradeError as exc:
                     log.error("cannot start: %s", exc)
                     self._upgrade_failed(str(exc))
