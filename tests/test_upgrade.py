@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -609,3 +610,326 @@ def test_pidfile_status_and_stop_follow_the_new_master(start: Start, short_dir: 
         assert not unix.exists()
 
     run(main(), 120)
+
+
+# -- the workers' TCP listening sockets cross the upgrade ------------------------------------------
+
+
+def listening_sockets(port: int) -> dict[int, tuple[int, int]]:
+    """The TCP sockets listening on *port*: inode -> (accept queue now, backlog), as ``ss`` shows them."""
+    out = subprocess.run(["ss", "-ltneH", f"sport = :{port}"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    found: dict[int, tuple[int, int]] = {}
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        inode = re.search(r"\bino:(\d+)", line)
+        assert inode is not None and fields[0] == "LISTEN", line
+        found[int(inode.group(1))] = (int(fields[1]), int(fields[2]))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process *pid* holds (``/proc/PID/fd`` -> ``socket:[N]``)."""
+    out: set[int] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    out.add(int(target[8:-1]))
+    return out
+
+
+def listeners_by_worker(status: dict[str, Any], port: int) -> dict[int, set[int]]:
+    """Worker id -> the inodes of the sockets listening on *port* that its process holds."""
+    listening = set(listening_sockets(port))
+    return {w["worker"]: socket_inodes(w["pid"]) & listening for w in status["workers"] if w["pid"]}
+
+
+def test_each_new_worker_serves_on_the_very_listening_socket_of_the_old_worker_of_its_id(
+        start: Start, short_dir: Path, traffic: Callable[..., Traffic]) -> None:
+    """New worker i holds old worker i's listening socket for each TCP address
+    (the same inode): with more workers (the extra one binds its own, in the
+    same ``SO_REUSEPORT`` group), a changed backlog (listen() again on it: the
+    socket shows the new one), an address written differently (``localhost``
+    for 127.0.0.1: matched by ``getsockname``), a new address (bound as
+    before); then with fewer workers (the sockets no worker takes close with
+    their old worker: one socket left).  0 failed connections throughout."""
+    e, px, unix, e2 = free_port(), free_port(), short_dir / "u.sock", free_port()
+    prog = start(toml(services(e, px, unix), workers=2, drain=30.0))
+    assert prog.config is not None
+
+    async def main() -> None:
+        assert prog.config is not None
+        first = await prog.wait_ready()
+        await prog.follow()
+        load = traffic([f"{HOST}:{e}", f"{HOST}:{px}", f"unix:{unix}"], long=2, short=2, seed=31)
+        old = {port: listeners_by_worker(first, port) for port in (e, px)}
+        for port in (e, px):
+            assert sorted(old[port]) == [0, 1] and all(len(s) == 1 for s in old[port].values()), old
+            assert old[port][0] != old[port][1], old   # one socket per worker (SO_REUSEPORT)
+        # three workers, e's backlog changed, px written with a host name, a new address
+        more = services(e, px, unix)
+        more["e"]["backlog"] = 321
+        more["px"]["listen"] = f"localhost:{px}"
+        more["e2"] = {"kind": "echo", "listen": f"{HOST}:{e2}"}
+        prog.config.write_text(toml(more, workers=3, drain=30.0))
+        second, _ = await upgrade(prog, "cli")
+        new = {port: listeners_by_worker(second, port) for port in (e, px, e2)}
+        print("listening sockets by worker: before", old, "after", new)
+        for port in (e, px):
+            assert new[port][0] == old[port][0] and new[port][1] == old[port][1], (port, old, new)
+            assert len(new[port][2]) == 1 and not new[port][2] & (old[port][0] | old[port][1]), (port, old, new)
+        assert len(set().union(*new[e2].values())) == 3   # a new address: each worker binds its own
+        assert {backlog for _, backlog in listening_sockets(e).values()} == {321}, listening_sockets(e)
+        assert await roundtrip(e) == b"hello" and await roundtrip(px) == b"hello" and await roundtrip(e2) == b"hello"
+        # one worker: it takes old worker 0's socket; the others close with their old workers
+        prog.config.write_text(toml(services(e, px, unix), workers=1, drain=30.0))
+        third, _ = await upgrade(prog, "sigusr2")
+        last = listeners_by_worker(third, e)
+        assert last == {0: new[e][0]}, (last, new[e])
+        await eventually(lambda: set(listening_sockets(e)) == new[e][0], timeout=30)
+        assert await roundtrip(e) == b"hello"
+        tot = await load.finish()
+        print("traffic across the three generations:", tot)
+        assert tot["long_failed"] == 0 and tot["short_failed"] == 0 and tot["long_ok"] == 2, tot
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 170)
+
+
+def test_connections_queued_on_a_stopped_workers_socket_are_served_after_the_upgrade(
+        start: Start, short_dir: Path) -> None:
+    """The old worker is SIGSTOPped (and so, a moment, is the new one) while 24
+    clients connect: their connections wait in the accept queue of the listening
+    socket(s).  The old worker never accepts again -- the hand-over kills it
+    after ``drain_timeout`` -- yet every client gets its bytes: the socket they
+    wait on is the new worker's too.  (Before the hand-over of the workers'
+    sockets, the kernel spread them over the old worker's socket and the new
+    one's, and the ones on the old socket were reset when it was killed.)"""
+    e, px, unix = free_port(), free_port(), short_dir / "u.sock"
+    prog = start(toml(services(e, px, unix), workers=1, drain=2.0),
+                 env={"HOTPROXY_TEST_UPGRADE_PAUSE": "15"})
+    clients = 24
+
+    async def main() -> None:
+        first = await prog.wait_ready()
+        await prog.follow()
+        old_worker = first["workers"][0]["pid"]
+        os.kill(first["pid"], signal.SIGUSR2)
+
+        async def new_worker() -> int | None:
+            status = await prog.status()
+            child = (status.get("upgrading") or {}).get("pid")
+            if child is None:
+                return None
+            prog.track(child)
+            listening = set(listening_sockets(e))
+            for pid in children(child):
+                prog.track(pid)
+                if socket_inodes(pid) & listening:
+                    return pid
+            return None
+
+        worker = await eventually(new_worker, timeout=60, interval=0.05)
+        os.kill(old_worker, signal.SIGSTOP)
+        os.kill(worker, signal.SIGSTOP)
+        conns = []
+        try:
+            for i in range(clients):
+                reader, writer = await asyncio.open_connection(HOST, e)
+                writer.write(b"queued-%02d" % i)
+                await writer.drain()
+                conns.append((reader, writer))
+
+            def queued() -> dict[int, tuple[int, int]] | None:
+                sockets = listening_sockets(e)
+                return sockets if sum(q for q, _ in sockets.values()) == clients else None
+
+            sockets = await eventually(queued, timeout=30)
+            print("accept queues while both workers are stopped:", sockets)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        got = []
+        try:
+            for i, (reader, writer) in enumerate(conns):
+                try:
+                    got.append(await asyncio.wait_for(reader.readexactly(9), 60))
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    got.append(repr(exc).encode())
+        finally:
+            for _, writer in conns:
+                writer.close()
+        served = sum(1 for i, data in enumerate(got) if data == b"queued-%02d" % i)
+        print(f"queued clients served after the upgrade: {served} of {clients}")
+        assert got == [b"queued-%02d" % i for i in range(clients)], got
+        assert len(sockets) == 1, sockets   # they waited on one socket: the old worker's, the new worker's
+        status = await eventually(lambda: _moved(prog, first["pid"]), timeout=60)
+        assert status["upgraded_from"] == first["pid"]
+        await eventually(lambda: not alive(old_worker), timeout=30)   # killed at the drain's end
+        assert await roundtrip(e) == b"hello"
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 150)
+
+
+async def _moved(prog: Program, before: int) -> dict[str, Any] | None:
+    status = await prog.follow()
+    return status if status["pid"] != before and status["ready"] else None
+
+
+def test_hundreds_of_services_hand_over_every_socket_in_batches(start: Start, short_dir: Path) -> None:
+    """300 TCP services on 2 workers: each old worker sends its 300 sockets in
+    batches of at most 253 (``SCM_MAX_FD``), the old master sends the 600 in
+    batches too, and each new worker holds exactly the listening sockets its
+    old worker of the same id held."""
+    ports = [free_port() for _ in range(300)]
+    svcs = {f"s{i}": {"kind": "echo", "listen": f"{HOST}:{port}"} for i, port in enumerate(ports)}
+    prog = start(toml(svcs, workers=2, drain=30.0))
+    wanted = set(ports)
+
+    def held(status: dict[str, Any]) -> dict[int, set[int]]:
+        out = subprocess.run(["ss", "-ltneH"], capture_output=True, text=True, timeout=30)
+        listening = set()
+        for line in out.stdout.splitlines():
+            found = re.search(r"\s127\.0\.0\.1:(\d+)\s.*\bino:(\d+)", line)
+            if found and int(found.group(1)) in wanted:
+                listening.add(int(found.group(2)))
+        return {w["worker"]: socket_inodes(w["pid"]) & listening for w in status["workers"]}
+
+    async def main() -> None:
+        first = await prog.wait_ready(timeout=120)
+        await prog.follow()
+        before = held(first)
+        assert [len(before[0]), len(before[1])] == [300, 300] and not before[0] & before[1], before
+        second, took = await upgrade(prog, "cli")
+        after = held(second)
+        print(f"300 services x 2 workers: every socket handed over in {took:.2f}s;",
+              re.findall(r"the workers serve on \d+ of the old workers' \d+ TCP listening sockets", prog.log()))
+        assert after == before
+        assert await roundtrip(ports[0]) == b"hello" and await roundtrip(ports[-1]) == b"hello"
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 240)
+
+
+def test_600_sockets_are_handed_over_under_ulimit_n_620(start: Start, short_dir: Path) -> None:
+    """``ulimit -n 620``, 300 TCP services on 2 workers: the old workers' 600
+    sockets could not all be held by a master at once and leave it room to
+    start its workers.  None does: the old master holds one worker's at a
+    time, the new one passes each on to its worker as it arrives.  Every
+    socket is handed over and every service answers.  (Holding all 600, the
+    new master failed: ``cannot start workers: Too many open files``.)"""
+    ports = [free_port() for _ in range(300)]
+    svcs = {f"s{i}": {"kind": "echo", "listen": f"{HOST}:{port}"} for i, port in enumerate(ports)}
+    prog = start(toml(svcs, workers=2, drain=30.0), nofile=620)
+
+    async def main() -> None:
+        first = await prog.wait_ready(timeout=120)
+        await prog.follow()
+        old = {w["worker"]: socket_inodes(w["pid"]) for w in first["workers"]}
+        second, _ = await upgrade(prog, "cli")
+        kept = re.findall(r"the workers serve on (\d+) of the old workers' (\d+) TCP listening sockets", prog.log())
+        print("ulimit -n 620, 300 services x 2 workers:", kept)
+        assert kept == [("600", "600")], kept
+        for w in second["workers"]:
+            assert len(socket_inodes(w["pid"]) & old[w["worker"]]) == 300, w
+        for port in ports:
+            assert await roundtrip(port) == b"hello", port
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 240)
+
+
+def test_a_hello_and_sockets_of_10000_services_cross_the_channel() -> None:
+    """The old master's hello for 10,000 services (their addresses and counter
+    slots: more than one message holds) travels in a memfd, and then 600 of
+    its workers' TCP sockets in messages of at most 253, over a real
+    socketpair; the new master's end reads every field and every socket.  (Before: ``upgrade
+    message of N bytes is too large`` -- no upgrade of 10,000 services.)"""
+    import socket
+
+    from hotproxy.upgrade import Channel, Link, send_everything
+
+    listen = [f"127.0.0.1:{20000 + i}" for i in range(10000)]
+    hello = {"pid": 4242, "admin_socket": "/x/admin.sock", "listen": listen,
+             "counters": {"slots": [[f"s{i}", "max_connections", i] for i in range(10000)], "regions": {"4242": [0]}}}
+    socks = [socket.socket() for _ in range(600)]
+
+    class Child:
+        channel: Channel
+
+    async def main() -> None:
+        child = Child()
+        child.channel, theirs = Channel.pair()
+        link = Link(theirs.detach())
+
+        async def tcp() -> Any:
+            for w in range(2):
+                yield [({"worker": w, "site": f"s{i}", "key": ["tcp", "127.0.0.1", 20000 + i]}, socks[w * 300 + i].fileno())
+                       for i in range(300)]
+
+        sending = asyncio.ensure_future(send_everything(child, [], hello, tcp))   # type: ignore[arg-type]
+        got = await link.receive(timeout=30)
+        assert got.pid == 4242 and got.listen == listen and len(got.counter_slots()) == 10000
+        taken: list[tuple[int, Any, int]] = []
+        assert await link.receive_tcp(taken.extend, timeout=30) == 600
+        await sending
+        assert sorted((w, key[2]) for w, key, _ in taken) == sorted((w, 20000 + i) for w in range(2) for i in range(300))
+        inodes = {os.fstat(s.fileno()).st_ino for s in socks}
+        assert {os.fstat(fd).st_ino for _, _, fd in taken} == inodes   # the very sockets
+        for _, _, fd in taken:
+            os.close(fd)
+        got.close()
+        link.channel.close()
+        child.channel.close()
+
+    try:
+        run(main(), 60)
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_upgrade_of_10000_services_hands_their_sockets_over(start: Start) -> None:
+    """10,000 TCP echo services (on 127.0.0.3) on 2 workers, upgraded twice under
+    a hard limit of 20,000 descriptors: each upgrade succeeds, every old socket
+    is served on by its new worker, and services answer at both ends of the range."""
+    import socket
+
+    # (127.0.0.3, above the ports other tests take (conftest.free_port): 10,000 of them must stay free)
+    host, ports = "127.0.0.3", []
+    for port in range(40000, 52000):
+        with socket.socket() as probe, contextlib.suppress(OSError):
+            probe.bind((host, port))
+            ports.append(port)
+        if len(ports) == 10000:
+            break
+    assert len(ports) == 10000
+    svcs = {f"s{i}": {"kind": "echo", "listen": f"{host}:{port}"} for i, port in enumerate(ports)}
+    prog = start(toml(svcs, workers=2, drain=10.0, upgrade_timeout=300.0, reload_timeout=300.0))
+
+    async def answers(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(b"hello")
+            return await asyncio.wait_for(reader.readexactly(5), 30)
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        await prog.wait_ready(timeout=300)
+        await prog.follow()
+        for _ in range(2):
+            _, took = await upgrade(prog, "cli")
+            print(f"10,000 services x 2 workers: upgraded in {took:.1f}s")
+            assert [await answers(p) for p in (ports[0], ports[4999], ports[-1])] == [b"hello"] * 3
+        log = prog.log()
+        kept = re.findall(r"the workers serve on (\d+) of the old workers' (\d+) TCP listening", log)
+        print("sockets served on by the new workers:", kept)
+        assert kept == [("20000", "20000")] * 2, kept
+        await stop_and_check_nothing_left(prog)
+
+    run(main(), 580)

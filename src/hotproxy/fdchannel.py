@@ -15,11 +15,19 @@ Rules of this module:
   token (an ``InheritedListenerFactory``).  The master sends the descriptor
   before the command, so it is normally waiting already.
 * The worker reads its end without blocking: the loop never waits in
-  ``recvmsg()``; ``make()`` waits in the loop, bounded.
+  ``recvmsg()``; ``make()`` waits in the loop, bounded.  A worker process
+  reads it as descriptors arrive (``start``), not only when a command
+  claims one: the master sends every descriptor of a batch before the
+  batch (an upgrade hands over hundreds of TCP sockets), which would fill
+  the socket's buffer and block the master's send otherwise.
 * Every descriptor received is either taken by a listener or closed: the
   worker calls ``done(command)`` after every command, so a command that
   failed before binding leaves no descriptor behind, and a token given up
   before its descriptor arrived has the descriptor closed when it does.
+* The other way (worker -> master) carries only an upgrade's hand-over: the
+  worker's TCP listening sockets (``send_listeners``), at most ``SCM_MAX_FD``
+  per ``sendmsg``, each batch one byte; the master reads them as they come
+  (``FdSender.receive``) while the worker's reply says how many there are.
 """
 
 from __future__ import annotations
@@ -28,11 +36,63 @@ import asyncio
 import errno
 import os
 import socket
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .commands import listener_factory_of, with_listener_factory
 from .listeners import BoundListener, ListenerFactory
+
+
+#: the most descriptors one ``sendmsg`` carries (the kernel's ``SCM_MAX_FD``)
+SCM_MAX_FD = 253
+
+
+def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """``socket.recv_fds``, the descriptors close-on-exec (``MSG_CMSG_CLOEXEC``: uvloop starts
+    a worker without closing what is inheritable, and Python 3.11's ``recv_fds`` drops its flags)."""
+    msg, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * 4), socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += [int.from_bytes(data[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4)]
+    return msg, fds
+
+
+async def _wait_fd(fd: int, writable: bool, timeout: float) -> None:
+    """Wait (in the loop, at most *timeout* seconds) until *fd* is readable or writable."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if writable else loop.add_reader)(fd, wake)
+    try:
+        await asyncio.wait_for(ready, max(0.0, timeout))
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        (loop.remove_writer if writable else loop.remove_reader)(fd)
+
+
+async def send_listeners(sock: socket.socket, fds: list[int], timeout: float = 10.0) -> None:
+    """The worker's side of an upgrade's hand-over: send *fds* to the master on the
+    fd channel *sock* (non-blocking), ``SCM_MAX_FD`` at a time; ``OSError`` if it cannot."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for start in range(0, len(fds), SCM_MAX_FD):
+        batch = fds[start:start + SCM_MAX_FD]
+        while True:
+            try:
+                socket.send_fds(sock, [b"L"], batch)
+                break
+            except (BlockingIOError, InterruptedError):
+                if loop.time() >= deadline:
+                    raise OSError(errno.ETIMEDOUT, "the master does not read the listening sockets") from None
+                await _wait_fd(sock.fileno(), True, deadline - loop.time())
 
 
 class FdSender:
@@ -45,6 +105,62 @@ class FdSender:
     def send(self, token: int, fd: int) -> None:
         """Send *fd* with *token* (the worker claims it by token)."""
         socket.send_fds(self.sock, [token.to_bytes(8, "big")], [fd])
+
+    def send_many(self, tokens: list[int], fds: list[int]) -> None:
+        """Send *fds*, each with its token, ``SCM_MAX_FD`` to a message."""
+        for start in range(0, len(fds), SCM_MAX_FD):
+            socket.send_fds(self.sock, [b"".join(t.to_bytes(8, "big") for t in tokens[start:start + SCM_MAX_FD])],
+                            fds[start:start + SCM_MAX_FD])
+
+    def _read_ready(self, into: list[int]) -> bool:
+        """Append the descriptors already queued by the worker to *into*; False once
+        nothing is queued.  ``OSError`` if the channel is closed."""
+        # (non-blocking for this call only: with a timeout the socket would wait in poll() first)
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            msg, fds = recv_fds(self.sock, 1, SCM_MAX_FD)
+        except (BlockingIOError, InterruptedError):
+            return False
+        finally:
+            self.sock.settimeout(timeout)
+        if not msg and not fds:
+            raise OSError(errno.EPIPE, "the worker's fd channel is closed")
+        into += fds
+        return True
+
+    def discard(self) -> None:
+        """Close whatever the worker sent that nobody read (a hand-over given up on)."""
+        left: list[int] = []
+        try:
+            while self._read_ready(left):
+                pass
+        except OSError:
+            pass
+        for fd in left:
+            os.close(fd)
+
+    async def receive(self, into: list[int], count: asyncio.Future[int], timeout: float) -> None:
+        """Read the worker's listening sockets into *into* as they come, until there are
+        *count* (a future: the worker's reply says how many) or *timeout* seconds
+        have passed (``OSError``).  The caller closes *into* if it gives up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (count.done() and not count.cancelled() and count.exception() is None
+                   and len(into) >= count.result()):
+            if count.done() and (count.cancelled() or count.exception() is not None):
+                return
+            if self._read_ready(into):
+                continue
+            if loop.time() >= deadline:
+                raise OSError(errno.ETIMEDOUT, f"{len(into)} listening sockets arrived in {timeout:g}s")
+            waiting: asyncio.Future[Any] = asyncio.ensure_future(
+                _wait_fd(self.sock.fileno(), False, deadline - loop.time()))
+            either: list[asyncio.Future[Any]] = [waiting, count]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
 
     def close(self) -> None:
         self.sock.close()
@@ -61,6 +177,52 @@ class FdReceiver:
         self._claimed: set[int] = set()
         #: tokens released before their descriptor was read: closed when it arrives
         self._unwanted: set[int] = set()
+        #: ``start`` ran: the loop reads the channel as descriptors arrive
+        self._reading = False
+        #: ``claim_async`` calls waiting for the next descriptor (``start``)
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def start(self) -> None:
+        """Read the channel in the running loop as descriptors arrive (a worker process)."""
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read_arrived)
+        self._reading = True
+
+    def _read_arrived(self) -> None:
+        try:
+            while self._read_one():
+                pass
+        except OSError:
+            # the master's end is closed: nothing more comes
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self._reading = False
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _read_one(self) -> bool:
+        """Read one message -- descriptors and their tokens, 8 bytes each -- if one is
+        there (False if not); ``OSError`` if the channel is closed.
+
+        (Every message carries descriptors, and a stream socket never reads past
+        the message whose descriptors it returns: one read is one message.)"""
+        try:
+            msg, fds = recv_fds(self.sock, 8 * SCM_MAX_FD, SCM_MAX_FD)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not msg or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(errno.EPIPE, "inherited listener channel closed")
+        tokens = [int.from_bytes(msg[i:i + 8], "big") for i in range(0, len(msg) - 7, 8)]
+        for i, fd in enumerate(fds):
+            got = tokens[i] if i < len(tokens) else -1
+            if got in self._unwanted or got < 0:
+                self._unwanted.discard(got)
+                os.close(fd)
+            else:
+                self._received[got] = fd
+        return True
 
     # -- commands ---------------------------------------------------------------
 
@@ -82,15 +244,8 @@ class FdReceiver:
     def claim(self, token: int) -> int:
         """The descriptor sent with *token*; ``BlockingIOError`` if it is not there yet."""
         while token not in self._received:
-            msg, fds, _, _ = socket.recv_fds(self.sock, 8, 1)   # BlockingIOError: not yet
-            if not msg or not fds:
-                raise OSError(errno.EPIPE, "inherited listener channel closed")
-            got = int.from_bytes(msg, "big")
-            if got in self._unwanted:
-                self._unwanted.discard(got)
-                os.close(fds[0])
-            else:
-                self._received[got] = fds[0]
+            if not self._read_one():
+                raise BlockingIOError(errno.EAGAIN, "not yet")
         self._claimed.add(token)
         return self._received.pop(token)
 
@@ -106,6 +261,14 @@ class FdReceiver:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise OSError(errno.ETIMEDOUT, "the inherited listener did not arrive")
+            if self._reading:
+                arrived: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(arrived)
+                try:
+                    await asyncio.wait_for(arrived, remaining)
+                except asyncio.TimeoutError:
+                    pass
+                continue
             readable: asyncio.Future[None] = loop.create_future()
             fd = self.sock.fileno()
 
@@ -192,4 +355,4 @@ class InheritedListenerFactory(ListenerFactory):
         return (type(self), (self.original, self.token))
 
 
-__all__ = ["FdReceiver", "FdSender", "InheritedListenerFactory"]
+__all__ = ["SCM_MAX_FD", "FdReceiver", "FdSender", "InheritedListenerFactory", "send_listeners"]

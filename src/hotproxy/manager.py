@@ -491,6 +491,7 @@ class WorkerManager:
         while not self._stop_asked():
             code = await w.wait()
             w.alive = w.ready = False
+            self._shared.forget_handed(w.id)   # an upgrade's sockets passed on to it are gone with it
             if self._stop_asked():
                 return
             assert self.limits is not None
@@ -590,6 +591,75 @@ class WorkerManager:
         """Serve Unix path *path* on *sock*, the socket the master this one
         upgrades passed (``SharedSockets.adopt``); call before ``start``."""
         self._shared.adopt(path, sock)
+
+    async def tcp_listeners(self, timeout: float = 5.0, *, worker: int | None = None) -> list[tuple[int, Any, int]]:
+        """Every live worker's TCP listening sockets, for an upgrade's hand-over:
+        ``(worker id, {"site", "key"}, fd)`` each, *key* as ``activation.key_of`` names
+        the socket (the fds are the caller's to close).  Sockets systemd passed are
+        left out (handed over whole); a worker that cannot send its own within
+        *timeout* is left out with a warning (the new worker in its place binds
+        its own, as a worker that restarts does).  *worker*: that worker's only."""
+        from .activation import key_of_sockaddr
+
+        async def one(w: WorkerHandle) -> list[tuple[int, Any, int]]:
+            if not isinstance(w, ProcessWorker):
+                return []
+            try:
+                got = await w.listeners(timeout)
+            except WorkerError as exc:
+                log.warning("upgrade: worker %d's listening sockets are not handed over (%s): the new worker %d "
+                            "binds its own", w.id, describe(exc), w.id)
+                return []
+            out = []
+            for entry, fd in got:
+                key = key_of_sockaddr((entry.get("host"), entry.get("port")))
+                if self._shared.is_activated(key):
+                    os.close(fd)
+                else:
+                    out.append((w.id, {"site": entry.get("site"), "key": list(key)}, fd))
+            return out
+
+        per_worker = await asyncio.gather(*(one(w) for w in self.live_workers() if worker in (None, w.id)))
+        return [item for items in per_worker for item in items]
+
+    def adopt_tcp(self, sockets: list[tuple[int, tuple[Any, ...], int]]) -> int:
+        """Pass each of *sockets* -- (old worker id, address key, fd): an old worker's
+        TCP listening socket -- on to the new worker of that id, which serves that
+        address on it (``SharedSockets.adopt_tcp``); call after ``start``, before the
+        first dispatch.  Every fd is closed here; how many a worker took (one of an
+        id no worker has is not: that address, there, is bound anew)."""
+        by_worker: dict[int, list[tuple[tuple[Any, ...], int]]] = {}
+        for worker, key, fd in sockets:
+            by_worker.setdefault(worker, []).append((key, fd))
+        taken = 0
+        try:
+            for worker, items in by_worker.items():
+                w = next((w for w in self.workers if w.id == worker and w.alive), None)
+                if not isinstance(w, ProcessWorker):
+                    continue
+                try:
+                    self._shared.adopt_tcp(w, items)
+                    taken += len(items)
+                except WorkerError as exc:
+                    log.warning("upgrade: %s: it binds its own", describe(exc))
+        finally:
+            for _, _, fd in sockets:
+                os.close(fd)
+        return taken
+
+    async def release_handed(self) -> int:
+        """Make the workers close the handed-over TCP sockets no service took
+        (``SharedSockets.release_handed``); how many."""
+        unclaimed = self._shared.release_handed()
+        for w in self.workers:
+            tokens = unclaimed.get(w.id)
+            if tokens and isinstance(w, ProcessWorker) and w.alive:
+                try:
+                    await asyncio.wait_for(w.release_listeners(tokens), STATUS_TIMEOUT)
+                except (HotproxyError, asyncio.TimeoutError) as exc:
+                    log.warning("worker %d: the handed-over sockets no service took stay open (%s)", w.id,
+                                describe(exc) if isinstance(exc, HotproxyError) else "no answer")
+        return sum(len(t) for t in unclaimed.values())
 
     def activate(self, sock: Any) -> str | None:
         """Serve the sites on *sock*'s address on *sock*, a listening socket systemd

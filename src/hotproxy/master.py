@@ -49,7 +49,7 @@ import signal
 import socket
 import stat
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, AsyncGenerator, Callable, Sequence
 
 from . import activation, early_signals, gcpolicy, logs, reuseport
 from .admin import AdminError, AdminServer
@@ -167,6 +167,8 @@ class Master:
         if migration is not None:
             log.warning("%s", migration)
         hello: Hello | None = None
+        #: how many TCP listening sockets the old workers handed over (an upgrade), and were passed on to a worker
+        tcp_handed = tcp_taken = 0
         #: the config the workers start with: the file's, or (a fleet instance's upgrade) the fleet's
         first = self.config
         try:
@@ -228,6 +230,24 @@ class Master:
                 log.error("cannot start workers: %s", exc)
                 self._upgrade_failed(f"cannot start workers: {describe(exc)}")
                 return 1
+            if self.link is not None and hello is not None:
+                # new worker i serves on old worker i's TCP sockets (their queues go on): each is
+                # passed on to it as it arrives, this master keeps none
+                def take(sockets: list[tuple[int, tuple[Any, ...], int]]) -> None:
+                    nonlocal tcp_taken
+                    assert self.manager is not None
+                    tcp_taken += self.manager.adopt_tcp(sockets)
+
+                t0 = time.monotonic()
+                try:
+                    tcp_handed = await self.link.receive_tcp(take)
+                    log.info("upgrade: %d of the old workers' TCP listening sockets passed on to the workers in %.0f ms",
+                             tcp_taken, (time.monotonic() - t0) * 1000.0)
+                except UpgradeError as exc:
+                    log.error("cannot start: %s", exc)
+                    self._upgrade_failed(str(exc))
+                    await self.manager.stop(graceful=False)
+                    return 1
             self.reloader = Reloader(self.manager)
             # the addresses of the sockets systemd passed are ours, not a stranger's
             self.reloader.held = list(self._activated)
@@ -245,6 +265,11 @@ class Master:
             self._note_changes(report)
             if self.link is not None and report.ok:
                 self.link.mark("applied")
+            if hello is not None:
+                # a socket no service took is closed; its old worker holds it until it stops accepting
+                unused = await self.manager.release_handed()
+                log.info("upgrade: the workers serve on %d of the old workers' %d TCP listening sockets",
+                         tcp_taken - unused, tcp_handed)
             if not report.ok:
                 log.error("cannot start: the config could not be applied")
                 self._upgrade_failed(f"the config could not be applied: {report.error}")
@@ -852,11 +877,15 @@ class Master:
             if fleet is not None:
                 fds.append(({"name": "fleet"}, fleet[0]))
                 hello["fleet"] = fleet[1]
+            timeout = self.reloader.current.runtime.upgrade_timeout
             try:
-                await send_everything(child, fds, hello)
+                await asyncio.wait_for(send_everything(child, fds, hello, self._workers_tcp_sockets), timeout)
             except OSError as exc:
                 # gone already: wait_ready tells how (its failure message is queued)
                 log.debug("upgrade: cannot send to the new master: %s", exc)
+            except asyncio.TimeoutError:
+                raise UpgradeError(f"the new master (pid {child.pid}) did not take what this one hands over "
+                                   f"within {timeout:g}s (runtime.upgrade_timeout): killed") from None
             finally:
                 if state is not None:
                     os.close(state)
@@ -890,6 +919,19 @@ class Master:
         if not result.ok and not self._stopping:
             self.notify.send("READY=1", f"STATUS={result.line()}")
         return result
+
+    async def _workers_tcp_sockets(self) -> AsyncGenerator[list[tuple[dict[str, Any], int]], None]:
+        """Each old worker's TCP listening sockets in turn (``WorkerManager.tcp_listeners``),
+        for the new worker of its id; each list's descriptors (copies) are closed once
+        sent, before the next worker's are asked for: this master holds one worker's at most."""
+        assert self.manager is not None
+        for worker in [w.id for w in self.manager.live_workers()]:
+            items = [({"worker": wid, **entry}, fd) for wid, entry, fd in await self.manager.tcp_listeners(worker=worker)]
+            try:
+                yield items
+            finally:
+                for _, fd in items:
+                    os.close(fd)
 
     def _run_options(self) -> tuple[str, ...]:
         """The ``run`` options the new master of an upgrade needs beyond the file (``--etcd``)."""

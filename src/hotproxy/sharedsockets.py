@@ -20,6 +20,14 @@ Rules of this module:
 * Sockets systemd passed (``activation``) are served, TCP and Unix alike,
   to the sites whose address is theirs, the same way; they are kept (never
   released, never unlinked) until the master stops or hands over.
+* TCP sockets are the workers' own (``SO_REUSEPORT``), but for an upgrade:
+  each old worker's TCP listening sockets are passed on to the new worker
+  of the same id as they arrive (``adopt_tcp``: the master keeps no copy,
+  only the token by address), and the first command that names that
+  address on that worker serves on it -- the same socket, its queue goes
+  on.  ``release_handed`` makes the workers close the ones no service took
+  (their old worker still holds them); a worker that dies has its tokens
+  forgotten (``forget_handed``) and, restarted, binds its own.
 """
 
 from __future__ import annotations
@@ -46,6 +54,10 @@ class SharedSockets:
         self._activated: dict[activation.Key, BoundListener] = {}
         #: a TCP factory's key (its bind address looked up once), for matching ``_activated``
         self._tcp_keys: dict[TcpListenerFactory, activation.Key | None] = {}
+        #: the tokens of the TCP listening sockets an upgrade passed on to worker *id*, by (id, address key)
+        self._handed: dict[tuple[int, activation.Key], int] = {}
+        #: tokens passed on that no command will claim, by worker id (``release_handed``)
+        self._unclaimed: dict[int, list[int]] = {}
 
     def activate(self, sock: Any) -> str | None:
         """Serve the sites listening on *sock*'s address on *sock* (a socket
@@ -73,15 +85,54 @@ class SharedSockets:
         if isinstance(lf, UnixListenerFactory):
             return self._activated.get(("unix", lf.path))
         if isinstance(lf, TcpListenerFactory):
-            if lf not in self._tcp_keys:
-                # (a host name is looked up here, once: a literal address needs no lookup)
-                from .config import listen_sockaddrs
-
-                addrs = listen_sockaddrs(lf)
-                self._tcp_keys[lf] = activation.key_of_sockaddr(next(iter(addrs))) if addrs else None
-            key = self._tcp_keys[lf]
+            key = self._tcp_key(lf)
             return self._activated.get(key) if key is not None else None
         return None
+
+    def _tcp_key(self, lf: TcpListenerFactory) -> activation.Key | None:
+        """What *lf* binds to, as ``activation.key_of`` names a socket (None: cannot tell)."""
+        if lf not in self._tcp_keys:
+            # (a host name is looked up here, once: a literal address needs no lookup)
+            from .config import listen_sockaddrs
+
+            addrs = listen_sockaddrs(lf)
+            self._tcp_keys[lf] = activation.key_of_sockaddr(next(iter(addrs))) if addrs else None
+        return self._tcp_keys[lf]
+
+    def is_activated(self, key: activation.Key) -> bool:
+        """True if a socket systemd passed is bound to *key* (shared already: never handed per worker)."""
+        return key in self._activated
+
+    def adopt_tcp(self, worker: ProcessWorker, sockets: list[tuple[activation.Key, int]]) -> None:
+        """Pass *sockets* -- (address key, fd) of the old worker with *worker*'s id --
+        on to *worker* now, ``SCM_MAX_FD`` to a message (an upgrade; see the module's
+        docstring).  The caller closes the fds; ``WorkerError`` if they cannot be sent."""
+        tokens = list(range(self._token + 1, self._token + 1 + len(sockets)))
+        self._token += len(sockets)
+        try:
+            worker.send_listeners(tokens, [fd for _, fd in sockets])
+        except OSError as exc:
+            raise WorkerError(worker.id, f"cannot send {len(sockets)} listening sockets: {describe(exc)}") from None
+        for (key, _), token in zip(sockets, tokens):
+            old = self._handed.pop((worker.id, key), None)
+            self._handed[(worker.id, key)] = token
+            if old is not None:
+                self._unclaimed.setdefault(worker.id, []).append(old)
+
+    def forget_handed(self, worker: int) -> None:
+        """Worker *worker* died: the sockets passed on to it are gone with it."""
+        for k in [k for k in self._handed if k[0] == worker]:
+            del self._handed[k]
+        self._unclaimed.pop(worker, None)
+
+    def release_handed(self) -> dict[int, list[int]]:
+        """The tokens, by worker id, of the handed-over TCP sockets no service took:
+        their workers are to close them (their old worker holds them on)."""
+        for (worker, _), token in self._handed.items():
+            self._unclaimed.setdefault(worker, []).append(token)
+        self._handed.clear()
+        out, self._unclaimed = self._unclaimed, {}
+        return out
 
     def adopt(self, path: str, sock: Any) -> None:
         """Serve *path* on *sock*, bound and listening in the master this one
@@ -115,9 +166,15 @@ class SharedSockets:
         if not isinstance(lf, (UnixListenerFactory, TcpListenerFactory)):
             return command
         bound = self._activated_for(lf)
-        if bound is None:
-            if not isinstance(lf, UnixListenerFactory):
+        if bound is None and isinstance(lf, TcpListenerFactory):
+            key = self._tcp_key(lf) if self._handed else None
+            handed = self._handed.pop((worker.id, key), None) if key is not None else None
+            if handed is None:
                 return command   # each worker binds its own (SO_REUSEPORT)
+            # the old worker's socket, passed on to this worker already (``adopt_tcp``)
+            return with_listener_factory(command, InheritedListenerFactory(lf, handed))
+        if bound is None:
+            assert isinstance(lf, UnixListenerFactory)
             bound = self._bound_at(site_of(command) or "?", lf)
         self._token += 1
         token = self._token
@@ -154,6 +211,8 @@ class SharedSockets:
         for bound in self._activated.values():
             bound.close()
         self._activated.clear()
+        self._handed.clear()   # (passed on: the workers' to close)
+        self._unclaimed.clear()
 
 
 __all__ = ["SharedSockets"]

@@ -3,17 +3,23 @@
 ``hotproxy upgrade`` (or ``SIGUSR2`` to the master) makes the running master
 start a new one -- ``python -m <the module it was started as> run -c FILE
 --upgrade-fd N`` -- and hand it, over a private socketpair, everything a
-client or an operator reaches: the Unix listening sockets the master owns,
-the bound admin socket, the instance's connection counters and health states, and a snapshot
+client or an operator reaches: the Unix listening sockets the master owns, the
+TCP listening sockets of its workers (each old worker sends its own over
+its fd channel), the bound admin socket, the instance's connection counters and health states, and a snapshot
 of every service's state.  It is a reload of the master, all or nothing:
 
 1. **Prepare** (the new master): read what the old one sent, load the file
    as it is now, start its workers and apply the config to them, seeded
-   with the snapshot.  TCP listeners are bound by each new worker with
-   ``SO_REUSEPORT`` on the same addresses as the old workers' (so both
-   generations accept during the overlap; nobody is refused); Unix
-   listeners are the very sockets the old master passed.  Then it says
-   ``ready``.
+   with the snapshot.  The old workers' TCP sockets follow the hello, one
+   old worker's after the other, and are passed on to the new workers as
+   they arrive (neither master ever holds them all: 10,000 services fit a
+   master's descriptor limit).  New worker *i* serves each TCP address on
+   old worker *i*'s very socket for it (matched by ``getsockname``: both
+   generations accept on it during the overlap, and its queue goes on);
+   new workers beyond the old count, and addresses the old master did not
+   serve, bind their own with ``SO_REUSEPORT``; a handed-over socket no
+   service takes is closed.  Unix listeners are the very sockets the old
+   master passed.  Then it says ``ready``.
 2. **Any failure before** ``ready`` -- the new code does not import, the
    file is bad, a worker does not come up or fails to build a service, the
    new master dies or is killed, or says nothing within
@@ -22,8 +28,9 @@ of every service's state.  It is a reload of the master, all or nothing:
 3. **Commit** (the old master, on ``ready``): stop accepting admin
    connections (the socket stays bound: connections queue for the new
    master), say ``released``, and stop gracefully -- its workers close
-   their listeners (taking and serving what the kernel queued, never
-   resetting it) and drain within ``drain_timeout``.  The new master then
+   their listeners (taking and serving what the kernel queued; a socket a
+   new worker holds lives on there, so nothing on it is reset) and drain
+   within ``drain_timeout``.  The new master then
    accepts on the admin socket, writes the pidfile, tells systemd
    ``MAINPID=`` and ``READY=1``.  The old master answers the new one's
    ``status`` and ``stop`` until it has drained and exits; the next upgrade
@@ -32,7 +39,9 @@ of every service's state.  It is a reload of the master, all or nothing:
 Rules of this module:
 
 * The channel is a ``SOCK_SEQPACKET`` socketpair; each message is one JSON
-  object of at most ``MAX_MESSAGE`` bytes, with at most one descriptor.
+  object of at most ``MAX_MESSAGE`` bytes, with at most one descriptor --
+  but ``fds``, which carries up to ``SCM_MAX_FD`` (the workers' TCP
+  sockets: 10,000 services on 4 workers are 159 messages, not 40,000).
   Plain data only, never pickles: the two ends run different versions of
   hotproxy.  ``PROTOCOL`` is the version of these messages; unknown keys are
   ignored, an unknown message type is answered with an error or skipped.
@@ -45,7 +54,10 @@ Rules of this module:
 Messages (old -> new, then new -> old, then both ways while the old drains)::
 
     {"type": "fd", "name": "admin" | "listener" | "counters" | "health" | "state" | "old-master", ...} + descriptor
-    {"type": "hello", "protocol": 1, "pid": OLD, "admin_socket": PATH, "listen": [...], ...}
+    {"type": "hello", "protocol": 1, "pid": OLD, "admin_socket": PATH, "listen": [...], "tcp": true, ...}
+        (larger than MAX_MESSAGE: {"type": "hello", "protocol": 1, "memfd": true} + a memfd holding it)
+    {"type": "fds", "items": [{"name": "tcp", "worker": I, "key": ["tcp", HOST, PORT], "site": NAME}, ...]} + descriptors
+    {"type": "tcp-end"}     (the "fds" and this only if the hello says "tcp": true)
     {"type": "ready", "pid": NEW, "admin": "inherited" | "own", "marks": {...}}   or   {"type": "failed", "error": LINE}
     {"type": "released"}
     {"type": "status"} -> {"type": "status", "pid": OLD, "connections": N, "since": T, "drain_timeout": S}
@@ -64,7 +76,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncGenerator, Callable
 
 log = logging.getLogger("hotproxy.upgrade")
 
@@ -73,6 +85,9 @@ PROTOCOL = 1
 
 #: the largest message (a hello names every listen address; the state travels in a memfd)
 MAX_MESSAGE = 256 * 1024
+
+#: the most descriptors one message carries (the kernel's ``SCM_MAX_FD``)
+SCM_MAX_FD = 253
 
 #: seconds the new master waits for the old one's hello, and the old one for "released" to be read
 HELLO_TIMEOUT = 30.0
@@ -132,33 +147,43 @@ class Channel:
     def closed(self) -> bool:
         return self._closed
 
-    async def send(self, msg: dict[str, Any], fd: int | None = None) -> None:
-        """Send one message (and *fd*); ``OSError`` if the other end is gone."""
+    async def send(self, msg: dict[str, Any], fd: int | None = None, fds: list[int] | None = None) -> None:
+        """Send one message (and *fd*, or up to ``SCM_MAX_FD`` *fds*); ``OSError`` if the other end is gone."""
         data = json.dumps(msg, separators=(",", ":")).encode()
         if len(data) > MAX_MESSAGE:
             raise UpgradeError(f"upgrade message of {len(data)} bytes is too large")
+        send = list(fds or ()) + ([fd] if fd is not None else [])
         while True:
             try:
-                socket.send_fds(self.sock, [data], [fd] if fd is not None else [])
+                socket.send_fds(self.sock, [data], send)
                 return
             except (BlockingIOError, InterruptedError):
                 await self._wait(writable=True)
 
     async def recv(self) -> tuple[dict[str, Any], int | None] | None:
         """The next message and its descriptor, or None once the other end is gone."""
+        got = await self.recv_many()
+        if got is None:
+            return None
+        msg, fds = got
+        for extra in fds[1:]:
+            os.close(extra)
+        return msg, fds[0] if fds else None
+
+    async def recv_many(self) -> tuple[dict[str, Any], list[int]] | None:
+        """The next message and its descriptors (``fds`` has several), or None once the other end is gone."""
+        from .fdchannel import recv_fds
         while True:
             try:
-                data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+                # (close-on-exec: a new master's workers must not inherit what it was sent)
+                data, fds = recv_fds(self.sock, MAX_MESSAGE, SCM_MAX_FD)
             except (BlockingIOError, InterruptedError):
                 await self._wait(writable=False)
                 continue
             except OSError:
                 return None
-            fd = fds[0] if fds else None
-            for extra in fds[1:]:
-                os.close(extra)
             if not data:
-                if fd is not None:
+                for fd in fds:
                     os.close(fd)
                 return None
             try:
@@ -166,11 +191,11 @@ class Channel:
                 if not isinstance(msg, dict):
                     raise ValueError("not an object")
             except ValueError:
-                if fd is not None:
+                for fd in fds:
                     os.close(fd)
                 log.warning("upgrade channel: a message that is not a JSON object; ignored")
                 continue
-            return msg, fd
+            return msg, fds
 
     async def _wait(self, writable: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -432,12 +457,44 @@ class NewMasterProcess:
             self._pidfd = None
 
 
-async def send_everything(child: NewMasterProcess, fds: list[tuple[dict[str, Any], int]],
-                          hello: dict[str, Any]) -> None:
-    """The descriptors, each with its message, then the hello."""
+async def send_everything(child: NewMasterProcess, fds: list[tuple[dict[str, Any], int]], hello: dict[str, Any],
+                          tcp: Callable[[], AsyncGenerator[list[tuple[dict[str, Any], int]], None]] | None = None
+                          ) -> None:
+    """The descriptors, each with its message; the hello; then the workers' TCP
+    sockets, as *tcp* yields them (a list per old worker: sent ``SCM_MAX_FD`` to
+    a message, then closed by *tcp*, so this master holds one worker's at most)
+    and ``tcp-end``.  They come after the hello so that the new master, its
+    workers started, passes each on as it arrives (``Link.receive_tcp``) and
+    holds none of them either."""
     for msg, fd in fds:
         await child.channel.send({"type": "fd", **msg}, fd)
-    await child.channel.send({"type": "hello", "protocol": PROTOCOL, **hello})
+    await _send_hello(child.channel, {"type": "hello", "protocol": PROTOCOL, **hello, "tcp": tcp is not None})
+    if tcp is None:
+        return
+    # (closed however this ends, cancelled included: the descriptors it holds are closed at once)
+    async with contextlib.aclosing(tcp()) as lists:
+        async for items in lists:
+            for start in range(0, len(items), SCM_MAX_FD):
+                batch = items[start:start + SCM_MAX_FD]
+                await child.channel.send({"type": "fds", "items": [{"name": "tcp", **msg} for msg, _ in batch]},
+                                         fds=[fd for _, fd in batch])
+    await child.channel.send({"type": "tcp-end"})
+
+
+async def _send_hello(channel: Channel, msg: dict[str, Any]) -> None:
+    """The hello; one too large for a message (10,000 services' addresses and counter slots) in a memfd."""
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if len(data) <= MAX_MESSAGE:
+        await channel.send(msg)
+        return
+    fd = os.memfd_create("hotproxy-hello", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        await channel.send({"type": "hello", "protocol": PROTOCOL, "memfd": True}, fd)
+    finally:
+        os.close(fd)
 
 
 async def wait_ready(child: NewMasterProcess, timeout: float) -> dict[str, Any]:
@@ -558,6 +615,22 @@ class Hello:
         self.old_masters.clear()
 
 
+def _read_hello(fd: int) -> dict[str, Any]:
+    """The hello the old master wrote in the memfd *fd* (closed); ``UpgradeError`` if unreadable."""
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_STATE:
+            raise ValueError(f"{size} bytes is more than {MAX_STATE}")
+        msg = json.loads(os.pread(fd, size, 0))
+        if not isinstance(msg, dict) or msg.get("type") != "hello":
+            raise ValueError("not a hello")
+        return msg
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UpgradeError(f"the old master's hello cannot be read: {exc}") from None
+    finally:
+        os.close(fd)
+
+
 class Link:
     """The new master's end of the channel to the old master that started it."""
 
@@ -577,15 +650,20 @@ class Link:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    got = await self.channel.recv()
-                    if got is None:
+                    many = await self.channel.recv_many()
+                    if many is None:
                         raise UpgradeError("the old master closed the upgrade channel before its hello")
-                    msg, fd = got
+                    msg, fds = many
                     kind = msg.get("type")
+                    for extra in fds[1:]:
+                        os.close(extra)
+                    fd = fds[0] if fds else None
                     if kind == "fd" and fd is not None:
                         self._take(hello, msg, fd)
                     elif kind == "hello":
-                        if fd is not None:
+                        if msg.get("memfd") is True and fd is not None:
+                            msg = _read_hello(fd)   # (closes it)
+                        elif fd is not None:
                             os.close(fd)
                         if msg.get("protocol") != PROTOCOL:
                             raise UpgradeError(f"the old master speaks upgrade protocol {msg.get('protocol')!r}, "
@@ -604,6 +682,44 @@ class Link:
         except BaseException:
             hello.close()
             raise
+
+    async def receive_tcp(self, take: Callable[[list[tuple[int, tuple[Any, ...], int]]], None],
+                          timeout: float = HELLO_TIMEOUT) -> int:
+        """The old workers' TCP sockets, which follow the hello: ``take([(old worker id,
+        address key, fd), ...])`` for each message's as it arrives (the fds are
+        *take*'s); how many came.  ``UpgradeError`` if they do not end within *timeout*."""
+        assert self.hello is not None
+        if self.hello.fields.get("tcp") is not True:
+            return 0   # an old master that hands none over
+        count = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    many = await self.channel.recv_many()
+                    if many is None:
+                        raise UpgradeError("the old master closed the upgrade channel before its workers' sockets")
+                    msg, fds = many
+                    kind = msg.get("type")
+                    if kind == "tcp-end":
+                        for fd in fds:
+                            os.close(fd)
+                        return count
+                    items = msg.get("items") if kind == "fds" else None
+                    items = items if isinstance(items, list) else []
+                    got: list[tuple[int, tuple[Any, ...], int]] = []
+                    for i, fd in enumerate(fds):
+                        item = items[i] if i < len(items) and isinstance(items[i], dict) else {}
+                        key, worker = item.get("key"), item.get("worker")
+                        if item.get("name") == "tcp" and isinstance(worker, int) and isinstance(key, list) \
+                                and len(key) == 3:
+                            got.append((worker, tuple(key), fd))
+                        else:
+                            os.close(fd)
+                    count += len(got)
+                    if got:
+                        take(got)
+        except TimeoutError:
+            raise UpgradeError(f"the old master's workers' sockets did not come within {timeout:g}s") from None
 
     @staticmethod
     def _take(hello: Hello, msg: dict[str, Any], fd: int) -> None:

@@ -110,6 +110,8 @@ class WorkerProcess:
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, True, None)
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, False, None)
 
+        if self.fds is not None:
+            self.fds.start()   # descriptors are read as they arrive (``fdchannel``)
         write_message(writer, ("ready", os.getpid()))
         runner = loop.create_task(self._run_commands(writer))
         reading = loop.create_task(self._read(reader, writer))
@@ -159,6 +161,15 @@ class WorkerProcess:
                     names = msg[2] if len(msg) > 2 else None
                     summary = bool(msg[3]) if len(msg) > 3 else False
                     self._answer(writer, msg[1], self._status(names, summary))
+                elif kind == "listeners":
+                    # an upgrade: this worker's TCP listening sockets, for the new master's workers
+                    self._answer(writer, msg[1], self._send_listeners())
+                elif kind == "release":
+                    # an upgrade: the old workers' sockets passed on that no service took
+                    if self.fds is not None:
+                        for token in msg[2]:
+                            self.fds.release(token)
+                    write_message(writer, ("res", msg[1], True, None))
                 elif kind == "snapshot":
                     final = len(msg) > 2 and msg[2] is True
                     write_message(writer, ("res", msg[1], True, self.executor.snapshot(final)))
@@ -180,6 +191,45 @@ class WorkerProcess:
         except (asyncio.IncompleteReadError, ConnectionError):
             # the master is gone: stop serving gracefully
             self._request_stop(True, None)
+
+    async def _send_listeners(self) -> list[dict[str, Any]]:
+        """Send every serving site's TCP listening socket to the master over the fd
+        channel (``fdchannel.send_listeners``), for an upgrade; what each one is, in order.
+
+        Duplicates are sent, ``SCM_MAX_FD`` at a time (a listener may change its
+        descriptor while a send waits; a worker near its ``RLIMIT_NOFILE`` needs
+        room for one batch only): this worker keeps accepting on its own until
+        the hand-over closes it (the socket lives on in the new worker).
+        """
+        from .fdchannel import SCM_MAX_FD, send_listeners
+
+        if self.fds is None:
+            return []
+        listeners = [(name, site.listener) for name, site in self.executor.sites.items()
+                     if site.listener is not None and site.listener.sock.family in (socket.AF_INET, socket.AF_INET6)]
+        entries: list[dict[str, Any]] = []
+        skipped = 0
+        for start in range(0, len(listeners), SCM_MAX_FD):
+            batch: list[dict[str, Any]] = []
+            dups: list[int] = []
+            try:
+                for name, listener in listeners[start:start + SCM_MAX_FD]:
+                    try:
+                        host, port = listener.sock.getsockname()[:2]
+                        dups.append(os.dup(listener.sock.fileno()))
+                    except OSError:   # closed meanwhile, or no descriptor left: its new worker binds its own
+                        skipped += 1
+                        continue
+                    batch.append({"site": name, "host": host, "port": port})
+                await send_listeners(self.fds.sock, dups)
+            finally:
+                for fd in dups:
+                    os.close(fd)
+            entries += batch
+        if skipped:
+            log.warning("upgrade: %d listening sockets not handed over (closed, or no descriptor left to send them)",
+                        skipped)
+        return entries
 
     async def _status(self, names: Any, summary: bool) -> dict[str, Any]:
         """The executor's status, with this process's garbage collection (``gcpolicy``)."""

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from . import logs
 from .channel import read_message, write_message
-from .errors import WorkerError, WorkerTimeoutError
+from .errors import WorkerError, WorkerTimeoutError, describe
 from .executor import ServiceExecutor
 from .fdchannel import FdSender
 
@@ -301,6 +301,60 @@ class ProcessWorker:
         if not self.alive or self.fds is None:
             raise WorkerError(self.id, "not running")
         self.fds.send(token, fd)
+
+    def send_listeners(self, tokens: list[int], fds: list[int]) -> None:
+        """``send_listener`` for many, in as few messages as the kernel allows (``FdSender.send_many``)."""
+        if not self.alive or self.fds is None:
+            raise WorkerError(self.id, "not running")
+        self.fds.send_many(tokens, fds)
+
+    async def listeners(self, timeout: float) -> list[tuple[dict[str, Any], int]]:
+        """This worker's TCP listening sockets, for an upgrade's hand-over: ``({"site", "host",
+        "port"}, fd)`` each (the fds are ours to close); ``WorkerError`` if they do not all
+        come within *timeout* (none is kept then)."""
+        if not self.alive or self.fds is None:
+            raise WorkerError(self.id, "not running")
+        fds = self.fds
+        fds.discard()   # the leftovers of a hand-over given up on
+        got: list[int] = []
+        reply = asyncio.ensure_future(asyncio.wait_for(self._call("listeners"), timeout))
+        count: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def counted(r: asyncio.Future[Any]) -> None:
+            if count.done():
+                return
+            if r.cancelled() or r.exception() is not None:
+                count.cancel()
+            else:
+                count.set_result(len(r.result()))
+
+        reply.add_done_callback(counted)
+        entries: list[dict[str, Any]] = []
+        try:
+            try:
+                await fds.receive(got, count, timeout)
+                entries = await reply
+            except asyncio.TimeoutError:
+                raise WorkerError(self.id, f"did not send its listening sockets within {timeout:g}s") from None
+            except WorkerError:
+                raise
+            except Exception as exc:   # the worker's error (OSError: a send that failed)
+                raise WorkerError(self.id, f"listening sockets: {describe(exc)}") from None
+            if len(got) != len(entries):
+                raise WorkerError(self.id, f"sent {len(got)} listening sockets for {len(entries)}")
+        except BaseException:
+            for fd in got:
+                os.close(fd)
+            raise
+        finally:
+            if not reply.done():
+                reply.cancel()
+            reply.add_done_callback(lambda r: r.cancelled() or r.exception())   # (retrieved)
+        return list(zip(entries, got))
+
+    async def release_listeners(self, tokens: list[int]) -> None:
+        """Close the listening sockets sent with *tokens* that no command took (``FdReceiver.release``)."""
+        await self._call("release", tokens)
 
     async def execute(self, command: Any) -> Any:
         return await self._call("cmd", command)
