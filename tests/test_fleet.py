@@ -325,6 +325,47 @@ def test_two_concurrent_applies_exactly_one_wins_the_other_is_told_why(
     run(main(), timeout=240)
 
 
+def test_two_proposers_that_both_read_before_either_writes_exactly_one_proposal_wins(
+        start: Start, etcd: Etcd, tmp_path: Path) -> None:
+    """The compare-and-swap branch: both ``fleet apply`` read the proposal key
+    (no proposal pending) before either writes -- the test-only barrier
+    ``HOTPROXY_TEST_FLEET_BARRIER`` holds each one between its read and its
+    write until both have read.  Exactly one proposal is written and
+    committed; the other proposer is told, in one line, which proposal won."""
+    async def main() -> None:
+        fleet = Fleet(start, etcd, tmp_path)
+        await fleet.start()
+        code, out, err = await fleet.apply(fleet.text("v1"))
+        assert code == 0, out + err
+        rev = committed_revision(out)
+        barrier = tmp_path / "barrier"
+        barrier.mkdir()
+        env = {**fleet.any.env, "HOTPROXY_TEST_FLEET_BARRIER": f"{barrier}:2"}
+
+        async def propose(version: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hotproxy.cli", *fleet.apply_cmd(fleet.text(version)),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+            assert proc.returncode is not None
+            return proc.returncode, out.decode(), err.decode()
+
+        (ca, oa, ea), (cb, ob, eb) = await asyncio.gather(propose("va"), propose("vb"))
+        assert len(os.listdir(barrier)) == 2   # both read before either wrote
+        assert sorted([ca, cb]) == [0, 1], (oa + ea, ob + eb)
+        won, (code, out, err) = ("va", (cb, ob, eb)) if ca == 0 else ("vb", (ca, oa, ea))
+        print(f"the proposer that lost the compare-and-swap: {err.strip()}")
+        assert re.fullmatch(r"hotproxy: error: another fleet apply proposed first \(proposal \d+ by \S+\): "
+                            r"nothing applied; retry after it\n", err), err
+        assert out == "", out
+        assert await fleet.greetings() == {iid: won.encode() for iid in HOSTS}
+        st = await fleet.status()
+        assert st["revision"] > rev and st["decision"]["outcome"] == "commit", st
+        assert {iid: r["applied"] for iid, r in st["instances"].items()} == {iid: st["revision"] for iid in HOSTS}
+
+    run(main(), timeout=240)
+
+
 def test_an_instance_stopped_during_prepare_aborts_after_the_deadline_and_never_serves_that_config(
         start: Start, etcd: Etcd, tmp_path: Path, traffic: Callable[..., Traffic]) -> None:
     async def main() -> None:

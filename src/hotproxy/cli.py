@@ -255,7 +255,9 @@ def _cmd_fleet_apply(args: argparse.Namespace) -> int:
         print(json.dumps(vars(result), indent=2))
     else:
         lines = result.lines()
-        print("\n".join(lines[1:] if not result.ok else lines))
+        shown = lines[1:] if not result.ok else lines
+        if shown:
+            print("\n".join(shown))
         if not result.ok:
             _error(lines[0][len("fleet apply: "):] if lines[0].startswith("fleet apply: ") else lines[0])
     return 0 if result.ok else 1

@@ -540,6 +540,27 @@ async def apply(source: EtcdSource, text: str, *, deadline: float = 10.0, commit
         await client.close()
 
 
+#: test-only: ``DIR:N`` makes ``fleet apply`` wait, between reading the proposal
+#: key and writing its own (the compare-and-swap), until N proposers have
+#: reached that point (a file each in DIR) -- the interleaving a test cannot
+#: otherwise reach: every proposer has read before any writes
+TEST_BARRIER_ENV = "HOTPROXY_TEST_FLEET_BARRIER"
+
+
+async def _test_barrier(timeout: float = 60.0) -> None:
+    """``HOTPROXY_TEST_FLEET_BARRIER``: wait (bounded) until N proposers have read."""
+    spec = os.environ.get(TEST_BARRIER_ENV)
+    if not spec:
+        return
+    directory, _, count = spec.rpartition(":")
+    with open(os.path.join(directory, f"read-{os.getpid()}"), "w"):
+        pass
+    ends = time.monotonic() + timeout
+    while len([n for n in os.listdir(directory) if n.startswith("read-")]) < int(count) \
+            and time.monotonic() < ends:
+        await asyncio.sleep(0.02)
+
+
 async def _apply(client: Any, source: EtcdSource, text: str, deadline: float, commit_wait: float,
                  proposer: str) -> ApplyResult:
     tx = importlib.import_module("aetcd.transactions")
@@ -557,6 +578,7 @@ async def _apply(client: Any, source: EtcdSource, text: str, deadline: float, co
         # its proposer went away before deciding: abort it with the new proposal
         extra.append(tx.Put(dkey, json.dumps({"rev": int(seen.mod_revision), "outcome": "abort",
                                               "reason": "no decision before the deadline"}).encode()))
+    await _test_barrier()
     ends = time.time() + deadline
     body = json.dumps({"toml": text, "deadline": ends, "proposer": proposer}).encode()
     ok, replies = await client.transaction(compare=compare, success=extra + [tx.Put(pkey, body)], failure=[])
