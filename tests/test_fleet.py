@@ -55,18 +55,21 @@ class Etcd:
         self.client_port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        #: a TLS etcd (tests/test_fleet_tls.py): its client URLs are https, these options added
+        self.tls_args: list[str] = []
 
     def url(self, prefix: str = "hp") -> str:
-        return f"etcd://127.0.0.1:{self.client_port}/{prefix}"
+        return f"{'etcds' if self.tls_args else 'etcd'}://127.0.0.1:{self.client_port}/{prefix}"
 
     def start(self) -> None:
-        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        scheme = "https" if self.tls_args else "http"
+        client, peer = f"{scheme}://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "--name", "hp-test", "--data-dir", str(self.data),
                  "--listen-client-urls", client, "--advertise-client-urls", client,
                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"hp-test={peer}"],
+                 "--initial-cluster", f"hp-test={peer}", *self.tls_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -122,16 +125,19 @@ def etcd(tmp_path: Path) -> Iterator[Etcd]:
 class Fleet:
     """Three instances of one fleet, and the ``fleet`` commands."""
 
-    def __init__(self, start: Start, etcd: Etcd, tmp: Path, *, ttl: int = 10) -> None:
+    def __init__(self, start: Start, etcd: Etcd, tmp: Path, *, ttl: int = 10, cli_args: tuple[str, ...] = (),
+                 **runtime: Any) -> None:
         self.etcd = etcd
         self.url = etcd.url()
         self.tmp = tmp
+        #: what the ``fleet`` commands are given beside ``--etcd`` (TLS: ``--etcd-ca ...``)
+        self.cli_args = cli_args
         self.stable = free_port()
         self.ver = free_port()
         self.progs: dict[str, Program] = {}
         for iid, host in HOSTS.items():
             text = toml({}, workers=2, admin=f"{iid}.sock", config_source=self.url, instance_id=iid,
-                        listen_host=host, fleet_lease_ttl=ttl)
+                        listen_host=host, fleet_lease_ttl=ttl, **runtime)
             self.progs[iid] = start(text, name=f"{iid}.toml")
         self.any = next(iter(self.progs.values()))
         self._n = 0
@@ -162,13 +168,13 @@ class Fleet:
         self._n += 1
         path = self.tmp / f"fleet-{self._n}.toml"
         path.write_text(text)
-        return ["fleet", "apply", "-c", str(path), "--etcd", self.url, *args]
+        return ["fleet", "apply", "-c", str(path), "--etcd", self.url, *self.cli_args, *args]
 
     async def apply(self, text: str, *args: str) -> tuple[int, str, str]:
         return await self.any.cli(*self.apply_cmd(text, *args), timeout=120)
 
     async def status(self) -> dict[str, Any]:
-        code, out, err = await self.any.cli("fleet", "status", "--etcd", self.url, "--json")
+        code, out, err = await self.any.cli("fleet", "status", "--etcd", self.url, *self.cli_args, "--json")
         assert code == 0, out + err
         return json.loads(out)  # type: ignore[no-any-return]
 

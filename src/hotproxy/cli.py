@@ -138,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-empty", action="store_true",
                      help="start even if FILE declares no service (refused otherwise)")
     run.add_argument("--etcd", metavar="URL", default=None,
-                     help="etcd://HOST:PORT[,HOST:PORT]/PREFIX: serve the fleet's services from etcd "
-                          "(runtime.config_source; FILE then holds only [runtime])")
+                     help="etcd://HOST:PORT[,HOST:PORT]/PREFIX (etcds:// for TLS): serve the fleet's services "
+                          "from etcd (runtime.config_source; FILE then holds only [runtime])")
+    _etcd_tls_options(run)
     # how a running master starts its successor (``hotproxy upgrade``): not for people
     run.add_argument("--upgrade-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -230,8 +231,34 @@ def _parser() -> argparse.ArgumentParser:
     fstatus.set_defaults(func=_cmd_fleet_status)
     fstatus.add_argument("--json", action="store_true", help="print the raw status as JSON")
     for sp in (fapply, fstatus):
-        sp.add_argument("--etcd", metavar="URL", required=True, help="etcd://HOST:PORT[,HOST:PORT]/PREFIX")
+        sp.add_argument("--etcd", metavar="URL", required=True,
+                        help="etcd://HOST:PORT[,HOST:PORT]/PREFIX, or etcds://... for TLS")
+        _etcd_tls_options(sp)
     return p
+
+
+#: the ``--etcd-*`` options and the ``runtime`` keys they set
+ETCD_TLS_OPTIONS = (("--etcd-ca", "etcd_ca"), ("--etcd-cert", "etcd_cert"), ("--etcd-key", "etcd_key"))
+
+
+def _etcd_tls_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--etcd-ca", metavar="FILE", default=None,
+                    help="with etcds://: the CA certificates (PEM) etcd's certificate must chain to "
+                         "(runtime.etcd_ca; default: the system's)")
+    sp.add_argument("--etcd-cert", metavar="FILE", default=None,
+                    help="with etcds://: a client certificate (PEM) for etcd's --client-cert-auth (runtime.etcd_cert)")
+    sp.add_argument("--etcd-key", metavar="FILE", default=None,
+                    help="with etcds://: the private key (PEM) of --etcd-cert (runtime.etcd_key)")
+
+
+def _fleet_source(args: argparse.Namespace) -> Any:
+    """``fleet apply/status``: ``--etcd`` and its TLS files, checked (one line each)."""
+    from . import fleet
+
+    source = fleet.parse_source(args.etcd, "--etcd")
+    fleet.client_module()   # not installed: one line saying what to install
+    return fleet.with_tls(source, args.etcd_ca, args.etcd_cert, args.etcd_key,
+                          names=("--etcd-ca", "--etcd-cert", "--etcd-key"))
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -244,8 +271,7 @@ def _cmd_fleet_apply(args: argparse.Namespace) -> int:
 
     from . import fleet
 
-    source = fleet.parse_source(args.etcd, "--etcd")
-    fleet.client_module()   # not installed: one line saying what to install
+    source = _fleet_source(args)
     with open(args.config, encoding="utf-8") as f:
         text = f.read()
     fleet.check_fleet_file(text, args.config)   # a bad file: one line, nothing proposed
@@ -268,8 +294,7 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
 
     from . import fleet
 
-    source = fleet.parse_source(args.etcd, "--etcd")
-    fleet.client_module()
+    source = _fleet_source(args)
     st = fleet.run_async(fleet.status(source))
     print(json.dumps(st, indent=2) if args.json else fleet.format_status(st))
     return 0
@@ -321,16 +346,27 @@ def _run_config(args: argparse.Namespace) -> Config:
         config = parse_config("", None)   # a fleet instance with every runtime default
     else:
         config = load_config(args.config)
-    if args.etcd is not None:
-        import dataclasses
+    import dataclasses
 
+    if args.etcd is not None:
         config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, config_source=args.etcd))
-    if config.runtime.config_source is not None:
+    given = {key: os.path.abspath(getattr(args, key)) for _, key in ETCD_TLS_OPTIONS if getattr(args, key, None)}
+    if given:
+        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, **given))
+    if config.runtime.config_source is not None or given:
         from . import fleet
 
-        fleet.parse_source(config.runtime.config_source, f"{config.source}: runtime.config_source"
-                           if args.etcd is None else "--etcd")
+        if config.runtime.config_source is None:
+            from .errors import ConfigError
+
+            raise ConfigError(f"{next(o for o, k in ETCD_TLS_OPTIONS if k in given)}: only for a fleet instance "
+                              "(runtime.config_source or --etcd)")
+        source = fleet.parse_source(config.runtime.config_source, f"{config.source}: runtime.config_source"
+                                    if args.etcd is None else "--etcd")
         fleet.client_module()
+        rt = config.runtime
+        fleet.with_tls(source, rt.etcd_ca, rt.etcd_cert, rt.etcd_key, names=tuple(   # type: ignore[arg-type]
+            opt if key in given else f"{config.source}: runtime.{key}" for opt, key in ETCD_TLS_OPTIONS))
         if config.services:
             from .errors import ConfigError
 
