@@ -192,7 +192,9 @@ def test_user_and_password_inside_tls_against_etcd_with_auth_enabled(
             return proc.returncode, out.decode(), err.decode()
 
         for bad_env, why in (({"HOTPROXY_ETCD_PASSWORD": "wrong"}, "authentication failed"),
-                             ({"HOTPROXY_ETCD_USER": "", "HOTPROXY_ETCD_PASSWORD": ""}, "user name is empty (the user and password: environment HOTPROXY_ETCD_USER and HOTPROXY_ETCD_PASSWORD)")):
+                             ({"HOTPROXY_ETCD_USER": "", "HOTPROXY_ETCD_PASSWORD": ""},
+                              "user name is empty (the user and password: environment HOTPROXY_ETCD_USER and "
+                              "HOTPROXY_ETCD_PASSWORD)")):
             code, out, err = await cli({**env, **bad_env})
             print(f"fleet apply with {bad_env}: {err.strip()}")
             assert code == 1 and err.count("\n") == 1 and why in err, out + err

@@ -8,6 +8,7 @@
     hotproxy upgrade [-c FILE]    replace the running master by the hotproxy installed now
     hotproxy fleet apply -c FILE --etcd URL   apply FILE's services on every instance of a fleet, or none
     hotproxy fleet status --etcd URL          every instance of a fleet: applied revision, last outcome
+    hotproxy fleet serve --listen H:P ...     the same apply and status over HTTP (for CI pipelines)
 
 ``reload``, ``status``, ``stop`` and ``upgrade`` find the running instance through its
 admin socket: ``runtime.admin_socket`` in FILE, or the path derived from
@@ -230,7 +231,22 @@ def _parser() -> argparse.ArgumentParser:
                               "live instances: id, address, applied revision, health, last outcome.")
     fstatus.set_defaults(func=_cmd_fleet_status)
     fstatus.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    for sp in (fapply, fstatus):
+    fserve = fsub.add_parser(
+        "serve", help="the same apply and status over HTTP, for CI pipelines", formatter_class=_RawHelp,
+        description="Serve POST /fleet/apply (body: the fleet config, TOML; ?deadline=SECONDS) and\n"
+                    "GET /fleet/status, each with Authorization: Bearer TOKEN (--token-file).\n"
+                    "An apply is hotproxy fleet apply's: JSON with the per-instance lines; 200\n"
+                    "committed, 409 not committed (error says why), 422 a bad config, 503 etcd\n"
+                    "unreachable.  Runs until SIGTERM/SIGINT (requests in flight finish).")
+    fserve.set_defaults(func=_cmd_fleet_serve)
+    fserve.add_argument("--listen", metavar="HOST:PORT", required=True, help="where to serve (e.g. 127.0.0.1:7380)")
+    fserve.add_argument("--token-file", metavar="FILE", required=True,
+                        help="holds the bearer token clients must send (read at start)")
+    fserve.add_argument("--deadline", type=float, default=10.0, metavar="SECONDS",
+                        help="how long the instances have to prepare, unless the request says (default 10)")
+    fserve.add_argument("--tls-cert", metavar="FILE", default=None, help="serve HTTPS with this certificate (PEM)")
+    fserve.add_argument("--tls-key", metavar="FILE", default=None, help="the private key (PEM) of --tls-cert")
+    for sp in (fapply, fstatus, fserve):
         sp.add_argument("--etcd", metavar="URL", required=True,
                         help="etcd://HOST:PORT[,HOST:PORT]/PREFIX, or etcds://... for TLS")
         _etcd_tls_options(sp)
@@ -298,6 +314,14 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
     st = fleet.run_async(fleet.status(source))
     print(json.dumps(st, indent=2) if args.json else fleet.format_status(st))
     return 0
+
+
+def _cmd_fleet_serve(args: argparse.Namespace) -> int:
+    from . import fleetapi
+
+    source = _fleet_source(args)
+    return fleetapi.run(source, args.listen, args.token_file, deadline=args.deadline, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key)
 
 
 # -- run and check -------------------------------------------------------------

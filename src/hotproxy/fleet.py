@@ -723,7 +723,7 @@ async def _test_barrier(timeout: float = 60.0) -> None:
     if not spec:
         return
     directory, _, count = spec.rpartition(":")
-    with open(os.path.join(directory, f"read-{os.getpid()}"), "w"):
+    with open(os.path.join(directory, f"read-{os.getpid()}-{id(asyncio.current_task())}"), "w"):
         pass
     ends = time.monotonic() + timeout
     while len([n for n in os.listdir(directory) if n.startswith("read-")]) < int(count) \
