@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from conftest import eventually, free_port, run
 from helpers_program import Program, Traffic
 from test_fleet import HOSTS, Etcd, Fleet, check_traffic, etcd  # noqa: F401  (etcd: the fixture)
+from test_fleet_tls import pki  # noqa: F401  (the fixture)
 
 Start = Callable[..., Program]
 TOKEN = "t0k3n-for-ci"
@@ -31,27 +33,29 @@ TOKEN = "t0k3n-for-ci"
 class Server:
     """A running ``hotproxy fleet serve``; ``stop()`` (SIGTERM) or killed at the end."""
 
-    def __init__(self, fleet: Fleet, tmp: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, env: dict[str, str], tmp: Path, *args: str) -> None:
         self.port = free_port()
+        self.scheme = "https" if "--tls-cert" in args else "http"
         self.token_file = tmp / "token"
         self.token_file.write_text(TOKEN + "\n")
         self.log_path = tmp / "serve.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hotproxy.cli", "fleet", "serve", "--listen", f"127.0.0.1:{self.port}",
-                 "--etcd", fleet.url, "--token-file", str(self.token_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**fleet.any.env, **(env or {})})
+                 "--etcd", url, "--token-file", str(self.token_file), *args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     async def wait_ready(self) -> None:
-        await eventually(lambda: "listening on http://127.0.0.1:" in self.log(), timeout=60)
+        await eventually(lambda: f"listening on {self.scheme}://127.0.0.1:{self.port}" in self.log(), timeout=60)
 
     async def request(self, method: str, path: str, body: bytes = b"", *, token: str | None = TOKEN,
-                      headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
-        """One request over a new connection: (status, headers, the JSON body)."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                      headers: dict[str, str] | None = None, tls: ssl.SSLContext | None = None,
+                      ) -> tuple[int, dict[str, str], Any]:
+        """One request over a new connection (*tls*: HTTPS): (status, headers, the JSON body)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=tls)
         try:
             head = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{self.port}", "Connection: close"]
             if token is not None:
@@ -99,7 +103,7 @@ def test_a_ci_pipeline_applies_and_reads_status_over_http_with_a_bearer_token(
     async def main() -> None:
         fleet = Fleet(start, etcd, tmp_path)
         await fleet.start()
-        server = Server(fleet, tmp_path)
+        server = Server(fleet.url, fleet.any.env, tmp_path)
         servers.append(server)
         await server.wait_ready()
         load = fleet.traffic(traffic)
@@ -187,7 +191,7 @@ def test_an_http_apply_and_a_cli_apply_that_both_read_before_either_writes_exact
         barrier = tmp_path / "barrier"
         barrier.mkdir()
         env = {"HOTPROXY_TEST_FLEET_BARRIER": f"{barrier}:2"}
-        server = Server(fleet, tmp_path, env)
+        server = Server(fleet.url, {**fleet.any.env, **env}, tmp_path)
         servers.append(server)
         await server.wait_ready()
 
@@ -233,3 +237,28 @@ def test_fleet_serve_bad_options_are_one_line(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and expect in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_fleet_serve_over_https_answers_503_in_one_line_while_etcd_is_unreachable(
+        pki: Path, tmp_path: Path, servers: list[Server]) -> None:  # noqa: F811  (pki: the fixture)
+    """``--tls-cert``/``--tls-key``: the API over HTTPS (the client verifies the
+    server's certificate); with no etcd listening, status and apply answer 503
+    with one line and the server serves on."""
+    async def main() -> None:
+        url = f"etcd://127.0.0.1:{free_port()}/hp"
+        env = dict(os.environ)
+        server = Server(url, env, tmp_path, "--tls-cert", str(pki / "etcd.pem"), "--tls-key", str(pki / "etcd.key"))
+        servers.append(server)
+        await server.wait_ready()
+        tls = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        for method, path, data in (("GET", "/fleet/status", b""),
+                                   ("POST", "/fleet/apply", b'[services.e]\nkind = "echo"\nlisten = "127.0.0.1:1"\n')):
+            status, _, body = await server.request(method, path, data, tls=tls)
+            print(f"HTTPS {method} {path}, etcd down -> {status}: {body['error']}")
+            assert status == 503 and body["ok"] is False and body["error"].startswith("etcd unreachable"), body
+            assert "\n" not in body["error"]
+        with pytest.raises(ssl.SSLCertVerificationError):   # a client that does not trust its certificate
+            await server.request("GET", "/fleet/status", tls=ssl.create_default_context())
+        assert server.stop() == 0
+
+    run(main(), timeout=120)
