@@ -12,6 +12,7 @@ instances are real ``hotproxy run`` processes whose local ``[runtime]`` says
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -150,6 +151,49 @@ def test_apply_over_tls_with_client_certificates_commits_on_every_instance_and_a
         line = next(x for x in wrong.log().splitlines() if "etcd's certificate is not trusted" in x)
         print(f"an instance with the wrong CA logs: {line}")
         assert "wrong-ca" not in (await fleet.status())["instances"]
+
+    run(main(), timeout=240)
+
+
+def test_an_instance_started_with_etcd_tls_options_keeps_them_through_an_upgrade(
+        start: Start, mtls_etcd: Etcd, pki: Path, tmp_path: Path) -> None:
+    """``run --etcd etcds://... --etcd-ca --etcd-cert --etcd-key`` (nothing about etcd in
+    the file): the instance joins; ``hotproxy upgrade`` passes the options on, so the
+    new master rejoins over TLS and commits the next ``fleet apply``."""
+    async def main() -> None:
+        tls = files(pki)
+        url = mtls_etcd.url()
+        args = ["-c", str(tmp_path / "u.toml"), "--etcd", url, *cli_args(tls)]
+        prog = start(toml({}, workers=1, admin="u.sock", instance_id="u"), name="u.toml", args=args)
+        await prog.wait_ready()
+        port = free_port()
+
+        async def apply(version: str) -> str:
+            path = tmp_path / f"{version}.toml"
+            path.write_text(f'[services.e]\nkind = "echo"\nlisten = "127.0.0.1:{port}"\ngreeting = "{version}\\n"\n')
+            code, out, err = await prog.cli("fleet", "apply", "-c", str(path), "--etcd", url, *cli_args(tls),
+                                            timeout=120)
+            assert code == 0, out + err
+            return out
+
+        async def member_pid() -> int:
+            code, out, err = await prog.cli("fleet", "status", "--etcd", url, *cli_args(tls), "--json")
+            assert code == 0, out + err
+            return int(json.loads(out)["instances"].get("u", {}).get("pid", 0))
+
+        async def member_pid_is(pid: int) -> bool:
+            return await member_pid() == pid
+
+        before = await prog.follow()
+        await eventually(lambda: member_pid_is(before["pid"]), timeout=60, interval=0.2)
+        assert "u: committed revision" in await apply("v1")
+        code, out, err = await prog.cli("upgrade", "-c", str(prog.config), timeout=120)
+        assert code == 0, out + err
+        after = await prog.follow()
+        assert after["pid"] != before["pid"]
+        await eventually(lambda: member_pid_is(after["pid"]), timeout=60, interval=0.2)
+        assert "u: committed revision" in await apply("v2")
+        assert (await echo_roundtrip("127.0.0.1", port, b"x", greeting=3))[:3] == b"v2\n"
 
     run(main(), timeout=240)
 
