@@ -143,6 +143,8 @@ def test_a_ci_pipeline_applies_and_reads_status_over_http_with_a_bearer_token(
                 ("POST", "/fleet/apply", fleet.text("v3").encode(), {"token": None}, 401,
                  "missing Authorization: Bearer TOKEN"),
                 ("POST", "/fleet/apply", fleet.text("v3").encode(), {"token": "nope"}, 401, "wrong token"),
+                # (a big body the server does not read: its answer still arrives, no reset)
+                ("POST", "/fleet/apply", b"#" * 2_000_000, {"token": "nope"}, 401, "wrong token"),
                 ("GET", "/fleet/status", b"", {"token": TOKEN + "x"}, 401, "wrong token"),
                 ("POST", "/fleet/apply?deadline=soon", fleet.text("v3").encode(), {}, 400, "deadline: expected"),
                 ("POST", "/fleet/apply?force=1", fleet.text("v3").encode(), {}, 400, "unknown parameter 'force'"),
@@ -151,7 +153,7 @@ def test_a_ci_pipeline_applies_and_reads_status_over_http_with_a_bearer_token(
                 ("POST", "/fleet/apply", b"\xff\xfe", {}, 400, "not UTF-8"),
         ):
             status, headers, body = await server.request(method, path, data, **kw)
-            print(f"{method} {path} ({kw or 'token'}) -> {status}: {body['error']}")
+            print(f"{method} {path} ({kw or 'token'}, {len(data)} bytes) -> {status}: {body['error']}")
             assert status == code and body == {"ok": False, "error": body["error"]} and why in body["error"], body
             assert "\n" not in body["error"]
             if code == 401:

@@ -61,6 +61,8 @@ MAX_HEAD = 16384
 HEAD_TIMEOUT = 10.0
 #: how long a client may take to send the body it announced
 BODY_TIMEOUT = 60.0
+#: how long, after the answer, the server reads what the client still sends before it closes
+LINGER = 2.0
 #: the longest ``?deadline=`` accepted (seconds)
 MAX_DEADLINE = 3600.0
 
@@ -106,6 +108,8 @@ class FleetApi:
         self.deadline = deadline
         self.commit_wait = commit_wait
         self._inflight: set[asyncio.Task[None]] = set()
+        #: the connections whose request was read whole (no lingering needed)
+        self._consumed: set[asyncio.StreamReader] = set()
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One request, one answer, close."""
@@ -124,6 +128,8 @@ class FleetApi:
             log.info("%s %s %s -> %d%s", who, method, target, status,
                      f": {body.get('error')}" if body.get("error") else "")
             await self._reply(writer, status, body, extra)
+            if reader not in self._consumed:
+                await self._linger(reader, writer)
         except (ConnectionError, asyncio.TimeoutError):
             pass   # the client went away: nothing to answer
         except Exception:   # a bug: the server serves on; the client gets a 500
@@ -134,7 +140,30 @@ class FleetApi:
                 pass
         finally:
             self._inflight.discard(task)
+            self._consumed.discard(reader)
             writer.close()
+
+    @staticmethod
+    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After refusing a request before reading all of it: half-close, then read what
+        the client still sends until it closes (bounded) -- closing with unread bytes
+        would send a reset that can make the client lose the answer."""
+        if writer.can_write_eof():
+            writer.write_eof()
+        left = MAX_CONFIG_BYTES + MAX_HEAD
+
+        async def drain() -> None:
+            nonlocal left
+            while left > 0:
+                data = await reader.read(min(left, 65536))
+                if not data:
+                    return
+                left -= len(data)
+
+        try:
+            await asyncio.wait_for(drain(), LINGER)
+        except (OSError, asyncio.TimeoutError):
+            pass
 
     async def _head(self, reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]]:
         try:
@@ -166,6 +195,8 @@ class FleetApi:
         if method != allowed:
             raise _Refused(405, f"{url.path} takes {allowed}, got {method}", {"Allow": allowed})
         self._authorize(headers)
+        if method == "GET" and "content-length" not in headers and "transfer-encoding" not in headers:
+            self._consumed.add(reader)
         try:
             query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
         except ValueError:
@@ -214,6 +245,7 @@ class FleetApi:
             raw = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT)
         except asyncio.IncompleteReadError:
             raise ConnectionError("closed before the end of the body") from None
+        self._consumed.add(reader)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
