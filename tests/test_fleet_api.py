@@ -106,11 +106,12 @@ def test_a_ci_pipeline_applies_and_reads_status_over_http_with_a_bearer_token(
         server = Server(fleet.url, fleet.any.env, tmp_path)
         servers.append(server)
         await server.wait_ready()
-        load = fleet.traffic(traffic)
 
         status, headers, body = await server.request("POST", "/fleet/apply", fleet.text("v1").encode())
         print(f"POST /fleet/apply -> {status}: {json.dumps(body['lines'])}")
         assert status == 200 and body["ok"] is True and body["error"] is None, body
+        # (from the first config on, under traffic: every later request is checked against it)
+        load = fleet.traffic(traffic)
         rev = body["revision"]
         assert body["lines"][0] == f"fleet apply: proposal {body['proposal']} committed as revision {rev}", body
         assert body["instances"] == {iid: f"committed revision {rev}" for iid in HOSTS}, body

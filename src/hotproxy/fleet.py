@@ -91,8 +91,20 @@ class EtcdTLS:
             with open(path, "rb") as f:
                 return f.read()
 
-        return grpc.ssl_channel_credentials(root_certificates=read(self.ca), private_key=read(self.key),
-                                            certificate_chain=read(self.cert))
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca or system_ca_file()),
+                                            private_key=read(self.key), certificate_chain=read(self.cert))
+
+
+def system_ca_file() -> str | None:
+    """The system's CA bundle (what Python's ``ssl`` trusts by default), for gRPC, whose
+    own default is a bundle of its own; None if there is no such file (then gRPC's)."""
+    import ssl
+
+    paths = ssl.get_default_verify_paths()
+    for path in (os.environ.get(paths.openssl_cafile_env), paths.cafile, paths.openssl_cafile):
+        if path and os.path.isfile(path):
+            return path
+    return None
 
 
 @dataclass(frozen=True)
