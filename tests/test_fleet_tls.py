@@ -143,6 +143,7 @@ def test_apply_over_tls_with_client_certificates_commits_on_every_instance_and_a
         code, out, err = await status("--etcd", plain)
         print(f"fleet status over plaintext to the TLS port: {err.strip()}")
         assert code == 1 and err.count("\n") == 1 and err.startswith("hotproxy: error: etcd unreachable"), err
+        assert err.endswith("(if etcd serves TLS only, use etcds://)\n"), err
         # an instance with the wrong CA serves nothing new, says why in its log, never joins
         wrong = start(toml({}, workers=1, admin="w.sock", config_source=fleet.url, instance_id="wrong-ca",
                            listen_host="127.0.0.9", **files(pki, "other-ca")), name="w.toml")

@@ -222,6 +222,10 @@ async def connect(source: EtcdSource, attempt: int = 0, *, timeout: float = REQU
             if why is not None:
                 raise FleetError(f"etcd {source.url}: TLS: {why}") from None
         text = describe(exc)
+        if source.tls is None and text.endswith("Socket closed"):
+            # what a TLS-only etcd does to a plaintext HTTP/2 client
+            raise FleetError(one_line(f"etcd unreachable or failing: {text} (if etcd serves TLS only, "
+                                      f"use etcds://)")) from None
         if "authentication failed" in text or "user name is empty" in text or "invalid auth token" in text:
             raise FleetError(one_line(f"etcd {source.url}: {text} (the user and password: environment "
                                       "HOTPROXY_ETCD_USER and HOTPROXY_ETCD_PASSWORD)")) from None
