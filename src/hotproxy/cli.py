@@ -268,7 +268,7 @@ def _etcd_tls_options(sp: argparse.ArgumentParser) -> None:
 
 
 def _fleet_source(args: argparse.Namespace) -> Any:
-    """``fleet apply/status``: ``--etcd`` and its TLS files, checked (one line each)."""
+    """``fleet apply/status/serve``: ``--etcd`` and its TLS files, checked (one line each)."""
     from . import fleet
 
     source = fleet.parse_source(args.etcd, "--etcd")
@@ -389,7 +389,7 @@ def _run_config(args: argparse.Namespace) -> Config:
                                     if args.etcd is None else "--etcd")
         fleet.client_module()
         rt = config.runtime
-        fleet.with_tls(source, rt.etcd_ca, rt.etcd_cert, rt.etcd_key, names=tuple(   # type: ignore[arg-type]
+        fleet.with_tls(source, rt.etcd_ca, rt.etcd_cert, rt.etcd_key, names=tuple(
             opt if key in given else f"{config.source}: runtime.{key}" for opt, key in ETCD_TLS_OPTIONS))
         if config.services:
             from .errors import ConfigError

@@ -152,7 +152,7 @@ def parse_source(text: str, what: str = "config_source") -> EtcdSource:
 
 
 def with_tls(source: EtcdSource, ca: str | None, cert: str | None, key: str | None,
-             names: tuple[str, str, str] = ("etcd_ca", "etcd_cert", "etcd_key")) -> EtcdSource:
+             names: tuple[str, ...] = ("etcd_ca", "etcd_cert", "etcd_key")) -> EtcdSource:
     """*source* with its TLS files, each checked now (one ``FleetError`` line naming
     the option, *names*): only with ``etcds://``; the certificate and the key
     together; each file readable PEM, the key the certificate's."""
@@ -209,8 +209,8 @@ async def connect(source: EtcdSource, attempt: int = 0, *, timeout: float = REQU
     host, port = source.endpoints[attempt % len(source.endpoints)]
     kind = aetcd.Client if source.tls is None else _tls_client(aetcd, source.tls)
     client = kind(host=host, port=port, timeout=timeout,
-                          username=os.environ.get("HOTPROXY_ETCD_USER") or None,
-                          password=os.environ.get("HOTPROXY_ETCD_PASSWORD") or None)
+                  username=os.environ.get("HOTPROXY_ETCD_USER") or None,
+                  password=os.environ.get("HOTPROXY_ETCD_PASSWORD") or None)
     try:
         await client.connect()
         # a connect is lazy in grpc: one read proves etcd answers
@@ -874,5 +874,5 @@ def run_async(coro: Awaitable[Any]) -> Any:
     return asyncio.run(main())
 
 
-__all__ = ["ApplyResult", "EtcdSource", "EtcdTLS", "FleetAgent", "FleetError", "apply", "fleet_config", "format_status",
-           "parse_source", "revision_name", "status", "with_tls"]
+__all__ = ["ApplyResult", "EtcdSource", "EtcdTLS", "FleetAgent", "FleetError", "apply", "fleet_config",
+           "format_status", "parse_source", "revision_name", "status", "with_tls"]
