@@ -374,7 +374,8 @@ def _run_config(args: argparse.Namespace) -> Config:
 
     if args.etcd is not None:
         config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, config_source=args.etcd))
-    given = {key: os.path.abspath(getattr(args, key)) for _, key in ETCD_TLS_OPTIONS if getattr(args, key, None)}
+    given = {key: os.path.abspath(path) for key, path in
+             (("etcd_ca", args.etcd_ca), ("etcd_cert", args.etcd_cert), ("etcd_key", args.etcd_key)) if path}
     if given:
         config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, **given))
     if config.runtime.config_source is not None or given:
