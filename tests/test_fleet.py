@@ -55,18 +55,21 @@ class Etcd:
         self.client_port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        #: a TLS etcd (tests/test_fleet_tls.py): its client URLs are https, these options added
+        self.tls_args: list[str] = []
 
     def url(self, prefix: str = "hp") -> str:
-        return f"etcd://127.0.0.1:{self.client_port}/{prefix}"
+        return f"{'etcds' if self.tls_args else 'etcd'}://127.0.0.1:{self.client_port}/{prefix}"
 
     def start(self) -> None:
-        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        scheme = "https" if self.tls_args else "http"
+        client, peer = f"{scheme}://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "--name", "hp-test", "--data-dir", str(self.data),
                  "--listen-client-urls", client, "--advertise-client-urls", client,
                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"hp-test={peer}"],
+                 "--initial-cluster", f"hp-test={peer}", *self.tls_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -122,16 +125,19 @@ def etcd(tmp_path: Path) -> Iterator[Etcd]:
 class Fleet:
     """Three instances of one fleet, and the ``fleet`` commands."""
 
-    def __init__(self, start: Start, etcd: Etcd, tmp: Path, *, ttl: int = 10) -> None:
+    def __init__(self, start: Start, etcd: Etcd, tmp: Path, *, ttl: int = 10, cli_args: tuple[str, ...] = (),
+                 **runtime: Any) -> None:
         self.etcd = etcd
         self.url = etcd.url()
         self.tmp = tmp
+        #: what the ``fleet`` commands are given beside ``--etcd`` (TLS: ``--etcd-ca ...``)
+        self.cli_args = cli_args
         self.stable = free_port()
         self.ver = free_port()
         self.progs: dict[str, Program] = {}
         for iid, host in HOSTS.items():
             text = toml({}, workers=2, admin=f"{iid}.sock", config_source=self.url, instance_id=iid,
-                        listen_host=host, fleet_lease_ttl=ttl)
+                        listen_host=host, fleet_lease_ttl=ttl, **runtime)
             self.progs[iid] = start(text, name=f"{iid}.toml")
         self.any = next(iter(self.progs.values()))
         self._n = 0
@@ -162,13 +168,13 @@ class Fleet:
         self._n += 1
         path = self.tmp / f"fleet-{self._n}.toml"
         path.write_text(text)
-        return ["fleet", "apply", "-c", str(path), "--etcd", self.url, *args]
+        return ["fleet", "apply", "-c", str(path), "--etcd", self.url, *self.cli_args, *args]
 
     async def apply(self, text: str, *args: str) -> tuple[int, str, str]:
         return await self.any.cli(*self.apply_cmd(text, *args), timeout=120)
 
     async def status(self) -> dict[str, Any]:
-        code, out, err = await self.any.cli("fleet", "status", "--etcd", self.url, "--json")
+        code, out, err = await self.any.cli("fleet", "status", "--etcd", self.url, *self.cli_args, "--json")
         assert code == 0, out + err
         return json.loads(out)  # type: ignore[no-any-return]
 
@@ -193,7 +199,7 @@ def committed_revision(out: str) -> int:
 def check_traffic(tot: dict[str, Any], what: str) -> None:
     print(f"{what}: traffic {tot['short_ok']} short connections, {tot['long_ok']} long, "
           f"{tot['bytes_checked']} bytes checked, {tot['short_failed'] + tot['long_failed']} errors")
-    assert tot["short_failed"] == 0 and tot["long_failed"] == 0, tot
+    assert tot["short_failed"] == 0 and tot["long_failed"] == 0, tot.get("errors")
     assert tot["short_ok"] > 0 and tot["long_ok"] == len(HOSTS), tot
 
 
@@ -321,6 +327,47 @@ def test_two_concurrent_applies_exactly_one_wins_the_other_is_told_why(
         assert code == 0, out + err
         version = b"va" if winner is a else b"vb"
         assert await fleet.greetings() == {iid: version for iid in HOSTS}
+
+    run(main(), timeout=240)
+
+
+def test_two_proposers_that_both_read_before_either_writes_exactly_one_proposal_wins(
+        start: Start, etcd: Etcd, tmp_path: Path) -> None:
+    """The compare-and-swap branch: both ``fleet apply`` read the proposal key
+    (no proposal pending) before either writes -- the test-only barrier
+    ``HOTPROXY_TEST_FLEET_BARRIER`` holds each one between its read and its
+    write until both have read.  Exactly one proposal is written and
+    committed; the other proposer is told, in one line, which proposal won."""
+    async def main() -> None:
+        fleet = Fleet(start, etcd, tmp_path)
+        await fleet.start()
+        code, out, err = await fleet.apply(fleet.text("v1"))
+        assert code == 0, out + err
+        rev = committed_revision(out)
+        barrier = tmp_path / "barrier"
+        barrier.mkdir()
+        env = {**fleet.any.env, "HOTPROXY_TEST_FLEET_BARRIER": f"{barrier}:2"}
+
+        async def propose(version: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hotproxy.cli", *fleet.apply_cmd(fleet.text(version)),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+            assert proc.returncode is not None
+            return proc.returncode, out.decode(), err.decode()
+
+        (ca, oa, ea), (cb, ob, eb) = await asyncio.gather(propose("va"), propose("vb"))
+        assert len(os.listdir(barrier)) == 2   # both read before either wrote
+        assert sorted([ca, cb]) == [0, 1], (oa + ea, ob + eb)
+        won, (code, out, err) = ("va", (cb, ob, eb)) if ca == 0 else ("vb", (ca, oa, ea))
+        print(f"the proposer that lost the compare-and-swap: {err.strip()}")
+        assert re.fullmatch(r"hotproxy: error: another fleet apply proposed first \(proposal \d+ by \S+\): "
+                            r"nothing applied; retry after it\n", err), err
+        assert out == "", out
+        assert await fleet.greetings() == {iid: won.encode() for iid in HOSTS}
+        st = await fleet.status()
+        assert st["revision"] > rev and st["decision"]["outcome"] == "commit", st
+        assert {iid: r["applied"] for iid, r in st["instances"].items()} == {iid: st["revision"] for iid in HOSTS}
 
     run(main(), timeout=240)
 

@@ -8,6 +8,7 @@
     hotproxy upgrade [-c FILE]    replace the running master by the hotproxy installed now
     hotproxy fleet apply -c FILE --etcd URL   apply FILE's services on every instance of a fleet, or none
     hotproxy fleet status --etcd URL          every instance of a fleet: applied revision, last outcome
+    hotproxy fleet serve --listen H:P ...     the same apply and status over HTTP (for CI pipelines)
 
 ``reload``, ``status``, ``stop`` and ``upgrade`` find the running instance through its
 admin socket: ``runtime.admin_socket`` in FILE, or the path derived from
@@ -138,8 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-empty", action="store_true",
                      help="start even if FILE declares no service (refused otherwise)")
     run.add_argument("--etcd", metavar="URL", default=None,
-                     help="etcd://HOST:PORT[,HOST:PORT]/PREFIX: serve the fleet's services from etcd "
-                          "(runtime.config_source; FILE then holds only [runtime])")
+                     help="etcd://HOST:PORT[,HOST:PORT]/PREFIX (etcds:// for TLS): serve the fleet's services "
+                          "from etcd (runtime.config_source; FILE then holds only [runtime])")
+    _etcd_tls_options(run)
     # how a running master starts its successor (``hotproxy upgrade``): not for people
     run.add_argument("--upgrade-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -229,9 +231,50 @@ def _parser() -> argparse.ArgumentParser:
                               "live instances: id, address, applied revision, health, last outcome.")
     fstatus.set_defaults(func=_cmd_fleet_status)
     fstatus.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    for sp in (fapply, fstatus):
-        sp.add_argument("--etcd", metavar="URL", required=True, help="etcd://HOST:PORT[,HOST:PORT]/PREFIX")
+    fserve = fsub.add_parser(
+        "serve", help="the same apply and status over HTTP, for CI pipelines", formatter_class=_RawHelp,
+        description="Serve POST /fleet/apply (body: the fleet config, TOML; ?deadline=SECONDS) and\n"
+                    "GET /fleet/status, each with Authorization: Bearer TOKEN (--token-file).\n"
+                    "An apply is hotproxy fleet apply's: JSON with the per-instance lines; 200\n"
+                    "committed, 409 not committed (error says why), 422 a bad config, 503 etcd\n"
+                    "unreachable.  Runs until SIGTERM/SIGINT (requests in flight finish).")
+    fserve.set_defaults(func=_cmd_fleet_serve)
+    fserve.add_argument("--listen", metavar="HOST:PORT", required=True, help="where to serve (e.g. 127.0.0.1:7380)")
+    fserve.add_argument("--token-file", metavar="FILE", required=True,
+                        help="holds the bearer token clients must send (read at start)")
+    fserve.add_argument("--deadline", type=float, default=10.0, metavar="SECONDS",
+                        help="how long the instances have to prepare, unless the request says (default 10)")
+    fserve.add_argument("--tls-cert", metavar="FILE", default=None, help="serve HTTPS with this certificate (PEM)")
+    fserve.add_argument("--tls-key", metavar="FILE", default=None, help="the private key (PEM) of --tls-cert")
+    for sp in (fapply, fstatus, fserve):
+        sp.add_argument("--etcd", metavar="URL", required=True,
+                        help="etcd://HOST:PORT[,HOST:PORT]/PREFIX, or etcds://... for TLS")
+        _etcd_tls_options(sp)
     return p
+
+
+#: the ``--etcd-*`` options and the ``runtime`` keys they set
+ETCD_TLS_OPTIONS = (("--etcd-ca", "etcd_ca"), ("--etcd-cert", "etcd_cert"), ("--etcd-key", "etcd_key"))
+
+
+def _etcd_tls_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--etcd-ca", metavar="FILE", default=None,
+                    help="with etcds://: the CA certificates (PEM) etcd's certificate must chain to "
+                         "(runtime.etcd_ca; default: the system's)")
+    sp.add_argument("--etcd-cert", metavar="FILE", default=None,
+                    help="with etcds://: a client certificate (PEM) for etcd's --client-cert-auth (runtime.etcd_cert)")
+    sp.add_argument("--etcd-key", metavar="FILE", default=None,
+                    help="with etcds://: the private key (PEM) of --etcd-cert (runtime.etcd_key)")
+
+
+def _fleet_source(args: argparse.Namespace) -> Any:
+    """``fleet apply/status/serve``: ``--etcd`` and its TLS files, checked (one line each)."""
+    from . import fleet
+
+    source = fleet.parse_source(args.etcd, "--etcd")
+    fleet.client_module()   # not installed: one line saying what to install
+    return fleet.with_tls(source, args.etcd_ca, args.etcd_cert, args.etcd_key,
+                          names=("--etcd-ca", "--etcd-cert", "--etcd-key"))
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -244,8 +287,7 @@ def _cmd_fleet_apply(args: argparse.Namespace) -> int:
 
     from . import fleet
 
-    source = fleet.parse_source(args.etcd, "--etcd")
-    fleet.client_module()   # not installed: one line saying what to install
+    source = _fleet_source(args)
     with open(args.config, encoding="utf-8") as f:
         text = f.read()
     fleet.check_fleet_file(text, args.config)   # a bad file: one line, nothing proposed
@@ -255,7 +297,9 @@ def _cmd_fleet_apply(args: argparse.Namespace) -> int:
         print(json.dumps(vars(result), indent=2))
     else:
         lines = result.lines()
-        print("\n".join(lines[1:] if not result.ok else lines))
+        shown = lines[1:] if not result.ok else lines
+        if shown:
+            print("\n".join(shown))
         if not result.ok:
             _error(lines[0][len("fleet apply: "):] if lines[0].startswith("fleet apply: ") else lines[0])
     return 0 if result.ok else 1
@@ -266,11 +310,18 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
 
     from . import fleet
 
-    source = fleet.parse_source(args.etcd, "--etcd")
-    fleet.client_module()
+    source = _fleet_source(args)
     st = fleet.run_async(fleet.status(source))
     print(json.dumps(st, indent=2) if args.json else fleet.format_status(st))
     return 0
+
+
+def _cmd_fleet_serve(args: argparse.Namespace) -> int:
+    from . import fleetapi
+
+    source = _fleet_source(args)
+    return fleetapi.run(source, args.listen, args.token_file, deadline=args.deadline, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key)
 
 
 # -- run and check -------------------------------------------------------------
@@ -319,16 +370,28 @@ def _run_config(args: argparse.Namespace) -> Config:
         config = parse_config("", None)   # a fleet instance with every runtime default
     else:
         config = load_config(args.config)
-    if args.etcd is not None:
-        import dataclasses
+    import dataclasses
 
+    if args.etcd is not None:
         config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, config_source=args.etcd))
-    if config.runtime.config_source is not None:
+    given = {key: os.path.abspath(path) for key, path in
+             (("etcd_ca", args.etcd_ca), ("etcd_cert", args.etcd_cert), ("etcd_key", args.etcd_key)) if path}
+    if given:
+        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, **given))
+    if config.runtime.config_source is not None or given:
         from . import fleet
 
-        fleet.parse_source(config.runtime.config_source, f"{config.source}: runtime.config_source"
-                           if args.etcd is None else "--etcd")
+        if config.runtime.config_source is None:
+            from .errors import ConfigError
+
+            raise ConfigError(f"{next(o for o, k in ETCD_TLS_OPTIONS if k in given)}: only for a fleet instance "
+                              "(runtime.config_source or --etcd)")
+        source = fleet.parse_source(config.runtime.config_source, f"{config.source}: runtime.config_source"
+                                    if args.etcd is None else "--etcd")
         fleet.client_module()
+        rt = config.runtime
+        fleet.with_tls(source, rt.etcd_ca, rt.etcd_cert, rt.etcd_key, names=tuple(
+            opt if key in given else f"{config.source}: runtime.{key}" for opt, key in ETCD_TLS_OPTIONS))
         if config.services:
             from .errors import ConfigError
 

@@ -154,6 +154,10 @@ class RuntimeConfig:
     instance_id: str | None = None
     listen_host: str | None = None
     fleet_lease_ttl: int = RUNTIME_OPTIONS["fleet_lease_ttl"].default
+    #: TLS to etcd (``etcds://``): CA bundle, client certificate and key (absolute paths)
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ from .reload import ReloadReport, Reloader, Staged
 log = logging.getLogger("hotproxy.fleet")
 
 SCHEME = "etcd://"
+#: the same over TLS (``runtime.etcd_ca``/``etcd_cert``/``etcd_key``, ``--etcd-ca``/``--etcd-cert``/``--etcd-key``)
+TLS_SCHEME = "etcds://"
 #: seconds between reconnection attempts: doubled from the first up to the last
 BACKOFF = (0.2, 5.0)
 #: seconds one etcd request may take before the instance counts etcd as unreachable
@@ -70,30 +72,70 @@ class FleetError(HotproxyError):
 
 
 @dataclass(frozen=True)
+class EtcdTLS:
+    """TLS to etcd: the CA bundle to verify etcd's certificate with (None: the
+    system's), and a client certificate and its key (both or neither)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> Any:
+        """gRPC channel credentials; the files are read now (each connect: renewed
+        certificates are taken on the next reconnect)."""
+        grpc = importlib.import_module("grpc")   # (aetcd's dependency)
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca or system_ca_file()),
+                                            private_key=read(self.key), certificate_chain=read(self.cert))
+
+
+def system_ca_file() -> str | None:
+    """The system's CA bundle (what Python's ``ssl`` trusts by default), for gRPC, whose
+    own default is a bundle of its own; None if there is no such file (then gRPC's)."""
+    import ssl
+
+    paths = ssl.get_default_verify_paths()
+    for path in (os.environ.get(paths.openssl_cafile_env), paths.cafile, paths.openssl_cafile):
+        if path and os.path.isfile(path):
+            return path
+    return None
+
+
+@dataclass(frozen=True)
 class EtcdSource:
-    """A parsed ``etcd://HOST:PORT[,HOST:PORT]/PREFIX``."""
+    """A parsed ``etcd://HOST:PORT[,HOST:PORT]/PREFIX`` (``etcds://``: over TLS)."""
 
     endpoints: tuple[tuple[str, int], ...]
     #: ends with "/"
     prefix: str
+    #: None: plaintext (``etcd://``)
+    tls: EtcdTLS | None = None
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints)
-        return f"{SCHEME}{hosts}/{self.prefix.strip('/')}"
+        return f"{TLS_SCHEME if self.tls is not None else SCHEME}{hosts}/{self.prefix.strip('/')}"
 
     def key(self, name: str) -> bytes:
         return (self.prefix + name).encode()
 
 
 def parse_source(text: str, what: str = "config_source") -> EtcdSource:
-    """Parse ``etcd://HOST:PORT[,HOST:PORT]/PREFIX``; ``FleetError`` naming *what*."""
+    """Parse ``etcd[s]://HOST:PORT[,HOST:PORT]/PREFIX``; ``FleetError`` naming *what*."""
     def bad(why: str) -> FleetError:
-        return FleetError(one_line(f"{what}: {why}, got {text!r} (expected etcd://HOST:PORT[,HOST:PORT]/PREFIX)"))
+        return FleetError(one_line(f"{what}: {why}, got {text!r} "
+                                   "(expected etcd://HOST:PORT[,HOST:PORT]/PREFIX, or etcds://... for TLS)"))
 
-    if not text.startswith(SCHEME):
-        raise bad("not an etcd:// URL")
-    hosts, sep, prefix = text[len(SCHEME):].partition("/")
+    scheme = next((s for s in (SCHEME, TLS_SCHEME) if text.startswith(s)), None)
+    if scheme is None:
+        raise bad("not an etcd:// or etcds:// URL")
+    hosts, sep, prefix = text[len(scheme):].partition("/")
     prefix = prefix.strip("/")
     if not sep or not prefix:
         raise bad("no PREFIX")
@@ -106,7 +148,38 @@ def parse_source(text: str, what: str = "config_source") -> EtcdSource:
         if addr.host is None or addr.port is None or addr.port == 0:
             raise bad(f"bad endpoint {part!r}")
         endpoints.append((addr.host, addr.port))
-    return EtcdSource(tuple(endpoints), f"/{prefix}/")
+    return EtcdSource(tuple(endpoints), f"/{prefix}/", EtcdTLS() if scheme == TLS_SCHEME else None)
+
+
+def with_tls(source: EtcdSource, ca: str | None, cert: str | None, key: str | None,
+             names: tuple[str, ...] = ("etcd_ca", "etcd_cert", "etcd_key")) -> EtcdSource:
+    """*source* with its TLS files, each checked now (one ``FleetError`` line naming
+    the option, *names*): only with ``etcds://``; the certificate and the key
+    together; each file readable PEM, the key the certificate's."""
+    import ssl
+
+    given = [(n, v) for n, v in zip(names, (ca, cert, key)) if v is not None]
+    if source.tls is None:
+        if given:
+            raise FleetError(f"{given[0][0]}: TLS to etcd needs an etcds:// URL, got {source.url}")
+        return source
+    if (cert is None) != (key is None):
+        raise FleetError(f"{names[1] if cert is None else names[2]}: missing (a client certificate "
+                         f"needs {names[1]} and {names[2]} both)")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        what = names[0]
+        if ca is not None:
+            ctx.load_verify_locations(cafile=ca)
+        if cert is not None and key is not None:
+            what = f"{names[1]}/{names[2]}"
+            ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise FleetError(one_line(f"{what}: not a PEM certificate (and key) that TLS can use: "
+                                  f"{exc.reason or exc}")) from None
+    except OSError as exc:
+        raise FleetError(one_line(f"{what}: {describe(exc)}")) from None
+    return dataclasses.replace(source, tls=EtcdTLS(ca, cert, key))
 
 
 def client_module() -> Any:
@@ -114,6 +187,9 @@ def client_module() -> Any:
     # The master forks only to exec (its workers): gRPC's fork handlers would
     # only log that they are skipped while its threads are busy.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    # gRPC's C core would write its own lines (a failed TLS handshake) to stderr:
+    # what failed is said once, by the caller, in one line (``connect``)
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         return importlib.import_module("aetcd")
     except ImportError:
@@ -131,17 +207,125 @@ async def connect(source: EtcdSource, attempt: int = 0, *, timeout: float = REQU
     """A connected client to one of *source*'s endpoints (the next one on each attempt)."""
     aetcd = client_module()
     host, port = source.endpoints[attempt % len(source.endpoints)]
-    client = aetcd.Client(host=host, port=port, timeout=timeout,
-                          username=os.environ.get("HOTPROXY_ETCD_USER"),
-                          password=os.environ.get("HOTPROXY_ETCD_PASSWORD"))
+    kind = aetcd.Client if source.tls is None else _tls_client(aetcd, source.tls)
+    client = kind(host=host, port=port, timeout=timeout,
+                  username=os.environ.get("HOTPROXY_ETCD_USER") or None,
+                  password=os.environ.get("HOTPROXY_ETCD_PASSWORD") or None)
     try:
         await client.connect()
         # a connect is lazy in grpc: one read proves etcd answers
         await client.get(source.key("config"))
-    except BaseException:
+    except BaseException as exc:
         await client.close()
+        if source.tls is not None and isinstance(exc, Exception):
+            why = await _tls_problem(source.tls, host, port, timeout)
+            if why is not None:
+                raise FleetError(f"etcd {source.url}: TLS: {why}") from None
+        text = describe(exc)
+        if source.tls is None and text.endswith("Socket closed"):
+            # what a TLS-only etcd does to a plaintext HTTP/2 client
+            raise FleetError(one_line(f"etcd unreachable or failing: {text} (if etcd serves TLS only, "
+                                      f"use etcds://)")) from None
+        if "authentication failed" in text or "user name is empty" in text or "invalid auth token" in text:
+            raise FleetError(one_line(f"etcd {source.url}: {text} (the user and password: environment "
+                                      "HOTPROXY_ETCD_USER and HOTPROXY_ETCD_PASSWORD)")) from None
         raise
     return client
+
+
+#: an HTTP/2 client preface and an empty SETTINGS frame: what a gRPC client sends first
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+async def _tls_problem(tls: EtcdTLS, host: str, port: int, timeout: float) -> str | None:
+    """Why TLS to etcd at *host*:*port* fails, in words (None: TLS is not the problem).
+
+    gRPC says only "handshake failed" or "Unwrap failed (TSI_DATA_CORRUPTED)";
+    this makes the same handshake with Python's ``ssl`` (same files) to name
+    the cause: etcd's certificate not trusted, or this client's refused (etcd
+    started with ``--client-cert-auth``: its alert arrives after the
+    handshake, on the first read, so the probe writes an HTTP/2 preface and
+    reads)."""
+    import ssl
+
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+        if tls.cert is not None and tls.key is not None:
+            ctx.load_cert_chain(tls.cert, tls.key)
+        ctx.set_alpn_protocols(["h2"])
+    except (OSError, ssl.SSLError) as exc:
+        return f"the TLS files cannot be used: {describe(exc)}"
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host), timeout)
+    except ssl.SSLCertVerificationError as exc:
+        return (f"etcd's certificate is not trusted ({exc.verify_message}): etcd_ca / --etcd-ca names the CA "
+                "that signed it")
+    except ssl.SSLError as exc:
+        return f"handshake failed: {exc.reason or exc}"
+    except (OSError, asyncio.TimeoutError):
+        return None   # not reached at all: the caller's error says so
+    try:
+        writer.write(_H2_PREFACE)
+        await asyncio.wait_for(reader.read(1), timeout)
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or exc).lower().replace("_", " ")
+        if tls.cert is None:
+            return f"etcd asks for a client certificate ({reason}): etcd_cert and etcd_key / --etcd-cert, --etcd-key"
+        return f"etcd refused this client's certificate ({reason}): it must be signed by a CA etcd trusts"
+    except (OSError, asyncio.TimeoutError):
+        return None
+    finally:
+        writer.close()
+    return None
+
+
+def _tls_client(aetcd: Any, tls: EtcdTLS) -> Any:
+    """A ``aetcd.Client`` class whose channel is TLS with *tls*'s files.
+
+    aetcd 1.0 opens only plaintext channels (``grpc.aio.insecure_channel`` in
+    ``Client.connect``); this is its ``connect`` with ``grpc.aio.secure_channel``
+    instead, so user/password authentication (``HOTPROXY_ETCD_USER``) runs
+    inside TLS too.  Everything else -- leases, transactions, watches -- is
+    aetcd's own, on the stubs made here exactly as aetcd makes them.
+    """
+    rpc = importlib.import_module("aetcd.rpc")
+    watcher = importlib.import_module("aetcd.watcher")
+    exceptions = importlib.import_module("aetcd.exceptions")
+    credentials = tls.credentials()
+
+    class TLSClient(aetcd.Client):  # type: ignore[misc]
+        _is_connecting: bool
+
+        async def connect(self) -> None:
+            if self._connected.is_set():
+                return
+            if self._is_connecting:
+                await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+                return
+            try:
+                self._is_connecting = True
+                host = f"[{self._host}]" if ":" in self._host else self._host
+                self.channel = rpc.secure_channel(f"{host}:{self._port}", credentials,
+                                                  options=self._options.items())
+                if self._username is not None and self._password is not None:
+                    self.auth_stub = rpc.AuthStub(self.channel)
+                    resp = await self.auth_stub.Authenticate(
+                        rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+                    self.metadata = (("token", resp.token),)
+                self.kvstub = rpc.KVStub(self.channel)
+                self.clusterstub = rpc.ClusterStub(self.channel)
+                self.leasestub = rpc.LeaseStub(self.channel)
+                self.maintenancestub = rpc.MaintenanceStub(self.channel)
+                self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                                metadata=self.metadata)
+                self._connected.set()
+            except rpc.AioRpcError as exc:
+                exceptions._handle_exception(exc)
+            finally:
+                self._is_connecting = False
+
+    return TLSClient
 
 
 def _json(value: bytes | None) -> dict[str, Any]:
@@ -234,7 +418,9 @@ class FleetAgent:
     def __init__(self, source: EtcdSource, local: Config, local_runtime: dict[str, Any], reloader: Reloader,
                  noted: Callable[[ReloadReport], None], *, applied: int = 0, applied_text: str | None = None,
                  outcome: str = "joining") -> None:
-        self.source = source
+        rt = local.runtime
+        # (the files were checked at start: ``run`` refuses bad ones in one line)
+        self.source = with_tls(source, rt.etcd_ca, rt.etcd_cert, rt.etcd_key)
         self.local = local
         self.local_runtime = local_runtime
         self.reloader = reloader
@@ -540,6 +726,27 @@ async def apply(source: EtcdSource, text: str, *, deadline: float = 10.0, commit
         await client.close()
 
 
+#: test-only: ``DIR:N`` makes ``fleet apply`` wait, between reading the proposal
+#: key and writing its own (the compare-and-swap), until N proposers have
+#: reached that point (a file each in DIR) -- the interleaving a test cannot
+#: otherwise reach: every proposer has read before any writes
+TEST_BARRIER_ENV = "HOTPROXY_TEST_FLEET_BARRIER"
+
+
+async def _test_barrier(timeout: float = 60.0) -> None:
+    """``HOTPROXY_TEST_FLEET_BARRIER``: wait (bounded) until N proposers have read."""
+    spec = os.environ.get(TEST_BARRIER_ENV)
+    if not spec:
+        return
+    directory, _, count = spec.rpartition(":")
+    with open(os.path.join(directory, f"read-{os.getpid()}-{id(asyncio.current_task())}"), "w"):
+        pass
+    ends = time.monotonic() + timeout
+    while len([n for n in os.listdir(directory) if n.startswith("read-")]) < int(count) \
+            and time.monotonic() < ends:
+        await asyncio.sleep(0.02)
+
+
 async def _apply(client: Any, source: EtcdSource, text: str, deadline: float, commit_wait: float,
                  proposer: str) -> ApplyResult:
     tx = importlib.import_module("aetcd.transactions")
@@ -557,6 +764,7 @@ async def _apply(client: Any, source: EtcdSource, text: str, deadline: float, co
         # its proposer went away before deciding: abort it with the new proposal
         extra.append(tx.Put(dkey, json.dumps({"rev": int(seen.mod_revision), "outcome": "abort",
                                               "reason": "no decision before the deadline"}).encode()))
+    await _test_barrier()
     ends = time.time() + deadline
     body = json.dumps({"toml": text, "deadline": ends, "proposer": proposer}).encode()
     ok, replies = await client.transaction(compare=compare, success=extra + [tx.Put(pkey, body)], failure=[])
@@ -666,5 +874,5 @@ def run_async(coro: Awaitable[Any]) -> Any:
     return asyncio.run(main())
 
 
-__all__ = ["ApplyResult", "EtcdSource", "FleetAgent", "FleetError", "apply", "fleet_config", "format_status",
-           "parse_source", "revision_name", "status"]
+__all__ = ["ApplyResult", "EtcdSource", "EtcdTLS", "FleetAgent", "FleetError", "apply", "fleet_config",
+           "format_status", "parse_source", "revision_name", "status", "with_tls"]

@@ -934,8 +934,12 @@ class Master:
                     os.close(fd)
 
     def _run_options(self) -> tuple[str, ...]:
-        """The ``run`` options the new master of an upgrade needs beyond the file (``--etcd``)."""
-        return ("--etcd", self.etcd_option) if self.etcd_option is not None else ()
+        """The ``run`` options the new master of an upgrade needs beyond the file (``--etcd``,
+        and the TLS files to etcd, which ``run --etcd-ca ...`` may have given)."""
+        rt = self.config.runtime
+        tls = (("--etcd-ca", rt.etcd_ca), ("--etcd-cert", rt.etcd_cert), ("--etcd-key", rt.etcd_key))
+        return (("--etcd", self.etcd_option) if self.etcd_option is not None else ()) + \
+            tuple(x for opt, path in tls if path is not None for x in (opt, path))
 
     def _fleet_text(self) -> tuple[int, dict[str, Any]] | None:
         """The fleet revision this instance runs, for the new master to start from: a memfd

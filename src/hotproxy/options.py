@@ -102,6 +102,11 @@ RUNTIME_OPTIONS: dict[str, Option] = {
                           "instead of the host its listen key names"),
     "fleet_lease_ttl": Option("int", 5, min=2, max=3600, doc="seconds an instance that stopped answering "
                               "etcd stays a fleet member"),
+    "etcd_ca": Option("path", None, doc="with an etcds:// config_source: the CA certificates (PEM) that "
+                      "etcd's certificate must chain to (default: the system's)"),
+    "etcd_cert": Option("path", None, doc="with etcds://: this instance's client certificate (PEM), for an "
+                        "etcd started with --client-cert-auth (with etcd_key)"),
+    "etcd_key": Option("path", None, doc="with etcds://: the private key (PEM) of etcd_cert"),
 }
 
 #: keys every service has, whatever its kind
