@@ -541,7 +541,7 @@ def use_counters(private_counter: Any) -> None:
     _private_counter = private_counter
 
 
-# Set by the core that uses this module (use_parser): ``clienthello.server_name``
+# Set by the core that uses this module (use_parser): ``clienthello.server_name_in``
 # -- the compiled extension for the compiled core, the same source run as
 # Python for the pure-Python one -- and the most bytes it needs to decide.
 _server_name: Any = None
@@ -549,7 +549,7 @@ SNI_BUFFER = 16 * 1024 + 8 * 5
 
 
 def use_parser(server_name: Any, max_buffered: int) -> None:
-    """Tell this module the ClientHello parser (``clienthello.server_name``) and its ``MAX_BUFFERED``."""
+    """Tell this module the ClientHello parser (``clienthello.server_name_in``) and its ``MAX_BUFFERED``."""
     global _server_name, SNI_BUFFER
     _server_name = server_name
     SNI_BUFFER = int(max_buffered)
@@ -1343,10 +1343,10 @@ class Relay:
 
     def _sni_bytes(self) -> None:
         # More client bytes are held: parse them (the parser decides within
-        # SNI_BUFFER bytes); once the name is known, route and connect with
-        # every byte still held, to be relayed untouched.
+        # SNI_BUFFER bytes), in place; once the name is known, route and
+        # connect with every byte still held, to be relayed untouched.
         try:
-            name = _server_name(bytes(self.c2u.buf[:self.early]))  # type: ignore[index]
+            name = _server_name(self.c2u.buf, self.early)
         except ValueError as exc:    # clienthello.ClientHelloError
             self.counters.sni_errors += 1
             self._sni_failed(str(exc), END_BAD_HELLO)
