@@ -762,11 +762,12 @@ class RelayConfig:
     given.  With both off, a connection pays one test when it starts.
 
     TLS SNI routing (``sni``): after the PROXY header, if any, a connection
-    reads the client's TLS ClientHello (``clienthello.server_name``) within
-    ``sni_timeout`` seconds, without consuming it: the bytes are relayed
-    untouched once connected.  The name becomes ``server_name`` and
-    ``connector.route(conn)`` says where it goes (stored as ``conn.route``,
-    which ``pick`` reads), or None: no route, the connection is closed,
+    reads the client's TLS ClientHello (``clienthello.server_name_in``, in
+    place in the read buffer) within ``sni_timeout`` seconds, without
+    consuming it: the bytes are relayed untouched once connected.  The name
+    becomes ``server_name`` and ``connector.route(name)`` says where it goes:
+    a group, stored as ``conn.route``, whose ``pick(conn, tried)`` the
+    attempts ask instead of the connector's; or None: no route, the connection is closed,
     counted in ``sni_no_route``.  A bad, slow or oversized hello closes it,
     counted in ``sni_errors``; ``on_sni_error(peername, reason)`` is told of
     both if given.
@@ -1124,6 +1125,9 @@ class Relay:
                 return
             if cfg.single is not None:
                 t = cfg.single if self.tried is None else None
+            elif self.route is not None:
+                # sni: the group the server name chose picks (no connector frame between)
+                t = self.route.pick(self, self.tried if self.tried is not None else ())
             elif cfg.connector is not None:
                 t = cfg.connector.pick(self, self.tried if self.tried is not None else ())
             else:
@@ -1354,7 +1358,7 @@ class Relay:
         if name is None:
             return
         self.server_name = name
-        route = self.cfg.connector.route(self)
+        route = self.cfg.connector.route(name)
         if route is None:
             self.counters.sni_no_route += 1
             self._sni_failed(f"no route for server name {name or '(none)'!r}", END_NO_ROUTE)

@@ -33,6 +33,8 @@ practice), so it costs one parse per connection.
 
 from __future__ import annotations
 
+from typing import Any
+
 #: the largest ClientHello handshake message accepted (header included)
 MAX_HELLO = 16 * 1024
 #: the most TLS records it may span
@@ -60,10 +62,10 @@ def server_name(data: bytes) -> str | None:
     a server name; else the name (lower case, no trailing dot).
     ``ClientHelloError`` for anything else.
     """
-    return server_name_in(data, len(data))
+    return server_name_in(bytearray(data), len(data))
 
 
-def server_name_in(data: bytes | bytearray, n: int) -> str | None:
+def server_name_in(data: bytearray, n: int) -> str | None:
     """``server_name`` of the first *n* bytes of *data* (``0 <= n <= len(data)``):
     a connection's read buffer, read in place.  A ClientHello alone in its
     first record (what clients send) is parsed where it lies, nothing
@@ -79,7 +81,7 @@ def server_name_in(data: bytes | bytearray, n: int) -> str | None:
     hello = _handshake_message(bytes(data[:n]))
     if hello is None:
         return None
-    return _parse_hello(hello, 4, len(hello))
+    return _parse_hello(bytearray(hello), 4, len(hello))
 
 
 def _handshake_message(data: bytes) -> bytes | None:
@@ -144,7 +146,7 @@ def _take(pos: int, n: int, end: int, what: str) -> int:
     return pos + n
 
 
-def _parse_hello(data: bytes | bytearray, pos: int, end: int) -> str:
+def _parse_hello(data: bytearray, pos: int, end: int) -> str:
     # data[pos:end]: a ClientHello's body (after its 4-byte header)
     pos = _take(pos, 2, end, "the version")
     version = (data[pos - 2] << 8) | data[pos - 1]
@@ -190,7 +192,7 @@ def _parse_hello(data: bytes | bytearray, pos: int, end: int) -> str:
     return name
 
 
-def _parse_server_name(data: bytes | bytearray, pos: int, end: int) -> str:
+def _parse_server_name(data: bytearray, pos: int, end: int) -> str:
     # data[pos:end]: the server_name extension's data
     if pos == end:
         return ""              # an empty server_name extension (a server's echo; tolerated)
@@ -215,6 +217,50 @@ def _parse_server_name(data: bytes | bytearray, pos: int, end: int) -> str:
     if not host:
         raise ClientHelloError("server_name without a host name")
     return host
+
+
+class RouteTable:
+    """``sni_routes`` by server name, asked once per connection, compiled
+    with the parser (clienthello.pxd) so the core's call makes no Python frame.
+
+    ``route(name)``: the group of the exact *name*, else of the longest
+    ``*.suffix`` that ends it (at any depth: ``*.example`` matches
+    ``a.b.example``, and ``*.b.example`` wins over it), else the default
+    group, else None (closed).  Each hit is counted in *routed* by route
+    name (``"a.example"``, ``"*.example"``; ``""`` the default), the
+    service's counts, kept across versions.  A group is whatever the caller
+    gave (the proxy's balancers); *name* is as the parser returns it.
+    """
+
+    def __init__(self, exact: dict[str, Any], wildcard: dict[str, Any], default: Any,
+                 routed: dict[str, int]) -> None:
+        self.exact = exact          # name -> group
+        self.wildcard = wildcard    # "example" (for "*.example") -> group
+        self.default = default      # the default group, or None: no default
+        self.routed = routed
+
+    def route(self, name: str) -> Any:
+        """The group for server name *name* ("": none sent), counted; None: no route."""
+        routed = self.routed
+        if name:
+            group = self.exact.get(name)
+            if group is not None:
+                routed[name] = routed.get(name, 0) + 1
+                return group
+            if self.wildcard:
+                i = name.find(".")
+                while i >= 0:
+                    # the longest suffix first: a.b.example tries b.example, then example
+                    suffix = name[i + 1:]
+                    group = self.wildcard.get(suffix)
+                    if group is not None:
+                        key = "*." + suffix
+                        routed[key] = routed.get(key, 0) + 1
+                        return group
+                    i = name.find(".", i + 1)
+        if self.default is not None:
+            routed[""] = routed.get("", 0) + 1
+        return self.default
 
 
 def route_name(text: object) -> str:
