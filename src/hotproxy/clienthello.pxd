@@ -15,7 +15,8 @@ cpdef object server_name_in(bytearray data, Py_ssize_t n)
 cdef Py_ssize_t _take(Py_ssize_t pos, Py_ssize_t n, Py_ssize_t end, str what) except -1
 
 @cython.locals(version=int, sid=Py_ssize_t, suites=Py_ssize_t, methods=Py_ssize_t, n=Py_ssize_t,
-               exts_end=Py_ssize_t, etype=int, ext=Py_ssize_t, seen=set, name=str)
+               exts_end=Py_ssize_t, etype=int, ext=Py_ssize_t, low="unsigned long long",
+               one="unsigned long long", bit="unsigned long long", seen=set, name=str)
 cdef str _parse_hello(bytearray data, Py_ssize_t pos, Py_ssize_t end)
 
 @cython.locals(n=Py_ssize_t, names_end=Py_ssize_t, kind=int, start=Py_ssize_t, host=str)
@@ -23,6 +24,9 @@ cdef str _parse_server_name(bytearray data, Py_ssize_t pos, Py_ssize_t end)
 
 @cython.locals(name=bytes)
 cdef str _host(bytes raw)
+
+@cython.locals(n=Py_ssize_t, prev=int, i=Py_ssize_t, c=int)
+cdef str _host_at(bytearray data, Py_ssize_t start, Py_ssize_t end)
 
 
 @cython.final

@@ -175,7 +175,9 @@ def _parse_hello(data: bytearray, pos: int, end: int) -> str:
     exts_end = _take(pos, n, end, "the extensions")
     if exts_end != end:
         raise ClientHelloError(f"{end - exts_end} bytes after the extensions")
-    seen: set[int] = set()
+    low = 0            # the extension types below 64 seen, as bits (what clients send)
+    one = 1
+    seen: set[int] | None = None    # the others
     name = ""
     while pos < exts_end:
         pos = _take(pos, 2, exts_end, "an extension")
@@ -184,9 +186,17 @@ def _parse_hello(data: bytearray, pos: int, end: int) -> str:
         n = (data[pos - 2] << 8) | data[pos - 1]
         ext = pos
         pos = _take(pos, n, exts_end, "an extension")
-        if etype in seen:
+        if etype < 64:
+            bit = one << etype
+            if low & bit:
+                raise ClientHelloError(f"extension {etype} appears twice")
+            low |= bit
+        elif seen is None:
+            seen = {etype}
+        elif etype in seen:
             raise ClientHelloError(f"extension {etype} appears twice")
-        seen.add(etype)
+        else:
+            seen.add(etype)
         if etype == _EXT_SERVER_NAME:
             name = _parse_server_name(data, ext, pos)
     return name
@@ -213,7 +223,7 @@ def _parse_server_name(data: bytearray, pos: int, end: int) -> str:
             continue           # other name types are skipped (none is defined)
         if host:
             raise ClientHelloError("two host names in server_name")
-        host = _host(bytes(data[start:pos]))
+        host = _host_at(data, start, pos)
     if not host:
         raise ClientHelloError("server_name without a host name")
     return host
@@ -261,6 +271,23 @@ class RouteTable:
         if self.default is not None:
             routed[""] = routed.get("", 0) + 1
         return self.default
+
+
+def _host_at(data: bytearray, start: int, end: int) -> str:
+    """``_host(bytes(data[start:end]))``, checked byte by byte where it lies."""
+    n = end - start
+    if n and data[end - 1] == 0x2E:
+        end -= 1               # one trailing dot goes (RFC 6066 3)
+    if end == start or end - start > 253:
+        raise ClientHelloError(f"server name of {n} bytes")
+    prev = 0x2E                # a leading dot is as bad as two dots
+    for i in range(start, end):
+        c = data[i]
+        if not ((0x61 <= c <= 0x7A) or (0x41 <= c <= 0x5A) or (0x30 <= c <= 0x39) or c == 0x2D or c == 0x5F
+                or (c == 0x2E and prev != 0x2E)):
+            raise ClientHelloError(f"bad server name {bytes(data[start:start + n])[:64]!r}")
+        prev = c
+    return data[start:end].decode("ascii").lower()
 
 
 def route_name(text: object) -> str:
