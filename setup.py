@@ -44,7 +44,7 @@ def extensions():
         Extension("hotproxy._core_machine", ["src/hotproxy/_core_machine.py"], extra_compile_args=cflags),
         # the consistent-hash table of balance = "hash": a .py too (_balance.pxd)
         Extension("hotproxy._balance", ["src/hotproxy/_balance.py"], extra_compile_args=cflags),
-        # the TLS ClientHello parser of sni routing: a .py too (no .pxd: run as is)
+        # the TLS ClientHello parser of sni routing: a .py too (clienthello.pxd)
         Extension("hotproxy.clienthello", ["src/hotproxy/clienthello.py"], extra_compile_args=cflags),
         # the core: _core.pyx includes its parts (_core_*.pxi)
         Extension("hotproxy._core", ["src/hotproxy/_core.pyx"], extra_compile_args=cflags),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -165,3 +166,50 @@ def test_an_answer_never_needs_more_than_max_buffered(length: int, sizes: list[i
         if answer(bytes(data)) is not None:
             return
         assert len(data) <= MAX_BUFFERED
+
+
+# -- in place, as the cores call it; the route table --------------------------------
+
+from hotproxy import clienthello as _compiled  # noqa: E402
+from hotproxy import core as _core  # noqa: E402
+
+#: the compiled extension and the same source run as Python (the pure-Python core's)
+MODULES = {"compiled": _compiled, "python": _core.python_source("clienthello")}
+
+
+def _outcome(mod: Any, data: bytearray, n: int) -> object:
+    try:
+        return mod.server_name_in(data, n)
+    except mod.ClientHelloError as exc:
+        return ("error", str(exc))
+
+
+@FAST
+@given(st.lists(st.integers(1, 600), max_size=3), st.integers(0, 700), st.integers(0, 255), st.binary(max_size=64),
+       st.booleans())
+def test_in_place_in_a_larger_buffer_answers_as_a_copy(sizes: list[int], where: int, byte: int, tail: bytes,
+                                                        mutate: bool) -> None:
+    # the cores hand the parser their read buffer and the bytes held: whatever
+    # lies after them is never looked at, and both builds answer alike
+    data = bytearray(records(hello_message("fuzz.example"), sizes))
+    if mutate:
+        data[where % len(data)] = byte
+    for n in (len(data), where % (len(data) + 1)):
+        expect = answer(bytes(data[:n]))
+        want = ("error", str(expect)) if isinstance(expect, ClientHelloError) else expect
+        for mod in MODULES.values():
+            assert _outcome(mod, data[:n] + tail + bytes(64), n) == want
+
+
+@pytest.mark.parametrize("which", sorted(MODULES))
+def test_route_table_picks_exact_then_longest_suffix_then_default_and_counts(which: str) -> None:
+    mod = MODULES[which]
+    routed: dict[str, int] = {"*.gone": 7}
+    table = mod.RouteTable({"a.example": "A"}, {"example": "W", "b.example": "WB"}, "D", routed)
+    got = [table.route(n) for n in ("a.example", "x.example", "x.b.example", "b.example", "a.b.c.example",
+                                    "other", "", "example")]
+    assert got == ["A", "W", "WB", "W", "W", "D", "D", "D"]
+    assert routed == {"*.gone": 7, "a.example": 1, "*.example": 3, "*.b.example": 1, "": 3}
+    no_default = mod.RouteTable({"a.example": "A"}, {}, None, {})
+    assert no_default.route("b.example") is None and no_default.route("") is None
+    assert no_default.routed == {}

@@ -82,7 +82,7 @@ include "_core_listener.pxi"   # Listener: accept4() in the core
 _machine.use_counters(private_counter)
 # the ClientHello parser of sni routing: clienthello.py, compiled as its own
 # extension (setup.py); the pure-Python core runs the same source as Python
-_machine.use_parser(_clienthello.server_name, _clienthello.MAX_BUFFERED)
+_machine.use_parser(_clienthello.server_name_in, _clienthello.MAX_BUFFERED)
 globals().update(Slot=Slot, ConnectionSet=ConnectionSet, Acceptor=Acceptor,
                  ProxyCounters=ProxyCounters, UpstreamState=UpstreamState, Target=Target,
                  RelayConfig=RelayConfig, parse_proxy_header=_machine.parse_proxy_header, proxy_header=_machine.proxy_header,

@@ -541,7 +541,7 @@ def use_counters(private_counter: Any) -> None:
     _private_counter = private_counter
 
 
-# Set by the core that uses this module (use_parser): ``clienthello.server_name``
+# Set by the core that uses this module (use_parser): ``clienthello.server_name_in``
 # -- the compiled extension for the compiled core, the same source run as
 # Python for the pure-Python one -- and the most bytes it needs to decide.
 _server_name: Any = None
@@ -549,7 +549,7 @@ SNI_BUFFER = 16 * 1024 + 8 * 5
 
 
 def use_parser(server_name: Any, max_buffered: int) -> None:
-    """Tell this module the ClientHello parser (``clienthello.server_name``) and its ``MAX_BUFFERED``."""
+    """Tell this module the ClientHello parser (``clienthello.server_name_in``) and its ``MAX_BUFFERED``."""
     global _server_name, SNI_BUFFER
     _server_name = server_name
     SNI_BUFFER = int(max_buffered)
@@ -762,11 +762,12 @@ class RelayConfig:
     given.  With both off, a connection pays one test when it starts.
 
     TLS SNI routing (``sni``): after the PROXY header, if any, a connection
-    reads the client's TLS ClientHello (``clienthello.server_name``) within
-    ``sni_timeout`` seconds, without consuming it: the bytes are relayed
-    untouched once connected.  The name becomes ``server_name`` and
-    ``connector.route(conn)`` says where it goes (stored as ``conn.route``,
-    which ``pick`` reads), or None: no route, the connection is closed,
+    reads the client's TLS ClientHello (``clienthello.server_name_in``, in
+    place in the read buffer) within ``sni_timeout`` seconds, without
+    consuming it: the bytes are relayed untouched once connected.  The name
+    becomes ``server_name`` and ``connector.route(name)`` says where it goes:
+    a group, stored as ``conn.route``, whose ``pick(conn, tried)`` the
+    attempts ask instead of the connector's; or None: no route, the connection is closed,
     counted in ``sni_no_route``.  A bad, slow or oversized hello closes it,
     counted in ``sni_errors``; ``on_sni_error(peername, reason)`` is told of
     both if given.
@@ -1124,6 +1125,9 @@ class Relay:
                 return
             if cfg.single is not None:
                 t = cfg.single if self.tried is None else None
+            elif self.route is not None:
+                # sni: the group the server name chose picks (no connector frame between)
+                t = self.route.pick(self, self.tried if self.tried is not None else ())
             elif cfg.connector is not None:
                 t = cfg.connector.pick(self, self.tried if self.tried is not None else ())
             else:
@@ -1343,10 +1347,10 @@ class Relay:
 
     def _sni_bytes(self) -> None:
         # More client bytes are held: parse them (the parser decides within
-        # SNI_BUFFER bytes); once the name is known, route and connect with
-        # every byte still held, to be relayed untouched.
+        # SNI_BUFFER bytes), in place; once the name is known, route and
+        # connect with every byte still held, to be relayed untouched.
         try:
-            name = _server_name(bytes(self.c2u.buf[:self.early]))  # type: ignore[index]
+            name = _server_name(self.c2u.buf, self.early)
         except ValueError as exc:    # clienthello.ClientHelloError
             self.counters.sni_errors += 1
             self._sni_failed(str(exc), END_BAD_HELLO)
@@ -1354,7 +1358,7 @@ class Relay:
         if name is None:
             return
         self.server_name = name
-        route = self.cfg.connector.route(self)
+        route = self.cfg.connector.route(name)
         if route is None:
             self.counters.sni_no_route += 1
             self._sni_failed(f"no route for server name {name or '(none)'!r}", END_NO_ROUTE)

@@ -238,7 +238,7 @@ def private_counter() -> SharedCounter:
 # are _core_machine's too.
 _machine.use_counters(private_counter)
 _clienthello = _load_as_python("clienthello")
-_machine.use_parser(_clienthello.server_name, _clienthello.MAX_BUFFERED)
+_machine.use_parser(_clienthello.server_name_in, _clienthello.MAX_BUFFERED)
 if not TYPE_CHECKING:
     ProxyCounters = _machine.ProxyCounters
     UpstreamState = _machine.UpstreamState

@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The server name of a TLS ClientHello, read without terminating TLS.
 
 ``server_name(data)`` looks at the first bytes a client sent and says one
@@ -32,6 +33,8 @@ practice), so it costs one parse per connection.
 
 from __future__ import annotations
 
+from typing import Any
+
 #: the largest ClientHello handshake message accepted (header included)
 MAX_HELLO = 16 * 1024
 #: the most TLS records it may span
@@ -44,7 +47,7 @@ _CLIENT_HELLO = 1
 _MAX_RECORD = 1 << 14
 _EXT_SERVER_NAME = 0
 _HOST_NAME = 0
-_NAME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_.")
+_NAME_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789-_."
 
 
 class ClientHelloError(ValueError):
@@ -59,10 +62,26 @@ def server_name(data: bytes) -> str | None:
     a server name; else the name (lower case, no trailing dot).
     ``ClientHelloError`` for anything else.
     """
-    hello = _handshake_message(data)
+    return server_name_in(bytearray(data), len(data))
+
+
+def server_name_in(data: bytearray, n: int) -> str | None:
+    """``server_name`` of the first *n* bytes of *data* (``0 <= n <= len(data)``):
+    a connection's read buffer, read in place.  A ClientHello alone in its
+    first record (what clients send) is parsed where it lies, nothing
+    copied; one spread over several records is reassembled first."""
+    if n >= 9 and data[0] == _HANDSHAKE and data[1] == 3 and data[5] == _CLIENT_HELLO:
+        length = (data[3] << 8) | data[4]
+        if 4 <= length <= _MAX_RECORD and n >= 5 + length:
+            need = 4 + ((data[6] << 16) | (data[7] << 8) | data[8])
+            if need == length and need <= MAX_HELLO:
+                # the whole message is the first record's payload
+                return _parse_hello(data, 9, 5 + need)
+    # anything else (several records, incomplete, wrong): the general path
+    hello = _handshake_message(bytes(data[:n]))
     if hello is None:
         return None
-    return _parse_hello(hello)
+    return _parse_hello(bytearray(hello), 4, len(hello))
 
 
 def _handshake_message(data: bytes) -> bytes | None:
@@ -116,95 +135,159 @@ def _check_prefix(data: bytes, pos: int) -> None:
         raise ClientHelloError(f"not TLS (record version {data[pos + 1]}.x)")
 
 
-class _Reader:
-    """Bounds-checked reads over one message (every length is checked before use)."""
+# The message is read by position over *data* (``pos`` up to ``end``), every
+# length checked against the bytes that hold it before it is used (``_take``);
+# typed by clienthello.pxd when compiled, so the walk is C.
 
-    __slots__ = ("data", "pos", "end")
-
-    def __init__(self, data: bytes, pos: int, end: int) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = end
-
-    def take(self, n: int, what: str) -> int:
-        """Skip *n* bytes; their start."""
-        start = self.pos
-        if n > self.end - start:
-            raise ClientHelloError(f"ClientHello truncated in {what}")
-        self.pos = start + n
-        return start
-
-    def u8(self, what: str) -> int:
-        return self.data[self.take(1, what)]
-
-    def u16(self, what: str) -> int:
-        i = self.take(2, what)
-        return (self.data[i] << 8) | self.data[i + 1]
-
-    def sub(self, n: int, what: str) -> _Reader:
-        """A reader over the next *n* bytes (skipped here)."""
-        start = self.take(n, what)
-        return _Reader(self.data, start, start + n)
-
-    def left(self) -> int:
-        return self.end - self.pos
+def _take(pos: int, n: int, end: int, what: str) -> int:
+    """Skip *n* bytes at *pos* (at most up to *end*); where they end."""
+    if n > end - pos:
+        raise ClientHelloError(f"ClientHello truncated in {what}")
+    return pos + n
 
 
-def _parse_hello(msg: bytes) -> str:
-    r = _Reader(msg, 4, len(msg))
-    version = r.u16("the version")
+def _parse_hello(data: bytearray, pos: int, end: int) -> str:
+    # data[pos:end]: a ClientHello's body (after its 4-byte header)
+    pos = _take(pos, 2, end, "the version")
+    version = (data[pos - 2] << 8) | data[pos - 1]
     if version >> 8 != 3:
         raise ClientHelloError(f"not TLS (ClientHello version {version >> 8}.{version & 0xff})")
-    r.take(32, "the random")
-    sid = r.u8("the session id")
+    pos = _take(pos, 32, end, "the random")
+    pos = _take(pos, 1, end, "the session id")
+    sid = data[pos - 1]
     if sid > 32:
         raise ClientHelloError(f"session id of {sid} bytes (at most 32)")
-    r.take(sid, "the session id")
-    suites = r.u16("the cipher suites")
+    pos = _take(pos, sid, end, "the session id")
+    pos = _take(pos, 2, end, "the cipher suites")
+    suites = (data[pos - 2] << 8) | data[pos - 1]
     if suites == 0 or suites % 2:
         raise ClientHelloError(f"bad cipher suites length {suites}")
-    r.take(suites, "the cipher suites")
-    methods = r.u8("the compression methods")
+    pos = _take(pos, suites, end, "the cipher suites")
+    pos = _take(pos, 1, end, "the compression methods")
+    methods = data[pos - 1]
     if methods == 0:
         raise ClientHelloError("no compression methods")
-    r.take(methods, "the compression methods")
-    if r.left() == 0:
+    pos = _take(pos, methods, end, "the compression methods")
+    if pos == end:
         return ""              # no extensions at all (allowed before TLS 1.3)
-    exts = r.sub(r.u16("the extensions"), "the extensions")
-    if r.left():
-        raise ClientHelloError(f"{r.left()} bytes after the extensions")
-    seen: set[int] = set()
+    pos = _take(pos, 2, end, "the extensions")
+    n = (data[pos - 2] << 8) | data[pos - 1]
+    exts_end = _take(pos, n, end, "the extensions")
+    if exts_end != end:
+        raise ClientHelloError(f"{end - exts_end} bytes after the extensions")
+    low = 0            # the extension types below 64 seen, as bits (what clients send)
+    one = 1
+    seen: set[int] | None = None    # the others
     name = ""
-    while exts.left():
-        etype = exts.u16("an extension")
-        ext = exts.sub(exts.u16("an extension"), "an extension")
-        if etype in seen:
+    while pos < exts_end:
+        pos = _take(pos, 2, exts_end, "an extension")
+        etype = (data[pos - 2] << 8) | data[pos - 1]
+        pos = _take(pos, 2, exts_end, "an extension")
+        n = (data[pos - 2] << 8) | data[pos - 1]
+        ext = pos
+        pos = _take(pos, n, exts_end, "an extension")
+        if etype < 64:
+            bit = one << etype
+            if low & bit:
+                raise ClientHelloError(f"extension {etype} appears twice")
+            low |= bit
+        elif seen is None:
+            seen = {etype}
+        elif etype in seen:
             raise ClientHelloError(f"extension {etype} appears twice")
-        seen.add(etype)
+        else:
+            seen.add(etype)
         if etype == _EXT_SERVER_NAME:
-            name = _parse_server_name(ext)
+            name = _parse_server_name(data, ext, pos)
     return name
 
 
-def _parse_server_name(ext: _Reader) -> str:
-    if ext.left() == 0:
+def _parse_server_name(data: bytearray, pos: int, end: int) -> str:
+    # data[pos:end]: the server_name extension's data
+    if pos == end:
         return ""              # an empty server_name extension (a server's echo; tolerated)
-    names = ext.sub(ext.u16("server_name"), "server_name")
-    if ext.left():
+    pos = _take(pos, 2, end, "server_name")
+    n = (data[pos - 2] << 8) | data[pos - 1]
+    names_end = _take(pos, n, end, "server_name")
+    if names_end != end:
         raise ClientHelloError("bytes after the server_name list")
     host = ""
-    while names.left():
-        kind = names.u8("server_name")
-        n = names.u16("server_name")
-        start = names.take(n, "server_name")
+    while pos < names_end:
+        pos = _take(pos, 1, names_end, "server_name")
+        kind = data[pos - 1]
+        pos = _take(pos, 2, names_end, "server_name")
+        n = (data[pos - 2] << 8) | data[pos - 1]
+        start = pos
+        pos = _take(pos, n, names_end, "server_name")
         if kind != _HOST_NAME:
             continue           # other name types are skipped (none is defined)
         if host:
             raise ClientHelloError("two host names in server_name")
-        host = _host(names.data[start:start + n])
+        host = _host_at(data, start, pos)
     if not host:
         raise ClientHelloError("server_name without a host name")
     return host
+
+
+class RouteTable:
+    """``sni_routes`` by server name, asked once per connection, compiled
+    with the parser (clienthello.pxd) so the core's call makes no Python frame.
+
+    ``route(name)``: the group of the exact *name*, else of the longest
+    ``*.suffix`` that ends it (at any depth: ``*.example`` matches
+    ``a.b.example``, and ``*.b.example`` wins over it), else the default
+    group, else None (closed).  Each hit is counted in *routed* by route
+    name (``"a.example"``, ``"*.example"``; ``""`` the default), the
+    service's counts, kept across versions.  A group is whatever the caller
+    gave (the proxy's balancers); *name* is as the parser returns it.
+    """
+
+    def __init__(self, exact: dict[str, Any], wildcard: dict[str, Any], default: Any,
+                 routed: dict[str, int]) -> None:
+        self.exact = exact          # name -> group
+        self.wildcard = wildcard    # "example" (for "*.example") -> group
+        self.default = default      # the default group, or None: no default
+        self.routed = routed
+
+    def route(self, name: str) -> Any:
+        """The group for server name *name* ("": none sent), counted; None: no route."""
+        routed = self.routed
+        if name:
+            group = self.exact.get(name)
+            if group is not None:
+                routed[name] = routed.get(name, 0) + 1
+                return group
+            if self.wildcard:
+                i = name.find(".")
+                while i >= 0:
+                    # the longest suffix first: a.b.example tries b.example, then example
+                    suffix = name[i + 1:]
+                    group = self.wildcard.get(suffix)
+                    if group is not None:
+                        key = "*." + suffix
+                        routed[key] = routed.get(key, 0) + 1
+                        return group
+                    i = name.find(".", i + 1)
+        if self.default is not None:
+            routed[""] = routed.get("", 0) + 1
+        return self.default
+
+
+def _host_at(data: bytearray, start: int, end: int) -> str:
+    """``_host(bytes(data[start:end]))``, checked byte by byte where it lies."""
+    n = end - start
+    if n and data[end - 1] == 0x2E:
+        end -= 1               # one trailing dot goes (RFC 6066 3)
+    if end == start or end - start > 253:
+        raise ClientHelloError(f"server name of {n} bytes")
+    prev = 0x2E                # a leading dot is as bad as two dots
+    for i in range(start, end):
+        c = data[i]
+        if not ((0x61 <= c <= 0x7A) or (0x41 <= c <= 0x5A) or (0x30 <= c <= 0x39) or c == 0x2D or c == 0x5F
+                or (c == 0x2E and prev != 0x2E)):
+            raise ClientHelloError(f"bad server name {bytes(data[start:start + n])[:64]!r}")
+        prev = c
+    return data[start:end].decode("ascii").lower()
 
 
 def route_name(text: object) -> str:
@@ -232,6 +315,6 @@ def _host(raw: bytes) -> str:
         name = name[:-1]
     if not name or len(name) > 253:
         raise ClientHelloError(f"server name of {len(raw)} bytes")
-    if not _NAME_CHARS.issuperset(name) or b".." in name or name.startswith(b"."):
+    if name.translate(None, _NAME_CHARS) or b".." in name or name.startswith(b"."):
         raise ClientHelloError(f"bad server name {raw[:64]!r}")
     return name.decode("ascii")

@@ -71,6 +71,9 @@ METRICS: dict[str, MetricDoc] = {
                                              "(sni_routes): not TLS, malformed, oversized or slow"),
     "hotproxy_service_sni_no_route": MetricDoc("counter", S, "connections closed because their server name "
                                                "matched no sni_routes entry and there is no default"),
+    "hotproxy_sni_route_connections": MetricDoc("counter", S + ("route",), "connections each sni_routes entry "
+                                                "took, by route: its name (\"a.example\", \"*.example\"), "
+                                                "or \"*\" for the default group (upstreams)"),
     "hotproxy_service_received_bytes": MetricDoc("counter", S, "bytes read from clients"),
     "hotproxy_service_sent_bytes": MetricDoc("counter", S, "bytes written to clients"),
     "hotproxy_service_connect_failures": MetricDoc("counter", S, "failed connects to upstreams"),
@@ -181,6 +184,10 @@ def collect(snap: Snapshot) -> Iterator[Metric]:
             add("hotproxy_service_generation", (name,), svc["generation"])
         add("hotproxy_service_old_versions", (name,), svc.get("old_versions", 0))
         add_histogram("hotproxy_connection_duration_seconds", (name,), totals.get("durations"))
+        for route in svc.get("sni_routes") or ():
+            # the master's per-route sums (``_sni_routes``); "*": the default group
+            label = route["name"] if route.get("name") is not None else "*"
+            add("hotproxy_sni_route_connections", (name, label), route.get("connections", 0))
         for addr, up in (svc.get("upstreams") or {}).items():
             labels = (name, addr)
             checked = up.get("health")

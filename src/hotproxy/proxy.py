@@ -447,6 +447,15 @@ class _Shared:
         return counter
 
 
+def clienthello_module() -> ModuleType:
+    """``clienthello`` (the ClientHello parser and ``RouteTable``) of the core
+    in use: the compiled extension, or the same source run as Python."""
+    if core.name() == "compiled":
+        from . import clienthello
+        return clienthello
+    return core.python_source("clienthello")
+
+
 def balance_module() -> ModuleType:
     """``_balance`` (the consistent-hash table) of the core in use: the
     compiled extension, or the same source run as Python by the pure-Python core."""
@@ -1003,17 +1012,20 @@ class _Balancer:
 class _SniRouter:
     """The relay's connector of a service with ``sni_routes``.
 
-    ``route(conn)`` is asked once per connection, when its ClientHello is
-    read (``conn.server_name``; "" when it sent none): the group of the
-    exact name, else of the longest ``*.suffix`` that ends the name (at any
+    ``route(name)`` is asked once per connection, when its ClientHello is
+    read (the server name; "" when it sent none): the group of the exact
+    name, else of the longest ``*.suffix`` that ends the name (at any
     depth: ``*.example`` matches ``a.b.example``, as nginx's ``server_name``
     does; HAProxy's ``req.ssl_sni -m end`` the same), else the default group
-    (``upstreams``), else None: closed.  ``pick`` asks the chosen group.
-    Failures and successes go to one balancer: health is by address, shared
-    by every group.
+    (``upstreams``), else None: closed.  It is the compiled
+    ``clienthello.RouteTable``'s own method (the same source run as Python
+    on the pure-Python core), which counts each route's connections in
+    ``routed``: no Python frame per connection.  The core then asks the
+    chosen group's ``pick`` itself.  Failures and successes go to one
+    balancer: health is by address, shared by every group.
     """
 
-    __slots__ = ("main", "default", "exact", "wildcard", "balancers", "routed")
+    __slots__ = ("main", "default", "balancers", "routed", "table", "route", "failed", "succeeded")
 
     def __init__(self, main: _Balancer, default: Any, groups: list[tuple[str, Any, _Balancer]],
                  routed: dict[str, int]) -> None:
@@ -1021,47 +1033,24 @@ class _SniRouter:
         self.default = default    # its connector, or None: no default group
         #: the connections each route took, by name ("" the default): the service's (``_Shared.routed``)
         self.routed = routed
-        self.exact: dict[str, Any] = {}
-        self.wildcard: dict[str, Any] = {}    # "example" for "*.example"
+        exact: dict[str, Any] = {}
+        wildcard: dict[str, Any] = {}    # "example" for "*.example"
         self.balancers = [main] + [b for _name, _c, b in groups]
         for name, connector, _b in groups:
             if name.startswith("*."):
-                self.wildcard[name[2:]] = connector
+                wildcard[name[2:]] = connector
             else:
-                self.exact[name] = connector
-
-    def route(self, conn: Any) -> Any | None:
-        """The group (a connector) for *conn*'s server name; None: no route."""
-        name = conn.server_name
-        routed = self.routed
-        if name:
-            group = self.exact.get(name)
-            if group is not None:
-                routed[name] = routed.get(name, 0) + 1
-                return group
-            if self.wildcard:
-                i = name.find(".")
-                while i >= 0:
-                    # the longest suffix first: a.b.example tries b.example, then example
-                    suffix = name[i + 1:]
-                    group = self.wildcard.get(suffix)
-                    if group is not None:
-                        key = "*." + suffix
-                        routed[key] = routed.get(key, 0) + 1
-                        return group
-                    i = name.find(".", i + 1)
-        if self.default is not None:
-            routed[""] = routed.get("", 0) + 1
-        return self.default
+                exact[name] = connector
+        self.table = clienthello_module().RouteTable(exact, wildcard, default, routed)
+        #: ``route(name) -> group | None``, the table's (compiled) method, called by the core as is
+        self.route: Callable[[str], Any] = self.table.route
+        # the balancers' own methods, called by the core as they are
+        self.failed: Callable[[Any, BaseException], None] = (default or main).failed
+        self.succeeded: Callable[[Any], None] = main.succeeded
 
     def pick(self, conn: Any, tried: Any) -> Any | None:
+        # (the core asks ``conn.route`` itself; this is for any other caller)
         return conn.route.pick(conn, tried)
-
-    def failed(self, target: Any, exc: BaseException) -> None:
-        (self.default or self.main).failed(target, exc)
-
-    def succeeded(self, target: Any) -> None:
-        self.main.succeeded(target)
 
 
 class _DebugConnector:
