@@ -471,3 +471,67 @@ def test_the_descriptor_limit_is_raised_to_the_hard_limit(start: Start, tmp_path
         await eventually(logged, timeout=30)
 
     run(main(), 90)
+
+
+def test_check_builds_each_distinct_echo_once_and_probes_without_the_python_socket_layer(tmp_path: Path) -> None:
+    """The real ``hotproxy check`` CLI (its ``main`` in a fresh interpreter)
+    on 300 services, half of them echoes of one greeting: the echo factory
+    is built once and shared (equal options build equal, immutable
+    factories), and each of the 300 bind probes uses the C socket type, not
+    ``socket.socket``'s Python constructor and context manager -- the check
+    of 10,000 services did both 5,000 and 10,000 times.  A port taken by a
+    real listener is still found.  Before: 150 echo builds, 300 Python-level
+    sockets."""
+    ports = [free_port() for _ in range(N)]
+    services: dict[str, dict[str, Any]] = {}
+    for i, port in enumerate(ports):
+        services[f"s{i:03d}"] = ({"kind": "echo", "listen": f"127.0.0.1:{port}"} if i % 2 == 0 else
+                                 {"kind": "proxy", "listen": f"127.0.0.1:{port}",
+                                  "upstreams": [f"127.0.0.1:{ports[i - 1]}"]})
+    services["s002"]["greeting"] = "other"   # a second distinct echo
+    cfg = tmp_path / "many.toml"
+    cfg.write_text(toml(services, admin=str(tmp_path / "admin.sock")))
+    script = (
+        "import socket, sys\n"
+        "from hotproxy import echo\n"
+        "counts = {'echo': 0, 'socket': 0}\n"
+        "post, init = echo.EchoFactory.__post_init__, socket.socket.__init__\n"
+        "def counted_post(self):\n"
+        "    counts['echo'] += 1\n"
+        "    post(self)\n"
+        "def counted_init(self, *args, **kwargs):\n"
+        "    counts['socket'] += 1\n"
+        "    init(self, *args, **kwargs)\n"
+        "echo.EchoFactory.__post_init__ = counted_post\n"
+        "socket.socket.__init__ = counted_init\n"
+        "from hotproxy.cli import main\n"
+        "code = main(['check', '-c', sys.argv[1]])\n"
+        "print('built', counts, file=sys.stderr)\n"
+        "sys.exit(code)\n")
+
+    async def check() -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(cfg),
+                                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        print(err.decode().strip())
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    code, out, err = run(check(), 150)
+    assert code == 0, out + err
+    assert out.startswith(f"{cfg}: ok: {N} services: s000 (echo on 127.0.0.1:"), out
+    found = re.search(r"built \{'echo': (\d+), 'socket': (\d+)\}", err)
+    assert found is not None, err
+    # two distinct echoes; the one Python-level socket is the admin client's
+    # (is this file's hotproxy running?), none is a bind probe
+    assert (int(found.group(1)), int(found.group(2))) == (2, 1), err
+    # the probes still see a real listener on one of the ports
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[7]))
+        taken.listen()
+        code, out, err = run(check(), 150)
+    assert code == 1 and len(err.strip().splitlines()) == 2, out + err   # the error line and the counts
+    assert f"services.s007.listen: cannot listen on 127.0.0.1:{ports[7]}: address already in use" in err, err

@@ -36,6 +36,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import _socket
 import errno
 import functools
 import gc
@@ -369,6 +370,8 @@ class _Checker:
         self._specs: dict[str, Mapping[str, Option]] = {}
         #: address literal -> (version, text, unspecified) a bind of it uses (``listen_key``)
         self._facts: dict[str, tuple[int, str, bool]] = {}
+        #: an echo's options -> its built factory (``service``)
+        self._echoes: dict[tuple[tuple[str, Any], ...], MakeService] = {}
         #: address literal -> the addresses a connect to it reaches (``reached_by``)
         self._reach: dict[str, set[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
 
@@ -508,8 +511,12 @@ class _Checker:
         backlog = opts.pop("backlog")
         del opts["kind"]
         try:
-            factory = kind.build_named(name, dict(opts)) if kind.build_named is not None \
-                else kind.build(dict(opts)).named(name)
+            if kind is ECHO:
+                factory = self.echo(name, opts)
+            elif kind.build_named is not None:
+                factory = kind.build_named(name, dict(opts))
+            else:
+                factory = kind.build(dict(opts)).named(name)
         except ConfigError:
             raise
         except (ValueError, TypeError) as exc:
@@ -518,6 +525,23 @@ class _Checker:
             raise self.fail(f"{prefix}.kind", f"the {kind.name} service is not available: {exc}") from None
         return ServiceConfig(name, kind.name, listener.address, listener, factory, {"backlog": backlog, **opts},
                              (self.path, table), reusable=not self.looked_up)
+
+    def echo(self, name: str, opts: dict[str, Any]) -> MakeService:
+        """An echo service's factory.  Equal options build equal factories
+        (frozen, immutable), and one the name leaves as it is (``named``
+        returns itself) is built once per file and shared: 5,000 echoes of
+        one greeting are one build, not 5,000 (``hotproxy check``)."""
+        key = tuple(opts.items())
+        try:
+            factory = self._echoes.get(key)
+        except TypeError:   # an unhashable value: built every time
+            return ECHO.build(dict(opts)).named(name)
+        if factory is None:
+            built = ECHO.build(dict(opts))
+            factory = built.named(name)
+            if factory is built:
+                self._echoes[key] = factory
+        return factory
 
     def spec(self, kind: ServiceKind) -> Mapping[str, Option]:
         """Every key a service of *kind* may have (the common ones first); one dict per kind and file."""
@@ -940,12 +964,17 @@ def probe_bind(lf: TcpListenerFactory) -> str | None:
     try:
         infos = _addrinfo(lf.host, lf.port)
         family, _, _, _, sockaddr = infos[0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # ``_socket.socket``: the C type under ``socket.socket``, without its
+        # Python-level constructor and context manager (10,000 probes)
+        probe = _socket.socket(family, socket.SOCK_STREAM)
+        try:
             # SO_REUSEADDR: sockets in TIME_WAIT (of a listener that just moved) are no conflict
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             probe.bind(sockaddr)
+        finally:
+            probe.close()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             return "address already in use"

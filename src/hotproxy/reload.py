@@ -72,6 +72,10 @@ RESTART_ONLY = ("workers", "cpu_affinity", "admin_socket", "pidfile", "tcp_migra
 # (an upgrade -- ``hotproxy upgrade`` -- is a restart that refuses nobody: it applies them all)
 
 
+#: fresh services (``Config.fresh``) up to which ``diff_fresh`` takes them out of a
+#: copy of every name one by one (each a scan at C speed) rather than filter every name
+FEW_FRESH = 2
+
 #: the interpreter's thread switch interval while a reload works in a thread
 #: (``sys.setswitchinterval``; Python's default is 5 ms)
 THREAD_SWITCH_INTERVAL = 0.0005
@@ -157,10 +161,15 @@ def diff_fresh(old: Mapping[str, ServiceConfig], new: Mapping[str, ServiceConfig
             d.changed.append(name)
             if before.listener != svc.listener:
                 d.moved.append(name)
-    if not fresh:
+    skip = set(fresh) - by_value if fresh else ()
+    if len(skip) <= FEW_FRESH:
+        # a copy of the names (C speed), then each of the few fresh ones
+        # taken out by a scan at C speed: no Python-level call per name, as
+        # a filter over 10,000 names makes (~0.4 ms for 1 changed)
         d.unchanged = list(new)
+        for name in skip:
+            d.unchanged.remove(name)
     else:
-        skip = set(fresh) - by_value
         d.unchanged = list(itertools.filterfalse(skip.__contains__, new))
     if len(old) > len(new) - len(d.added):
         d.removed = list(itertools.filterfalse(new.__contains__, old))
