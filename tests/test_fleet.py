@@ -102,21 +102,29 @@ class Etcd:
             return ""
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[Etcd]:
-    """A started etcd; stopped (and its data dropped with tmp_path) at the end."""
+def started_etcd(tmp_path: Path, tls_args: list[str] | None = None) -> Iterator[Etcd]:
+    """A started etcd (with *tls_args* on its command line), stopped at the end;
+    skipped (failed under HOTPROXY_REQUIRE_PEERS=1) without etcd or its client library."""
     _need(shutil.which("etcd") is not None, "no etcd server installed (bash ci/etcd.sh)")
     try:
         import aetcd  # noqa: F401
     except ImportError:
         _need(False, "the etcd client library is not installed (pip install 'hotproxy[etcd]')")
     server = Etcd(tmp_path)
+    if tls_args:
+        server.tls_args = tls_args
     server.start()
     try:
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Etcd]:
+    """A started etcd; stopped (and its data dropped with tmp_path) at the end."""
+    yield from started_etcd(tmp_path)
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 import pytest
 from conftest import echo_roundtrip, eventually, free_port, run
 from helpers_program import Program, Traffic, toml
-from test_fleet import HOSTS, Etcd, Fleet, _need, check_traffic, committed_revision
+from helpers_tls import make_ca, make_cert
+from test_fleet import HOSTS, Etcd, Fleet, _need, check_traffic, committed_revision, started_etcd
 
 Start = Callable[..., Program]
 
@@ -34,43 +35,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     other-ca.pem (a CA that signed nothing here).  EC P-256, 2 days, ``openssl`` CLI."""
     _need(shutil.which("openssl") is not None, "no openssl CLI (ci/peers.sh)")
     d = tmp_path_factory.mktemp("etcd-pki")
-    cnf = d / "req.cnf"
-    cnf.write_text("[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = x\n")
-
-    def openssl(*args: str) -> None:
-        proc = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-           "-config", str(cnf)]
     for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", *key, "-keyout", str(d / f"{ca}.key"), "-out", str(d / f"{ca}.pem"),
-                "-subj", f"/CN=hotproxy test {ca}", "-addext", "basicConstraints=critical,CA:TRUE",
-                "-addext", "keyUsage=critical,keyCertSign")
-    for name, cn, usage, san in (("etcd", "etcd", "serverAuth", ["-addext", "subjectAltName=IP:127.0.0.1"]),
-                                 ("client", "root", "clientAuth", [])):
-        openssl("req", "-x509", *key, "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.pem"), "-subj", f"/CN={cn}",
-                "-addext", "basicConstraints=critical,CA:FALSE", "-addext", f"extendedKeyUsage={usage}", *san)
+        make_ca(d, ca, f"hotproxy test {ca}")
+    make_cert(d, "ca", "etcd", "etcd", "extendedKeyUsage=serverAuth", "subjectAltName=IP:127.0.0.1")
+    make_cert(d, "ca", "client", "root", "extendedKeyUsage=clientAuth")
     return d
 
 
 def _tls_etcd(tmp_path: Path, pki: Path, *, client_certs: bool) -> Iterator[Etcd]:
-    _need(shutil.which("etcd") is not None, "no etcd server installed (bash ci/etcd.sh)")
-    try:
-        import aetcd  # noqa: F401
-    except ImportError:
-        _need(False, "the etcd client library is not installed (pip install 'hotproxy[etcd]')")
-    server = Etcd(tmp_path)
-    server.tls_args = ["--cert-file", str(pki / "etcd.pem"), "--key-file", str(pki / "etcd.key")]
+    tls_args = ["--cert-file", str(pki / "etcd.pem"), "--key-file", str(pki / "etcd.key")]
     if client_certs:
-        server.tls_args += ["--trusted-ca-file", str(pki / "ca.pem"), "--client-cert-auth"]
-    server.start()
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+        tls_args += ["--trusted-ca-file", str(pki / "ca.pem"), "--client-cert-auth"]
+    yield from started_etcd(tmp_path, tls_args)
 
 
 @pytest.fixture

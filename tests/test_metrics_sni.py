@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from typing import Callable
 
 from conftest import eventually, free_port, run
 from helpers_program import Program, toml
+from test_clienthello import client_hello
 from test_metrics import scrape, value
 
 Start = Callable[..., Program]
-
-
-def client_hello(host: str | None) -> bytes:
-    """The first flight of a real TLS client (Python's ssl) asking for *host*."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=host)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
 
 
 async def hello_through(port: int, host: str | None) -> bytes:

@@ -146,6 +146,17 @@ def test_the_diff_of_a_file_loaded_against_the_running_config_looks_at_its_fresh
         assert vars(diff_fresh(old, new, fresh)) == vars(diff(old, new)), (old, new, fresh)  # type: ignore[arg-type]
 
 
+def _echoes_and_proxies() -> tuple[list[int], dict[str, dict[str, Any]]]:
+    """N services on free ports: even ones echoes, each odd one a proxy to the echo before it."""
+    ports = [free_port() for _ in range(N)]
+    services: dict[str, dict[str, Any]] = {}
+    for i, port in enumerate(ports):
+        services[f"s{i:03d}"] = ({"kind": "echo", "listen": f"127.0.0.1:{port}"} if i % 2 == 0 else
+                                 {"kind": "proxy", "listen": f"127.0.0.1:{port}",
+                                  "upstreams": [f"127.0.0.1:{ports[i - 1]}"]})
+    return ports, services
+
+
 def test_loading_a_file_runs_no_garbage_collection(tmp_path: Path) -> None:
     """The real ``hotproxy check`` CLI (its ``main`` in a fresh interpreter,
     with a ``gc.callbacks`` hook that counts the collections made while
@@ -154,12 +165,7 @@ def test_loading_a_file_runs_no_garbage_collection(tmp_path: Path) -> None:
     collections that allocation triggered walked the whole heap again and
     again (a master holding 10,000 services, the check of 10,000).  Before:
     12 collections during this load."""
-    ports = [free_port() for _ in range(N)]
-    services: dict[str, dict[str, Any]] = {}
-    for i, port in enumerate(ports):
-        services[f"s{i:03d}"] = ({"kind": "echo", "listen": f"127.0.0.1:{port}"} if i % 2 == 0 else
-                                 {"kind": "proxy", "listen": f"127.0.0.1:{port}",
-                                  "upstreams": [f"127.0.0.1:{ports[i - 1]}"]})
+    ports, services = _echoes_and_proxies()
     cfg = tmp_path / "many.toml"
     cfg.write_text(toml(services, admin=str(tmp_path / "admin.sock")))
     script = (
@@ -482,12 +488,7 @@ def test_check_builds_each_distinct_echo_once_and_probes_without_the_python_sock
     of 10,000 services did both 5,000 and 10,000 times.  A port taken by a
     real listener is still found.  Before: 150 echo builds, 300 Python-level
     sockets."""
-    ports = [free_port() for _ in range(N)]
-    services: dict[str, dict[str, Any]] = {}
-    for i, port in enumerate(ports):
-        services[f"s{i:03d}"] = ({"kind": "echo", "listen": f"127.0.0.1:{port}"} if i % 2 == 0 else
-                                 {"kind": "proxy", "listen": f"127.0.0.1:{port}",
-                                  "upstreams": [f"127.0.0.1:{ports[i - 1]}"]})
+    ports, services = _echoes_and_proxies()
     services["s002"]["greeting"] = "other"   # a second distinct echo
     cfg = tmp_path / "many.toml"
     cfg.write_text(toml(services, admin=str(tmp_path / "admin.sock")))

@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 
 from conftest import eventually, free_port, run
 from helpers_program import Program
+from helpers_tls import make_ca, make_cert
 from test_clienthello import client_hello
 from test_metrics import scrape, value
 from test_program import by_name
@@ -68,23 +69,9 @@ CERTS = {
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA and one certificate per backend of CERTS, signed by it (EC P-256, 2 days)."""
     d = tmp_path_factory.mktemp("pki")
-    cnf = d / "req.cnf"
-    cnf.write_text("[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = x\n")
-
-    def openssl(*args: str) -> None:
-        proc = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-           "-config", str(cnf)]
-    openssl("req", "-x509", *key, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-            "-subj", "/CN=hotproxy test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign")
+    make_ca(d, "ca", "hotproxy test CA")
     for tag, names in CERTS.items():
-        openssl("req", "-x509", *key, "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-                "-keyout", str(d / f"{tag}.key"), "-out", str(d / f"{tag}.pem"), "-subj", f"/CN={names[0]}",
-                "-addext", "subjectAltName=" + ",".join(f"DNS:{n}" for n in names),
-                "-addext", "basicConstraints=critical,CA:FALSE")
+        make_cert(d, "ca", tag, names[0], "subjectAltName=" + ",".join(f"DNS:{n}" for n in names))
     return d
 
 

@@ -46,7 +46,7 @@ import operator
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from .commands import Abort, Commit, Precommit, Remove, Update
 from .config import Config, NeedsLookup, ServiceConfig, listen_sockaddrs, no_services_error, probe_bind
@@ -122,19 +122,7 @@ def diff(old: Mapping[str, ServiceConfig], new: Mapping[str, ServiceConfig]) -> 
     """
     d = Diff()
     same = _identical(old, new)
-    others = list(itertools.compress(new, map(operator.not_, same)))
-    by_value: set[str] = set()
-    for name in others:
-        before = old.get(name)
-        svc = new[name]
-        if before is None:
-            d.added.append(name)
-        elif before.same_as(svc):
-            by_value.add(name)
-        else:
-            d.changed.append(name)
-            if before.listener != svc.listener:
-                d.moved.append(name)
+    by_value = _classify(old, new, itertools.compress(new, map(operator.not_, same)), d)
     if by_value:
         d.unchanged = [name for name, s in zip(new, same) if s or name in by_value]
     else:
@@ -144,13 +132,12 @@ def diff(old: Mapping[str, ServiceConfig], new: Mapping[str, ServiceConfig]) -> 
     return d
 
 
-def diff_fresh(old: Mapping[str, ServiceConfig], new: Mapping[str, ServiceConfig], fresh: Sequence[str]) -> Diff:
-    """``diff(old, new)`` for a *new* loaded against *old* (``Config.base``):
-    every service not in *fresh* is *old*'s own object, unchanged.  Costs
-    what *fresh* holds, and two scans of the names at C speed."""
-    d = Diff()
+def _classify(old: Mapping[str, ServiceConfig], new: Mapping[str, ServiceConfig],
+              names: Iterable[str], d: Diff) -> set[str]:
+    """Sort each of *names* (services of *new* that are not *old*'s own
+    objects) into *d*'s added, changed and moved; return those equal by value."""
     by_value: set[str] = set()
-    for name in fresh:
+    for name in names:
         before = old.get(name)
         svc = new[name]
         if before is None:
@@ -161,6 +148,15 @@ def diff_fresh(old: Mapping[str, ServiceConfig], new: Mapping[str, ServiceConfig
             d.changed.append(name)
             if before.listener != svc.listener:
                 d.moved.append(name)
+    return by_value
+
+
+def diff_fresh(old: Mapping[str, ServiceConfig], new: Mapping[str, ServiceConfig], fresh: Sequence[str]) -> Diff:
+    """``diff(old, new)`` for a *new* loaded against *old* (``Config.base``):
+    every service not in *fresh* is *old*'s own object, unchanged.  Costs
+    what *fresh* holds, and two scans of the names at C speed."""
+    d = Diff()
+    by_value = _classify(old, new, fresh, d)
     skip = set(fresh) - by_value if fresh else ()
     if len(skip) <= FEW_FRESH:
         # a copy of the names (C speed), then each of the few fresh ones
