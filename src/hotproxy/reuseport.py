@@ -83,7 +83,9 @@ def _load() -> tuple[int | None, str | None]:
     attr[48:48 + len(_NAME)] = _NAME   # prog_name: what `bpftool prog` shows
     struct.pack_into("<I", attr, 68, _ATTACH_SELECT_OR_MIGRATE)
     buf = (ctypes.c_char * _ATTR_SIZE).from_buffer(attr)
-    fd = libc.syscall(nr, _PROG_LOAD, buf, _ATTR_SIZE)
+    # syscall(2) is variadic and reads each argument as a long: pass longs
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(_PROG_LOAD), buf, ctypes.c_long(_ATTR_SIZE))
     if fd < 0:
         err = ctypes.get_errno()
         if err in (errno.EPERM, errno.EACCES):
