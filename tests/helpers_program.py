@@ -552,13 +552,23 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def toml_value(v: Any) -> str:
+    """*v* as a TOML value: tables inline (quoted keys), arrays, and the rest
+    as JSON writes it (TOML's basic strings take JSON's escapes)."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def toml(services: dict[str, dict[str, Any]], *, workers: int = 2, drain: float = 30.0,
          admin: str = "admin.sock", **runtime: Any) -> str:
-    """A config file's text (TOML's basic strings take JSON's escapes)."""
+    """A config file's text."""
     lines = ["[runtime]", f"workers = {workers}", f"drain_timeout = {drain}", f"admin_socket = {json.dumps(admin)}",
              'log_level = "info"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in runtime.items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in runtime.items()]
     for name, opts in services.items():
         lines.append(f"\n[services.{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in opts.items()]
     return "\n".join(lines) + "\n"

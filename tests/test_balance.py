@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import eventually, free_port, run
-from helpers_program import HOST, Program, Traffic
+from helpers_program import HOST, Program, Traffic, toml
 from hotproxy import core
 from hotproxy.proxy import ProxyFactory, UpstreamSpec, balance_module
 from test_proxy import Backend
@@ -139,22 +139,9 @@ def test_adding_or_removing_one_of_ten_moves_about_a_tenth_of_the_keys() -> None
 # -- the config ----------------------------------------------------------------------------
 
 
-def _value(v: Any) -> str:
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + " }"
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    return json.dumps(v)
-
-
 def config(services: dict[str, dict[str, Any]], *, workers: int = 2, drain: float = 5.0) -> str:
     """A config file's text; upstream tables as TOML inline tables."""
-    lines = ["[runtime]", f"workers = {workers}", f"drain_timeout = {drain}", 'admin_socket = "admin.sock"',
-             'log_level = "info"']
-    for name, opts in services.items():
-        lines.append(f"\n[services.{name}]")
-        lines += [f"{k} = {_value(v)}" for k, v in opts.items()]
-    return "\n".join(lines) + "\n"
+    return toml(services, workers=workers, drain=drain)
 
 
 def proxy(port: int, upstreams: list[Any], **opts: Any) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import eventually, free_port, run
-from helpers_program import Program
+from helpers_program import Program, toml
 from helpers_tls import make_ca, make_cert
 from test_clienthello import client_hello
 from test_metrics import scrape, value
@@ -162,23 +162,8 @@ async def s_client(port: int, pki: Path, name: str, payload: bytes = b"from s_cl
     return out.decode(errors="replace")
 
 
-def tv(v: Any) -> str:
-    """*v* as a TOML value (inline tables for dicts, which ``helpers_program.toml`` writes as JSON)."""
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {tv(x)}" for k, x in v.items()) + " }"
-    if isinstance(v, list):
-        return "[" + ", ".join(tv(x) for x in v) + "]"
-    return json.dumps(v)
-
-
 def config(services: dict[str, dict[str, Any]], *, workers: int = 1, drain: float = 10.0, **runtime: Any) -> str:
-    lines = ["[runtime]", f"workers = {workers}", f"drain_timeout = {drain}", 'admin_socket = "admin.sock"',
-             'log_level = "info"']
-    lines += [f"{k} = {tv(v)}" for k, v in runtime.items()]
-    for name, opts in services.items():
-        lines.append(f"\n[services.{name}]")
-        lines += [f"{k} = {tv(v)}" for k, v in opts.items()]
-    return "\n".join(lines) + "\n"
+    return toml(services, workers=workers, drain=drain, **runtime)
 
 
 def totals(status: dict[str, Any], name: str) -> dict[str, Any]:

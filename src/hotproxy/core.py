@@ -15,6 +15,7 @@ test on both).  Type checkers check callers against the stub.
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
@@ -124,3 +125,12 @@ def python_source(stem: str) -> ModuleType:
     as the pure-Python core runs it (``_balance``, ``clienthello``, ...): the
     compiled core builds the same file into an extension of that name."""
     return _core_py._load_as_python(stem)
+
+
+def companion(stem: str) -> ModuleType:
+    """The pure-Python-mode module ``STEM`` (``_balance``, ``clienthello``)
+    as the core in use runs it: the compiled extension with the compiled
+    core, the same source run as Python (``python_source``) with the twin."""
+    if name() == "compiled":
+        return importlib.import_module(f"{__package__}.{stem}")
+    return python_source(stem)

@@ -448,21 +448,13 @@ class _Shared:
 
 
 def clienthello_module() -> ModuleType:
-    """``clienthello`` (the ClientHello parser and ``RouteTable``) of the core
-    in use: the compiled extension, or the same source run as Python."""
-    if core.name() == "compiled":
-        from . import clienthello
-        return clienthello
-    return core.python_source("clienthello")
+    """``clienthello`` (the ClientHello parser and ``RouteTable``) of the core in use."""
+    return core.companion("clienthello")
 
 
 def balance_module() -> ModuleType:
-    """``_balance`` (the consistent-hash table) of the core in use: the
-    compiled extension, or the same source run as Python by the pure-Python core."""
-    if core.name() == "compiled":
-        from . import _balance
-        return _balance
-    return core.python_source("_balance")
+    """``_balance`` (the consistent-hash table) of the core in use."""
+    return core.companion("_balance")
 
 
 async def lookup_upstream(up: Upstream) -> tuple[int, Any]:

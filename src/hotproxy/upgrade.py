@@ -650,10 +650,7 @@ class Link:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    many = await self.channel.recv_many()
-                    if many is None:
-                        raise UpgradeError("the old master closed the upgrade channel before its hello")
-                    msg, fds = many
+                    msg, fds = await self._next("its hello")
                     kind = msg.get("type")
                     for extra in fds[1:]:
                         os.close(extra)
@@ -695,10 +692,7 @@ class Link:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    many = await self.channel.recv_many()
-                    if many is None:
-                        raise UpgradeError("the old master closed the upgrade channel before its workers' sockets")
-                    msg, fds = many
+                    msg, fds = await self._next("its workers' sockets")
                     kind = msg.get("type")
                     if kind == "tcp-end":
                         for fd in fds:
@@ -720,6 +714,14 @@ class Link:
                         take(got)
         except TimeoutError:
             raise UpgradeError(f"the old master's workers' sockets did not come within {timeout:g}s") from None
+
+    async def _next(self, before: str) -> tuple[dict[str, Any], list[int]]:
+        """The old master's next message and its descriptors; ``UpgradeError``
+        if it closed the channel before *before* came."""
+        many = await self.channel.recv_many()
+        if many is None:
+            raise UpgradeError(f"the old master closed the upgrade channel before {before}")
+        return many
 
     @staticmethod
     def _take(hello: Hello, msg: dict[str, Any], fd: int) -> None:
