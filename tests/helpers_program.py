@@ -552,6 +552,17 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def check_error_line(cfg: Path) -> str:
+    """Run ``hotproxy check -c CFG`` on a bad file: it must exit 1 with one
+    line on stderr and no traceback; that line."""
+    proc = subprocess.run([sys.executable, "-m", "hotproxy.cli", "check", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
 def toml_value(v: Any) -> str:
     """*v* as a TOML value: tables inline (quoted keys), arrays, and the rest
     as JSON writes it (TOML's basic strings take JSON's escapes)."""
