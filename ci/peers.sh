@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The real peers of the PROXY protocol interop tests (tests/test_proxy_protocol.py):
-# nginx with its stream module, HAProxy, openssl.  Idempotent: installs only
+# nginx with its stream module, HAProxy, openssl (also the SNI tests' TLS
+# clients and certificates), and curl (the fleet HTTP API as a pipeline calls it).  Idempotent: installs only
 # what is missing, so it is quick where they are installed.  Called by
 # ci/test.sh, which also sets HOTPROXY_REQUIRE_PEERS=1 so that a missing peer
 # fails those tests instead of skipping them.
@@ -11,6 +12,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
     || missing+=(libnginx-mod-stream)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
